@@ -1,0 +1,60 @@
+/**
+ * The one place OnePoint reads its environment. Every value has a default that lets
+ * `npm start` run on an empty machine; nothing else in the code reads `process.env`.
+ */
+import path from "node:path";
+
+export interface Config {
+	nodeEnv: string;
+	nodeID?: string;
+	namespace: string;
+	logLevel: string;
+	logColors: boolean;
+	port: number;
+	host: string;
+	dataDir: string;
+	mongoUri?: string;
+	transporter?: string;
+	/** Points earned per unit of a `save` deal's amount. */
+	earnRate: number;
+	/** Share of used points a merchant pays as a fee at settlement. */
+	settlementFee: number;
+	/** How long a synchronous call to another service may take before it counts as failed (ms). */
+	callTimeoutMs: number;
+	/** What a 503 asks the client to wait before retrying (s). */
+	retryAfterSeconds: number;
+}
+
+function number(env: NodeJS.ProcessEnv, name: string, fallback: number): number {
+	const raw = env[name];
+	if (raw == null || raw.trim() === "") return fallback;
+	const value = Number(raw);
+	if (!Number.isFinite(value)) throw new Error(`${name} must be a number, got '${raw}'`);
+	return value;
+}
+
+function text(env: NodeJS.ProcessEnv, name: string): string | undefined {
+	const raw = env[name]?.trim();
+	return raw ? raw : undefined;
+}
+
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+	return {
+		nodeEnv: text(env, "NODE_ENV") ?? "development",
+		nodeID: text(env, "NODE_ID"),
+		namespace: text(env, "NAMESPACE") ?? "onepoint",
+		logLevel: text(env, "LOG_LEVEL") ?? "info",
+		logColors: !env.CI && !env.NO_COLOR,
+		port: number(env, "PORT", 3000),
+		host: text(env, "HOST") ?? "0.0.0.0",
+		dataDir: path.resolve(text(env, "DATA_DIR") ?? "data"),
+		mongoUri: text(env, "MONGO_URI"),
+		transporter: text(env, "TRANSPORTER"),
+		earnRate: number(env, "EARN_RATE", 0.01),
+		settlementFee: number(env, "SETTLEMENT_FEE", 0.02),
+		callTimeoutMs: number(env, "CALL_TIMEOUT_MS", 2000),
+		retryAfterSeconds: number(env, "RETRY_AFTER_SECONDS", 5)
+	};
+}
+
+export const config: Config = loadConfig();

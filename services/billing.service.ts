@@ -1,0 +1,161 @@
+/**
+ * Billing: the month-end settlement of each merchant. It reads only its own CQRS view — one row per
+ * successful, not cancelled `use` deal — fed by deal events, never the deals store.
+ * billingAmount = floor(points used at the merchant in the month × (1 − fee)). A merchant and month
+ * are settled once: asking again returns the same settlement. Months are calendar months in UTC.
+ */
+import type { Context, Service, ServiceSchema } from "moleculer";
+import { config } from "../config";
+import { clientError, notFound } from "../lib/errors";
+import * as P from "../lib/params";
+import { connectCollection, DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
+
+export interface BillingAmountView {
+	/** The deal's id: the view row follows the deal. */
+	_id: string;
+	merchantId?: string;
+	memberId?: string;
+	point?: number;
+	dealDate?: string;
+	cancelled?: boolean;
+}
+
+export interface Settlement {
+	_id: string;
+	merchantId: string;
+	billingMonth: string;
+	usedPoints: number;
+	dealCount: number;
+	feeRate: number;
+	fee: number;
+	billingAmount: number;
+	settledAt: string;
+}
+
+interface DealEvent {
+	dealId: string;
+	memberId: string;
+	merchantId: string;
+	point: number;
+	dealDate: string;
+	type: "save" | "use";
+}
+
+interface Methods {
+	settlementOf(merchantId: string, billingMonth: string, now?: Date): Promise<{ settlement: Settlement; created: boolean }>;
+	toView(settlement: Settlement): Omit<Settlement, "_id"> & { id: string };
+}
+
+type This = Service & DbThis<BillingAmountView> & Methods & { settlements: Collection<Settlement> };
+
+const billingMonth = { type: "string", pattern: /^\d{4}(0[1-9]|1[0-2])$/, messages: { stringPattern: "billingMonth must be YYYYMM" } } as const;
+
+/** [first instant of the month, first instant of the next) in UTC, as ISO strings. */
+export function monthBounds(month: string): [string, string] {
+	const year = Number(month.slice(0, 4));
+	const index = Number(month.slice(4, 6)) - 1;
+	return [new Date(Date.UTC(year, index, 1)).toISOString(), new Date(Date.UTC(year, index + 1, 1)).toISOString()];
+}
+
+const BillingService: ServiceSchema<object, Methods, object, This> = {
+	name: "billing",
+	mixins: [DbMixin("billing-amount-views", [{ fields: { merchantId: 1, dealDate: 1 } }])],
+
+	actions: {
+		view: {
+			rest: "GET /billing-amount-views/:dealId",
+			params: { $$strict: true, dealId: P.id },
+			async handler(this: This, ctx: Context<{ dealId: string }>) {
+				const row = await this.store.findById(ctx.params.dealId);
+				if (!row || row.cancelled || row.point == null)
+					throw notFound("BILLING_VIEW_NOT_FOUND", `No billing amount for deal '${ctx.params.dealId}'`, ctx.params);
+				const { _id, merchantId, memberId, point, dealDate } = row;
+				return { dealId: _id, merchantId, memberId, point, dealDate };
+			}
+		},
+
+		settle: {
+			rest: "POST /billings",
+			params: { $$strict: true, merchantId: P.id, billingMonth },
+			async handler(this: This, ctx: Context<{ merchantId: string; billingMonth: string }, { $statusCode?: number }>) {
+				const { settlement, created } = await this.settlementOf(ctx.params.merchantId, ctx.params.billingMonth);
+				ctx.meta.$statusCode = created ? 201 : 200;
+				return this.toView(settlement);
+			}
+		},
+
+		get: {
+			rest: "GET /billings/:merchantId/:billingMonth",
+			params: { $$strict: true, merchantId: P.id, billingMonth },
+			async handler(this: This, ctx: Context<{ merchantId: string; billingMonth: string }>) {
+				const settlement = await this.settlements.findById(`${ctx.params.merchantId}:${ctx.params.billingMonth}`);
+				if (!settlement) throw notFound("SETTLEMENT_NOT_FOUND", `Merchant '${ctx.params.merchantId}' is not settled for ${ctx.params.billingMonth}`, ctx.params);
+				return this.toView(settlement);
+			}
+		}
+	},
+
+	channels: {
+		"deal.used": {
+			group: "billing",
+			async handler(this: This, deal: DealEvent) {
+				const { dealId, merchantId, memberId, point, dealDate } = deal;
+				await this.store.upsert({ _id: dealId }, { $set: { merchantId, memberId, point, dealDate } });
+			}
+		},
+		"deal.cancelled": {
+			group: "billing",
+			async handler(this: This, deal: DealEvent) {
+				// Also when the cancellation overtakes the use: the row stays out of every settlement.
+				if (deal.type === "use") await this.store.upsert({ _id: deal.dealId }, { $set: { cancelled: true } });
+			}
+		}
+	},
+
+	methods: {
+		async settlementOf(this: This, merchantId: string, month: string, now = new Date()) {
+			const id = `${merchantId}:${month}`;
+			const existing = await this.settlements.findById(id);
+			if (existing) return { settlement: existing, created: false };
+
+			const [from, to] = monthBounds(month);
+			if (from > now.toISOString()) throw clientError(422, "BILLING_MONTH_NOT_STARTED", `${month} has not started yet`, { billingMonth: month });
+			const rows = await this.store.find({ query: { merchantId, dealDate: { $gte: from, $lt: to }, cancelled: { $ne: true } } });
+			const usedPoints = rows.reduce((sum, row) => sum + (row.point ?? 0), 0);
+			const billingAmount = Math.floor(usedPoints * (1 - config.settlementFee));
+			const settlement: Settlement = {
+				_id: id,
+				merchantId,
+				billingMonth: month,
+				usedPoints,
+				dealCount: rows.length,
+				feeRate: config.settlementFee,
+				fee: usedPoints - billingAmount,
+				billingAmount,
+				settledAt: now.toISOString()
+			};
+			// Two settling at once: the unique id lets one win, and both answer with its result.
+			if (await this.settlements.insertUnique(settlement)) return { settlement, created: true };
+			return { settlement: (await this.settlements.findById(id)) as Settlement, created: false };
+		},
+
+		toView(settlement: Settlement) {
+			const { _id, ...rest } = settlement;
+			return { id: _id, ...rest };
+		}
+	},
+
+	created(this: This) {
+		this.settlements = openCollection<Settlement>(this, "settlements", [{ fields: { merchantId: 1 } }]);
+	},
+
+	async started(this: This) {
+		await connectCollection(this.settlements);
+	},
+
+	async stopped(this: This) {
+		await this.settlements.adapter.disconnect();
+	}
+};
+
+export default BillingService;

@@ -1,0 +1,203 @@
+/**
+ * Deals at partner merchants. A `save` earns a fixed share of the amount, credited by the points
+ * service from a durable event. A `use` is confirmed synchronously: the deal is recorded as
+ * `pending` first, `points.debit` is called under a timeout and the circuit breaker, and the deal
+ * becomes `success` only with a confirmed debit. If the answer never comes, the deal fails and a
+ * `deal.voided` event undoes the debit should it have happened after all.
+ */
+import { Errors, type Context, type Service, type ServiceSchema } from "moleculer";
+import { config } from "../config";
+import { conflict, notFound, unavailable } from "../lib/errors";
+import { sortableId } from "../lib/ids";
+import * as P from "../lib/params";
+import { DbMixin, type DbThis } from "../mixins/db.mixin";
+import { OutboxMixin, outboxEvent, pushEvents, type OutboxEvent, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import type { MemberView } from "./members.service";
+import type { PostResult, Source } from "./points.service";
+
+export type DealType = "save" | "use";
+export type DealStatus = "pending" | "success" | "fail" | "cancelled";
+
+export interface Deal extends WithOutbox {
+	memberId: string;
+	merchantId: string;
+	dealAmount: number;
+	type: DealType;
+	point: number;
+	status: DealStatus;
+	reason?: string;
+	dealDate: string;
+	cancelledAt?: string;
+}
+
+export interface DealView extends Omit<Deal, "_id" | "outbox"> {
+	id: string;
+}
+
+interface CreateParams {
+	memberId: string;
+	merchantId: string;
+	dealAmount: number;
+	type: DealType;
+	point?: number;
+}
+
+interface Methods {
+	toView(deal: Deal): DealView;
+	findDeal(id: string): Promise<Deal>;
+	eventOf(channel: string, deal: Deal): OutboxEvent;
+	confirmUse(ctx: Context, deal: Deal): Promise<Deal>;
+	settle(deal: Deal, changes: Partial<Deal>, events: OutboxEvent[]): Promise<Deal>;
+	voidInterrupted(): Promise<void>;
+}
+
+type This = Service & DbThis<Deal> & OutboxMethods & Methods & { voidTimer?: NodeJS.Timeout };
+
+const DealsService: ServiceSchema<object, Methods, object, This> = {
+	name: "deals",
+	mixins: [DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }]), OutboxMixin],
+
+	actions: {
+		create: {
+			rest: "POST /deals",
+			params: {
+				$$strict: true,
+				memberId: P.id,
+				merchantId: P.id,
+				dealAmount: P.amount(P.MAX_AMOUNT),
+				type: { type: "enum", values: ["save", "use"] },
+				// Required for a use; a save earns what the rate gives, whatever is sent.
+				point: { ...P.amount(P.MAX_POINTS), optional: true }
+			},
+			async handler(this: This, ctx: Context<CreateParams, { $statusCode?: number }>) {
+				const { memberId, merchantId, dealAmount, type } = ctx.params;
+				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: config.callTimeoutMs });
+				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+
+				if (type === "use" && ctx.params.point == null)
+					throw new Errors.ValidationError("A use deal needs 'point'", "VALIDATION_ERROR", [
+						{ type: "required", field: "point", message: "The 'point' field is required for a use deal." }
+					]);
+
+				const deal: Deal = {
+					_id: sortableId(),
+					memberId,
+					merchantId,
+					dealAmount,
+					type,
+					point: type === "save" ? Math.floor(dealAmount * config.earnRate) : (ctx.params.point as number),
+					status: type === "save" ? "success" : "pending",
+					dealDate: new Date().toISOString()
+				};
+				if (type === "save") deal.outbox = [this.eventOf("deal.saved", deal)];
+				await this.store.insertUnique(deal);
+				await this.flushOutbox(deal);
+				ctx.meta.$statusCode = 201;
+				return this.toView(type === "use" ? await this.confirmUse(ctx, deal) : deal);
+			}
+		},
+
+		get: {
+			rest: "GET /deals/:id",
+			params: { $$strict: true, id: P.id },
+			async handler(this: This, ctx: Context<{ id: string }>) {
+				return this.toView(await this.findDeal(ctx.params.id));
+			}
+		},
+
+		list: {
+			rest: "GET /deals",
+			params: { $$strict: true, memberId: P.optionalId, merchantId: P.optionalId, ...P.paging },
+			async handler(this: This, ctx: Context<{ memberId?: string; merchantId?: string; page: number; pageSize: number }>) {
+				const { memberId, merchantId, page, pageSize } = ctx.params;
+				const query = { ...(memberId ? { memberId } : {}), ...(merchantId ? { merchantId } : {}) };
+				const result = await this.store.page(query, ["-_id"], page, pageSize);
+				return { ...result, rows: result.rows.map(d => this.toView(d)) };
+			}
+		},
+
+		/**
+		 * Cancels at once; the points follow by a durable event, so a pile of cancellations is
+		 * accepted immediately and the point changes catch up, never lost and never twice.
+		 */
+		cancel: {
+			rest: "POST /deals/:id/cancel",
+			params: { $$strict: true, id: P.id },
+			async handler(this: This, ctx: Context<{ id: string }>) {
+				const deal = await this.findDeal(ctx.params.id);
+				if (deal.status === "cancelled") throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
+				if (deal.status !== "success") throw conflict("DEAL_NOT_CANCELLABLE", `Deal '${deal._id}' is '${deal.status}' and cannot be cancelled`, { id: deal._id, status: deal.status });
+				const cancelledAt = new Date().toISOString();
+				const event = this.eventOf("deal.cancelled", { ...deal, cancelledAt });
+				// Conditional on `success`: of two racing cancellations, one wins.
+				const changed = await this.store.update({ _id: deal._id, status: "success" }, { $set: { status: "cancelled", cancelledAt }, ...pushEvents(event) });
+				if (!changed) throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
+				await this.flushOutbox({ _id: deal._id, outbox: [event] });
+				return this.toView({ ...deal, status: "cancelled", cancelledAt });
+			}
+		}
+	},
+
+	methods: {
+		async confirmUse(this: This, ctx: Context, deal: Deal): Promise<Deal> {
+			let result: PostResult;
+			try {
+				result = await ctx.call<PostResult, Source & { amount: number }>(
+					"points.debit",
+					{ memberId: deal.memberId, sourceType: "deal", sourceId: deal._id, merchantId: deal.merchantId, amount: deal.point },
+					{ timeout: config.callTimeoutMs }
+				);
+			} catch (err) {
+				// Timed out, breaker open or points gone: the debit may or may not have happened.
+				this.logger.warn(`Debit for deal '${deal._id}' unconfirmed:`, (err as Error).message);
+				await this.settle(deal, { status: "fail", reason: "POINTS_UNAVAILABLE" }, [this.eventOf("deal.voided", deal)]);
+				throw unavailable("POINTS_UNAVAILABLE", "Points cannot be confirmed right now; try again later", config.retryAfterSeconds);
+			}
+			if (result.applied) return this.settle(deal, { status: "success" }, [this.eventOf("deal.used", deal)]);
+			return this.settle(deal, { status: "fail", reason: result.reason }, []);
+		},
+
+		/** Moves a pending deal to its outcome, with the events that outcome causes. */
+		async settle(this: This, deal: Deal, changes: Partial<Deal>, events: OutboxEvent[]): Promise<Deal> {
+			await this.store.update({ _id: deal._id, status: "pending" }, { $set: changes, ...(events.length ? pushEvents(...events) : {}) });
+			await this.flushOutbox({ _id: deal._id, outbox: events });
+			return { ...deal, ...changes };
+		},
+
+		eventOf(channel: string, deal: Deal): OutboxEvent {
+			const { _id, memberId, merchantId, dealAmount, type, point, dealDate, cancelledAt } = deal;
+			return outboxEvent(channel, { dealId: _id, memberId, merchantId, dealAmount, type, point, dealDate, ...(cancelledAt ? { cancelledAt } : {}) });
+		},
+
+		/** A `use` left pending by a crash has no answer: it fails, and its debit, if any, is undone. */
+		async voidInterrupted(this: This) {
+			const cutoff = new Date(Date.now() - 2 * config.callTimeoutMs).toISOString();
+			for (const deal of await this.store.find({ query: { status: "pending", dealDate: { $lt: cutoff } } }))
+				await this.settle(deal, { status: "fail", reason: "INTERRUPTED" }, [this.eventOf("deal.voided", deal)]);
+		},
+
+		async findDeal(this: This, id: string): Promise<Deal> {
+			const deal = await this.store.findById(id);
+			if (!deal) throw notFound("DEAL_NOT_FOUND", `Deal '${id}' not found`, { id });
+			return deal;
+		},
+
+		toView(deal: Deal): DealView {
+			const { _id, outbox: _outbox, ...rest } = deal;
+			return { id: _id, ...rest };
+		}
+	},
+
+	async started(this: This) {
+		await this.voidInterrupted();
+		// Deals pending at start-up but younger than the cutoff may belong to another instance still
+		// waiting for its answer; look again once any such answer is overdue.
+		this.voidTimer = setTimeout(() => void this.voidInterrupted(), 2 * config.callTimeoutMs + 100);
+	},
+
+	stopped(this: This) {
+		clearTimeout(this.voidTimer);
+	}
+};
+
+export default DealsService;

@@ -1,0 +1,120 @@
+/**
+ * Members: who belongs to the membership. Joining and withdrawing are announced on durable
+ * channels, so they keep working while the points service is down; its account follows later.
+ */
+import type { Context, Service, ServiceSchema } from "moleculer";
+import { randomInt } from "node:crypto";
+import { conflict, notFound } from "../lib/errors";
+import * as P from "../lib/params";
+import { DbMixin, type DbThis } from "../mixins/db.mixin";
+import { OutboxMixin, outboxEvent, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+
+export interface Member extends WithOutbox {
+	name: string;
+	phone: string | null;
+	email: string | null;
+	status: "active" | "withdrawn";
+	joinedAt: string;
+	withdrawnAt?: string;
+}
+
+export interface MemberView {
+	memberId: string;
+	name: string;
+	phone: string | null;
+	email: string | null;
+	status: Member["status"];
+	joinedAt: string;
+	withdrawnAt?: string;
+}
+
+interface Methods {
+	toView(member: Member): MemberView;
+	findMember(memberId: string): Promise<Member>;
+}
+
+type This = Service & DbThis<Member> & OutboxMethods & Methods;
+
+const MembersService: ServiceSchema<object, Methods, object, This> = {
+	name: "members",
+	mixins: [DbMixin("members"), OutboxMixin],
+
+	actions: {
+		join: {
+			rest: "POST /members",
+			params: {
+				$$strict: true,
+				memberId: P.optionalId,
+				name: { type: "string", trim: true, min: 1, max: 100 },
+				phone: { type: "string", trim: true, pattern: /^[0-9+() -]{3,20}$/, optional: true },
+				email: { type: "email", max: 200, optional: true }
+			},
+			async handler(this: This, ctx: Context<{ memberId?: string; name: string; phone?: string; email?: string }, { $statusCode?: number }>) {
+				const { name, phone, email } = ctx.params;
+				// Eight digits, like the seed's member numbers; a clash is retried, never overwritten.
+				const generated = !ctx.params.memberId;
+				for (let attempt = 0; attempt < 5; attempt++) {
+					const memberId = ctx.params.memberId ?? String(randomInt(10_000_000, 100_000_000));
+					const joinedAt = new Date().toISOString();
+					const member: Member = {
+						_id: memberId,
+						name,
+						phone: phone ?? null,
+						email: email ?? null,
+						status: "active",
+						joinedAt,
+						outbox: [outboxEvent("member.joined", { memberId, joinedAt })]
+					};
+					if (await this.store.insertUnique(member)) {
+						await this.flushOutbox(member);
+						ctx.meta.$statusCode = 201;
+						return this.toView(member);
+					}
+					if (!generated) break;
+				}
+				throw conflict("MEMBER_EXISTS", `Member '${ctx.params.memberId}' already exists`, { memberId: ctx.params.memberId });
+			}
+		},
+
+		get: {
+			rest: "GET /members/:memberId",
+			params: { $$strict: true, memberId: P.id },
+			async handler(this: This, ctx: Context<{ memberId: string }>) {
+				return this.toView(await this.findMember(ctx.params.memberId));
+			}
+		},
+
+		withdraw: {
+			rest: "DELETE /members/:memberId",
+			params: { $$strict: true, memberId: P.id },
+			async handler(this: This, ctx: Context<{ memberId: string }>) {
+				const { memberId } = ctx.params;
+				const withdrawnAt = new Date().toISOString();
+				const event = outboxEvent("member.withdrawn", { memberId, withdrawnAt });
+				const changed = await this.store.update(
+					{ _id: memberId, status: "active" },
+					{ $set: { status: "withdrawn", withdrawnAt }, ...pushEvents(event) }
+				);
+				const member = await this.findMember(memberId);
+				if (!changed) throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has already withdrawn`, { memberId });
+				await this.flushOutbox({ _id: memberId, outbox: [event] });
+				return this.toView(member);
+			}
+		}
+	},
+
+	methods: {
+		toView(member: Member): MemberView {
+			const { _id, name, phone, email, status, joinedAt, withdrawnAt } = member;
+			return { memberId: _id, name, phone, email, status, joinedAt, ...(withdrawnAt ? { withdrawnAt } : {}) };
+		},
+
+		async findMember(this: This, memberId: string): Promise<Member> {
+			const member = await this.store.findById(memberId);
+			if (!member) throw notFound("MEMBER_NOT_FOUND", `Member '${memberId}' not found`, { memberId });
+			return member;
+		}
+	}
+};
+
+export default MembersService;

@@ -1,0 +1,324 @@
+/**
+ * Points: each member's account and its immutable ledger.
+ *
+ * Invariants (see DESIGN.md): an account's balance equals the sum of its ledger entries and is never
+ * below 0; every entry names its cause (`deal:<id>`, `deal-cancel:<id>`, `order:<id>`, …), which is
+ * the entry's id, so each cause is applied at most once.
+ *
+ * How a change is posted (`post`): under a per-account lock, the entries are first written into the
+ * account document together with the new balance — one atomic, conditional single-document write —
+ * then copied into the ledger and cleared from the account. A crash in between leaves them in
+ * `account.pending`, and start-up finishes the copy. The balance is therefore always the sum of the
+ * ledger plus what is pending, and only pending during a crash.
+ */
+import type { Context, Service, ServiceSchema } from "moleculer";
+import { notFound } from "../lib/errors";
+import { sortableId } from "../lib/ids";
+import { KeyedLock } from "../lib/keyed-lock";
+import * as P from "../lib/params";
+import { connectCollection, DbMixin, openCollection, type Collection, type DbThis, type Page } from "../mixins/db.mixin";
+
+export type EntryKind = "earn" | "use" | "restore" | "revoke" | "expire" | "void";
+
+export interface LedgerEntry {
+	/** The cause, which is also the idempotency key. */
+	_id: string;
+	memberId: string;
+	kind: EntryKind;
+	amount: number;
+	balanceAfter: number;
+	/** `deal` / `order` / `member`, and its id: what the entry is about. */
+	sourceType: string;
+	sourceId: string;
+	merchantId?: string;
+	/** Points a revocation could not take back because they had been spent already. */
+	shortfall?: number;
+	at: string;
+	/** Orders entries of one account in time, also within one millisecond. */
+	seq: string;
+}
+
+export interface Account {
+	_id: string;
+	balance: number;
+	status: "active" | "closed";
+	openedAt: string;
+	updatedAt: string;
+	closedAt?: string;
+	pending?: LedgerEntry[];
+}
+
+/** Who an event or request is about: the source of the entries it causes. */
+export interface Source {
+	memberId: string;
+	sourceType: "deal" | "order";
+	sourceId: string;
+	merchantId?: string;
+}
+
+type Draft = Omit<LedgerEntry, "memberId" | "balanceAfter" | "at" | "seq" | "sourceType" | "sourceId" | "merchantId"> &
+	Partial<Pick<LedgerEntry, "sourceType" | "sourceId" | "merchantId">>;
+
+export type Refusal = "DUPLICATE" | "INSUFFICIENT_POINTS" | "CANCELLED" | "ACCOUNT_CLOSED";
+
+export interface PostResult {
+	applied: boolean;
+	balance: number;
+	reason?: Refusal;
+}
+
+interface Methods {
+	post(memberId: string, plan: (account: Account) => Promise<Draft[] | Refusal>, close?: boolean): Promise<PostResult>;
+	credit(source: Source, amount: number): Promise<PostResult>;
+	debit(source: Source, amount: number): Promise<PostResult>;
+	reverse(source: Source): Promise<PostResult>;
+	expire(memberId: string): Promise<PostResult>;
+	openAccount(memberId: string, at: string): Promise<void>;
+	finishPending(): Promise<void>;
+	toView(account: Account): AccountView;
+}
+
+export interface AccountView {
+	memberId: string;
+	balance: number;
+	status: Account["status"];
+	openedAt: string;
+	updatedAt: string;
+	closedAt?: string;
+}
+
+type This = Service & DbThis<Account> & Methods & { ledger: Collection<LedgerEntry>; lock: KeyedLock };
+
+const causeOf = (source: Source) => `${source.sourceType}:${source.sourceId}`;
+const cancelCauseOf = (source: Source) => `${source.sourceType}-cancel:${source.sourceId}`;
+
+const PointsService: ServiceSchema<object, Methods, object, This> = {
+	name: "points",
+	mixins: [DbMixin("accounts", [{ fields: { status: 1 } }])],
+
+	actions: {
+		get: {
+			rest: "GET /points/:memberId",
+			params: { $$strict: true, memberId: P.id },
+			async handler(this: This, ctx: Context<{ memberId: string }>) {
+				const account = await this.store.findById(ctx.params.memberId);
+				if (!account) throw notFound("ACCOUNT_NOT_FOUND", `No points account for member '${ctx.params.memberId}'`, ctx.params);
+				return this.toView(account);
+			}
+		},
+
+		history: {
+			rest: "GET /points/:memberId/history",
+			params: { $$strict: true, memberId: P.id, ...P.paging },
+			async handler(this: This, ctx: Context<{ memberId: string; page: number; pageSize: number }>): Promise<Page<unknown>> {
+				const { memberId, page, pageSize } = ctx.params;
+				const result = await this.ledger.page({ memberId }, ["-seq"], page, pageSize);
+				return { ...result, rows: result.rows.map(({ _id, seq: _seq, ...entry }) => ({ cause: _id, ...entry })) };
+			}
+		},
+
+		/** Takes points for a `use` deal: succeeds only with a confirmed ledger entry. Internal. */
+		debit: {
+			visibility: "public",
+			params: {
+				$$strict: true,
+				memberId: P.id,
+				sourceType: { type: "enum", values: ["deal", "order"] },
+				sourceId: P.id,
+				merchantId: P.optionalId,
+				amount: P.amount(P.MAX_POINTS)
+			},
+			handler(this: This, ctx: Context<Source & { amount: number }>): Promise<PostResult> {
+				const { amount, ...source } = ctx.params;
+				return this.debit(source, amount);
+			}
+		},
+
+		/** Every account against the sum of its ledger: the invariant an operator can check at any time. */
+		audit: {
+			visibility: "public",
+			params: { $$strict: true },
+			async handler(this: This) {
+				const accounts = await this.store.find({ query: {} });
+				const sums = new Map<string, number>();
+				for (const entry of await this.ledger.find({ query: {} })) sums.set(entry.memberId, (sums.get(entry.memberId) ?? 0) + entry.amount);
+				const mismatches = accounts
+					.map(a => ({ memberId: a._id, balance: a.balance, ledgerSum: sums.get(a._id) ?? 0, pending: a.pending?.length ?? 0 }))
+					.filter(a => a.balance !== a.ledgerSum || a.balance < 0 || a.pending > 0);
+				return { accounts: accounts.length, entries: await this.ledger.count({}), mismatches };
+			}
+		}
+	},
+
+	channels: {
+		"member.joined": {
+			group: "points",
+			async handler(this: This, payload: { memberId: string; joinedAt: string }) {
+				await this.openAccount(payload.memberId, payload.joinedAt);
+			}
+		},
+		"member.withdrawn": {
+			group: "points",
+			async handler(this: This, payload: { memberId: string }) {
+				await this.expire(payload.memberId);
+			}
+		},
+		"deal.saved": {
+			group: "points",
+			async handler(this: This, deal: { dealId: string; memberId: string; merchantId: string; point: number }) {
+				await this.credit({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId }, deal.point);
+			}
+		},
+		"deal.cancelled": {
+			group: "points",
+			async handler(this: This, deal: { dealId: string; memberId: string; merchantId: string }) {
+				await this.reverse({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId });
+			}
+		},
+		/** A `use` whose debit could not be confirmed: undo it if it happened, and refuse it if it comes late. */
+		"deal.voided": {
+			group: "points",
+			async handler(this: This, deal: { dealId: string; memberId: string; merchantId: string }) {
+				await this.reverse({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId });
+			}
+		}
+	},
+
+	methods: {
+		/**
+		 * Posts the entries `plan` drafts for the account, atomically and at most once per cause.
+		 * `plan` runs under the account's lock and may answer a reason instead, to post nothing.
+		 */
+		post(this: This, memberId: string, plan: (account: Account) => Promise<Draft[] | Refusal>, close = false) {
+			return this.lock.run(memberId, async () => {
+				// The lock serialises one process; the conditional write below also guards against
+				// another points instance sharing the store (MongoDB), by re-planning on a lost race.
+				for (let attempt = 1; ; attempt++) {
+					const now = new Date().toISOString();
+					let account = await this.store.findById(memberId);
+					if (!account) {
+						await this.openAccount(memberId, now);
+						account = (await this.store.findById(memberId)) as Account;
+					}
+					const drafts = await plan(account);
+					if (typeof drafts === "string") return { applied: false, balance: account.balance, reason: drafts };
+
+					let balance = account.balance;
+					const entries: LedgerEntry[] = drafts.map(d => {
+						balance += d.amount;
+						return { memberId, sourceType: "member", sourceId: memberId, ...d, balanceAfter: balance, at: now, seq: sortableId() };
+					});
+					const changed = await this.store.update(
+						{ _id: memberId, balance: account.balance, "pending.0": { $exists: false } },
+						{
+							$inc: { balance: balance - account.balance },
+							$set: { pending: entries, updatedAt: now, ...(close ? { status: "closed", closedAt: now } : {}) }
+						}
+					);
+					if (!changed) {
+						if (attempt < 5) continue;
+						throw new Error(`Account '${memberId}' keeps changing concurrently`);
+					}
+					for (const entry of entries) await this.ledger.insertUnique(entry);
+					await this.store.update({ _id: memberId }, { $unset: { pending: true } });
+					return { applied: true, balance };
+				}
+			});
+		},
+
+		credit(this: This, source: Source, amount: number) {
+			const cause = causeOf(source);
+			return this.post(source.memberId, async account => {
+				if (await this.ledger.findById(cause)) return "DUPLICATE";
+				// Cancelled before its accrual arrived: nothing to earn.
+				if (await this.ledger.findById(cancelCauseOf(source))) return "CANCELLED";
+				const earn: Draft = { _id: cause, kind: "earn", amount, ...source };
+				// A withdrawn member's points expire on arrival, recorded rather than dropped.
+				if (account.status === "closed") return [earn, { _id: `expiry:${source.memberId}:${cause}`, kind: "expire", amount: -amount, ...source }];
+				return [earn];
+			});
+		},
+
+		debit(this: This, source: Source, amount: number) {
+			const cause = causeOf(source);
+			return this.post(source.memberId, async account => {
+				if (await this.ledger.findById(cause)) return "DUPLICATE";
+				if (await this.ledger.findById(cancelCauseOf(source))) return "CANCELLED";
+				if (account.status === "closed") return "ACCOUNT_CLOSED";
+				if (account.balance < amount) return "INSUFFICIENT_POINTS";
+				return [{ _id: cause, kind: "use", amount: -amount, ...source }];
+			}).then(result => (result.reason === "DUPLICATE" ? { ...result, applied: true, reason: undefined } : result));
+		},
+
+		/**
+		 * Undoes what a source did to the account, once. A use is restored in full (and expires at once
+		 * if the member has withdrawn). An earning is revoked only as far as the balance allows: points
+		 * already spent cannot be taken back, so the rest is recorded as `shortfall` for staff to see.
+		 * If the source has not been applied yet, a zero entry records the cancellation, and the
+		 * source is refused when it arrives.
+		 */
+		reverse(this: This, source: Source) {
+			const cancel = cancelCauseOf(source);
+			return this.post(source.memberId, async account => {
+				if (await this.ledger.findById(cancel)) return "DUPLICATE";
+				const original = await this.ledger.findById(causeOf(source));
+				if (!original) return [{ _id: cancel, kind: "void", amount: 0, ...source }];
+				if (original.amount < 0) {
+					const restore: Draft = { _id: cancel, kind: "restore", amount: -original.amount, ...source };
+					if (account.status === "closed") return [restore, { _id: `expiry:${source.memberId}:${cancel}`, kind: "expire", amount: original.amount, ...source }];
+					return [restore];
+				}
+				const revoked = Math.min(original.amount, account.balance);
+				const shortfall = original.amount - revoked;
+				return [{ _id: cancel, kind: "revoke", amount: -revoked, ...source, ...(shortfall ? { shortfall } : {}) }];
+			});
+		},
+
+		/** A withdrawal: the remaining points expire as one entry and the account closes. */
+		expire(this: This, memberId: string) {
+			const cause = `expiry:${memberId}`;
+			return this.post(
+				memberId,
+				async account => {
+					if (account.status === "closed" || (await this.ledger.findById(cause))) return "DUPLICATE";
+					return [{ _id: cause, kind: "expire", amount: -account.balance, sourceType: "member", sourceId: memberId }];
+				},
+				true
+			);
+		},
+
+		async openAccount(this: This, memberId: string, at: string) {
+			await this.store.insertUnique({ _id: memberId, balance: 0, status: "active", openedAt: at, updatedAt: at });
+		},
+
+		/** Finishes postings a crash interrupted: their entries are in the account, not yet in the ledger. */
+		async finishPending(this: This) {
+			for (const account of await this.store.find({ query: { "pending.0": { $exists: true } } })) {
+				for (const entry of account.pending ?? []) await this.ledger.insertUnique(entry);
+				await this.store.update({ _id: account._id }, { $unset: { pending: true } });
+				this.logger.warn(`Finished an interrupted posting on account '${account._id}'.`);
+			}
+		},
+
+		toView(account: Account): AccountView {
+			const { _id, balance, status, openedAt, updatedAt, closedAt } = account;
+			return { memberId: _id, balance, status, openedAt, updatedAt, ...(closedAt ? { closedAt } : {}) };
+		}
+	},
+
+	created(this: This) {
+		this.lock = new KeyedLock();
+		this.ledger = openCollection<LedgerEntry>(this, "ledger", [{ fields: { memberId: 1, seq: -1 } }]);
+	},
+
+	async started(this: This) {
+		await connectCollection(this.ledger);
+		await this.finishPending();
+	},
+
+	async stopped(this: This) {
+		await this.ledger.adapter.disconnect();
+	}
+};
+
+export default PointsService;
