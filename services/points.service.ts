@@ -175,6 +175,18 @@ const PointsService: ServiceSchema<object, Methods, object, This> = {
 				await this.reverse({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId });
 			}
 		},
+		"order.paid": {
+			group: "points",
+			async handler(this: This, order: { orderId: string; memberId: string; points: number }) {
+				await this.credit({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId }, order.points);
+			}
+		},
+		"order.cancelled": {
+			group: "points",
+			async handler(this: This, order: { orderId: string; memberId: string }) {
+				await this.reverse({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId });
+			}
+		},
 		/** A `use` whose debit could not be confirmed: undo it if it happened, and refuse it if it comes late. */
 		"deal.voided": {
 			group: "points",

@@ -1,0 +1,24 @@
+import { ServiceBroker, type ServiceSchema } from "moleculer";
+import { createBrokerOptions } from "../../config/broker";
+import { loadConfig } from "../../config";
+
+/** An in-process broker with the real options (channels, breaker, middlewares) and the given services. */
+export function createTestBroker(services: ServiceSchema[], env: NodeJS.ProcessEnv = {}): ServiceBroker {
+	const config = loadConfig({ ...process.env, ...env });
+	const broker = new ServiceBroker({ ...createBrokerOptions(config), nodeID: `test-${process.pid}` });
+	for (const service of services) broker.createService(service);
+	return broker;
+}
+
+/** Retries `check` until it stops throwing: for what events make true a little later. */
+export async function eventually<T>(check: () => Promise<T> | T, timeoutMs = 10_000, intervalMs = 25): Promise<T> {
+	const deadline = Date.now() + timeoutMs;
+	for (;;) {
+		try {
+			return await check();
+		} catch (err) {
+			if (Date.now() > deadline) throw err;
+			await new Promise(resolve => setTimeout(resolve, intervalMs));
+		}
+	}
+}

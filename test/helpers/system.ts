@@ -1,0 +1,108 @@
+/**
+ * The whole system as `npm start` runs it: the built runner in a child process, talked to over real
+ * HTTP on a free loopback port.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import fs from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+
+const ROOT = path.resolve(__dirname, "../..");
+
+export function freePort(): Promise<number> {
+	return new Promise((resolve, reject) => {
+		const server = net.createServer();
+		server.once("error", reject);
+		server.listen(0, "127.0.0.1", () => {
+			const { port } = server.address() as net.AddressInfo;
+			server.close(() => resolve(port));
+		});
+	});
+}
+
+export interface Reply<T = any> {
+	status: number;
+	body: T;
+	headers: Headers;
+}
+
+export class System {
+	private child?: ChildProcess;
+	private output = "";
+	readonly dataDir: string;
+
+	constructor(
+		readonly port: number,
+		readonly env: NodeJS.ProcessEnv = {},
+		dataDir?: string
+	) {
+		this.dataDir = dataDir ?? fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-e2e-"));
+	}
+
+	static async start(env: NodeJS.ProcessEnv = {}): Promise<System> {
+		const system = new System(await freePort(), env);
+		await system.start();
+		return system;
+	}
+
+	get url(): string {
+		return `http://127.0.0.1:${this.port}`;
+	}
+
+	/** Starts (or restarts) the node on the same data folder and waits until it answers. */
+	async start(): Promise<void> {
+		this.output = "";
+		this.child = spawn(
+			process.execPath,
+			[path.join(ROOT, "node_modules/moleculer/bin/moleculer-runner.js"), "--config", "dist/moleculer.config.js", "dist/services"],
+			{
+				cwd: ROOT,
+				env: { ...process.env, LOG_LEVEL: "warn", ...this.env, PORT: String(this.port), HOST: "127.0.0.1", DATA_DIR: this.dataDir },
+				stdio: ["ignore", "pipe", "pipe"]
+			}
+		);
+		this.child.stdout?.on("data", chunk => (this.output += chunk));
+		this.child.stderr?.on("data", chunk => (this.output += chunk));
+		const deadline = Date.now() + 20_000;
+		while (Date.now() < deadline) {
+			if (this.child.exitCode != null) throw new Error(`The system exited at start:\n${this.output}`);
+			try {
+				if ((await this.call("GET", "/api/health")).status === 200) return;
+			} catch {
+				// not listening yet
+			}
+			await new Promise(resolve => setTimeout(resolve, 100));
+		}
+		throw new Error(`The system did not answer within 20 s:\n${this.output}`);
+	}
+
+	/** Stops the node the way an operator would (SIGTERM), or kills it (SIGKILL). */
+	async stop(signal: NodeJS.Signals = "SIGTERM"): Promise<void> {
+		const child = this.child;
+		if (!child || child.exitCode != null) return;
+		const exited = new Promise(resolve => child.once("exit", resolve));
+		child.kill(signal);
+		await exited;
+	}
+
+	get log(): string {
+		return this.output;
+	}
+
+	async call<T = any>(method: string, urlPath: string, body?: unknown, headers: Record<string, string> = {}): Promise<Reply<T>> {
+		const res = await fetch(this.url + urlPath, {
+			method,
+			headers: { ...(body !== undefined ? { "content-type": "application/json" } : {}), ...headers },
+			body: body === undefined ? undefined : typeof body === "string" ? body : JSON.stringify(body)
+		});
+		const text = await res.text();
+		let parsed: unknown = text;
+		try {
+			parsed = text ? JSON.parse(text) : undefined;
+		} catch {
+			// not JSON: keep the text
+		}
+		return { status: res.status, body: parsed as T, headers: res.headers };
+	}
+}
