@@ -147,14 +147,14 @@ export interface DbThis<T extends { _id: string }> {
 }
 
 export function DbMixin(name: string, indexes: IndexSpec[] = []): Partial<ServiceSchema> {
-	const { adapter, model } = createAdapter(name, indexes);
 	return {
 		mixins: [DbService],
-		adapter,
-		model,
 		actions: Object.fromEntries(["find", "count", "list", "create", "insert", "get", "update", "remove"].map(a => [a, false])),
+		// Runs after moleculer-db's own `created`: the adapter is made per service instance, so two
+		// brokers in one process (tests) never share a store.
 		created(this: Service & { adapter: Adapter; store: Collection<{ _id: string }> }) {
-			this.store = new Collection(this.adapter, indexes);
+			this.store = openCollection(this, name, indexes);
+			this.adapter = this.store.adapter;
 		},
 		async afterConnected(this: { store: Collection<{ _id: string }> }) {
 			await this.store.ensureIndexes();

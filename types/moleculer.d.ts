@@ -1,13 +1,18 @@
 // Schema keys added by the mixins and middlewares this project uses.
 import "moleculer";
 
+/** A durable channel handler (@moleculer/channels). Method syntax lets handlers type their payload. */
+interface ChannelHandler {
+	group?: string;
+	maxInFlight?: number;
+	maxRetries?: number;
+	handler(payload: unknown, raw?: unknown): Promise<void>;
+}
+
 declare module "moleculer" {
 	interface ServiceSchema {
-		/** @moleculer/channels: durable channel handlers. */
-		channels?: Record<string, { group?: string; maxInFlight?: number; maxRetries?: number; handler: (payload: any, raw?: unknown) => Promise<void> }>;
+		channels?: Record<string, ChannelHandler>;
 		/** moleculer-db */
-		adapter?: unknown;
-		model?: unknown;
 		afterConnected?: () => Promise<void> | void;
 	}
 }

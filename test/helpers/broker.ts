@@ -2,8 +2,11 @@ import { ServiceBroker, type ServiceSchema } from "moleculer";
 import { createBrokerOptions } from "../../config/broker";
 import { loadConfig } from "../../config";
 
+/** Any service schema, whatever its typed `this`. */
+export type AnyServiceSchema = ServiceSchema<any, any, any, any>;
+
 /** An in-process broker with the real options (channels, breaker, middlewares) and the given services. */
-export function createTestBroker(services: ServiceSchema[], env: NodeJS.ProcessEnv = {}): ServiceBroker {
+export function createTestBroker(services: AnyServiceSchema[], env: NodeJS.ProcessEnv = {}): ServiceBroker {
 	const config = loadConfig({ ...process.env, ...env });
 	const broker = new ServiceBroker({ ...createBrokerOptions(config), nodeID: `test-${process.pid}` });
 	for (const service of services) broker.createService(service);

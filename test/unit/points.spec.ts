@@ -1,0 +1,111 @@
+import type { ServiceBroker } from "moleculer";
+import PointsService, { type AccountView } from "../../services/points.service";
+import { createTestBroker, eventually } from "../helpers/broker";
+
+type Send = (channel: string, payload: object) => Promise<void>;
+
+describe("points service", () => {
+	let broker: ServiceBroker;
+	let send: Send;
+	const balance = async (memberId: string) => (await broker.call<AccountView, object>("points.get", { memberId })).balance;
+	const history = (memberId: string) => broker.call<{ rows: { cause: string; amount: number; kind: string; shortfall?: number }[]; total: number }, object>("points.history", { memberId, pageSize: 100 });
+	const debit = (memberId: string, sourceId: string, amount: number) =>
+		broker.call<{ applied: boolean; reason?: string; balance: number }, object>("points.debit", { memberId, sourceType: "deal", sourceId, amount });
+
+	beforeAll(async () => {
+		broker = createTestBroker([PointsService]);
+		await broker.start();
+		send = (broker as unknown as { sendToChannel: Send }).sendToChannel.bind(broker);
+	});
+	afterAll(() => broker.stop());
+
+	afterEach(async () => {
+		const audit = await broker.call<{ mismatches: unknown[] }>("points.audit");
+		expect(audit.mismatches).toEqual([]);
+	});
+
+	it("opens an account with balance 0 when a member joins", async () => {
+		await send("member.joined", { memberId: "m1", joinedAt: new Date().toISOString() });
+		await eventually(async () => expect(await balance("m1")).toBe(0));
+	});
+
+	it("applies the same accrual event once, even when delivered twice or concurrently", async () => {
+		const event = { dealId: "d1", memberId: "m2", merchantId: "20", point: 1000 };
+		await Promise.all([send("deal.saved", event), send("deal.saved", event)]);
+		await send("deal.saved", event);
+		await eventually(async () => expect((await history("m2")).total).toBe(1));
+		await new Promise(resolve => setTimeout(resolve, 200));
+		expect(await balance("m2")).toBe(1000);
+		expect((await history("m2")).rows[0]).toMatchObject({ cause: "deal:d1", amount: 1000, kind: "earn" });
+	});
+
+	it("debits only what the balance covers, and a repeated debit is not taken twice", async () => {
+		await send("deal.saved", { dealId: "d2", memberId: "m3", merchantId: "20", point: 500 });
+		await eventually(async () => expect(await balance("m3")).toBe(500));
+		expect(await debit("m3", "u1", 600)).toMatchObject({ applied: false, reason: "INSUFFICIENT_POINTS", balance: 500 });
+		expect(await debit("m3", "u2", 200)).toMatchObject({ applied: true, balance: 300 });
+		expect(await debit("m3", "u2", 200)).toMatchObject({ applied: true });
+		expect(await balance("m3")).toBe(300);
+	});
+
+	it("lets exactly the affordable share of racing debits succeed", async () => {
+		await send("deal.saved", { dealId: "d3", memberId: "m4", merchantId: "20", point: 1000 });
+		await eventually(async () => expect(await balance("m4")).toBe(1000));
+		const results = await Promise.all(Array.from({ length: 30 }, (_, i) => debit("m4", `race${i}`, 100)));
+		expect(results.filter(r => r.applied)).toHaveLength(10);
+		expect(await balance("m4")).toBe(0);
+	});
+
+	it("restores a cancelled use once and revokes a cancelled earning only as far as the balance allows", async () => {
+		await send("deal.saved", { dealId: "d4", memberId: "m5", merchantId: "20", point: 1000 });
+		await eventually(async () => expect(await balance("m5")).toBe(1000));
+		await debit("m5", "u4", 700);
+		await send("deal.cancelled", { dealId: "u4", memberId: "m5", merchantId: "20" });
+		await send("deal.cancelled", { dealId: "u4", memberId: "m5", merchantId: "20" });
+		await eventually(async () => expect(await balance("m5")).toBe(1000));
+		await debit("m5", "u5", 800);
+		// 1000 earned by d4, 800 of it spent: revoking d4 can take back only the 200 left.
+		await send("deal.cancelled", { dealId: "d4", memberId: "m5", merchantId: "20" });
+		await eventually(async () => expect(await balance("m5")).toBe(0));
+		const revoke = (await history("m5")).rows.find(r => r.cause === "deal-cancel:d4");
+		expect(revoke).toMatchObject({ kind: "revoke", amount: -200, shortfall: 800 });
+	});
+
+	it("refuses an accrual that arrives after its cancellation", async () => {
+		await send("deal.cancelled", { dealId: "d6", memberId: "m6", merchantId: "20" });
+		await eventually(async () => expect((await history("m6")).total).toBe(1));
+		await send("deal.saved", { dealId: "d6", memberId: "m6", merchantId: "20", point: 300 });
+		await new Promise(resolve => setTimeout(resolve, 200));
+		expect(await balance("m6")).toBe(0);
+		expect((await history("m6")).rows.map(r => r.cause)).toEqual(["deal-cancel:d6"]);
+	});
+
+	it("expires the remaining points on withdrawal and expires late accruals on arrival", async () => {
+		await send("deal.saved", { dealId: "d7", memberId: "m7", merchantId: "20", point: 400 });
+		await eventually(async () => expect(await balance("m7")).toBe(400));
+		await send("member.withdrawn", { memberId: "m7" });
+		await send("member.withdrawn", { memberId: "m7" });
+		await eventually(async () => expect((await broker.call<AccountView, object>("points.get", { memberId: "m7" })).status).toBe("closed"));
+		expect(await balance("m7")).toBe(0);
+		await send("deal.saved", { dealId: "d8", memberId: "m7", merchantId: "20", point: 50 });
+		await eventually(async () => expect((await history("m7")).total).toBe(4));
+		const causes = (await history("m7")).rows.map(r => `${r.cause} ${r.amount}`);
+		expect(causes).toEqual(expect.arrayContaining(["expiry:m7 -400", "deal:d8 50", "expiry:m7:deal:d8 -50"]));
+		expect(await balance("m7")).toBe(0);
+		expect(await debit("m7", "u7", 1)).toMatchObject({ applied: false, reason: "ACCOUNT_CLOSED" });
+	});
+
+	it("pages the ledger newest first", async () => {
+		for (let i = 0; i < 5; i++) await send("deal.saved", { dealId: `p${i}`, memberId: "m8", merchantId: "20", point: 10 });
+		await eventually(async () => expect(await balance("m8")).toBe(50));
+		const page = await broker.call<{ rows: { cause: string }[]; total: number; page: number; pageSize: number }, object>("points.history", { memberId: "m8", page: "2", pageSize: "2" });
+		expect(page).toMatchObject({ total: 5, page: 2, pageSize: 2 });
+		const all = (await history("m8")).rows.map(r => r.cause);
+		expect(page.rows.map(r => r.cause)).toEqual(all.slice(2, 4));
+	});
+
+	it("refuses an id that smuggles a query operator", async () => {
+		await expect(broker.call("points.get", { memberId: { $gt: "" } })).rejects.toMatchObject({ code: 422, type: "VALIDATION_ERROR" });
+		await expect(broker.call("points.history", { memberId: "m1", $where: "1" })).rejects.toMatchObject({ code: 422 });
+	});
+});
