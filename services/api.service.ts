@@ -27,7 +27,9 @@ export function toHttpError(err: unknown, retryAfter: number): HttpError {
 	if (e?.type && UNAVAILABLE.has(e.type))
 		return { name: "ServiceUnavailableError", message: "Service temporarily unavailable; try again later", code: 503, type: "SERVICE_UNAVAILABLE", data: { retryAfter } };
 	const code = typeof e?.code === "number" && e.code >= 400 && e.code <= 599 ? e.code : e?.status && e.status >= 400 ? e.status : 500;
-	if (code >= 500 && code !== 503) return { name: "InternalError", message: "Internal server error", code, type: "INTERNAL_ERROR" };
+	if (code === 503)
+		return { name: "ServiceUnavailableError", message: e?.message ?? "Service unavailable", code, type: e?.type ?? "SERVICE_UNAVAILABLE", data: { retryAfter, ...(e?.data as object) } };
+	if (code >= 500) return { name: "InternalError", message: "Internal server error", code, type: "INTERNAL_ERROR" };
 	return {
 		name: e?.name ?? "Error",
 		message: e?.message ?? "Error",
@@ -84,11 +86,13 @@ const ApiService: ServiceSchema<ApiSettingsSchema> = {
 	},
 
 	actions: {
+		/** 200 once every service of this node has started (readiness), 503 before. */
 		health: {
 			params: { $$strict: true },
-			handler(this: Service, ctx: Context) {
+			handler(this: Service, ctx: Context<object, { $statusCode?: number }>) {
+				if (!ctx.broker.started) ctx.meta.$statusCode = 503;
 				return {
-					status: "ok",
+					status: ctx.broker.started ? "ok" : "starting",
 					nodeID: ctx.broker.nodeID,
 					services: ctx.broker.services.map(s => s.fullName).sort(),
 					uptime: Math.round(process.uptime())

@@ -4,4 +4,4 @@ import os from "node:os";
 import path from "node:path";
 
 process.env.DATA_DIR = fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-test-"));
-process.env.LOG_LEVEL ??= "warn";
+process.env.LOG_LEVEL ??= "error";
