@@ -23,6 +23,28 @@ export interface Config {
 	callTimeoutMs: number;
 	/** What a 503 asks the client to wait before retrying (s). */
 	retryAfterSeconds: number;
+	/** Gateway tokens and the role each grants (`API_KEYS`); empty means "generate one for a demo". */
+	apiKeys: ApiKey[];
+	/** Requests a minute allowed per token, or per address without one. */
+	rateLimit: number;
+}
+
+export type Role = { kind: "staff" } | { kind: "merchant"; merchantId: string };
+
+export interface ApiKey {
+	token: string;
+	role: Role;
+}
+
+/** `API_KEYS=token=staff,token2=merchant:20`: a token of 16+ safe characters and its role. */
+export function parseApiKeys(raw: string | undefined): ApiKey[] {
+	if (!raw?.trim()) return [];
+	return raw.split(",").map(entry => {
+		const match = /^\s*([A-Za-z0-9._~+/-]{16,256})=(staff|merchant:([A-Za-z0-9_-]{1,64}))\s*$/.exec(entry);
+		if (!match) throw new Error("API_KEYS entries must be 'token=staff' or 'token=merchant:<merchantId>', with tokens of at least 16 characters [A-Za-z0-9._~+/-]");
+		const role: Role = match[3] ? { kind: "merchant", merchantId: match[3] } : { kind: "staff" };
+		return { token: match[1], role };
+	});
 }
 
 function number(env: NodeJS.ProcessEnv, name: string, fallback: number): number {
@@ -53,7 +75,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		earnRate: number(env, "EARN_RATE", 0.01),
 		settlementFee: number(env, "SETTLEMENT_FEE", 0.02),
 		callTimeoutMs: number(env, "CALL_TIMEOUT_MS", 2000),
-		retryAfterSeconds: number(env, "RETRY_AFTER_SECONDS", 5)
+		retryAfterSeconds: number(env, "RETRY_AFTER_SECONDS", 5),
+		apiKeys: parseApiKeys(env.API_KEYS),
+		rateLimit: number(env, "RATE_LIMIT", 6000)
 	};
 }
 

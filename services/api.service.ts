@@ -1,12 +1,16 @@
 /**
  * The HTTP gateway (moleculer-web). Only the aliases below are reachable from outside
  * (`mappingPolicy: "restrict"`); internal actions such as `points.debit` have none.
+ * Every request but `GET /api/health` needs `Authorization: Bearer <token>` (API_KEYS); what a role
+ * may do is the table `MERCHANT_ACTIONS` below, checked by moleculer-web's `authorize` hook.
  * Every error leaves as one JSON shape, `{name, message, code, type, data?}`, without stack traces.
  */
+import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Context, Service, ServiceSchema } from "moleculer";
-import ApiGateway, { type ApiSettingsSchema } from "moleculer-web";
-import { config } from "../config";
+import ApiGateway, { Errors as WebErrors, type ApiSettingsSchema } from "moleculer-web";
+import { config, type ApiKey, type Role } from "../config";
+import { forbidden } from "../lib/access";
 
 interface HttpError {
 	name: string;
@@ -30,6 +34,7 @@ export function toHttpError(err: unknown, retryAfter: number): HttpError {
 	if (code === 503)
 		return { name: "ServiceUnavailableError", message: e?.message ?? "Service unavailable", code, type: e?.type ?? "SERVICE_UNAVAILABLE", data: { retryAfter, ...(e?.data as object) } };
 	if (code >= 500) return { name: "InternalError", message: "Internal server error", code, type: "INTERNAL_ERROR" };
+	if (code === 429) return { name: "RateLimitExceeded", message: "Too many requests; try again later", code, type: "RATE_LIMIT_EXCEEDED" };
 	return {
 		name: e?.name ?? "Error",
 		message: e?.message ?? "Error",
@@ -39,7 +44,42 @@ export function toHttpError(err: unknown, retryAfter: number): HttpError {
 	};
 }
 
-const ApiService: ServiceSchema<ApiSettingsSchema> = {
+/**
+ * What a `merchant:<id>` token may call: either the parameter that must name its own merchant
+ * (checked here), or `true` when the action checks ownership itself against the stored deal or row
+ * (`lib/access.ts`) — or has none: a merchant may read any member's balance.
+ * Staff may call everything; anything not listed is staff-only.
+ */
+const MERCHANT_ACTIONS: Record<string, string | true> = {
+	"deals.create": "merchantId",
+	"deals.list": "merchantId",
+	"deals.get": true,
+	"deals.cancel": true,
+	"billing.view": true,
+	"billing.settle": "merchantId",
+	"billing.get": "merchantId",
+	"points.get": true
+};
+
+const PUBLIC_ACTIONS = new Set(["api.health"]);
+
+const sha256 = (text: string) => createHash("sha256").update(text).digest();
+
+/** The rate limiter counts per token (hashed: it keeps its keys in memory), or per address without one. */
+function rateLimitKey(req: IncomingMessage): string {
+	const header = req.headers.authorization;
+	if (header) return `token:${sha256(header).toString("base64url")}`;
+	return `ip:${req.socket.remoteAddress ?? "unknown"}`;
+}
+
+interface Methods {
+	authenticate(ctx: Context, route: unknown, req: IncomingMessage & { $action?: { name: string } }): Role | null;
+	authorize(ctx: Context<unknown, { user?: Role | null }>, route: unknown, req: IncomingMessage & { $action?: { name: string }; $params: Record<string, unknown> }): void;
+}
+
+type This = Service<ApiSettingsSchema> & Methods & { keys: { digest: Buffer; role: Role }[] };
+
+const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 	name: "api",
 	mixins: [ApiGateway],
 
@@ -55,6 +95,14 @@ const ApiService: ServiceSchema<ApiSettingsSchema> = {
 				path: "/api",
 				mappingPolicy: "restrict",
 				autoAliases: false,
+				authentication: true,
+				authorization: true,
+				rateLimit: {
+					window: 60_000,
+					limit: config.rateLimit,
+					headers: true,
+					key: rateLimitKey
+				},
 				bodyParsers: { json: { strict: true, limit: "1mb" }, urlencoded: false },
 				aliases: {
 					"GET /health": "api.health",
@@ -77,12 +125,55 @@ const ApiService: ServiceSchema<ApiSettingsSchema> = {
 		onError(this: Service, req: IncomingMessage, res: ServerResponse, err: unknown) {
 			const error = toHttpError(err, config.retryAfterSeconds);
 			if (error.code >= 500 && error.code !== 503) this.logger.error("Request failed:", req.method, req.url, err);
+			if (error.code === 429) {
+				// The limiter's window resets at X-Rate-Limit-Reset (ms since epoch).
+				const reset = Number(res.getHeader("X-Rate-Limit-Reset")) || Date.now() + 60_000;
+				res.setHeader("Retry-After", String(Math.max(1, Math.ceil((reset - Date.now()) / 1000))));
+			}
 			const retryAfter = (error.data as { retryAfter?: number } | undefined)?.retryAfter;
-			if (retryAfter && (error.code === 503 || error.code === 429)) res.setHeader("Retry-After", String(retryAfter));
+			if (retryAfter && error.code === 503) res.setHeader("Retry-After", String(retryAfter));
 			res.setHeader("Content-Type", "application/json; charset=utf-8");
 			res.writeHead(error.code);
 			res.end(JSON.stringify(error));
 		}
+	},
+
+	methods: {
+		/** Resolves the bearer token into a role; compares against every key in constant time. */
+		authenticate(this: This, _ctx: Context, _route: unknown, req: IncomingMessage & { $action?: { name: string } }): Role | null {
+			if (req.$action && PUBLIC_ACTIONS.has(req.$action.name)) return null;
+			const header = req.headers.authorization ?? "";
+			const token = /^Bearer ([^\s]+)$/.exec(header)?.[1];
+			if (!token) throw new WebErrors.UnAuthorizedError(WebErrors.ERR_NO_TOKEN, null);
+			const digest = sha256(token);
+			let role: Role | null = null;
+			for (const key of this.keys) if (timingSafeEqual(key.digest, digest)) role = key.role;
+			if (!role) throw new WebErrors.UnAuthorizedError(WebErrors.ERR_INVALID_TOKEN, null);
+			return role;
+		},
+
+		authorize(this: This, ctx: Context<unknown, { user?: Role | null }>, _route: unknown, req: IncomingMessage & { $action?: { name: string }; $params: Record<string, unknown> }) {
+			const action = req.$action?.name ?? "";
+			const user = ctx.meta.user;
+			if (PUBLIC_ACTIONS.has(action) || user?.kind === "staff") return;
+			const rule = user?.kind === "merchant" ? MERCHANT_ACTIONS[action] : undefined;
+			if (!user || user.kind !== "merchant" || rule === undefined) throw forbidden();
+			if (rule === true) return;
+			// A merchant's listing is always its own: the filter is filled in, or must match.
+			if (action === "deals.list" && req.$params.merchantId === undefined) req.$params.merchantId = user.merchantId;
+			if (req.$params[rule] !== user.merchantId) throw forbidden("A merchant token reaches only its own merchant's data");
+		},
+	},
+
+	created(this: This) {
+		let keys: ApiKey[] = config.apiKeys;
+		if (keys.length === 0) {
+			if (config.nodeEnv === "production") throw new Error("API_KEYS must be set in production, e.g. API_KEYS='<token>=staff,<token>=merchant:20'");
+			keys = [{ token: randomBytes(24).toString("base64url"), role: { kind: "staff" } }];
+			// Printed once so that `npm start` stays a one-command demo; never logged otherwise.
+			this.logger.warn(`API_KEYS is not set: this run's staff token is ${keys[0].token}`);
+		}
+		this.keys = keys.map(key => ({ digest: sha256(key.token), role: key.role }));
 	},
 
 	actions: {

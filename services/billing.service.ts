@@ -6,6 +6,7 @@
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { config } from "../config";
+import { assertOwnMerchant, type CallerMeta } from "../lib/access";
 import { clientError, notFound } from "../lib/errors";
 import * as P from "../lib/params";
 import { connectCollection, DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
@@ -65,10 +66,11 @@ const BillingService: ServiceSchema<object, Methods, object, This> = {
 		view: {
 			rest: "GET /billing-amount-views/:dealId",
 			params: { $$strict: true, dealId: P.id },
-			async handler(this: This, ctx: Context<{ dealId: string }>) {
+			async handler(this: This, ctx: Context<{ dealId: string }, CallerMeta>) {
 				const row = await this.store.findById(ctx.params.dealId);
 				if (!row || row.cancelled || row.point == null)
 					throw notFound("BILLING_VIEW_NOT_FOUND", `No billing amount for deal '${ctx.params.dealId}'`, ctx.params);
+				assertOwnMerchant(ctx, row.merchantId);
 				const { _id, merchantId, memberId, point, dealDate } = row;
 				return { dealId: _id, merchantId, memberId, point, dealDate };
 			}

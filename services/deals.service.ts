@@ -7,6 +7,7 @@
  */
 import { Errors, type Context, type Service, type ServiceSchema } from "moleculer";
 import { config } from "../config";
+import { assertOwnMerchant, type CallerMeta } from "../lib/access";
 import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
@@ -100,8 +101,10 @@ const DealsService: ServiceSchema<object, Methods, object, This> = {
 		get: {
 			rest: "GET /deals/:id",
 			params: { $$strict: true, id: P.id },
-			async handler(this: This, ctx: Context<{ id: string }>) {
-				return this.toView(await this.findDeal(ctx.params.id));
+			async handler(this: This, ctx: Context<{ id: string }, CallerMeta>) {
+				const deal = await this.findDeal(ctx.params.id);
+				assertOwnMerchant(ctx, deal.merchantId);
+				return this.toView(deal);
 			}
 		},
 
@@ -123,8 +126,9 @@ const DealsService: ServiceSchema<object, Methods, object, This> = {
 		cancel: {
 			rest: "POST /deals/:id/cancel",
 			params: { $$strict: true, id: P.id },
-			async handler(this: This, ctx: Context<{ id: string }>) {
+			async handler(this: This, ctx: Context<{ id: string }, CallerMeta>) {
 				const deal = await this.findDeal(ctx.params.id);
+				assertOwnMerchant(ctx, deal.merchantId);
 				if (deal.status === "cancelled") throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
 				if (deal.status !== "success") throw conflict("DEAL_NOT_CANCELLABLE", `Deal '${deal._id}' is '${deal.status}' and cannot be cancelled`, { id: deal._id, status: deal.status });
 				const cancelledAt = new Date().toISOString();

@@ -21,6 +21,14 @@ export function freePort(): Promise<number> {
 	});
 }
 
+/** Tokens every test system accepts (API_KEYS): staff, and merchants 20 and 21. */
+export const TOKENS = {
+	staff: "staff-token-0123456789",
+	merchant20: "merchant-20-token-0123456789",
+	merchant21: "merchant-21-token-0123456789"
+};
+const API_KEYS = `${TOKENS.staff}=staff,${TOKENS.merchant20}=merchant:20,${TOKENS.merchant21}=merchant:21`;
+
 export interface Reply<T = any> {
 	status: number;
 	body: T;
@@ -58,7 +66,7 @@ export class System {
 			[path.join(ROOT, "node_modules/moleculer/bin/moleculer-runner.js"), "--config", "dist/moleculer.config.js", "dist/services"],
 			{
 				cwd: ROOT,
-				env: { ...process.env, LOG_LEVEL: "warn", ...this.env, PORT: String(this.port), HOST: "127.0.0.1", DATA_DIR: this.dataDir },
+				env: { ...process.env, LOG_LEVEL: "warn", API_KEYS, ...this.env, PORT: String(this.port), HOST: "127.0.0.1", DATA_DIR: this.dataDir },
 				stdio: ["ignore", "pipe", "pipe"]
 			}
 		);
@@ -90,10 +98,16 @@ export class System {
 		return this.output;
 	}
 
-	async call<T = any>(method: string, urlPath: string, body?: unknown, headers: Record<string, string> = {}): Promise<Reply<T>> {
+	/** One HTTP request, as staff unless `headers` carry another `authorization` (or `null` for none). */
+	async call<T = any>(method: string, urlPath: string, body?: unknown, headers: Record<string, string | null> = {}): Promise<Reply<T>> {
+		const all: Record<string, string | null> = {
+			authorization: `Bearer ${TOKENS.staff}`,
+			...(body !== undefined ? { "content-type": "application/json" } : {}),
+			...headers
+		};
 		const res = await fetch(this.url + urlPath, {
 			method,
-			headers: { ...(body !== undefined ? { "content-type": "application/json" } : {}), ...headers },
+			headers: Object.fromEntries(Object.entries(all).filter((e): e is [string, string] => e[1] !== null)),
 			body: body === undefined ? undefined : typeof body === "string" ? body : JSON.stringify(body)
 		});
 		const text = await res.text();
