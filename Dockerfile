@@ -8,11 +8,12 @@ RUN npm run build
 
 # Runtime: production dependencies and the compiled code only, on the image's own Node 22.
 FROM node:22-bookworm-slim
-ENV NODE_ENV=production DATA_DIR=/data
+ENV NODE_ENV=production DATA_DIR=/data SERVICEDIR=dist/services
 WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --no-audit --no-fund
 COPY --from=build /app/dist ./dist
 VOLUME /data
-EXPOSE 3000
-CMD ["node", "--disable-warning=DEP0174", "node_modules/moleculer/bin/moleculer-runner.js", "--config", "dist/moleculer.config.js", "dist/services"]
+# 3000: the gateway (nodes running `api`); 3030: Prometheus /metrics and the /live, /ready probes.
+EXPOSE 3000 3030
+CMD ["node", "--disable-warning=DEP0174", "node_modules/moleculer/bin/moleculer-runner.js", "--config", "dist/moleculer.config.js"]

@@ -1,19 +1,21 @@
-import type { BrokerOptions, Errors, Middleware as BrokerMiddleware } from "moleculer";
+import type { BrokerOptions, Errors, Middleware as BrokerMiddleware, MetricRegistry } from "moleculer";
 import { Middleware } from "@moleculer/channels";
 import { config as defaults, type Config } from ".";
 import { EmbeddedAdapter } from "../lib/embedded-channel-adapter";
+import { DurableNatsAdapter } from "../lib/nats-channel-adapter";
+import { OpsReporter } from "../lib/ops-reporter";
+
+/**
+ * @moleculer/channels' typings (generated from JSDoc) mark every option as required and list adapter
+ * names only; the middleware defaults the options and also takes an adapter instance.
+ */
+const ChannelsMiddleware = Middleware as unknown as (opts: { adapter: EmbeddedAdapter | DurableNatsAdapter }) => BrokerMiddleware;
 
 /**
  * Moleculer's internal middlewares in their stock order, except that `Timeout` sits inside
  * `CircuitBreaker`: stock order lets the breaker wrap the timeout, so a dependency that only hangs
  * never trips it. Here a timed-out call counts as a failure and a slow dependency is shed.
  */
-/**
- * @moleculer/channels' typings (generated from JSDoc) mark every option as required and list adapter
- * names only; the middleware defaults the options and also takes an adapter instance.
- */
-const ChannelsMiddleware = Middleware as unknown as (opts: { adapter: InstanceType<typeof EmbeddedAdapter> }) => BrokerMiddleware;
-
 const INTERNAL_MIDDLEWARES = [
 	"ActionHook",
 	"Validator",
@@ -31,6 +33,20 @@ const INTERNAL_MIDDLEWARES = [
 	"Throttle"
 ];
 
+type MetricsReporter = MetricRegistry.MetricsReporter;
+
+const CHANNEL_OPTIONS = { maxInFlight: 16, maxRetries: 8, deadLettering: { enabled: true, queueName: "DEAD_LETTERS" } };
+
+/**
+ * Durable channels: NATS JetStream when the nodes talk over NATS (they then share the streams),
+ * otherwise the embedded store in DATA_DIR, which serves one process.
+ */
+function channelAdapter(config: Config): EmbeddedAdapter | DurableNatsAdapter {
+	if (config.transporter?.startsWith("nats://")) return new DurableNatsAdapter(config.transporter, CHANNEL_OPTIONS);
+	if (config.transporter) throw new Error(`TRANSPORTER must be a nats:// URL (durable channels use NATS JetStream), got '${config.transporter}'`);
+	return new EmbeddedAdapter({ dataDir: config.dataDir, ...CHANNEL_OPTIONS });
+}
+
 /**
  * Broker options for one node. A function, not a shared object: every broker (a test may start
  * several) needs its own channel adapter.
@@ -40,7 +56,7 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 		namespace: config.namespace,
 		nodeID: config.nodeID,
 		logger: { type: "Console", options: { level: config.logLevel, formatter: "short", colors: config.logColors } },
-		transporter: (config.transporter ?? null) as BrokerOptions["transporter"],
+		transporter: config.transporter ? { type: "NATS", options: { url: config.transporter } } : null,
 		requestTimeout: 10_000,
 		circuitBreaker: {
 			enabled: true,
@@ -51,17 +67,17 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 			// Only the callee's own failures count, not the caller's bad input (4xx).
 			check: (err: Error) => Number((err as Errors.MoleculerError).code) >= 500
 		},
+		// Graceful shutdown: stopping waits for the requests in flight (and channels for their messages).
+		tracking: { enabled: true, shutdownTimeout: 10_000 },
+		// On SIGTERM a node first tells the others to stop routing to it, then waits this long for
+		// requests already on their way before its services stop.
+		registry: { stopDelay: 500 },
+		// The reporter's typings name the built-in types only; Moleculer also takes a reporter instance.
+		metrics:
+			config.metricsPort === undefined
+				? false
+				: { enabled: true, reporter: [new OpsReporter({ port: config.metricsPort }) as unknown as MetricsReporter] },
 		internalMiddlewares: false,
-		middlewares: [
-			ChannelsMiddleware({
-				adapter: new EmbeddedAdapter({
-					dataDir: config.dataDir,
-					maxInFlight: 16,
-					maxRetries: 8,
-					deadLettering: { enabled: true, queueName: "DEAD_LETTERS" }
-				})
-			}),
-			...INTERNAL_MIDDLEWARES
-		]
+		middlewares: [ChannelsMiddleware({ adapter: channelAdapter(config) }), ...INTERNAL_MIDDLEWARES]
 	};
 }

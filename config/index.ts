@@ -15,6 +15,8 @@ export interface Config {
 	dataDir: string;
 	mongoUri?: string;
 	transporter?: string;
+	/** The node's Prometheus `/metrics` and `/live`, `/ready` probes (`0`: any free port; `off`: none). */
+	metricsPort?: number;
 	/** Points earned per unit of a `save` deal's amount. */
 	earnRate: number;
 	/** Share of used points a merchant pays as a fee at settlement. */
@@ -72,6 +74,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		dataDir: path.resolve(text(env, "DATA_DIR") ?? "data"),
 		mongoUri: text(env, "MONGO_URI"),
 		transporter: text(env, "TRANSPORTER"),
+		metricsPort: text(env, "METRICS_PORT") === "off" ? undefined : number(env, "METRICS_PORT", 3030),
 		earnRate: number(env, "EARN_RATE", 0.01),
 		settlementFee: number(env, "SETTLEMENT_FEE", 0.02),
 		callTimeoutMs: number(env, "CALL_TIMEOUT_MS", 2000),

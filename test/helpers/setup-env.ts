@@ -5,3 +5,4 @@ import path from "node:path";
 
 process.env.DATA_DIR = fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-test-"));
 process.env.LOG_LEVEL ??= "error";
+process.env.METRICS_PORT ??= "0";

@@ -35,6 +35,10 @@ export interface Reply<T = any> {
 	headers: Headers;
 }
 
+/**
+ * One Moleculer node in its own process: all services by default, or those named in `SERVICES`.
+ * Ready when its `/ready` probe (on `opsPort`) answers 200.
+ */
 export class System {
 	private child?: ChildProcess;
 	private output = "";
@@ -43,13 +47,14 @@ export class System {
 	constructor(
 		readonly port: number,
 		readonly env: NodeJS.ProcessEnv = {},
+		readonly opsPort = 0,
 		dataDir?: string
 	) {
 		this.dataDir = dataDir ?? fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-e2e-"));
 	}
 
 	static async start(env: NodeJS.ProcessEnv = {}): Promise<System> {
-		const system = new System(await freePort(), env);
+		const system = new System(await freePort(), env, await freePort());
 		await system.start();
 		return system;
 	}
@@ -63,26 +68,45 @@ export class System {
 		this.output = "";
 		this.child = spawn(
 			process.execPath,
-			[path.join(ROOT, "node_modules/moleculer/bin/moleculer-runner.js"), "--config", "dist/moleculer.config.js", "dist/services"],
+			["--disable-warning=DEP0174", path.join(ROOT, "node_modules/moleculer/bin/moleculer-runner.js"), "--config", "dist/moleculer.config.js"],
 			{
 				cwd: ROOT,
-				env: { ...process.env, LOG_LEVEL: "warn", API_KEYS, ...this.env, PORT: String(this.port), HOST: "127.0.0.1", DATA_DIR: this.dataDir },
+				env: {
+					...process.env,
+					LOG_LEVEL: "warn",
+					API_KEYS,
+					SERVICEDIR: "dist/services",
+					...this.env,
+					PORT: String(this.port),
+					HOST: "127.0.0.1",
+					METRICS_PORT: String(this.opsPort),
+					DATA_DIR: this.dataDir
+				},
 				stdio: ["ignore", "pipe", "pipe"]
 			}
 		);
 		this.child.stdout?.on("data", chunk => (this.output += chunk));
 		this.child.stderr?.on("data", chunk => (this.output += chunk));
-		const deadline = Date.now() + 20_000;
+		const deadline = Date.now() + 30_000;
 		while (Date.now() < deadline) {
 			if (this.child.exitCode != null) throw new Error(`The system exited at start:\n${this.output}`);
-			try {
-				if ((await this.call("GET", "/api/health")).status === 200) return;
-			} catch {
-				// not listening yet
-			}
+			if (await this.ready()) return;
 			await new Promise(resolve => setTimeout(resolve, 100));
 		}
-		throw new Error(`The system did not answer within 20 s:\n${this.output}`);
+		throw new Error(`The system did not answer within 30 s:\n${this.output}`);
+	}
+
+	/** The node's readiness probe. */
+	async ready(): Promise<boolean> {
+		try {
+			return (await fetch(`http://127.0.0.1:${this.opsPort}/ready`)).status === 200;
+		} catch {
+			return false;
+		}
+	}
+
+	get pid(): number | undefined {
+		return this.child?.pid;
 	}
 
 	/** Stops the node the way an operator would (SIGTERM), or kills it (SIGKILL). */
