@@ -58,6 +58,9 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 		logger: { type: "Console", options: { level: config.logLevel, formatter: "short", colors: config.logColors } },
 		transporter: config.transporter ? { type: "NATS", options: { url: config.transporter } } : null,
 		requestTimeout: 10_000,
+		// A node that died without a word (SIGKILL) is dropped within seconds, not the default 15 s.
+		heartbeatInterval: 2,
+		heartbeatTimeout: 6,
 		circuitBreaker: {
 			enabled: true,
 			threshold: 0.5,

@@ -79,7 +79,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		settlementFee: number(env, "SETTLEMENT_FEE", 0.02),
 		callTimeoutMs: number(env, "CALL_TIMEOUT_MS", 2000),
 		retryAfterSeconds: number(env, "RETRY_AFTER_SECONDS", 5),
-		apiKeys: parseApiKeys(env.API_KEYS),
+		apiKeys: parseApiKeys(text(env, "API_KEYS")),
 		rateLimit: number(env, "RATE_LIMIT", 6000)
 	};
 }

@@ -1,0 +1,185 @@
+/**
+ * The system as many nodes over a real nats-server (JetStream), each node its own process. Under a
+ * steady stream of joins, saves, uses and cancellations, the points node is SIGKILLed and restarted,
+ * nats-server itself is restarted, and the deals node is restarted gracefully (SIGTERM). Afterwards every account equals the sum of its ledger
+ * and exactly what the deals imply, and no event was applied twice.
+ */
+import { eventually } from "../helpers/broker";
+import { NatsServer } from "../helpers/nats";
+import { freePort, System } from "../helpers/system";
+
+jest.setTimeout(180_000);
+
+const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms));
+
+interface Deal {
+	id: string;
+	memberId: string;
+	type: "save" | "use";
+	point: number;
+	status: string;
+}
+
+describe("a cluster over NATS", () => {
+	let nats: NatsServer;
+	const nodes: Record<string, System> = {};
+	const members = Array.from({ length: 8 }, (_, i) => `c${String(i).padStart(3, "0")}`);
+
+	const gateway = () => nodes.gateway;
+	const api = (method: string, urlPath: string, body?: unknown) => gateway().call(method, `/api${urlPath}`, body);
+
+	let started = 0;
+	async function startNode(name: string, services: string): Promise<void> {
+		// Node ids are unique per process: a second node with the same id is a conflict Moleculer stops.
+		const nodeID = `${name}-${process.pid}-${++started}`;
+		const node = new System(name === "gateway" ? await freePort() : 0, { TRANSPORTER: nats.url, SERVICES: services, NODE_ID: nodeID, CALL_TIMEOUT_MS: "1000" }, await freePort());
+		nodes[name] = node;
+		await node.start();
+	}
+
+	beforeAll(async () => {
+		nats = await NatsServer.start();
+		// Consumers first would not be needed (JetStream keeps what they miss), but the gateway last
+		// lets the test start its load at once.
+		await Promise.all([startNode("points", "points"), startNode("members", "members"), startNode("deals", "deals"), startNode("billing", "billing")]);
+		await startNode("gateway", "api");
+		await eventually(async () => expect((await api("GET", "/health")).status).toBe(200));
+	});
+
+	afterAll(async () => {
+		await Promise.all(Object.values(nodes).map(node => node.stop()));
+		await nats.stop();
+	});
+
+	async function all<T>(urlPath: string): Promise<T[]> {
+		const rows: T[] = [];
+		for (let page = 1; ; page++) {
+			const res = await api("GET", `${urlPath}${urlPath.includes("?") ? "&" : "?"}page=${page}&pageSize=100`);
+			expect(res.status).toBe(200);
+			rows.push(...res.body.rows);
+			if (rows.length >= res.body.total) return rows;
+		}
+	}
+
+	it("keeps every point exact through a killed points node, a restarted nats-server and a redeployed deals node", async () => {
+		for (const memberId of members) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
+
+		let running = true;
+		const answered = { ok: 0, failed: 0 };
+		const cancellable: string[] = [];
+		const worker = async (seed: number) => {
+			for (let i = 0; running; i++) {
+				const memberId = members[(seed * 7 + i) % members.length];
+				const roll = (seed * 31 + i * 17) % 10;
+				try {
+					let res;
+					if (roll < 5) res = await api("POST", "/deals", { memberId, merchantId: "20", dealAmount: 10000 + ((i * 997) % 90000), type: "save" });
+					else if (roll < 8) {
+						res = await api("POST", "/deals", { memberId, merchantId: "20", dealAmount: 1000, type: "use", point: 1 + (i % 40) });
+						if (res.body?.status === "success") cancellable.push(res.body.id);
+					} else if (roll < 9 && cancellable.length) res = await api("POST", `/deals/${cancellable.shift()}/cancel`);
+					else res = await api("POST", "/members", { name: `walk-in ${seed}-${i}` });
+					if (res.status < 300) answered.ok++;
+					else answered.failed++;
+				} catch {
+					answered.failed++;
+				}
+				await sleep(5);
+			}
+		};
+		const load = Promise.all([0, 1, 2, 3].map(worker));
+
+		await sleep(3000);
+		await nodes.points.stop("SIGKILL");
+		await sleep(4000);
+		await nodes.points.start();
+		await sleep(3000);
+		await nats.stop();
+		await sleep(2000);
+		await nats.start();
+		await sleep(4000);
+		// A graceful restart: SIGTERM lets the deals node finish the uses it has in flight.
+		await nodes.deals.stop("SIGTERM");
+		await nodes.deals.start();
+		await sleep(2000);
+		running = false;
+		await load;
+		expect(answered.ok).toBeGreaterThan(100);
+
+		// Every account converges on what its deals imply: saves earned, successful uses spent,
+		// cancelled uses restored, failed and voided uses nothing.
+		const expected = async (memberId: string) => {
+			const deals = await all<Deal>(`/deals?memberId=${memberId}`);
+			return deals.reduce((sum, d) => sum + (d.type === "save" && d.status === "success" ? d.point : d.type === "use" && d.status === "success" ? -d.point : 0), 0);
+		};
+		await eventually(
+			async () => {
+				for (const memberId of members) expect({ memberId, balance: (await api("GET", `/points/${memberId}`)).body.balance }).toEqual({ memberId, balance: await expected(memberId) });
+			},
+			60_000,
+			500
+		);
+
+		for (const memberId of members) {
+			const ledger = await all<{ cause: string; amount: number; kind: string }>(`/points/${memberId}/history`);
+			const balance = (await api("GET", `/points/${memberId}`)).body.balance;
+			expect(ledger.reduce((sum, e) => sum + e.amount, 0)).toBe(balance);
+			expect(new Set(ledger.map(e => e.cause)).size).toBe(ledger.length);
+			// One entry per successful save, per debited use (kept or cancelled), per restore or void.
+			const deals = await all<Deal>(`/deals?memberId=${memberId}`);
+			const saves = deals.filter(d => d.type === "save" && d.status === "success");
+			for (const save of saves) expect(ledger.filter(e => e.cause === `deal:${save.id}`)).toHaveLength(1);
+			for (const cancelled of deals.filter(d => d.status === "cancelled"))
+				expect(ledger.filter(e => e.cause === `deal-cancel:${cancelled.id}`).map(e => e.amount)).toEqual([cancelled.point]);
+			for (const failed of deals.filter(d => d.type === "use" && d.status === "fail")) expect(ledger.some(e => e.cause === `deal:${failed.id}` && e.amount !== 0 && !ledger.some(v => v.cause === `deal-cancel:${failed.id}`))).toBe(false);
+		}
+	});
+
+	it("redeploys a gateway without a failed request: start the new node, then SIGTERM the old one", async () => {
+		// What a load balancer does: send each request to a gateway whose readiness probe said yes.
+		const pool = new Map<System, boolean>([[gateway(), true]]);
+		let probing = true;
+		const probe = (async () => {
+			while (probing) {
+				for (const node of pool.keys()) pool.set(node, await node.ready());
+				await sleep(50);
+			}
+		})();
+		const pick = () => {
+			const ready = [...pool].filter(([, ok]) => ok).map(([node]) => node);
+			return ready[Math.floor(Math.random() * ready.length)];
+		};
+
+		let running = true;
+		const failures: string[] = [];
+		let answered = 0;
+		const worker = async (seed: number) => {
+			for (let i = 0; running; i++) {
+				const memberId = members[(seed + i) % members.length];
+				const body = i % 3 ? { memberId, merchantId: "20", dealAmount: 20000, type: "save" } : { memberId, merchantId: "20", dealAmount: 1000, type: "use", point: 1 };
+				const res = await pick()
+					.call("POST", "/api/deals", body)
+					.catch((err: Error & { cause?: { code?: string } }) => ({ status: 0, body: `${err.message} ${err.cause?.code}` }));
+				if (res.status === 201) answered++;
+				else failures.push(`${res.status} ${JSON.stringify(res.body)}`);
+			}
+		};
+		const load = Promise.all([0, 1, 2, 3].map(worker));
+
+		await sleep(1500);
+		const old = gateway();
+		await startNode("gateway", "api");
+		pool.set(gateway(), await gateway().ready());
+		await sleep(1000);
+		await old.stop("SIGTERM");
+		pool.delete(old);
+		await sleep(1500);
+		running = false;
+		await load;
+		probing = false;
+		await probe;
+
+		expect(failures).toEqual([]);
+		expect(answered).toBeGreaterThan(100);
+	});
+});
