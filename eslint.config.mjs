@@ -15,7 +15,14 @@ export default tseslint.config(
 		rules: { "@typescript-eslint/no-explicit-any": "off" }
 	},
 	{
-		files: ["**/*.js", "**/*.mjs"],
+		files: ["public/**/*.js"],
+		languageOptions: {
+			sourceType: "script",
+			globals: { document: "readonly", window: "readonly", fetch: "readonly", sessionStorage: "readonly", setTimeout: "readonly", clearTimeout: "readonly", TextDecoderStream: "readonly", Chart: "readonly" }
+		}
+	},
+	{
+		files: ["*.js", "*.mjs"],
 		languageOptions: { globals: { module: "readonly", require: "readonly", __dirname: "readonly", process: "readonly", console: "readonly" } },
 		rules: { "@typescript-eslint/no-require-imports": "off" }
 	}

@@ -6,7 +6,9 @@
  * Every error leaves as one JSON shape, `{name, message, code, type, data?}`, without stack traces.
  */
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
+import fs from "node:fs";
 import type { IncomingMessage, ServerResponse } from "node:http";
+import path from "node:path";
 import type { Context, Service, ServiceSchema } from "moleculer";
 import ApiGateway, { Errors as WebErrors, type ApiSettingsSchema } from "moleculer-web";
 import { config, type ApiKey, type Role } from "../config";
@@ -77,7 +79,14 @@ interface Methods {
 	authorize(ctx: Context<unknown, { user?: Role | null }>, route: unknown, req: IncomingMessage & { $action?: { name: string }; $params: Record<string, unknown> }): void;
 }
 
-type This = Service<ApiSettingsSchema> & Methods & { keys: { digest: Buffer; role: Role }[] };
+type This = Service<ApiSettingsSchema> & Methods & { keys: { digest: Buffer; role: Role }[]; streams: Set<ServerResponse>; heartbeat?: NodeJS.Timeout };
+
+/** The dashboard's static page, and the chart library it uses, served from the package (no CDN).
+ * The root is one level up from this file in the sources and two in `dist/`. */
+const ROOT = path.resolve(__dirname, fs.existsSync(path.resolve(__dirname, "../package.json")) ? ".." : "../..");
+const PUBLIC_DIR = path.join(ROOT, "public");
+// chart.js exports only its module entry points: find the browser bundle beside the main one.
+const CHART_JS = path.join(path.dirname(require.resolve("chart.js")), "chart.umd.min.js");
 
 const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 	name: "api",
@@ -86,6 +95,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 	settings: {
 		port: config.port,
 		ip: config.host,
+		assets: { folder: PUBLIC_DIR, options: { index: "index.html" } },
 		// Per-request info logging halves the gateway's throughput; errors are still logged.
 		logRequest: "debug",
 		logResponse: "debug",
@@ -117,7 +127,26 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 					"POST /deals/:id/cancel": "deals.cancel",
 					"GET /billing-amount-views/:dealId": "billing.view",
 					"POST /billings": "billing.settle",
-					"GET /billings/:merchantId/:billingMonth": "billing.get"
+					"GET /billings/:merchantId/:billingMonth": "billing.get",
+					"GET /dashboard/overview": "dashboard.overview",
+					"GET /dashboard/members/:memberId": "dashboard.member",
+					"GET /dashboard/members/:memberId/transactions": "dashboard.transactions",
+					/** Server-sent events: one `update` per change of the dashboard's read model. */
+					"GET /dashboard/stream"(this: This, req: IncomingMessage, res: ServerResponse) {
+						res.writeHead(200, { "Content-Type": "text/event-stream", "Cache-Control": "no-cache", Connection: "keep-alive" });
+						res.write(": connected\n\n");
+						this.streams.add(res);
+						req.on("close", () => this.streams.delete(res));
+					}
+				}
+			},
+			{
+				path: "/vendor",
+				aliases: {
+					"GET /chart.umd.min.js"(_req: IncomingMessage, res: ServerResponse) {
+						res.writeHead(200, { "Content-Type": "text/javascript; charset=utf-8", "Cache-Control": "public, max-age=86400" });
+						fs.createReadStream(CHART_JS).pipe(res);
+					}
 				}
 			}
 		],
@@ -174,6 +203,25 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			this.logger.warn(`API_KEYS is not set: this run's staff token is ${keys[0].token}`);
 		}
 		this.keys = keys.map(key => ({ digest: sha256(key.token), role: key.role }));
+		this.streams = new Set();
+	},
+
+	started(this: This) {
+		// A comment line now and then keeps idle proxies from closing the dashboard's stream.
+		this.heartbeat = setInterval(() => this.streams.forEach(res => res.write(": ping\n\n")), 15_000);
+	},
+
+	stopped(this: This) {
+		clearInterval(this.heartbeat);
+		for (const res of this.streams) res.end();
+		this.streams.clear();
+	},
+
+	events: {
+		"dashboard.updated"(this: This, ctx: Context<{ memberId: string; what: string }>) {
+			const message = `event: update\ndata: ${JSON.stringify(ctx.params)}\n\n`;
+			for (const res of this.streams) res.write(message);
+		}
 	},
 
 	actions: {

@@ -79,9 +79,10 @@ const BillingService: ServiceSchema<object, Methods, object, This> = {
 		settle: {
 			rest: "POST /billings",
 			params: { $$strict: true, merchantId: P.id, billingMonth },
-			async handler(this: This, ctx: Context<{ merchantId: string; billingMonth: string }, { $statusCode?: number }>) {
+			async handler(this: This, ctx: Context<{ merchantId: string; billingMonth: string }, { $statusCode?: number; $location?: string }>) {
 				const { settlement, created } = await this.settlementOf(ctx.params.merchantId, ctx.params.billingMonth);
 				ctx.meta.$statusCode = created ? 201 : 200;
+				ctx.meta.$location = `/api/billings/${settlement.merchantId}/${settlement.billingMonth}`;
 				return this.toView(settlement);
 			}
 		},

@@ -3,7 +3,8 @@
  * service from a durable event. A `use` is confirmed synchronously: the deal is recorded as
  * `pending` first, `points.debit` is called under a timeout and the circuit breaker, and the deal
  * becomes `success` only with a confirmed debit. If the answer never comes, the deal fails and a
- * `deal.voided` event undoes the debit should it have happened after all.
+ * `deal.voided` event undoes the debit should it have happened after all. Every failed use is
+ * announced as `deal.failed`, for the read models.
  */
 import { Errors, type Context, type Service, type ServiceSchema } from "moleculer";
 import { config } from "../config";
@@ -70,7 +71,7 @@ const DealsService: ServiceSchema<object, Methods, object, This> = {
 				// Required for a use; a save earns what the rate gives, whatever is sent.
 				point: { ...P.amount(P.MAX_POINTS), optional: true }
 			},
-			async handler(this: This, ctx: Context<CreateParams, { $statusCode?: number }>) {
+			async handler(this: This, ctx: Context<CreateParams, { $statusCode?: number; $location?: string }>) {
 				const { memberId, merchantId, dealAmount, type } = ctx.params;
 				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: config.callTimeoutMs });
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
@@ -94,6 +95,7 @@ const DealsService: ServiceSchema<object, Methods, object, This> = {
 				await this.store.insertUnique(deal);
 				await this.flushOutbox(deal);
 				ctx.meta.$statusCode = 201;
+				ctx.meta.$location = `/api/deals/${deal._id}`;
 				return this.toView(type === "use" ? await this.confirmUse(ctx, deal) : deal);
 			}
 		},
@@ -154,11 +156,12 @@ const DealsService: ServiceSchema<object, Methods, object, This> = {
 			} catch (err) {
 				// Timed out, breaker open or points gone: the debit may or may not have happened.
 				this.logger.warn(`Debit for deal '${deal._id}' unconfirmed:`, (err as Error).message);
-				await this.settle(deal, { status: "fail", reason: "POINTS_UNAVAILABLE" }, [this.eventOf("deal.voided", deal)]);
+				const failed = { ...deal, status: "fail" as const, reason: "POINTS_UNAVAILABLE" };
+				await this.settle(deal, { status: "fail", reason: failed.reason }, [this.eventOf("deal.voided", failed), this.eventOf("deal.failed", failed)]);
 				throw unavailable("POINTS_UNAVAILABLE", "Points cannot be confirmed right now; try again later", config.retryAfterSeconds);
 			}
 			if (result.applied) return this.settle(deal, { status: "success" }, [this.eventOf("deal.used", deal)]);
-			return this.settle(deal, { status: "fail", reason: result.reason }, []);
+			return this.settle(deal, { status: "fail", reason: result.reason }, [this.eventOf("deal.failed", { ...deal, reason: result.reason })]);
 		},
 
 		/** Moves a pending deal to its outcome, with the events that outcome causes. */
@@ -169,15 +172,17 @@ const DealsService: ServiceSchema<object, Methods, object, This> = {
 		},
 
 		eventOf(channel: string, deal: Deal): OutboxEvent {
-			const { _id, memberId, merchantId, dealAmount, type, point, dealDate, cancelledAt } = deal;
-			return outboxEvent(channel, { dealId: _id, memberId, merchantId, dealAmount, type, point, dealDate, ...(cancelledAt ? { cancelledAt } : {}) });
+			const { _id, memberId, merchantId, dealAmount, type, point, dealDate, cancelledAt, reason } = deal;
+			return outboxEvent(channel, { dealId: _id, memberId, merchantId, dealAmount, type, point, dealDate, ...(cancelledAt ? { cancelledAt } : {}), ...(reason ? { reason } : {}) });
 		},
 
 		/** A `use` left pending by a crash has no answer: it fails, and its debit, if any, is undone. */
 		async voidInterrupted(this: This) {
 			const cutoff = new Date(Date.now() - 2 * config.callTimeoutMs).toISOString();
-			for (const deal of await this.store.find({ query: { status: "pending", dealDate: { $lt: cutoff } } }))
-				await this.settle(deal, { status: "fail", reason: "INTERRUPTED" }, [this.eventOf("deal.voided", deal)]);
+			for (const deal of await this.store.find({ query: { status: "pending", dealDate: { $lt: cutoff } } })) {
+				const failed = { ...deal, status: "fail" as const, reason: "INTERRUPTED" };
+				await this.settle(deal, { status: "fail", reason: failed.reason }, [this.eventOf("deal.voided", failed), this.eventOf("deal.failed", failed)]);
+			}
 		},
 
 		async findDeal(this: This, id: string): Promise<Deal> {

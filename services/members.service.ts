@@ -49,7 +49,7 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 				phone: { type: "string", trim: true, pattern: /^[0-9+() -]{3,20}$/, optional: true },
 				email: { type: "email", max: 200, optional: true }
 			},
-			async handler(this: This, ctx: Context<{ memberId?: string; name: string; phone?: string; email?: string }, { $statusCode?: number }>) {
+			async handler(this: This, ctx: Context<{ memberId?: string; name: string; phone?: string; email?: string }, { $statusCode?: number; $location?: string }>) {
 				const { name, phone, email } = ctx.params;
 				// Eight digits, like the seed's member numbers; a clash is retried, never overwritten.
 				const generated = !ctx.params.memberId;
@@ -63,11 +63,12 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 						email: email ?? null,
 						status: "active",
 						joinedAt,
-						outbox: [outboxEvent("member.joined", { memberId, joinedAt })]
+						outbox: [outboxEvent("member.joined", { memberId, name, joinedAt })]
 					};
 					if (await this.store.insertUnique(member)) {
 						await this.flushOutbox(member);
 						ctx.meta.$statusCode = 201;
+						ctx.meta.$location = `/api/members/${memberId}`;
 						return this.toView(member);
 					}
 					if (!generated) break;

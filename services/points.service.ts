@@ -9,7 +9,8 @@
  * account document together with the new balance — one atomic, conditional single-document write —
  * then copied into the ledger and cleared from the account. A crash in between leaves them in
  * `account.pending`, and start-up finishes the copy. The balance is therefore always the sum of the
- * ledger plus what is pending, and only pending during a crash.
+ * ledger plus what is pending, and only pending during a crash. The same write records a
+ * `points.posted` event (outbox), from which read models follow the ledger.
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { notFound } from "../lib/errors";
@@ -17,6 +18,7 @@ import { sortableId } from "../lib/ids";
 import { KeyedLock } from "../lib/keyed-lock";
 import * as P from "../lib/params";
 import { connectCollection, DbMixin, openCollection, type Collection, type DbThis, type Page } from "../mixins/db.mixin";
+import { OutboxMixin, outboxEvent, pushEvents, type OutboxMethods } from "../mixins/outbox.mixin";
 
 export type EntryKind = "earn" | "use" | "restore" | "revoke" | "expire" | "void";
 
@@ -87,14 +89,14 @@ export interface AccountView {
 	closedAt?: string;
 }
 
-type This = Service & DbThis<Account> & Methods & { ledger: Collection<LedgerEntry>; lock: KeyedLock };
+type This = Service & DbThis<Account> & OutboxMethods & Methods & { ledger: Collection<LedgerEntry>; lock: KeyedLock };
 
 const causeOf = (source: Source) => `${source.sourceType}:${source.sourceId}`;
 const cancelCauseOf = (source: Source) => `${source.sourceType}-cancel:${source.sourceId}`;
 
 const PointsService: ServiceSchema<object, Methods, object, This> = {
 	name: "points",
-	mixins: [DbMixin("accounts", [{ fields: { status: 1 } }])],
+	mixins: [DbMixin("accounts", [{ fields: { status: 1 } }]), OutboxMixin],
 
 	actions: {
 		get: {
@@ -220,11 +222,13 @@ const PointsService: ServiceSchema<object, Methods, object, This> = {
 						balance += d.amount;
 						return { memberId, sourceType: "member", sourceId: memberId, ...d, balanceAfter: balance, at: now, seq: sortableId() };
 					});
+					const posted = outboxEvent("points.posted", { memberId, closed: close, entries: entries.map(({ _id, seq: _seq, ...entry }) => ({ cause: _id, ...entry })) });
 					const changed = await this.store.update(
 						{ _id: memberId, balance: account.balance, "pending.0": { $exists: false } },
 						{
 							$inc: { balance: balance - account.balance },
-							$set: { pending: entries, updatedAt: now, ...(close ? { status: "closed", closedAt: now } : {}) }
+							$set: { pending: entries, updatedAt: now, ...(close ? { status: "closed", closedAt: now } : {}) },
+							...pushEvents(posted)
 						}
 					);
 					if (!changed) {
@@ -233,6 +237,7 @@ const PointsService: ServiceSchema<object, Methods, object, This> = {
 					}
 					for (const entry of entries) await this.ledger.insertUnique(entry);
 					await this.store.update({ _id: memberId }, { $unset: { pending: true } });
+					await this.flushOutbox({ _id: memberId, outbox: [posted] });
 					return { applied: true, balance };
 				}
 			});

@@ -1,0 +1,84 @@
+import type { ServiceBroker } from "moleculer";
+import DashboardService from "../../services/dashboard.service";
+import { createTestBroker, eventually } from "../helpers/broker";
+
+type Send = (channel: string, payload: object) => Promise<void>;
+
+describe("dashboard read model", () => {
+	let broker: ServiceBroker;
+	let send: Send;
+	const at = (minute: number) => new Date(Date.UTC(2026, 10, 2, 10, minute)).toISOString();
+	const entry = (cause: string, kind: string, amount: number, balanceAfter: number, minute: number, merchantId = "20") => ({
+		cause,
+		memberId: "0001",
+		kind,
+		amount,
+		balanceAfter,
+		sourceType: "deal",
+		sourceId: cause.split(":")[1],
+		merchantId,
+		at: at(minute)
+	});
+	const member = () => broker.call<any, object>("dashboard.member", { memberId: "0001" });
+
+	beforeAll(async () => {
+		broker = createTestBroker([DashboardService]);
+		await broker.start();
+		send = (broker as unknown as { sendToChannel: Send }).sendToChannel.bind(broker);
+	});
+	afterAll(() => broker.stop());
+
+	it("follows the ledger into balance, totals, series, months and merchants — once per entry, in any order", async () => {
+		const deal = (dealId: string, type: string, point: number, minute: number, merchantId = "20") => ({ dealId, memberId: "0001", merchantId, dealAmount: point * 100, type, point, dealDate: at(minute) });
+		// The ledger arrives before the joining, twice.
+		const postings = [
+			{ memberId: "0001", entries: [entry("deal:d1", "earn", 1000, 1000, 1)] },
+			{ memberId: "0001", entries: [entry("deal:d2", "use", -100, 900, 2)] },
+			{ memberId: "0001", entries: [entry("deal:d3", "earn", 500, 1400, 3, "21")] },
+			{ memberId: "0001", entries: [entry("deal-cancel:d2", "restore", 100, 1500, 4)] }
+		];
+		for (const posting of [...postings, ...postings]) await send("points.posted", posting);
+		await send("member.joined", { memberId: "0001", name: "Kim", joinedAt: at(0) });
+		await send("deal.saved", deal("d1", "save", 1000, 1));
+		await send("deal.cancelled", deal("d2", "use", 100, 2));
+		await send("deal.used", deal("d2", "use", 100, 2));
+		await send("deal.saved", deal("d3", "save", 500, 3, "21"));
+		await send("deal.saved", deal("d3", "save", 500, 3, "21"));
+		await send("deal.failed", { ...deal("d4", "use", 99999, 5), reason: "INSUFFICIENT_POINTS" });
+
+		await eventually(async () => expect((await member()).transactions).toBe(4));
+		await eventually(async () => expect((await member()).member).toMatchObject({ name: "Kim", status: "active", balance: 1500, earned: 1500, used: 100, cancelled: 100, expired: 0 }));
+		const view = await member();
+		expect(view.series.map((p: { balance: number }) => p.balance)).toEqual([1000, 900, 1400, 1500]);
+		expect(view.monthly).toEqual([{ month: "202611", earned: 1500, used: 100, cancelled: 100, expired: 0 }]);
+		expect(view.byMerchant).toEqual([
+			{ merchantId: "20", earned: 1000, used: 100 },
+			{ merchantId: "21", earned: 500, used: 0 }
+		]);
+		expect(view.latest.map((t: { id: string; status: string }) => `${t.id} ${t.status}`)).toEqual(["d4 fail", "d3 success", "d2 cancelled", "d1 success"]);
+	});
+
+	it("pages a member's transactions", async () => {
+		const page = await broker.call<any, object>("dashboard.transactions", { memberId: "0001", page: 2, pageSize: 3 });
+		expect(page).toMatchObject({ total: 4, page: 2, pageSize: 3 });
+		expect(page.rows.map((t: { id: string }) => t.id)).toEqual(["d1"]);
+	});
+
+	it("sums the overview, with the cancelled use kept out of the settlement preview", async () => {
+		const overview = await broker.call<any, object>("dashboard.overview", { days: 92 });
+		expect(overview).toMatchObject({ members: 1, activeAccounts: 1, pointsOutstanding: 1500 });
+		expect(overview.dealsPerDay).toEqual([{ day: "2026-11-02", deals: 4 }]);
+		expect(overview.topMerchants[0]).toEqual({ merchantId: "20", deals: 3, earnedPoints: 1000, usedPoints: 0 });
+	});
+
+	it("counts a withdrawal and its expiry", async () => {
+		await send("member.withdrawn", { memberId: "0001", withdrawnAt: at(9) });
+		await send("points.posted", { memberId: "0001", closed: true, entries: [{ ...entry("expiry:0001", "expire", -1500, 0, 9), sourceType: "member", merchantId: undefined }] });
+		await eventually(async () => expect((await member()).member).toMatchObject({ status: "withdrawn", balance: 0, expired: 1500 }));
+		await eventually(async () => expect(await broker.call("dashboard.overview", {})).toMatchObject({ members: 1, activeAccounts: 0, pointsOutstanding: 0 }));
+	});
+
+	it("answers 404 for a member it has not seen", async () => {
+		await expect(broker.call("dashboard.member", { memberId: "nobody" })).rejects.toMatchObject({ code: 404 });
+	});
+});
