@@ -73,6 +73,10 @@ export class EmbeddedAdapter extends BaseAdapter {
 		await Promise.all([this.messages.loadDatabaseAsync(), this.groups.loadDatabaseAsync()]);
 		await this.messages.ensureIndexAsync({ fieldName: "channel" });
 		for (const { channel, group } of await this.groups.findAsync({})) this.groupsOf(channel).add(group);
+		// Every local service's groups are known before anything is published, even on a fresh data
+		// folder: a message published before a consumer's first subscription still waits for it.
+		for (const service of this.broker.services)
+			for (const [name, def] of Object.entries(service.schema.channels ?? {})) await this.registerGroup(this.addPrefixTopic(name), def.group ?? service.fullName);
 		this.connected = true;
 	}
 
@@ -87,19 +91,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 		chan.maxInFlight ??= this.opts.maxInFlight;
 		chan.maxRetries ??= this.opts.maxRetries;
 		chan.deadLettering = { ...this.opts.deadLettering, ...chan.deadLettering };
-		if (!this.groupsOf(chan.name).has(chan.group)) {
-			this.groupsOf(chan.name).add(chan.group);
-			await this.groups.updateAsync(
-				{ _id: `${chan.name}|${chan.group}` },
-				{ _id: `${chan.name}|${chan.group}`, channel: chan.name, group: chan.group },
-				{ upsert: true }
-			);
-			await this.messages.updateAsync(
-				{ channel: chan.name, orphan: true },
-				{ $set: { pending: [chan.group] }, $unset: { orphan: true } },
-				{ multi: true }
-			);
-		}
+		await this.registerGroup(chan.name, chan.group);
 		const consumer: Consumer = { chan, inFlight: new Map(), failures: new Map(), pumping: false, again: false, stopped: false };
 		this.consumers.set(chan.id, consumer);
 		this.initChannelActiveMessages(chan.id, false);
@@ -129,6 +121,14 @@ export class EmbeddedAdapter extends BaseAdapter {
 	/** Messages some subscribed group has still to handle: zero means every consumer has caught up. */
 	async backlog(): Promise<number> {
 		return this.messages.countAsync({ $not: { pending: { $size: 0 } } });
+	}
+
+	/** Remembers (durably) that `group` consumes `channel`; the first group also takes the orphans. */
+	private async registerGroup(channel: string, group: string): Promise<void> {
+		if (this.groupsOf(channel).has(group)) return;
+		this.groupsOf(channel).add(group);
+		await this.groups.updateAsync({ _id: `${channel}|${group}` }, { _id: `${channel}|${group}`, channel, group }, { upsert: true });
+		await this.messages.updateAsync({ channel, orphan: true }, { $set: { pending: [group] }, $unset: { orphan: true } }, { multi: true });
 	}
 
 	private groupsOf(channel: string): Set<string> {

@@ -13,6 +13,7 @@ import type { Context, Service, ServiceSchema } from "moleculer";
 import ApiGateway, { Errors as WebErrors, type ApiSettingsSchema } from "moleculer-web";
 import { config, type ApiKey, type Role } from "../config";
 import { forbidden } from "../lib/access";
+import { isReady } from "../lib/ops-reporter";
 
 interface HttpError {
 	name: string;
@@ -225,13 +226,14 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 	},
 
 	actions: {
-		/** 200 once every service of this node has started (readiness), 503 before. */
+		/** 200 once the node is ready (see `isReady`), 503 before and while it stops. */
 		health: {
 			params: { $$strict: true },
 			handler(this: Service, ctx: Context<object, { $statusCode?: number }>) {
-				if (!ctx.broker.started) ctx.meta.$statusCode = 503;
+				const ready = isReady(ctx.broker);
+				if (!ready) ctx.meta.$statusCode = 503;
 				return {
-					status: ctx.broker.started ? "ok" : "starting",
+					status: ready ? "ok" : "starting",
 					nodeID: ctx.broker.nodeID,
 					services: ctx.broker.services.map(s => s.fullName).sort(),
 					uptime: Math.round(process.uptime())

@@ -1,0 +1,88 @@
+/**
+ * The staff dashboard in real headless Chromium (Debian's, driven by playwright-core): sign in with a
+ * staff token, search a member, read the numbers of a scenario this test made, watch a new deal
+ * arrive live, and keep a screenshot for the README.
+ */
+import path from "node:path";
+import { chromium, type Browser, type Page } from "playwright-core";
+import { eventually } from "../helpers/broker";
+import { System, TOKENS } from "../helpers/system";
+
+jest.setTimeout(90_000);
+
+const SCREENSHOT = path.resolve(__dirname, "../artifacts/dashboard.png");
+
+describe("staff dashboard in Chromium", () => {
+	let system: System;
+	let browser: Browser;
+	let page: Page;
+	const api = (method: string, urlPath: string, body?: unknown) => system.call(method, `/api${urlPath}`, body);
+
+	beforeAll(async () => {
+		system = await System.start();
+		await api("POST", "/members", { memberId: "0001", name: "Kim Minji" });
+		await api("POST", "/members", { memberId: "0002", name: "Lee" });
+		await api("POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 100000, type: "save" });
+		await api("POST", "/deals", { memberId: "0001", merchantId: "21", dealAmount: 50000, type: "save" });
+		await eventually(async () => expect((await api("GET", "/points/0001")).body.balance).toBe(1500));
+		await api("POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 10000, type: "use", point: 300 });
+		const cancelled = await api("POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 10000, type: "use", point: 200 });
+		await api("POST", `/deals/${cancelled.body.id}/cancel`);
+		await eventually(async () => expect((await api("GET", "/dashboard/members/0001")).body.member).toMatchObject({ balance: 1200, cancelled: 200 }));
+
+		browser = await chromium.launch({
+			executablePath: "/usr/bin/chromium",
+			args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+		});
+		page = await browser.newPage({ viewport: { width: 1280, height: 1500 } });
+	});
+
+	afterAll(async () => {
+		await browser?.close();
+		await system.stop();
+	});
+
+	it("refuses a token that is not a staff token", async () => {
+		await page.goto(`${system.url}/dashboard/`);
+		await page.fill("#token", TOKENS.merchant20);
+		await page.click("#sign-in");
+		await page.waitForSelector("#signin-error:has-text('not a staff token')");
+		await page.fill("#token", "wrong-token-0123456789");
+		await page.click("#sign-in");
+		await page.waitForSelector("#signin-error:has-text('Unknown token')");
+		expect(await page.isHidden("#app")).toBe(true);
+	});
+
+	it("signs in with a staff token and shows the overview", async () => {
+		await page.fill("#token", TOKENS.staff);
+		await page.click("#sign-in");
+		await page.waitForSelector("#app", { state: "visible" });
+		await expect(page.textContent("#overview-members")).resolves.toBe("2");
+		await expect(page.textContent("#overview-outstanding")).resolves.toBe("1,200");
+		await page.waitForSelector("#settlement-preview tbody tr");
+		expect(await page.textContent("#settlement-preview tbody")).toContain("294");
+	});
+
+	it("finds a member and shows the scenario's numbers", async () => {
+		await page.fill("#member-id", "0001");
+		await page.click("#search");
+		await page.waitForSelector("#member", { state: "visible" });
+		const ids = ["balance", "earned", "used", "cancelled", "expired"];
+		const figures = Object.fromEntries(await Promise.all(ids.map(async id => [id, await page.textContent(`#${id}`)])));
+		expect(figures).toEqual({ balance: "1,200", earned: "1,500", used: "500", cancelled: "200", expired: "0" });
+		expect(await page.textContent("#member-name")).toContain("Kim Minji");
+		expect(await page.locator("#transactions tbody tr").count()).toBe(4);
+		expect(await page.textContent("#by-merchant tbody")).toContain("21");
+	});
+
+	it("shows a new deal live, without reloading", async () => {
+		await page.waitForSelector("#live", { state: "visible" });
+		const created = await api("POST", "/deals", { memberId: "0001", merchantId: "22", dealAmount: 70000, type: "save" });
+		expect(created.status).toBe(201);
+		await page.waitForSelector("#balance:text-is('1,900')", { timeout: 10_000 });
+		await page.waitForSelector("#transactions tbody tr.fresh");
+		expect(await page.locator("#transactions tbody tr").count()).toBe(5);
+		expect(await page.textContent("#transactions tbody tr:first-child")).toContain("22");
+		await page.screenshot({ path: SCREENSHOT, fullPage: true });
+	});
+});
