@@ -29,6 +29,8 @@ export interface Config {
 	apiKeys: ApiKey[];
 	/** Requests a minute allowed per token, or per address without one. */
 	rateLimit: number;
+	/** How long after a month's end its settlements are made, so late events arrive first (ms). */
+	monthEndGraceMs: number;
 }
 
 export type Role = { kind: "staff" } | { kind: "merchant"; merchantId: string };
@@ -80,7 +82,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		callTimeoutMs: number(env, "CALL_TIMEOUT_MS", 2000),
 		retryAfterSeconds: number(env, "RETRY_AFTER_SECONDS", 5),
 		apiKeys: parseApiKeys(text(env, "API_KEYS")),
-		rateLimit: number(env, "RATE_LIMIT", 6000)
+		rateLimit: number(env, "RATE_LIMIT", 6000),
+		monthEndGraceMs: number(env, "MONTH_END_GRACE_MINUTES", 10) * 60_000
 	};
 }
 

@@ -131,7 +131,7 @@ function createAdapter(name: string, indexes: IndexSpec[]): { adapter: Adapter; 
 }
 
 /** Opens a further collection for `service`; connect it in `started` and close it in `stopped`. */
-export function openCollection<T extends { _id: string }>(service: Service, name: string, indexes: IndexSpec[] = []): Collection<T> {
+export function openCollection<T extends { _id: string }>(service: Pick<Service, "broker" | "logger">, name: string, indexes: IndexSpec[] = []): Collection<T> {
 	const { adapter, model } = createAdapter(name, indexes);
 	adapter.init(service.broker, { schema: { model }, logger: service.logger });
 	return new Collection<T>(adapter, indexes);

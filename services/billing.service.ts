@@ -3,6 +3,12 @@
  * successful, not cancelled `use` deal — fed by deal events, never the deals store.
  * billingAmount = floor(points used at the merchant in the month × (1 − fee)). A merchant and month
  * are settled once: asking again returns the same settlement. Months are calendar months in UTC.
+ *
+ * The month-end job settles every merchant with activity in the month that just ended, a grace
+ * period (`MONTH_END_GRACE_MINUTES`) after the month's end so late events reach the view first. It
+ * checks the clock once a minute rather than sleeping until the month's end, so a node that was
+ * down at the time, or a clock that jumped, still closes the month. Settling is idempotent: a rerun,
+ * or two billing nodes closing the same month, changes nothing.
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { config } from "../config";
@@ -43,13 +49,29 @@ interface DealEvent {
 }
 
 interface Methods {
-	settlementOf(merchantId: string, billingMonth: string, now?: Date): Promise<{ settlement: Settlement; created: boolean }>;
+	settlementOf(merchantId: string, billingMonth: string): Promise<{ settlement: Settlement; created: boolean }>;
+	closeMonth(billingMonth: string): Promise<{ billingMonth: string; settlements: ReturnType<Methods["toView"]>[]; created: number }>;
+	monthEndCheck(): Promise<void>;
+	/** The clock; a test may run the service with another. */
+	now(): Date;
 	toView(settlement: Settlement): Omit<Settlement, "_id"> & { id: string };
 }
 
-type This = Service & DbThis<BillingAmountView> & Methods & { settlements: Collection<Settlement> };
+interface Settings {
+	monthEnd: { graceMs: number; checkEveryMs: number };
+}
+
+type This = Service<Settings> &
+	DbThis<BillingAmountView> &
+	Methods & { settlements: Collection<Settlement>; monthEndTimer?: NodeJS.Timeout; lastClosedMonth?: string };
 
 const billingMonth = { type: "string", pattern: /^\d{4}(0[1-9]|1[0-2])$/, messages: { stringPattern: "billingMonth must be YYYYMM" } } as const;
+
+/** The month before the one `date` falls in, as YYYYMM (UTC). */
+export function previousMonth(date: Date): string {
+	const d = new Date(Date.UTC(date.getUTCFullYear(), date.getUTCMonth() - 1, 1));
+	return `${d.getUTCFullYear()}${String(d.getUTCMonth() + 1).padStart(2, "0")}`;
+}
 
 /** [first instant of the month, first instant of the next) in UTC, as ISO strings. */
 export function monthBounds(month: string): [string, string] {
@@ -58,9 +80,13 @@ export function monthBounds(month: string): [string, string] {
 	return [new Date(Date.UTC(year, index, 1)).toISOString(), new Date(Date.UTC(year, index + 1, 1)).toISOString()];
 }
 
-const BillingService: ServiceSchema<object, Methods, object, This> = {
+const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "billing",
-	mixins: [DbMixin("billing-amount-views", [{ fields: { merchantId: 1, dealDate: 1 } }])],
+	mixins: [DbMixin("billing-amount-views", [{ fields: { merchantId: 1, dealDate: 1 } }, { fields: { dealDate: 1 } }])],
+
+	settings: {
+		monthEnd: { graceMs: config.monthEndGraceMs, checkEveryMs: 60_000 }
+	},
 
 	actions: {
 		view: {
@@ -84,6 +110,15 @@ const BillingService: ServiceSchema<object, Methods, object, This> = {
 				ctx.meta.$statusCode = created ? 201 : 200;
 				ctx.meta.$location = `/api/billings/${settlement.merchantId}/${settlement.billingMonth}`;
 				return this.toView(settlement);
+			}
+		},
+
+		/** The month-end job: settles every merchant with activity in the month (default: the last one). */
+		closeMonth: {
+			visibility: "public",
+			params: { $$strict: true, billingMonth: { ...billingMonth, optional: true } },
+			handler(this: This, ctx: Context<{ billingMonth?: string }>) {
+				return this.closeMonth(ctx.params.billingMonth ?? previousMonth(this.now()));
 			}
 		},
 
@@ -116,7 +151,33 @@ const BillingService: ServiceSchema<object, Methods, object, This> = {
 	},
 
 	methods: {
-		async settlementOf(this: This, merchantId: string, month: string, now = new Date()) {
+		now: () => new Date(),
+
+		async closeMonth(this: This, month: string) {
+			const [from, to] = monthBounds(month);
+			const rows = await this.store.find({ query: { dealDate: { $gte: from, $lt: to } } });
+			const merchants = [...new Set(rows.map(row => row.merchantId).filter((id): id is string => !!id))].sort();
+			const settlements = [];
+			let created = 0;
+			for (const merchantId of merchants) {
+				const result = await this.settlementOf(merchantId, month);
+				if (result.created) created++;
+				settlements.push(this.toView(result.settlement));
+			}
+			if (created) this.logger.info(`Month-end ${month}: settled ${created} merchant(s).`);
+			return { billingMonth: month, settlements, created };
+		},
+
+		/** Closes the last month whose end (plus grace) has passed, unless this node already did. */
+		async monthEndCheck(this: This) {
+			const month = previousMonth(new Date(this.now().getTime() - this.settings.monthEnd.graceMs));
+			if (month === this.lastClosedMonth) return;
+			await this.closeMonth(month);
+			this.lastClosedMonth = month;
+		},
+
+		async settlementOf(this: This, merchantId: string, month: string) {
+			const now = this.now();
 			const id = `${merchantId}:${month}`;
 			const existing = await this.settlements.findById(id);
 			if (existing) return { settlement: existing, created: false };
@@ -154,9 +215,20 @@ const BillingService: ServiceSchema<object, Methods, object, This> = {
 
 	async started(this: This) {
 		await connectCollection(this.settlements);
+		// The first check comes a while after start, so events queued while this node was down reach
+		// the view before a missed month is closed.
+		const check = () => {
+			this.monthEndTimer = setTimeout(() => {
+				this.monthEndCheck()
+					.catch(err => this.logger.error("Month-end job failed; retrying at the next check:", err))
+					.finally(check);
+			}, this.settings.monthEnd.checkEveryMs);
+		};
+		check();
 	},
 
 	async stopped(this: This) {
+		clearTimeout(this.monthEndTimer);
 		await this.settlements.adapter.disconnect();
 	}
 };
