@@ -31,6 +31,10 @@ export interface Config {
 	rateLimit: number;
 	/** How long after a month's end its settlements are made, so late events arrive first (ms). */
 	monthEndGraceMs: number;
+	/** The simulated payment provider declines a payment above this total. */
+	paymentLimit: number;
+	/** How long the simulated payment provider takes to answer (ms), to show overload. */
+	paymentDelayMs: number;
 }
 
 export type Role = { kind: "staff" } | { kind: "merchant"; merchantId: string };
@@ -83,7 +87,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		retryAfterSeconds: number(env, "RETRY_AFTER_SECONDS", 5),
 		apiKeys: parseApiKeys(text(env, "API_KEYS")),
 		rateLimit: number(env, "RATE_LIMIT", 6000),
-		monthEndGraceMs: number(env, "MONTH_END_GRACE_MINUTES", 10) * 60_000
+		monthEndGraceMs: number(env, "MONTH_END_GRACE_MINUTES", 10) * 60_000,
+		paymentLimit: number(env, "PAYMENT_LIMIT", 1_000_000),
+		paymentDelayMs: number(env, "PAYMENT_DELAY_MS", 0)
 	};
 }
 

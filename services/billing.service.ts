@@ -10,7 +10,7 @@
  * down at the time, or a clock that jumped, still closes the month. Settling is idempotent: a rerun,
  * or two billing nodes closing the same month, changes nothing.
  */
-import type { Context, Service, ServiceSchema } from "moleculer";
+import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { config } from "../config";
 import { assertOwnMerchant, type CallerMeta } from "../lib/access";
 import { clientError, notFound } from "../lib/errors";
@@ -57,7 +57,7 @@ interface Methods {
 	toView(settlement: Settlement): Omit<Settlement, "_id"> & { id: string };
 }
 
-interface Settings {
+interface Settings extends ServiceSettingSchema {
 	monthEnd: { graceMs: number; checkEveryMs: number };
 }
 

@@ -166,7 +166,9 @@ const DealsService: ServiceSchema<object, Methods, object, This> = {
 
 		/** Moves a pending deal to its outcome, with the events that outcome causes. */
 		async settle(this: This, deal: Deal, changes: Partial<Deal>, events: OutboxEvent[]): Promise<Deal> {
-			await this.store.update({ _id: deal._id, status: "pending" }, { $set: changes, ...(events.length ? pushEvents(...events) : {}) });
+			const changed = await this.store.update({ _id: deal._id, status: "pending" }, { $set: changes, ...(events.length ? pushEvents(...events) : {}) });
+			// Settled meanwhile (an overdue deal voided at another instance's start-up): that outcome stands.
+			if (!changed) return this.findDeal(deal._id);
 			await this.flushOutbox({ _id: deal._id, outbox: events });
 			return { ...deal, ...changes };
 		},

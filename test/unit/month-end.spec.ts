@@ -1,4 +1,4 @@
-import type { ServiceBroker } from "moleculer";
+import type { ServiceBroker, ServiceSchema } from "moleculer";
 import BillingService, { previousMonth } from "../../services/billing.service";
 import { createTestBroker, eventually } from "../helpers/broker";
 
@@ -21,7 +21,9 @@ describe("billing month-end job (controlled clock)", () => {
 	beforeAll(async () => {
 		broker = createTestBroker([
 			{
-				mixins: [BillingService],
+				name: "billing",
+				// Moleculer types a mixin as the plain schema; this one is typed with its own settings.
+				mixins: [BillingService as unknown as Partial<ServiceSchema>],
 				settings: { monthEnd: { graceMs: 10 * 60_000, checkEveryMs: 20 } },
 				methods: { now: () => clock }
 			}

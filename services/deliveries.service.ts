@@ -1,0 +1,73 @@
+/**
+ * Deliveries: a paid order's delivery starts when `order.paid` arrives and is cancelled by
+ * `order.cancelled`, whichever comes first (a cancellation that overtakes the start leaves the
+ * delivery cancelled). Each cancellation is answered with `delivery.cancelled` (outbox) for orders.
+ */
+import type { Context, Service, ServiceSchema } from "moleculer";
+import { notFound } from "../lib/errors";
+import * as P from "../lib/params";
+import { DbMixin, type DbThis } from "../mixins/db.mixin";
+import { OutboxMixin, outboxEvent, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+
+export interface Delivery extends WithOutbox {
+	/** The order's id: one delivery per order. */
+	_id: string;
+	memberId: string;
+	productId?: string;
+	qty?: number;
+	status: "started" | "cancelled";
+	startedAt?: string;
+	cancelledAt?: string;
+}
+
+interface OrderEvent {
+	orderId: string;
+	memberId: string;
+	productId: string;
+	qty: number;
+}
+
+type This = Service & DbThis<Delivery> & OutboxMethods;
+
+const DeliveriesService: ServiceSchema<object, object, object, This> = {
+	name: "deliveries",
+	mixins: [DbMixin("deliveries", [{ fields: { memberId: 1 } }]), OutboxMixin],
+
+	actions: {
+		get: {
+			rest: "GET /deliveries/:orderId",
+			params: { $$strict: true, orderId: P.id },
+			async handler(this: This, ctx: Context<{ orderId: string }>) {
+				const delivery = await this.store.findById(ctx.params.orderId);
+				if (!delivery) throw notFound("DELIVERY_NOT_FOUND", `No delivery for order '${ctx.params.orderId}'`, ctx.params);
+				const { _id, outbox: _outbox, ...rest } = delivery;
+				return { orderId: _id, ...rest };
+			}
+		}
+	},
+
+	channels: {
+		"order.paid": {
+			group: "deliveries",
+			async handler(this: This, order: OrderEvent) {
+				// Once per order: a repeated event, or one after the cancellation, finds the record taken.
+				const { orderId, memberId, productId, qty } = order;
+				await this.store.insertUnique({ _id: orderId, memberId, productId, qty, status: "started", startedAt: new Date().toISOString() });
+			}
+		},
+		"order.cancelled": {
+			group: "deliveries",
+			async handler(this: This, order: OrderEvent) {
+				const cancelledAt = new Date().toISOString();
+				const event = outboxEvent("delivery.cancelled", { orderId: order.orderId });
+				const record: Delivery = { _id: order.orderId, memberId: order.memberId, status: "cancelled", cancelledAt, outbox: [event] };
+				const changed =
+					(await this.store.insertUnique(record)) ||
+					(await this.store.update({ _id: order.orderId, status: "started" }, { $set: { status: "cancelled", cancelledAt }, ...pushEvents(event) })) > 0;
+				if (changed) await this.flushOutbox({ _id: order.orderId, outbox: [event] });
+			}
+		}
+	}
+};
+
+export default DeliveriesService;

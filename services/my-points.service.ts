@@ -1,0 +1,76 @@
+/**
+ * My points: a member's points from orders, as a CQRS read view fed only by `order.paid` and
+ * `order.cancelled`. One row per order, so a repeated event changes nothing, and a cancellation
+ * that overtakes the payment still leaves the order revoked.
+ */
+import type { Context, Service, ServiceSchema } from "moleculer";
+import * as P from "../lib/params";
+import { DbMixin, type DbThis } from "../mixins/db.mixin";
+
+export interface MyPointsRow {
+	/** The order's id. */
+	_id: string;
+	memberId: string;
+	qty?: number;
+	rate?: number;
+	points?: number;
+	paidAt?: string;
+	revoked?: boolean;
+}
+
+interface OrderEvent {
+	orderId: string;
+	memberId: string;
+	qty: number;
+	rate: number;
+	points: number;
+	paidAt?: string;
+}
+
+type This = Service & DbThis<MyPointsRow>;
+
+const MyPointsService: ServiceSchema<object, object, object, This> = {
+	name: "my-points",
+	mixins: [DbMixin("my-points", [{ fields: { memberId: 1 } }])],
+
+	actions: {
+		/** The member's order points, newest first: `total` counts what is accrued and not revoked. */
+		get: {
+			rest: "GET /my-points/:memberId",
+			params: { $$strict: true, memberId: P.id, ...P.paging },
+			async handler(this: This, ctx: Context<{ memberId: string; page: number; pageSize: number }>) {
+				const { memberId, page, pageSize } = ctx.params;
+				const all = await this.store.find({ query: { memberId }, sort: ["-paidAt"] });
+				const total = all.reduce((sum, row) => sum + (row.revoked ? 0 : (row.points ?? 0)), 0);
+				const rows = all.slice((page - 1) * pageSize, page * pageSize).map(row => ({
+					orderId: row._id,
+					qty: row.qty,
+					rate: row.rate,
+					points: row.points,
+					status: row.revoked ? "revoked" : "accrued",
+					...(row.paidAt ? { paidAt: row.paidAt } : {})
+				}));
+				return { memberId, total, rows, orderCount: all.length, page, pageSize };
+			}
+		}
+	},
+
+	channels: {
+		"order.paid": {
+			group: "my-points",
+			async handler(this: This, order: OrderEvent) {
+				const { orderId, memberId, qty, rate, points, paidAt } = order;
+				await this.store.upsert({ _id: orderId }, { $set: { memberId, qty, rate, points, paidAt } });
+			}
+		},
+		"order.cancelled": {
+			group: "my-points",
+			async handler(this: This, order: OrderEvent) {
+				const { orderId, memberId, qty, rate, points, paidAt } = order;
+				await this.store.upsert({ _id: orderId }, { $set: { memberId, qty, rate, points, paidAt, revoked: true } });
+			}
+		}
+	}
+};
+
+export default MyPointsService;

@@ -1,0 +1,277 @@
+/**
+ * Food orders: order → payment → delivery. The order is recorded as `pending` first, then
+ * `payments.pay` is called under a timeout and the circuit breaker:
+ * - approved: the order is `paid` and its delivery started; `order.paid` (outbox, durable) accrues
+ *   floor(totalPrice × rate) points, rate 20% from 5 items, else 10%, and starts the delivery;
+ * - declined: `payment_failed`, no points;
+ * - no answer (slow, failing or breaker open): `payment_failed` at once with a 503 and Retry-After;
+ *   `order.voided` makes payments cancel a payment that still happens late, or refuse it. So no order
+ *   is paid without its points, and no points exist for an order that was not paid.
+ *
+ * Cancelling a paid order is accepted at once, even while payments is overloaded: the order becomes
+ * `cancelled` and `order.cancelled` (durable) cancels the payment, the delivery and the points, each
+ * consumer once, whenever it is able to. The order then records `payment.cancelled` and
+ * `delivery.cancelled` as they come back.
+ */
+import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import { config } from "../config";
+import { clientError, conflict, notFound, unavailable } from "../lib/errors";
+import { sortableId } from "../lib/ids";
+import * as P from "../lib/params";
+import { DbMixin, type DbThis } from "../mixins/db.mixin";
+import { OutboxMixin, outboxEvent, pushEvents, type OutboxEvent, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import type { MemberView } from "./members.service";
+import type { PaymentView } from "./payments.service";
+
+export type OrderStatus = "pending" | "paid" | "payment_failed" | "cancelled";
+
+export interface Order extends WithOutbox {
+	memberId: string;
+	productId: string;
+	qty: number;
+	unitPrice: number;
+	totalPrice: number;
+	status: OrderStatus;
+	reason?: string;
+	payment: { id?: string; status: string };
+	delivery: { status: string };
+	/** The share of the total earned as points; `points` is what the order earns (0 unless paid). */
+	pointRate: number;
+	points: number;
+	orderedAt: string;
+	paidAt?: string;
+	cancelledAt?: string;
+}
+
+export interface OrderView extends Omit<Order, "_id" | "outbox"> {
+	id: string;
+}
+
+interface CreateParams {
+	memberId: string;
+	productId: string;
+	qty: number;
+	unitPrice: number;
+}
+
+interface Methods {
+	pay(ctx: Context, order: Order): Promise<Order>;
+	settle(order: Order, changes: Partial<Order>, events: OutboxEvent[]): Promise<Order>;
+	eventOf(channel: string, order: Order): OutboxEvent;
+	findOrder(id: string): Promise<Order>;
+	voidInterrupted(): Promise<void>;
+	toView(order: Order): OrderView;
+}
+
+interface Settings extends ServiceSettingSchema {
+	/** How long an order waits for its payment's answer (ms). */
+	paymentTimeoutMs: number;
+}
+
+type This = Service<Settings> & DbThis<Order> & OutboxMethods & Methods & { voidTimer?: NodeJS.Timeout };
+
+/** Orders of this many items or more earn the higher rate. */
+export const BULK_QTY = 5;
+
+/** Percent of the total earned: integers, so floor() is exact (10% of 15 000 is 1 500, not 1 499). */
+export function pointPercent(qty: number): number {
+	return qty >= BULK_QTY ? 20 : 10;
+}
+
+export function pointsFor(totalPrice: number, qty: number): number {
+	return Math.floor((totalPrice * pointPercent(qty)) / 100);
+}
+
+const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
+	name: "orders",
+	mixins: [DbMixin("orders", [{ fields: { memberId: 1 } }, { fields: { status: 1 } }]), OutboxMixin],
+
+	settings: {
+		paymentTimeoutMs: config.callTimeoutMs
+	},
+
+	actions: {
+		create: {
+			rest: "POST /orders",
+			params: {
+				$$strict: true,
+				memberId: P.id,
+				productId: P.id,
+				qty: { type: "number", integer: true, positive: true, max: 1000, convert: true },
+				unitPrice: P.amount(P.MAX_AMOUNT)
+			},
+			async handler(this: This, ctx: Context<CreateParams, { $statusCode?: number; $location?: string }>) {
+				const { memberId, productId, qty, unitPrice } = ctx.params;
+				const totalPrice = qty * unitPrice;
+				if (totalPrice > P.MAX_AMOUNT) throw clientError(422, "ORDER_TOO_LARGE", `An order may total at most ${P.MAX_AMOUNT}`, { totalPrice });
+				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: config.callTimeoutMs });
+				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+
+				const order: Order = {
+					_id: sortableId(),
+					memberId,
+					productId,
+					qty,
+					unitPrice,
+					totalPrice,
+					status: "pending",
+					payment: { status: "requested" },
+					delivery: { status: "not_started" },
+					pointRate: pointPercent(qty) / 100,
+					points: 0,
+					orderedAt: new Date().toISOString()
+				};
+				await this.store.insertUnique(order);
+				ctx.meta.$statusCode = 201;
+				ctx.meta.$location = `/api/orders/${order._id}`;
+				return this.toView(await this.pay(ctx, order));
+			}
+		},
+
+		get: {
+			rest: "GET /orders/:id",
+			params: { $$strict: true, id: P.id },
+			async handler(this: This, ctx: Context<{ id: string }>) {
+				return this.toView(await this.findOrder(ctx.params.id));
+			}
+		},
+
+		list: {
+			rest: "GET /orders",
+			params: { $$strict: true, memberId: P.optionalId, status: { type: "enum", values: ["pending", "paid", "payment_failed", "cancelled"], optional: true }, ...P.paging },
+			async handler(this: This, ctx: Context<{ memberId?: string; status?: OrderStatus; page: number; pageSize: number }>) {
+				const { memberId, status, page, pageSize } = ctx.params;
+				const query = { ...(memberId ? { memberId } : {}), ...(status ? { status } : {}) };
+				const result = await this.store.page(query, ["-_id"], page, pageSize);
+				return { ...result, rows: result.rows.map(o => this.toView(o)) };
+			}
+		},
+
+		/** Accepted at once; the payment, delivery and points follow by a durable event (see above). */
+		cancel: {
+			rest: "POST /orders/:id/cancel",
+			params: { $$strict: true, id: P.id },
+			async handler(this: This, ctx: Context<{ id: string }>) {
+				const order = await this.findOrder(ctx.params.id);
+				if (order.status === "cancelled") throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, { id: order._id });
+				if (order.status !== "paid") throw conflict("ORDER_NOT_CANCELLABLE", `Order '${order._id}' is '${order.status}' and cannot be cancelled`, { id: order._id, status: order.status });
+				const cancelled: Order = {
+					...order,
+					status: "cancelled",
+					cancelledAt: new Date().toISOString(),
+					payment: { ...order.payment, status: "cancelling" },
+					delivery: { status: "cancelling" }
+				};
+				const event = this.eventOf("order.cancelled", cancelled);
+				const { status, cancelledAt, payment, delivery } = cancelled;
+				// Conditional on `paid`: of two racing cancellations, one wins.
+				const changed = await this.store.update({ _id: order._id, status: "paid" }, { $set: { status, cancelledAt, payment, delivery }, ...pushEvents(event) });
+				if (!changed) throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, { id: order._id });
+				await this.flushOutbox({ _id: order._id, outbox: [event] });
+				return this.toView(cancelled);
+			}
+		}
+	},
+
+	channels: {
+		"payment.cancelled": {
+			group: "orders",
+			async handler(this: This, payment: { orderId: string; paymentId: string; status: string }) {
+				await this.store.update({ _id: payment.orderId }, { $set: { payment: { id: payment.paymentId, status: payment.status } } });
+			}
+		},
+		"delivery.cancelled": {
+			group: "orders",
+			async handler(this: This, delivery: { orderId: string }) {
+				await this.store.update({ _id: delivery.orderId }, { $set: { delivery: { status: "cancelled" } } });
+			}
+		}
+	},
+
+	methods: {
+		async pay(this: This, ctx: Context, order: Order): Promise<Order> {
+			let payment: PaymentView;
+			try {
+				payment = await ctx.call<PaymentView, { orderId: string; memberId: string; amount: number }>(
+					"payments.pay",
+					{ orderId: order._id, memberId: order.memberId, amount: order.totalPrice },
+					{ timeout: this.settings.paymentTimeoutMs }
+				);
+			} catch (err) {
+				// Timed out, breaker open or payments gone: the payment may still happen; void it.
+				this.logger.warn(`Payment for order '${order._id}' unconfirmed:`, (err as Error).message);
+				const failed = { status: "payment_failed" as const, reason: "PAYMENTS_UNAVAILABLE", payment: { status: "unconfirmed" } };
+				await this.settle(order, failed, [this.eventOf("order.voided", order)]);
+				throw unavailable("PAYMENTS_UNAVAILABLE", "Payments cannot be confirmed right now; try again later", config.retryAfterSeconds);
+			}
+			if (payment.status !== "approved")
+				return this.settle(order, { status: "payment_failed", reason: "PAYMENT_DECLINED", payment: { id: payment.id, status: payment.status } }, []);
+			const paid: Order = {
+				...order,
+				status: "paid",
+				paidAt: payment.at,
+				payment: { id: payment.id, status: "approved" },
+				delivery: { status: "started" },
+				points: pointsFor(order.totalPrice, order.qty)
+			};
+			const { status, paidAt, delivery, points } = paid;
+			return this.settle(order, { status, paidAt, payment: paid.payment, delivery, points }, [this.eventOf("order.paid", paid)]);
+		},
+
+		/** Moves a pending order to its outcome, with the events that outcome causes. */
+		async settle(this: This, order: Order, changes: Partial<Order>, events: OutboxEvent[]): Promise<Order> {
+			const changed = await this.store.update({ _id: order._id, status: "pending" }, { $set: changes, ...(events.length ? pushEvents(...events) : {}) });
+			// Settled meanwhile (an overdue order voided at another instance's start-up): that outcome stands.
+			if (!changed) return this.findOrder(order._id);
+			await this.flushOutbox({ _id: order._id, outbox: events });
+			return { ...order, ...changes };
+		},
+
+		eventOf(channel: string, order: Order): OutboxEvent {
+			const { _id, memberId, productId, qty, unitPrice, totalPrice, pointRate, points, paidAt, cancelledAt } = order;
+			return outboxEvent(channel, {
+				orderId: _id,
+				memberId,
+				productId,
+				qty,
+				unitPrice,
+				totalPrice,
+				rate: pointRate,
+				points,
+				...(paidAt ? { paidAt } : {}),
+				...(cancelledAt ? { cancelledAt } : {})
+			});
+		},
+
+		/** An order left pending by a crash has no answer: its payment fails and is voided. */
+		async voidInterrupted(this: This) {
+			const cutoff = new Date(Date.now() - 2 * this.settings.paymentTimeoutMs).toISOString();
+			for (const order of await this.store.find({ query: { status: "pending", orderedAt: { $lt: cutoff } } }))
+				await this.settle(order, { status: "payment_failed", reason: "INTERRUPTED", payment: { status: "unconfirmed" } }, [this.eventOf("order.voided", order)]);
+		},
+
+		async findOrder(this: This, id: string): Promise<Order> {
+			const order = await this.store.findById(id);
+			if (!order) throw notFound("ORDER_NOT_FOUND", `Order '${id}' not found`, { id });
+			return order;
+		},
+
+		toView(order: Order): OrderView {
+			const { _id, outbox: _outbox, ...rest } = order;
+			return { id: _id, ...rest };
+		}
+	},
+
+	async started(this: This) {
+		await this.voidInterrupted();
+		// Orders pending at start-up but younger than the cutoff may belong to another instance still
+		// waiting for its answer; look again once any such answer is overdue.
+		this.voidTimer = setTimeout(() => void this.voidInterrupted(), 2 * this.settings.paymentTimeoutMs + 100);
+	},
+
+	stopped(this: This) {
+		clearTimeout(this.voidTimer);
+	}
+};
+
+export default OrdersService;
