@@ -2,6 +2,7 @@ import type { BrokerOptions, Errors, Middleware as BrokerMiddleware, MetricRegis
 import { Middleware } from "@moleculer/channels";
 import { config as defaults, type Config } from ".";
 import { EmbeddedAdapter } from "../lib/embedded-channel-adapter";
+import { isDependencyUnavailable } from "../lib/errors";
 import { DurableNatsAdapter } from "../lib/nats-channel-adapter";
 import { OpsReporter } from "../lib/ops-reporter";
 
@@ -67,8 +68,9 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 			minRequestCount: 10,
 			windowTime: 30,
 			halfOpenTime: 5_000,
-			// Only the callee's own failures count, not the caller's bad input (4xx).
-			check: (err: Error) => Number((err as Errors.MoleculerError).code) >= 500
+			// Only the callee's own failures count: not the caller's bad input (4xx), nor the callee's
+			// fast "my dependency is unavailable" answer (its own breaker is already shedding that load).
+			check: (err: Error) => Number((err as Errors.MoleculerError).code) >= 500 && !isDependencyUnavailable(err)
 		},
 		// Graceful shutdown: stopping waits for the requests in flight (and channels for their messages).
 		tracking: { enabled: true, shutdownTimeout: 10_000 },

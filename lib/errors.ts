@@ -11,6 +11,33 @@ export const notFound = (code: string, message: string, data?: unknown) => clien
 export const conflict = (code: string, message: string, data?: unknown) => clientError(409, code, message, data);
 
 /** A dependency that cannot answer now: 503, and how long the client should wait before retrying. */
-export function unavailable(code: string, message: string, retryAfterSeconds: number): Errors.MoleculerRetryableError {
-	return new MoleculerRetryableError(message, 503, code, { retryAfter: retryAfterSeconds });
+export function unavailable(code: string, message: string, retryAfterSeconds: number, cause?: unknown): Errors.MoleculerRetryableError {
+	return new MoleculerRetryableError(message, 503, code, { retryAfter: retryAfterSeconds, ...(cause ? { reason: unavailableReason(cause) } : {}) });
+}
+
+/**
+ * Is this the fast 503 a healthy service gives when a dependency of its is unavailable? Such an
+ * answer is not the service's own failure: the circuit breaker must not count it against it.
+ */
+export function isDependencyUnavailable(err: unknown): boolean {
+	const e = err as { code?: number; data?: { retryAfter?: unknown } };
+	return e?.code === 503 && typeof e.data?.retryAfter === "number";
+}
+
+/**
+ * Why a synchronous call found its dependency unavailable, for clients and operators: it did not
+ * answer in time, its circuit breaker is open (Moleculer then has no available endpoint), or no
+ * node serves it at all.
+ */
+export function unavailableReason(err: unknown): "TIMEOUT" | "CIRCUIT_OPEN" | "NOT_RUNNING" | "FAILED" {
+	switch ((err as { type?: string })?.type) {
+		case "REQUEST_TIMEOUT":
+			return "TIMEOUT";
+		case "SERVICE_NOT_AVAILABLE":
+			return "CIRCUIT_OPEN";
+		case "SERVICE_NOT_FOUND":
+			return "NOT_RUNNING";
+		default:
+			return "FAILED";
+	}
 }

@@ -158,7 +158,7 @@ const DealsService: ServiceSchema<object, Methods, object, This> = {
 				this.logger.warn(`Debit for deal '${deal._id}' unconfirmed:`, (err as Error).message);
 				const failed = { ...deal, status: "fail" as const, reason: "POINTS_UNAVAILABLE" };
 				await this.settle(deal, { status: "fail", reason: failed.reason }, [this.eventOf("deal.voided", failed), this.eventOf("deal.failed", failed)]);
-				throw unavailable("POINTS_UNAVAILABLE", "Points cannot be confirmed right now; try again later", config.retryAfterSeconds);
+				throw unavailable("POINTS_UNAVAILABLE", "Points cannot be confirmed right now; try again later", config.retryAfterSeconds, err);
 			}
 			if (result.applied) return this.settle(deal, { status: "success" }, [this.eventOf("deal.used", deal)]);
 			return this.settle(deal, { status: "fail", reason: result.reason }, [this.eventOf("deal.failed", { ...deal, reason: result.reason })]);

@@ -202,7 +202,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				this.logger.warn(`Payment for order '${order._id}' unconfirmed:`, (err as Error).message);
 				const failed = { status: "payment_failed" as const, reason: "PAYMENTS_UNAVAILABLE", payment: { status: "unconfirmed" } };
 				await this.settle(order, failed, [this.eventOf("order.voided", order)]);
-				throw unavailable("PAYMENTS_UNAVAILABLE", "Payments cannot be confirmed right now; try again later", config.retryAfterSeconds);
+				throw unavailable("PAYMENTS_UNAVAILABLE", "Payments cannot be confirmed right now; try again later", config.retryAfterSeconds, err);
 			}
 			if (payment.status !== "approved")
 				return this.settle(order, { status: "payment_failed", reason: "PAYMENT_DECLINED", payment: { id: payment.id, status: payment.status } }, []);
