@@ -26,15 +26,15 @@ export function isDependencyUnavailable(err: unknown): boolean {
 
 /**
  * Why a synchronous call found its dependency unavailable, for clients and operators: it did not
- * answer in time, its circuit breaker is open (Moleculer then has no available endpoint), or no
- * node serves it at all.
+ * answer in time; none of its endpoints is available (their circuit breaker is open, or their
+ * nodes are shutting down), so the call was not even made; or no node serves it at all.
  */
-export function unavailableReason(err: unknown): "TIMEOUT" | "CIRCUIT_OPEN" | "NOT_RUNNING" | "FAILED" {
+export function unavailableReason(err: unknown): "TIMEOUT" | "UNAVAILABLE" | "NOT_RUNNING" | "FAILED" {
 	switch ((err as { type?: string })?.type) {
 		case "REQUEST_TIMEOUT":
 			return "TIMEOUT";
 		case "SERVICE_NOT_AVAILABLE":
-			return "CIRCUIT_OPEN";
+			return "UNAVAILABLE";
 		case "SERVICE_NOT_FOUND":
 			return "NOT_RUNNING";
 		default:

@@ -1,8 +1,10 @@
 /**
  * The system as many nodes over a real nats-server (JetStream), each node its own process. Under a
- * steady stream of joins, saves, uses and cancellations, the points node is SIGKILLed and restarted,
- * nats-server itself is restarted, and the deals node is restarted gracefully (SIGTERM). Afterwards every account equals the sum of its ledger
- * and exactly what the deals imply, and no event was applied twice.
+ * steady stream of joins, saves, uses, orders and cancellations, the points node is SIGKILLed and
+ * restarted, nats-server itself is restarted, and the deals node is restarted gracefully (SIGTERM).
+ * Afterwards every account equals the sum of its ledger and exactly what the deals and orders imply,
+ * and no event was applied twice. Then the payments node goes away: new orders are refused at once
+ * with 503, a cancellation is accepted and completes when payments is back.
  */
 import { eventually } from "../helpers/broker";
 import { NatsServer } from "../helpers/nats";
@@ -11,6 +13,21 @@ import { freePort, System } from "../helpers/system";
 jest.setTimeout(180_000);
 
 const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms));
+
+interface Order {
+	id: string;
+	status: string;
+	reason?: string;
+	points: number;
+	payment: { id?: string; status: string };
+}
+
+interface Entry {
+	cause: string;
+	amount: number;
+	kind: string;
+	shortfall?: number;
+}
 
 interface Deal {
 	id: string;
@@ -41,7 +58,14 @@ describe("a cluster over NATS", () => {
 		nats = await NatsServer.start();
 		// Consumers first would not be needed (JetStream keeps what they miss), but the gateway last
 		// lets the test start its load at once.
-		await Promise.all([startNode("points", "points"), startNode("members", "members"), startNode("deals", "deals"), startNode("billing", "billing")]);
+		await Promise.all([
+			startNode("points", "points"),
+			startNode("members", "members"),
+			startNode("deals", "deals"),
+			startNode("billing", "billing"),
+			startNode("orders", "orders,deliveries,my-points"),
+			startNode("payments", "payments")
+		]);
 		await startNode("gateway", "api");
 		await eventually(async () => expect((await api("GET", "/health")).status).toBe(200));
 	});
@@ -67,10 +91,11 @@ describe("a cluster over NATS", () => {
 		let running = true;
 		const answered = { ok: 0, failed: 0 };
 		const cancellable: string[] = [];
+		const cancellableOrders: string[] = [];
 		const worker = async (seed: number) => {
 			for (let i = 0; running; i++) {
 				const memberId = members[(seed * 7 + i) % members.length];
-				const roll = (seed * 31 + i * 17) % 10;
+				const roll = (seed * 31 + i * 17) % 12;
 				try {
 					let res;
 					if (roll < 5) res = await api("POST", "/deals", { memberId, merchantId: "20", dealAmount: 10000 + ((i * 997) % 90000), type: "save" });
@@ -78,6 +103,10 @@ describe("a cluster over NATS", () => {
 						res = await api("POST", "/deals", { memberId, merchantId: "20", dealAmount: 1000, type: "use", point: 1 + (i % 40) });
 						if (res.body?.status === "success") cancellable.push(res.body.id);
 					} else if (roll < 9 && cancellable.length) res = await api("POST", `/deals/${cancellable.shift()}/cancel`);
+					else if (roll < 10) {
+						res = await api("POST", "/orders", { memberId, productId: "set", qty: 1 + (i % 6), unitPrice: 1000 + ((i * 131) % 4000) });
+						if (res.body?.status === "paid" && i % 2) cancellableOrders.push(res.body.id);
+					} else if (roll < 11 && cancellableOrders.length) res = await api("POST", `/orders/${cancellableOrders.shift()}/cancel`);
 					else res = await api("POST", "/members", { name: `walk-in ${seed}-${i}` });
 					if (res.status < 300) answered.ok++;
 					else answered.failed++;
@@ -106,11 +135,16 @@ describe("a cluster over NATS", () => {
 		await load;
 		expect(answered.ok).toBeGreaterThan(100);
 
-		// Every account converges on what its deals imply: saves earned, successful uses spent,
-		// cancelled uses restored, failed and voided uses nothing.
+		// Every account converges on what its deals and orders imply: saves earned, successful uses
+		// spent, cancelled uses restored, failed and voided uses nothing; paid orders earned, and
+		// cancelled ones revoked — all but what had been spent already (the revocation's shortfall).
 		const expected = async (memberId: string) => {
 			const deals = await all<Deal>(`/deals?memberId=${memberId}`);
-			return deals.reduce((sum, d) => sum + (d.type === "save" && d.status === "success" ? d.point : d.type === "use" && d.status === "success" ? -d.point : 0), 0);
+			const fromDeals = deals.reduce((sum, d) => sum + (d.type === "save" && d.status === "success" ? d.point : d.type === "use" && d.status === "success" ? -d.point : 0), 0);
+			const orders = await all<Order>(`/orders?memberId=${memberId}`);
+			const ledger = await all<Entry>(`/points/${memberId}/history`);
+			const shortfall = (orderId: string) => ledger.find(e => e.cause === `order-cancel:${orderId}`)?.shortfall ?? 0;
+			return orders.reduce((sum, o) => sum + (o.status === "paid" ? o.points : o.status === "cancelled" ? shortfall(o.id) : 0), fromDeals);
 		};
 		await eventually(
 			async () => {
@@ -120,8 +154,9 @@ describe("a cluster over NATS", () => {
 			500
 		);
 
+		let paidOrders = 0;
 		for (const memberId of members) {
-			const ledger = await all<{ cause: string; amount: number; kind: string }>(`/points/${memberId}/history`);
+			const ledger = await all<Entry>(`/points/${memberId}/history`);
 			const balance = (await api("GET", `/points/${memberId}`)).body.balance;
 			expect(ledger.reduce((sum, e) => sum + e.amount, 0)).toBe(balance);
 			expect(new Set(ledger.map(e => e.cause)).size).toBe(ledger.length);
@@ -132,7 +167,51 @@ describe("a cluster over NATS", () => {
 			for (const cancelled of deals.filter(d => d.status === "cancelled"))
 				expect(ledger.filter(e => e.cause === `deal-cancel:${cancelled.id}`).map(e => e.amount)).toEqual([cancelled.point]);
 			for (const failed of deals.filter(d => d.type === "use" && d.status === "fail")) expect(ledger.some(e => e.cause === `deal:${failed.id}` && e.amount !== 0 && !ledger.some(v => v.cause === `deal-cancel:${failed.id}`))).toBe(false);
+			// A paid order has exactly one accrual, a cancelled one also one revocation; no other order has points.
+			for (const order of await all<Order>(`/orders?memberId=${memberId}`)) {
+				const accrual = ledger.filter(e => e.cause === `order:${order.id}`);
+				const revocation = ledger.filter(e => e.cause === `order-cancel:${order.id}`);
+				if (order.status === "paid") paidOrders++;
+				if (order.status === "paid" || order.status === "cancelled") expect(accrual.map(e => e.amount)).toEqual([order.points]);
+				else expect(accrual).toEqual([]);
+				if (order.status === "cancelled") expect(revocation.map(e => -e.amount + (e.shortfall ?? 0))).toEqual([order.points]);
+				else expect(revocation).toEqual([]);
+			}
 		}
+		expect(paidOrders).toBeGreaterThan(0);
+	});
+
+	it("refuses orders at once while payments is down, accepts a cancellation and completes it when payments is back", async () => {
+		const memberId = members[0];
+		const paid = (await api("POST", "/orders", { memberId, productId: "set", qty: 5, unitPrice: 2000 })).body as Order;
+		expect(paid).toMatchObject({ status: "paid", points: 2000 });
+		await eventually(async () => expect((await api("GET", `/my-points/${memberId}`)).body.rows.some((r: { orderId: string }) => r.orderId === paid.id)).toBe(true));
+
+		await nodes.payments.stop("SIGTERM");
+		const refused = await api("POST", "/orders", { memberId, productId: "set", qty: 1, unitPrice: 1000 });
+		expect(refused.status).toBe(503);
+		expect(refused.body.type).toBe("PAYMENTS_UNAVAILABLE");
+		// Gone from the registry, or still known as stopping: either way the call was not made.
+		expect(["NOT_RUNNING", "UNAVAILABLE"]).toContain(refused.body.data.reason);
+		expect(Number(refused.headers.get("retry-after"))).toBeGreaterThan(0);
+
+		const cancelled = await api("POST", `/orders/${paid.id}/cancel`);
+		expect(cancelled.status).toBe(200);
+		expect(cancelled.body).toMatchObject({ status: "cancelled", payment: { status: "cancelling" } });
+		// The points are revoked now; the payment waits for its service.
+		await eventually(async () => {
+			const ledger = await all<Entry>(`/points/${memberId}/history`);
+			expect(ledger.filter(e => e.cause === `order-cancel:${paid.id}`)).toHaveLength(1);
+		});
+		expect((await api("GET", `/orders/${paid.id}`)).body.payment.status).toBe("cancelling");
+
+		await startNode("payments", "payments");
+		await eventually(async () => expect((await api("GET", `/orders/${paid.id}`)).body).toMatchObject({ payment: { id: paid.payment.id, status: "cancelled" }, delivery: { status: "cancelled" } }), 30_000, 200);
+		expect((await api("GET", `/payments/${paid.payment.id}`)).body).toMatchObject({ status: "cancelled" });
+		// The refused order is recorded as failed, and its payment, should it ever come, is voided.
+		const [failed] = (await api("GET", `/orders?memberId=${memberId}&status=payment_failed`)).body.rows as Order[];
+		expect(failed).toMatchObject({ reason: "PAYMENTS_UNAVAILABLE", points: 0 });
+		await eventually(async () => expect((await api("GET", `/payments?orderId=${failed.id}`)).body.rows).toMatchObject([{ status: "voided" }]));
 	});
 
 	it("redeploys a gateway without a failed request: start the new node, then SIGTERM the old one", async () => {

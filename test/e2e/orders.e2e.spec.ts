@@ -131,7 +131,7 @@ describe("orders against a slow payment provider", () => {
 		const shed = await order();
 		const waited = Date.now() - startedAt;
 		expect(shed.status).toBe(503);
-		expect(shed.body).toMatchObject({ type: "PAYMENTS_UNAVAILABLE", data: { reason: "CIRCUIT_OPEN", retryAfter: 5 } });
+		expect(shed.body).toMatchObject({ type: "PAYMENTS_UNAVAILABLE", data: { reason: "UNAVAILABLE", retryAfter: 5 } });
 		expect(shed.headers.get("retry-after")).toBe("5");
 		// Never left hanging: nothing waited for the provider (behaviour, not a speed claim).
 		expect(waited).toBeLessThan(DELAY_MS);
