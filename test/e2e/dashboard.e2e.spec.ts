@@ -28,7 +28,9 @@ describe("staff dashboard in Chromium", () => {
 		await api("POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 10000, type: "use", point: 300 });
 		const cancelled = await api("POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 10000, type: "use", point: 200 });
 		await api("POST", `/deals/${cancelled.body.id}/cancel`);
-		await eventually(async () => expect((await api("GET", "/dashboard/members/0001")).body.member).toMatchObject({ balance: 1200, cancelled: 200 }));
+		// A breakfast order of 2 × 5000 earns 1000 points.
+		expect((await api("POST", "/orders", { memberId: "0001", productId: "breakfast-set", qty: 2, unitPrice: 5000 })).body).toMatchObject({ status: "paid" });
+		await eventually(async () => expect((await api("GET", "/dashboard/members/0001")).body.member).toMatchObject({ balance: 2200, cancelled: 200 }));
 
 		browser = await chromium.launch({
 			executablePath: "/usr/bin/chromium",
@@ -58,7 +60,7 @@ describe("staff dashboard in Chromium", () => {
 		await page.click("#sign-in");
 		await page.waitForSelector("#app", { state: "visible" });
 		await expect(page.textContent("#overview-members")).resolves.toBe("2");
-		await expect(page.textContent("#overview-outstanding")).resolves.toBe("1,200");
+		await expect(page.textContent("#overview-outstanding")).resolves.toBe("2,200");
 		await page.waitForSelector("#settlement-preview tbody tr");
 		expect(await page.textContent("#settlement-preview tbody")).toContain("294");
 	});
@@ -69,9 +71,10 @@ describe("staff dashboard in Chromium", () => {
 		await page.waitForSelector("#member", { state: "visible" });
 		const ids = ["balance", "earned", "used", "cancelled", "expired"];
 		const figures = Object.fromEntries(await Promise.all(ids.map(async id => [id, await page.textContent(`#${id}`)])));
-		expect(figures).toEqual({ balance: "1,200", earned: "1,500", used: "500", cancelled: "200", expired: "0" });
+		expect(figures).toEqual({ balance: "2,200", earned: "2,500", used: "500", cancelled: "200", expired: "0" });
 		expect(await page.textContent("#member-name")).toContain("Kim Minji");
-		expect(await page.locator("#transactions tbody tr").count()).toBe(4);
+		expect(await page.locator("#transactions tbody tr").count()).toBe(5);
+		expect(await page.textContent("#transactions tbody tr:first-child")).toContain("order");
 		expect(await page.textContent("#by-merchant tbody")).toContain("21");
 	});
 
@@ -79,9 +82,9 @@ describe("staff dashboard in Chromium", () => {
 		await page.waitForSelector("#live", { state: "visible" });
 		const created = await api("POST", "/deals", { memberId: "0001", merchantId: "22", dealAmount: 70000, type: "save" });
 		expect(created.status).toBe(201);
-		await page.waitForSelector("#balance:text-is('1,900')", { timeout: 10_000 });
+		await page.waitForSelector("#balance:text-is('2,900')", { timeout: 10_000 });
 		await page.waitForSelector("#transactions tbody tr.fresh");
-		expect(await page.locator("#transactions tbody tr").count()).toBe(5);
+		expect(await page.locator("#transactions tbody tr").count()).toBe(6);
 		expect(await page.textContent("#transactions tbody tr:first-child")).toContain("22");
 		await page.screenshot({ path: SCREENSHOT, fullPage: true });
 	});
