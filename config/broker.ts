@@ -1,10 +1,11 @@
-import type { BrokerOptions, Errors, Middleware as BrokerMiddleware, MetricRegistry } from "moleculer";
+import type { BrokerOptions, Errors, Middleware as BrokerMiddleware, MetricRegistry, ReplOptions } from "moleculer";
 import { Middleware } from "@moleculer/channels";
 import { config as defaults, type Config } from ".";
 import { EmbeddedAdapter } from "../lib/embedded-channel-adapter";
 import { isDependencyUnavailable } from "../lib/errors";
 import { DurableNatsAdapter } from "../lib/nats-channel-adapter";
 import { OpsReporter } from "../lib/ops-reporter";
+import { operatorCommands } from "./repl";
 
 /**
  * @moleculer/channels' typings (generated from JSDoc) mark every option as required and list adapter
@@ -59,6 +60,9 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 		logger: { type: "Console", options: { level: config.logLevel, formatter: "short", colors: config.logColors } },
 		transporter: config.transporter ? { type: "NATS", options: { url: config.transporter } } : null,
 		requestTimeout: 10_000,
+		// moleculer's typings give a custom command's arguments as a string array; moleculer-repl
+		// passes them as an object by name, which is what the commands are written against.
+		replOptions: { customCommands: operatorCommands as unknown as NonNullable<ReplOptions["customCommands"]> },
 		// A node that died without a word (SIGKILL) is dropped within seconds, not the default 15 s.
 		heartbeatInterval: 2,
 		heartbeatTimeout: 6,

@@ -48,13 +48,15 @@ export class System {
 		readonly port: number,
 		readonly env: NodeJS.ProcessEnv = {},
 		readonly opsPort = 0,
-		dataDir?: string
+		dataDir?: string,
+		/** Open the Moleculer REPL on the node's stdin (`--repl`), to be driven by `type`. */
+		readonly repl = false
 	) {
 		this.dataDir = dataDir ?? fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-e2e-"));
 	}
 
-	static async start(env: NodeJS.ProcessEnv = {}): Promise<System> {
-		const system = new System(await freePort(), env, await freePort());
+	static async start(env: NodeJS.ProcessEnv = {}, repl = false): Promise<System> {
+		const system = new System(await freePort(), env, await freePort(), undefined, repl);
 		await system.start();
 		return system;
 	}
@@ -68,7 +70,7 @@ export class System {
 		this.output = "";
 		this.child = spawn(
 			process.execPath,
-			["--disable-warning=DEP0174", path.join(ROOT, "node_modules/moleculer/bin/moleculer-runner.js"), "--config", "dist/moleculer.config.js"],
+			["--disable-warning=DEP0174", path.join(ROOT, "node_modules/moleculer/bin/moleculer-runner.js"), "--config", "dist/moleculer.config.js", ...(this.repl ? ["--repl"] : [])],
 			{
 				cwd: ROOT,
 				env: {
@@ -82,7 +84,7 @@ export class System {
 					METRICS_PORT: String(this.opsPort),
 					DATA_DIR: this.dataDir
 				},
-				stdio: ["ignore", "pipe", "pipe"]
+				stdio: [this.repl ? "pipe" : "ignore", "pipe", "pipe"]
 			}
 		);
 		this.child.stdout?.on("data", chunk => (this.output += chunk));
@@ -120,6 +122,19 @@ export class System {
 
 	get log(): string {
 		return this.output;
+	}
+
+	/** Types a line into the node's REPL, as an operator would, and returns what it printed up to `until`. */
+	async type(line: string, until: RegExp, timeoutMs = 10_000): Promise<string> {
+		if (!this.child?.stdin) throw new Error("This node was started without its REPL");
+		const from = this.output.length;
+		this.child.stdin.write(`${line}\n`);
+		const deadline = Date.now() + timeoutMs;
+		while (!until.test(this.output.slice(from))) {
+			if (Date.now() > deadline) throw new Error(`The REPL did not print ${until} after '${line}':\n${this.output.slice(from)}`);
+			await new Promise(resolve => setTimeout(resolve, 25));
+		}
+		return this.output.slice(from);
 	}
 
 	/** One HTTP request, as staff unless `headers` carry another `authorization` (or `null` for none). */

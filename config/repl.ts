@@ -1,0 +1,94 @@
+/**
+ * The operator's commands in the Moleculer REPL (`npm run repl`, or `npm start -- --repl`), beside
+ * the built-in ones (`call`, `services`, `nodes`, …). Each calls the actions a client would, on
+ * whichever node of the cluster serves them, and prints a short readable answer; a failure prints
+ * one line with the error's code, never a stack.
+ */
+import type { ServiceBroker } from "moleculer";
+import type { Settlement as StoredSettlement } from "../services/billing.service";
+import type { MemberView } from "../services/members.service";
+
+/** What moleculer-repl hands a custom command: its positional arguments by name. */
+type Args = Record<string, unknown>;
+
+export interface OperatorCommand {
+	command: string;
+	description: string;
+	action(broker: ServiceBroker, args: Args): Promise<void>;
+}
+
+interface LedgerPage {
+	rows: { at: string; cause: string; kind: string; amount: number; balanceAfter: number; shortfall?: number }[];
+	total: number;
+}
+
+type Settlement = Omit<StoredSettlement, "_id">;
+
+interface Audit {
+	accounts: number;
+	entries: number;
+	mismatches: { memberId: string; balance: number; ledgerSum: number; pending: number }[];
+}
+
+const LAST_ENTRIES = 10;
+
+/** Runs a command, printing a failure as one line (`Error [CODE]: message`). */
+function guarded(run: (broker: ServiceBroker, args: Args) => Promise<void>): OperatorCommand["action"] {
+	return async (broker, args) => {
+		try {
+			await run(broker, args);
+		} catch (err) {
+			const e = err as { type?: string; message?: string };
+			console.log(`Error [${e.type ?? "ERROR"}]: ${e.message ?? String(err)}`);
+		}
+	};
+}
+
+const settlementLine = (s: Settlement) =>
+	`${s.merchantId} ${s.billingMonth}: ${s.usedPoints} points used in ${s.dealCount} deal(s), fee ${s.fee}, billing amount ${s.billingAmount} (settled ${s.settledAt})`;
+
+export const operatorCommands: OperatorCommand[] = [
+	{
+		command: "member <memberId>",
+		description: "A member, their balance and their last ledger entries",
+		action: guarded(async (broker, { memberId }) => {
+			const member = await broker.call<MemberView, object>("members.get", { memberId });
+			console.log(`Member ${member.memberId} ${member.name}: ${member.status}, joined ${member.joinedAt}${member.withdrawnAt ? `, withdrawn ${member.withdrawnAt}` : ""}`);
+			const account = await broker.call<{ balance: number; status: string }, object>("points.get", { memberId });
+			console.log(`Balance: ${account.balance} points (account ${account.status})`);
+			const ledger = await broker.call<LedgerPage, object>("points.history", { memberId, pageSize: LAST_ENTRIES });
+			console.log(`Last ${ledger.rows.length} of ${ledger.total} ledger entries:`);
+			console.table(ledger.rows.map(({ at, cause, kind, amount, balanceAfter, shortfall }) => ({ at, cause, kind, amount, balanceAfter, ...(shortfall ? { shortfall } : {}) })));
+		})
+	},
+	{
+		command: "settle <merchantId> <billingMonth>",
+		description: "Settles a merchant's month (YYYYMM); settling again shows the same settlement",
+		action: guarded(async (broker, { merchantId, billingMonth }) => {
+			const settlement = await broker.call<Settlement, object>("billing.settle", { merchantId, billingMonth });
+			console.log(`Settlement ${settlementLine(settlement)}`);
+		})
+	},
+	{
+		command: "month-end [billingMonth]",
+		description: "Runs the month-end job: settles every merchant active in the month (default: the last one)",
+		action: guarded(async (broker, { billingMonth }) => {
+			const closed = await broker.call<{ billingMonth: string; created: number; settlements: Settlement[] }, object>("billing.closeMonth", billingMonth ? { billingMonth } : {});
+			console.log(`Month-end ${closed.billingMonth}: ${closed.settlements.length} merchant(s), ${closed.created} newly settled`);
+			for (const settlement of closed.settlements) console.log(`  ${settlementLine(settlement)}`);
+		})
+	},
+	{
+		command: "audit",
+		description: "Checks every account's balance against the sum of its ledger",
+		action: guarded(async broker => {
+			const audit = await broker.call<Audit>("points.audit");
+			if (!audit.mismatches.length) {
+				console.log(`Audit OK: ${audit.accounts} account(s), ${audit.entries} ledger entries; every balance equals the sum of its ledger.`);
+				return;
+			}
+			console.log(`Audit FAILED: ${audit.mismatches.length} of ${audit.accounts} account(s) differ from their ledger:`);
+			console.table(audit.mismatches);
+		})
+	}
+];

@@ -1,0 +1,65 @@
+/**
+ * The operator's REPL commands, typed into the REPL of a running node (`npm start -- --repl`) the
+ * way an operator would, after a scenario made over HTTP.
+ */
+import fs from "node:fs";
+import path from "node:path";
+import { eventually } from "../helpers/broker";
+import { System } from "../helpers/system";
+
+jest.setTimeout(60_000);
+
+describe("operator commands in the Moleculer REPL", () => {
+	let system: System;
+	const api = (method: string, urlPath: string, body?: unknown) => system.call(method, `/api${urlPath}`, body);
+	const month = new Date().toISOString().slice(0, 7).replace("-", "");
+
+	beforeAll(async () => {
+		system = await System.start({}, true);
+		await api("POST", "/members", { memberId: "r001", name: "Park Jisoo" });
+		await api("POST", "/deals", { memberId: "r001", merchantId: "20", dealAmount: 100000, type: "save" });
+		await eventually(async () => expect((await api("GET", "/points/r001")).body.balance).toBe(1000));
+		for (const point of [100, 200, 200]) await api("POST", "/deals", { memberId: "r001", merchantId: "20", dealAmount: 10000, type: "use", point });
+	});
+	afterAll(() => system.stop());
+
+	it("member <id> shows the member, the balance and the last ledger entries", async () => {
+		const out = await system.type("member r001", /ledger entries:[\s\S]*└/);
+		expect(out).toContain("Member r001 Park Jisoo: active");
+		expect(out).toContain("Balance: 500 points");
+		expect(out).toContain("Last 4 of 4 ledger entries");
+		expect(out).toMatch(/deal:\w+.*use.*-200/);
+		expect(await system.type("member nobody", /Error/)).toContain("Error [MEMBER_NOT_FOUND]");
+	});
+
+	it("settle <merchantId> <YYYYMM> settles once: (100 + 200 + 200) × 0.98 = 490", async () => {
+		const out = await system.type(`settle 20 ${month}`, /Settlement .*\n/);
+		expect(out).toMatch(new RegExp(`Settlement 20 ${month}: 500 points used in 3 deal\\(s\\), fee 10, billing amount 490`));
+		expect((await api("GET", `/billings/20/${month}`)).body).toMatchObject({ billingAmount: 490 });
+		const again = await system.type(`settle 20 ${month}`, /Settlement .*\n/);
+		expect(again.match(/settled (\S+)\)/)?.[1]).toBe(out.match(/settled (\S+)\)/)?.[1]);
+		expect(await system.type("settle 20 2026-13", /Error/)).toContain("Error [VALIDATION_ERROR]");
+	});
+
+	it("month-end [YYYYMM] runs the month-end job, and a rerun settles nothing new", async () => {
+		const out = await system.type(`month-end ${month}`, /Month-end .*\n(.*\n)*.*billing amount/);
+		expect(out).toContain(`Month-end ${month}: 1 merchant(s), 0 newly settled`);
+	});
+
+	it("audit checks every account against its ledger", async () => {
+		expect(await system.type("audit", /Audit \w+.*\n/)).toMatch(/Audit OK: 1 account\(s\), 4 ledger entries/);
+	});
+
+	it("audit reports an account that differs from its ledger", async () => {
+		// Tamper with the stored balance behind the service's back: NeDB's file is append-only and
+		// its last line for an id wins.
+		await system.stop();
+		const file = path.join(system.dataDir, "accounts.db");
+		const account = fs.readFileSync(file, "utf8").trim().split("\n").map(line => JSON.parse(line)).filter(doc => doc._id === "r001").pop();
+		fs.appendFileSync(file, `${JSON.stringify({ ...account, balance: 700 })}\n`);
+		await system.start();
+		const out = await system.type("audit", /Audit \w+[\s\S]*└/);
+		expect(out).toContain("Audit FAILED: 1 of 1 account(s) differ from their ledger");
+		expect(out).toMatch(/r001.*700.*500/);
+	});
+});
