@@ -9,7 +9,8 @@
  */
 import path from "node:path";
 import fs from "node:fs";
-import Datastore from "@seald-io/nedb";
+import type Datastore from "@seald-io/nedb";
+import { openDatastore } from "./nedb";
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { Logger, ServiceBroker } from "moleculer";
@@ -68,8 +69,8 @@ export class EmbeddedAdapter extends BaseAdapter {
 	override async connect(): Promise<void> {
 		const dir = path.join(this.opts.dataDir, "channels");
 		fs.mkdirSync(dir, { recursive: true });
-		this.messages = new Datastore<StoredMessage>({ filename: path.join(dir, "messages.db") });
-		this.groups = new Datastore({ filename: path.join(dir, "groups.db") });
+		this.messages = openDatastore<StoredMessage>(path.join(dir, "messages.db"));
+		this.groups = openDatastore(path.join(dir, "groups.db"));
 		await Promise.all([this.messages.loadDatabaseAsync(), this.groups.loadDatabaseAsync()]);
 		await this.messages.ensureIndexAsync({ fieldName: "channel" });
 		for (const { channel, group } of await this.groups.findAsync({})) this.groupsOf(channel).add(group);

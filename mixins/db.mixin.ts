@@ -13,6 +13,7 @@ import DbService from "moleculer-db";
 import MongooseAdapter from "moleculer-db-adapter-mongoose";
 import mongoose from "mongoose";
 import { config } from "../config";
+import { openDatastore } from "../lib/nedb";
 
 export interface IndexSpec {
 	fields: Record<string, 1 | -1>;
@@ -127,7 +128,7 @@ function createAdapter(name: string, indexes: IndexSpec[]): { adapter: Adapter; 
 		return { adapter: new MongooseAdapter(config.mongoUri) as unknown as Adapter, model };
 	}
 	fs.mkdirSync(config.dataDir, { recursive: true });
-	return { adapter: new DbService.MemoryAdapter({ filename: path.join(config.dataDir, `${name}.db`) }) as unknown as Adapter };
+	return { adapter: new DbService.MemoryAdapter(openDatastore(path.join(config.dataDir, `${name}.db`))) as unknown as Adapter };
 }
 
 /** Opens a further collection for `service`; connect it in `started` and close it in `stopped`. */

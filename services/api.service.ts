@@ -61,7 +61,8 @@ const MERCHANT_ACTIONS: Record<string, string | true> = {
 	"billing.view": true,
 	"billing.settle": "merchantId",
 	"billing.get": "merchantId",
-	"points.get": true
+	"points.get": true,
+	"api.me": true
 };
 
 const PUBLIC_ACTIONS = new Set(["api.health"]);
@@ -117,6 +118,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 				bodyParsers: { json: { strict: true, limit: "1mb" }, urlencoded: false },
 				aliases: {
 					"GET /health": "api.health",
+					"GET /me": "api.me",
 					"POST /members": "members.join",
 					"GET /members/:memberId": "members.get",
 					"DELETE /members/:memberId": "members.withdraw",
@@ -246,6 +248,15 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 					services: ctx.broker.services.map(s => s.fullName).sort(),
 					uptime: Math.round(process.uptime())
 				};
+			}
+		},
+
+		/** Who the token belongs to: `{role: "staff"}` or `{role: "merchant", merchantId}`. */
+		me: {
+			params: { $$strict: true },
+			handler(ctx: Context<object, { user?: Role | null }>) {
+				const user = ctx.meta.user as Role;
+				return user.kind === "merchant" ? { role: "merchant", merchantId: user.merchantId } : { role: "staff" };
 			}
 		}
 	}

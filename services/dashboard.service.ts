@@ -279,15 +279,13 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 
 		/** Marks a transaction cancelled once, whether or not its success was seen first. */
 		async cancel(this: This, id: string, base: TransactionRow) {
-			const known = await this.transactions.findById(id);
-			if (!known) {
-				// Cancellation first: record it as cancelled; its success will find it and count nothing.
-				await this.record(base);
-				return true;
-			}
+			// Cancellation first: record it as cancelled; its success will find it and count nothing.
+			// Trying the insert first (not a lookup) also settles a success arriving at the same moment.
+			if (await this.record(base)) return true;
 			const changed = await this.transactions.update({ _id: id, status: { $ne: "cancelled" } }, { $set: { status: "cancelled" } });
 			if (changed && base.kind === "deal" && base.merchantId)
-				await this.count(`merchant:${base.merchantId}:${known.month}`, base.type === "use" ? { usedPoints: -base.point } : { earnedPoints: -base.point }, { kind: "merchant", merchantId: base.merchantId, month: known.month });
+				// Counters only add up ($inc), so this may come before or after the success's own count.
+				await this.count(`merchant:${base.merchantId}:${base.month}`, base.type === "use" ? { usedPoints: -base.point } : { earnedPoints: -base.point }, { kind: "merchant", merchantId: base.merchantId, month: base.month });
 			this.announce(base.memberId, base.kind);
 			return changed > 0;
 		},

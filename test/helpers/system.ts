@@ -8,7 +8,8 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 
-const ROOT = path.resolve(__dirname, "../..");
+/** The project's root: two levels up in the sources, three when compiled to `dist/` (the benchmarks). */
+const ROOT = [path.resolve(__dirname, "../.."), path.resolve(__dirname, "../../..")].find(dir => fs.existsSync(path.join(dir, "package.json"))) as string;
 
 export function freePort(): Promise<number> {
 	return new Promise((resolve, reject) => {
@@ -43,6 +44,8 @@ export class System {
 	private child?: ChildProcess;
 	private output = "";
 	readonly dataDir: string;
+	/** How long `start` waits for the node to be ready (a large data folder loads for a while). */
+	startTimeoutMs = 30_000;
 
 	constructor(
 		readonly port: number,
@@ -89,13 +92,13 @@ export class System {
 		);
 		this.child.stdout?.on("data", chunk => (this.output += chunk));
 		this.child.stderr?.on("data", chunk => (this.output += chunk));
-		const deadline = Date.now() + 30_000;
+		const deadline = Date.now() + this.startTimeoutMs;
 		while (Date.now() < deadline) {
 			if (this.child.exitCode != null) throw new Error(`The system exited at start:\n${this.output}`);
 			if (await this.ready()) return;
 			await new Promise(resolve => setTimeout(resolve, 100));
 		}
-		throw new Error(`The system did not answer within 30 s:\n${this.output}`);
+		throw new Error(`The system did not answer within ${this.startTimeoutMs / 1000} s:\n${this.output}`);
 	}
 
 	/** The node's readiness probe. */

@@ -1,0 +1,75 @@
+/**
+ * `npm run bench`: every figure beside its baseline from the same run, then the targets, met or
+ * not. `npm run bench -- --smoke` runs each part for a moment (the test suite does, so it cannot rot).
+ * Loopback only; each part stops by itself.
+ */
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import type { Options, Row } from "./lib";
+
+// The in-process part's services read DATA_DIR when the configuration is first loaded, so the
+// folder is chosen before any part is.
+process.env.DATA_DIR = fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-bench-"));
+process.env.LOG_LEVEL ??= "warn";
+
+export const FULL: Options = { seconds: 10, connections: 20, members: 500, sizes: [10_000, 100_000, 1_000_000] };
+export const SMOKE: Options = { seconds: 1, connections: 4, members: 20, sizes: [1_000, 3_000] };
+
+export async function runBench(options: Options): Promise<{ rows: Row[]; audits: { part: string; accounts: number; mismatches: number }[]; targetsMet: boolean }> {
+	const { fmt, printRows, target } = await import("./lib");
+	const { httpBench } = await import("./http");
+	const { inProcessBench } = await import("./in-process");
+	const { natsBench } = await import("./nats");
+	const { growthBench } = await import("./growth");
+
+	console.log(`OnePoint benchmark: ${os.cpus().length} cores (${os.cpus()[0]?.model}), Node ${process.version}; ${options.seconds} s per load, ${options.connections} concurrent, ${options.members} members`);
+	const http = await httpBench(options);
+	const inProcess = await inProcessBench(options);
+	const nats = await natsBench(options);
+	const rows = [http.row, inProcess.row, nats.row];
+	printRows("Deals beside their baseline (same run)", rows);
+
+	const growth = await growthBench(options);
+	console.log("\nGrowth: reads (p50 / p99 ms, HTTP) and memory by ledger size");
+	console.table(
+		growth.map(g => ({
+			"ledger entries": fmt(g.entries),
+			"start-up s": fmt(g.startupSeconds, 1),
+			"RSS MB": fmt(g.rssMb),
+			"GET /points/:id": `${fmt(g.reads.balance.p50, 1)} / ${fmt(g.reads.balance.p99, 1)}`,
+			"history page": `${fmt(g.reads.history.p50, 1)} / ${fmt(g.reads.history.p99, 1)}`,
+			"dashboard member": `${fmt(g.reads.dashboard.p50, 1)} / ${fmt(g.reads.dashboard.p99, 1)}`
+		}))
+	);
+
+	const audits = [
+		{ part: "HTTP", ...http.audit },
+		{ part: "in process", ...inProcess.audit },
+		{ part: "NATS", ...nats.audit }
+	];
+	console.log("\nCorrectness after each load: every balance equals the sum of its ledger");
+	console.table(audits);
+
+	const [first, last] = [growth[0], growth[growth.length - 1]];
+	const flat = (read: "balance" | "history") => last.reads[read].p50 <= 2 * first.reads[read].p50;
+	console.log("\nTargets");
+	const met = [
+		target(`HTTP deals ≥ 50% of the trivial route's requests/s (${fmt((100 * http.row.figures.perSecond) / http.row.baselineFigures.perSecond)}%)`, http.row.figures.perSecond >= 0.5 * http.row.baselineFigures.perSecond),
+		target(`NATS deals ≥ 50% of the trivial request/reply (${fmt((100 * nats.row.figures.perSecond) / nats.row.baselineFigures.perSecond)}%)`, nats.row.figures.perSecond >= 0.5 * nats.row.baselineFigures.perSecond),
+		target(`balance read flat within 2× from ${fmt(first.entries)} to ${fmt(last.entries)} entries`, flat("balance")),
+		target(`history read flat within 2× from ${fmt(first.entries)} to ${fmt(last.entries)} entries`, flat("history")),
+		target("every balance equals the sum of its ledger after every load", audits.every(a => a.mismatches === 0))
+	];
+	return { rows, audits, targetsMet: met.every(Boolean) };
+}
+
+if (require.main === module) {
+	runBench(process.argv.includes("--smoke") ? SMOKE : FULL).then(
+		() => process.exit(0),
+		err => {
+			console.error(err);
+			process.exit(1);
+		}
+	);
+}

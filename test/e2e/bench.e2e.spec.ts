@@ -1,0 +1,38 @@
+/**
+ * A short run of `npm run bench -- --smoke` (the built script, as the full run uses it), so the
+ * benchmarks cannot rot: every part runs, prints its figures beside their baselines, and every
+ * balance still equals the sum of its ledger after the load. No speed is asserted here.
+ */
+import { spawn } from "node:child_process";
+import path from "node:path";
+
+jest.setTimeout(180_000);
+
+const ROOT = path.resolve(__dirname, "../..");
+
+function runSmoke(): Promise<{ code: number | null; output: string }> {
+	return new Promise((resolve, reject) => {
+		const child = spawn(process.execPath, ["--disable-warning=DEP0174", "dist/bench/run.js", "--smoke"], { cwd: ROOT });
+		let output = "";
+		child.stdout.on("data", chunk => (output += chunk));
+		child.stderr.on("data", chunk => (output += chunk));
+		child.once("error", reject);
+		child.once("exit", code => resolve({ code, output }));
+	});
+}
+
+describe("npm run bench -- --smoke", () => {
+	it("runs every part, prints each figure beside its baseline, and leaves every account equal to its ledger", async () => {
+		const { code, output } = await runSmoke();
+		expect({ code, tail: output.slice(-3000) }).toMatchObject({ code: 0 });
+		for (const part of ["POST /api/deals (HTTP, one process)", 'broker.call("deals.create")', "deals.create over NATS (3 nodes)"]) {
+			const line = output.split("\n").find(l => l.includes(part)) ?? "";
+			// The measure, its baseline and a ratio, on one row.
+			expect(line).toMatch(/'\d[\d,]*'.*(GET \/api\/me|trivial action).*'\d+%'/);
+		}
+		expect(output).toMatch(/Growth: reads/);
+		expect(output).toMatch(/'1,000'.*'3,000'|'1,000'[\s\S]*'3,000'/);
+		expect(output).toMatch(/(MET|MISSED) +HTTP deals ≥ 50%/);
+		expect(output).toContain("MET     every balance equals the sum of its ledger after every load");
+	});
+});
