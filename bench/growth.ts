@@ -8,7 +8,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { freePort, System } from "../test/helpers/system";
-import { percentile, rssMb, type Options } from "./lib";
+import { readLatencies, rssMb, type Options } from "./lib";
 
 const ENTRIES_PER_MEMBER = 100;
 
@@ -63,25 +63,13 @@ export async function writeLedger(dataDir: string, entries: number): Promise<num
 	return members;
 }
 
-async function timeReads(system: System, members: number, urlOf: (memberId: string) => string, count: number): Promise<{ p50: number; p99: number }> {
-	const latencies: number[] = [];
-	for (let i = 0; i < count; i++) {
-		const memberId = `g${Math.floor(Math.random() * members)}`;
-		const t = performance.now();
-		const res = await system.call("GET", urlOf(memberId));
-		if (res.status !== 200) throw new Error(`${urlOf(memberId)} answered ${res.status}`);
-		latencies.push(performance.now() - t);
-	}
-	latencies.sort((a, b) => a - b);
-	return { p50: percentile(latencies, 0.5), p99: percentile(latencies, 0.99) };
-}
-
 export async function growthBench(options: Options, reads = 200): Promise<GrowthRow[]> {
 	const rows: GrowthRow[] = [];
 	for (const entries of options.sizes) {
 		const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-growth-"));
 		try {
 			const members = await writeLedger(dataDir, entries);
+			const anyMember = () => `g${Math.floor(Math.random() * members)}`;
 			const system = new System(await freePort(), {}, await freePort(), dataDir);
 			system.startTimeoutMs = 300_000;
 			const started = performance.now();
@@ -93,9 +81,9 @@ export async function growthBench(options: Options, reads = 200): Promise<Growth
 					startupSeconds,
 					rssMb: 0,
 					reads: {
-						balance: await timeReads(system, members, id => `/api/points/${id}`, reads),
-						history: await timeReads(system, members, id => `/api/points/${id}/history`, reads),
-						dashboard: await timeReads(system, members, id => `/api/dashboard/members/${id}`, reads)
+						balance: await readLatencies(system, () => `/api/points/${anyMember()}`, n => n < reads),
+						history: await readLatencies(system, () => `/api/points/${anyMember()}/history`, n => n < reads),
+						dashboard: await readLatencies(system, () => `/api/dashboard/members/${anyMember()}`, n => n < reads)
 					}
 				};
 				row.rssMb = rssMb(system.pid as number);

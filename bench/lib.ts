@@ -68,7 +68,21 @@ export async function callLoad(options: Options, call: () => Promise<unknown>): 
 	return { perSecond: latencies.length / elapsed, p50: percentile(latencies, 0.5), p99: percentile(latencies, 0.99), errors };
 }
 
-export function percentile(sorted: number[], p: number): number {
+/** Sequential GETs of `nextUrl()` until `more(count)` says stop: their p50 and p99 (ms). */
+export async function readLatencies(system: System, nextUrl: () => string, more: (count: number) => boolean): Promise<{ p50: number; p99: number }> {
+	const latencies: number[] = [];
+	while (more(latencies.length)) {
+		const url = nextUrl();
+		const t = performance.now();
+		const res = await system.call("GET", url);
+		if (res.status !== 200) throw new Error(`${url} answered ${res.status}`);
+		latencies.push(performance.now() - t);
+	}
+	latencies.sort((a, b) => a - b);
+	return { p50: percentile(latencies, 0.5), p99: percentile(latencies, 0.99) };
+}
+
+function percentile(sorted: number[], p: number): number {
 	return sorted.length ? sorted[Math.min(sorted.length - 1, Math.floor(p * sorted.length))] : NaN;
 }
 

@@ -29,6 +29,10 @@ async function runBench(options: Options): Promise<void> {
 	const nats = await natsBench(options);
 	const rows = [http.row, inProcess.row, nats.row];
 	printRows("Deals beside their baseline (same run)", rows);
+	const { atRest, underLoad } = http.dashboard;
+	console.log(
+		`\nThe dashboard's member query (p50 / p99 ms): ${fmt(atRest.p50, 1)} / ${fmt(atRest.p99, 1)} at rest, ${fmt(underLoad.p50, 1)} / ${fmt(underLoad.p99, 1)} under the HTTP deal load`
+	);
 
 	const growth = await growthBench(options);
 	console.log("\nGrowth: reads (p50 / p99 ms, HTTP) and memory by ledger size");

@@ -30,6 +30,7 @@ describe("npm run bench -- --smoke", () => {
 			// The measure, its baseline and a ratio, on one row.
 			expect(line).toMatch(/'\d[\d,]*'.*(GET \/api\/me|trivial action).*'\d+%'/);
 		}
+		expect(output).toMatch(/dashboard's member query \(p50 \/ p99 ms\): [\d.]+ \/ [\d.]+ at rest, [\d.]+ \/ [\d.]+ under the HTTP deal load/);
 		expect(output).toMatch(/Growth: reads/);
 		expect(output).toMatch(/'1,000'.*'3,000'|'1,000'[\s\S]*'3,000'/);
 		expect(output).toMatch(/(MET|MISSED) +HTTP deals ≥ 50%/);
