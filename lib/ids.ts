@@ -1,23 +1,8 @@
-import { randomBytes } from "node:crypto";
-
-let last = 0;
-let counter = 0;
+import { monotonicFactory } from "ulid";
 
 /**
- * A unique id that sorts by creation time: 9 base-36 digits of milliseconds, a per-millisecond
- * counter and 4 random characters (so two nodes minting in the same millisecond differ).
- * Cheap enough for every deal and message, unlike NeDB's own random ids.
+ * A ULID: 48 bits of milliseconds and 80 random bits, so ids minted by different nodes cannot
+ * collide in practice and sort by creation time (monotonic within this process, also within one
+ * millisecond). Ledger entries are ordered by it; deals, orders and payments are named by it.
  */
-export function sortableId(): string {
-	const now = Date.now();
-	if (now === last) counter++;
-	else {
-		last = now;
-		counter = 0;
-	}
-	return (
-		now.toString(36).padStart(9, "0") +
-		counter.toString(36).padStart(3, "0") +
-		randomBytes(3).toString("base64url").slice(0, 4)
-	);
-}
+export const sortableId: () => string = monotonicFactory();

@@ -1,14 +1,19 @@
 /**
  * Storage owned by one service (moleculer-db): NeDB files under DATA_DIR by default, MongoDB through
- * mongoose when MONGO_URI is set. `DbMixin(name)` gives the service its main collection as
- * `this.store`; `openCollection` adds further ones (the points service keeps accounts and ledger).
+ * mongoose (moleculer-db-adapter-mongoose) when MONGO_URI is set. `DbMixin(name)` gives the service
+ * its main collection as `this.store`; `openCollection` adds further ones (points keeps accounts and
+ * the ledger).
  *
- * moleculer-db's generic CRUD actions are switched off: each service publishes its own domain
- * actions, so nothing writes a collection around its owner's rules.
+ * moleculer-db connects the adapter (retrying until the store answers) and its generic CRUD actions
+ * are switched off: each service publishes its own domain actions, so nothing writes a collection
+ * around its owner's rules. The reads and writes themselves go through `Collection`, which gives
+ * them one meaning on both stores: plain objects out, every filter field honoured, conditional
+ * updates answering how many documents matched.
  */
 import fs from "node:fs";
 import path from "node:path";
-import type { Service, ServiceBroker, ServiceSchema } from "moleculer";
+import type Datastore from "@seald-io/nedb";
+import type { Logger, Service, ServiceBroker, ServiceSchema } from "moleculer";
 import DbService from "moleculer-db";
 import MongooseAdapter from "moleculer-db-adapter-mongoose";
 import mongoose from "mongoose";
@@ -29,44 +34,209 @@ export interface Page<T> {
 
 export type Query = Record<string, unknown>;
 
-interface FindParams {
+export interface FindParams {
 	query: Query;
+	/** Field names, `-` first for descending (moleculer-db's form). */
 	sort?: string[];
 	limit?: number;
 	offset?: number;
 }
 
-/** The part of a moleculer-db adapter this code relies on (both adapters provide it). */
-interface Adapter {
-	init(broker: ServiceBroker, service: unknown): void;
-	connect(): Promise<unknown>;
-	disconnect(): Promise<unknown>;
-	insert(doc: object): Promise<unknown>;
-	findById(id: string): Promise<unknown>;
-	find(params: FindParams): Promise<unknown[]>;
-	count(params: FindParams): Promise<number>;
-	updateMany(query: Query, update: object): Promise<number>;
-	entityToObject(doc: unknown): object;
-	db: { count(query: Query): Promise<number>; update(q: Query, u: object, o: object): Promise<unknown>; ensureIndex(o: object): Promise<void> };
-	model: { updateOne(q: Query, u: object, o: object): Promise<unknown> };
+/** What a collection needs of its store; one implementation per store. */
+interface Backend<T> {
+	connect(): Promise<void>;
+	disconnect(): Promise<void>;
+	insert(doc: T): Promise<void>;
+	findById(id: string): Promise<T | null>;
+	find(params: FindParams): Promise<T[]>;
+	count(query: Query): Promise<number>;
+	/** Applies `update` to every matching document (each atomically); how many matched. */
+	update(query: Query, update: object): Promise<number>;
+	upsert(query: Query, update: object): Promise<void>;
+	ensureIndexes(indexes: IndexSpec[]): Promise<void>;
 }
+
+const sortOf = (sort: string[] = []) => Object.fromEntries(sort.map(f => (f.startsWith("-") ? [f.slice(1), -1 as const] : [f, 1 as const])));
 
 function isUniqueViolation(err: unknown): boolean {
 	const e = err as { errorType?: string; code?: number };
 	return e?.errorType === "uniqueViolated" || e?.code === 11000;
 }
 
+/**
+ * NeDB through its own promise API (moleculer-db's MemoryAdapter wraps `update` in a `promisify` of a
+ * promise, which builds a deprecation warning with a stack trace on every call).
+ */
+class NedbBackend<T extends { _id: string }> implements Backend<T> {
+	readonly adapter: InstanceType<typeof DbService.MemoryAdapter>;
+
+	constructor(private readonly db: Datastore<T>) {
+		this.adapter = new DbService.MemoryAdapter(db);
+	}
+
+	async connect() {
+		await this.adapter.connect();
+	}
+	async disconnect() {
+		await this.adapter.disconnect();
+	}
+	async insert(doc: T) {
+		await this.db.insertAsync(doc);
+	}
+	findById(id: string) {
+		return this.db.findOneAsync({ _id: id } as never) as Promise<T | null>;
+	}
+	find({ query, sort, limit, offset }: FindParams) {
+		let cursor = this.db.findAsync(query as never).sort(sortOf(sort));
+		if (offset) cursor = cursor.skip(offset);
+		if (limit) cursor = cursor.limit(limit);
+		return cursor as unknown as Promise<T[]>;
+	}
+	count(query: Query) {
+		return this.db.countAsync(query as never) as unknown as Promise<number>;
+	}
+	async update(query: Query, update: object) {
+		return (await this.db.updateAsync(query as never, update as never, { multi: true })).numAffected;
+	}
+	async upsert(query: Query, update: object) {
+		await this.db.updateAsync(query as never, update as never, { upsert: true });
+	}
+	/** NeDB keeps indexes in memory, rebuilt at every load, on one field: a compound index becomes one on its leading field. */
+	async ensureIndexes(indexes: IndexSpec[]) {
+		for (const { fields, unique } of indexes) {
+			const names = Object.keys(fields);
+			await this.db.ensureIndexAsync({ fieldName: names[0], unique: !!unique && names.length === 1 });
+		}
+	}
+}
+
+/**
+ * moleculer-db-adapter-mongoose on the one mongoose connection of the process. The stock adapter
+ * closes that shared connection when any one service stops; this one closes it with the last.
+ */
+class SharedMongooseAdapter extends MongooseAdapter<mongoose.Document> {
+	private static open = 0;
+	private connected = false;
+
+	override async connect() {
+		await super.connect();
+		if (!this.connected) SharedMongooseAdapter.open++;
+		this.connected = true;
+	}
+
+	override async disconnect() {
+		if (!this.connected) return;
+		this.connected = false;
+		if (--SharedMongooseAdapter.open === 0) await mongoose.connection.close();
+	}
+}
+
+/**
+ * MongoDB through the adapter's mongoose model, as lean queries: plain objects, no hydration. The
+ * schema declares `_id` only and opts out of `strictQuery`, which the adapter switches on globally
+ * and which would silently drop every filter field the schema does not declare.
+ */
+class MongoBackend<T extends { _id: string }> implements Backend<T> {
+	readonly adapter: SharedMongooseAdapter;
+
+	constructor(private readonly model: mongoose.Model<T>) {
+		this.adapter = new SharedMongooseAdapter(config.mongoUri as string);
+	}
+
+	connect() {
+		return this.adapter.connect();
+	}
+	disconnect() {
+		return this.adapter.disconnect();
+	}
+	async insert(doc: T) {
+		await this.model.insertMany([doc], { lean: true });
+	}
+	findById(id: string) {
+		return this.model.findById(id).lean<T>().exec();
+	}
+	find({ query, sort, limit, offset }: FindParams) {
+		const cursor = this.model.find(query).sort(sortOf(sort));
+		if (offset) cursor.skip(offset);
+		if (limit) cursor.limit(limit);
+		return cursor.lean<T[]>().exec();
+	}
+	count(query: Query) {
+		return this.model.countDocuments(query).exec();
+	}
+	async update(query: Query, update: object) {
+		return (await this.model.updateMany(query, update).exec()).matchedCount;
+	}
+	async upsert(query: Query, update: object) {
+		await this.model.updateOne(query, update, { upsert: true }).exec();
+	}
+	/** Built here, awaited and reported, rather than left to mongoose's background `autoIndex`. */
+	async ensureIndexes() {
+		await this.model.createIndexes();
+	}
+}
+
+function mongoModel<T>(name: string, indexes: IndexSpec[]): mongoose.Model<T> {
+	const existing = mongoose.models[name] as mongoose.Model<T> | undefined;
+	if (existing) return existing;
+	const schema = new mongoose.Schema({ _id: String }, { strict: false, strictQuery: false, versionKey: false, autoIndex: false, autoCreate: false });
+	for (const { fields, unique } of indexes) schema.index(fields, { unique: !!unique });
+	return mongoose.model<T>(name, schema as unknown as mongoose.Schema<T>, name);
+}
+
 /** One collection, with the same meaning on NeDB and on MongoDB. */
 export class Collection<T extends { _id: string }> {
+	private readonly backend: Backend<T> & { adapter: unknown };
+	private readonly model?: mongoose.Model<T>;
+
 	constructor(
-		readonly adapter: Adapter,
+		readonly name: string,
 		private readonly indexes: IndexSpec[]
-	) {}
+	) {
+		if (config.mongoUri) {
+			this.model = mongoModel<T>(name, indexes);
+			this.backend = new MongoBackend(this.model);
+		} else {
+			fs.mkdirSync(config.dataDir, { recursive: true });
+			this.backend = new NedbBackend(openDatastore<T>(path.join(config.dataDir, `${name}.db`)));
+		}
+	}
+
+	/** The moleculer-db adapter behind the collection, for the service whose main store it is. */
+	get adapter(): { init(broker: ServiceBroker, service: unknown): void; connect(): Promise<unknown>; disconnect(): Promise<unknown> } {
+		return this.backend.adapter as never;
+	}
+
+	init(broker: ServiceBroker, logger: Logger): void {
+		this.adapter.init(broker, { schema: { model: this.model }, logger });
+	}
+
+	/** Connects, retrying until the store answers (as moleculer-db does for a service's main adapter), and builds the indexes. */
+	async connect(logger: Logger): Promise<void> {
+		for (;;) {
+			try {
+				await this.backend.connect();
+				break;
+			} catch (err) {
+				logger.warn(`Collection '${this.name}' cannot connect yet, retrying:`, (err as Error).message);
+				await new Promise(resolve => setTimeout(resolve, 1000));
+			}
+		}
+		await this.ensureIndexes();
+	}
+
+	disconnect(): Promise<void> {
+		return this.backend.disconnect();
+	}
+
+	ensureIndexes(): Promise<void> {
+		return this.backend.ensureIndexes(this.indexes);
+	}
 
 	/** Inserts `doc`; `false` when its `_id` or a unique field is taken. */
 	async insertUnique(doc: T): Promise<boolean> {
 		try {
-			await this.adapter.insert(doc);
+			await this.backend.insert(doc);
 			return true;
 		} catch (err) {
 			if (isUniqueViolation(err)) return false;
@@ -74,73 +244,50 @@ export class Collection<T extends { _id: string }> {
 		}
 	}
 
-	async findById(id: string): Promise<T | null> {
-		const doc = await this.adapter.findById(id);
-		return doc ? (this.adapter.entityToObject(doc) as T) : null;
+	/**
+	 * Inserts a new document under a freshly minted id. A taken id is never mistaken for success: it
+	 * is minted again, and a second clash (which ULIDs make practically impossible) is an error.
+	 */
+	async insertNew(build: () => T): Promise<T> {
+		for (let attempt = 1; ; attempt++) {
+			const doc = build();
+			if (await this.insertUnique(doc)) return doc;
+			if (attempt === 2) throw new Error(`Could not store a new '${this.name}' document: id '${doc._id}' is taken`);
+		}
 	}
 
-	async find(params: FindParams): Promise<T[]> {
-		const docs = await this.adapter.find(params);
-		return docs.map(doc => this.adapter.entityToObject(doc) as T);
+	findById(id: string): Promise<T | null> {
+		return this.backend.findById(id);
+	}
+
+	find(params: FindParams): Promise<T[]> {
+		return this.backend.find(params);
 	}
 
 	count(query: Query): Promise<number> {
-		// moleculer-db's NeDB `count` loads every matching document; NeDB's own count does not.
-		return config.mongoUri ? this.adapter.count({ query }) : this.adapter.db.count(query);
+		return this.backend.count(query);
 	}
 
-	/** Applies `update` to the documents matching `query` in one atomic step per document; how many changed. */
+	/** Applies `update` to the documents matching `query`, one atomic step per document; how many matched. */
 	update(query: Query, update: object): Promise<number> {
-		return this.adapter.updateMany(query, update);
+		return this.backend.update(query, update);
 	}
 
-	async upsert(query: Query, update: object): Promise<void> {
-		if (config.mongoUri) await this.adapter.model.updateOne(query, update, { upsert: true });
-		else await this.adapter.db.update(query, update, { upsert: true });
+	upsert(query: Query, update: object): Promise<void> {
+		return this.backend.upsert(query, update);
 	}
 
 	async page(query: Query, sort: string[], page: number, pageSize: number): Promise<Page<T>> {
-		const [rows, total] = await Promise.all([
-			this.find({ query, sort, limit: pageSize, offset: (page - 1) * pageSize }),
-			this.count(query)
-		]);
+		const [rows, total] = await Promise.all([this.find({ query, sort, limit: pageSize, offset: (page - 1) * pageSize }), this.count(query)]);
 		return { rows, total, page, pageSize };
 	}
-
-	/**
-	 * NeDB keeps indexes in memory and rebuilds them at every load; MongoDB builds them from the model.
-	 * NeDB indexes one field: a compound index becomes an index on its leading field.
-	 */
-	async ensureIndexes(): Promise<void> {
-		if (config.mongoUri) return;
-		for (const { fields, unique } of this.indexes) {
-			const names = Object.keys(fields);
-			await this.adapter.db.ensureIndex({ fieldName: names[0], unique: !!unique && names.length === 1 });
-		}
-	}
-}
-
-function createAdapter(name: string, indexes: IndexSpec[]): { adapter: Adapter; model?: mongoose.Model<unknown> } {
-	if (config.mongoUri) {
-		const schema = new mongoose.Schema({ _id: String }, { strict: false, versionKey: false });
-		for (const { fields, unique } of indexes) schema.index(fields, { unique: !!unique });
-		const model = (mongoose.models[name] as mongoose.Model<unknown>) ?? mongoose.model(name, schema, name);
-		return { adapter: new MongooseAdapter(config.mongoUri) as unknown as Adapter, model };
-	}
-	fs.mkdirSync(config.dataDir, { recursive: true });
-	return { adapter: new DbService.MemoryAdapter(openDatastore(path.join(config.dataDir, `${name}.db`))) as unknown as Adapter };
 }
 
 /** Opens a further collection for `service`; connect it in `started` and close it in `stopped`. */
 export function openCollection<T extends { _id: string }>(service: Pick<Service, "broker" | "logger">, name: string, indexes: IndexSpec[] = []): Collection<T> {
-	const { adapter, model } = createAdapter(name, indexes);
-	adapter.init(service.broker, { schema: { model }, logger: service.logger });
-	return new Collection<T>(adapter, indexes);
-}
-
-export async function connectCollection<T extends { _id: string }>(collection: Collection<T>): Promise<void> {
-	await collection.adapter.connect();
-	await collection.ensureIndexes();
+	const collection = new Collection<T>(name, indexes);
+	collection.init(service.broker, service.logger);
+	return collection;
 }
 
 export interface DbThis<T extends { _id: string }> {
@@ -153,7 +300,7 @@ export function DbMixin(name: string, indexes: IndexSpec[] = []): Partial<Servic
 		actions: Object.fromEntries(["find", "count", "list", "create", "insert", "get", "update", "remove"].map(a => [a, false])),
 		// Runs after moleculer-db's own `created`: the adapter is made per service instance, so two
 		// brokers in one process (tests) never share a store.
-		created(this: Service & { adapter: Adapter; store: Collection<{ _id: string }> }) {
+		created(this: Service & { adapter: unknown; store: Collection<{ _id: string }> }) {
 			this.store = openCollection(this, name, indexes);
 			this.adapter = this.store.adapter;
 		},

@@ -15,7 +15,7 @@ import { config } from "../config";
 import { assertOwnMerchant, type CallerMeta } from "../lib/access";
 import { clientError, notFound } from "../lib/errors";
 import * as P from "../lib/params";
-import { connectCollection, DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
+import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
 
 export interface BillingAmountView {
 	/** The deal's id: the view row follows the deal. */
@@ -214,7 +214,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	},
 
 	async started(this: This) {
-		await connectCollection(this.settlements);
+		await this.settlements.connect(this.logger);
 		// The first check comes a while after start, so events queued while this node was down reach
 		// the view before a missed month is closed.
 		const check = () => {
@@ -229,7 +229,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 
 	async stopped(this: This) {
 		clearTimeout(this.monthEndTimer);
-		await this.settlements.adapter.disconnect();
+		await this.settlements.disconnect();
 	}
 };
 

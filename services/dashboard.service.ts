@@ -10,7 +10,7 @@ import type { Context, Service, ServiceSchema } from "moleculer";
 import { config } from "../config";
 import { notFound } from "../lib/errors";
 import * as P from "../lib/params";
-import { connectCollection, DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
+import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
 import type { LedgerEntry } from "./points.service";
 
 /** A copy of a ledger entry, keyed by its cause. */
@@ -306,11 +306,11 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 	},
 
 	async started(this: This) {
-		await Promise.all([connectCollection(this.members), connectCollection(this.transactions), connectCollection(this.stats)]);
+		await Promise.all([this.members, this.transactions, this.stats].map(c => c.connect(this.logger)));
 	},
 
 	async stopped(this: This) {
-		await Promise.all([this.members.adapter.disconnect(), this.transactions.adapter.disconnect(), this.stats.adapter.disconnect()]);
+		await Promise.all([this.members, this.transactions, this.stats].map(c => c.disconnect()));
 	}
 };
 

@@ -14,6 +14,7 @@ import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
 import { OutboxMixin, outboxEvent, pushEvents, type OutboxEvent, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
 import type { MemberView } from "./members.service";
 import type { PostResult, Source } from "./points.service";
 
@@ -49,15 +50,21 @@ interface Methods {
 	findDeal(id: string): Promise<Deal>;
 	eventOf(channel: string, deal: Deal): OutboxEvent;
 	confirmUse(ctx: Context, deal: Deal): Promise<Deal>;
-	settle(deal: Deal, changes: Partial<Deal>, events: OutboxEvent[]): Promise<Deal>;
-	voidInterrupted(): Promise<void>;
+	failed(deal: Deal, reason: string): Outcome<Deal>;
+	abandoned(deal: Deal): Outcome<Deal>;
 }
 
-type This = Service & DbThis<Deal> & OutboxMethods & Methods & { voidTimer?: NodeJS.Timeout };
+type This = Service<PendingSettings> & DbThis<Deal> & OutboxMethods & PendingMethods<Deal> & Methods;
 
-const DealsService: ServiceSchema<object, Methods, object, This> = {
+const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
 	name: "deals",
-	mixins: [DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }]), OutboxMixin],
+	mixins: [DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }]), OutboxMixin, PendingMixin<Deal>("dealDate")],
+
+	settings: {
+		// A use waits this long for its debit; a use pending twice as long was abandoned.
+		pendingTimeoutMs: config.callTimeoutMs,
+		pendingSweepMs: config.callTimeoutMs
+	},
 
 	actions: {
 		create: {
@@ -81,18 +88,20 @@ const DealsService: ServiceSchema<object, Methods, object, This> = {
 						{ type: "required", field: "point", message: "The 'point' field is required for a use deal." }
 					]);
 
-				const deal: Deal = {
-					_id: sortableId(),
-					memberId,
-					merchantId,
-					dealAmount,
-					type,
-					point: type === "save" ? Math.floor(dealAmount * config.earnRate) : (ctx.params.point as number),
-					status: type === "save" ? "success" : "pending",
-					dealDate: new Date().toISOString()
-				};
-				if (type === "save") deal.outbox = [this.eventOf("deal.saved", deal)];
-				await this.store.insertUnique(deal);
+				const deal = await this.store.insertNew(() => {
+					const draft: Deal = {
+						_id: sortableId(),
+						memberId,
+						merchantId,
+						dealAmount,
+						type,
+						point: type === "save" ? Math.floor(dealAmount * config.earnRate) : (ctx.params.point as number),
+						status: type === "save" ? "success" : "pending",
+						dealDate: new Date().toISOString()
+					};
+					if (type === "save") draft.outbox = [this.eventOf("deal.saved", draft)];
+					return draft;
+				});
 				await this.flushOutbox(deal);
 				ctx.meta.$statusCode = 201;
 				ctx.meta.$location = `/api/deals/${deal._id}`;
@@ -151,40 +160,32 @@ const DealsService: ServiceSchema<object, Methods, object, This> = {
 				result = await ctx.call<PostResult, Source & { amount: number }>(
 					"points.debit",
 					{ memberId: deal.memberId, sourceType: "deal", sourceId: deal._id, merchantId: deal.merchantId, amount: deal.point },
-					{ timeout: config.callTimeoutMs }
+					{ timeout: this.settings.pendingTimeoutMs }
 				);
 			} catch (err) {
 				// Timed out, breaker open or points gone: the debit may or may not have happened.
 				this.logger.warn(`Debit for deal '${deal._id}' unconfirmed:`, (err as Error).message);
-				const failed = { ...deal, status: "fail" as const, reason: "POINTS_UNAVAILABLE" };
-				await this.settle(deal, { status: "fail", reason: failed.reason }, [this.eventOf("deal.voided", failed), this.eventOf("deal.failed", failed)]);
+				await this.settle(deal, this.failed(deal, "POINTS_UNAVAILABLE"));
 				throw unavailable("POINTS_UNAVAILABLE", "Points cannot be confirmed right now; try again later", config.retryAfterSeconds, err);
 			}
-			if (result.applied) return this.settle(deal, { status: "success" }, [this.eventOf("deal.used", deal)]);
-			return this.settle(deal, { status: "fail", reason: result.reason }, [this.eventOf("deal.failed", { ...deal, reason: result.reason })]);
+			if (result.applied) return this.settle(deal, { changes: { status: "success" }, events: [this.eventOf("deal.used", deal)] });
+			return this.settle(deal, { changes: { status: "fail", reason: result.reason }, events: [this.eventOf("deal.failed", { ...deal, reason: result.reason })] });
 		},
 
-		/** Moves a pending deal to its outcome, with the events that outcome causes. */
-		async settle(this: This, deal: Deal, changes: Partial<Deal>, events: OutboxEvent[]): Promise<Deal> {
-			const changed = await this.store.update({ _id: deal._id, status: "pending" }, { $set: changes, ...(events.length ? pushEvents(...events) : {}) });
-			// Settled meanwhile (an overdue deal voided at another instance's start-up): that outcome stands.
-			if (!changed) return this.findDeal(deal._id);
-			await this.flushOutbox({ _id: deal._id, outbox: events });
-			return { ...deal, ...changes };
+		/** A use whose debit is unconfirmed fails, and `deal.voided` undoes the debit should it have happened. */
+		failed(this: This, deal: Deal, reason: string): Outcome<Deal> {
+			const failed = { ...deal, status: "fail" as const, reason };
+			return { changes: { status: "fail", reason }, events: [this.eventOf("deal.voided", failed), this.eventOf("deal.failed", failed)] };
+		},
+
+		/** A use left pending by an instance that died waiting for its debit. */
+		abandoned(this: This, deal: Deal): Outcome<Deal> {
+			return this.failed(deal, "INTERRUPTED");
 		},
 
 		eventOf(channel: string, deal: Deal): OutboxEvent {
 			const { _id, memberId, merchantId, dealAmount, type, point, dealDate, cancelledAt, reason } = deal;
 			return outboxEvent(channel, { dealId: _id, memberId, merchantId, dealAmount, type, point, dealDate, ...(cancelledAt ? { cancelledAt } : {}), ...(reason ? { reason } : {}) });
-		},
-
-		/** A `use` left pending by a crash has no answer: it fails, and its debit, if any, is undone. */
-		async voidInterrupted(this: This) {
-			const cutoff = new Date(Date.now() - 2 * config.callTimeoutMs).toISOString();
-			for (const deal of await this.store.find({ query: { status: "pending", dealDate: { $lt: cutoff } } })) {
-				const failed = { ...deal, status: "fail" as const, reason: "INTERRUPTED" };
-				await this.settle(deal, { status: "fail", reason: failed.reason }, [this.eventOf("deal.voided", failed), this.eventOf("deal.failed", failed)]);
-			}
 		},
 
 		async findDeal(this: This, id: string): Promise<Deal> {
@@ -197,17 +198,6 @@ const DealsService: ServiceSchema<object, Methods, object, This> = {
 			const { _id, outbox: _outbox, ...rest } = deal;
 			return { id: _id, ...rest };
 		}
-	},
-
-	async started(this: This) {
-		await this.voidInterrupted();
-		// Deals pending at start-up but younger than the cutoff may belong to another instance still
-		// waiting for its answer; look again once any such answer is overdue.
-		this.voidTimer = setTimeout(() => void this.voidInterrupted(), 2 * config.callTimeoutMs + 100);
-	},
-
-	stopped(this: This) {
-		clearTimeout(this.voidTimer);
 	}
 };
 

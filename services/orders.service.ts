@@ -13,13 +13,14 @@
  * consumer once, whenever it is able to. The order then records `payment.cancelled` and
  * `delivery.cancelled` as they come back.
  */
-import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import type { Context, Service, ServiceSchema } from "moleculer";
 import { config } from "../config";
 import { clientError, conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
 import { OutboxMixin, outboxEvent, pushEvents, type OutboxEvent, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
 import type { MemberView } from "./members.service";
 import type { PaymentView } from "./payments.service";
 
@@ -56,19 +57,14 @@ interface CreateParams {
 
 interface Methods {
 	pay(ctx: Context, order: Order): Promise<Order>;
-	settle(order: Order, changes: Partial<Order>, events: OutboxEvent[]): Promise<Order>;
 	eventOf(channel: string, order: Order): OutboxEvent;
 	findOrder(id: string): Promise<Order>;
-	voidInterrupted(): Promise<void>;
+	failed(order: Order, reason: string): Outcome<Order>;
+	abandoned(order: Order): Outcome<Order>;
 	toView(order: Order): OrderView;
 }
 
-interface Settings extends ServiceSettingSchema {
-	/** How long an order waits for its payment's answer (ms). */
-	paymentTimeoutMs: number;
-}
-
-type This = Service<Settings> & DbThis<Order> & OutboxMethods & Methods & { voidTimer?: NodeJS.Timeout };
+type This = Service<PendingSettings> & DbThis<Order> & OutboxMethods & PendingMethods<Order> & Methods;
 
 /** Orders of this many items or more earn the higher rate. */
 export const BULK_QTY = 5;
@@ -82,12 +78,14 @@ export function pointsFor(totalPrice: number, qty: number): number {
 	return Math.floor((totalPrice * pointPercent(qty)) / 100);
 }
 
-const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
+const OrdersService: ServiceSchema<PendingSettings, Methods, object, This> = {
 	name: "orders",
-	mixins: [DbMixin("orders", [{ fields: { memberId: 1 } }, { fields: { status: 1 } }]), OutboxMixin],
+	mixins: [DbMixin("orders", [{ fields: { memberId: 1 } }, { fields: { status: 1 } }]), OutboxMixin, PendingMixin<Order>("orderedAt")],
 
 	settings: {
-		paymentTimeoutMs: config.callTimeoutMs
+		// An order waits this long for its payment's answer; one pending twice as long was abandoned.
+		pendingTimeoutMs: config.callTimeoutMs,
+		pendingSweepMs: config.callTimeoutMs
 	},
 
 	actions: {
@@ -107,7 +105,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: config.callTimeoutMs });
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 
-				const order: Order = {
+				const order = await this.store.insertNew(() => ({
 					_id: sortableId(),
 					memberId,
 					productId,
@@ -120,8 +118,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 					pointRate: pointPercent(qty) / 100,
 					points: 0,
 					orderedAt: new Date().toISOString()
-				};
-				await this.store.insertUnique(order);
+				}));
 				ctx.meta.$statusCode = 201;
 				ctx.meta.$location = `/api/orders/${order._id}`;
 				return this.toView(await this.pay(ctx, order));
@@ -195,17 +192,16 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				payment = await ctx.call<PaymentView, { orderId: string; memberId: string; amount: number }>(
 					"payments.pay",
 					{ orderId: order._id, memberId: order.memberId, amount: order.totalPrice },
-					{ timeout: this.settings.paymentTimeoutMs }
+					{ timeout: this.settings.pendingTimeoutMs }
 				);
 			} catch (err) {
 				// Timed out, breaker open or payments gone: the payment may still happen; void it.
 				this.logger.warn(`Payment for order '${order._id}' unconfirmed:`, (err as Error).message);
-				const failed = { status: "payment_failed" as const, reason: "PAYMENTS_UNAVAILABLE", payment: { status: "unconfirmed" } };
-				await this.settle(order, failed, [this.eventOf("order.voided", order)]);
+				await this.settle(order, this.failed(order, "PAYMENTS_UNAVAILABLE"));
 				throw unavailable("PAYMENTS_UNAVAILABLE", "Payments cannot be confirmed right now; try again later", config.retryAfterSeconds, err);
 			}
 			if (payment.status !== "approved")
-				return this.settle(order, { status: "payment_failed", reason: "PAYMENT_DECLINED", payment: { id: payment.id, status: payment.status } }, []);
+				return this.settle(order, { changes: { status: "payment_failed", reason: "PAYMENT_DECLINED", payment: { id: payment.id, status: payment.status } }, events: [] });
 			const paid: Order = {
 				...order,
 				status: "paid",
@@ -215,16 +211,17 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				points: pointsFor(order.totalPrice, order.qty)
 			};
 			const { status, paidAt, delivery, points } = paid;
-			return this.settle(order, { status, paidAt, payment: paid.payment, delivery, points }, [this.eventOf("order.paid", paid)]);
+			return this.settle(order, { changes: { status, paidAt, payment: paid.payment, delivery, points }, events: [this.eventOf("order.paid", paid)] });
 		},
 
-		/** Moves a pending order to its outcome, with the events that outcome causes. */
-		async settle(this: This, order: Order, changes: Partial<Order>, events: OutboxEvent[]): Promise<Order> {
-			const changed = await this.store.update({ _id: order._id, status: "pending" }, { $set: changes, ...(events.length ? pushEvents(...events) : {}) });
-			// Settled meanwhile (an overdue order voided at another instance's start-up): that outcome stands.
-			if (!changed) return this.findOrder(order._id);
-			await this.flushOutbox({ _id: order._id, outbox: events });
-			return { ...order, ...changes };
+		/** An order whose payment is unconfirmed fails, and `order.voided` cancels the payment should it happen. */
+		failed(this: This, order: Order, reason: string): Outcome<Order> {
+			return { changes: { status: "payment_failed", reason, payment: { status: "unconfirmed" } }, events: [this.eventOf("order.voided", order)] };
+		},
+
+		/** An order left pending by an instance that died waiting for its payment. */
+		abandoned(this: This, order: Order): Outcome<Order> {
+			return this.failed(order, "INTERRUPTED");
 		},
 
 		eventOf(channel: string, order: Order): OutboxEvent {
@@ -243,13 +240,6 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 			});
 		},
 
-		/** An order left pending by a crash has no answer: its payment fails and is voided. */
-		async voidInterrupted(this: This) {
-			const cutoff = new Date(Date.now() - 2 * this.settings.paymentTimeoutMs).toISOString();
-			for (const order of await this.store.find({ query: { status: "pending", orderedAt: { $lt: cutoff } } }))
-				await this.settle(order, { status: "payment_failed", reason: "INTERRUPTED", payment: { status: "unconfirmed" } }, [this.eventOf("order.voided", order)]);
-		},
-
 		async findOrder(this: This, id: string): Promise<Order> {
 			const order = await this.store.findById(id);
 			if (!order) throw notFound("ORDER_NOT_FOUND", `Order '${id}' not found`, { id });
@@ -260,17 +250,6 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 			const { _id, outbox: _outbox, ...rest } = order;
 			return { id: _id, ...rest };
 		}
-	},
-
-	async started(this: This) {
-		await this.voidInterrupted();
-		// Orders pending at start-up but younger than the cutoff may belong to another instance still
-		// waiting for its answer; look again once any such answer is overdue.
-		this.voidTimer = setTimeout(() => void this.voidInterrupted(), 2 * this.settings.paymentTimeoutMs + 100);
-	},
-
-	stopped(this: This) {
-		clearTimeout(this.voidTimer);
 	}
 };
 

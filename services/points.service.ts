@@ -12,12 +12,12 @@
  * ledger plus what is pending, and only pending during a crash. The same write records a
  * `points.posted` event (outbox), from which read models follow the ledger.
  */
-import type { Context, Service, ServiceSchema } from "moleculer";
+import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { notFound } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import { KeyedLock } from "../lib/keyed-lock";
 import * as P from "../lib/params";
-import { connectCollection, DbMixin, openCollection, type Collection, type DbThis, type Page } from "../mixins/db.mixin";
+import { DbMixin, openCollection, type Collection, type DbThis, type Page } from "../mixins/db.mixin";
 import { OutboxMixin, outboxEvent, pushEvents, type OutboxMethods } from "../mixins/outbox.mixin";
 
 export type EntryKind = "earn" | "use" | "restore" | "revoke" | "expire" | "void";
@@ -47,6 +47,8 @@ export interface Account {
 	openedAt: string;
 	updatedAt: string;
 	closedAt?: string;
+	/** Incremented by every posting: what a write is conditioned on. Absent on accounts opened before it existed. */
+	version?: number;
 	pending?: LedgerEntry[];
 }
 
@@ -76,7 +78,8 @@ interface Methods {
 	reverse(source: Source): Promise<PostResult>;
 	expire(memberId: string): Promise<PostResult>;
 	openAccount(memberId: string, at: string): Promise<void>;
-	finishPending(): Promise<void>;
+	finishPosting(account: Account): Promise<void>;
+	finishPending(olderThanMs?: number): Promise<void>;
 	toView(account: Account): AccountView;
 }
 
@@ -89,14 +92,29 @@ export interface AccountView {
 	closedAt?: string;
 }
 
-type This = Service & DbThis<Account> & OutboxMethods & Methods & { ledger: Collection<LedgerEntry>; lock: KeyedLock };
+interface Settings extends ServiceSettingSchema {
+	/** How often every instance looks for postings interrupted elsewhere, and how old they must be (ms). */
+	sweepIntervalMs: number;
+}
+
+type This = Service<Settings> &
+	DbThis<Account> &
+	OutboxMethods &
+	Methods & { ledger: Collection<LedgerEntry>; lock: KeyedLock; sweepTimer?: NodeJS.Timeout };
+
+/** How often a lost race for an account is re-planned before the posting gives up. */
+const MAX_ATTEMPTS = 20;
+
+/** The condition that the account is still as it was read. */
+const versionOf = (account: Account) => ({ _id: account._id, version: account.version ?? { $exists: false } });
 
 const causeOf = (source: Source) => `${source.sourceType}:${source.sourceId}`;
 const cancelCauseOf = (source: Source) => `${source.sourceType}-cancel:${source.sourceId}`;
 
-const PointsService: ServiceSchema<object, Methods, object, This> = {
+const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "points",
-	mixins: [DbMixin("accounts", [{ fields: { status: 1 } }]), OutboxMixin],
+	mixins: [DbMixin("accounts"), OutboxMixin],
+	settings: { sweepIntervalMs: 5000 },
 
 	actions: {
 		get: {
@@ -205,14 +223,21 @@ const PointsService: ServiceSchema<object, Methods, object, This> = {
 		 */
 		post(this: This, memberId: string, plan: (account: Account) => Promise<Draft[] | Refusal>, close = false) {
 			return this.lock.run(memberId, async () => {
-				// The lock serialises one process; the conditional write below also guards against
-				// another points instance sharing the store (MongoDB), by re-planning on a lost race.
+				// The lock serialises one process. Another points instance sharing the store (MongoDB) is
+				// kept out by conditioning the write on the account's version, which every change
+				// increments: a lost race re-plans on what the winner wrote. (A balance condition would
+				// miss a posting that leaves the balance as it was, or one that changes it and back.)
 				for (let attempt = 1; ; attempt++) {
 					const now = new Date().toISOString();
 					let account = await this.store.findById(memberId);
 					if (!account) {
 						await this.openAccount(memberId, now);
 						account = (await this.store.findById(memberId)) as Account;
+					}
+					if (account.pending?.length) {
+						// Interrupted (a crash, a store error): finish it before anything else is decided.
+						await this.finishPosting(account);
+						continue;
 					}
 					const drafts = await plan(account);
 					if (typeof drafts === "string") return { applied: false, balance: account.balance, reason: drafts };
@@ -223,24 +248,33 @@ const PointsService: ServiceSchema<object, Methods, object, This> = {
 						return { memberId, sourceType: "member", sourceId: memberId, ...d, balanceAfter: balance, at: now, seq: sortableId() };
 					});
 					const posted = outboxEvent("points.posted", { memberId, closed: close, entries: entries.map(({ _id, seq: _seq, ...entry }) => ({ cause: _id, ...entry })) });
-					const changed = await this.store.update(
-						{ _id: memberId, balance: account.balance, "pending.0": { $exists: false } },
-						{
-							$inc: { balance: balance - account.balance },
-							$set: { pending: entries, updatedAt: now, ...(close ? { status: "closed", closedAt: now } : {}) },
-							...pushEvents(posted)
-						}
-					);
+					const changed = await this.store.update(versionOf(account), {
+						$inc: { balance: balance - account.balance, version: 1 },
+						$set: { pending: entries, updatedAt: now, ...(close ? { status: "closed", closedAt: now } : {}) },
+						...pushEvents(posted)
+					});
 					if (!changed) {
-						if (attempt < 5) continue;
+						if (attempt < MAX_ATTEMPTS) {
+							await new Promise(resolve => setTimeout(resolve, Math.random() * attempt * 5));
+							continue;
+						}
 						throw new Error(`Account '${memberId}' keeps changing concurrently`);
 					}
-					for (const entry of entries) await this.ledger.insertUnique(entry);
-					await this.store.update({ _id: memberId }, { $unset: { pending: true } });
+					await this.finishPosting({ ...account, version: (account.version ?? 0) + 1, pending: entries });
 					await this.flushOutbox({ _id: memberId, outbox: [posted] });
 					return { applied: true, balance };
 				}
 			});
+		},
+
+		/**
+		 * Copies a posting's entries from the account into the ledger and clears them. Safe to run
+		 * twice at once (two instances finishing a dead one's posting): entries are keyed by cause, and
+		 * the clearing is conditional on the version that wrote them.
+		 */
+		async finishPosting(this: This, account: Account) {
+			for (const entry of account.pending ?? []) await this.ledger.insertUnique(entry);
+			await this.store.update(versionOf(account), { $unset: { pending: true } });
 		},
 
 		credit(this: This, source: Source, amount: number) {
@@ -305,14 +339,14 @@ const PointsService: ServiceSchema<object, Methods, object, This> = {
 		},
 
 		async openAccount(this: This, memberId: string, at: string) {
-			await this.store.insertUnique({ _id: memberId, balance: 0, status: "active", openedAt: at, updatedAt: at });
+			await this.store.insertUnique({ _id: memberId, balance: 0, version: 0, status: "active", openedAt: at, updatedAt: at });
 		},
 
-		/** Finishes postings a crash interrupted: their entries are in the account, not yet in the ledger. */
-		async finishPending(this: This) {
-			for (const account of await this.store.find({ query: { "pending.0": { $exists: true } } })) {
-				for (const entry of account.pending ?? []) await this.ledger.insertUnique(entry);
-				await this.store.update({ _id: account._id }, { $unset: { pending: true } });
+		/** Finishes postings left interrupted (by a crash or a store error) and not touched since `olderThanMs`. */
+		async finishPending(this: This, olderThanMs = 0) {
+			const cutoff = new Date(Date.now() - olderThanMs).toISOString();
+			for (const account of await this.store.find({ query: { "pending.0": { $exists: true }, updatedAt: { $lte: cutoff } } })) {
+				await this.finishPosting(account);
 				this.logger.warn(`Finished an interrupted posting on account '${account._id}'.`);
 			}
 		},
@@ -329,12 +363,18 @@ const PointsService: ServiceSchema<object, Methods, object, This> = {
 	},
 
 	async started(this: This) {
-		await connectCollection(this.ledger);
+		await this.ledger.connect(this.logger);
 		await this.finishPending();
+		// A posting interrupted on another instance (which may be gone) is finished here too, once it
+		// has had time to finish on its own.
+		this.sweepTimer = setInterval(() => {
+			this.finishPending(this.settings.sweepIntervalMs).catch(err => this.logger.warn("Finishing interrupted postings failed:", (err as Error).message));
+		}, this.settings.sweepIntervalMs);
 	},
 
 	async stopped(this: This) {
-		await this.ledger.adapter.disconnect();
+		clearInterval(this.sweepTimer);
+		await this.ledger.disconnect();
 	}
 };
 

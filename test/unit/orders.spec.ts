@@ -22,7 +22,7 @@ function orderBroker(delayMs: number, timeoutMs: number): ServiceBroker {
 	return createTestBroker([
 		MembersService,
 		PointsService,
-		withSettings(OrdersService, { paymentTimeoutMs: timeoutMs }),
+		withSettings(OrdersService, { pendingTimeoutMs: timeoutMs }),
 		withSettings(PaymentsService, { delayMs, limit: 1_000_000 }),
 		DeliveriesService,
 		MyPointsService

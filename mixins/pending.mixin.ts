@@ -1,0 +1,84 @@
+/**
+ * Work recorded as `pending` before a synchronous call and settled with the call's outcome (a `use`
+ * deal and its debit, an order and its payment).
+ *
+ * `settle` moves a record out of `pending` with the events its outcome causes, in one conditional
+ * write: of two instances settling the same record, one wins and the other gets the outcome that
+ * stands. A record whose instance died waiting has no one to settle it: every instance sweeps
+ * records pending for longer than twice the call's timeout (the caller has given up by then) and
+ * settles them as the service's `abandoned` says. Sweeps may run on several instances at once; the
+ * conditional write makes that harmless.
+ */
+import type { Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import type { DbThis } from "./db.mixin";
+import type { OutboxEvent, OutboxMethods, WithOutbox } from "./outbox.mixin";
+import { pushEvents } from "./outbox.mixin";
+
+export interface Pending extends WithOutbox {
+	status: string;
+}
+
+export interface Outcome<T> {
+	changes: Partial<T>;
+	events: OutboxEvent[];
+}
+
+export interface PendingSettings extends ServiceSettingSchema {
+	/** How long the synchronous call behind a pending record may take (ms). */
+	pendingTimeoutMs: number;
+	/** How often this instance looks for abandoned pending records (ms). */
+	pendingSweepMs: number;
+}
+
+export interface PendingMethods<T extends Pending> {
+	/** Moves a pending record to its outcome; if it was settled meanwhile, that outcome stands and is returned. */
+	settle(record: T, outcome: Outcome<T>): Promise<T>;
+	/** Settles every record pending for longer than twice the call's timeout. */
+	sweepPending(): Promise<void>;
+}
+
+type PendingThis<T extends Pending> = Service<PendingSettings> &
+	DbThis<T> &
+	OutboxMethods &
+	PendingMethods<T> & {
+		/** The outcome of a record whose call was never answered; defined by the service. */
+		abandoned(record: T): Outcome<T>;
+		pendingTimer?: NodeJS.Timeout;
+	};
+
+/** `dateField`: when the record became pending (ISO string), to tell the abandoned ones. */
+export function PendingMixin<T extends Pending>(dateField: keyof T & string): Partial<ServiceSchema> {
+	const schema: ServiceSchema<PendingSettings, PendingMethods<T>, object, PendingThis<T>> = {
+		name: "pending",
+		methods: {
+			async settle(this: PendingThis<T>, record: T, { changes, events }: Outcome<T>): Promise<T> {
+				const changed = await this.store.update({ _id: record._id, status: "pending" }, { $set: changes, ...(events.length ? pushEvents(...events) : {}) });
+				if (!changed) return (await this.store.findById(record._id)) as T;
+				await this.flushOutbox({ _id: record._id, outbox: events });
+				return { ...record, ...changes };
+			},
+
+			async sweepPending(this: PendingThis<T>) {
+				const cutoff = new Date(Date.now() - 2 * this.settings.pendingTimeoutMs).toISOString();
+				for (const record of await this.store.find({ query: { status: "pending", [dateField]: { $lt: cutoff } } })) {
+					await this.settle(record, this.abandoned(record));
+					this.logger.warn(`Settled '${record._id}', abandoned while pending.`);
+				}
+			}
+		},
+
+		started(this: PendingThis<T>) {
+			// Not awaited: the store may still be connecting (mixins start in turn), and it answers
+			// once it is.
+			const sweep = () => this.sweepPending().catch(err => this.logger.warn("Sweeping pending records failed:", (err as Error).message));
+			void sweep();
+			this.pendingTimer = setInterval(sweep, this.settings.pendingSweepMs);
+		},
+
+		stopped(this: PendingThis<T>) {
+			clearInterval(this.pendingTimer);
+		}
+	};
+	// Mixins are typed against the service that includes them; Moleculer's `mixins` field is not.
+	return schema as unknown as Partial<ServiceSchema>;
+}
