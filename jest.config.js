@@ -1,9 +1,39 @@
-/** @type {import('jest').Config} */
-module.exports = {
+/**
+ * Two projects, one per store: every service and end-to-end suite runs on NeDB (the embedded
+ * default) and on MongoDB (the stand-in under test/mongo, or the server at MONGO_URI). Suites about
+ * one store only (the stand-in itself, several instances sharing MongoDB: `mongo-*.spec.ts`) run
+ * in that store's project; suites about neither (configuration, deployment files, the embedded
+ * channel store, the benchmark's smoke run) run once, in the NeDB project.
+ */
+const common = {
 	testEnvironment: "node",
 	roots: ["<rootDir>/test"],
-	testMatch: ["**/*.spec.ts"],
-	transform: { "^.+\\.ts$": "ts-jest" },
-	setupFiles: ["<rootDir>/test/helpers/setup-env.ts"],
-	testTimeout: 30000
+	transform: { "^.+\\.ts$": "ts-jest" }
+};
+
+// Independent of the store: run once, in the NeDB project.
+const storeless = ["config", "deployment", "bench.e2e", "embedded-channel-adapter"].map(name => `/test/(unit|e2e)/${name}\\.spec\\.ts$`);
+
+/** @type {import('jest').Config} */
+module.exports = {
+	testTimeout: 30000,
+	projects: [
+		{
+			...common,
+			displayName: "nedb",
+			testMatch: ["**/test/unit/**/*.spec.ts", "**/test/e2e/**/*.spec.ts"],
+			// MongoDB only: the stand-in, and several instances sharing one store.
+			testPathIgnorePatterns: ["/test/(unit|e2e)/mongo-[^/]*\\.spec\\.ts$"],
+			setupFiles: ["<rootDir>/test/helpers/setup-nedb.ts"]
+		},
+		{
+			...common,
+			displayName: "mongodb",
+			testMatch: ["**/test/unit/**/*.spec.ts", "**/test/e2e/**/*.spec.ts"],
+			testPathIgnorePatterns: storeless,
+			setupFiles: ["<rootDir>/test/helpers/setup-mongo.ts"],
+			globalSetup: "<rootDir>/test/helpers/mongo-setup.ts",
+			globalTeardown: "<rootDir>/test/helpers/mongo-teardown.ts"
+		}
+	]
 };

@@ -7,35 +7,13 @@
  * with 503, a cancellation is accepted and completes when payments is back.
  */
 import { eventually } from "../helpers/broker";
+import { all as allOf, expectDealLedger, impliedBalance, type Entry, type Order } from "../helpers/cluster";
 import { NatsServer } from "../helpers/nats";
 import { freePort, System } from "../helpers/system";
 
 jest.setTimeout(180_000);
 
 const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms));
-
-interface Order {
-	id: string;
-	status: string;
-	reason?: string;
-	points: number;
-	payment: { id?: string; status: string };
-}
-
-interface Entry {
-	cause: string;
-	amount: number;
-	kind: string;
-	shortfall?: number;
-}
-
-interface Deal {
-	id: string;
-	memberId: string;
-	type: "save" | "use";
-	point: number;
-	status: string;
-}
 
 describe("a cluster over NATS", () => {
 	let nats: NatsServer;
@@ -75,15 +53,7 @@ describe("a cluster over NATS", () => {
 		await nats.stop();
 	});
 
-	async function all<T>(urlPath: string): Promise<T[]> {
-		const rows: T[] = [];
-		for (let page = 1; ; page++) {
-			const res = await api("GET", `${urlPath}${urlPath.includes("?") ? "&" : "?"}page=${page}&pageSize=100`);
-			expect(res.status).toBe(200);
-			rows.push(...res.body.rows);
-			if (rows.length >= res.body.total) return rows;
-		}
-	}
+	const all = <T>(urlPath: string) => allOf<T>(api, urlPath);
 
 	it("keeps every point exact through a killed points node, a restarted nats-server and a redeployed deals node", async () => {
 		for (const memberId of members) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
@@ -135,20 +105,10 @@ describe("a cluster over NATS", () => {
 		await load;
 		expect(answered.ok).toBeGreaterThan(100);
 
-		// Every account converges on what its deals and orders imply: saves earned, successful uses
-		// spent, cancelled uses restored, failed and voided uses nothing; paid orders earned, and
-		// cancelled ones revoked — all but what had been spent already (the revocation's shortfall).
-		const expected = async (memberId: string) => {
-			const deals = await all<Deal>(`/deals?memberId=${memberId}`);
-			const fromDeals = deals.reduce((sum, d) => sum + (d.type === "save" && d.status === "success" ? d.point : d.type === "use" && d.status === "success" ? -d.point : 0), 0);
-			const orders = await all<Order>(`/orders?memberId=${memberId}`);
-			const ledger = await all<Entry>(`/points/${memberId}/history`);
-			const shortfall = (orderId: string) => ledger.find(e => e.cause === `order-cancel:${orderId}`)?.shortfall ?? 0;
-			return orders.reduce((sum, o) => sum + (o.status === "paid" ? o.points : o.status === "cancelled" ? shortfall(o.id) : 0), fromDeals);
-		};
+		// Every account converges on what its deals and orders imply.
 		await eventually(
 			async () => {
-				for (const memberId of members) expect({ memberId, balance: (await api("GET", `/points/${memberId}`)).body.balance }).toEqual({ memberId, balance: await expected(memberId) });
+				for (const memberId of members) expect({ memberId, balance: (await api("GET", `/points/${memberId}`)).body.balance }).toEqual({ memberId, balance: await impliedBalance(api, memberId) });
 			},
 			60_000,
 			500
@@ -156,17 +116,7 @@ describe("a cluster over NATS", () => {
 
 		let paidOrders = 0;
 		for (const memberId of members) {
-			const ledger = await all<Entry>(`/points/${memberId}/history`);
-			const balance = (await api("GET", `/points/${memberId}`)).body.balance;
-			expect(ledger.reduce((sum, e) => sum + e.amount, 0)).toBe(balance);
-			expect(new Set(ledger.map(e => e.cause)).size).toBe(ledger.length);
-			// One entry per successful save, per debited use (kept or cancelled), per restore or void.
-			const deals = await all<Deal>(`/deals?memberId=${memberId}`);
-			const saves = deals.filter(d => d.type === "save" && d.status === "success");
-			for (const save of saves) expect(ledger.filter(e => e.cause === `deal:${save.id}`)).toHaveLength(1);
-			for (const cancelled of deals.filter(d => d.status === "cancelled"))
-				expect(ledger.filter(e => e.cause === `deal-cancel:${cancelled.id}`).map(e => e.amount)).toEqual([cancelled.point]);
-			for (const failed of deals.filter(d => d.type === "use" && d.status === "fail")) expect(ledger.some(e => e.cause === `deal:${failed.id}` && e.amount !== 0 && !ledger.some(v => v.cause === `deal-cancel:${failed.id}`))).toBe(false);
+			const ledger = await expectDealLedger(api, memberId);
 			// A paid order has exactly one accrual, a cancelled one also one revocation; no other order has points.
 			for (const order of await all<Order>(`/orders?memberId=${memberId}`)) {
 				const accrual = ledger.filter(e => e.cause === `order:${order.id}`);

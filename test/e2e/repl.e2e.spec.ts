@@ -2,9 +2,8 @@
  * The operator's REPL commands, typed into the REPL of a running node (`npm start -- --repl`) the
  * way an operator would, after a scenario made over HTTP.
  */
-import fs from "node:fs";
-import path from "node:path";
 import { eventually } from "../helpers/broker";
+import { tamper } from "../helpers/store";
 import { System } from "../helpers/system";
 
 jest.setTimeout(60_000);
@@ -51,12 +50,8 @@ describe("operator commands in the Moleculer REPL", () => {
 	});
 
 	it("audit reports an account that differs from its ledger", async () => {
-		// Tamper with the stored balance behind the service's back: NeDB's file is append-only and
-		// its last line for an id wins.
 		await system.stop();
-		const file = path.join(system.dataDir, "accounts.db");
-		const account = fs.readFileSync(file, "utf8").trim().split("\n").map(line => JSON.parse(line)).filter(doc => doc._id === "r001").pop();
-		fs.appendFileSync(file, `${JSON.stringify({ ...account, balance: 700 })}\n`);
+		await tamper(system, "accounts", "r001", { balance: 700 });
 		await system.start();
 		const out = await system.type("audit", /Audit \w+[\s\S]*└/);
 		expect(out).toContain("Audit FAILED: 1 of 1 account(s) differ from their ledger");

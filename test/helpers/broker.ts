@@ -5,6 +5,11 @@ import { loadConfig } from "../../config";
 /** Any service schema, whatever its typed `this`. */
 export type AnyServiceSchema = ServiceSchema<any, any, any, any>;
 
+/** `schema` with some of its settings changed, as a test's own configuration of a service. */
+export function withSettings(schema: AnyServiceSchema, settings: object): AnyServiceSchema {
+	return { name: schema.name, mixins: [schema as unknown as Partial<ServiceSchema>], settings };
+}
+
 /** An in-process broker with the real options (channels, breaker, middlewares) and the given services. */
 export function createTestBroker(services: AnyServiceSchema[], env: NodeJS.ProcessEnv = {}): ServiceBroker {
 	const config = loadConfig({ ...process.env, ...env });

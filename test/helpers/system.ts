@@ -7,6 +7,7 @@ import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
+import { freshDatabaseUri, onMongo } from "./store";
 
 /** The project's root: two levels up in the sources, three when compiled to `dist/` (the benchmarks). */
 const ROOT = [path.resolve(__dirname, "../.."), path.resolve(__dirname, "../../..")].find(dir => fs.existsSync(path.join(dir, "package.json"))) as string;
@@ -44,6 +45,8 @@ export class System {
 	private child?: ChildProcess;
 	private output = "";
 	readonly dataDir: string;
+	/** Its own database when the suites run on MongoDB, kept across restarts like its data folder. */
+	readonly mongoUri?: string;
 	/** How long `start` waits for the node to be ready (a large data folder loads for a while). */
 	startTimeoutMs = 30_000;
 
@@ -56,6 +59,7 @@ export class System {
 		readonly repl = false
 	) {
 		this.dataDir = dataDir ?? fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-e2e-"));
+		this.mongoUri = env.MONGO_URI ?? (onMongo() ? freshDatabaseUri() : undefined);
 	}
 
 	static async start(env: NodeJS.ProcessEnv = {}, repl = false): Promise<System> {
@@ -85,7 +89,8 @@ export class System {
 					PORT: String(this.port),
 					HOST: "127.0.0.1",
 					METRICS_PORT: String(this.opsPort),
-					DATA_DIR: this.dataDir
+					DATA_DIR: this.dataDir,
+					MONGO_URI: this.mongoUri ?? ""
 				},
 				stdio: [this.repl ? "pipe" : "ignore", "pipe", "pipe"]
 			}

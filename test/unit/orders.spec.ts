@@ -1,11 +1,11 @@
-import type { ServiceBroker, ServiceSchema } from "moleculer";
+import type { ServiceBroker } from "moleculer";
 import DeliveriesService from "../../services/deliveries.service";
 import MembersService from "../../services/members.service";
 import MyPointsService from "../../services/my-points.service";
 import OrdersService, { pointsFor, type OrderView } from "../../services/orders.service";
 import PaymentsService, { type PaymentView } from "../../services/payments.service";
 import PointsService from "../../services/points.service";
-import { createTestBroker, eventually, type AnyServiceSchema } from "../helpers/broker";
+import { createTestBroker, eventually, withSettings } from "../helpers/broker";
 
 interface Paged<T> {
 	rows: T[];
@@ -14,11 +14,6 @@ interface Paged<T> {
 
 /** The order flow in one broker; `payments` answers after `delayMs`, `orders` waits `timeoutMs`. */
 function orderBroker(delayMs: number, timeoutMs: number): ServiceBroker {
-	const withSettings = (schema: AnyServiceSchema, settings: object): AnyServiceSchema => ({
-		name: schema.name,
-		mixins: [schema as unknown as Partial<ServiceSchema>],
-		settings
-	});
 	return createTestBroker([
 		MembersService,
 		PointsService,

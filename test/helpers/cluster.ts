@@ -1,0 +1,73 @@
+/**
+ * What the cluster suites check after their load: every account equals what its deals and orders
+ * imply, and its ledger sums to its balance with each cause once and each deal's entries as its
+ * outcome says. Read over HTTP, as an operator would.
+ */
+import type { Reply } from "./system";
+
+export type Api = (method: string, urlPath: string, body?: unknown) => Promise<Reply>;
+
+export interface Order {
+	id: string;
+	status: string;
+	reason?: string;
+	points: number;
+	payment: { id?: string; status: string };
+}
+
+export interface Entry {
+	cause: string;
+	amount: number;
+	kind: string;
+	shortfall?: number;
+}
+
+export interface Deal {
+	id: string;
+	memberId: string;
+	type: "save" | "use";
+	point: number;
+	status: string;
+}
+
+/** Every row of a paged listing. */
+export async function all<T>(api: Api, urlPath: string): Promise<T[]> {
+	const rows: T[] = [];
+	for (let page = 1; ; page++) {
+		const res = await api("GET", `${urlPath}${urlPath.includes("?") ? "&" : "?"}page=${page}&pageSize=100`);
+		if (res.status !== 200) throw new Error(`GET ${urlPath}: ${res.status} ${JSON.stringify(res.body)}`);
+		rows.push(...res.body.rows);
+		if (rows.length >= res.body.total) return rows;
+	}
+}
+
+/**
+ * The balance a member's deals and orders imply: saves earned, successful uses spent, cancelled uses
+ * restored, failed and voided uses nothing; paid orders earned, and cancelled ones revoked — all but
+ * what had been spent already (the revocation's shortfall). `withOrders: false` for a system without orders.
+ */
+export async function impliedBalance(api: Api, memberId: string, withOrders = true): Promise<number> {
+	const deals = await all<Deal>(api, `/deals?memberId=${memberId}`);
+	const fromDeals = deals.reduce((sum, d) => sum + (d.type === "save" && d.status === "success" ? d.point : d.type === "use" && d.status === "success" ? -d.point : 0), 0);
+	if (!withOrders) return fromDeals;
+	const orders = await all<Order>(api, `/orders?memberId=${memberId}`);
+	const ledger = await all<Entry>(api, `/points/${memberId}/history`);
+	const shortfall = (orderId: string) => ledger.find(e => e.cause === `order-cancel:${orderId}`)?.shortfall ?? 0;
+	return orders.reduce((sum, o) => sum + (o.status === "paid" ? o.points : o.status === "cancelled" ? shortfall(o.id) : 0), fromDeals);
+}
+
+/** The ledger invariants of one member with deals: its sum, one entry per cause, each deal's entries as its outcome says. */
+export async function expectDealLedger(api: Api, memberId: string): Promise<Entry[]> {
+	const ledger = await all<Entry>(api, `/points/${memberId}/history`);
+	const balance = (await api("GET", `/points/${memberId}`)).body.balance;
+	expect(ledger.reduce((sum, e) => sum + e.amount, 0)).toBe(balance);
+	expect(new Set(ledger.map(e => e.cause)).size).toBe(ledger.length);
+	const deals = await all<Deal>(api, `/deals?memberId=${memberId}`);
+	for (const save of deals.filter(d => d.type === "save" && d.status === "success")) expect(ledger.filter(e => e.cause === `deal:${save.id}`)).toHaveLength(1);
+	for (const cancelled of deals.filter(d => d.status === "cancelled"))
+		expect(ledger.filter(e => e.cause === `deal-cancel:${cancelled.id}`).map(e => e.amount)).toEqual([cancelled.point]);
+	// A failed use kept no points: no debit, or one undone by its void.
+	for (const failed of deals.filter(d => d.type === "use" && d.status === "fail"))
+		expect(ledger.filter(e => e.cause.endsWith(`:${failed.id}`)).reduce((sum, e) => sum + e.amount, 0)).toBe(0);
+	return ledger;
+}

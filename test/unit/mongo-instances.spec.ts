@@ -1,0 +1,137 @@
+/**
+ * Two instances of the stateful services sharing one MongoDB, as nodes that scale out do: each
+ * broker has its own points, deals and members service (own in-process locks, own channel store)
+ * over the same database. The in-process lock serialises nothing between them; the store's
+ * conditional writes must.
+ */
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { MongoClient } from "mongodb";
+import type { ServiceBroker, ServiceSchema } from "moleculer";
+import DealsService, { type DealView } from "../../services/deals.service";
+import MembersService from "../../services/members.service";
+import PointsService, { type PostResult } from "../../services/points.service";
+import { createTestBroker, eventually, withSettings } from "../helpers/broker";
+
+type Send = (channel: string, payload: object) => Promise<void>;
+
+interface Entry {
+	cause: string;
+	kind: string;
+	amount: number;
+}
+
+/** Counts, per deal, the `deal.voided` events this instance published. */
+const voidedCounts = new Map<string, number>();
+const VoidedCounter: ServiceSchema = {
+	name: "voided-counter",
+	channels: {
+		"deal.voided": {
+			group: "voided-counter",
+			async handler(payload: { dealId: string }) {
+				voidedCounts.set(payload.dealId, (voidedCounts.get(payload.dealId) ?? 0) + 1);
+			}
+		}
+	}
+};
+
+describe("two instances sharing MongoDB", () => {
+	let a: ServiceBroker;
+	let b: ServiceBroker;
+	let mongo: MongoClient;
+	const send = (broker: ServiceBroker, channel: string, payload: object) => (broker as unknown as { sendToChannel: Send }).sendToChannel(channel, payload);
+	const balance = async (memberId: string) => (await a.call<{ balance: number }, object>("points.get", { memberId })).balance;
+	const history = async (memberId: string) => (await a.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows;
+	const debit = (broker: ServiceBroker, memberId: string, sourceId: string, amount: number) =>
+		broker.call<PostResult, object>("points.debit", { memberId, sourceType: "deal", sourceId, merchantId: "20", amount });
+	const earn = async (memberId: string, point: number) => {
+		await a.call("members.join", { memberId, name: memberId });
+		await send(a, "deal.saved", { dealId: `earn-${memberId}`, memberId, merchantId: "20", point });
+		await eventually(async () => expect(await balance(memberId)).toBe(point));
+	};
+
+	const instance = () =>
+		createTestBroker(
+			[
+				MembersService,
+				withSettings(PointsService, { sweepIntervalMs: 200 }),
+				withSettings(DealsService, { pendingTimeoutMs: 300, pendingSweepMs: 200 }),
+				VoidedCounter
+			],
+			{ DATA_DIR: fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-instance-")) }
+		);
+
+	beforeAll(async () => {
+		[a, b] = [instance(), instance()];
+		await Promise.all([a.start(), b.start()]);
+		mongo = await MongoClient.connect(process.env.MONGO_URI as string);
+	});
+	afterAll(async () => {
+		await mongo.close();
+		await Promise.all([a.stop(), b.stop()]);
+	});
+	afterEach(async () => {
+		expect((await a.call<{ mismatches: unknown[] }>("points.audit")).mismatches).toEqual([]);
+	});
+
+	it("lets exactly the affordable share of uses racing on both instances succeed", async () => {
+		await earn("i001", 1000);
+		const results = await Promise.all(Array.from({ length: 30 }, (_, i) => debit(i % 2 ? a : b, "i001", `race${i}`, 100)));
+		expect(results.filter(r => r.applied)).toHaveLength(10);
+		expect(await balance("i001")).toBe(0);
+	});
+
+	it("never lets a debit land after its own void on the other instance, though a void leaves the balance as it was", async () => {
+		await earn("i002", 1000);
+		const deals = Array.from({ length: 40 }, (_, i) => `aba${i}`);
+		await Promise.all(deals.map(dealId => Promise.all([debit(a, "i002", dealId, 50), send(b, "deal.voided", { dealId, memberId: "i002", merchantId: "20" })])));
+		await eventually(async () => expect((await history("i002")).filter(e => e.cause.startsWith("deal-cancel:aba"))).toHaveLength(deals.length));
+		// Each debit was refused (voided first) or undone by its void: nothing is spent.
+		expect(await balance("i002")).toBe(1000);
+		for (const dealId of deals) {
+			const entries = (await history("i002")).filter(e => e.cause.endsWith(`:${dealId}`));
+			expect(entries.reduce((sum, e) => sum + e.amount, 0)).toBe(0);
+		}
+	});
+
+	it("finishes a posting a store error interrupted with the account's next posting, on either instance", async () => {
+		await earn("i003", 500);
+		// The ledger copy fails once (a failover, a hiccup): the account holds the posting as pending.
+		await mongo.db("admin").command({ configureFailPoint: "failCommand", mode: { times: 1 }, data: { failCommands: ["insert"], errorCode: 8 } });
+		await expect(debit(a, "i003", "hiccup", 100)).rejects.toThrow();
+		await send(b, "deal.saved", { dealId: "after-hiccup", memberId: "i003", merchantId: "20", point: 200 });
+		await eventually(async () => expect(await balance("i003")).toBe(600));
+		expect((await history("i003")).map(e => e.cause).sort()).toEqual(["deal:after-hiccup", "deal:earn-i003", "deal:hiccup"]);
+	});
+
+	it("finishes, within seconds and without a restart, a posting an instance died in the middle of", async () => {
+		await earn("i004", 300);
+		const entry = { _id: "deal:died", memberId: "i004", kind: "use", amount: -100, balanceAfter: 200, sourceType: "deal", sourceId: "died", at: "2026-01-01T00:00:00.000Z", seq: "0" };
+		// What `post` leaves when its process is killed between the account write and the ledger copy.
+		await mongo.db().collection<{ _id: string }>("accounts").updateOne({ _id: "i004" }, { $set: { pending: [entry], updatedAt: entry.at }, $inc: { balance: -100, version: 1 } });
+		await eventually(async () => expect((await history("i004")).map(e => e.cause)).toContain("deal:died"));
+		expect(await balance("i004")).toBe(200);
+		expect(await mongo.db().collection("accounts").countDocuments({ "pending.0": { $exists: true } })).toBe(0);
+	});
+
+	it("settles, within seconds, the uses a dead instance left pending — once, though both instances sweep", async () => {
+		await earn("i005", 1000);
+		const dealDate = new Date(Date.now() - 60_000).toISOString();
+		const abandoned = Array.from({ length: 10 }, (_, i) => `dead${i}`);
+		// Half of them had their debit taken before the instance died.
+		for (const [i, id] of abandoned.entries()) if (i % 2) await debit(b, "i005", id, 30);
+		await mongo
+			.db()
+			.collection<{ _id: string }>("deals")
+			.insertMany(abandoned.map(_id => ({ _id, memberId: "i005", merchantId: "20", dealAmount: 1000, type: "use", point: 30, status: "pending", dealDate })));
+		await eventually(async () => {
+			for (const id of abandoned) expect(await a.call<DealView, object>("deals.get", { id })).toMatchObject({ status: "fail", reason: "INTERRUPTED" });
+		});
+		await eventually(async () => expect(await balance("i005")).toBe(1000));
+		await eventually(() => expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1)));
+		// Both instances kept sweeping meanwhile: still once each.
+		await new Promise(resolve => setTimeout(resolve, 600));
+		expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1));
+	});
+});

@@ -1,0 +1,77 @@
+/**
+ * The store's contract, on whichever store the project runs (NeDB, or MongoDB through mongoose):
+ * every filter field counts, documents come back as plain objects, unique indexes hold, a new id
+ * never lands on a taken one, and one collection closing leaves the others of the process working.
+ */
+import { ServiceBroker } from "moleculer";
+import { openCollection, type Collection } from "../../mixins/db.mixin";
+
+interface Doc {
+	_id: string;
+	orderId?: string;
+	balance?: number;
+	version?: number;
+	pending?: { cause: string }[];
+	at?: string;
+}
+
+describe("the store", () => {
+	const broker = new ServiceBroker({ logger: false });
+	const owner = { broker, logger: broker.getLogger("store-test") };
+	const opened: Collection<Doc>[] = [];
+	const open = async (name: string, indexes: Parameters<typeof openCollection>[2] = []) => {
+		const collection = openCollection<Doc>(owner, name, indexes);
+		await collection.connect(owner.logger);
+		opened.push(collection);
+		return collection;
+	};
+	afterAll(() => Promise.all(opened.map(c => c.disconnect())));
+
+	it("applies a conditional update only where every field of the condition matches", async () => {
+		const accounts = await open("accounts-condition");
+		await accounts.insertUnique({ _id: "a1", balance: 100, version: 1 });
+		await accounts.insertUnique({ _id: "a2", balance: 100, version: 1, pending: [{ cause: "deal:1" }] });
+		expect(await accounts.update({ _id: "a1", version: 2 }, { $inc: { balance: -100, version: 1 } })).toBe(0);
+		expect(await accounts.update({ _id: "a1", balance: { $gte: 150 } }, { $inc: { balance: -150 } })).toBe(0);
+		expect(await accounts.findById("a1")).toEqual({ _id: "a1", balance: 100, version: 1 });
+		expect(await accounts.update({ _id: "a1", version: 1 }, { $inc: { balance: -100, version: 1 } })).toBe(1);
+		expect((await accounts.find({ query: { "pending.0": { $exists: true } } })).map(d => d._id)).toEqual(["a2"]);
+		expect(await accounts.count({ balance: 0 })).toBe(1);
+	});
+
+	it("answers plain objects, sorted, paged and filtered", async () => {
+		const rows = await open("rows-plain");
+		for (const [i, at] of ["2026-01-03", "2026-01-01", "2026-02-01", "2026-01-02"].entries()) await rows.insertUnique({ _id: `r${i}`, at, balance: i });
+		const page = await rows.page({ at: { $gte: "2026-01-01", $lt: "2026-02-01" } }, ["-at"], 1, 2);
+		expect(page).toEqual({ rows: [{ _id: "r0", at: "2026-01-03", balance: 0 }, { _id: "r3", at: "2026-01-02", balance: 3 }], total: 3, page: 1, pageSize: 2 });
+		const [row] = await rows.find({ query: { _id: "r2" } });
+		expect(Object.getPrototypeOf(row)).toBe(Object.prototype);
+		expect(JSON.parse(JSON.stringify(row))).toEqual(row);
+	});
+
+	it("holds the unique indexes it declares, without relying on a background build", async () => {
+		const payments = await open("payments-unique", [{ fields: { orderId: 1 }, unique: true }]);
+		expect(await payments.insertUnique({ _id: "p1", orderId: "o1" })).toBe(true);
+		expect(await payments.insertUnique({ _id: "p2", orderId: "o1" })).toBe(false);
+		expect(await payments.insertUnique({ _id: "p1", orderId: "o2" })).toBe(false);
+		expect(await payments.find({ query: {} })).toEqual([{ _id: "p1", orderId: "o1" }]);
+	});
+
+	it("mints a new id for a new document when the first is taken, and never answers the document that holds it", async () => {
+		const deals = await open("deals-ids");
+		await deals.insertUnique({ _id: "taken", balance: 1 });
+		const ids = ["taken", "fresh"];
+		expect(await deals.insertNew(() => ({ _id: ids.shift() as string, balance: 2 }))).toEqual({ _id: "fresh", balance: 2 });
+		await expect(deals.insertNew(() => ({ _id: "taken", balance: 3 }))).rejects.toThrow(/taken/);
+		expect(await deals.findById("taken")).toEqual({ _id: "taken", balance: 1 });
+	});
+
+	it("keeps serving a collection when another one of the process disconnects", async () => {
+		const kept = await open("kept");
+		const closed = openCollection<Doc>(owner, "closed");
+		await closed.connect(owner.logger);
+		await closed.disconnect();
+		await kept.insertUnique({ _id: "k1" });
+		expect(await kept.findById("k1")).toEqual({ _id: "k1" });
+	});
+});
