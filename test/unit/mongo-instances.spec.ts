@@ -11,6 +11,8 @@ import { MongoClient } from "mongodb";
 import type { ServiceBroker, ServiceSchema } from "moleculer";
 import DealsService, { type DealView } from "../../services/deals.service";
 import MembersService from "../../services/members.service";
+import OrdersService, { type OrderView } from "../../services/orders.service";
+import PaymentsService from "../../services/payments.service";
 import PointsService, { type PostResult } from "../../services/points.service";
 import { createTestBroker, eventually, withSettings } from "../helpers/broker";
 
@@ -22,17 +24,14 @@ interface Entry {
 	amount: number;
 }
 
-/** Counts, per deal, the `deal.voided` events this instance published. */
+/** Counts, per deal and per order, the `deal.voided` and `order.voided` events the instances published. */
 const voidedCounts = new Map<string, number>();
+const count = (id: string) => voidedCounts.set(id, (voidedCounts.get(id) ?? 0) + 1);
 const VoidedCounter: ServiceSchema = {
 	name: "voided-counter",
 	channels: {
-		"deal.voided": {
-			group: "voided-counter",
-			async handler(payload: { dealId: string }) {
-				voidedCounts.set(payload.dealId, (voidedCounts.get(payload.dealId) ?? 0) + 1);
-			}
-		}
+		"deal.voided": { group: "voided-counter", handler: async (payload: { dealId: string }) => void count(payload.dealId) },
+		"order.voided": { group: "voided-counter", handler: async (payload: { orderId: string }) => void count(payload.orderId) }
 	}
 };
 
@@ -46,7 +45,8 @@ describe("two instances sharing MongoDB", () => {
 	const debit = (broker: ServiceBroker, memberId: string, sourceId: string, amount: number) =>
 		broker.call<PostResult, object>("points.debit", { memberId, sourceType: "deal", sourceId, merchantId: "20", amount });
 	const earn = async (memberId: string, point: number) => {
-		await a.call("members.join", { memberId, name: memberId });
+		// Joined on either instance: one members store.
+		await (memberId.charCodeAt(memberId.length - 1) % 2 ? a : b).call("members.join", { memberId, name: memberId });
 		await send(a, "deal.saved", { dealId: `earn-${memberId}`, memberId, merchantId: "20", point });
 		await eventually(async () => expect(await balance(memberId)).toBe(point));
 	};
@@ -57,6 +57,8 @@ describe("two instances sharing MongoDB", () => {
 				MembersService,
 				withSettings(PointsService, { sweepIntervalMs: 200 }),
 				withSettings(DealsService, { pendingTimeoutMs: 300, pendingSweepMs: 200 }),
+				withSettings(OrdersService, { pendingTimeoutMs: 300, pendingSweepMs: 200 }),
+				PaymentsService,
 				VoidedCounter
 			],
 			{ DATA_DIR: fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-instance-")) }
@@ -131,6 +133,36 @@ describe("two instances sharing MongoDB", () => {
 		await eventually(async () => expect(await balance("i005")).toBe(1000));
 		await eventually(() => expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1)));
 		// Both instances kept sweeping meanwhile: still once each.
+		await new Promise(resolve => setTimeout(resolve, 600));
+		expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1));
+	});
+
+	it("settles, within seconds, the orders a dead instance left waiting for their payment — once, though both instances sweep", async () => {
+		const orderedAt = new Date(Date.now() - 60_000).toISOString();
+		const abandoned = Array.from({ length: 6 }, (_, i) => `gone${i}`);
+		await mongo
+			.db()
+			.collection<{ _id: string }>("orders")
+			.insertMany(
+				abandoned.map(_id => ({
+					_id,
+					memberId: "i006",
+					productId: "toast",
+					qty: 1,
+					unitPrice: 5000,
+					totalPrice: 5000,
+					status: "pending",
+					payment: { status: "requested" },
+					delivery: { status: "not_started" },
+					pointRate: 0.1,
+					points: 0,
+					orderedAt
+				}))
+			);
+		await eventually(async () => {
+			for (const id of abandoned) expect(await b.call<OrderView, object>("orders.get", { id })).toMatchObject({ status: "payment_failed", reason: "INTERRUPTED" });
+		});
+		await eventually(() => expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1)));
 		await new Promise(resolve => setTimeout(resolve, 600));
 		expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1));
 	});
