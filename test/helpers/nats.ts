@@ -40,7 +40,7 @@ export class NatsServer {
 
 	async stop(): Promise<void> {
 		const child = this.child;
-		if (!child || child.exitCode != null) return;
+		if (!child || child.exitCode != null || child.signalCode != null) return;
 		const exited = new Promise(resolve => child.once("exit", resolve));
 		child.kill("SIGTERM");
 		await exited;

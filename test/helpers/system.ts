@@ -122,7 +122,7 @@ export class System {
 	/** Stops the node the way an operator would (SIGTERM), or kills it (SIGKILL). */
 	async stop(signal: NodeJS.Signals = "SIGTERM"): Promise<void> {
 		const child = this.child;
-		if (!child || child.exitCode != null) return;
+		if (!child || child.exitCode != null || child.signalCode != null) return;
 		const exited = new Promise(resolve => child.once("exit", resolve));
 		child.kill(signal);
 		await exited;
