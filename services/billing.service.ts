@@ -15,6 +15,7 @@ import { config } from "../config";
 import { assertOwnMerchant, type CallerMeta } from "../lib/access";
 import { clientError, notFound } from "../lib/errors";
 import * as P from "../lib/params";
+import { rateOf, settlementAmounts } from "../lib/rates";
 import { connectCollection, DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
 
 export interface BillingAmountView {
@@ -186,15 +187,15 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			if (from > now.toISOString()) throw clientError(422, "BILLING_MONTH_NOT_STARTED", `${month} has not started yet`, { billingMonth: month });
 			const rows = await this.store.find({ query: { merchantId, dealDate: { $gte: from, $lt: to }, cancelled: { $ne: true } } });
 			const usedPoints = rows.reduce((sum, row) => sum + (row.point ?? 0), 0);
-			const billingAmount = Math.floor(usedPoints * (1 - config.settlementFee));
+			const { fee, billingAmount } = settlementAmounts(usedPoints, config.settlementFeeBp);
 			const settlement: Settlement = {
 				_id: id,
 				merchantId,
 				billingMonth: month,
 				usedPoints,
 				dealCount: rows.length,
-				feeRate: config.settlementFee,
-				fee: usedPoints - billingAmount,
+				feeRate: rateOf(config.settlementFeeBp),
+				fee,
 				billingAmount,
 				settledAt: now.toISOString()
 			};

@@ -10,6 +10,7 @@ import type { Context, Service, ServiceSchema } from "moleculer";
 import { config } from "../config";
 import { notFound } from "../lib/errors";
 import * as P from "../lib/params";
+import { settlementAmounts } from "../lib/rates";
 import { connectCollection, DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
 import type { LedgerEntry } from "./points.service";
 
@@ -180,7 +181,7 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 						.slice(0, 5),
 					settlementPreview: merchants
 						.filter(m => (m.usedPoints ?? 0) > 0)
-						.map(m => ({ merchantId: m.merchantId, billingMonth: current, usedPoints: m.usedPoints ?? 0, billingAmount: Math.floor((m.usedPoints ?? 0) * (1 - config.settlementFee)) }))
+						.map(m => ({ merchantId: m.merchantId, billingMonth: current, usedPoints: m.usedPoints ?? 0, billingAmount: settlementAmounts(m.usedPoints ?? 0, config.settlementFeeBp).billingAmount }))
 						.sort((a, b) => b.usedPoints - a.usedPoints)
 				};
 			}
