@@ -2,7 +2,7 @@ import fs from "node:fs";
 import path from "node:path";
 import type { ServiceBroker, ServiceSchema } from "moleculer";
 import DeadLettersService from "../../services/dead-letters.service";
-import { createTestBroker, eventually } from "../helpers/broker";
+import { createTestBroker, eventually, type AnyServiceSchema } from "../helpers/broker";
 
 type Send = (channel: string, payload: object) => Promise<void>;
 
@@ -28,7 +28,7 @@ function consumer(seen: unknown[], failFirst = 0, maxRetries?: number): ServiceS
 
 describe("embedded channel adapter", () => {
 	const brokers: ServiceBroker[] = [];
-	const start = async (services: ServiceSchema[]) => {
+	const start = async (services: AnyServiceSchema[]) => {
 		const broker = createTestBroker(services);
 		brokers.push(broker);
 		await broker.start();

@@ -3,9 +3,9 @@
  * (a store outage) catches up through redeliveries with backoff, and nothing is dead-lettered; a
  * message that keeps failing is dead-lettered with its error and replayed once, to its group only.
  */
-import type { ServiceBroker, ServiceSchema } from "moleculer";
+import type { ServiceBroker } from "moleculer";
 import DeadLettersService from "../../services/dead-letters.service";
-import { createTestBroker, eventually } from "../helpers/broker";
+import { createTestBroker, eventually, type AnyServiceSchema } from "../helpers/broker";
 import { NatsServer } from "../helpers/nats";
 
 jest.setTimeout(240_000);
@@ -23,7 +23,7 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 	const others: string[] = [];
 	const replayed: string[] = [];
 
-	const services: ServiceSchema[] = [
+	const services: AnyServiceSchema[] = [
 		{
 			name: "store-user",
 			channels: {
