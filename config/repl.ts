@@ -6,6 +6,7 @@
  */
 import type { ServiceBroker } from "moleculer";
 import type { Settlement as StoredSettlement } from "../services/billing.service";
+import type { DeadLetterView } from "../services/dead-letters.service";
 import type { MemberView } from "../services/members.service";
 
 /** What moleculer-repl hands a custom command: its positional arguments by name. */
@@ -89,6 +90,22 @@ export const operatorCommands: OperatorCommand[] = [
 			}
 			console.log(`Audit FAILED: ${audit.mismatches.length} of ${audit.accounts} account(s) differ from their ledger:`);
 			console.table(audit.mismatches);
+		})
+	},
+	{
+		command: "dead-letters [action] [id]",
+		description: "Lists the dead letters waiting for a replay with their error; 'dead-letters replay <id|all>' sends them again to the group that failed them",
+		action: guarded(async (broker, { action, id }) => {
+			if (action === "replay") {
+				if (!id) throw Object.assign(new Error("Say which: dead-letters replay <id|all>"), { type: "USAGE" });
+				const result = await broker.call<{ count: number; replayed: DeadLetterView[] }, object>("dead-letters.replay", { id });
+				console.log(`Replayed ${result.count} dead letter(s)${result.replayed.length ? `: ${result.replayed.map(l => l.id).join(", ")}` : ""}`);
+				return;
+			}
+			if (action) throw Object.assign(new Error(`Unknown action '${String(action)}': dead-letters [replay <id|all>]`), { type: "USAGE" });
+			const page = await broker.call<{ rows: DeadLetterView[]; total: number }, object>("dead-letters.list", { pageSize: 100 });
+			console.log(`${page.total} dead letter(s) waiting for a replay${page.total > page.rows.length ? ` (the newest ${page.rows.length} below)` : ""}`);
+			for (const l of page.rows) console.log(`  ${l.id} ${l.channel} (${l.group}) after ${l.tries} tries, ${l.deadAt}: ${l.error} ${JSON.stringify(l.payload)}`);
 		})
 	}
 ];

@@ -62,4 +62,31 @@ describe("operator commands in the Moleculer REPL", () => {
 		expect(out).toContain("Audit FAILED: 1 of 1 account(s) differ from their ledger");
 		expect(out).toMatch(/r001.*700.*500/);
 	});
+
+	it("dead-letters lists a dead letter with its error, and replay applies it once", async () => {
+		// A dead letter as the channel adapter leaves it: an accrual the points group gave up on.
+		await system.stop();
+		const payload = { dealId: "dlsave1", memberId: "r001", merchantId: "20", dealAmount: 5000, type: "save", point: 50, dealDate: new Date().toISOString() };
+		const headers = { "x-dead-letter-id": "0deadletter0001", "x-original-channel": "onepoint.deal.saved", "x-original-group": "points", "x-error-message": "store unavailable", "x-tries": "9" };
+		const message = { _id: `zz${Date.now()}`, channel: "onepoint.DEAD_LETTERS", payload, headers, pending: ["dead-letters"] };
+		fs.appendFileSync(path.join(system.dataDir, "channels", "messages.db"), `${JSON.stringify(message)}\n`);
+		await system.start();
+		const accruals = async () => (await api("GET", "/points/r001/history?pageSize=100")).body.rows.filter((r: { cause: string }) => r.cause === "deal:dlsave1").length;
+
+		const listed = await eventually(async () => {
+			const out = await system.type("dead-letters", /dead letter\(s\) waiting.*\n(.*\n)*/);
+			expect(out).toContain("1 dead letter(s) waiting for a replay");
+			return out;
+		});
+		expect(listed).toMatch(/0deadletter0001 onepoint\.deal\.saved \(points\) after 9 tries, .*: store unavailable \{"dealId":"dlsave1"/);
+		expect(await accruals()).toBe(0);
+
+		expect(await system.type("dead-letters replay 0deadletter0001", /Replayed .*\n/)).toContain("Replayed 1 dead letter(s): 0deadletter0001");
+		await eventually(async () => expect(await accruals()).toBe(1));
+		expect(await system.type("dead-letters replay 0deadletter0001", /Error.*\n/)).toContain("Error [DEAD_LETTER_ALREADY_REPLAYED]");
+		expect(await system.type("dead-letters replay all", /Replayed .*\n/)).toContain("Replayed 0 dead letter(s)");
+		expect(await system.type("dead-letters", /waiting.*\n/)).toContain("0 dead letter(s) waiting");
+		await new Promise(resolve => setTimeout(resolve, 200));
+		expect(await accruals()).toBe(1);
+	});
 });
