@@ -156,6 +156,14 @@ export class EmbeddedAdapter extends BaseAdapter {
 		return this.messages.countAsync({ $not: { pending: { $size: 0 } } });
 	}
 
+	/** Has `group` handled every message of `channels` published before `before`? */
+	async caughtUp(channels: string[], group: string, before: Date): Promise<boolean> {
+		await this.opened;
+		// Message ids begin with their publishing time: 9 base-36 digits of milliseconds.
+		const waiting = await this.messages.countAsync({ channel: { $in: channels }, pending: group, _id: { $lt: before.getTime().toString(36).padStart(9, "0") } });
+		return waiting === 0;
+	}
+
 	/** Remembers (durably) that `group` consumes `channel`; the first group also takes the orphans. */
 	private async registerGroup(channel: string, group: string): Promise<void> {
 		if (this.groupsOf(channel).has(group)) return;

@@ -16,7 +16,7 @@
  */
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
-import type { JsMsg, NatsError } from "nats";
+import type { JetStreamManager, JsMsg, NatsError } from "nats";
 import { sortableId } from "./ids";
 import { DEAD_LETTER, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
 
@@ -31,6 +31,7 @@ export interface DurableNatsOptions extends RetryOptions {
 
 export class DurableNatsAdapter extends NatsAdapter {
 	declare stopping: boolean;
+	declare manager: JetStreamManager;
 	declare opts: InstanceType<typeof NatsAdapter>["opts"] & DurableNatsOptions;
 
 	constructor(url: string, opts: DurableNatsOptions) {
@@ -54,6 +55,19 @@ export class DurableNatsAdapter extends NatsAdapter {
 			await this.createStream(channelName.split(".").join("_"), [channelName], {} as never);
 			await super.publish(channelName, payload, { ...opts } as never);
 		}
+	}
+
+	/** Has `group` acknowledged every message of `channels` published before `before`? */
+	async caughtUp(channels: string[], group: string, before: Date): Promise<boolean> {
+		for (const channel of channels) {
+			const stream = channel.split(".").join("_");
+			const info = await this.manager.consumers.info(stream, group.split(".").join("_"));
+			if (info.num_pending + info.num_ack_pending === 0) continue;
+			// Everything up to the ack floor is acknowledged: the next message is the oldest waiting one.
+			const oldest = await this.manager.streams.getMessage(stream, { seq: info.ack_floor.stream_seq + 1 });
+			if (oldest.time < before) return false;
+		}
+		return true;
 	}
 
 	override createConsumerHandler(chan: Chan): (err: NatsError | null, message: JsMsg | null) => Promise<void> {

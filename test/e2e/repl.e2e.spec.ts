@@ -32,18 +32,18 @@ describe("operator commands in the Moleculer REPL", () => {
 		expect(await system.type("member nobody", /Error/)).toContain("Error [MEMBER_NOT_FOUND]");
 	});
 
-	it("settle <merchantId> <YYYYMM> settles once: (100 + 200 + 200) × 0.98 = 490", async () => {
-		const out = await system.type(`settle 20 ${month}`, /Settlement .*\n/);
-		expect(out).toMatch(new RegExp(`Settlement 20 ${month}: 500 points used in 3 deal\\(s\\), fee 10, billing amount 490`));
-		expect((await api("GET", `/billings/20/${month}`)).body).toMatchObject({ billingAmount: 490 });
-		const again = await system.type(`settle 20 ${month}`, /Settlement .*\n/);
-		expect(again.match(/settled (\S+)\)/)?.[1]).toBe(out.match(/settled (\S+)\)/)?.[1]);
+	it("settle <merchantId> <YYYYMM> shows this month's provisional settlement and its lines: (100 + 200 + 200) × 0.98 = 490", async () => {
+		const out = await system.type(`settle 20 ${month}`, /Settlement [\s\S]*└/);
+		expect(out).toMatch(new RegExp(`Settlement 20 ${month} provisional: 500 points used in 3 deal\\(s\\), adjustments 0, fee 10, billing amount 490 \\(as of `));
+		expect(out.match(/│ +'use' +│/g)).toHaveLength(3);
+		expect((await api("GET", `/billings/20/${month}`)).body).toMatchObject({ status: "provisional", billingAmount: 490 });
 		expect(await system.type("settle 20 2026-13", /Error/)).toContain("Error [VALIDATION_ERROR]");
+		expect(await system.type("settle 20 000101", /Error/)).toContain("Error [VALIDATION_ERROR]");
 	});
 
-	it("month-end [YYYYMM] runs the month-end job, and a rerun settles nothing new", async () => {
-		const out = await system.type(`month-end ${month}`, /Month-end .*\n(.*\n)*.*billing amount/);
-		expect(out).toContain(`Month-end ${month}: 1 merchant(s), 0 newly settled`);
+	it("month-end [YYYYMM] runs the month-end job: a month not yet ended stays open", async () => {
+		expect(await system.type(`month-end ${month}`, /Month-end.*\n/)).toMatch(/Month-end: nothing more can close yet \(closed through no month\)/);
+		expect((await api("GET", `/billings/20/${month}`)).body).toMatchObject({ status: "provisional" });
 	});
 
 	it("audit checks every account against its ledger", async () => {
