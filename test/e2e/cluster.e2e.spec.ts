@@ -62,7 +62,7 @@ describe("a cluster over NATS", () => {
 			startNode("points", "points"),
 			startNode("members", "members"),
 			startNode("deals", "deals"),
-			startNode("billing", "billing"),
+			startNode("billing", "billing,dead-letters"),
 			startNode("orders", "orders,deliveries,my-points"),
 			startNode("payments", "payments")
 		]);
