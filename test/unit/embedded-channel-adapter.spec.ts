@@ -147,4 +147,15 @@ describe("embedded channel adapter", () => {
 		expect(seen).toEqual([{ id: "dl1" }]);
 		expect(others).toEqual([{ id: "dl1" }]);
 	});
+
+	it("tells whether a group has handled everything published before a moment (billing's month close)", async () => {
+		const { broker, send } = await start([consumer([], 1)]);
+		const adapter = (broker as unknown as { channelAdapter: { caughtUp(channels: string[], group: string, before: Date): Promise<boolean> } }).channelAdapter;
+		await send("thing.happened", { id: "c1" });
+		const published = Date.now();
+		expect(await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published + 60_000))).toBe(false);
+		expect(await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published - 60_000))).toBe(true);
+		// The retry a second later succeeds.
+		await eventually(async () => expect(await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published + 60_000))).toBe(true));
+	});
 });

@@ -87,4 +87,17 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 		expect(replayed).toEqual(["b1", "b2"]);
 		expect(await broker.call("dead-letters.count")).toEqual({ waiting: 0 });
 	});
+
+	it("tells whether a group has acknowledged everything published before a moment (billing's month close)", async () => {
+		const adapter = (broker as unknown as { channelAdapter: { caughtUp(channels: string[], group: string, before: Date): Promise<boolean> } }).channelAdapter;
+		outageUntil = Date.now() + 3_000;
+		await send("thing.saved", { id: "late1" });
+		const published = new Date();
+		const later = new Date(published.getTime() + 60_000);
+		expect(await adapter.caughtUp(["onepoint.thing.saved"], "store-user", later)).toBe(false);
+		// Before the waiting message was published, the group had handled everything.
+		expect(await adapter.caughtUp(["onepoint.thing.saved"], "store-user", new Date(published.getTime() - 60_000))).toBe(true);
+		await eventually(async () => expect(await adapter.caughtUp(["onepoint.thing.saved"], "store-user", later)).toBe(true), 30_000, 200);
+		expect(applied.get("late1")).toBe(1);
+	});
 });
