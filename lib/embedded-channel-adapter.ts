@@ -65,9 +65,11 @@ export class EmbeddedAdapter extends BaseAdapter {
 	private groups!: Datastore<{ _id: string; channel: string; group: string }>;
 	private readonly knownGroups = new Map<string, Set<string>>();
 	private readonly consumers = new Map<string, Consumer>();
-	/** Settles when `connect` has loaded the store and the groups; publishing waits for it. */
+	/** Settles when `connect` has loaded the store and the groups; publishing waits for it. After a
+	 * disconnect it is rejected, so that a late publish fails (the outbox keeps the event). */
 	private opened!: Promise<void>;
 	private open!: (err?: Error) => void;
+	private stopped = false;
 
 	constructor(opts: EmbeddedAdapterOptions) {
 		super(opts);
@@ -81,6 +83,8 @@ export class EmbeddedAdapter extends BaseAdapter {
 	}
 
 	override async connect(): Promise<void> {
+		if (this.stopped) this.resetOpened();
+		this.stopped = false;
 		try {
 			await this.load();
 			this.connected = true;
@@ -111,11 +115,14 @@ export class EmbeddedAdapter extends BaseAdapter {
 
 	override async disconnect(): Promise<void> {
 		this.open(new Error("The channel adapter stopped before it connected"));
-		this.resetOpened();
+		// Handlers still in flight may dead-letter: the store stays open for them until they are done.
 		await Promise.all([...this.consumers.values()].map(c => this.stopConsumer(c)));
 		this.consumers.clear();
 		if (this.messages) await this.messages.compactDatafileAsync();
 		this.connected = false;
+		this.stopped = true;
+		this.resetOpened();
+		this.open(new Error("The channel adapter has stopped"));
 	}
 
 	override async subscribe(chan: Channel): Promise<void> {

@@ -154,6 +154,20 @@ describe("a cluster over NATS", () => {
 			500
 		);
 
+		// A cancelled order nets to nothing whether or not its events have landed: wait for its accrual
+		// too (a handler that failed while NATS was down is redelivered after a backoff of seconds).
+		await eventually(
+			async () => {
+				for (const memberId of members) {
+					const causes = new Set((await all<Entry>(`/points/${memberId}/history`)).map(e => e.cause));
+					for (const order of await all<Order>(`/orders?memberId=${memberId}`))
+						if (order.status === "paid" || order.status === "cancelled") expect({ order: order.id, accrued: causes.has(`order:${order.id}`) }).toEqual({ order: order.id, accrued: true });
+				}
+			},
+			120_000,
+			1000
+		);
+
 		let paidOrders = 0;
 		for (const memberId of members) {
 			const ledger = await all<Entry>(`/points/${memberId}/history`);
