@@ -37,7 +37,17 @@ const INTERNAL_MIDDLEWARES = [
 
 type MetricsReporter = MetricRegistry.MetricsReporter;
 
-const CHANNEL_OPTIONS = { maxInFlight: 16, maxRetries: 8, deadLettering: { enabled: true, queueName: "DEAD_LETTERS" } };
+/**
+ * A failed message is retried 8 times, after 1, 2, 4 … 60 s (about 3 minutes in all), so a store
+ * that is down for a minute loses nothing; then it goes to the DEAD_LETTERS channel.
+ */
+const CHANNEL_OPTIONS = {
+	maxInFlight: 16,
+	maxRetries: 8,
+	retryDelayMs: 1000,
+	maxRetryDelayMs: 60_000,
+	deadLettering: { enabled: true, queueName: "DEAD_LETTERS" }
+};
 
 /**
  * Durable channels: NATS JetStream when the nodes talk over NATS (they then share the streams),

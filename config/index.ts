@@ -3,6 +3,7 @@
  * `npm start` run on an empty machine; nothing else in the code reads `process.env`.
  */
 import path from "node:path";
+import { parseRate } from "../lib/rates";
 
 export interface Config {
 	nodeEnv: string;
@@ -17,10 +18,10 @@ export interface Config {
 	transporter?: string;
 	/** The node's Prometheus `/metrics` and `/live`, `/ready` probes (`0`: any free port; `off`: none). */
 	metricsPort?: number;
-	/** Points earned per unit of a `save` deal's amount. */
-	earnRate: number;
-	/** Share of used points a merchant pays as a fee at settlement. */
-	settlementFee: number;
+	/** Points earned per unit of a `save` deal's amount, in basis points (`EARN_RATE=0.01` is 100). */
+	earnRateBp: number;
+	/** Share of used points a merchant pays as a fee at settlement, in basis points (`0.02` is 200). */
+	settlementFeeBp: number;
 	/** How long a synchronous call to another service may take before it counts as failed (ms). */
 	callTimeoutMs: number;
 	/** What a 503 asks the client to wait before retrying (s). */
@@ -81,8 +82,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		mongoUri: text(env, "MONGO_URI"),
 		transporter: text(env, "TRANSPORTER"),
 		metricsPort: text(env, "METRICS_PORT") === "off" ? undefined : number(env, "METRICS_PORT", 3030),
-		earnRate: number(env, "EARN_RATE", 0.01),
-		settlementFee: number(env, "SETTLEMENT_FEE", 0.02),
+		earnRateBp: parseRate("EARN_RATE", text(env, "EARN_RATE") ?? "0.01"),
+		settlementFeeBp: parseRate("SETTLEMENT_FEE", text(env, "SETTLEMENT_FEE") ?? "0.02"),
 		callTimeoutMs: number(env, "CALL_TIMEOUT_MS", 2000),
 		retryAfterSeconds: number(env, "RETRY_AFTER_SECONDS", 5),
 		apiKeys: parseApiKeys(text(env, "API_KEYS")),

@@ -5,7 +5,8 @@
  * one line with the error's code, never a stack.
  */
 import type { ServiceBroker } from "moleculer";
-import type { Settlement as StoredSettlement } from "../services/billing.service";
+import type { SettlementView as Settlement } from "../services/billing.service";
+import type { DeadLetterView } from "../services/dead-letters.service";
 import type { MemberView } from "../services/members.service";
 
 /** What moleculer-repl hands a custom command: its positional arguments by name. */
@@ -21,8 +22,6 @@ interface LedgerPage {
 	rows: { at: string; cause: string; kind: string; amount: number; balanceAfter: number; shortfall?: number }[];
 	total: number;
 }
-
-type Settlement = Omit<StoredSettlement, "_id">;
 
 interface Audit {
 	accounts: number;
@@ -45,7 +44,7 @@ function guarded(run: (broker: ServiceBroker, args: Args) => Promise<void>): Ope
 }
 
 const settlementLine = (s: Settlement) =>
-	`${s.merchantId} ${s.billingMonth}: ${s.usedPoints} points used in ${s.dealCount} deal(s), fee ${s.fee}, billing amount ${s.billingAmount} (settled ${s.settledAt})`;
+	`${s.merchantId} ${s.billingMonth} ${s.status}: ${s.usedPoints} points used in ${s.dealCount} deal(s), adjustments ${s.adjustmentPoints}, fee ${s.fee}, billing amount ${s.billingAmount} (${s.status === "final" ? `settled ${s.settledAt}` : `as of ${s.computedAt}`})`;
 
 export const operatorCommands: OperatorCommand[] = [
 	{
@@ -63,19 +62,26 @@ export const operatorCommands: OperatorCommand[] = [
 	},
 	{
 		command: "settle <merchantId> <billingMonth>",
-		description: "Settles a merchant's month (YYYYMM); settling again shows the same settlement",
+		description: "A merchant's settlement of a month (YYYYMM) and its lines: provisional while the month is open, final once it has closed",
 		action: guarded(async (broker, { merchantId, billingMonth }) => {
 			const settlement = await broker.call<Settlement, object>("billing.settle", { merchantId, billingMonth });
 			console.log(`Settlement ${settlementLine(settlement)}`);
+			if (settlement.lines.length) console.table(settlement.lines);
 		})
 	},
 	{
 		command: "month-end [billingMonth]",
-		description: "Runs the month-end job: settles every merchant active in the month (default: the last one)",
+		description: "Runs the month-end job: closes every month up to this one (default: the last one) that can close",
 		action: guarded(async (broker, { billingMonth }) => {
-			const closed = await broker.call<{ billingMonth: string; created: number; settlements: Settlement[] }, object>("billing.closeMonth", billingMonth ? { billingMonth } : {});
-			console.log(`Month-end ${closed.billingMonth}: ${closed.settlements.length} merchant(s), ${closed.created} newly settled`);
-			for (const settlement of closed.settlements) console.log(`  ${settlementLine(settlement)}`);
+			const closed = await broker.call<{ closedThrough: string | null; months: { billingMonth: string; created: number; settlements: Settlement[] }[] }, object>(
+				"billing.closeMonth",
+				billingMonth ? { billingMonth } : {}
+			);
+			if (!closed.months.length) console.log(`Month-end: nothing more can close yet (closed through ${closed.closedThrough ?? "no month"})`);
+			for (const month of closed.months) {
+				console.log(`Month-end ${month.billingMonth}: ${month.settlements.length} merchant(s), ${month.created} made final`);
+				for (const settlement of month.settlements) console.log(`  ${settlementLine(settlement)}`);
+			}
 		})
 	},
 	{
@@ -89,6 +95,22 @@ export const operatorCommands: OperatorCommand[] = [
 			}
 			console.log(`Audit FAILED: ${audit.mismatches.length} of ${audit.accounts} account(s) differ from their ledger:`);
 			console.table(audit.mismatches);
+		})
+	},
+	{
+		command: "dead-letters [action] [id]",
+		description: "Lists the dead letters waiting for a replay with their error; 'dead-letters replay <id|all>' sends them again to the group that failed them",
+		action: guarded(async (broker, { action, id }) => {
+			if (action === "replay") {
+				if (!id) throw Object.assign(new Error("Say which: dead-letters replay <id|all>"), { type: "USAGE" });
+				const result = await broker.call<{ count: number; replayed: DeadLetterView[] }, object>("dead-letters.replay", { id });
+				console.log(`Replayed ${result.count} dead letter(s)${result.replayed.length ? `: ${result.replayed.map(l => l.id).join(", ")}` : ""}`);
+				return;
+			}
+			if (action) throw Object.assign(new Error(`Unknown action '${String(action)}': dead-letters [replay <id|all>]`), { type: "USAGE" });
+			const page = await broker.call<{ rows: DeadLetterView[]; total: number }, object>("dead-letters.list", { pageSize: 100 });
+			console.log(`${page.total} dead letter(s) waiting for a replay${page.total > page.rows.length ? ` (the newest ${page.rows.length} below)` : ""}`);
+			for (const l of page.rows) console.log(`  ${l.id} ${l.channel} (${l.group}) after ${l.tries} tries, ${l.deadAt}: ${l.error} ${JSON.stringify(l.payload)}`);
 		})
 	}
 ];

@@ -6,6 +6,11 @@
  * guarantees of the real ones without a server: a message waits until every consumer group that
  * subscribed to its channel has handled it (at-least-once), failed handlers are retried with backoff,
  * and after `maxRetries` the message goes to the dead-letter channel instead of vanishing.
+ *
+ * Publishing waits until `connect` has loaded the store and the consumer groups: the broker connects
+ * the adapter only after its services have started, and a service may publish from `started`
+ * (the outbox sends what a crash left). A message published before any of its channel's groups was
+ * known (an orphan) is handed to the groups known at the next connect, or to the first to subscribe.
  */
 import path from "node:path";
 import fs from "node:fs";
@@ -14,6 +19,8 @@ import { openDatastore } from "./nedb";
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { Logger, ServiceBroker } from "moleculer";
+import { sortableId } from "./ids";
+import { DEAD_LETTER, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
 
 const BaseAdapter = Adapters.Base;
 
@@ -38,12 +45,9 @@ interface Consumer {
 	timer?: NodeJS.Timeout;
 }
 
-export interface EmbeddedAdapterOptions {
+export interface EmbeddedAdapterOptions extends RetryOptions {
 	dataDir: string;
 	maxInFlight?: number;
-	maxRetries?: number;
-	/** First retry delay; doubled on each further failure. */
-	retryDelayMs?: number;
 	deadLettering?: { enabled: boolean; queueName?: string };
 }
 
@@ -54,19 +58,44 @@ function messageId(): string {
 }
 
 export class EmbeddedAdapter extends BaseAdapter {
-	declare opts: InstanceType<typeof BaseAdapter>["opts"] & EmbeddedAdapterOptions & { retryDelayMs: number };
+	declare opts: InstanceType<typeof BaseAdapter>["opts"] & EmbeddedAdapterOptions;
 	declare broker: ServiceBroker;
 	declare logger: Logger;
 	private messages!: Datastore<StoredMessage>;
 	private groups!: Datastore<{ _id: string; channel: string; group: string }>;
 	private readonly knownGroups = new Map<string, Set<string>>();
 	private readonly consumers = new Map<string, Consumer>();
+	/** Settles when `connect` has loaded the store and the groups; publishing waits for it. After a
+	 * disconnect it is rejected, so that a late publish fails (the outbox keeps the event). */
+	private opened!: Promise<void>;
+	private open!: (err?: Error) => void;
+	private stopped = false;
 
 	constructor(opts: EmbeddedAdapterOptions) {
-		super({ retryDelayMs: 200, ...opts });
+		super(opts);
+		this.resetOpened();
+	}
+
+	private resetOpened(): void {
+		this.opened = new Promise((resolve, reject) => (this.open = err => (err ? reject(err) : resolve())));
+		// A publish that never came does not make the rejection unhandled.
+		this.opened.catch(() => undefined);
 	}
 
 	override async connect(): Promise<void> {
+		if (this.stopped) this.resetOpened();
+		this.stopped = false;
+		try {
+			await this.load();
+			this.connected = true;
+			this.open();
+		} catch (err) {
+			this.open(err as Error);
+			throw err;
+		}
+	}
+
+	private async load(): Promise<void> {
 		const dir = path.join(this.opts.dataDir, "channels");
 		fs.mkdirSync(dir, { recursive: true });
 		this.messages = openDatastore<StoredMessage>(path.join(dir, "messages.db"));
@@ -74,18 +103,26 @@ export class EmbeddedAdapter extends BaseAdapter {
 		await Promise.all([this.messages.loadDatabaseAsync(), this.groups.loadDatabaseAsync()]);
 		await this.messages.ensureIndexAsync({ fieldName: "channel" });
 		for (const { channel, group } of await this.groups.findAsync({})) this.groupsOf(channel).add(group);
+		// Orphans of channels whose groups are now known (published by an earlier run before its
+		// groups were loaded) go to those groups.
+		for (const [channel, groups] of this.knownGroups)
+			await this.messages.updateAsync({ channel, orphan: true }, { $set: { pending: [...groups] }, $unset: { orphan: true } }, { multi: true });
 		// Every local service's groups are known before anything is published, even on a fresh data
 		// folder: a message published before a consumer's first subscription still waits for it.
 		for (const service of this.broker.services)
 			for (const [name, def] of Object.entries(service.schema.channels ?? {})) await this.registerGroup(this.addPrefixTopic(name), def.group ?? service.fullName);
-		this.connected = true;
 	}
 
 	override async disconnect(): Promise<void> {
+		this.open(new Error("The channel adapter stopped before it connected"));
+		// Handlers still in flight may dead-letter: the store stays open for them until they are done.
 		await Promise.all([...this.consumers.values()].map(c => this.stopConsumer(c)));
 		this.consumers.clear();
 		if (this.messages) await this.messages.compactDatafileAsync();
 		this.connected = false;
+		this.stopped = true;
+		this.resetOpened();
+		this.open(new Error("The channel adapter has stopped"));
 	}
 
 	override async subscribe(chan: Channel): Promise<void> {
@@ -107,7 +144,9 @@ export class EmbeddedAdapter extends BaseAdapter {
 	}
 
 	override async publish(channelName: string, payload: unknown, opts: { headers?: Record<string, string> } = {}): Promise<void> {
-		const groups = [...this.groupsOf(channelName)];
+		await this.opened;
+		const replayTo = opts.headers?.[REPLAY_GROUP];
+		const groups = replayTo ? [replayTo] : [...this.groupsOf(channelName)];
 		await this.messages.insertAsync({
 			_id: messageId(),
 			channel: channelName,
@@ -122,6 +161,14 @@ export class EmbeddedAdapter extends BaseAdapter {
 	/** Messages some subscribed group has still to handle: zero means every consumer has caught up. */
 	async backlog(): Promise<number> {
 		return this.messages.countAsync({ $not: { pending: { $size: 0 } } });
+	}
+
+	/** Has `group` handled every message of `channels` published before `before`? */
+	async caughtUp(channels: string[], group: string, before: Date): Promise<boolean> {
+		await this.opened;
+		// Message ids begin with their publishing time: 9 base-36 digits of milliseconds.
+		const waiting = await this.messages.countAsync({ channel: { $in: channels }, pending: group, _id: { $lt: before.getTime().toString(36).padStart(9, "0") } });
+		return waiting === 0;
 	}
 
 	/** Remembers (durably) that `group` consumes `channel`; the first group also takes the orphans. */
@@ -215,15 +262,24 @@ export class EmbeddedAdapter extends BaseAdapter {
 		if (tries <= (chan.maxRetries ?? 0)) {
 			this.logger.warn(`'${chan.name}' (${chan.group}) failed, retry ${tries}:`, err.message);
 			this.metricsIncrement("moleculer.channels.messages.retries.total", chan);
-			consumer.failures.set(msg._id, { tries, notBefore: Date.now() + this.opts.retryDelayMs * 2 ** (tries - 1) });
+			consumer.failures.set(msg._id, { tries, notBefore: Date.now() + retryDelay(tries, this.opts) });
 			return;
 		}
 		consumer.failures.delete(msg._id);
 		if (chan.deadLettering?.enabled) {
 			this.logger.error(`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dead-lettered:`, err.message);
 			this.metricsIncrement("moleculer.channels.messages.deadLettering.total", chan);
+			// A replayed message that fails again is a new dead letter, for the dead-letter channel's own groups.
+			const { [REPLAY_GROUP]: _replayedTo, ...headers } = msg.headers ?? {};
 			await this.publish(this.addPrefixTopic(chan.deadLettering.queueName), msg.payload, {
-				headers: { ...msg.headers, "x-original-channel": chan.name, "x-original-group": chan.group, "x-error-message": err.message }
+				headers: {
+					...headers,
+					[DEAD_LETTER.id]: sortableId(),
+					[DEAD_LETTER.channel]: chan.name,
+					[DEAD_LETTER.group]: chan.group,
+					[DEAD_LETTER.error]: err.message,
+					[DEAD_LETTER.tries]: String(tries)
+				}
 			});
 		} else {
 			this.logger.error(`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dropped:`, err.message);

@@ -7,16 +7,34 @@
  * - a publish while the adapter is stopping fails instead of returning as if sent (the stock
  *   adapter drops it silently), so the outbox keeps the event and sends it after the restart;
  * - a publish to a channel nobody has subscribed to yet creates its stream (the stock adapter
- *   creates streams only when subscribing), so the event waits there for its first consumer.
+ *   creates streams only when subscribing), so the event waits there for its first consumer;
+ * - a failed message is redelivered after a growing delay (the stock adapter negatively acknowledges
+ *   it without one, so all its retries happen at once and a few seconds of trouble dead-letter it);
+ * - a dead letter carries its error and a unique id, and is acknowledged only once it is stored in
+ *   DEAD_LETTERS (the stock adapter acknowledges it even when moving it failed);
+ * - a replayed message (header `x-replay-group`) is handled by that group only.
  */
 import { Adapters } from "@moleculer/channels";
+import type { Channel } from "@moleculer/channels/types/src";
+import type { JetStreamManager, JsMsg, NatsError } from "nats";
+import { sortableId } from "./ids";
+import { DEAD_LETTER, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
 
 const NatsAdapter = Adapters.NATS;
 
+type Chan = Channel & { unsubscribing?: boolean; deadLettering: { enabled: boolean; queueName: string } };
+
+export interface DurableNatsOptions extends RetryOptions {
+	maxInFlight: number;
+	deadLettering: { enabled: boolean; queueName: string };
+}
+
 export class DurableNatsAdapter extends NatsAdapter {
 	declare stopping: boolean;
+	declare manager: JetStreamManager;
+	declare opts: InstanceType<typeof NatsAdapter>["opts"] & DurableNatsOptions;
 
-	constructor(url: string, opts: { maxInFlight: number; maxRetries: number; deadLettering: { enabled: boolean; queueName: string } }) {
+	constructor(url: string, opts: DurableNatsOptions) {
 		super({
 			...opts,
 			nats: {
@@ -37,5 +55,74 @@ export class DurableNatsAdapter extends NatsAdapter {
 			await this.createStream(channelName.split(".").join("_"), [channelName], {} as never);
 			await super.publish(channelName, payload, { ...opts } as never);
 		}
+	}
+
+	/** Has `group` acknowledged every message of `channels` published before `before`? */
+	async caughtUp(channels: string[], group: string, before: Date): Promise<boolean> {
+		for (const channel of channels) {
+			const stream = channel.split(".").join("_");
+			const info = await this.manager.consumers.info(stream, group.split(".").join("_"));
+			if (info.num_pending + info.num_ack_pending === 0) continue;
+			// Everything up to the ack floor is acknowledged: the next message is the oldest waiting one.
+			const oldest = await this.manager.streams.getMessage(stream, { seq: info.ack_floor.stream_seq + 1 });
+			if (oldest.time < before) return false;
+		}
+		return true;
+	}
+
+	override createConsumerHandler(chan: Chan): (err: NatsError | null, message: JsMsg | null) => Promise<void> {
+		return async (err, message) => {
+			if (chan.unsubscribing || !message) return;
+			if (err) return void this.logger.error(err);
+			const replayTo = message.headers?.get(REPLAY_GROUP);
+			if (replayTo && replayTo !== chan.group) return message.ack();
+			this.addChannelActiveMessages(chan.id, [message.seq]);
+			try {
+				message.working();
+				await chan.handler(this.serializer.deserialize(Buffer.from(message.data)), message);
+				message.ack();
+			} catch (error) {
+				await this.failed(chan, message, error as Error);
+			} finally {
+				this.removeChannelActiveMessages(chan.id, [message.seq]);
+			}
+		};
+	}
+
+	/** Redelivered later, or after the last retry moved to the dead letters (and only then acknowledged). */
+	private async failed(chan: Chan, message: JsMsg, error: Error): Promise<void> {
+		this.metricsIncrement("moleculer.channels.messages.errors.total", chan);
+		// The first delivery counts 1: `tries` is how many times the handler has failed it.
+		const tries = message.info.redeliveryCount;
+		if (tries <= (chan.maxRetries ?? 0)) {
+			this.logger.warn(`'${chan.name}' (${chan.group}) failed, retry ${tries} in ${retryDelay(tries, this.opts) / 1000} s:`, error.message);
+			this.metricsIncrement("moleculer.channels.messages.retries.total", chan);
+			return message.nak(retryDelay(tries, this.opts));
+		}
+		if (!chan.deadLettering.enabled) {
+			this.logger.error(`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dropped:`, error.message);
+			return message.ack();
+		}
+		const headers: Record<string, string> = {};
+		for (const [key, values] of message.headers ?? []) if (key !== REPLAY_GROUP) headers[key] = values[0];
+		try {
+			await this.publish(chan.deadLettering.queueName, message.data, {
+				raw: true,
+				headers: {
+					...headers,
+					[DEAD_LETTER.id]: sortableId(),
+					[DEAD_LETTER.channel]: chan.name,
+					[DEAD_LETTER.group]: chan.group,
+					[DEAD_LETTER.error]: error.message,
+					[DEAD_LETTER.tries]: String(tries)
+				}
+			});
+		} catch (moveError) {
+			this.logger.error(`'${chan.name}' (${chan.group}) could not be dead-lettered; retrying later:`, (moveError as Error).message);
+			return message.nak(this.opts.maxRetryDelayMs);
+		}
+		this.logger.error(`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dead-lettered:`, error.message);
+		this.metricsIncrement("moleculer.channels.messages.deadLettering.total", chan);
+		message.ack();
 	}
 }

@@ -5,7 +5,7 @@
  * to, and drain, each node on its own.
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
-import { MetricReporters, type ServiceBroker } from "moleculer";
+import { MetricReporters, type MetricRegistry, type ServiceBroker } from "moleculer";
 
 /** Every local service started, the channel adapter connected, and not stopping. */
 export function isReady(broker: ServiceBroker): boolean {
@@ -14,6 +14,21 @@ export function isReady(broker: ServiceBroker): boolean {
 }
 
 export class OpsReporter extends MetricReporters.Prometheus {
+	declare server: import("node:http").Server;
+	declare opts: { port: number };
+
+	/**
+	 * Moleculer's reporter listens without an error handler: a port taken by another node on the
+	 * host would crash the process with an unhandled stack. Say which variable to set, and stop.
+	 */
+	override init(registry: MetricRegistry): void {
+		super.init(registry);
+		this.server.on("error", (err: NodeJS.ErrnoException) => {
+			const why = err.code === "EADDRINUSE" ? "is in use (another node on this host?)" : `cannot be opened (${err.code ?? err.message})`;
+			registry.broker.logger.fatal(`METRICS_PORT ${this.opts.port} ${why}: give each node on a host its own METRICS_PORT, 0 for any free port, or off for none.`);
+			process.exit(1);
+		});
+	}
 
 	override handler(req: IncomingMessage, res: ServerResponse): void {
 		if (req.url === "/live" || req.url === "/ready") {

@@ -9,7 +9,7 @@ import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import fs from "node:fs";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import path from "node:path";
-import type { Context, Service, ServiceSchema } from "moleculer";
+import { Errors, type Context, type Service, type ServiceSchema } from "moleculer";
 import ApiGateway, { Errors as WebErrors, type ApiSettingsSchema } from "moleculer-web";
 import { config, type ApiKey, type Role } from "../config";
 import { forbidden } from "../lib/access";
@@ -67,6 +67,54 @@ const MERCHANT_ACTIONS: Record<string, string | true> = {
 
 const PUBLIC_ACTIONS = new Set(["api.health"]);
 
+/**
+ * Keys that reach an object's prototype. moleculer-web merges body and query into the params with
+ * `Object.assign`, which turns a `__proto__` key into the params' prototype: strict validation never
+ * sees it, and optional fields could be read through it.
+ */
+const HOSTILE_KEYS = new Set(["__proto__", "constructor", "prototype"]);
+
+/** The path of the first hostile key in a parsed JSON body, at any depth (iteratively: no stack to exhaust). */
+export function hostileKeyIn(value: unknown, root = "body"): string | undefined {
+	const stack: [unknown, string][] = [[value, root]];
+	while (stack.length) {
+		const [node, at] = stack.pop() as [unknown, string];
+		if (node === null || typeof node !== "object") continue;
+		for (const key of Object.keys(node)) {
+			if (HOSTILE_KEYS.has(key)) return `${at}.${key}`;
+			stack.push([(node as Record<string, unknown>)[key], `${at}.${key}`]);
+		}
+	}
+	return undefined;
+}
+
+/** The first hostile key in a raw query string (`a[__proto__][b]=1`, `constructor=x`), before qs drops or merges it. */
+export function hostileKeyInQuery(url: string): string | undefined {
+	const query = url.split("?", 2)[1];
+	if (!query) return undefined;
+	for (const pair of query.split("&")) {
+		let name = pair.split("=", 1)[0].replace(/\+/g, " ");
+		try {
+			name = decodeURIComponent(name);
+		} catch {
+			// Undecodable: qs keeps it as it is, and so do we.
+		}
+		if (name.split(/[[\].]/).some(segment => HOSTILE_KEYS.has(segment))) return `query.${name}`;
+	}
+	return undefined;
+}
+
+/** Route middleware, after the body parser and before moleculer-web merges the params. */
+function refuseHostileKeys(req: IncomingMessage & { body?: unknown }, _res: ServerResponse, next: (err?: Error) => void): void {
+	const key = hostileKeyIn(req.body) ?? hostileKeyInQuery(req.url ?? "");
+	if (!key) return next();
+	next(
+		new Errors.ValidationError(`The key '${key}' is not allowed`, "VALIDATION_ERROR", [
+			{ type: "forbiddenKey", field: key, message: `The key '${key}' is not allowed.` }
+		])
+	);
+}
+
 const sha256 = (text: string) => createHash("sha256").update(text).digest();
 
 /** The rate limiter counts per token (hashed: it keeps its keys in memory), or per address without one. */
@@ -116,6 +164,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 					key: rateLimitKey
 				},
 				bodyParsers: { json: { strict: true, limit: "1mb" }, urlencoded: false },
+				use: [refuseHostileKeys],
 				aliases: {
 					"GET /health": "api.health",
 					"GET /me": "api.me",

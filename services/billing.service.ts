@@ -1,20 +1,31 @@
 /**
- * Billing: the month-end settlement of each merchant. It reads only its own CQRS view — one row per
- * successful, not cancelled `use` deal — fed by deal events, never the deals store.
- * billingAmount = floor(points used at the merchant in the month × (1 − fee)). A merchant and month
- * are settled once: asking again returns the same settlement. Months are calendar months in UTC.
+ * Billing: each merchant's monthly settlement. It reads only its own CQRS view — one row per `use`
+ * deal, fed by `deal.used` and `deal.cancelled`, never the deals store. Months are calendar months
+ * in UTC; billingAmount = (points of the settlement's lines) × (1 − fee), toward zero, in basis points.
  *
- * The month-end job settles every merchant with activity in the month that just ended, a grace
- * period (`MONTH_END_GRACE_MINUTES`) after the month's end so late events reach the view first. It
- * checks the clock once a minute rather than sleeping until the month's end, so a node that was
- * down at the time, or a clock that jumped, still closes the month. Settling is idempotent: a rerun,
- * or two billing nodes closing the same month, changes nothing.
+ * A month that has not closed is settled `provisional`: its figures are recomputed on every read and
+ * request. A month closes — its settlements become `final` and never change — once its end plus
+ * `MONTH_END_GRACE_MINUTES` has passed and this service has handled every deal event published
+ * before then. Months close in order. A change that reaches a closed month (a late use, a
+ * cancellation after the settlement) is carried into the merchant's next open settlement as an
+ * adjustment line naming the deal and its month: never lost, and no final figure changes.
+ *
+ * How: every view row knows how many of its points final settlements have billed (`billed`, with the
+ * settlements that did it, so applying one twice changes nothing). What a row should be billed is its
+ * points, or 0 once cancelled; a difference is a line of the month's settlement, or an adjustment in
+ * the first open month once the row's own month has closed. Rows are `open` until they agree.
+ *
+ * The month-end job checks the clock once a minute and closes every past month that can close, so a
+ * node down through two month-ends, or a clock that jumped, still closes each month. Closing is
+ * idempotent: a rerun, or two billing nodes closing the same month, changes nothing.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { config } from "../config";
 import { assertOwnMerchant, type CallerMeta } from "../lib/access";
 import { clientError, notFound } from "../lib/errors";
+import { KeyedLock } from "../lib/keyed-lock";
 import * as P from "../lib/params";
+import { rateOf, settlementAmounts } from "../lib/rates";
 import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
 
 export interface BillingAmountView {
@@ -25,18 +36,49 @@ export interface BillingAmountView {
 	point?: number;
 	dealDate?: string;
 	cancelled?: boolean;
+	/** Points billed by final settlements, and which settlements (`<merchantId>:<YYYYMM>`) billed them. */
+	billed?: number;
+	billedBy?: Record<string, true>;
+	/** Set by every change; cleared once what is billed matches what should be. */
+	open?: boolean;
+}
+
+export interface SettlementLine {
+	kind: "use" | "adjustment";
+	dealId: string;
+	dealDate: string;
+	/** Points this line bills (negative: taken back). */
+	points: number;
+	/** An adjustment's month: the final month the change reached. */
+	month?: string;
+	reason?: "LATE_USE" | "CANCELLED_AFTER_SETTLEMENT" | "CORRECTION";
 }
 
 export interface Settlement {
 	_id: string;
 	merchantId: string;
 	billingMonth: string;
+	status: "provisional" | "final";
+	/** Points of the month's own uses, and how many. */
 	usedPoints: number;
 	dealCount: number;
+	/** Points carried from closed months. */
+	adjustmentPoints: number;
 	feeRate: number;
 	fee: number;
 	billingAmount: number;
-	settledAt: string;
+	lines: SettlementLine[];
+	/** When a final settlement was made; when a provisional one was computed. */
+	settledAt?: string;
+	computedAt?: string;
+}
+
+export type SettlementView = Omit<Settlement, "_id"> & { id: string };
+
+interface ClosedMonth {
+	billingMonth: string;
+	settlements: SettlementView[];
+	created: number;
 }
 
 interface DealEvent {
@@ -44,17 +86,29 @@ interface DealEvent {
 	memberId: string;
 	merchantId: string;
 	point: number;
-	dealDate: string;
+	dealDate?: string;
 	type: "save" | "use";
 }
 
+interface ChannelLag {
+	caughtUp(channels: string[], group: string, before: Date): Promise<boolean>;
+	addPrefixTopic(name: string): string;
+}
+
 interface Methods {
-	settlementOf(merchantId: string, billingMonth: string): Promise<{ settlement: Settlement; created: boolean }>;
-	closeMonth(billingMonth: string): Promise<{ billingMonth: string; settlements: ReturnType<Methods["toView"]>[]; created: number }>;
+	settlementOf(merchantId: string, month: string): Promise<{ settlement: Settlement; created: boolean }>;
+	compute(merchantId: string, month: string, closedThrough: string | undefined, status: Settlement["status"]): Promise<Settlement>;
+	closeMonths(upTo: string): Promise<ClosedMonth[]>;
+	closeMonth(month: string): Promise<ClosedMonth>;
+	finalize(merchantId: string, month: string, closing: boolean): Promise<{ settlement: Settlement; created: boolean }>;
+	apply(settlement: Settlement): Promise<void>;
+	canClose(month: string): Promise<boolean>;
+	closedThrough(): Promise<string | undefined>;
 	monthEndCheck(): Promise<void>;
+	assertStarted(month: string): void;
 	/** The clock; a test may run the service with another. */
 	now(): Date;
-	toView(settlement: Settlement): Omit<Settlement, "_id"> & { id: string };
+	toView(settlement: Settlement): SettlementView;
 }
 
 interface Settings extends ServiceSettingSchema {
@@ -63,22 +117,38 @@ interface Settings extends ServiceSettingSchema {
 
 type This = Service<Settings> &
 	DbThis<BillingAmountView> &
-	Methods & { settlements: Collection<Settlement>; monthEndTimer?: NodeJS.Timeout; lastClosedMonth?: string };
+	Methods & { settlements: Collection<Settlement>; state: Collection<{ _id: string; month: string }>; lock: KeyedLock; monthEndTimer?: NodeJS.Timeout };
 
-const billingMonth = { type: "string", pattern: /^\d{4}(0[1-9]|1[0-2])$/, messages: { stringPattern: "billingMonth must be YYYYMM" } } as const;
+/** YYYYMM of a year from 2000 to 2099: `000101` is no month (JavaScript's dates would make it 1901). */
+const billingMonth = { type: "string", pattern: /^20\d\d(0[1-9]|1[0-2])$/, messages: { stringPattern: "billingMonth must be YYYYMM, of a year from 2000 to 2099" } } as const;
+
+/** The channels whose events make the view, for the "caught up" check. */
+const VIEW_CHANNELS = ["deal.used", "deal.cancelled"];
+
+/** The month `date` falls in, as YYYYMM (UTC). */
+export const monthOf = (iso: string): string => iso.slice(0, 7).replace("-", "");
 
 /** The month before the one `date` falls in, as YYYYMM (UTC). */
 export function previousMonth(date: Date): string {
-	const d = new Date(Date.UTC(date.getUTCFullYear(), date.getUTCMonth() - 1, 1));
-	return `${d.getUTCFullYear()}${String(d.getUTCMonth() + 1).padStart(2, "0")}`;
+	return monthOf(new Date(Date.UTC(date.getUTCFullYear(), date.getUTCMonth() - 1, 1)).toISOString());
 }
+
+/** The month after `month`. */
+export const nextMonth = (month: string): string => monthOf(monthBounds(month)[1]);
 
 /** [first instant of the month, first instant of the next) in UTC, as ISO strings. */
 export function monthBounds(month: string): [string, string] {
-	const year = Number(month.slice(0, 4));
-	const index = Number(month.slice(4, 6)) - 1;
-	return [new Date(Date.UTC(year, index, 1)).toISOString(), new Date(Date.UTC(year, index + 1, 1)).toISOString()];
+	const start = new Date(0);
+	start.setUTCFullYear(Number(month.slice(0, 4)), Number(month.slice(4, 6)) - 1, 1);
+	const end = new Date(start);
+	end.setUTCMonth(end.getUTCMonth() + 1);
+	return [start.toISOString(), end.toISOString()];
 }
+
+/** What a row should have billed: its points, or nothing once cancelled (or before its use is known). */
+const due = (row: BillingAmountView): number => (row.cancelled || row.point == null ? 0 : row.point);
+
+const STATE_ID = "closed-through";
 
 const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "billing",
@@ -102,6 +172,10 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			}
 		},
 
+		/**
+		 * The merchant's settlement of the month: provisional while the month is open (200); made final
+		 * when the month can close (201 the first time, 200 after).
+		 */
 		settle: {
 			rest: "POST /billings",
 			params: { $$strict: true, merchantId: P.id, billingMonth },
@@ -113,22 +187,30 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			}
 		},
 
-		/** The month-end job: settles every merchant with activity in the month (default: the last one). */
+		/** The month-end job: closes every month up to `billingMonth` (default: the last one) that can close. */
 		closeMonth: {
 			visibility: "public",
 			params: { $$strict: true, billingMonth: { ...billingMonth, optional: true } },
-			handler(this: This, ctx: Context<{ billingMonth?: string }>) {
-				return this.closeMonth(ctx.params.billingMonth ?? previousMonth(this.now()));
+			async handler(this: This, ctx: Context<{ billingMonth?: string }>) {
+				const months = await this.closeMonths(ctx.params.billingMonth ?? previousMonth(this.now()));
+				return { closedThrough: (await this.closedThrough()) ?? null, months };
 			}
 		},
 
+		/** A final settlement as it was made, or an open month's provisional one as of now. */
 		get: {
 			rest: "GET /billings/:merchantId/:billingMonth",
 			params: { $$strict: true, merchantId: P.id, billingMonth },
 			async handler(this: This, ctx: Context<{ merchantId: string; billingMonth: string }>) {
-				const settlement = await this.settlements.findById(`${ctx.params.merchantId}:${ctx.params.billingMonth}`);
-				if (!settlement) throw notFound("SETTLEMENT_NOT_FOUND", `Merchant '${ctx.params.merchantId}' is not settled for ${ctx.params.billingMonth}`, ctx.params);
-				return this.toView(settlement);
+				const { merchantId, billingMonth: month } = ctx.params;
+				const closedThrough = await this.closedThrough();
+				if (closedThrough && month <= closedThrough) {
+					const settlement = await this.settlements.findById(`${merchantId}:${month}`);
+					if (!settlement) throw notFound("SETTLEMENT_NOT_FOUND", `Merchant '${merchantId}' has no settlement for ${month}`, ctx.params);
+					return this.toView(settlement);
+				}
+				this.assertStarted(month);
+				return this.toView(await this.compute(merchantId, month, closedThrough, "provisional"));
 			}
 		}
 	},
@@ -138,14 +220,16 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			group: "billing",
 			async handler(this: This, deal: DealEvent) {
 				const { dealId, merchantId, memberId, point, dealDate } = deal;
-				await this.store.upsert({ _id: dealId }, { $set: { merchantId, memberId, point, dealDate } });
+				await this.store.upsert({ _id: dealId }, { $set: { merchantId, memberId, point, dealDate, open: true } });
 			}
 		},
 		"deal.cancelled": {
 			group: "billing",
 			async handler(this: This, deal: DealEvent) {
-				// Also when the cancellation overtakes the use: the row stays out of every settlement.
-				if (deal.type === "use") await this.store.upsert({ _id: deal.dealId }, { $set: { cancelled: true } });
+				// Also when the cancellation overtakes the use: the row then never bills anything.
+				if (deal.type !== "use") return;
+				const known = { merchantId: deal.merchantId, ...(deal.dealDate ? { dealDate: deal.dealDate } : {}) };
+				await this.store.upsert({ _id: deal.dealId }, { $set: { ...known, cancelled: true, open: true } });
 			}
 		}
 	},
@@ -153,54 +237,145 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	methods: {
 		now: () => new Date(),
 
-		async closeMonth(this: This, month: string) {
-			const [from, to] = monthBounds(month);
-			const rows = await this.store.find({ query: { dealDate: { $gte: from, $lt: to } } });
-			const merchants = [...new Set(rows.map(row => row.merchantId).filter((id): id is string => !!id))].sort();
-			const settlements = [];
-			let created = 0;
-			for (const merchantId of merchants) {
-				const result = await this.settlementOf(merchantId, month);
-				if (result.created) created++;
-				settlements.push(this.toView(result.settlement));
-			}
-			if (created) this.logger.info(`Month-end ${month}: settled ${created} merchant(s).`);
-			return { billingMonth: month, settlements, created };
+		async closedThrough(this: This) {
+			return (await this.state.findById(STATE_ID))?.month;
 		},
 
-		/** Closes the last month whose end (plus grace) has passed, unless this node already did. */
-		async monthEndCheck(this: This) {
-			const month = previousMonth(new Date(this.now().getTime() - this.settings.monthEnd.graceMs));
-			if (month === this.lastClosedMonth) return;
-			await this.closeMonth(month);
-			this.lastClosedMonth = month;
+		assertStarted(this: This, month: string) {
+			if (monthBounds(month)[0] > this.now().toISOString()) throw clientError(422, "BILLING_MONTH_NOT_STARTED", `${month} has not started yet`, { billingMonth: month });
 		},
 
 		async settlementOf(this: This, merchantId: string, month: string) {
-			const now = this.now();
-			const id = `${merchantId}:${month}`;
-			const existing = await this.settlements.findById(id);
-			if (existing) return { settlement: existing, created: false };
+			this.assertStarted(month);
+			let closedThrough = await this.closedThrough();
+			if ((!closedThrough || month > closedThrough) && (await this.canClose(month))) {
+				await this.closeMonths(month);
+				closedThrough = await this.closedThrough();
+			}
+			if (closedThrough && month <= closedThrough) return this.lock.run("close", () => this.finalize(merchantId, month, false));
+			return { settlement: await this.compute(merchantId, month, closedThrough, "provisional"), created: false };
+		},
 
-			const [from, to] = monthBounds(month);
-			if (from > now.toISOString()) throw clientError(422, "BILLING_MONTH_NOT_STARTED", `${month} has not started yet`, { billingMonth: month });
-			const rows = await this.store.find({ query: { merchantId, dealDate: { $gte: from, $lt: to }, cancelled: { $ne: true } } });
-			const usedPoints = rows.reduce((sum, row) => sum + (row.point ?? 0), 0);
-			const billingAmount = Math.floor(usedPoints * (1 - config.settlementFee));
-			const settlement: Settlement = {
-				_id: id,
+		/** Past its end and grace, with every deal event published until then handled. */
+		async canClose(this: This, month: string) {
+			const closesAt = new Date(new Date(monthBounds(month)[1]).getTime() + this.settings.monthEnd.graceMs);
+			if (this.now() < closesAt) return false;
+			const channels = (this.broker as unknown as { channelAdapter: ChannelLag }).channelAdapter;
+			return channels.caughtUp(
+				VIEW_CHANNELS.map(name => channels.addPrefixTopic(name)),
+				"billing",
+				closesAt
+			);
+		},
+
+		/** The lines of `month` for the merchant: its own uses, and — in the first open month — the adjustments. */
+		async compute(this: This, merchantId: string, month: string, closedThrough: string | undefined, status: Settlement["status"]) {
+			const firstOpen = closedThrough && month === nextMonth(closedThrough);
+			const rows = await this.store.find({ query: { merchantId, open: true, dealDate: { $lt: monthBounds(month)[1] } }, sort: ["dealDate"] });
+			const lines: SettlementLine[] = [];
+			for (const row of rows) {
+				const points = due(row) - (row.billed ?? 0);
+				const rowMonth = monthOf(row.dealDate as string);
+				if (points === 0 || (rowMonth !== month && !firstOpen)) continue;
+				if (rowMonth === month) lines.push({ kind: "use", dealId: row._id, dealDate: row.dealDate as string, points });
+				else {
+					const reason = !row.billed ? "LATE_USE" : due(row) === 0 ? "CANCELLED_AFTER_SETTLEMENT" : "CORRECTION";
+					lines.push({ kind: "adjustment", dealId: row._id, dealDate: row.dealDate as string, points, month: rowMonth, reason });
+				}
+			}
+			const uses = lines.filter(line => line.kind === "use");
+			const usedPoints = uses.reduce((sum, line) => sum + line.points, 0);
+			const adjustmentPoints = lines.reduce((sum, line) => sum + line.points, 0) - usedPoints;
+			const { fee, billingAmount } = settlementAmounts(usedPoints + adjustmentPoints, config.settlementFeeBp);
+			const at = this.now().toISOString();
+			return {
+				_id: `${merchantId}:${month}`,
 				merchantId,
 				billingMonth: month,
+				status,
 				usedPoints,
-				dealCount: rows.length,
-				feeRate: config.settlementFee,
-				fee: usedPoints - billingAmount,
+				dealCount: uses.length,
+				adjustmentPoints,
+				feeRate: rateOf(config.settlementFeeBp),
+				fee,
 				billingAmount,
-				settledAt: now.toISOString()
+				lines,
+				...(status === "final" ? { settledAt: at } : { computedAt: at })
 			};
-			// Two settling at once: the unique id lets one win, and both answer with its result.
-			if (await this.settlements.insertUnique(settlement)) return { settlement, created: true };
-			return { settlement: (await this.settlements.findById(id)) as Settlement, created: false };
+		},
+
+		/** Closes, in order, every month from the first open one up to `upTo` that can close. */
+		closeMonths(this: This, upTo: string) {
+			return this.lock.run("close", async () => {
+				const closed: ClosedMonth[] = [];
+				const closedThrough = await this.closedThrough();
+				const [earliest] = await this.store.find({ query: { open: true, dealDate: { $exists: true } }, sort: ["dealDate"], limit: 1 });
+				// Nothing ever closed: start at the oldest month with activity.
+				let month = closedThrough ? nextMonth(closedThrough) : earliest?.dealDate && monthOf(earliest.dealDate);
+				while (month && month <= upTo && (await this.canClose(month))) {
+					closed.push(await this.closeMonth(month));
+					month = nextMonth(month);
+				}
+				return closed;
+			});
+		},
+
+		/** Makes final the settlement of every merchant with something to bill in `month`, then records it closed. */
+		async closeMonth(this: This, month: string) {
+			const rows = await this.store.find({ query: { open: true, dealDate: { $lt: monthBounds(month)[1] } } });
+			// Merchants active in the month (a cancelled use included), or with a change to carry.
+			const merchants = new Set<string>();
+			for (const row of rows) if (row.merchantId && (monthOf(row.dealDate as string) === month || due(row) !== (row.billed ?? 0))) merchants.add(row.merchantId);
+			const settlements: SettlementView[] = [];
+			let created = 0;
+			for (const merchantId of [...merchants].sort()) {
+				const result = await this.finalize(merchantId, month, true);
+				if (result.created) created++;
+				settlements.push(this.toView(result.settlement));
+			}
+			const previous = await this.closedThrough();
+			if (previous) await this.state.update({ _id: STATE_ID, month: previous }, { $set: { month } });
+			else if (!(await this.state.insertUnique({ _id: STATE_ID, month }))) await this.state.update({ _id: STATE_ID, month: { $lt: month } }, { $set: { month } });
+			if (created) this.logger.info(`Month-end ${month}: ${created} settlement(s) made final.`);
+			return { billingMonth: month, settlements, created };
+		},
+
+		/**
+		 * The merchant's final settlement of a month: made once, when the month closes, and applied to the
+		 * view. Asked for after the month closed without one, it is empty: what arrives late for a
+		 * closed month is carried into the first open one.
+		 */
+		async finalize(this: This, merchantId: string, month: string, closing: boolean) {
+			const id = `${merchantId}:${month}`;
+			let settlement = await this.settlements.findById(id);
+			let created = false;
+			if (!settlement) {
+				const made = await this.compute(merchantId, month, previousMonth(new Date(monthBounds(month)[0])), "final");
+				if (!closing) Object.assign(made, { usedPoints: 0, dealCount: 0, adjustmentPoints: 0, fee: 0, billingAmount: 0, lines: [] });
+				// Two nodes closing at once: the unique id lets one win, and both apply its lines.
+				created = await this.settlements.insertUnique(made);
+				settlement = created ? made : ((await this.settlements.findById(id)) as Settlement);
+			}
+			await this.apply(settlement);
+			return { settlement, created };
+		},
+
+		/** Records each line's points on its row once (a rerun after a crash applies only the rest). */
+		async apply(this: This, settlement: Settlement) {
+			const [, end] = monthBounds(settlement.billingMonth);
+			for (const line of settlement.lines)
+				await this.store.update({ _id: line.dealId, [`billedBy.${settlement._id}`]: { $exists: false } }, { $inc: { billed: line.points }, $set: { [`billedBy.${settlement._id}`]: true } });
+			// Rows that now agree are no longer open; a change meanwhile (point, cancellation) keeps one open.
+			for (const row of await this.store.find({ query: { merchantId: settlement.merchantId, open: true, dealDate: { $lt: end } } }))
+				if (due(row) === (row.billed ?? 0))
+					await this.store.update(
+						{ _id: row._id, open: true, point: row.point ?? { $exists: false }, cancelled: row.cancelled ?? { $exists: false }, billed: row.billed ?? { $exists: false } },
+						{ $unset: { open: true } }
+					);
+		},
+
+		async monthEndCheck(this: This) {
+			await this.closeMonths(previousMonth(this.now()));
 		},
 
 		toView(settlement: Settlement) {
@@ -211,10 +386,12 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 
 	created(this: This) {
 		this.settlements = openCollection<Settlement>(this, "settlements", [{ fields: { merchantId: 1 } }]);
+		this.state = openCollection(this, "billing-state");
+		this.lock = new KeyedLock();
 	},
 
 	async started(this: This) {
-		await this.settlements.connect(this.logger);
+		await Promise.all([this.settlements, this.state].map(c => c.connect(this.logger)));
 		// The first check comes a while after start, so events queued while this node was down reach
 		// the view before a missed month is closed.
 		const check = () => {
@@ -229,7 +406,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 
 	async stopped(this: This) {
 		clearTimeout(this.monthEndTimer);
-		await this.settlements.disconnect();
+		await Promise.all([this.settlements, this.state].map(c => c.disconnect()));
 	}
 };
 

@@ -5,11 +5,17 @@
  * deals are under load. Every handler is idempotent (keyed by ledger cause or transaction id) and
  * independent of the order events arrive in. Each change is also announced as `dashboard.updated`
  * (a plain Moleculer event) for the gateway's live stream.
+ *
+ * No counter is kept apart from what it counts, so a crash between two writes cannot skew one for
+ * good: a member's totals change in the same single-document write that records which ledger entry
+ * they counted (a replay of the entry counts nothing twice and repairs what a crash left uncounted),
+ * and the overview's figures are derived from the members and transactions when asked.
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { config } from "../config";
 import { notFound } from "../lib/errors";
 import * as P from "../lib/params";
+import { settlementAmounts } from "../lib/rates";
 import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
 import type { LedgerEntry } from "./points.service";
 
@@ -29,6 +35,8 @@ interface MemberRow {
 	used: number;
 	cancelled: number;
 	expired: number;
+	/** The ledger entries (by cause) already in the totals above. */
+	counted?: Record<string, true>;
 }
 
 /** A deal or an order as the staff see it. */
@@ -45,21 +53,6 @@ interface TransactionRow {
 	at: string;
 	day: string;
 	month: string;
-}
-
-/** Counters: `day:YYYY-MM-DD`, `merchant:<id>:YYYYMM` and `totals`. */
-interface StatRow {
-	_id: string;
-	kind: "day" | "merchant" | "totals";
-	day?: string;
-	merchantId?: string;
-	month?: string;
-	deals?: number;
-	usedPoints?: number;
-	earnedPoints?: number;
-	members?: number;
-	active?: number;
-	outstanding?: number;
 }
 
 interface DealEvent {
@@ -95,11 +88,12 @@ const month = (iso: string) => iso.slice(0, 7).replace("-", "");
 interface Methods {
 	record(row: TransactionRow): Promise<boolean>;
 	cancel(id: string, base: TransactionRow): Promise<boolean>;
-	count(id: string, inc: Partial<StatRow>, fields: Partial<StatRow>): Promise<void>;
 	announce(memberId: string, what: string): void;
 }
 
-type This = Service & DbThis<EntryRow> & Methods & { members: Collection<MemberRow>; transactions: Collection<TransactionRow>; stats: Collection<StatRow> };
+type This = Service & DbThis<EntryRow> & Methods & { members: Collection<MemberRow>; transactions: Collection<TransactionRow> };
+
+const newMember = (memberId: string): MemberRow => ({ _id: memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0 });
 
 const DashboardService: ServiceSchema<object, Methods, object, This> = {
 	name: "dashboard",
@@ -133,7 +127,7 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 						merchants.set(entry.merchantId, byMerchant);
 					}
 				}
-				const { _id, ...rest } = member;
+				const { _id, counted: _counted, ...rest } = member;
 				return {
 					member: { memberId: _id, ...rest },
 					series: entries.map(e => ({ at: e.at, balance: e.balanceAfter })),
@@ -156,7 +150,7 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 			}
 		},
 
-		/** The membership at a glance: counts, points outstanding, activity and this month's settlements. */
+		/** The membership at a glance: counts, points outstanding, activity, this month's settlements, dead letters. */
 		overview: {
 			rest: "GET /dashboard/overview",
 			params: { $$strict: true, days: { type: "number", integer: true, min: 1, max: 92, default: 14, convert: true } },
@@ -164,23 +158,39 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 				const now = new Date();
 				const since = new Date(now.getTime() - (ctx.params.days - 1) * 86_400_000).toISOString().slice(0, 10);
 				const current = month(now.toISOString());
-				const [totals, days, merchants] = await Promise.all([
-					this.stats.findById("totals"),
-					this.stats.find({ query: { kind: "day", day: { $gte: since } }, sort: ["day"] }),
-					this.stats.find({ query: { kind: "merchant", month: current } })
+				const monthStart = `${now.toISOString().slice(0, 7)}-01`;
+				const [members, deals, deadLetters] = await Promise.all([
+					this.members.find({ query: {} }),
+					this.transactions.find({ query: { kind: "deal", day: { $gte: since < monthStart ? since : monthStart } } }),
+					// Owned by the dead-letters service: without an answer the overview still shows the rest.
+					ctx.call<{ waiting: number }, object>("dead-letters.count", {}, { timeout: config.callTimeoutMs }).then(
+						r => r.waiting,
+						() => null
+					)
 				]);
+				const perDay = new Map<string, number>();
+				const perMerchant = new Map<string, { merchantId: string; deals: number; earnedPoints: number; usedPoints: number }>();
+				for (const deal of deals) {
+					if (deal.day >= since) perDay.set(deal.day, (perDay.get(deal.day) ?? 0) + 1);
+					if (deal.month !== current || !deal.merchantId) continue;
+					const m = perMerchant.get(deal.merchantId) ?? { merchantId: deal.merchantId, deals: 0, earnedPoints: 0, usedPoints: 0 };
+					m.deals++;
+					// Points count only for a deal that went through and stands.
+					if (deal.status === "success") m[deal.type === "use" ? "usedPoints" : "earnedPoints"] += deal.point;
+					perMerchant.set(deal.merchantId, m);
+				}
+				const joined = members.filter(m => m.joinedAt);
+				const merchants = [...perMerchant.values()];
 				return {
-					members: totals?.members ?? 0,
-					activeAccounts: totals?.active ?? 0,
-					pointsOutstanding: totals?.outstanding ?? 0,
-					dealsPerDay: days.map(d => ({ day: d.day, deals: d.deals ?? 0 })),
-					topMerchants: merchants
-						.map(m => ({ merchantId: m.merchantId, deals: m.deals ?? 0, earnedPoints: m.earnedPoints ?? 0, usedPoints: m.usedPoints ?? 0 }))
-						.sort((a, b) => b.deals - a.deals || b.usedPoints - a.usedPoints)
-						.slice(0, 5),
+					members: joined.length,
+					activeAccounts: joined.filter(m => m.status === "active").length,
+					pointsOutstanding: members.reduce((sum, m) => sum + m.balance, 0),
+					deadLetters,
+					dealsPerDay: [...perDay].sort(([a], [b]) => a.localeCompare(b)).map(([day, count]) => ({ day, deals: count })),
+					topMerchants: [...merchants].sort((a, b) => b.deals - a.deals || b.usedPoints - a.usedPoints).slice(0, 5),
 					settlementPreview: merchants
-						.filter(m => (m.usedPoints ?? 0) > 0)
-						.map(m => ({ merchantId: m.merchantId, billingMonth: current, usedPoints: m.usedPoints ?? 0, billingAmount: Math.floor((m.usedPoints ?? 0) * (1 - config.settlementFee)) }))
+						.filter(m => m.usedPoints > 0)
+						.map(m => ({ merchantId: m.merchantId, billingMonth: current, usedPoints: m.usedPoints, billingAmount: settlementAmounts(m.usedPoints, config.settlementFeeBp).billingAmount }))
 						.sort((a, b) => b.usedPoints - a.usedPoints)
 				};
 			}
@@ -191,23 +201,16 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 		"member.joined": {
 			group: "dashboard",
 			async handler(this: This, event: { memberId: string; joinedAt: string; name?: string }) {
-				await this.members.insertUnique({ _id: event.memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0 });
-				// Once, whichever of the member's events came first and made the row.
-				if (await this.members.update({ _id: event.memberId, joinedAt: { $exists: false } }, { $set: { name: event.name, joinedAt: event.joinedAt } })) {
-					const row = await this.members.findById(event.memberId);
-					await this.count("totals", { members: 1, active: row?.status === "active" ? 1 : 0 }, { kind: "totals" });
-				}
+				await this.members.insertUnique(newMember(event.memberId));
+				await this.members.update({ _id: event.memberId }, { $set: { name: event.name, joinedAt: event.joinedAt } });
 				this.announce(event.memberId, "member");
 			}
 		},
 		"member.withdrawn": {
 			group: "dashboard",
 			async handler(this: This, event: { memberId: string; withdrawnAt: string }) {
-				await this.members.insertUnique({ _id: event.memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0 });
-				const withdrawn = { $set: { status: "withdrawn", withdrawnAt: event.withdrawnAt } };
-				// Counted as active only once its joining was seen.
-				if (await this.members.update({ _id: event.memberId, status: "active", joinedAt: { $exists: true } }, withdrawn)) await this.count("totals", { active: -1 }, { kind: "totals" });
-				else await this.members.update({ _id: event.memberId }, withdrawn);
+				await this.members.insertUnique(newMember(event.memberId));
+				await this.members.update({ _id: event.memberId }, { $set: { status: "withdrawn", withdrawnAt: event.withdrawnAt } });
 				this.announce(event.memberId, "member");
 			}
 		},
@@ -215,12 +218,15 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 		"points.posted": {
 			group: "dashboard",
 			async handler(this: This, posting: { memberId: string; entries: (Omit<LedgerEntry, "_id" | "seq"> & { cause: string })[] }) {
-				await this.members.insertUnique({ _id: posting.memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0 });
+				await this.members.insertUnique(newMember(posting.memberId));
 				for (const { cause, ...entry } of posting.entries) {
-					if (!(await this.store.insertUnique({ _id: cause, ...entry }))) continue;
+					// Both steps again on a replay: each does nothing twice, and finishes what a crash cut short.
+					await this.store.insertUnique({ _id: cause, ...entry });
 					const total = TOTAL_OF[entry.kind];
-					await this.members.update({ _id: entry.memberId }, { $inc: { balance: entry.amount, ...(total ? { [total]: Math.abs(entry.amount) } : {}) } });
-					await this.count("totals", { outstanding: entry.amount }, { kind: "totals" });
+					await this.members.update(
+						{ _id: entry.memberId, [`counted.${cause}`]: { $exists: false } },
+						{ $inc: { balance: entry.amount, ...(total ? { [total]: Math.abs(entry.amount) } : {}) }, $set: { [`counted.${cause}`]: true } }
+					);
 				}
 				this.announce(posting.memberId, "points");
 			}
@@ -264,15 +270,9 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 	},
 
 	methods: {
-		/** Records a transaction once; counts it into its day and merchant. False when already known. */
+		/** Records a transaction once. False when already known. */
 		async record(this: This, row: TransactionRow) {
 			if (!(await this.transactions.insertUnique(row))) return false;
-			if (row.kind === "deal") {
-				await this.count(`day:${row.day}`, { deals: 1 }, { kind: "day", day: row.day });
-				// Points count only for a deal that went through; a cancellation seen first never adds them.
-				const points = row.status === "success" ? (row.type === "use" ? { usedPoints: row.point } : { earnedPoints: row.point }) : {};
-				if (row.merchantId) await this.count(`merchant:${row.merchantId}:${row.month}`, { deals: 1, ...points }, { kind: "merchant", merchantId: row.merchantId, month: row.month });
-			}
 			this.announce(row.memberId, row.kind);
 			return true;
 		},
@@ -283,15 +283,8 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 			// Trying the insert first (not a lookup) also settles a success arriving at the same moment.
 			if (await this.record(base)) return true;
 			const changed = await this.transactions.update({ _id: id, status: { $ne: "cancelled" } }, { $set: { status: "cancelled" } });
-			if (changed && base.kind === "deal" && base.merchantId)
-				// Counters only add up ($inc), so this may come before or after the success's own count.
-				await this.count(`merchant:${base.merchantId}:${base.month}`, base.type === "use" ? { usedPoints: -base.point } : { earnedPoints: -base.point }, { kind: "merchant", merchantId: base.merchantId, month: base.month });
 			this.announce(base.memberId, base.kind);
 			return changed > 0;
-		},
-
-		async count(this: This, id: string, inc: Partial<StatRow>, fields: Partial<StatRow>) {
-			await this.stats.upsert({ _id: id }, { $inc: inc, $set: fields });
 		},
 
 		announce(this: This, memberId: string, what: string) {
@@ -302,15 +295,14 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 	created(this: This) {
 		this.members = openCollection<MemberRow>(this, "dashboard-members", [{ fields: { status: 1 } }]);
 		this.transactions = openCollection<TransactionRow>(this, "dashboard-transactions", [{ fields: { memberId: 1 } }]);
-		this.stats = openCollection<StatRow>(this, "dashboard-stats", [{ fields: { kind: 1 } }]);
 	},
 
 	async started(this: This) {
-		await Promise.all([this.members, this.transactions, this.stats].map(c => c.connect(this.logger)));
+		await Promise.all([this.members, this.transactions].map(c => c.connect(this.logger)));
 	},
 
 	async stopped(this: This) {
-		await Promise.all([this.members, this.transactions, this.stats].map(c => c.disconnect()));
+		await Promise.all([this.members, this.transactions].map(c => c.disconnect()));
 	}
 };
 

@@ -11,6 +11,7 @@ import { config } from "../config";
 import { assertOwnMerchant, type CallerMeta } from "../lib/access";
 import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
+import { earnedPoints } from "../lib/rates";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
 import { OutboxMixin, outboxEvent, pushEvents, type OutboxEvent, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
@@ -95,7 +96,7 @@ const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
 						merchantId,
 						dealAmount,
 						type,
-						point: type === "save" ? Math.floor(dealAmount * config.earnRate) : (ctx.params.point as number),
+						point: type === "save" ? earnedPoints(dealAmount, config.earnRateBp) : (ctx.params.point as number),
 						status: type === "save" ? "success" : "pending",
 						dealDate: new Date().toISOString()
 					};

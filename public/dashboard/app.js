@@ -42,6 +42,8 @@ async function loadOverview() {
 	$("#overview-members").textContent = number(o.members);
 	$("#overview-active").textContent = number(o.activeAccounts);
 	$("#overview-outstanding").textContent = number(o.pointsOutstanding);
+	// null when the dead-letters service did not answer.
+	$("#overview-dead-letters").textContent = o.deadLetters == null ? "?" : number(o.deadLetters);
 	chart("deals-per-day", "bar", o.dealsPerDay.map(d => d.day.slice(5)), [{ label: "Deals", data: o.dealsPerDay.map(d => d.deals), backgroundColor: "#2d6cdf" }]);
 	rows($("#top-merchants tbody"), o.topMerchants, m => [[m.merchantId], [number(m.deals)], [number(m.earnedPoints)], [number(m.usedPoints)]]);
 	rows($("#settlement-preview tbody"), o.settlementPreview, m => [[m.merchantId], [number(m.usedPoints)], [number(m.billingAmount)]]);

@@ -61,6 +61,7 @@ describe("staff dashboard in Chromium", () => {
 		await page.waitForSelector("#app", { state: "visible" });
 		await expect(page.textContent("#overview-members")).resolves.toBe("2");
 		await expect(page.textContent("#overview-outstanding")).resolves.toBe("2,200");
+		await expect(page.textContent("#overview-dead-letters")).resolves.toBe("0");
 		await page.waitForSelector("#settlement-preview tbody tr");
 		expect(await page.textContent("#settlement-preview tbody")).toContain("294");
 	});

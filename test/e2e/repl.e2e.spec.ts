@@ -2,6 +2,8 @@
  * The operator's REPL commands, typed into the REPL of a running node (`npm start -- --repl`) the
  * way an operator would, after a scenario made over HTTP.
  */
+import fs from "node:fs";
+import path from "node:path";
 import { eventually } from "../helpers/broker";
 import { tamper } from "../helpers/store";
 import { System } from "../helpers/system";
@@ -31,18 +33,18 @@ describe("operator commands in the Moleculer REPL", () => {
 		expect(await system.type("member nobody", /Error/)).toContain("Error [MEMBER_NOT_FOUND]");
 	});
 
-	it("settle <merchantId> <YYYYMM> settles once: (100 + 200 + 200) × 0.98 = 490", async () => {
-		const out = await system.type(`settle 20 ${month}`, /Settlement .*\n/);
-		expect(out).toMatch(new RegExp(`Settlement 20 ${month}: 500 points used in 3 deal\\(s\\), fee 10, billing amount 490`));
-		expect((await api("GET", `/billings/20/${month}`)).body).toMatchObject({ billingAmount: 490 });
-		const again = await system.type(`settle 20 ${month}`, /Settlement .*\n/);
-		expect(again.match(/settled (\S+)\)/)?.[1]).toBe(out.match(/settled (\S+)\)/)?.[1]);
+	it("settle <merchantId> <YYYYMM> shows this month's provisional settlement and its lines: (100 + 200 + 200) × 0.98 = 490", async () => {
+		const out = await system.type(`settle 20 ${month}`, /Settlement [\s\S]*└/);
+		expect(out).toMatch(new RegExp(`Settlement 20 ${month} provisional: 500 points used in 3 deal\\(s\\), adjustments 0, fee 10, billing amount 490 \\(as of `));
+		expect(out.match(/│ +'use' +│/g)).toHaveLength(3);
+		expect((await api("GET", `/billings/20/${month}`)).body).toMatchObject({ status: "provisional", billingAmount: 490 });
 		expect(await system.type("settle 20 2026-13", /Error/)).toContain("Error [VALIDATION_ERROR]");
+		expect(await system.type("settle 20 000101", /Error/)).toContain("Error [VALIDATION_ERROR]");
 	});
 
-	it("month-end [YYYYMM] runs the month-end job, and a rerun settles nothing new", async () => {
-		const out = await system.type(`month-end ${month}`, /Month-end .*\n(.*\n)*.*billing amount/);
-		expect(out).toContain(`Month-end ${month}: 1 merchant(s), 0 newly settled`);
+	it("month-end [YYYYMM] runs the month-end job: a month not yet ended stays open", async () => {
+		expect(await system.type(`month-end ${month}`, /Month-end.*\n/)).toMatch(/Month-end: nothing more can close yet \(closed through no month\)/);
+		expect((await api("GET", `/billings/20/${month}`)).body).toMatchObject({ status: "provisional" });
 	});
 
 	it("audit checks every account against its ledger", async () => {
@@ -56,5 +58,32 @@ describe("operator commands in the Moleculer REPL", () => {
 		const out = await system.type("audit", /Audit \w+[\s\S]*└/);
 		expect(out).toContain("Audit FAILED: 1 of 1 account(s) differ from their ledger");
 		expect(out).toMatch(/r001.*700.*500/);
+	});
+
+	it("dead-letters lists a dead letter with its error, and replay applies it once", async () => {
+		// A dead letter as the channel adapter leaves it: an accrual the points group gave up on.
+		await system.stop();
+		const payload = { dealId: "dlsave1", memberId: "r001", merchantId: "20", dealAmount: 5000, type: "save", point: 50, dealDate: new Date().toISOString() };
+		const headers = { "x-dead-letter-id": "0deadletter0001", "x-original-channel": "onepoint.deal.saved", "x-original-group": "points", "x-error-message": "store unavailable", "x-tries": "9" };
+		const message = { _id: `zz${Date.now()}`, channel: "onepoint.DEAD_LETTERS", payload, headers, pending: ["dead-letters"] };
+		fs.appendFileSync(path.join(system.dataDir, "channels", "messages.db"), `${JSON.stringify(message)}\n`);
+		await system.start();
+		const accruals = async () => (await api("GET", "/points/r001/history?pageSize=100")).body.rows.filter((r: { cause: string }) => r.cause === "deal:dlsave1").length;
+
+		const listed = await eventually(async () => {
+			const out = await system.type("dead-letters", /dead letter\(s\) waiting.*\n(.*\n)*/);
+			expect(out).toContain("1 dead letter(s) waiting for a replay");
+			return out;
+		});
+		expect(listed).toMatch(/0deadletter0001 onepoint\.deal\.saved \(points\) after 9 tries, .*: store unavailable \{"dealId":"dlsave1"/);
+		expect(await accruals()).toBe(0);
+
+		expect(await system.type("dead-letters replay 0deadletter0001", /Replayed .*\n/)).toContain("Replayed 1 dead letter(s): 0deadletter0001");
+		await eventually(async () => expect(await accruals()).toBe(1));
+		expect(await system.type("dead-letters replay 0deadletter0001", /Error.*\n/)).toContain("Error [DEAD_LETTER_ALREADY_REPLAYED]");
+		expect(await system.type("dead-letters replay all", /Replayed .*\n/)).toContain("Replayed 0 dead letter(s)");
+		expect(await system.type("dead-letters", /waiting.*\n/)).toContain("0 dead letter(s) waiting");
+		await new Promise(resolve => setTimeout(resolve, 200));
+		expect(await accruals()).toBe(1);
 	});
 });

@@ -128,6 +128,13 @@ export class System {
 		await exited;
 	}
 
+	/** Resolves with the exit code once the node's process has ended by itself. */
+	exited(): Promise<number | null> {
+		const child = this.child;
+		if (!child || child.exitCode != null) return Promise.resolve(child?.exitCode ?? null);
+		return new Promise(resolve => child.once("exit", code => resolve(code)));
+	}
+
 	get log(): string {
 		return this.output;
 	}

@@ -3,7 +3,7 @@ import { loadConfig, parseApiKeys } from "../../config";
 describe("configuration", () => {
 	it("has defaults that run on an empty machine", () => {
 		const config = loadConfig({});
-		expect(config).toMatchObject({ port: 3000, earnRate: 0.01, settlementFee: 0.02, rateLimit: 6000, apiKeys: [] });
+		expect(config).toMatchObject({ port: 3000, earnRateBp: 100, settlementFeeBp: 200, rateLimit: 6000, apiKeys: [] });
 		expect(config.mongoUri).toBeUndefined();
 	});
 

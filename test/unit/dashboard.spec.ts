@@ -78,6 +78,27 @@ describe("dashboard read model", () => {
 		await eventually(async () => expect(await broker.call("dashboard.overview", {})).toMatchObject({ members: 1, activeAccounts: 0, pointsOutstanding: 0 }));
 	});
 
+	it("repairs on a replay what a crash between two writes left uncounted", async () => {
+		const dashboard = broker.getLocalService("dashboard") as unknown as {
+			store: { insertUnique(row: object): Promise<boolean> };
+			transactions: { insertUnique(row: object): Promise<boolean> };
+		};
+		await send("member.joined", { memberId: "0002", name: "Lee", joinedAt: at(10) });
+		// The crash: the ledger entry's copy and the deal's row were written, nothing after them.
+		const { cause, ...earned } = { ...entry("deal:c1", "earn", 700, 700, 11, "22"), memberId: "0002" };
+		await dashboard.store.insertUnique({ _id: cause, ...earned });
+		const used = { dealId: "c2", memberId: "0002", merchantId: "22", dealAmount: 5000, type: "use", point: 50, dealDate: new Date().toISOString() };
+		await dashboard.transactions.insertUnique({ _id: "deal:c2", kind: "deal", id: "c2", memberId: "0002", type: "use", merchantId: "22", amount: 5000, point: 50, status: "success", at: used.dealDate, day: used.dealDate.slice(0, 10), month: used.dealDate.slice(0, 7).replace("-", "") });
+		// The events are delivered again, as they are after a crash before their acknowledgement.
+		await send("points.posted", { memberId: "0002", entries: [{ cause, ...earned }] });
+		await send("deal.used", used);
+		await eventually(async () => expect((await broker.call<any, object>("dashboard.member", { memberId: "0002" })).member).toMatchObject({ balance: 700, earned: 700 }));
+		const overview = await broker.call<any, object>("dashboard.overview", {});
+		expect(overview).toMatchObject({ members: 2, activeAccounts: 1, pointsOutstanding: 700 });
+		expect(overview.topMerchants).toContainEqual({ merchantId: "22", deals: 1, earnedPoints: 0, usedPoints: 50 });
+		expect(overview.settlementPreview).toContainEqual({ merchantId: "22", billingMonth: used.dealDate.slice(0, 7).replace("-", ""), usedPoints: 50, billingAmount: 49 });
+	});
+
 	it("answers 404 for a member it has not seen", async () => {
 		await expect(broker.call("dashboard.member", { memberId: "nobody" })).rejects.toMatchObject({ code: 404 });
 	});

@@ -1,5 +1,8 @@
+import fs from "node:fs";
+import path from "node:path";
 import type { ServiceBroker, ServiceSchema } from "moleculer";
-import { createTestBroker, eventually } from "../helpers/broker";
+import DeadLettersService from "../../services/dead-letters.service";
+import { createTestBroker, eventually, type AnyServiceSchema } from "../helpers/broker";
 
 type Send = (channel: string, payload: object) => Promise<void>;
 
@@ -25,7 +28,7 @@ function consumer(seen: unknown[], failFirst = 0, maxRetries?: number): ServiceS
 
 describe("embedded channel adapter", () => {
 	const brokers: ServiceBroker[] = [];
-	const start = async (services: ServiceSchema[]) => {
+	const start = async (services: AnyServiceSchema[]) => {
 		const broker = createTestBroker(services);
 		brokers.push(broker);
 		await broker.start();
@@ -72,5 +75,87 @@ describe("embedded channel adapter", () => {
 		const seen: unknown[] = [];
 		await start([consumer(seen)]);
 		await eventually(() => expect(seen).toEqual([{ id: "k1" }]));
+	});
+
+	it("holds a message published from a service's started() until the adapter has connected, and delivers it", async () => {
+		const seen: unknown[] = [];
+		const errors: unknown[] = [];
+		const publisher: ServiceSchema = {
+			name: "publisher",
+			// As the outbox does at start-up: the broker connects the adapter only after this.
+			started() {
+				(this.broker as unknown as { sendToChannel: Send }).sendToChannel("thing.happened", { id: "early1" }).catch(err => errors.push(err));
+			}
+		};
+		await start([consumer(seen), publisher]);
+		await eventually(() => expect(seen).toEqual([{ id: "early1" }]));
+		expect(errors).toEqual([]);
+	});
+
+	it("hands a message stored without a group to the groups known at the next start", async () => {
+		const first = await start([consumer([])]);
+		await first.broker.stop();
+		brokers.splice(0);
+		// What a publish before the groups were loaded left: an orphan, though groups.db knows the group.
+		const orphan = { _id: `0orphan${Date.now()}`, channel: "onepoint.thing.happened", payload: { id: "orphan1" }, pending: [], orphan: true };
+		fs.appendFileSync(path.join(process.env.DATA_DIR as string, "channels", "messages.db"), `${JSON.stringify(orphan)}\n`);
+		const seen: unknown[] = [];
+		await start([consumer(seen)]);
+		await eventually(() => expect(seen).toEqual([{ id: "orphan1" }]));
+	});
+
+	it("keeps a dead letter with its error and replays it once, to the group that failed it only", async () => {
+		let broken = true;
+		const seen: { id: string }[] = [];
+		const others: { id: string }[] = [];
+		const { broker, send } = await start([
+			{
+				name: "flaky",
+				channels: {
+					"thing.broke": {
+						group: "flaky",
+						maxRetries: 1,
+						async handler(payload: { id: string }) {
+							if (broken) throw new Error("store unavailable");
+							seen.push(payload);
+						}
+					}
+				}
+			},
+			{ name: "other", channels: { "thing.broke": { group: "other", handler: async (payload: { id: string }) => void others.push(payload) } } },
+			DeadLettersService
+		]);
+		await send("thing.broke", { id: "dl1" });
+		const letters = await eventually(async () => {
+			const list = await broker.call<{ rows: { id: string }[] }, object>("dead-letters.list", {});
+			expect(list.rows).toEqual([expect.objectContaining({ channel: "onepoint.thing.broke", group: "flaky", error: "store unavailable", tries: 2, payload: { id: "dl1" }, status: "dead" })]);
+			return list.rows;
+		});
+		expect(await broker.call("dead-letters.count")).toEqual({ waiting: 1 });
+		expect(broker.metrics.getMetric("onepoint.dead_letters.waiting")?.get()?.value).toBe(1);
+
+		broken = false;
+		expect(await broker.call("dead-letters.replay", { id: letters[0].id })).toMatchObject({ count: 1 });
+		await eventually(() => expect(seen).toEqual([{ id: "dl1" }]));
+		await expect(broker.call("dead-letters.replay", { id: letters[0].id })).rejects.toMatchObject({ code: 409, type: "DEAD_LETTER_ALREADY_REPLAYED" });
+		expect(await broker.call("dead-letters.replay", { id: "all" })).toMatchObject({ count: 0 });
+		await expect(broker.call("dead-letters.replay", { id: "nosuchletter" })).rejects.toMatchObject({ code: 404, type: "DEAD_LETTER_NOT_FOUND" });
+		expect(await broker.call("dead-letters.count")).toEqual({ waiting: 0 });
+		expect(broker.metrics.getMetric("onepoint.dead_letters.waiting")?.get()?.value).toBe(0);
+		// The other group had it once, when it was first published; the replay was not for it.
+		await new Promise(resolve => setTimeout(resolve, 200));
+		expect(seen).toEqual([{ id: "dl1" }]);
+		expect(others).toEqual([{ id: "dl1" }]);
+	});
+
+	it("tells whether a group has handled everything published before a moment (billing's month close)", async () => {
+		const { broker, send } = await start([consumer([], 1)]);
+		const adapter = (broker as unknown as { channelAdapter: { caughtUp(channels: string[], group: string, before: Date): Promise<boolean> } }).channelAdapter;
+		await send("thing.happened", { id: "c1" });
+		const published = Date.now();
+		expect(await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published + 60_000))).toBe(false);
+		expect(await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published - 60_000))).toBe(true);
+		// The retry a second later succeeds.
+		await eventually(async () => expect(await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published + 60_000))).toBe(true));
 	});
 });

@@ -1,22 +1,29 @@
 import type { ServiceBroker, ServiceSchema } from "moleculer";
-import BillingService, { previousMonth } from "../../services/billing.service";
+import BillingService, { previousMonth, type SettlementView } from "../../services/billing.service";
 import { createTestBroker, eventually } from "../helpers/broker";
 
 type Send = (channel: string, payload: object) => Promise<void>;
 interface Closed {
-	billingMonth: string;
-	created: number;
-	settlements: { merchantId: string; usedPoints: number; billingAmount: number }[];
+	closedThrough: string | null;
+	months: { billingMonth: string; created: number; settlements: SettlementView[] }[];
 }
 
 /** The billing service on a clock the test moves, checking for a month end every 20 ms. */
-describe("billing month-end job (controlled clock)", () => {
+describe("settlements across month ends (controlled clock)", () => {
 	let broker: ServiceBroker;
 	let clock = new Date("2026-10-20T12:00:00.000Z");
 	let send: Send;
-	const used = (dealId: string, merchantId: string, point: number, dealDate: string) =>
-		send("deal.used", { dealId, memberId: "0001", merchantId, point, dealDate, type: "use" });
-	const settlement = (merchantId: string, billingMonth: string) => broker.call("billing.get", { merchantId, billingMonth });
+	const deal = (dealId: string, merchantId: string, point: number, dealDate: string) => ({ dealId, memberId: "0001", merchantId, point, dealDate, type: "use" });
+	const used = async (dealId: string, merchantId: string, point: number, dealDate: string) => {
+		await send("deal.used", deal(dealId, merchantId, point, dealDate));
+		await eventually(async () => expect(await broker.call("billing.view", { dealId })).toMatchObject({ point }));
+	};
+	const cancelled = async (dealId: string, merchantId: string, point: number, dealDate: string) => {
+		await send("deal.cancelled", deal(dealId, merchantId, point, dealDate));
+		await eventually(() => expect(broker.call("billing.view", { dealId })).rejects.toMatchObject({ code: 404 }));
+	};
+	const settlement = (merchantId: string, billingMonth: string) => broker.call<SettlementView, object>("billing.get", { merchantId, billingMonth });
+	const lines = (s: SettlementView) => s.lines.map(l => `${l.kind} ${l.dealId} ${l.points}${l.month ? ` ${l.month} ${l.reason}` : ""}`);
 
 	beforeAll(async () => {
 		broker = createTestBroker([
@@ -38,40 +45,72 @@ describe("billing month-end job (controlled clock)", () => {
 		expect(previousMonth(new Date("2027-01-15T08:00:00.000Z"))).toBe("202612");
 	});
 
-	it("settles every merchant with activity once the month has ended and the grace passed, and only those", async () => {
+	it("settles an open month provisionally, recomputed on every read, with its lines", async () => {
 		await used("m1", "20", 100, "2026-10-02T09:00:00.000Z");
-		await used("m2", "20", 400, "2026-10-31T23:59:59.000Z");
+		await used("m2", "20", 400, "2026-10-20T10:00:00.000Z");
 		await used("m3", "21", 1000, "2026-10-15T09:00:00.000Z");
-		await used("m4", "22", 700, "2026-09-30T23:59:59.000Z");
-		await eventually(async () => expect(await broker.call("billing.view", { dealId: "m4" })).toBeTruthy());
+		const first = await broker.call<SettlementView, object>("billing.settle", { merchantId: "20", billingMonth: "202610" });
+		expect(first).toMatchObject({ id: "20:202610", status: "provisional", usedPoints: 500, dealCount: 2, adjustmentPoints: 0, fee: 10, billingAmount: 490, computedAt: clock.toISOString() });
+		expect(lines(first)).toEqual(["use m1 100", "use m2 400"]);
 
-		// Month end, but still inside the grace period: nothing yet.
+		await used("m4", "20", 50, "2026-10-31T23:59:59.000Z");
+		expect(await settlement("20", "202610")).toMatchObject({ status: "provisional", usedPoints: 550, dealCount: 3, billingAmount: 539 });
+		// Not yet closed: a cancellation simply leaves the month.
+		await cancelled("m2", "20", 400, "2026-10-20T10:00:00.000Z");
+		expect(lines(await settlement("20", "202610"))).toEqual(["use m1 100", "use m4 50"]);
+	});
+
+	it("becomes final once the month's end and grace have passed, with the events that arrived in the grace", async () => {
+		await used("n1", "20", 70, "2026-11-01T00:00:30.000Z");
+		// Month end, inside the grace period: still provisional, and a late event still counts.
 		clock = new Date("2026-11-01T00:05:00.000Z");
+		await used("m5", "20", 200, "2026-10-31T23:59:00.000Z");
 		await new Promise(resolve => setTimeout(resolve, 200));
-		await expect(settlement("20", "202610")).rejects.toMatchObject({ code: 404 });
+		expect(await settlement("20", "202610")).toMatchObject({ status: "provisional", usedPoints: 350 });
 
 		clock = new Date("2026-11-01T00:10:00.000Z");
-		await eventually(async () => expect(await settlement("20", "202610")).toMatchObject({ usedPoints: 500, billingAmount: 490 }));
-		await eventually(async () => expect(await settlement("21", "202610")).toMatchObject({ usedPoints: 1000, billingAmount: 980, settledAt: "2026-11-01T00:10:00.000Z" }));
-		// Merchant 22 was active in September only.
-		await expect(settlement("22", "202610")).rejects.toMatchObject({ code: 404 });
+		const final = await eventually(async () => {
+			const s = await settlement("20", "202610");
+			expect(s.status).toBe("final");
+			return s;
+		});
+		expect(final).toMatchObject({ usedPoints: 350, dealCount: 3, billingAmount: 343, settledAt: "2026-11-01T00:10:00.000Z" });
+		expect(lines(final)).toEqual(["use m1 100", "use m5 200", "use m4 50"]);
+		expect(await settlement("21", "202610")).toMatchObject({ status: "final", usedPoints: 1000, billingAmount: 980 });
+		// November has its own use only.
+		expect(lines(await settlement("20", "202611"))).toEqual(["use n1 70"]);
 	});
 
-	it("changes nothing when run again, even after a late event for the closed month", async () => {
-		const before = await settlement("20", "202610");
-		await used("m5", "20", 300, "2026-10-30T10:00:00.000Z");
-		await eventually(async () => expect(await broker.call("billing.view", { dealId: "m5" })).toBeTruthy());
-		clock = new Date("2026-11-20T00:00:00.000Z");
+	it("carries a late cancellation and a late use of a final month into the next open settlement, naming them", async () => {
+		clock = new Date("2026-11-05T12:00:00.000Z");
+		const final = await settlement("20", "202610");
+		await cancelled("m1", "20", 100, "2026-10-02T09:00:00.000Z");
+		await used("m6", "20", 300, "2026-10-15T09:00:00.000Z");
+		expect(await settlement("20", "202610")).toEqual(final);
+		expect(await broker.call("billing.settle", { merchantId: "20", billingMonth: "202610" })).toEqual(final);
 
-		const rerun = await broker.call<Closed, object>("billing.closeMonth", { billingMonth: "202610" });
-		expect(rerun.created).toBe(0);
-		expect(rerun.settlements.map(s => s.merchantId)).toEqual(["20", "21"]);
-		expect(await settlement("20", "202610")).toEqual(before);
+		const november = await settlement("20", "202611");
+		expect(lines(november)).toEqual(["adjustment m1 -100 202610 CANCELLED_AFTER_SETTLEMENT", "adjustment m6 300 202610 LATE_USE", "use n1 70"]);
+		expect(november).toMatchObject({ status: "provisional", usedPoints: 70, dealCount: 1, adjustmentPoints: 200, fee: 6, billingAmount: 264 });
+
+		// November closes with them; December starts clean, and October is as it was.
+		clock = new Date("2026-12-01T00:10:00.000Z");
+		await eventually(async () => expect(await settlement("20", "202611")).toMatchObject({ status: "final", adjustmentPoints: 200, billingAmount: 264 }));
+		expect(lines(await settlement("20", "202612"))).toEqual([]);
+		expect(await settlement("20", "202610")).toEqual(final);
 	});
 
-	it("closes the last month by default, and an empty month settles nobody", async () => {
-		clock = new Date("2026-12-01T00:11:00.000Z");
-		await new Promise(resolve => setTimeout(resolve, 200));
-		expect(await broker.call<Closed, object>("billing.closeMonth", {})).toEqual({ billingMonth: "202611", settlements: [], created: 0 });
+	it("closes every missed month in order after two month-ends without a check, and a rerun changes nothing", async () => {
+		await used("d1", "22", 500, "2026-12-10T09:00:00.000Z");
+		await used("j1", "22", 800, "2027-01-10T09:00:00.000Z");
+		clock = new Date("2027-02-01T00:11:00.000Z");
+		await eventually(async () => expect(await settlement("22", "202701")).toMatchObject({ status: "final", usedPoints: 800 }));
+		expect(await settlement("22", "202612")).toMatchObject({ status: "final", usedPoints: 500, billingAmount: 490 });
+
+		const rerun = await broker.call<Closed, object>("billing.closeMonth", { billingMonth: "202701" });
+		expect(rerun).toEqual({ closedThrough: "202701", months: [] });
+		// A closed month asked for a merchant that had nothing in it: an empty final settlement.
+		expect(await broker.call("billing.settle", { merchantId: "23", billingMonth: "202612" })).toMatchObject({ status: "final", usedPoints: 0, billingAmount: 0, lines: [] });
+		await expect(settlement("24", "202612")).rejects.toMatchObject({ code: 404, type: "SETTLEMENT_NOT_FOUND" });
 	});
 });

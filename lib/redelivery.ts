@@ -1,0 +1,31 @@
+/**
+ * What both channel adapters share about failed messages: how long to wait before the next try,
+ * and the headers a dead letter carries so that an operator can see it and replay it.
+ */
+
+export interface RetryOptions {
+	/** Tries after the first before a message is dead-lettered. */
+	maxRetries: number;
+	/** The wait before the first retry; doubled for each further one. */
+	retryDelayMs: number;
+	/** The longest wait between two tries. */
+	maxRetryDelayMs: number;
+}
+
+/** The wait before retry number `retry` (1, 2, …): 1 s, 2 s, 4 s … up to the cap. */
+export function retryDelay(retry: number, opts: Pick<RetryOptions, "retryDelayMs" | "maxRetryDelayMs">): number {
+	return Math.min(opts.retryDelayMs * 2 ** Math.max(0, retry - 1), opts.maxRetryDelayMs);
+}
+
+/** Headers of a dead letter (beside the original message's own). */
+export const DEAD_LETTER = {
+	/** A unique id, so that a dead letter delivered twice is stored once. */
+	id: "x-dead-letter-id",
+	channel: "x-original-channel",
+	group: "x-original-group",
+	error: "x-error-message",
+	tries: "x-tries"
+} as const;
+
+/** A replayed message goes to this consumer group only; the channel's other groups skip it. */
+export const REPLAY_GROUP = "x-replay-group";

@@ -1,0 +1,103 @@
+/**
+ * The NATS JetStream channel adapter against a real nats-server: a consumer that fails for 30 s
+ * (a store outage) catches up through redeliveries with backoff, and nothing is dead-lettered; a
+ * message that keeps failing is dead-lettered with its error and replayed once, to its group only.
+ */
+import type { ServiceBroker } from "moleculer";
+import DeadLettersService from "../../services/dead-letters.service";
+import { createTestBroker, eventually, type AnyServiceSchema } from "../helpers/broker";
+import { NatsServer } from "../helpers/nats";
+
+jest.setTimeout(240_000);
+
+type Send = (channel: string, payload: object) => Promise<void>;
+
+describe("NATS channel adapter: redelivery and dead letters", () => {
+	let nats: NatsServer;
+	let broker: ServiceBroker;
+	let send: Send;
+	/** The outage: the store fails every message until this moment. */
+	let outageUntil = 0;
+	let broken = true;
+	const applied = new Map<string, number>();
+	const others: string[] = [];
+	const replayed: string[] = [];
+
+	const services: AnyServiceSchema[] = [
+		{
+			name: "store-user",
+			channels: {
+				"thing.saved": {
+					group: "store-user",
+					async handler(payload: { id: string }) {
+						if (Date.now() < outageUntil) throw new Error("store unavailable");
+						applied.set(payload.id, (applied.get(payload.id) ?? 0) + 1);
+					}
+				},
+				"thing.broke": {
+					group: "store-user",
+					maxRetries: 1,
+					async handler(payload: { id: string }) {
+						if (broken) throw new Error("cannot apply");
+						replayed.push(payload.id);
+					}
+				}
+			}
+		},
+		{ name: "bystander", channels: { "thing.broke": { group: "bystander", handler: async (payload: { id: string }) => void others.push(payload.id) } } },
+		DeadLettersService
+	];
+
+	beforeAll(async () => {
+		nats = await NatsServer.start();
+		broker = createTestBroker(services, { TRANSPORTER: nats.url });
+		await broker.start();
+		send = (broker as unknown as { sendToChannel: Send }).sendToChannel.bind(broker);
+	});
+	afterAll(async () => {
+		await broker.stop();
+		await nats.stop();
+	});
+
+	it("applies every message of a consumer that fails for 30 s, once each, with nothing dead-lettered", async () => {
+		outageUntil = Date.now() + 30_000;
+		const ids = Array.from({ length: 20 }, (_, i) => `s${i}`);
+		for (const id of ids) await send("thing.saved", { id });
+		await eventually(() => expect([...applied.keys()].sort()).toEqual([...ids].sort()), 200_000, 500);
+		expect([...applied.values()].every(n => n === 1)).toBe(true);
+		expect(await broker.call("dead-letters.list", { status: "all" })).toMatchObject({ total: 0 });
+	});
+
+	it("dead-letters a message that keeps failing, with its error, and replays it once to its group only", async () => {
+		await send("thing.broke", { id: "b1" });
+		const letter = await eventually(async () => {
+			const { rows } = await broker.call<{ rows: { id: string; channel: string; group: string; error: string }[] }, object>("dead-letters.list", {});
+			expect(rows).toEqual([expect.objectContaining({ channel: "onepoint.thing.broke", group: "store-user", error: "cannot apply", tries: 2, payload: { id: "b1" } })]);
+			return rows[0];
+		}, 30_000);
+		expect(await broker.call("dead-letters.count")).toEqual({ waiting: 1 });
+
+		broken = false;
+		expect(await broker.call("dead-letters.replay", { id: "all" })).toMatchObject({ count: 1, replayed: [expect.objectContaining({ id: letter.id })] });
+		await eventually(() => expect(replayed).toEqual(["b1"]));
+		await expect(broker.call("dead-letters.replay", { id: letter.id })).rejects.toMatchObject({ type: "DEAD_LETTER_ALREADY_REPLAYED" });
+		// A message after the replay: once it is handled, the replay has been passed by every group.
+		await send("thing.broke", { id: "b2" });
+		await eventually(() => expect(others).toEqual(["b1", "b2"]));
+		expect(replayed).toEqual(["b1", "b2"]);
+		expect(await broker.call("dead-letters.count")).toEqual({ waiting: 0 });
+	});
+
+	it("tells whether a group has acknowledged everything published before a moment (billing's month close)", async () => {
+		const adapter = (broker as unknown as { channelAdapter: { caughtUp(channels: string[], group: string, before: Date): Promise<boolean> } }).channelAdapter;
+		outageUntil = Date.now() + 3_000;
+		await send("thing.saved", { id: "late1" });
+		const published = new Date();
+		const later = new Date(published.getTime() + 60_000);
+		expect(await adapter.caughtUp(["onepoint.thing.saved"], "store-user", later)).toBe(false);
+		// Before the waiting message was published, the group had handled everything.
+		expect(await adapter.caughtUp(["onepoint.thing.saved"], "store-user", new Date(published.getTime() - 60_000))).toBe(true);
+		await eventually(async () => expect(await adapter.caughtUp(["onepoint.thing.saved"], "store-user", later)).toBe(true), 30_000, 200);
+		expect(applied.get("late1")).toBe(1);
+	});
+});
