@@ -7,7 +7,7 @@
  * with 503, a cancellation is accepted and completes when payments is back.
  */
 import { eventually } from "../helpers/broker";
-import { all as allOf, expectDealLedger, impliedBalance, type Entry, type Order } from "../helpers/cluster";
+import { all as allOf, expectDealLedger, impliedBalance, startLoad, type Entry, type Order } from "../helpers/cluster";
 import { NatsServer } from "../helpers/nats";
 import { freePort, System } from "../helpers/system";
 
@@ -60,35 +60,7 @@ describe("a cluster over NATS", () => {
 	it("keeps every point exact through a killed points node, a restarted nats-server and a redeployed deals node", async () => {
 		for (const memberId of members) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
 
-		let running = true;
-		const answered = { ok: 0, failed: 0 };
-		const cancellable: string[] = [];
-		const cancellableOrders: string[] = [];
-		const worker = async (seed: number) => {
-			for (let i = 0; running; i++) {
-				const memberId = members[(seed * 7 + i) % members.length];
-				const roll = (seed * 31 + i * 17) % 12;
-				try {
-					let res;
-					if (roll < 5) res = await api("POST", "/deals", { memberId, merchantId: "20", dealAmount: 10000 + ((i * 997) % 90000), type: "save" });
-					else if (roll < 8) {
-						res = await api("POST", "/deals", { memberId, merchantId: "20", dealAmount: 1000, type: "use", point: 1 + (i % 40) });
-						if (res.body?.status === "success") cancellable.push(res.body.id);
-					} else if (roll < 9 && cancellable.length) res = await api("POST", `/deals/${cancellable.shift()}/cancel`);
-					else if (roll < 10) {
-						res = await api("POST", "/orders", { memberId, productId: "set", qty: 1 + (i % 6), unitPrice: 1000 + ((i * 131) % 4000) });
-						if (res.body?.status === "paid" && i % 2) cancellableOrders.push(res.body.id);
-					} else if (roll < 11 && cancellableOrders.length) res = await api("POST", `/orders/${cancellableOrders.shift()}/cancel`);
-					else res = await api("POST", "/members", { name: `walk-in ${seed}-${i}` });
-					if (res.status < 300) answered.ok++;
-					else answered.failed++;
-				} catch {
-					answered.failed++;
-				}
-				await sleep(5);
-			}
-		};
-		const load = Promise.all([0, 1, 2, 3].map(worker));
+		const load = startLoad(api, members, true);
 
 		await sleep(3000);
 		await nodes.points.stop("SIGKILL");
@@ -103,9 +75,7 @@ describe("a cluster over NATS", () => {
 		await nodes.deals.stop("SIGTERM");
 		await nodes.deals.start();
 		await sleep(2000);
-		running = false;
-		await load;
-		expect(answered.ok).toBeGreaterThan(100);
+		expect((await load.stop()).ok).toBeGreaterThan(100);
 
 		// Every account converges on what its deals and orders imply.
 		await eventually(

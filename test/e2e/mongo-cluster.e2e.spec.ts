@@ -6,7 +6,7 @@
  * every account equals what its deals imply and the sum of its ledger, with no cause applied twice.
  */
 import { eventually } from "../helpers/broker";
-import { all, expectDealLedger, impliedBalance, type Deal } from "../helpers/cluster";
+import { all, expectDealLedger, impliedBalance, startLoad, type Deal } from "../helpers/cluster";
 import { NatsServer } from "../helpers/nats";
 import { freshDatabaseUri } from "../helpers/store";
 import { freePort, System } from "../helpers/system";
@@ -25,7 +25,7 @@ describe("points and deals scaled out on MongoDB", () => {
 		nats = await NatsServer.start();
 		const mongoUri = freshDatabaseUri();
 		const start = async (name: string, services: string) => {
-			const env = { TRANSPORTER: nats.url, SERVICES: services, NODE_ID: `${name}-${process.pid}`, CALL_TIMEOUT_MS: "1000", MONGO_URI: mongoUri };
+			const env = { TRANSPORTER: nats.url, SERVICES: services, NODE_ID: `${name}-${process.pid}`, CALL_TIMEOUT_MS: "1000", MONGO_URI: mongoUri, RATE_LIMIT: "1000000" };
 			nodes[name] = new System(name === "gateway" ? await freePort() : 0, env, await freePort());
 			await nodes[name].start();
 		};
@@ -42,37 +42,13 @@ describe("points and deals scaled out on MongoDB", () => {
 	it("keeps every account exact when a points node and a deals node die mid-run", async () => {
 		for (const memberId of members) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
 
-		let running = true;
-		const answered = { ok: 0, failed: 0 };
-		const cancellable: string[] = [];
-		const worker = async (seed: number) => {
-			for (let i = 0; running; i++) {
-				const memberId = members[(seed * 5 + i) % members.length];
-				const roll = (seed * 31 + i * 17) % 10;
-				try {
-					let res;
-					if (roll < 5) res = await api("POST", "/deals", { memberId, merchantId: "20", dealAmount: 10000 + ((i * 997) % 90000), type: "save" });
-					else if (roll < 8) {
-						res = await api("POST", "/deals", { memberId, merchantId: "20", dealAmount: 1000, type: "use", point: 1 + (i % 40) });
-						if (res.body?.status === "success") cancellable.push(res.body.id);
-					} else if (roll < 9 && cancellable.length) res = await api("POST", `/deals/${cancellable.shift()}/cancel`);
-					else res = await api("POST", "/members", { name: `walk-in ${seed}-${i}` });
-					if (res.status < 300) answered.ok++;
-					else answered.failed++;
-				} catch {
-					answered.failed++;
-				}
-			}
-		};
-		const load = Promise.all([0, 1, 2, 3].map(worker));
+		const load = startLoad(api, members, false);
 		await sleep(4000);
 		await Promise.all([nodes["points-1"].stop("SIGKILL"), nodes["deals-1"].stop("SIGKILL")]);
 		// Calls already routed to the dead deals node wait for their timeout, and the others notice
 		// the death after missed heartbeats: keep the load on well past both.
 		await sleep(12_000);
-		running = false;
-		await load;
-		expect(answered.ok).toBeGreaterThan(100);
+		expect((await load.stop()).ok).toBeGreaterThan(100);
 
 		// The dead deals node's pending uses are settled by the survivor, and nothing stays pending.
 		await eventually(

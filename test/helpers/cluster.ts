@@ -71,3 +71,52 @@ export async function expectDealLedger(api: Api, memberId: string): Promise<Entr
 		expect(ledger.filter(e => e.cause.endsWith(`:${failed.id}`)).reduce((sum, e) => sum + e.amount, 0)).toBe(0);
 	return ledger;
 }
+
+/**
+ * A steady load of 4 clients over HTTP until `stop()`: joins, saves, uses, cancellations of
+ * successful uses, and with `orders` also orders and their cancellations. `stop()` answers how many
+ * requests succeeded and failed.
+ */
+export function startLoad(api: Api, members: string[], orders: boolean): { stop(): Promise<{ ok: number; failed: number }> } {
+	let running = true;
+	const answered = { ok: 0, failed: 0 };
+	const cancellable: string[] = [];
+	const cancellableOrders: string[] = [];
+	const request = (seed: number, i: number) => {
+		const memberId = members[(seed * 7 + i) % members.length];
+		const roll = (seed * 31 + i * 17) % (orders ? 12 : 10);
+		if (roll < 5) return api("POST", "/deals", { memberId, merchantId: "20", dealAmount: 10000 + ((i * 997) % 90000), type: "save" });
+		if (roll < 8)
+			return api("POST", "/deals", { memberId, merchantId: "20", dealAmount: 1000, type: "use", point: 1 + (i % 40) }).then(res => {
+				if (res.body?.status === "success") cancellable.push(res.body.id);
+				return res;
+			});
+		if (roll < 9 && cancellable.length) return api("POST", `/deals/${cancellable.shift()}/cancel`);
+		if (orders && roll < 10)
+			return api("POST", "/orders", { memberId, productId: "set", qty: 1 + (i % 6), unitPrice: 1000 + ((i * 131) % 4000) }).then(res => {
+				if (res.body?.status === "paid" && i % 2) cancellableOrders.push(res.body.id);
+				return res;
+			});
+		if (orders && roll < 11 && cancellableOrders.length) return api("POST", `/orders/${cancellableOrders.shift()}/cancel`);
+		return api("POST", "/members", { name: `walk-in ${seed}-${i}` });
+	};
+	const worker = async (seed: number) => {
+		for (let i = 0; running; i++) {
+			try {
+				if ((await request(seed, i)).status < 300) answered.ok++;
+				else answered.failed++;
+			} catch {
+				answered.failed++;
+			}
+			await new Promise(resolve => setTimeout(resolve, 5));
+		}
+	};
+	const load = Promise.all([0, 1, 2, 3].map(worker));
+	return {
+		async stop() {
+			running = false;
+			await load;
+			return answered;
+		}
+	};
+}
