@@ -112,22 +112,31 @@ class NedbBackend<T extends { _id: string }> implements Backend<T> {
 
 /**
  * moleculer-db-adapter-mongoose on the one mongoose connection of the process. The stock adapter
- * closes that shared connection when any one service stops; this one closes it with the last.
+ * connects (and adds its logging listeners) once per collection, and closes that shared connection
+ * when any one service stops; this one connects once for all and closes with the last.
  */
 class SharedMongooseAdapter extends MongooseAdapter<mongoose.Document> {
 	private static open = 0;
+	private static connecting?: Promise<void>;
 	private connected = false;
 
 	override async connect() {
-		await super.connect();
-		if (!this.connected) SharedMongooseAdapter.open++;
+		if (this.connected) return;
+		SharedMongooseAdapter.connecting ??= super.connect().catch(err => {
+			SharedMongooseAdapter.connecting = undefined;
+			throw err;
+		});
+		await SharedMongooseAdapter.connecting;
+		SharedMongooseAdapter.open++;
 		this.connected = true;
 	}
 
 	override async disconnect() {
 		if (!this.connected) return;
 		this.connected = false;
-		if (--SharedMongooseAdapter.open === 0) await mongoose.connection.close();
+		if (--SharedMongooseAdapter.open > 0) return;
+		SharedMongooseAdapter.connecting = undefined;
+		await mongoose.connection.close();
 	}
 }
 
