@@ -117,7 +117,7 @@ interface Settings extends ServiceSettingSchema {
 
 type This = Service<Settings> &
 	DbThis<BillingAmountView> &
-	Methods & { settlements: Collection<Settlement>; state: Collection<{ _id: string; month: string }>; lock: KeyedLock; monthEndTimer?: NodeJS.Timeout };
+	Methods & { settlements: Collection<Settlement>; state: Collection<{ _id: string; month: string }>; lock: KeyedLock; monthEndTimer?: NodeJS.Timeout; monthEndStopped?: boolean };
 
 /** YYYYMM of a year from 2000 to 2099: `000101` is no month (JavaScript's dates would make it 1901). */
 const billingMonth = { type: "string", pattern: /^20\d\d(0[1-9]|1[0-2])$/, messages: { stringPattern: "billingMonth must be YYYYMM, of a year from 2000 to 2099" } } as const;
@@ -391,10 +391,12 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	},
 
 	async started(this: This) {
+		this.monthEndStopped = false;
 		await Promise.all([this.settlements, this.state].map(c => c.connect(this.logger)));
 		// The first check comes a while after start, so events queued while this node was down reach
 		// the view before a missed month is closed.
 		const check = () => {
+			if (this.monthEndStopped) return;
 			this.monthEndTimer = setTimeout(() => {
 				this.monthEndCheck()
 					.catch(err => this.logger.error("Month-end job failed; retrying at the next check:", err))
@@ -405,6 +407,8 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	},
 
 	async stopped(this: This) {
+		// A check in flight schedules the next when it ends: tell it not to.
+		this.monthEndStopped = true;
 		clearTimeout(this.monthEndTimer);
 		await Promise.all([this.settlements, this.state].map(c => c.disconnect()));
 	}
