@@ -19,8 +19,7 @@ import { openDatastore } from "./nedb";
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { Logger, ServiceBroker } from "moleculer";
-import { sortableId } from "./ids";
-import { DEAD_LETTER, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
+import { deadLetterHeaders, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
 
 const BaseAdapter = Adapters.Base;
 
@@ -269,18 +268,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 		if (chan.deadLettering?.enabled) {
 			this.logger.error(`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dead-lettered:`, err.message);
 			this.metricsIncrement("moleculer.channels.messages.deadLettering.total", chan);
-			// A replayed message that fails again is a new dead letter, for the dead-letter channel's own groups.
-			const { [REPLAY_GROUP]: _replayedTo, ...headers } = msg.headers ?? {};
-			await this.publish(this.addPrefixTopic(chan.deadLettering.queueName), msg.payload, {
-				headers: {
-					...headers,
-					[DEAD_LETTER.id]: sortableId(),
-					[DEAD_LETTER.channel]: chan.name,
-					[DEAD_LETTER.group]: chan.group,
-					[DEAD_LETTER.error]: err.message,
-					[DEAD_LETTER.tries]: String(tries)
-				}
-			});
+			await this.publish(this.addPrefixTopic(chan.deadLettering.queueName), msg.payload, { headers: deadLetterHeaders(msg.headers ?? {}, chan, err, tries) });
 		} else {
 			this.logger.error(`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dropped:`, err.message);
 		}

@@ -17,8 +17,7 @@
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { JetStreamManager, JsMsg, NatsError } from "nats";
-import { sortableId } from "./ids";
-import { DEAD_LETTER, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
+import { deadLetterHeaders, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
 
 const NatsAdapter = Adapters.NATS;
 
@@ -104,19 +103,9 @@ export class DurableNatsAdapter extends NatsAdapter {
 			return message.ack();
 		}
 		const headers: Record<string, string> = {};
-		for (const [key, values] of message.headers ?? []) if (key !== REPLAY_GROUP) headers[key] = values[0];
+		for (const [key, values] of message.headers ?? []) headers[key] = values[0];
 		try {
-			await this.publish(chan.deadLettering.queueName, message.data, {
-				raw: true,
-				headers: {
-					...headers,
-					[DEAD_LETTER.id]: sortableId(),
-					[DEAD_LETTER.channel]: chan.name,
-					[DEAD_LETTER.group]: chan.group,
-					[DEAD_LETTER.error]: error.message,
-					[DEAD_LETTER.tries]: String(tries)
-				}
-			});
+			await this.publish(chan.deadLettering.queueName, message.data, { raw: true, headers: deadLetterHeaders(headers, chan, error, tries) });
 		} catch (moveError) {
 			this.logger.error(`'${chan.name}' (${chan.group}) could not be dead-lettered; retrying later:`, (moveError as Error).message);
 			return message.nak(this.opts.maxRetryDelayMs);

@@ -1,3 +1,5 @@
+import { sortableId } from "./ids";
+
 /**
  * What both channel adapters share about failed messages: how long to wait before the next try,
  * and the headers a dead letter carries so that an operator can see it and replay it.
@@ -29,3 +31,19 @@ export const DEAD_LETTER = {
 
 /** A replayed message goes to this consumer group only; the channel's other groups skip it. */
 export const REPLAY_GROUP = "x-replay-group";
+
+/**
+ * The headers a message is dead-lettered with: its own, less a replay's target (a replayed message
+ * that fails again is a new dead letter, for the dead-letter channel's own groups), and why it failed.
+ */
+export function deadLetterHeaders(own: Record<string, string>, chan: { name: string; group: string }, error: Error, tries: number): Record<string, string> {
+	const { [REPLAY_GROUP]: _replayedTo, ...headers } = own;
+	return {
+		...headers,
+		[DEAD_LETTER.id]: sortableId(),
+		[DEAD_LETTER.channel]: chan.name,
+		[DEAD_LETTER.group]: chan.group,
+		[DEAD_LETTER.error]: error.message,
+		[DEAD_LETTER.tries]: String(tries)
+	};
+}
