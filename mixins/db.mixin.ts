@@ -23,6 +23,8 @@ import { openDatastore } from "../lib/nedb";
 export interface IndexSpec {
 	fields: Record<string, 1 | -1>;
 	unique?: boolean;
+	/** Leaves out the documents without the field: an index of the few that have it. */
+	sparse?: boolean;
 }
 
 export interface Page<T> {
@@ -103,9 +105,9 @@ class NedbBackend<T extends { _id: string }> implements Backend<T> {
 	}
 	/** NeDB keeps indexes in memory, rebuilt at every load, on one field: a compound index becomes one on its leading field. */
 	async ensureIndexes(indexes: IndexSpec[]) {
-		for (const { fields, unique } of indexes) {
+		for (const { fields, unique, sparse } of indexes) {
 			const names = Object.keys(fields);
-			await this.db.ensureIndexAsync({ fieldName: names[0], unique: !!unique && names.length === 1 });
+			await this.db.ensureIndexAsync({ fieldName: names[0], unique: !!unique && names.length === 1, sparse: !!sparse });
 		}
 	}
 }
@@ -189,7 +191,7 @@ function mongoModel<T>(name: string, indexes: IndexSpec[]): mongoose.Model<T> {
 	const existing = mongoose.models[name] as mongoose.Model<T> | undefined;
 	if (existing) return existing;
 	const schema = new mongoose.Schema({ _id: String }, { strict: false, strictQuery: false, versionKey: false, autoIndex: false, autoCreate: false });
-	for (const { fields, unique } of indexes) schema.index(fields, { unique: !!unique });
+	for (const { fields, unique, sparse } of indexes) schema.index(fields, { unique: !!unique, sparse: !!sparse });
 	return mongoose.model<T>(name, schema as unknown as mongoose.Schema<T>, name);
 }
 

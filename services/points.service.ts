@@ -50,6 +50,8 @@ export interface Account {
 	/** Incremented by every posting: what a write is conditioned on. Absent on accounts opened before it existed. */
 	version?: number;
 	pending?: LedgerEntry[];
+	/** When `pending` was written: set and cleared with it, and indexed (sparse) so that sweeps find only those accounts. */
+	pendingSince?: string;
 }
 
 /** Who an event or request is about: the source of the entries it causes. */
@@ -113,7 +115,7 @@ const cancelCauseOf = (source: Source) => `${source.sourceType}-cancel:${source.
 
 const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "points",
-	mixins: [DbMixin("accounts"), OutboxMixin],
+	mixins: [DbMixin("accounts", [{ fields: { pendingSince: 1 }, sparse: true }]), OutboxMixin],
 	settings: { sweepIntervalMs: 5000 },
 
 	actions: {
@@ -250,7 +252,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 					const posted = outboxEvent("points.posted", { memberId, closed: close, entries: entries.map(({ _id, seq: _seq, ...entry }) => ({ cause: _id, ...entry })) });
 					const changed = await this.store.update(versionOf(account), {
 						$inc: { balance: balance - account.balance, version: 1 },
-						$set: { pending: entries, updatedAt: now, ...(close ? { status: "closed", closedAt: now } : {}) },
+						$set: { pending: entries, pendingSince: now, updatedAt: now, ...(close ? { status: "closed", closedAt: now } : {}) },
 						...pushEvents(posted)
 					});
 					if (!changed) {
@@ -274,7 +276,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		 */
 		async finishPosting(this: This, account: Account) {
 			for (const entry of account.pending ?? []) await this.ledger.insertUnique(entry);
-			await this.store.update(versionOf(account), { $unset: { pending: true } });
+			await this.store.update(versionOf(account), { $unset: { pending: true, pendingSince: true } });
 		},
 
 		credit(this: This, source: Source, amount: number) {
@@ -342,10 +344,10 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			await this.store.insertUnique({ _id: memberId, balance: 0, version: 0, status: "active", openedAt: at, updatedAt: at });
 		},
 
-		/** Finishes postings left interrupted (by a crash or a store error) and not touched since `olderThanMs`. */
+		/** Finishes postings left interrupted (by a crash or a store error) since before `olderThanMs` ago. */
 		async finishPending(this: This, olderThanMs = 0) {
-			const cutoff = new Date(Date.now() - olderThanMs).toISOString();
-			for (const account of await this.store.find({ query: { "pending.0": { $exists: true }, updatedAt: { $lte: cutoff } } })) {
+			const since = { $lte: new Date(Date.now() - olderThanMs).toISOString() };
+			for (const account of await this.store.find({ query: { pendingSince: since } })) {
 				await this.finishPosting(account);
 				this.logger.warn(`Finished an interrupted posting on account '${account._id}'.`);
 			}

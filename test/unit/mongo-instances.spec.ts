@@ -111,10 +111,10 @@ describe("two instances sharing MongoDB", () => {
 		await earn("i004", 300);
 		const entry = { _id: "deal:died", memberId: "i004", kind: "use", amount: -100, balanceAfter: 200, sourceType: "deal", sourceId: "died", at: "2026-01-01T00:00:00.000Z", seq: "0" };
 		// What `post` leaves when its process is killed between the account write and the ledger copy.
-		await mongo.db().collection<{ _id: string }>("accounts").updateOne({ _id: "i004" }, { $set: { pending: [entry], updatedAt: entry.at }, $inc: { balance: -100, version: 1 } });
+		await mongo.db().collection<{ _id: string }>("accounts").updateOne({ _id: "i004" }, { $set: { pending: [entry], pendingSince: entry.at, updatedAt: entry.at }, $inc: { balance: -100, version: 1 } });
 		await eventually(async () => expect((await history("i004")).map(e => e.cause)).toContain("deal:died"));
 		expect(await balance("i004")).toBe(200);
-		expect(await mongo.db().collection("accounts").countDocuments({ "pending.0": { $exists: true } })).toBe(0);
+		expect(await mongo.db().collection("accounts").countDocuments({ $or: [{ "pending.0": { $exists: true } }, { pendingSince: { $exists: true } }] })).toBe(0);
 	});
 
 	it("settles, within seconds, the uses a dead instance left pending — once, though both instances sweep", async () => {
