@@ -9,18 +9,8 @@
  * event once by its key, so sending twice is harmless.
  */
 import type { Service, ServiceSchema } from "moleculer";
-import { sortableId } from "../lib/ids";
+import type { OutboxEvent } from "../contracts/channels";
 import type { Collection } from "./db.mixin";
-
-export interface OutboxEvent {
-	id: string;
-	channel: string;
-	payload: object;
-}
-
-export function outboxEvent(channel: string, payload: object): OutboxEvent {
-	return { id: sortableId(), channel, payload };
-}
 
 /** The update that records further events on a document that may still hold unsent ones. */
 export function pushEvents(...events: OutboxEvent[]): object {

@@ -10,8 +10,9 @@
  * conditional write makes that harmless.
  */
 import type { Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import type { OutboxEvent } from "../contracts/channels";
 import type { DbThis } from "./db.mixin";
-import type { OutboxEvent, OutboxMethods, WithOutbox } from "./outbox.mixin";
+import type { OutboxMethods, WithOutbox } from "./outbox.mixin";
 import { pushEvents } from "./outbox.mixin";
 
 export interface Pending extends WithOutbox {

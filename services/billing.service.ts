@@ -12,6 +12,7 @@
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { config } from "../config";
+import { consume } from "../contracts/channels";
 import { assertOwnMerchant, type CallerMeta } from "../lib/access";
 import { clientError, notFound } from "../lib/errors";
 import * as P from "../lib/params";
@@ -37,15 +38,6 @@ export interface Settlement {
 	fee: number;
 	billingAmount: number;
 	settledAt: string;
-}
-
-interface DealEvent {
-	dealId: string;
-	memberId: string;
-	merchantId: string;
-	point: number;
-	dealDate: string;
-	type: "save" | "use";
 }
 
 interface Methods {
@@ -133,22 +125,16 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		}
 	},
 
-	channels: {
-		"deal.used": {
-			group: "billing",
-			async handler(this: This, deal: DealEvent) {
-				const { dealId, merchantId, memberId, point, dealDate } = deal;
-				await this.store.upsert({ _id: dealId }, { $set: { merchantId, memberId, point, dealDate } });
-			}
+	channels: consume<This>("billing", {
+		async "deal.used"(deal) {
+			const { dealId, merchantId, memberId, point, dealDate } = deal;
+			await this.store.upsert({ _id: dealId }, { $set: { merchantId, memberId, point, dealDate } });
 		},
-		"deal.cancelled": {
-			group: "billing",
-			async handler(this: This, deal: DealEvent) {
-				// Also when the cancellation overtakes the use: the row stays out of every settlement.
-				if (deal.type === "use") await this.store.upsert({ _id: deal.dealId }, { $set: { cancelled: true } });
-			}
+		async "deal.cancelled"(deal) {
+			// Also when the cancellation overtakes the use: the row stays out of every settlement.
+			if (deal.type === "use") await this.store.upsert({ _id: deal.dealId }, { $set: { cancelled: true } });
 		}
-	},
+	}),
 
 	methods: {
 		now: () => new Date(),

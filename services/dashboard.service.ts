@@ -8,13 +8,13 @@
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { config } from "../config";
+import { consume, type DealEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import * as P from "../lib/params";
 import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
-import type { LedgerEntry } from "./points.service";
 
 /** A copy of a ledger entry, keyed by its cause. */
-export interface EntryRow extends Omit<LedgerEntry, "_id" | "seq"> {
+export interface EntryRow extends Omit<PostedEntry, "cause"> {
 	_id: string;
 }
 
@@ -60,25 +60,6 @@ interface StatRow {
 	members?: number;
 	active?: number;
 	outstanding?: number;
-}
-
-interface DealEvent {
-	dealId: string;
-	memberId: string;
-	merchantId: string;
-	dealAmount: number;
-	type: "save" | "use";
-	point: number;
-	dealDate: string;
-}
-
-interface OrderEvent {
-	orderId: string;
-	memberId: string;
-	points: number;
-	totalPrice?: number;
-	qty?: number;
-	paidAt?: string;
 }
 
 /** Which total of a member each kind of ledger entry adds to. */
@@ -187,81 +168,54 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 		}
 	},
 
-	channels: {
-		"member.joined": {
-			group: "dashboard",
-			async handler(this: This, event: { memberId: string; joinedAt: string; name?: string }) {
-				await this.members.insertUnique({ _id: event.memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0 });
-				// Once, whichever of the member's events came first and made the row.
-				if (await this.members.update({ _id: event.memberId, joinedAt: { $exists: false } }, { $set: { name: event.name, joinedAt: event.joinedAt } })) {
-					const row = await this.members.findById(event.memberId);
-					await this.count("totals", { members: 1, active: row?.status === "active" ? 1 : 0 }, { kind: "totals" });
-				}
-				this.announce(event.memberId, "member");
+	channels: consume<This>("dashboard", {
+		async "member.joined"(event) {
+			await this.members.insertUnique({ _id: event.memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0 });
+			// Once, whichever of the member's events came first and made the row.
+			if (await this.members.update({ _id: event.memberId, joinedAt: { $exists: false } }, { $set: { name: event.name, joinedAt: event.joinedAt } })) {
+				const row = await this.members.findById(event.memberId);
+				await this.count("totals", { members: 1, active: row?.status === "active" ? 1 : 0 }, { kind: "totals" });
 			}
+			this.announce(event.memberId, "member");
 		},
-		"member.withdrawn": {
-			group: "dashboard",
-			async handler(this: This, event: { memberId: string; withdrawnAt: string }) {
-				await this.members.insertUnique({ _id: event.memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0 });
-				const withdrawn = { $set: { status: "withdrawn", withdrawnAt: event.withdrawnAt } };
-				// Counted as active only once its joining was seen.
-				if (await this.members.update({ _id: event.memberId, status: "active", joinedAt: { $exists: true } }, withdrawn)) await this.count("totals", { active: -1 }, { kind: "totals" });
-				else await this.members.update({ _id: event.memberId }, withdrawn);
-				this.announce(event.memberId, "member");
-			}
+		async "member.withdrawn"(event) {
+			await this.members.insertUnique({ _id: event.memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0 });
+			const withdrawn = { $set: { status: "withdrawn", withdrawnAt: event.withdrawnAt } };
+			// Counted as active only once its joining was seen.
+			if (await this.members.update({ _id: event.memberId, status: "active", joinedAt: { $exists: true } }, withdrawn)) await this.count("totals", { active: -1 }, { kind: "totals" });
+			else await this.members.update({ _id: event.memberId }, withdrawn);
+			this.announce(event.memberId, "member");
 		},
 		/** The ledger itself: balances, totals, history and charts follow it entry by entry. */
-		"points.posted": {
-			group: "dashboard",
-			async handler(this: This, posting: { memberId: string; entries: (Omit<LedgerEntry, "_id" | "seq"> & { cause: string })[] }) {
-				await this.members.insertUnique({ _id: posting.memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0 });
-				for (const { cause, ...entry } of posting.entries) {
-					if (!(await this.store.insertUnique({ _id: cause, ...entry }))) continue;
-					const total = TOTAL_OF[entry.kind];
-					await this.members.update({ _id: entry.memberId }, { $inc: { balance: entry.amount, ...(total ? { [total]: Math.abs(entry.amount) } : {}) } });
-					await this.count("totals", { outstanding: entry.amount }, { kind: "totals" });
-				}
-				this.announce(posting.memberId, "points");
+		async "points.posted"(posting) {
+			await this.members.insertUnique({ _id: posting.memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0 });
+			for (const { cause, ...entry } of posting.entries) {
+				if (!(await this.store.insertUnique({ _id: cause, ...entry }))) continue;
+				const total = TOTAL_OF[entry.kind];
+				await this.members.update({ _id: entry.memberId }, { $inc: { balance: entry.amount, ...(total ? { [total]: Math.abs(entry.amount) } : {}) } });
+				await this.count("totals", { outstanding: entry.amount }, { kind: "totals" });
 			}
+			this.announce(posting.memberId, "points");
 		},
-		"deal.saved": {
-			group: "dashboard",
-			async handler(this: This, deal: DealEvent) {
-				await this.record(dealRow(deal, "success"));
-			}
+		async "deal.saved"(deal) {
+			await this.record(dealRow(deal, "success"));
 		},
-		"deal.used": {
-			group: "dashboard",
-			async handler(this: This, deal: DealEvent) {
-				await this.record(dealRow(deal, "success"));
-			}
+		async "deal.used"(deal) {
+			await this.record(dealRow(deal, "success"));
 		},
-		"deal.cancelled": {
-			group: "dashboard",
-			async handler(this: This, deal: DealEvent) {
-				await this.cancel(`deal:${deal.dealId}`, dealRow(deal, "cancelled"));
-			}
+		async "deal.cancelled"(deal) {
+			await this.cancel(`deal:${deal.dealId}`, dealRow(deal, "cancelled"));
 		},
-		"deal.failed": {
-			group: "dashboard",
-			async handler(this: This, deal: DealEvent & { reason?: string }) {
-				await this.record(dealRow(deal, "fail"));
-			}
+		async "deal.failed"(deal) {
+			await this.record(dealRow(deal, "fail"));
 		},
-		"order.paid": {
-			group: "dashboard",
-			async handler(this: This, order: OrderEvent) {
-				await this.record(orderRow(order, "paid"));
-			}
+		async "order.paid"(order) {
+			await this.record(orderRow(order, "paid"));
 		},
-		"order.cancelled": {
-			group: "dashboard",
-			async handler(this: This, order: OrderEvent) {
-				await this.cancel(`order:${order.orderId}`, orderRow(order, "cancelled"));
-			}
+		async "order.cancelled"(order) {
+			await this.cancel(`order:${order.orderId}`, orderRow(order, "cancelled"));
 		}
-	},
+	}),
 
 	methods: {
 		/** Records a transaction once; counts it into its day and merchant. False when already known. */

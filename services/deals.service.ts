@@ -8,17 +8,18 @@
  */
 import { Errors, type Context, type Service, type ServiceSchema } from "moleculer";
 import { config } from "../config";
+import { outboxEvent, type DealEvent, type OutboxEvent } from "../contracts/channels";
 import { assertOwnMerchant, type CallerMeta } from "../lib/access";
 import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, outboxEvent, pushEvents, type OutboxEvent, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
 import type { MemberView } from "./members.service";
 import type { PostResult, Source } from "./points.service";
 
-export type DealType = "save" | "use";
+export type DealType = DealEvent["type"];
 export type DealStatus = "pending" | "success" | "fail" | "cancelled";
 
 export interface Deal extends WithOutbox {
@@ -48,11 +49,14 @@ interface CreateParams {
 interface Methods {
 	toView(deal: Deal): DealView;
 	findDeal(id: string): Promise<Deal>;
-	eventOf(channel: string, deal: Deal): OutboxEvent;
+	eventOf(channel: DealChannel, deal: Deal): OutboxEvent;
 	confirmUse(ctx: Context, deal: Deal): Promise<Deal>;
 	failed(deal: Deal, reason: string): Outcome<Deal>;
 	abandoned(deal: Deal): Outcome<Deal>;
 }
+
+/** The channels a deal's events go to. */
+type DealChannel = "deal.saved" | "deal.used" | "deal.failed" | "deal.voided" | "deal.cancelled";
 
 type This = Service<PendingSettings> & DbThis<Deal> & OutboxMethods & PendingMethods<Deal> & Methods;
 
@@ -183,9 +187,9 @@ const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
 			return this.failed(deal, "INTERRUPTED");
 		},
 
-		eventOf(channel: string, deal: Deal): OutboxEvent {
+		eventOf(channel: DealChannel, deal: Deal): OutboxEvent {
 			const { _id, memberId, merchantId, dealAmount, type, point, dealDate, cancelledAt, reason } = deal;
-			return outboxEvent(channel, { dealId: _id, memberId, merchantId, dealAmount, type, point, dealDate, ...(cancelledAt ? { cancelledAt } : {}), ...(reason ? { reason } : {}) });
+			return outboxEvent<DealChannel>(channel, { dealId: _id, memberId, merchantId, dealAmount, type, point, dealDate, ...(cancelledAt ? { cancelledAt } : {}), ...(reason ? { reason } : {}) });
 		},
 
 		async findDeal(this: This, id: string): Promise<Deal> {

@@ -4,10 +4,11 @@
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { randomInt } from "node:crypto";
+import { outboxEvent } from "../contracts/channels";
 import { conflict, notFound } from "../lib/errors";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, outboxEvent, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 
 export interface Member extends WithOutbox {
 	name: string;

@@ -15,11 +15,12 @@
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { config } from "../config";
+import { consume, outboxEvent, type OutboxEvent } from "../contracts/channels";
 import { clientError, conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, outboxEvent, pushEvents, type OutboxEvent, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
 import type { MemberView } from "./members.service";
 import type { PaymentView } from "./payments.service";
@@ -57,12 +58,15 @@ interface CreateParams {
 
 interface Methods {
 	pay(ctx: Context, order: Order): Promise<Order>;
-	eventOf(channel: string, order: Order): OutboxEvent;
+	eventOf(channel: OrderChannel, order: Order): OutboxEvent;
 	findOrder(id: string): Promise<Order>;
 	failed(order: Order, reason: string): Outcome<Order>;
 	abandoned(order: Order): Outcome<Order>;
 	toView(order: Order): OrderView;
 }
+
+/** The channels an order's events go to. */
+type OrderChannel = "order.paid" | "order.voided" | "order.cancelled";
 
 type This = Service<PendingSettings> & DbThis<Order> & OutboxMethods & PendingMethods<Order> & Methods;
 
@@ -170,20 +174,14 @@ const OrdersService: ServiceSchema<PendingSettings, Methods, object, This> = {
 		}
 	},
 
-	channels: {
-		"payment.cancelled": {
-			group: "orders",
-			async handler(this: This, payment: { orderId: string; paymentId: string; status: string }) {
-				await this.store.update({ _id: payment.orderId }, { $set: { payment: { id: payment.paymentId, status: payment.status } } });
-			}
+	channels: consume<This>("orders", {
+		async "payment.cancelled"(payment) {
+			await this.store.update({ _id: payment.orderId }, { $set: { payment: { id: payment.paymentId, status: payment.status } } });
 		},
-		"delivery.cancelled": {
-			group: "orders",
-			async handler(this: This, delivery: { orderId: string }) {
-				await this.store.update({ _id: delivery.orderId }, { $set: { delivery: { status: "cancelled" } } });
-			}
+		async "delivery.cancelled"(delivery) {
+			await this.store.update({ _id: delivery.orderId }, { $set: { delivery: { status: "cancelled" } } });
 		}
-	},
+	}),
 
 	methods: {
 		async pay(this: This, ctx: Context, order: Order): Promise<Order> {
@@ -224,9 +222,9 @@ const OrdersService: ServiceSchema<PendingSettings, Methods, object, This> = {
 			return this.failed(order, "INTERRUPTED");
 		},
 
-		eventOf(channel: string, order: Order): OutboxEvent {
+		eventOf(channel: OrderChannel, order: Order): OutboxEvent {
 			const { _id, memberId, productId, qty, unitPrice, totalPrice, pointRate, points, paidAt, cancelledAt } = order;
-			return outboxEvent(channel, {
+			return outboxEvent<OrderChannel>(channel, {
 				orderId: _id,
 				memberId,
 				productId,

@@ -12,11 +12,12 @@
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { setTimeout as sleep } from "node:timers/promises";
 import { config } from "../config";
+import { consume, outboxEvent, type OrderEvent } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, outboxEvent, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 
 export type PaymentStatus = "approved" | "declined" | "cancelled" | "voided";
 
@@ -32,11 +33,6 @@ export interface Payment extends WithOutbox {
 
 export interface PaymentView extends Omit<Payment, "_id" | "outbox"> {
 	id: string;
-}
-
-interface OrderEvent {
-	orderId: string;
-	memberId: string;
 }
 
 interface Methods {
@@ -109,20 +105,14 @@ const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 		}
 	},
 
-	channels: {
-		"order.voided": {
-			group: "payments",
-			handler(this: This, order: OrderEvent) {
-				return this.undo(order, "voided");
-			}
+	channels: consume<This>("payments", {
+		"order.voided"(order) {
+			return this.undo(order, "voided");
 		},
-		"order.cancelled": {
-			group: "payments",
-			handler(this: This, order: OrderEvent) {
-				return this.undo(order, "cancelled");
-			}
+		"order.cancelled"(order) {
+			return this.undo(order, "cancelled");
 		}
-	},
+	}),
 
 	methods: {
 		async undo(this: This, order: OrderEvent, status: "cancelled" | "voided") {

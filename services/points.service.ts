@@ -13,29 +13,17 @@
  * `points.posted` event (outbox), from which read models follow the ledger.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import { consume, outboxEvent, type DealEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import { KeyedLock } from "../lib/keyed-lock";
 import * as P from "../lib/params";
 import { DbMixin, openCollection, type Collection, type DbThis, type Page } from "../mixins/db.mixin";
-import { OutboxMixin, outboxEvent, pushEvents, type OutboxMethods } from "../mixins/outbox.mixin";
+import { OutboxMixin, pushEvents, type OutboxMethods } from "../mixins/outbox.mixin";
 
-export type EntryKind = "earn" | "use" | "restore" | "revoke" | "expire" | "void";
-
-export interface LedgerEntry {
-	/** The cause, which is also the idempotency key. */
+/** A ledger entry as stored: keyed by its cause, which is also the idempotency key. */
+export interface LedgerEntry extends Omit<PostedEntry, "cause"> {
 	_id: string;
-	memberId: string;
-	kind: EntryKind;
-	amount: number;
-	balanceAfter: number;
-	/** `deal` / `order` / `member`, and its id: what the entry is about. */
-	sourceType: string;
-	sourceId: string;
-	merchantId?: string;
-	/** Points a revocation could not take back because they had been spent already. */
-	shortfall?: number;
-	at: string;
 	/** Orders entries of one account in time, also within one millisecond. */
 	seq: string;
 }
@@ -108,6 +96,9 @@ const MAX_ATTEMPTS = 20;
 /** The condition that the account is still as it was read. */
 const versionOf = (account: Account) => ({ _id: account._id, version: account.version ?? { $exists: false } });
 
+const dealSource = (deal: DealEvent): Source => ({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId });
+const orderSource = (order: OrderEvent): Source => ({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId });
+
 const causeOf = (source: Source) => `${source.sourceType}:${source.sourceId}`;
 const cancelCauseOf = (source: Source) => `${source.sourceType}-cancel:${source.sourceId}`;
 
@@ -170,51 +161,30 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		}
 	},
 
-	channels: {
-		"member.joined": {
-			group: "points",
-			async handler(this: This, payload: { memberId: string; joinedAt: string }) {
-				await this.openAccount(payload.memberId, payload.joinedAt);
-			}
+	channels: consume<This>("points", {
+		async "member.joined"(member) {
+			await this.openAccount(member.memberId, member.joinedAt);
 		},
-		"member.withdrawn": {
-			group: "points",
-			async handler(this: This, payload: { memberId: string }) {
-				await this.expire(payload.memberId);
-			}
+		async "member.withdrawn"(member) {
+			await this.expire(member.memberId);
 		},
-		"deal.saved": {
-			group: "points",
-			async handler(this: This, deal: { dealId: string; memberId: string; merchantId: string; point: number }) {
-				await this.credit({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId }, deal.point);
-			}
+		async "deal.saved"(deal) {
+			await this.credit(dealSource(deal), deal.point);
 		},
-		"deal.cancelled": {
-			group: "points",
-			async handler(this: This, deal: { dealId: string; memberId: string; merchantId: string }) {
-				await this.reverse({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId });
-			}
+		async "deal.cancelled"(deal) {
+			await this.reverse(dealSource(deal));
 		},
-		"order.paid": {
-			group: "points",
-			async handler(this: This, order: { orderId: string; memberId: string; points: number }) {
-				await this.credit({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId }, order.points);
-			}
+		async "order.paid"(order) {
+			await this.credit(orderSource(order), order.points);
 		},
-		"order.cancelled": {
-			group: "points",
-			async handler(this: This, order: { orderId: string; memberId: string }) {
-				await this.reverse({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId });
-			}
+		async "order.cancelled"(order) {
+			await this.reverse(orderSource(order));
 		},
 		/** A `use` whose debit could not be confirmed: undo it if it happened, and refuse it if it comes late. */
-		"deal.voided": {
-			group: "points",
-			async handler(this: This, deal: { dealId: string; memberId: string; merchantId: string }) {
-				await this.reverse({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId });
-			}
+		async "deal.voided"(deal) {
+			await this.reverse(dealSource(deal));
 		}
-	},
+	}),
 
 	methods: {
 		/**
