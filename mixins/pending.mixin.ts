@@ -13,7 +13,6 @@ import type { Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import type { OutboxEvent } from "../contracts/channels";
 import type { DbThis } from "./db.mixin";
 import type { OutboxMethods, WithOutbox } from "./outbox.mixin";
-import { pushEvents } from "./outbox.mixin";
 
 export interface Pending extends WithOutbox {
 	status: string;
@@ -53,10 +52,8 @@ export function PendingMixin<T extends Pending>(dateField: keyof T & string): Pa
 		name: "pending",
 		methods: {
 			async settle(this: PendingThis<T>, record: T, { changes, events }: Outcome<T>): Promise<T> {
-				const changed = await this.store.update({ _id: record._id, status: "pending" }, { $set: changes, ...(events.length ? pushEvents(...events) : {}) });
-				if (!changed) return (await this.store.findById(record._id)) as T;
-				await this.flushOutbox({ _id: record._id, outbox: events });
-				return { ...record, ...changes };
+				if (await this.changeWithEvents({ filter: { _id: record._id, status: "pending" }, update: { $set: changes } }, events)) return { ...record, ...changes };
+				return (await this.store.findById(record._id)) as T;
 			},
 
 			async sweepPending(this: PendingThis<T>) {

@@ -14,7 +14,7 @@ import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
 import type { MemberView } from "./members.service";
 import type { PostResult, Source } from "./points.service";
@@ -92,21 +92,19 @@ const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
 						{ type: "required", field: "point", message: "The 'point' field is required for a use deal." }
 					]);
 
-				const deal = await this.store.insertNew(() => {
-					const draft: Deal = {
-						_id: sortableId(),
-						memberId,
-						merchantId,
-						dealAmount,
-						type,
-						point: type === "save" ? Math.floor(dealAmount * config.earnRate) : (ctx.params.point as number),
-						status: type === "save" ? "success" : "pending",
-						dealDate: new Date().toISOString()
-					};
-					if (type === "save") draft.outbox = [this.eventOf("deal.saved", draft)];
-					return draft;
-				});
-				await this.flushOutbox(deal);
+				const deal: Deal = {
+					_id: sortableId(),
+					memberId,
+					merchantId,
+					dealAmount,
+					type,
+					point: type === "save" ? Math.floor(dealAmount * config.earnRate) : (ctx.params.point as number),
+					status: type === "save" ? "success" : "pending",
+					dealDate: new Date().toISOString()
+				};
+				// A ULID is never taken in practice; if it were, that must not pass for success.
+				if (!(await this.changeWithEvents({ insert: deal }, type === "save" ? [this.eventOf("deal.saved", deal)] : [])))
+					throw new Error(`Could not store a new deal: id '${deal._id}' is taken`);
 				ctx.meta.$statusCode = 201;
 				ctx.meta.$location = `/api/deals/${deal._id}`;
 				return this.toView(type === "use" ? await this.confirmUse(ctx, deal) : deal);
@@ -147,11 +145,10 @@ const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
 				if (deal.status === "cancelled") throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
 				if (deal.status !== "success") throw conflict("DEAL_NOT_CANCELLABLE", `Deal '${deal._id}' is '${deal.status}' and cannot be cancelled`, { id: deal._id, status: deal.status });
 				const cancelledAt = new Date().toISOString();
-				const event = this.eventOf("deal.cancelled", { ...deal, cancelledAt });
 				// Conditional on `success`: of two racing cancellations, one wins.
-				const changed = await this.store.update({ _id: deal._id, status: "success" }, { $set: { status: "cancelled", cancelledAt }, ...pushEvents(event) });
-				if (!changed) throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
-				await this.flushOutbox({ _id: deal._id, outbox: [event] });
+				const change = { filter: { _id: deal._id, status: "success" }, update: { $set: { status: "cancelled", cancelledAt } } };
+				if (!(await this.changeWithEvents(change, [this.eventOf("deal.cancelled", { ...deal, cancelledAt })])))
+					throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
 				return this.toView({ ...deal, status: "cancelled", cancelledAt });
 			}
 		}

@@ -8,7 +8,7 @@ import { consume, outboxEvent } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 
 export interface Delivery extends WithOutbox {
 	/** The order's id: one delivery per order. */
@@ -48,12 +48,11 @@ const DeliveriesService: ServiceSchema<object, object, object, This> = {
 		},
 		async "order.cancelled"(order) {
 			const cancelledAt = new Date().toISOString();
-			const event = outboxEvent("delivery.cancelled", { orderId: order.orderId });
-			const record: Delivery = { _id: order.orderId, memberId: order.memberId, status: "cancelled", cancelledAt, outbox: [event] };
-			const changed =
-				(await this.store.insertUnique(record)) ||
-				(await this.store.update({ _id: order.orderId, status: "started" }, { $set: { status: "cancelled", cancelledAt }, ...pushEvents(event) })) > 0;
-			if (changed) await this.flushOutbox({ _id: order.orderId, outbox: [event] });
+			const events = [outboxEvent("delivery.cancelled", { orderId: order.orderId })];
+			// Not started yet: the cancelled record takes its place. Started: cancelled, once.
+			const record: Delivery = { _id: order.orderId, memberId: order.memberId, status: "cancelled", cancelledAt };
+			if (!(await this.changeWithEvents({ insert: record }, events)))
+				await this.changeWithEvents({ filter: { _id: order.orderId, status: "started" }, update: { $set: { status: "cancelled", cancelledAt } } }, events);
 		}
 	})
 };

@@ -20,7 +20,7 @@ import { clientError, conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
 import type { MemberView } from "./members.service";
 import type { PaymentView } from "./payments.service";
@@ -163,12 +163,11 @@ const OrdersService: ServiceSchema<PendingSettings, Methods, object, This> = {
 					payment: { ...order.payment, status: "cancelling" },
 					delivery: { status: "cancelling" }
 				};
-				const event = this.eventOf("order.cancelled", cancelled);
 				const { status, cancelledAt, payment, delivery } = cancelled;
 				// Conditional on `paid`: of two racing cancellations, one wins.
-				const changed = await this.store.update({ _id: order._id, status: "paid" }, { $set: { status, cancelledAt, payment, delivery }, ...pushEvents(event) });
-				if (!changed) throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, { id: order._id });
-				await this.flushOutbox({ _id: order._id, outbox: [event] });
+				const change = { filter: { _id: order._id, status: "paid" }, update: { $set: { status, cancelledAt, payment, delivery } } };
+				if (!(await this.changeWithEvents(change, [this.eventOf("order.cancelled", cancelled)])))
+					throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, { id: order._id });
 				return this.toView(cancelled);
 			}
 		}

@@ -17,7 +17,7 @@ import { notFound } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 
 export type PaymentStatus = "approved" | "declined" | "cancelled" | "voided";
 
@@ -121,10 +121,10 @@ const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 			// No payment yet: the placeholder takes its place, and a late `pay` finds it instead.
 			if (await this.store.insertUnique(placeholder)) return;
 			const payment = (await this.findByOrder(order.orderId)) as Payment;
-			const event = outboxEvent("payment.cancelled", { orderId: payment.orderId, paymentId: payment._id, status });
 			// Only an approved payment is undone; a declined, cancelled or voided one stays as it is.
-			const changed = await this.store.update({ _id: payment._id, status: "approved" }, { $set: { status, cancelledAt: at }, ...pushEvents(event) });
-			if (changed) await this.flushOutbox({ _id: payment._id, outbox: [event] });
+			await this.changeWithEvents({ filter: { _id: payment._id, status: "approved" }, update: { $set: { status, cancelledAt: at } } }, [
+				outboxEvent("payment.cancelled", { orderId: payment.orderId, paymentId: payment._id, status })
+			]);
 		},
 
 		async findByOrder(this: This, orderId: string) {

@@ -19,7 +19,7 @@ import { sortableId } from "../lib/ids";
 import { KeyedLock } from "../lib/keyed-lock";
 import * as P from "../lib/params";
 import { DbMixin, openCollection, type Collection, type DbThis, type Page } from "../mixins/db.mixin";
-import { OutboxMixin, pushEvents, type OutboxMethods } from "../mixins/outbox.mixin";
+import { OutboxMixin, type OutboxMethods } from "../mixins/outbox.mixin";
 
 /** A ledger entry as stored: keyed by its cause, which is also the idempotency key. */
 export interface LedgerEntry extends Omit<PostedEntry, "cause"> {
@@ -218,12 +218,11 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 						return { memberId, sourceType: "member", sourceId: memberId, ...d, balanceAfter: balance, at: now, seq: sortableId() };
 					});
 					const posted = outboxEvent("points.posted", { memberId, closed: close, entries: entries.map(({ _id, seq: _seq, ...entry }) => ({ cause: _id, ...entry })) });
-					const changed = await this.store.update(versionOf(account), {
+					const update = {
 						$inc: { balance: balance - account.balance, version: 1 },
-						$set: { pending: entries, updatedAt: now, ...(close ? { status: "closed", closedAt: now } : {}) },
-						...pushEvents(posted)
-					});
-					if (!changed) {
+						$set: { pending: entries, updatedAt: now, ...(close ? { status: "closed", closedAt: now } : {}) }
+					};
+					if (!(await this.changeWithEvents({ filter: versionOf(account), update }, [posted]))) {
 						if (attempt < MAX_ATTEMPTS) {
 							await new Promise(resolve => setTimeout(resolve, Math.random() * attempt * 5));
 							continue;
@@ -231,7 +230,6 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 						throw new Error(`Account '${memberId}' keeps changing concurrently`);
 					}
 					await this.finishPosting({ ...account, version: (account.version ?? 0) + 1, pending: entries });
-					await this.flushOutbox({ _id: memberId, outbox: [posted] });
 					return { applied: true, balance };
 				}
 			});
