@@ -10,6 +10,7 @@
  * conditional write makes that harmless.
  */
 import type { Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import { ConfiguredSettings } from "../config/settings";
 import type { OutboxEvent } from "../contracts/channels";
 import type { DbThis } from "./db.mixin";
 import type { OutboxMethods, WithOutbox } from "./outbox.mixin";
@@ -24,9 +25,9 @@ export interface Outcome<T> {
 }
 
 export interface PendingSettings extends ServiceSettingSchema {
-	/** How long the synchronous call behind a pending record may take (ms). */
+	/** How long the synchronous call behind a pending record may take (ms); default CALL_TIMEOUT_MS. */
 	pendingTimeoutMs: number;
-	/** How often this instance looks for abandoned pending records (ms). */
+	/** How often this instance looks for abandoned pending records (ms); default CALL_TIMEOUT_MS. */
 	pendingSweepMs: number;
 }
 
@@ -50,6 +51,7 @@ type PendingThis<T extends Pending> = Service<PendingSettings> &
 export function PendingMixin<T extends Pending>(dateField: keyof T & string): Partial<ServiceSchema> {
 	const schema: ServiceSchema<PendingSettings, PendingMethods<T>, object, PendingThis<T>> = {
 		name: "pending",
+		mixins: [ConfiguredSettings<PendingSettings>(config => ({ pendingTimeoutMs: config.callTimeoutMs, pendingSweepMs: config.callTimeoutMs }))],
 		methods: {
 			async settle(this: PendingThis<T>, record: T, { changes, events }: Outcome<T>): Promise<T> {
 				if (await this.changeWithEvents({ filter: { _id: record._id, status: "pending" }, update: { $set: changes } }, events)) return { ...record, ...changes };

@@ -11,7 +11,7 @@
  * or two billing nodes closing the same month, changes nothing.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
-import { config } from "../config";
+import { ConfiguredSettings } from "../config/settings";
 import { consume } from "../contracts/channels";
 import { assertOwnMerchant, type CallerMeta } from "../lib/access";
 import { clientError, notFound } from "../lib/errors";
@@ -50,7 +50,10 @@ interface Methods {
 }
 
 interface Settings extends ServiceSettingSchema {
+	/** How long after a month's end it is closed (MONTH_END_GRACE_MINUTES), and how often the clock is checked (ms). */
 	monthEnd: { graceMs: number; checkEveryMs: number };
+	/** The share of used points a merchant pays as a fee (SETTLEMENT_FEE). */
+	settlementFee: number;
 }
 
 type This = Service<Settings> &
@@ -74,11 +77,10 @@ export function monthBounds(month: string): [string, string] {
 
 const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "billing",
-	mixins: [DbMixin("billing-amount-views", [{ fields: { merchantId: 1, dealDate: 1 } }, { fields: { dealDate: 1 } }])],
-
-	settings: {
-		monthEnd: { graceMs: config.monthEndGraceMs, checkEveryMs: 60_000 }
-	},
+	mixins: [
+		DbMixin("billing-amount-views", [{ fields: { merchantId: 1, dealDate: 1 } }, { fields: { dealDate: 1 } }]),
+		ConfiguredSettings<Settings>(config => ({ monthEnd: { graceMs: config.monthEndGraceMs, checkEveryMs: 60_000 }, settlementFee: config.settlementFee }))
+	],
 
 	actions: {
 		view: {
@@ -172,14 +174,14 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			if (from > now.toISOString()) throw clientError(422, "BILLING_MONTH_NOT_STARTED", `${month} has not started yet`, { billingMonth: month });
 			const rows = await this.store.find({ query: { merchantId, dealDate: { $gte: from, $lt: to }, cancelled: { $ne: true } } });
 			const usedPoints = rows.reduce((sum, row) => sum + (row.point ?? 0), 0);
-			const billingAmount = Math.floor(usedPoints * (1 - config.settlementFee));
+			const billingAmount = Math.floor(usedPoints * (1 - this.settings.settlementFee));
 			const settlement: Settlement = {
 				_id: id,
 				merchantId,
 				billingMonth: month,
 				usedPoints,
 				dealCount: rows.length,
-				feeRate: config.settlementFee,
+				feeRate: this.settings.settlementFee,
 				fee: usedPoints - billingAmount,
 				billingAmount,
 				settledAt: now.toISOString()

@@ -6,8 +6,8 @@
  * independent of the order events arrive in. Each change is also announced as `dashboard.updated`
  * (a plain Moleculer event) for the gateway's live stream.
  */
-import type { Context, Service, ServiceSchema } from "moleculer";
-import { config } from "../config";
+import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import { ConfiguredSettings } from "../config/settings";
 import { consume, type DealEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import * as P from "../lib/params";
@@ -80,11 +80,16 @@ interface Methods {
 	announce(memberId: string, what: string): void;
 }
 
-type This = Service & DbThis<EntryRow> & Methods & { members: Collection<MemberRow>; transactions: Collection<TransactionRow>; stats: Collection<StatRow> };
+interface Settings extends ServiceSettingSchema {
+	/** The fee the settlement preview deducts (SETTLEMENT_FEE). */
+	settlementFee: number;
+}
 
-const DashboardService: ServiceSchema<object, Methods, object, This> = {
+type This = Service<Settings> & DbThis<EntryRow> & Methods & { members: Collection<MemberRow>; transactions: Collection<TransactionRow>; stats: Collection<StatRow> };
+
+const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "dashboard",
-	mixins: [DbMixin("dashboard-entries", [{ fields: { memberId: 1 } }])],
+	mixins: [DbMixin("dashboard-entries", [{ fields: { memberId: 1 } }]), ConfiguredSettings<Settings>(config => ({ settlementFee: config.settlementFee }))],
 
 	actions: {
 		/** Everything about one member at a glance. */
@@ -161,7 +166,7 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 						.slice(0, 5),
 					settlementPreview: merchants
 						.filter(m => (m.usedPoints ?? 0) > 0)
-						.map(m => ({ merchantId: m.merchantId, billingMonth: current, usedPoints: m.usedPoints ?? 0, billingAmount: Math.floor((m.usedPoints ?? 0) * (1 - config.settlementFee)) }))
+						.map(m => ({ merchantId: m.merchantId, billingMonth: current, usedPoints: m.usedPoints ?? 0, billingAmount: Math.floor((m.usedPoints ?? 0) * (1 - this.settings.settlementFee)) }))
 						.sort((a, b) => b.usedPoints - a.usedPoints)
 				};
 			}

@@ -7,7 +7,7 @@
  * announced as `deal.failed`, for the read models.
  */
 import { Errors, type Context, type Service, type ServiceSchema } from "moleculer";
-import { config } from "../config";
+import { ConfiguredSettings } from "../config/settings";
 import { outboxEvent, type DealEvent, type OutboxEvent } from "../contracts/channels";
 import { assertOwnMerchant, type CallerMeta } from "../lib/access";
 import { conflict, notFound, unavailable } from "../lib/errors";
@@ -58,17 +58,26 @@ interface Methods {
 /** The channels a deal's events go to. */
 type DealChannel = "deal.saved" | "deal.used" | "deal.failed" | "deal.voided" | "deal.cancelled";
 
-type This = Service<PendingSettings> & DbThis<Deal> & OutboxMethods & PendingMethods<Deal> & Methods;
+interface Settings extends PendingSettings {
+	/** How long a call to members may take (ms). */
+	callTimeoutMs: number;
+	/** Points a save earns per unit of its amount. */
+	earnRate: number;
+	/** What a 503 asks the client to wait (s). */
+	retryAfterSeconds: number;
+}
 
-const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
+type This = Service<Settings> & DbThis<Deal> & OutboxMethods & PendingMethods<Deal> & Methods;
+
+const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "deals",
-	mixins: [DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }]), OutboxMixin, PendingMixin<Deal>("dealDate")],
-
-	settings: {
-		// A use waits this long for its debit; a use pending twice as long was abandoned.
-		pendingTimeoutMs: config.callTimeoutMs,
-		pendingSweepMs: config.callTimeoutMs
-	},
+	// A use waits `pendingTimeoutMs` for its debit; a use pending twice as long was abandoned.
+	mixins: [
+		DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }]),
+		OutboxMixin,
+		PendingMixin<Deal>("dealDate"),
+		ConfiguredSettings<Settings>(config => ({ callTimeoutMs: config.callTimeoutMs, earnRate: config.earnRate, retryAfterSeconds: config.retryAfterSeconds }))
+	],
 
 	actions: {
 		create: {
@@ -84,7 +93,7 @@ const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
 			},
 			async handler(this: This, ctx: Context<CreateParams, { $statusCode?: number; $location?: string }>) {
 				const { memberId, merchantId, dealAmount, type } = ctx.params;
-				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: config.callTimeoutMs });
+				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 
 				if (type === "use" && ctx.params.point == null)
@@ -98,7 +107,7 @@ const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
 					merchantId,
 					dealAmount,
 					type,
-					point: type === "save" ? Math.floor(dealAmount * config.earnRate) : (ctx.params.point as number),
+					point: type === "save" ? Math.floor(dealAmount * this.settings.earnRate) : (ctx.params.point as number),
 					status: type === "save" ? "success" : "pending",
 					dealDate: new Date().toISOString()
 				};
@@ -167,7 +176,7 @@ const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
 				// Timed out, breaker open or points gone: the debit may or may not have happened.
 				this.logger.warn(`Debit for deal '${deal._id}' unconfirmed:`, (err as Error).message);
 				await this.settle(deal, this.failed(deal, "POINTS_UNAVAILABLE"));
-				throw unavailable("POINTS_UNAVAILABLE", "Points cannot be confirmed right now; try again later", config.retryAfterSeconds, err);
+				throw unavailable("POINTS_UNAVAILABLE", "Points cannot be confirmed right now; try again later", this.settings.retryAfterSeconds, err);
 			}
 			if (result.applied) return this.settle(deal, { changes: { status: "success" }, events: [this.eventOf("deal.used", deal)] });
 			return this.settle(deal, { changes: { status: "fail", reason: result.reason }, events: [this.eventOf("deal.failed", { ...deal, reason: result.reason })] });

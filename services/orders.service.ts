@@ -14,7 +14,7 @@
  * `delivery.cancelled` as they come back.
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
-import { config } from "../config";
+import { ConfiguredSettings } from "../config/settings";
 import { consume, outboxEvent, type OutboxEvent } from "../contracts/channels";
 import { clientError, conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
@@ -68,7 +68,14 @@ interface Methods {
 /** The channels an order's events go to. */
 type OrderChannel = "order.paid" | "order.voided" | "order.cancelled";
 
-type This = Service<PendingSettings> & DbThis<Order> & OutboxMethods & PendingMethods<Order> & Methods;
+interface Settings extends PendingSettings {
+	/** How long a call to members may take (ms). */
+	callTimeoutMs: number;
+	/** What a 503 asks the client to wait (s). */
+	retryAfterSeconds: number;
+}
+
+type This = Service<Settings> & DbThis<Order> & OutboxMethods & PendingMethods<Order> & Methods;
 
 /** Orders of this many items or more earn the higher rate. */
 export const BULK_QTY = 5;
@@ -82,15 +89,15 @@ export function pointsFor(totalPrice: number, qty: number): number {
 	return Math.floor((totalPrice * pointPercent(qty)) / 100);
 }
 
-const OrdersService: ServiceSchema<PendingSettings, Methods, object, This> = {
+const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "orders",
-	mixins: [DbMixin("orders", [{ fields: { memberId: 1 } }, { fields: { status: 1 } }]), OutboxMixin, PendingMixin<Order>("orderedAt")],
-
-	settings: {
-		// An order waits this long for its payment's answer; one pending twice as long was abandoned.
-		pendingTimeoutMs: config.callTimeoutMs,
-		pendingSweepMs: config.callTimeoutMs
-	},
+	// An order waits `pendingTimeoutMs` for its payment's answer; one pending twice as long was abandoned.
+	mixins: [
+		DbMixin("orders", [{ fields: { memberId: 1 } }, { fields: { status: 1 } }]),
+		OutboxMixin,
+		PendingMixin<Order>("orderedAt"),
+		ConfiguredSettings<Settings>(config => ({ callTimeoutMs: config.callTimeoutMs, retryAfterSeconds: config.retryAfterSeconds }))
+	],
 
 	actions: {
 		create: {
@@ -106,7 +113,7 @@ const OrdersService: ServiceSchema<PendingSettings, Methods, object, This> = {
 				const { memberId, productId, qty, unitPrice } = ctx.params;
 				const totalPrice = qty * unitPrice;
 				if (totalPrice > P.MAX_AMOUNT) throw clientError(422, "ORDER_TOO_LARGE", `An order may total at most ${P.MAX_AMOUNT}`, { totalPrice });
-				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: config.callTimeoutMs });
+				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 
 				const order = await this.store.insertNew(() => ({
@@ -195,7 +202,7 @@ const OrdersService: ServiceSchema<PendingSettings, Methods, object, This> = {
 				// Timed out, breaker open or payments gone: the payment may still happen; void it.
 				this.logger.warn(`Payment for order '${order._id}' unconfirmed:`, (err as Error).message);
 				await this.settle(order, this.failed(order, "PAYMENTS_UNAVAILABLE"));
-				throw unavailable("PAYMENTS_UNAVAILABLE", "Payments cannot be confirmed right now; try again later", config.retryAfterSeconds, err);
+				throw unavailable("PAYMENTS_UNAVAILABLE", "Payments cannot be confirmed right now; try again later", this.settings.retryAfterSeconds, err);
 			}
 			if (payment.status !== "approved")
 				return this.settle(order, { changes: { status: "payment_failed", reason: "PAYMENT_DECLINED", payment: { id: payment.id, status: payment.status } }, events: [] });

@@ -11,7 +11,7 @@
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { setTimeout as sleep } from "node:timers/promises";
-import { config } from "../config";
+import { ConfiguredSettings } from "../config/settings";
 import { consume, outboxEvent, type OrderEvent } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import { sortableId } from "../lib/ids";
@@ -42,9 +42,9 @@ interface Methods {
 }
 
 interface Settings extends ServiceSettingSchema {
-	/** Totals above this are declined. */
+	/** Totals above this are declined (PAYMENT_LIMIT). */
 	limit: number;
-	/** How long an answer takes (ms). */
+	/** How long an answer takes (ms, PAYMENT_DELAY_MS). */
 	delayMs: number;
 }
 
@@ -52,12 +52,11 @@ type This = Service<Settings> & DbThis<Payment> & OutboxMethods & Methods;
 
 const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "payments",
-	mixins: [DbMixin("payments", [{ fields: { orderId: 1 }, unique: true }, { fields: { memberId: 1 } }]), OutboxMixin],
-
-	settings: {
-		limit: config.paymentLimit,
-		delayMs: config.paymentDelayMs
-	},
+	mixins: [
+		DbMixin("payments", [{ fields: { orderId: 1 }, unique: true }, { fields: { memberId: 1 } }]),
+		OutboxMixin,
+		ConfiguredSettings<Settings>(config => ({ limit: config.paymentLimit, delayMs: config.paymentDelayMs }))
+	],
 
 	actions: {
 		/** Internal: called by orders under its timeout and circuit breaker. */
