@@ -1,7 +1,7 @@
 /**
  * Points: each member's account and its immutable ledger.
  *
- * Invariants (see DESIGN.md): an account's balance equals the sum of its ledger entries and is never
+ * Invariants (see docs/DESIGN.md): an account's balance equals the sum of its ledger entries and is never
  * below 0; every entry names its cause (`deal:<id>`, `deal-cancel:<id>`, `order:<id>`, …), which is
  * the entry's id, so each cause is applied at most once.
  *
