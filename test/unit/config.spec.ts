@@ -63,11 +63,12 @@ describe("services' settings", () => {
 		const broker = createTestBroker([ApiService], { API_KEYS: "aaaaaaaaaaaaaaaa=staff", PORT: "0" });
 		await broker.start();
 		try {
-			const api = broker.getLocalService("api") as Service;
+			const api = broker.getLocalService("api") as unknown as Service<Record<string, unknown>>;
 			expect(api.settings.apiKeys).toEqual([{ token: "aaaaaaaaaaaaaaaa", role: { kind: "staff" } }]);
 			expect(api.settings.port).toBe(0);
 			// What the node tells the others about its services.
-			const shared = broker.registry.getServiceList({ withSettings: true }).find(s => s.name === "api");
+			const list = broker.registry.getServiceList as (opts: object) => { name: string; settings?: object }[];
+			const shared = list.call(broker.registry, { withSettings: true }).find(s => s.name === "api");
 			expect(shared?.settings).toMatchObject({ retryAfterSeconds: 5 });
 			expect(shared?.settings).not.toHaveProperty("apiKeys");
 		} finally {
