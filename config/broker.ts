@@ -6,6 +6,7 @@ import { isDependencyUnavailable } from "../lib/errors";
 import { DurableNatsAdapter } from "../lib/nats-channel-adapter";
 import { OpsReporter } from "../lib/ops-reporter";
 import { operatorCommands } from "./repl";
+import { NodeConfig } from "./settings";
 
 /**
  * @moleculer/channels' typings (generated from JSDoc) mark every option as required and list adapter
@@ -97,6 +98,6 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 				? false
 				: { enabled: true, reporter: [new OpsReporter({ port: config.metricsPort }) as unknown as MetricsReporter] },
 		internalMiddlewares: false,
-		middlewares: [ChannelsMiddleware({ adapter: channelAdapter(config) }), ...INTERNAL_MIDDLEWARES]
+		middlewares: [NodeConfig(config), ChannelsMiddleware({ adapter: channelAdapter(config) }), ...INTERNAL_MIDDLEWARES]
 	};
 }

@@ -17,7 +17,8 @@ import type { Logger, Service, ServiceBroker, ServiceSchema } from "moleculer";
 import DbService from "moleculer-db";
 import MongooseAdapter from "moleculer-db-adapter-mongoose";
 import mongoose from "mongoose";
-import { config } from "../config";
+import type { Config } from "../config";
+import { configOf } from "../config/settings";
 import { openDatastore } from "../lib/nedb";
 
 export interface IndexSpec {
@@ -150,8 +151,11 @@ class SharedMongooseAdapter extends MongooseAdapter<mongoose.Document> {
 class MongoBackend<T extends { _id: string }> implements Backend<T> {
 	readonly adapter: SharedMongooseAdapter;
 
-	constructor(private readonly model: mongoose.Model<T>) {
-		this.adapter = new SharedMongooseAdapter(config.mongoUri as string);
+	constructor(
+		private readonly model: mongoose.Model<T>,
+		uri: string
+	) {
+		this.adapter = new SharedMongooseAdapter(uri);
 	}
 
 	connect() {
@@ -200,13 +204,15 @@ export class Collection<T extends { _id: string }> {
 	private readonly backend: Backend<T> & { adapter: unknown };
 	private readonly model?: mongoose.Model<T>;
 
+	/** On MongoDB when the node's configuration names one (MONGO_URI), otherwise a NeDB file in its DATA_DIR. */
 	constructor(
 		readonly name: string,
-		private readonly indexes: IndexSpec[]
+		private readonly indexes: IndexSpec[],
+		config: Pick<Config, "mongoUri" | "dataDir">
 	) {
 		if (config.mongoUri) {
 			this.model = mongoModel<T>(name, indexes);
-			this.backend = new MongoBackend(this.model);
+			this.backend = new MongoBackend(this.model, config.mongoUri);
 		} else {
 			fs.mkdirSync(config.dataDir, { recursive: true });
 			this.backend = new NedbBackend(openDatastore<T>(path.join(config.dataDir, `${name}.db`)));
@@ -296,7 +302,7 @@ export class Collection<T extends { _id: string }> {
 
 /** Opens a further collection for `service`; connect it in `started` and close it in `stopped`. */
 export function openCollection<T extends { _id: string }>(service: Pick<Service, "broker" | "logger">, name: string, indexes: IndexSpec[] = []): Collection<T> {
-	const collection = new Collection<T>(name, indexes);
+	const collection = new Collection<T>(name, indexes, configOf(service.broker));
 	collection.init(service.broker, service.logger);
 	return collection;
 }

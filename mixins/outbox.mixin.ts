@@ -1,44 +1,42 @@
 /**
  * Transactional outbox for a service's durable events, on top of @moleculer/channels.
  *
- * A document and the events its change causes are written together: the events go into the
- * document's own `outbox` field in the same single-document write, so no crash can keep the one
- * without the other. They are then sent to their channels and pulled from the field (only those
- * sent: a later change may have pushed more meanwhile). Whatever a crash
+ * `changeWithEvents` is the one way a service changes a document together with the events the
+ * change causes (contracts/channels.ts): the events go into the document's own `outbox` field in the
+ * same single-document write, so no crash can keep the one without the other. They are then sent to
+ * their channels and pulled from the field (only those sent: a later change may have pushed more
+ * meanwhile). Whatever a crash
  * or a broker outage left behind is sent again at start-up and by a retry timer; consumers apply each
  * event once by its key, so sending twice is harmless.
  */
 import type { Service, ServiceSchema } from "moleculer";
-import { sortableId } from "../lib/ids";
-import type { Collection } from "./db.mixin";
-
-export interface OutboxEvent {
-	id: string;
-	channel: string;
-	payload: object;
-}
-
-export function outboxEvent(channel: string, payload: object): OutboxEvent {
-	return { id: sortableId(), channel, payload };
-}
-
-/** The update that records further events on a document that may still hold unsent ones. */
-export function pushEvents(...events: OutboxEvent[]): object {
-	return { $push: { outbox: { $each: events } } };
-}
+import type { OutboxEvent } from "../contracts/channels";
+import type { Collection, Query } from "./db.mixin";
 
 export interface WithOutbox {
 	_id: string;
 	outbox?: OutboxEvent[];
 }
 
+/**
+ * A change of one document: a new document (refused when its id or a unique field is taken), or an
+ * update of the document `filter` names (refused when the filter, with its conditions, matches none).
+ */
+export type Change<T extends WithOutbox> = { insert: T } | { filter: Query & { _id: string }; update: object };
+
 export interface OutboxMethods {
-	/** Sends the events a just-written document carries; failures are left for the retry timer. */
-	flushOutbox(doc: WithOutbox): Promise<void>;
+	/**
+	 * Writes `change` and records `events` in the same single-document write, then sends them
+	 * (failures are left for the retry timer). False, with nothing written or sent, when the change
+	 * was refused.
+	 */
+	changeWithEvents<T extends WithOutbox>(change: Change<T>, events: OutboxEvent[]): Promise<boolean>;
 }
 
-type OutboxThis = Service & OutboxMethods & {
+type OutboxThis = Service &
+	OutboxMethods & {
 	store: Collection<WithOutbox>;
+	flushOutbox(doc: WithOutbox): Promise<void>;
 	outboxTimer?: NodeJS.Timeout;
 	outboxStopped: boolean;
 	sendOutbox(doc: WithOutbox): Promise<void>;
@@ -51,6 +49,17 @@ const RETRY_MS = 1000;
 const schema: ServiceSchema<object, object, object, OutboxThis> = {
 	name: "outbox",
 	methods: {
+		async changeWithEvents<T extends WithOutbox>(this: OutboxThis, change: Change<T>, events: OutboxEvent[]) {
+			const outbox = events.length ? events : undefined;
+			const written =
+				"insert" in change
+					? await this.store.insertUnique({ ...change.insert, ...(outbox ? { outbox } : {}) })
+					: (await this.store.update(change.filter, outbox ? { ...change.update, $push: { outbox: { $each: outbox } } } : change.update)) > 0;
+			if (written) await this.flushOutbox({ _id: "insert" in change ? change.insert._id : change.filter._id, outbox });
+			return written;
+		},
+
+		/** Sends the events a just-written document carries; failures are left for the retry timer. */
 		async flushOutbox(this: OutboxThis, doc: WithOutbox) {
 			try {
 				await this.sendOutbox(doc);

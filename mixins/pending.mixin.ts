@@ -10,9 +10,10 @@
  * conditional write makes that harmless.
  */
 import type { Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import { ConfiguredSettings } from "../config/settings";
+import type { OutboxEvent } from "../contracts/channels";
 import type { DbThis } from "./db.mixin";
-import type { OutboxEvent, OutboxMethods, WithOutbox } from "./outbox.mixin";
-import { pushEvents } from "./outbox.mixin";
+import type { OutboxMethods, WithOutbox } from "./outbox.mixin";
 
 export interface Pending extends WithOutbox {
 	status: string;
@@ -24,9 +25,9 @@ export interface Outcome<T> {
 }
 
 export interface PendingSettings extends ServiceSettingSchema {
-	/** How long the synchronous call behind a pending record may take (ms). */
+	/** How long the synchronous call behind a pending record may take (ms); default CALL_TIMEOUT_MS. */
 	pendingTimeoutMs: number;
-	/** How often this instance looks for abandoned pending records (ms). */
+	/** How often this instance looks for abandoned pending records (ms); default CALL_TIMEOUT_MS. */
 	pendingSweepMs: number;
 }
 
@@ -50,12 +51,11 @@ type PendingThis<T extends Pending> = Service<PendingSettings> &
 export function PendingMixin<T extends Pending>(dateField: keyof T & string): Partial<ServiceSchema> {
 	const schema: ServiceSchema<PendingSettings, PendingMethods<T>, object, PendingThis<T>> = {
 		name: "pending",
+		mixins: [ConfiguredSettings<PendingSettings>(config => ({ pendingTimeoutMs: config.callTimeoutMs, pendingSweepMs: config.callTimeoutMs }))],
 		methods: {
 			async settle(this: PendingThis<T>, record: T, { changes, events }: Outcome<T>): Promise<T> {
-				const changed = await this.store.update({ _id: record._id, status: "pending" }, { $set: changes, ...(events.length ? pushEvents(...events) : {}) });
-				if (!changed) return (await this.store.findById(record._id)) as T;
-				await this.flushOutbox({ _id: record._id, outbox: events });
-				return { ...record, ...changes };
+				if (await this.changeWithEvents({ filter: { _id: record._id, status: "pending" }, update: { $set: changes } }, events)) return { ...record, ...changes };
+				return (await this.store.findById(record._id)) as T;
 			},
 
 			async sweepPending(this: PendingThis<T>) {

@@ -11,7 +11,8 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import path from "node:path";
 import { Errors, type Context, type Service, type ServiceSchema } from "moleculer";
 import ApiGateway, { Errors as WebErrors, type ApiSettingsSchema } from "moleculer-web";
-import { config, type ApiKey, type Role } from "../config";
+import type { ApiKey, Role } from "../config";
+import { ConfiguredSettings } from "../config/settings";
 import { forbidden } from "../lib/access";
 import { isReady } from "../lib/ops-reporter";
 
@@ -129,7 +130,16 @@ interface Methods {
 	authorize(ctx: Context<unknown, { user?: Role | null }>, route: unknown, req: IncomingMessage & { $action?: { name: string }; $params: Record<string, unknown> }): void;
 }
 
-type This = Service<ApiSettingsSchema> & Methods & { keys: { digest: Buffer; role: Role }[]; streams: Set<ServerResponse>; heartbeat?: NodeJS.Timeout };
+interface Settings extends ApiSettingsSchema {
+	/** Gateway tokens and their roles (API_KEYS; secure: never shared with other nodes). */
+	apiKeys: ApiKey[];
+	/** No demo token is made up in production: API_KEYS must be set. */
+	production: boolean;
+	/** What a 503 asks the client to wait (s). */
+	retryAfterSeconds: number;
+}
+
+type This = Service<Settings> & Methods & { keys: { digest: Buffer; role: Role }[]; streams: Set<ServerResponse>; heartbeat?: NodeJS.Timeout };
 
 /** The dashboard's static page, and the chart library it uses, served from the package (no CDN).
  * The root is one level up from this file in the sources and two in `dist/`. */
@@ -138,13 +148,26 @@ const PUBLIC_DIR = path.join(ROOT, "public");
 // chart.js exports only its module entry points: find the browser bundle beside the main one.
 const CHART_JS = path.join(path.dirname(require.resolve("chart.js")), "chart.umd.min.js");
 
+/** moleculer-web without the address it defaults to (PORT, IP): the node's configuration gives it. */
+const { port: _port, ip: _ip, ...gatewayDefaults } = ApiGateway.settings as ApiSettingsSchema;
+
 const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 	name: "api",
-	mixins: [ApiGateway],
+	mixins: [
+		{ ...ApiGateway, settings: gatewayDefaults },
+		ConfiguredSettings<Settings>(config => ({
+			port: config.port,
+			ip: config.host,
+			// Every route's limit: requests a minute per token, or per address without one.
+			rateLimit: { window: 60_000, limit: config.rateLimit, headers: true, key: rateLimitKey },
+			retryAfterSeconds: config.retryAfterSeconds,
+			apiKeys: config.apiKeys,
+			production: config.nodeEnv === "production",
+			$secureSettings: ["apiKeys"]
+		}))
+	],
 
 	settings: {
-		port: config.port,
-		ip: config.host,
 		assets: { folder: PUBLIC_DIR, options: { index: "index.html" } },
 		// Per-request info logging halves the gateway's throughput; errors are still logged.
 		logRequest: "debug",
@@ -157,12 +180,6 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 				autoAliases: false,
 				authentication: true,
 				authorization: true,
-				rateLimit: {
-					window: 60_000,
-					limit: config.rateLimit,
-					headers: true,
-					key: rateLimitKey
-				},
 				bodyParsers: { json: { strict: true, limit: "1mb" }, urlencoded: false },
 				use: [refuseHostileKeys],
 				aliases: {
@@ -211,8 +228,8 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			}
 		],
 
-		onError(this: Service, req: IncomingMessage, res: ServerResponse, err: unknown) {
-			const error = toHttpError(err, config.retryAfterSeconds);
+		onError(this: This, req: IncomingMessage, res: ServerResponse, err: unknown) {
+			const error = toHttpError(err, this.settings.retryAfterSeconds);
 			if (error.code >= 500 && error.code !== 503) this.logger.error("Request failed:", req.method, req.url, err);
 			if (error.code === 429) {
 				// The limiter's window resets at X-Rate-Limit-Reset (ms since epoch).
@@ -255,9 +272,9 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 	},
 
 	created(this: This) {
-		let keys: ApiKey[] = config.apiKeys;
+		let keys: ApiKey[] = this.settings.apiKeys;
 		if (keys.length === 0) {
-			if (config.nodeEnv === "production") throw new Error("API_KEYS must be set in production, e.g. API_KEYS='<token>=staff,<token>=merchant:20'");
+			if (this.settings.production) throw new Error("API_KEYS must be set in production, e.g. API_KEYS='<token>=staff,<token>=merchant:20'");
 			keys = [{ token: randomBytes(24).toString("base64url"), role: { kind: "staff" } }];
 			// Printed once so that `npm start` stays a one-command demo; never logged otherwise.
 			this.logger.warn(`API_KEYS is not set: this run's staff token is ${keys[0].token}`);
@@ -288,7 +305,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 		/** 200 once the node is ready (see `isReady`), 503 before and while it stops. */
 		health: {
 			params: { $$strict: true },
-			handler(this: Service, ctx: Context<object, { $statusCode?: number }>) {
+			handler(this: This, ctx: Context<object, { $statusCode?: number }>) {
 				const ready = isReady(ctx.broker);
 				if (!ready) ctx.meta.$statusCode = 503;
 				return {

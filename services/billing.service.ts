@@ -20,7 +20,8 @@
  * idempotent: a rerun, or two billing nodes closing the same month, changes nothing.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
-import { config } from "../config";
+import { ConfiguredSettings } from "../config/settings";
+import { consume } from "../contracts/channels";
 import { assertOwnMerchant, type CallerMeta } from "../lib/access";
 import { clientError, notFound } from "../lib/errors";
 import { KeyedLock } from "../lib/keyed-lock";
@@ -81,15 +82,6 @@ interface ClosedMonth {
 	created: number;
 }
 
-interface DealEvent {
-	dealId: string;
-	memberId: string;
-	merchantId: string;
-	point: number;
-	dealDate?: string;
-	type: "save" | "use";
-}
-
 interface ChannelLag {
 	caughtUp(channels: string[], group: string, before: Date): Promise<boolean>;
 	addPrefixTopic(name: string): string;
@@ -112,7 +104,10 @@ interface Methods {
 }
 
 interface Settings extends ServiceSettingSchema {
+	/** How long after a month's end it is closed (MONTH_END_GRACE_MINUTES), and how often the clock is checked (ms). */
 	monthEnd: { graceMs: number; checkEveryMs: number };
+	/** The share of used points a merchant pays as a fee, in basis points (SETTLEMENT_FEE). */
+	settlementFeeBp: number;
 }
 
 type This = Service<Settings> &
@@ -152,11 +147,10 @@ const STATE_ID = "closed-through";
 
 const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "billing",
-	mixins: [DbMixin("billing-amount-views", [{ fields: { merchantId: 1, dealDate: 1 } }, { fields: { dealDate: 1 } }])],
-
-	settings: {
-		monthEnd: { graceMs: config.monthEndGraceMs, checkEveryMs: 60_000 }
-	},
+	mixins: [
+		DbMixin("billing-amount-views", [{ fields: { merchantId: 1, dealDate: 1 } }, { fields: { dealDate: 1 } }]),
+		ConfiguredSettings<Settings>(config => ({ monthEnd: { graceMs: config.monthEndGraceMs, checkEveryMs: 60_000 }, settlementFeeBp: config.settlementFeeBp }))
+	],
 
 	actions: {
 		view: {
@@ -215,24 +209,17 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		}
 	},
 
-	channels: {
-		"deal.used": {
-			group: "billing",
-			async handler(this: This, deal: DealEvent) {
-				const { dealId, merchantId, memberId, point, dealDate } = deal;
-				await this.store.upsert({ _id: dealId }, { $set: { merchantId, memberId, point, dealDate, open: true } });
-			}
+	channels: consume<This>("billing", {
+		async "deal.used"(deal) {
+			const { dealId, merchantId, memberId, point, dealDate } = deal;
+			await this.store.upsert({ _id: dealId }, { $set: { merchantId, memberId, point, dealDate, open: true } });
 		},
-		"deal.cancelled": {
-			group: "billing",
-			async handler(this: This, deal: DealEvent) {
-				// Also when the cancellation overtakes the use: the row then never bills anything.
-				if (deal.type !== "use") return;
-				const known = { merchantId: deal.merchantId, ...(deal.dealDate ? { dealDate: deal.dealDate } : {}) };
-				await this.store.upsert({ _id: deal.dealId }, { $set: { ...known, cancelled: true, open: true } });
-			}
+		async "deal.cancelled"(deal) {
+			// Also when the cancellation overtakes the use: the row then never bills anything.
+			if (deal.type !== "use") return;
+			await this.store.upsert({ _id: deal.dealId }, { $set: { merchantId: deal.merchantId, dealDate: deal.dealDate, cancelled: true, open: true } });
 		}
-	},
+	}),
 
 	methods: {
 		now: () => new Date(),
@@ -286,7 +273,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			const uses = lines.filter(line => line.kind === "use");
 			const usedPoints = uses.reduce((sum, line) => sum + line.points, 0);
 			const adjustmentPoints = lines.reduce((sum, line) => sum + line.points, 0) - usedPoints;
-			const { fee, billingAmount } = settlementAmounts(usedPoints + adjustmentPoints, config.settlementFeeBp);
+			const { fee, billingAmount } = settlementAmounts(usedPoints + adjustmentPoints, this.settings.settlementFeeBp);
 			const at = this.now().toISOString();
 			return {
 				_id: `${merchantId}:${month}`,
@@ -296,7 +283,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 				usedPoints,
 				dealCount: uses.length,
 				adjustmentPoints,
-				feeRate: rateOf(config.settlementFeeBp),
+				feeRate: rateOf(this.settings.settlementFeeBp),
 				fee,
 				billingAmount,
 				lines,

@@ -11,16 +11,16 @@
  * they counted (a replay of the entry counts nothing twice and repairs what a crash left uncounted),
  * and the overview's figures are derived from the members and transactions when asked.
  */
-import type { Context, Service, ServiceSchema } from "moleculer";
-import { config } from "../config";
+import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import { ConfiguredSettings } from "../config/settings";
+import { consume, type DealEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import * as P from "../lib/params";
 import { settlementAmounts } from "../lib/rates";
 import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
-import type { LedgerEntry } from "./points.service";
 
 /** A copy of a ledger entry, keyed by its cause. */
-export interface EntryRow extends Omit<LedgerEntry, "_id" | "seq"> {
+export interface EntryRow extends Omit<PostedEntry, "cause"> {
 	_id: string;
 }
 
@@ -55,25 +55,6 @@ interface TransactionRow {
 	month: string;
 }
 
-interface DealEvent {
-	dealId: string;
-	memberId: string;
-	merchantId: string;
-	dealAmount: number;
-	type: "save" | "use";
-	point: number;
-	dealDate: string;
-}
-
-interface OrderEvent {
-	orderId: string;
-	memberId: string;
-	points: number;
-	totalPrice?: number;
-	qty?: number;
-	paidAt?: string;
-}
-
 /** Which total of a member each kind of ledger entry adds to. */
 const TOTAL_OF: Record<string, keyof Pick<MemberRow, "earned" | "used" | "cancelled" | "expired">> = {
 	earn: "earned",
@@ -91,13 +72,20 @@ interface Methods {
 	announce(memberId: string, what: string): void;
 }
 
-type This = Service & DbThis<EntryRow> & Methods & { members: Collection<MemberRow>; transactions: Collection<TransactionRow> };
-
 const newMember = (memberId: string): MemberRow => ({ _id: memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0 });
 
-const DashboardService: ServiceSchema<object, Methods, object, This> = {
+interface Settings extends ServiceSettingSchema {
+	/** The fee the settlement preview deducts, in basis points (SETTLEMENT_FEE). */
+	settlementFeeBp: number;
+	/** How long the overview waits for the dead-letter count (ms). */
+	callTimeoutMs: number;
+}
+
+type This = Service<Settings> & DbThis<EntryRow> & Methods & { members: Collection<MemberRow>; transactions: Collection<TransactionRow> };
+
+const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "dashboard",
-	mixins: [DbMixin("dashboard-entries", [{ fields: { memberId: 1 } }])],
+	mixins: [DbMixin("dashboard-entries", [{ fields: { memberId: 1 } }]), ConfiguredSettings<Settings>(config => ({ settlementFeeBp: config.settlementFeeBp, callTimeoutMs: config.callTimeoutMs }))],
 
 	actions: {
 		/** Everything about one member at a glance. */
@@ -163,7 +151,7 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 					this.members.find({ query: {} }),
 					this.transactions.find({ query: { kind: "deal", day: { $gte: since < monthStart ? since : monthStart } } }),
 					// Owned by the dead-letters service: without an answer the overview still shows the rest.
-					ctx.call<{ waiting: number }, object>("dead-letters.count", {}, { timeout: config.callTimeoutMs }).then(
+					ctx.call<{ waiting: number }, object>("dead-letters.count", {}, { timeout: this.settings.callTimeoutMs }).then(
 						r => r.waiting,
 						() => null
 					)
@@ -190,84 +178,57 @@ const DashboardService: ServiceSchema<object, Methods, object, This> = {
 					topMerchants: [...merchants].sort((a, b) => b.deals - a.deals || b.usedPoints - a.usedPoints).slice(0, 5),
 					settlementPreview: merchants
 						.filter(m => m.usedPoints > 0)
-						.map(m => ({ merchantId: m.merchantId, billingMonth: current, usedPoints: m.usedPoints, billingAmount: settlementAmounts(m.usedPoints, config.settlementFeeBp).billingAmount }))
+						.map(m => ({ merchantId: m.merchantId, billingMonth: current, usedPoints: m.usedPoints, billingAmount: settlementAmounts(m.usedPoints, this.settings.settlementFeeBp).billingAmount }))
 						.sort((a, b) => b.usedPoints - a.usedPoints)
 				};
 			}
 		}
 	},
 
-	channels: {
-		"member.joined": {
-			group: "dashboard",
-			async handler(this: This, event: { memberId: string; joinedAt: string; name?: string }) {
-				await this.members.insertUnique(newMember(event.memberId));
-				await this.members.update({ _id: event.memberId }, { $set: { name: event.name, joinedAt: event.joinedAt } });
-				this.announce(event.memberId, "member");
-			}
+	channels: consume<This>("dashboard", {
+		async "member.joined"(event) {
+			await this.members.insertUnique(newMember(event.memberId));
+			await this.members.update({ _id: event.memberId }, { $set: { name: event.name, joinedAt: event.joinedAt } });
+			this.announce(event.memberId, "member");
 		},
-		"member.withdrawn": {
-			group: "dashboard",
-			async handler(this: This, event: { memberId: string; withdrawnAt: string }) {
-				await this.members.insertUnique(newMember(event.memberId));
-				await this.members.update({ _id: event.memberId }, { $set: { status: "withdrawn", withdrawnAt: event.withdrawnAt } });
-				this.announce(event.memberId, "member");
-			}
+		async "member.withdrawn"(event) {
+			await this.members.insertUnique(newMember(event.memberId));
+			await this.members.update({ _id: event.memberId }, { $set: { status: "withdrawn", withdrawnAt: event.withdrawnAt } });
+			this.announce(event.memberId, "member");
 		},
 		/** The ledger itself: balances, totals, history and charts follow it entry by entry. */
-		"points.posted": {
-			group: "dashboard",
-			async handler(this: This, posting: { memberId: string; entries: (Omit<LedgerEntry, "_id" | "seq"> & { cause: string })[] }) {
-				await this.members.insertUnique(newMember(posting.memberId));
-				for (const { cause, ...entry } of posting.entries) {
-					// Both steps again on a replay: each does nothing twice, and finishes what a crash cut short.
-					await this.store.insertUnique({ _id: cause, ...entry });
-					const total = TOTAL_OF[entry.kind];
-					await this.members.update(
-						{ _id: entry.memberId, [`counted.${cause}`]: { $exists: false } },
-						{ $inc: { balance: entry.amount, ...(total ? { [total]: Math.abs(entry.amount) } : {}) }, $set: { [`counted.${cause}`]: true } }
-					);
-				}
-				this.announce(posting.memberId, "points");
+		async "points.posted"(posting) {
+			await this.members.insertUnique(newMember(posting.memberId));
+			for (const { cause, ...entry } of posting.entries) {
+				// Both steps again on a replay: each does nothing twice, and finishes what a crash cut short.
+				await this.store.insertUnique({ _id: cause, ...entry });
+				const total = TOTAL_OF[entry.kind];
+				await this.members.update(
+					{ _id: entry.memberId, [`counted.${cause}`]: { $exists: false } },
+					{ $inc: { balance: entry.amount, ...(total ? { [total]: Math.abs(entry.amount) } : {}) }, $set: { [`counted.${cause}`]: true } }
+				);
 			}
+			this.announce(posting.memberId, "points");
 		},
-		"deal.saved": {
-			group: "dashboard",
-			async handler(this: This, deal: DealEvent) {
-				await this.record(dealRow(deal, "success"));
-			}
+		async "deal.saved"(deal) {
+			await this.record(dealRow(deal, "success"));
 		},
-		"deal.used": {
-			group: "dashboard",
-			async handler(this: This, deal: DealEvent) {
-				await this.record(dealRow(deal, "success"));
-			}
+		async "deal.used"(deal) {
+			await this.record(dealRow(deal, "success"));
 		},
-		"deal.cancelled": {
-			group: "dashboard",
-			async handler(this: This, deal: DealEvent) {
-				await this.cancel(`deal:${deal.dealId}`, dealRow(deal, "cancelled"));
-			}
+		async "deal.cancelled"(deal) {
+			await this.cancel(`deal:${deal.dealId}`, dealRow(deal, "cancelled"));
 		},
-		"deal.failed": {
-			group: "dashboard",
-			async handler(this: This, deal: DealEvent & { reason?: string }) {
-				await this.record(dealRow(deal, "fail"));
-			}
+		async "deal.failed"(deal) {
+			await this.record(dealRow(deal, "fail"));
 		},
-		"order.paid": {
-			group: "dashboard",
-			async handler(this: This, order: OrderEvent) {
-				await this.record(orderRow(order, "paid"));
-			}
+		async "order.paid"(order) {
+			await this.record(orderRow(order, "paid"));
 		},
-		"order.cancelled": {
-			group: "dashboard",
-			async handler(this: This, order: OrderEvent) {
-				await this.cancel(`order:${order.orderId}`, orderRow(order, "cancelled"));
-			}
+		async "order.cancelled"(order) {
+			await this.cancel(`order:${order.orderId}`, orderRow(order, "cancelled"));
 		}
-	},
+	}),
 
 	methods: {
 		/** Records a transaction once. False when already known. */

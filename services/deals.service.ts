@@ -7,19 +7,20 @@
  * announced as `deal.failed`, for the read models.
  */
 import { Errors, type Context, type Service, type ServiceSchema } from "moleculer";
-import { config } from "../config";
+import { ConfiguredSettings } from "../config/settings";
+import { outboxEvent, type DealEvent, type OutboxEvent } from "../contracts/channels";
 import { assertOwnMerchant, type CallerMeta } from "../lib/access";
 import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import { earnedPoints } from "../lib/rates";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, outboxEvent, pushEvents, type OutboxEvent, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
 import type { MemberView } from "./members.service";
 import type { PostResult, Source } from "./points.service";
 
-export type DealType = "save" | "use";
+export type DealType = DealEvent["type"];
 export type DealStatus = "pending" | "success" | "fail" | "cancelled";
 
 export interface Deal extends WithOutbox {
@@ -49,23 +50,35 @@ interface CreateParams {
 interface Methods {
 	toView(deal: Deal): DealView;
 	findDeal(id: string): Promise<Deal>;
-	eventOf(channel: string, deal: Deal): OutboxEvent;
+	eventOf(channel: DealChannel, deal: Deal): OutboxEvent;
 	confirmUse(ctx: Context, deal: Deal): Promise<Deal>;
 	failed(deal: Deal, reason: string): Outcome<Deal>;
 	abandoned(deal: Deal): Outcome<Deal>;
 }
 
-type This = Service<PendingSettings> & DbThis<Deal> & OutboxMethods & PendingMethods<Deal> & Methods;
+/** The channels a deal's events go to. */
+type DealChannel = "deal.saved" | "deal.used" | "deal.failed" | "deal.voided" | "deal.cancelled";
 
-const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
+interface Settings extends PendingSettings {
+	/** How long a call to members may take (ms). */
+	callTimeoutMs: number;
+	/** What a save earns, in basis points of its amount. */
+	earnRateBp: number;
+	/** What a 503 asks the client to wait (s). */
+	retryAfterSeconds: number;
+}
+
+type This = Service<Settings> & DbThis<Deal> & OutboxMethods & PendingMethods<Deal> & Methods;
+
+const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "deals",
-	mixins: [DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }]), OutboxMixin, PendingMixin<Deal>("dealDate")],
-
-	settings: {
-		// A use waits this long for its debit; a use pending twice as long was abandoned.
-		pendingTimeoutMs: config.callTimeoutMs,
-		pendingSweepMs: config.callTimeoutMs
-	},
+	// A use waits `pendingTimeoutMs` for its debit; a use pending twice as long was abandoned.
+	mixins: [
+		DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }]),
+		OutboxMixin,
+		PendingMixin<Deal>("dealDate"),
+		ConfiguredSettings<Settings>(config => ({ callTimeoutMs: config.callTimeoutMs, earnRateBp: config.earnRateBp, retryAfterSeconds: config.retryAfterSeconds }))
+	],
 
 	actions: {
 		create: {
@@ -81,7 +94,7 @@ const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
 			},
 			async handler(this: This, ctx: Context<CreateParams, { $statusCode?: number; $location?: string }>) {
 				const { memberId, merchantId, dealAmount, type } = ctx.params;
-				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: config.callTimeoutMs });
+				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 
 				if (type === "use" && ctx.params.point == null)
@@ -89,21 +102,19 @@ const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
 						{ type: "required", field: "point", message: "The 'point' field is required for a use deal." }
 					]);
 
-				const deal = await this.store.insertNew(() => {
-					const draft: Deal = {
-						_id: sortableId(),
-						memberId,
-						merchantId,
-						dealAmount,
-						type,
-						point: type === "save" ? earnedPoints(dealAmount, config.earnRateBp) : (ctx.params.point as number),
-						status: type === "save" ? "success" : "pending",
-						dealDate: new Date().toISOString()
-					};
-					if (type === "save") draft.outbox = [this.eventOf("deal.saved", draft)];
-					return draft;
-				});
-				await this.flushOutbox(deal);
+				const deal: Deal = {
+					_id: sortableId(),
+					memberId,
+					merchantId,
+					dealAmount,
+					type,
+					point: type === "save" ? earnedPoints(dealAmount, this.settings.earnRateBp) : (ctx.params.point as number),
+					status: type === "save" ? "success" : "pending",
+					dealDate: new Date().toISOString()
+				};
+				// A ULID is never taken in practice; if it were, that must not pass for success.
+				if (!(await this.changeWithEvents({ insert: deal }, type === "save" ? [this.eventOf("deal.saved", deal)] : [])))
+					throw new Error(`Could not store a new deal: id '${deal._id}' is taken`);
 				ctx.meta.$statusCode = 201;
 				ctx.meta.$location = `/api/deals/${deal._id}`;
 				return this.toView(type === "use" ? await this.confirmUse(ctx, deal) : deal);
@@ -144,11 +155,10 @@ const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
 				if (deal.status === "cancelled") throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
 				if (deal.status !== "success") throw conflict("DEAL_NOT_CANCELLABLE", `Deal '${deal._id}' is '${deal.status}' and cannot be cancelled`, { id: deal._id, status: deal.status });
 				const cancelledAt = new Date().toISOString();
-				const event = this.eventOf("deal.cancelled", { ...deal, cancelledAt });
 				// Conditional on `success`: of two racing cancellations, one wins.
-				const changed = await this.store.update({ _id: deal._id, status: "success" }, { $set: { status: "cancelled", cancelledAt }, ...pushEvents(event) });
-				if (!changed) throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
-				await this.flushOutbox({ _id: deal._id, outbox: [event] });
+				const change = { filter: { _id: deal._id, status: "success" }, update: { $set: { status: "cancelled", cancelledAt } } };
+				if (!(await this.changeWithEvents(change, [this.eventOf("deal.cancelled", { ...deal, cancelledAt })])))
+					throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
 				return this.toView({ ...deal, status: "cancelled", cancelledAt });
 			}
 		}
@@ -167,7 +177,7 @@ const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
 				// Timed out, breaker open or points gone: the debit may or may not have happened.
 				this.logger.warn(`Debit for deal '${deal._id}' unconfirmed:`, (err as Error).message);
 				await this.settle(deal, this.failed(deal, "POINTS_UNAVAILABLE"));
-				throw unavailable("POINTS_UNAVAILABLE", "Points cannot be confirmed right now; try again later", config.retryAfterSeconds, err);
+				throw unavailable("POINTS_UNAVAILABLE", "Points cannot be confirmed right now; try again later", this.settings.retryAfterSeconds, err);
 			}
 			if (result.applied) return this.settle(deal, { changes: { status: "success" }, events: [this.eventOf("deal.used", deal)] });
 			return this.settle(deal, { changes: { status: "fail", reason: result.reason }, events: [this.eventOf("deal.failed", { ...deal, reason: result.reason })] });
@@ -184,9 +194,9 @@ const DealsService: ServiceSchema<PendingSettings, Methods, object, This> = {
 			return this.failed(deal, "INTERRUPTED");
 		},
 
-		eventOf(channel: string, deal: Deal): OutboxEvent {
+		eventOf(channel: DealChannel, deal: Deal): OutboxEvent {
 			const { _id, memberId, merchantId, dealAmount, type, point, dealDate, cancelledAt, reason } = deal;
-			return outboxEvent(channel, { dealId: _id, memberId, merchantId, dealAmount, type, point, dealDate, ...(cancelledAt ? { cancelledAt } : {}), ...(reason ? { reason } : {}) });
+			return outboxEvent<DealChannel>(channel, { dealId: _id, memberId, merchantId, dealAmount, type, point, dealDate, ...(cancelledAt ? { cancelledAt } : {}), ...(reason ? { reason } : {}) });
 		},
 
 		async findDeal(this: This, id: string): Promise<Deal> {

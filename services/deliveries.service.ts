@@ -4,10 +4,11 @@
  * delivery cancelled). Each cancellation is answered with `delivery.cancelled` (outbox) for orders.
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
+import { consume, outboxEvent } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, outboxEvent, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 
 export interface Delivery extends WithOutbox {
 	/** The order's id: one delivery per order. */
@@ -18,13 +19,6 @@ export interface Delivery extends WithOutbox {
 	status: "started" | "cancelled";
 	startedAt?: string;
 	cancelledAt?: string;
-}
-
-interface OrderEvent {
-	orderId: string;
-	memberId: string;
-	productId: string;
-	qty: number;
 }
 
 type This = Service & DbThis<Delivery> & OutboxMethods;
@@ -46,28 +40,21 @@ const DeliveriesService: ServiceSchema<object, object, object, This> = {
 		}
 	},
 
-	channels: {
-		"order.paid": {
-			group: "deliveries",
-			async handler(this: This, order: OrderEvent) {
-				// Once per order: a repeated event, or one after the cancellation, finds the record taken.
-				const { orderId, memberId, productId, qty } = order;
-				await this.store.insertUnique({ _id: orderId, memberId, productId, qty, status: "started", startedAt: new Date().toISOString() });
-			}
+	channels: consume<This>("deliveries", {
+		async "order.paid"(order) {
+			// Once per order: a repeated event, or one after the cancellation, finds the record taken.
+			const { orderId, memberId, productId, qty } = order;
+			await this.store.insertUnique({ _id: orderId, memberId, productId, qty, status: "started", startedAt: new Date().toISOString() });
 		},
-		"order.cancelled": {
-			group: "deliveries",
-			async handler(this: This, order: OrderEvent) {
-				const cancelledAt = new Date().toISOString();
-				const event = outboxEvent("delivery.cancelled", { orderId: order.orderId });
-				const record: Delivery = { _id: order.orderId, memberId: order.memberId, status: "cancelled", cancelledAt, outbox: [event] };
-				const changed =
-					(await this.store.insertUnique(record)) ||
-					(await this.store.update({ _id: order.orderId, status: "started" }, { $set: { status: "cancelled", cancelledAt }, ...pushEvents(event) })) > 0;
-				if (changed) await this.flushOutbox({ _id: order.orderId, outbox: [event] });
-			}
+		async "order.cancelled"(order) {
+			const cancelledAt = new Date().toISOString();
+			const events = [outboxEvent("delivery.cancelled", { orderId: order.orderId })];
+			// Not started yet: the cancelled record takes its place. Started: cancelled, once.
+			const record: Delivery = { _id: order.orderId, memberId: order.memberId, status: "cancelled", cancelledAt };
+			if (!(await this.changeWithEvents({ insert: record }, events)))
+				await this.changeWithEvents({ filter: { _id: order.orderId, status: "started" }, update: { $set: { status: "cancelled", cancelledAt } } }, events);
 		}
-	}
+	})
 };
 
 export default DeliveriesService;

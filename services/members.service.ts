@@ -4,10 +4,11 @@
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { randomInt } from "node:crypto";
+import { outboxEvent } from "../contracts/channels";
 import { conflict, notFound } from "../lib/errors";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, outboxEvent, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 
 export interface Member extends WithOutbox {
 	name: string;
@@ -56,17 +57,8 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 				for (let attempt = 0; attempt < 5; attempt++) {
 					const memberId = ctx.params.memberId ?? String(randomInt(10_000_000, 100_000_000));
 					const joinedAt = new Date().toISOString();
-					const member: Member = {
-						_id: memberId,
-						name,
-						phone: phone ?? null,
-						email: email ?? null,
-						status: "active",
-						joinedAt,
-						outbox: [outboxEvent("member.joined", { memberId, name, joinedAt })]
-					};
-					if (await this.store.insertUnique(member)) {
-						await this.flushOutbox(member);
+					const member: Member = { _id: memberId, name, phone: phone ?? null, email: email ?? null, status: "active", joinedAt };
+					if (await this.changeWithEvents({ insert: member }, [outboxEvent("member.joined", { memberId, name, joinedAt })])) {
 						ctx.meta.$statusCode = 201;
 						ctx.meta.$location = `/api/members/${memberId}`;
 						return this.toView(member);
@@ -91,14 +83,11 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 			async handler(this: This, ctx: Context<{ memberId: string }>) {
 				const { memberId } = ctx.params;
 				const withdrawnAt = new Date().toISOString();
-				const event = outboxEvent("member.withdrawn", { memberId, withdrawnAt });
-				const changed = await this.store.update(
-					{ _id: memberId, status: "active" },
-					{ $set: { status: "withdrawn", withdrawnAt }, ...pushEvents(event) }
-				);
+				const changed = await this.changeWithEvents({ filter: { _id: memberId, status: "active" }, update: { $set: { status: "withdrawn", withdrawnAt } } }, [
+					outboxEvent("member.withdrawn", { memberId, withdrawnAt })
+				]);
 				const member = await this.findMember(memberId);
 				if (!changed) throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has already withdrawn`, { memberId });
-				await this.flushOutbox({ _id: memberId, outbox: [event] });
 				return this.toView(member);
 			}
 		}

@@ -4,6 +4,7 @@
  * that overtakes the payment still leaves the order revoked.
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
+import { consume } from "../contracts/channels";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
 
@@ -16,15 +17,6 @@ export interface MyPointsRow {
 	points?: number;
 	paidAt?: string;
 	revoked?: boolean;
-}
-
-interface OrderEvent {
-	orderId: string;
-	memberId: string;
-	qty: number;
-	rate: number;
-	points: number;
-	paidAt?: string;
 }
 
 type This = Service & DbThis<MyPointsRow>;
@@ -55,22 +47,16 @@ const MyPointsService: ServiceSchema<object, object, object, This> = {
 		}
 	},
 
-	channels: {
-		"order.paid": {
-			group: "my-points",
-			async handler(this: This, order: OrderEvent) {
-				const { orderId, memberId, qty, rate, points, paidAt } = order;
-				await this.store.upsert({ _id: orderId }, { $set: { memberId, qty, rate, points, paidAt } });
-			}
+	channels: consume<This>("my-points", {
+		async "order.paid"(order) {
+			const { orderId, memberId, qty, rate, points, paidAt } = order;
+			await this.store.upsert({ _id: orderId }, { $set: { memberId, qty, rate, points, paidAt } });
 		},
-		"order.cancelled": {
-			group: "my-points",
-			async handler(this: This, order: OrderEvent) {
-				const { orderId, memberId, qty, rate, points, paidAt } = order;
-				await this.store.upsert({ _id: orderId }, { $set: { memberId, qty, rate, points, paidAt, revoked: true } });
-			}
+		async "order.cancelled"(order) {
+			const { orderId, memberId, qty, rate, points, paidAt } = order;
+			await this.store.upsert({ _id: orderId }, { $set: { memberId, qty, rate, points, paidAt, revoked: true } });
 		}
-	}
+	})
 };
 
 export default MyPointsService;

@@ -14,12 +14,13 @@
  * `delivery.cancelled` as they come back.
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
-import { config } from "../config";
+import { ConfiguredSettings } from "../config/settings";
+import { consume, outboxEvent, type OutboxEvent } from "../contracts/channels";
 import { clientError, conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, outboxEvent, pushEvents, type OutboxEvent, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
 import type { MemberView } from "./members.service";
 import type { PaymentView } from "./payments.service";
@@ -57,14 +58,24 @@ interface CreateParams {
 
 interface Methods {
 	pay(ctx: Context, order: Order): Promise<Order>;
-	eventOf(channel: string, order: Order): OutboxEvent;
+	eventOf(channel: OrderChannel, order: Order): OutboxEvent;
 	findOrder(id: string): Promise<Order>;
 	failed(order: Order, reason: string): Outcome<Order>;
 	abandoned(order: Order): Outcome<Order>;
 	toView(order: Order): OrderView;
 }
 
-type This = Service<PendingSettings> & DbThis<Order> & OutboxMethods & PendingMethods<Order> & Methods;
+/** The channels an order's events go to. */
+type OrderChannel = "order.paid" | "order.voided" | "order.cancelled";
+
+interface Settings extends PendingSettings {
+	/** How long a call to members may take (ms). */
+	callTimeoutMs: number;
+	/** What a 503 asks the client to wait (s). */
+	retryAfterSeconds: number;
+}
+
+type This = Service<Settings> & DbThis<Order> & OutboxMethods & PendingMethods<Order> & Methods;
 
 /** Orders of this many items or more earn the higher rate. */
 export const BULK_QTY = 5;
@@ -78,15 +89,15 @@ export function pointsFor(totalPrice: number, qty: number): number {
 	return Math.floor((totalPrice * pointPercent(qty)) / 100);
 }
 
-const OrdersService: ServiceSchema<PendingSettings, Methods, object, This> = {
+const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "orders",
-	mixins: [DbMixin("orders", [{ fields: { memberId: 1 } }, { fields: { status: 1 } }]), OutboxMixin, PendingMixin<Order>("orderedAt")],
-
-	settings: {
-		// An order waits this long for its payment's answer; one pending twice as long was abandoned.
-		pendingTimeoutMs: config.callTimeoutMs,
-		pendingSweepMs: config.callTimeoutMs
-	},
+	// An order waits `pendingTimeoutMs` for its payment's answer; one pending twice as long was abandoned.
+	mixins: [
+		DbMixin("orders", [{ fields: { memberId: 1 } }, { fields: { status: 1 } }]),
+		OutboxMixin,
+		PendingMixin<Order>("orderedAt"),
+		ConfiguredSettings<Settings>(config => ({ callTimeoutMs: config.callTimeoutMs, retryAfterSeconds: config.retryAfterSeconds }))
+	],
 
 	actions: {
 		create: {
@@ -102,7 +113,7 @@ const OrdersService: ServiceSchema<PendingSettings, Methods, object, This> = {
 				const { memberId, productId, qty, unitPrice } = ctx.params;
 				const totalPrice = qty * unitPrice;
 				if (totalPrice > P.MAX_AMOUNT) throw clientError(422, "ORDER_TOO_LARGE", `An order may total at most ${P.MAX_AMOUNT}`, { totalPrice });
-				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: config.callTimeoutMs });
+				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 
 				const order = await this.store.insertNew(() => ({
@@ -159,31 +170,24 @@ const OrdersService: ServiceSchema<PendingSettings, Methods, object, This> = {
 					payment: { ...order.payment, status: "cancelling" },
 					delivery: { status: "cancelling" }
 				};
-				const event = this.eventOf("order.cancelled", cancelled);
 				const { status, cancelledAt, payment, delivery } = cancelled;
 				// Conditional on `paid`: of two racing cancellations, one wins.
-				const changed = await this.store.update({ _id: order._id, status: "paid" }, { $set: { status, cancelledAt, payment, delivery }, ...pushEvents(event) });
-				if (!changed) throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, { id: order._id });
-				await this.flushOutbox({ _id: order._id, outbox: [event] });
+				const change = { filter: { _id: order._id, status: "paid" }, update: { $set: { status, cancelledAt, payment, delivery } } };
+				if (!(await this.changeWithEvents(change, [this.eventOf("order.cancelled", cancelled)])))
+					throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, { id: order._id });
 				return this.toView(cancelled);
 			}
 		}
 	},
 
-	channels: {
-		"payment.cancelled": {
-			group: "orders",
-			async handler(this: This, payment: { orderId: string; paymentId: string; status: string }) {
-				await this.store.update({ _id: payment.orderId }, { $set: { payment: { id: payment.paymentId, status: payment.status } } });
-			}
+	channels: consume<This>("orders", {
+		async "payment.cancelled"(payment) {
+			await this.store.update({ _id: payment.orderId }, { $set: { payment: { id: payment.paymentId, status: payment.status } } });
 		},
-		"delivery.cancelled": {
-			group: "orders",
-			async handler(this: This, delivery: { orderId: string }) {
-				await this.store.update({ _id: delivery.orderId }, { $set: { delivery: { status: "cancelled" } } });
-			}
+		async "delivery.cancelled"(delivery) {
+			await this.store.update({ _id: delivery.orderId }, { $set: { delivery: { status: "cancelled" } } });
 		}
-	},
+	}),
 
 	methods: {
 		async pay(this: This, ctx: Context, order: Order): Promise<Order> {
@@ -198,7 +202,7 @@ const OrdersService: ServiceSchema<PendingSettings, Methods, object, This> = {
 				// Timed out, breaker open or payments gone: the payment may still happen; void it.
 				this.logger.warn(`Payment for order '${order._id}' unconfirmed:`, (err as Error).message);
 				await this.settle(order, this.failed(order, "PAYMENTS_UNAVAILABLE"));
-				throw unavailable("PAYMENTS_UNAVAILABLE", "Payments cannot be confirmed right now; try again later", config.retryAfterSeconds, err);
+				throw unavailable("PAYMENTS_UNAVAILABLE", "Payments cannot be confirmed right now; try again later", this.settings.retryAfterSeconds, err);
 			}
 			if (payment.status !== "approved")
 				return this.settle(order, { changes: { status: "payment_failed", reason: "PAYMENT_DECLINED", payment: { id: payment.id, status: payment.status } }, events: [] });
@@ -224,9 +228,9 @@ const OrdersService: ServiceSchema<PendingSettings, Methods, object, This> = {
 			return this.failed(order, "INTERRUPTED");
 		},
 
-		eventOf(channel: string, order: Order): OutboxEvent {
+		eventOf(channel: OrderChannel, order: Order): OutboxEvent {
 			const { _id, memberId, productId, qty, unitPrice, totalPrice, pointRate, points, paidAt, cancelledAt } = order;
-			return outboxEvent(channel, {
+			return outboxEvent<OrderChannel>(channel, {
 				orderId: _id,
 				memberId,
 				productId,

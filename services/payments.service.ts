@@ -11,12 +11,13 @@
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { setTimeout as sleep } from "node:timers/promises";
-import { config } from "../config";
+import { ConfiguredSettings } from "../config/settings";
+import { consume, outboxEvent, type OrderEvent } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, outboxEvent, pushEvents, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 
 export type PaymentStatus = "approved" | "declined" | "cancelled" | "voided";
 
@@ -34,11 +35,6 @@ export interface PaymentView extends Omit<Payment, "_id" | "outbox"> {
 	id: string;
 }
 
-interface OrderEvent {
-	orderId: string;
-	memberId: string;
-}
-
 interface Methods {
 	findByOrder(orderId: string): Promise<Payment | null>;
 	undo(order: OrderEvent, status: "cancelled" | "voided"): Promise<void>;
@@ -46,9 +42,9 @@ interface Methods {
 }
 
 interface Settings extends ServiceSettingSchema {
-	/** Totals above this are declined. */
+	/** Totals above this are declined (PAYMENT_LIMIT). */
 	limit: number;
-	/** How long an answer takes (ms). */
+	/** How long an answer takes (ms, PAYMENT_DELAY_MS). */
 	delayMs: number;
 }
 
@@ -56,12 +52,11 @@ type This = Service<Settings> & DbThis<Payment> & OutboxMethods & Methods;
 
 const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "payments",
-	mixins: [DbMixin("payments", [{ fields: { orderId: 1 }, unique: true }, { fields: { memberId: 1 } }]), OutboxMixin],
-
-	settings: {
-		limit: config.paymentLimit,
-		delayMs: config.paymentDelayMs
-	},
+	mixins: [
+		DbMixin("payments", [{ fields: { orderId: 1 }, unique: true }, { fields: { memberId: 1 } }]),
+		OutboxMixin,
+		ConfiguredSettings<Settings>(config => ({ limit: config.paymentLimit, delayMs: config.paymentDelayMs }))
+	],
 
 	actions: {
 		/** Internal: called by orders under its timeout and circuit breaker. */
@@ -109,20 +104,14 @@ const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 		}
 	},
 
-	channels: {
-		"order.voided": {
-			group: "payments",
-			handler(this: This, order: OrderEvent) {
-				return this.undo(order, "voided");
-			}
+	channels: consume<This>("payments", {
+		"order.voided"(order) {
+			return this.undo(order, "voided");
 		},
-		"order.cancelled": {
-			group: "payments",
-			handler(this: This, order: OrderEvent) {
-				return this.undo(order, "cancelled");
-			}
+		"order.cancelled"(order) {
+			return this.undo(order, "cancelled");
 		}
-	},
+	}),
 
 	methods: {
 		async undo(this: This, order: OrderEvent, status: "cancelled" | "voided") {
@@ -131,10 +120,10 @@ const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 			// No payment yet: the placeholder takes its place, and a late `pay` finds it instead.
 			if (await this.store.insertUnique(placeholder)) return;
 			const payment = (await this.findByOrder(order.orderId)) as Payment;
-			const event = outboxEvent("payment.cancelled", { orderId: payment.orderId, paymentId: payment._id, status });
 			// Only an approved payment is undone; a declined, cancelled or voided one stays as it is.
-			const changed = await this.store.update({ _id: payment._id, status: "approved" }, { $set: { status, cancelledAt: at }, ...pushEvents(event) });
-			if (changed) await this.flushOutbox({ _id: payment._id, outbox: [event] });
+			await this.changeWithEvents({ filter: { _id: payment._id, status: "approved" }, update: { $set: { status, cancelledAt: at } } }, [
+				outboxEvent("payment.cancelled", { orderId: payment.orderId, paymentId: payment._id, status })
+			]);
 		},
 
 		async findByOrder(this: This, orderId: string) {

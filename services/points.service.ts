@@ -1,7 +1,7 @@
 /**
  * Points: each member's account and its immutable ledger.
  *
- * Invariants (see DESIGN.md): an account's balance equals the sum of its ledger entries and is never
+ * Invariants (see docs/DESIGN.md): an account's balance equals the sum of its ledger entries and is never
  * below 0; every entry names its cause (`deal:<id>`, `deal-cancel:<id>`, `order:<id>`, …), which is
  * the entry's id, so each cause is applied at most once.
  *
@@ -13,29 +13,17 @@
  * `points.posted` event (outbox), from which read models follow the ledger.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import { consume, outboxEvent, type DealEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import { KeyedLock } from "../lib/keyed-lock";
 import * as P from "../lib/params";
 import { DbMixin, openCollection, type Collection, type DbThis, type Page } from "../mixins/db.mixin";
-import { OutboxMixin, outboxEvent, pushEvents, type OutboxMethods } from "../mixins/outbox.mixin";
+import { OutboxMixin, type OutboxMethods } from "../mixins/outbox.mixin";
 
-export type EntryKind = "earn" | "use" | "restore" | "revoke" | "expire" | "void";
-
-export interface LedgerEntry {
-	/** The cause, which is also the idempotency key. */
+/** A ledger entry as stored: keyed by its cause, which is also the idempotency key. */
+export interface LedgerEntry extends Omit<PostedEntry, "cause"> {
 	_id: string;
-	memberId: string;
-	kind: EntryKind;
-	amount: number;
-	balanceAfter: number;
-	/** `deal` / `order` / `member`, and its id: what the entry is about. */
-	sourceType: string;
-	sourceId: string;
-	merchantId?: string;
-	/** Points a revocation could not take back because they had been spent already. */
-	shortfall?: number;
-	at: string;
 	/** Orders entries of one account in time, also within one millisecond. */
 	seq: string;
 }
@@ -110,6 +98,9 @@ const MAX_ATTEMPTS = 20;
 /** The condition that the account is still as it was read. */
 const versionOf = (account: Account) => ({ _id: account._id, version: account.version ?? { $exists: false } });
 
+const dealSource = (deal: DealEvent): Source => ({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId });
+const orderSource = (order: OrderEvent): Source => ({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId });
+
 const causeOf = (source: Source) => `${source.sourceType}:${source.sourceId}`;
 const cancelCauseOf = (source: Source) => `${source.sourceType}-cancel:${source.sourceId}`;
 
@@ -172,51 +163,30 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		}
 	},
 
-	channels: {
-		"member.joined": {
-			group: "points",
-			async handler(this: This, payload: { memberId: string; joinedAt: string }) {
-				await this.openAccount(payload.memberId, payload.joinedAt);
-			}
+	channels: consume<This>("points", {
+		async "member.joined"(member) {
+			await this.openAccount(member.memberId, member.joinedAt);
 		},
-		"member.withdrawn": {
-			group: "points",
-			async handler(this: This, payload: { memberId: string }) {
-				await this.expire(payload.memberId);
-			}
+		async "member.withdrawn"(member) {
+			await this.expire(member.memberId);
 		},
-		"deal.saved": {
-			group: "points",
-			async handler(this: This, deal: { dealId: string; memberId: string; merchantId: string; point: number }) {
-				await this.credit({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId }, deal.point);
-			}
+		async "deal.saved"(deal) {
+			await this.credit(dealSource(deal), deal.point);
 		},
-		"deal.cancelled": {
-			group: "points",
-			async handler(this: This, deal: { dealId: string; memberId: string; merchantId: string }) {
-				await this.reverse({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId });
-			}
+		async "deal.cancelled"(deal) {
+			await this.reverse(dealSource(deal));
 		},
-		"order.paid": {
-			group: "points",
-			async handler(this: This, order: { orderId: string; memberId: string; points: number }) {
-				await this.credit({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId }, order.points);
-			}
+		async "order.paid"(order) {
+			await this.credit(orderSource(order), order.points);
 		},
-		"order.cancelled": {
-			group: "points",
-			async handler(this: This, order: { orderId: string; memberId: string }) {
-				await this.reverse({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId });
-			}
+		async "order.cancelled"(order) {
+			await this.reverse(orderSource(order));
 		},
 		/** A `use` whose debit could not be confirmed: undo it if it happened, and refuse it if it comes late. */
-		"deal.voided": {
-			group: "points",
-			async handler(this: This, deal: { dealId: string; memberId: string; merchantId: string }) {
-				await this.reverse({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId });
-			}
+		async "deal.voided"(deal) {
+			await this.reverse(dealSource(deal));
 		}
-	},
+	}),
 
 	methods: {
 		/**
@@ -250,12 +220,11 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 						return { memberId, sourceType: "member", sourceId: memberId, ...d, balanceAfter: balance, at: now, seq: sortableId() };
 					});
 					const posted = outboxEvent("points.posted", { memberId, closed: close, entries: entries.map(({ _id, seq: _seq, ...entry }) => ({ cause: _id, ...entry })) });
-					const changed = await this.store.update(versionOf(account), {
+					const update = {
 						$inc: { balance: balance - account.balance, version: 1 },
-						$set: { pending: entries, pendingSince: now, updatedAt: now, ...(close ? { status: "closed", closedAt: now } : {}) },
-						...pushEvents(posted)
-					});
-					if (!changed) {
+						$set: { pending: entries, pendingSince: now, updatedAt: now, ...(close ? { status: "closed", closedAt: now } : {}) }
+					};
+					if (!(await this.changeWithEvents({ filter: versionOf(account), update }, [posted]))) {
 						if (attempt < MAX_ATTEMPTS) {
 							await new Promise(resolve => setTimeout(resolve, Math.random() * attempt * 5));
 							continue;
@@ -263,7 +232,6 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 						throw new Error(`Account '${memberId}' keeps changing concurrently`);
 					}
 					await this.finishPosting({ ...account, version: (account.version ?? 0) + 1, pending: entries });
-					await this.flushOutbox({ _id: memberId, outbox: [posted] });
 					return { applied: true, balance };
 				}
 			});

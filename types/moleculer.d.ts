@@ -12,6 +12,8 @@ interface ChannelHandler {
 declare module "moleculer" {
 	interface ServiceSchema {
 		channels?: Record<string, ChannelHandler>;
+		/** Called with the schema once its mixins are merged, before the service is created. */
+		merged?: (schema: ServiceSchema) => void;
 		/** moleculer-db */
 		afterConnected?: () => Promise<void> | void;
 	}

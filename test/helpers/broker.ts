@@ -30,3 +30,18 @@ export async function eventually<T>(check: () => Promise<T> | T, timeoutMs = 10_
 		}
 	}
 }
+
+/**
+ * Waits until every consumer group has handled every message published on `broker`'s channels so
+ * far (the embedded adapter's backlog is empty): the moment by which an event can no longer change
+ * anything, instead of a guessed sleep. Only while every group with messages waiting is subscribed.
+ */
+export async function drained(broker: ServiceBroker, timeoutMs = 10_000): Promise<void> {
+	const adapter = (broker as ServiceBroker & { channelAdapter: { backlog?(): Promise<number> } }).channelAdapter;
+	if (!adapter.backlog) throw new Error("drained() needs the embedded channel adapter");
+	const backlog = adapter.backlog.bind(adapter);
+	await eventually(async () => {
+		const waiting = await backlog();
+		if (waiting > 0) throw new Error(`${waiting} message(s) still waiting for their consumers after ${timeoutMs} ms`);
+	}, timeoutMs);
+}

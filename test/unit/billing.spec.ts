@@ -1,6 +1,6 @@
 import type { ServiceBroker } from "moleculer";
 import BillingService, { monthBounds } from "../../services/billing.service";
-import { createTestBroker, eventually } from "../helpers/broker";
+import { createTestBroker, drained, eventually } from "../helpers/broker";
 
 type Send = (channel: string, payload: object) => Promise<void>;
 
@@ -28,7 +28,7 @@ describe("billing service", () => {
 		await send("deal.cancelled", { dealId: "v2", memberId: "0001", merchantId: "20", point: 50, type: "use" });
 		await used("v2", 50, "2020-07-11T10:00:00.000Z");
 		await eventually(async () => expect(await broker.call("billing.view", { dealId: "v1" })).toMatchObject({ dealId: "v1", point: 100, merchantId: "20" }));
-		await new Promise(resolve => setTimeout(resolve, 100));
+		await drained(broker);
 		await expect(broker.call("billing.view", { dealId: "v2" })).rejects.toMatchObject({ code: 404, type: "BILLING_VIEW_NOT_FOUND" });
 	});
 

@@ -1,4 +1,10 @@
+import type { Service } from "moleculer";
 import { loadConfig, parseApiKeys } from "../../config";
+import ApiService from "../../services/api.service";
+import BillingService from "../../services/billing.service";
+import DealsService from "../../services/deals.service";
+import PaymentsService from "../../services/payments.service";
+import { createTestBroker, withSettings, type AnyServiceSchema } from "../helpers/broker";
 
 describe("configuration", () => {
 	it("has defaults that run on an empty machine", () => {
@@ -20,5 +26,53 @@ describe("configuration", () => {
 
 	it("refuses a number that is not one", () => {
 		expect(() => loadConfig({ PORT: "eighty" })).toThrow(/PORT must be a number/);
+	});
+});
+
+describe("services' settings", () => {
+	const settingsOf = async (services: AnyServiceSchema[], env: NodeJS.ProcessEnv) => {
+		const broker = createTestBroker(services, env);
+		try {
+			return Object.fromEntries(broker.services.map(s => [s.name, s.settings]));
+		} finally {
+			await broker.stop();
+		}
+	};
+
+	it("take their defaults from the configuration of the broker they run on", async () => {
+		const settings = await settingsOf([DealsService, PaymentsService, BillingService], {
+			CALL_TIMEOUT_MS: "300",
+			EARN_RATE: "0.05",
+			PAYMENT_LIMIT: "5",
+			MONTH_END_GRACE_MINUTES: "1"
+		});
+		expect(settings.deals).toMatchObject({ callTimeoutMs: 300, pendingTimeoutMs: 300, pendingSweepMs: 300, earnRate: 0.05 });
+		expect(settings.payments).toMatchObject({ limit: 5, delayMs: 0 });
+		expect(settings.billing).toMatchObject({ monthEnd: { graceMs: 60_000, checkEveryMs: 60_000 }, settlementFee: 0.02 });
+	});
+
+	it("are overridden by a schema's own settings, also inside nested ones", async () => {
+		const settings = await settingsOf([withSettings(DealsService, { pendingTimeoutMs: 50 }), withSettings(BillingService, { monthEnd: { checkEveryMs: 20 } })], {
+			CALL_TIMEOUT_MS: "300"
+		});
+		expect(settings.deals).toMatchObject({ callTimeoutMs: 300, pendingTimeoutMs: 50, pendingSweepMs: 300 });
+		expect(settings.billing).toMatchObject({ monthEnd: { graceMs: 600_000, checkEveryMs: 20 } });
+	});
+
+	it("keep the gateway's tokens to the node", async () => {
+		const broker = createTestBroker([ApiService], { API_KEYS: "aaaaaaaaaaaaaaaa=staff", PORT: "0" });
+		await broker.start();
+		try {
+			const api = broker.getLocalService("api") as unknown as Service<Record<string, unknown>>;
+			expect(api.settings.apiKeys).toEqual([{ token: "aaaaaaaaaaaaaaaa", role: { kind: "staff" } }]);
+			expect(api.settings.port).toBe(0);
+			// What the node tells the others about its services.
+			const list = broker.registry.getServiceList as (opts: object) => { name: string; settings?: object }[];
+			const shared = list.call(broker.registry, { withSettings: true }).find(s => s.name === "api");
+			expect(shared?.settings).toMatchObject({ retryAfterSeconds: 5 });
+			expect(shared?.settings).not.toHaveProperty("apiKeys");
+		} finally {
+			await broker.stop();
+		}
 	});
 });

@@ -39,7 +39,6 @@ describe("members service", () => {
 		const points = broker.getLocalService("points") as Service;
 		await broker.destroyService(points);
 		await broker.call("members.join", { memberId: "0100", name: "Park" });
-		await new Promise(resolve => setTimeout(resolve, 200));
 		await expect(broker.call("points.get", { memberId: "0100" })).rejects.toMatchObject({ type: "SERVICE_NOT_AVAILABLE" });
 		broker.createService(PointsService);
 		await broker.waitForServices("points");

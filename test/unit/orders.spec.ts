@@ -5,7 +5,7 @@ import MyPointsService from "../../services/my-points.service";
 import OrdersService, { pointsFor, type OrderView } from "../../services/orders.service";
 import PaymentsService, { type PaymentView } from "../../services/payments.service";
 import PointsService from "../../services/points.service";
-import { createTestBroker, eventually, withSettings } from "../helpers/broker";
+import { createTestBroker, drained, eventually, withSettings } from "../helpers/broker";
 
 interface Paged<T> {
 	rows: T[];
@@ -58,7 +58,7 @@ describe("orders, payments, deliveries and my-points", () => {
 		const declined = await order({ memberId: "0002", qty: 2, unitPrice: 600_000 });
 		expect(declined).toMatchObject({ status: "payment_failed", reason: "PAYMENT_DECLINED", points: 0, payment: { status: "declined" }, delivery: { status: "not_started" } });
 		await expect(broker.call("orders.cancel", { id: declined.id })).rejects.toMatchObject({ code: 409, type: "ORDER_NOT_CANCELLABLE" });
-		await new Promise(resolve => setTimeout(resolve, 100));
+		await drained(broker);
 		expect(await balance("0002")).toBe(0);
 		await expect(broker.call("deliveries.get", { orderId: declined.id })).rejects.toMatchObject({ code: 404 });
 	});

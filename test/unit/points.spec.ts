@@ -1,6 +1,6 @@
 import type { ServiceBroker } from "moleculer";
 import PointsService, { type AccountView } from "../../services/points.service";
-import { createTestBroker, eventually } from "../helpers/broker";
+import { createTestBroker, drained, eventually } from "../helpers/broker";
 
 type Send = (channel: string, payload: object) => Promise<void>;
 
@@ -34,7 +34,7 @@ describe("points service", () => {
 		await Promise.all([send("deal.saved", event), send("deal.saved", event)]);
 		await send("deal.saved", event);
 		await eventually(async () => expect((await history("m2")).total).toBe(1));
-		await new Promise(resolve => setTimeout(resolve, 200));
+		await drained(broker);
 		expect(await balance("m2")).toBe(1000);
 		expect((await history("m2")).rows[0]).toMatchObject({ cause: "deal:d1", amount: 1000, kind: "earn" });
 	});
@@ -75,7 +75,7 @@ describe("points service", () => {
 		await send("deal.cancelled", { dealId: "d6", memberId: "m6", merchantId: "20" });
 		await eventually(async () => expect((await history("m6")).total).toBe(1));
 		await send("deal.saved", { dealId: "d6", memberId: "m6", merchantId: "20", point: 300 });
-		await new Promise(resolve => setTimeout(resolve, 200));
+		await drained(broker);
 		expect(await balance("m6")).toBe(0);
 		expect((await history("m6")).rows.map(r => r.cause)).toEqual(["deal-cancel:d6"]);
 	});

@@ -1,0 +1,109 @@
+/**
+ * The durable channels between OnePoint's services (@moleculer/channels): each channel's name and
+ * the payload its producer sends. Producers build their events with `outboxEvent(channel, payload)`
+ * and consumers declare their handlers with `consume(group, handlers)`, both typed from `Channels`:
+ * a payload that changes breaks the build where it is produced and wherever it is consumed.
+ */
+import type { ServiceSchema } from "moleculer";
+import { sortableId } from "../lib/ids";
+
+/** A deal as its events carry it (`deal.*`). */
+export interface DealEvent {
+	dealId: string;
+	memberId: string;
+	merchantId: string;
+	dealAmount: number;
+	type: "save" | "use";
+	point: number;
+	dealDate: string;
+	cancelledAt?: string;
+	/** Why a use failed (`deal.failed`, `deal.voided`). */
+	reason?: string;
+}
+
+/** An order as its events carry it (`order.*`). */
+export interface OrderEvent {
+	orderId: string;
+	memberId: string;
+	productId: string;
+	qty: number;
+	unitPrice: number;
+	totalPrice: number;
+	/** The share of the total earned as points. */
+	rate: number;
+	/** What the order earns: 0 unless it was paid. */
+	points: number;
+	paidAt?: string;
+	cancelledAt?: string;
+}
+
+export type EntryKind = "earn" | "use" | "restore" | "revoke" | "expire" | "void";
+
+/** One ledger entry as `points.posted` carries it, named by its cause. */
+export interface PostedEntry {
+	/** `deal:<id>`, `deal-cancel:<id>`, `order:<id>`, `expiry:<memberId>`, …: also the idempotency key. */
+	cause: string;
+	memberId: string;
+	kind: EntryKind;
+	amount: number;
+	balanceAfter: number;
+	/** `deal` / `order` / `member`, and its id: what the entry is about. */
+	sourceType: string;
+	sourceId: string;
+	merchantId?: string;
+	/** Points a revocation could not take back because they had been spent already. */
+	shortfall?: number;
+	at: string;
+}
+
+/** Every channel and its payload. */
+export interface Channels {
+	"member.joined": { memberId: string; name: string; joinedAt: string };
+	"member.withdrawn": { memberId: string; withdrawnAt: string };
+	/** A save deal: its points are earned. */
+	"deal.saved": DealEvent;
+	/** A use deal whose debit is confirmed. */
+	"deal.used": DealEvent;
+	/** A use deal refused (not enough points, account closed) or left unconfirmed. */
+	"deal.failed": DealEvent;
+	/** A use deal whose debit is unconfirmed: undo the debit should it have happened, refuse it if it comes late. */
+	"deal.voided": DealEvent;
+	/** A successful deal cancelled: its points are restored or revoked. */
+	"deal.cancelled": DealEvent;
+	/** A paid order: its points accrue and its delivery starts. */
+	"order.paid": OrderEvent;
+	/** An order whose payment is unconfirmed: a payment made anyway is cancelled, a late one refused. */
+	"order.voided": OrderEvent;
+	/** A paid order cancelled: its payment, delivery and points are undone. */
+	"order.cancelled": OrderEvent;
+	/** A payment undone for an order (`cancelled`, or `voided` before it was made). */
+	"payment.cancelled": { orderId: string; paymentId: string; status: "cancelled" | "voided" };
+	"delivery.cancelled": { orderId: string };
+	/** The entries one posting added to a member's ledger; `closed` when it closed the account. */
+	"points.posted": { memberId: string; closed: boolean; entries: PostedEntry[] };
+}
+
+export type ChannelName = keyof Channels;
+
+/** An event waiting in its document's outbox to be sent to its channel. */
+export interface OutboxEvent<C extends ChannelName = ChannelName> {
+	id: string;
+	channel: C;
+	payload: Channels[C];
+}
+
+/** The event `payload` on `channel`, named for the outbox. */
+export function outboxEvent<C extends ChannelName>(channel: C, payload: Channels[C]): OutboxEvent<C> {
+	return { id: sortableId(), channel, payload };
+}
+
+/** A consumer's handlers, each typed by its channel's payload. */
+export type Handlers<This> = { [C in ChannelName]?: (this: This, payload: Channels[C]) => Promise<void> };
+
+/**
+ * The `channels` of a service schema that consumes the given channels as consumer group `group`:
+ * each message is handled by one instance of the group, once the handler resolves.
+ */
+export function consume<This>(group: string, handlers: Handlers<This>): NonNullable<ServiceSchema["channels"]> {
+	return Object.fromEntries(Object.entries(handlers).map(([channel, handler]) => [channel, { group, handler: handler as (payload: unknown) => Promise<void> }]));
+}
