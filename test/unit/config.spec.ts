@@ -46,9 +46,9 @@ describe("services' settings", () => {
 			PAYMENT_LIMIT: "5",
 			MONTH_END_GRACE_MINUTES: "1"
 		});
-		expect(settings.deals).toMatchObject({ callTimeoutMs: 300, pendingTimeoutMs: 300, pendingSweepMs: 300, earnRate: 0.05 });
+		expect(settings.deals).toMatchObject({ callTimeoutMs: 300, pendingTimeoutMs: 300, pendingSweepMs: 300, earnRateBp: 500 });
 		expect(settings.payments).toMatchObject({ limit: 5, delayMs: 0 });
-		expect(settings.billing).toMatchObject({ monthEnd: { graceMs: 60_000, checkEveryMs: 60_000 }, settlementFee: 0.02 });
+		expect(settings.billing).toMatchObject({ monthEnd: { graceMs: 60_000, checkEveryMs: 60_000 }, settlementFeeBp: 200 });
 	});
 
 	it("are overridden by a schema's own settings, also inside nested ones", async () => {
