@@ -6,12 +6,21 @@
  * same single-document write, so no crash can keep the one without the other. They are then sent to
  * their channels and pulled from the field (only those sent: a later change may have pushed more
  * meanwhile). Whatever a crash
- * or a broker outage left behind is sent again at start-up and by a retry timer; consumers apply each
- * event once by its key, so sending twice is harmless.
+ * or a broker outage left behind is sent again at start-up and by a retry timer, and every few
+ * seconds each instance sends what has waited longer than that — also what an instance that died
+ * sharing the store (MongoDB) left. Consumers apply each event once by its key, so sending twice is
+ * harmless.
  */
 import type { Service, ServiceSchema } from "moleculer";
 import type { OutboxEvent } from "../contracts/channels";
-import type { Collection, Query } from "./db.mixin";
+import { encodeTime } from "ulid";
+import type { Collection, IndexSpec, Query } from "./db.mixin";
+
+/**
+ * The index a collection with an outbox declares: event ids are ULIDs, so the sweep finds the
+ * documents whose events are older than a moment without reading the others.
+ */
+export const OUTBOX_INDEX: IndexSpec = { fields: { "outbox.id": 1 }, sparse: true };
 
 export interface WithOutbox {
 	_id: string;
@@ -38,13 +47,16 @@ type OutboxThis = Service &
 	store: Collection<WithOutbox>;
 	flushOutbox(doc: WithOutbox): Promise<void>;
 	outboxTimer?: NodeJS.Timeout;
+	outboxSweep?: NodeJS.Timeout;
 	outboxStopped: boolean;
 	sendOutbox(doc: WithOutbox): Promise<void>;
-	retryOutbox(): Promise<void>;
+	retryOutbox(query?: Query): Promise<void>;
 	scheduleOutboxRetry(delayMs: number): void;
 };
 
 const RETRY_MS = 1000;
+/** How often, and after how long, events still in an outbox are sent again. */
+const SWEEP_MS = 5000;
 
 const schema: ServiceSchema<object, object, object, OutboxThis> = {
 	name: "outbox",
@@ -76,10 +88,10 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 			await this.store.update({ _id: doc._id }, { $pull: { outbox: { id: { $in: doc.outbox.map(e => e.id) } } } });
 		},
 
-		async retryOutbox(this: OutboxThis) {
+		async retryOutbox(this: OutboxThis, query: Query = { "outbox.0": { $exists: true } }) {
 			if (this.outboxStopped) return;
 			try {
-				const waiting = await this.store.find({ query: { "outbox.0": { $exists: true } }, sort: ["_id"] });
+				const waiting = await this.store.find({ query, sort: ["_id"] });
 				for (const doc of waiting) await this.sendOutbox(doc);
 			} catch (err) {
 				this.logger.warn("Outbox retry failed:", (err as Error).message);
@@ -100,11 +112,14 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 		this.outboxStopped = false;
 		// The channel adapter connects after the services have started: send leftovers right after.
 		this.scheduleOutboxRetry(0);
+		// Ids below this prefix were minted more than SWEEP_MS ago (a ULID starts with its time).
+		this.outboxSweep = setInterval(() => void this.retryOutbox({ "outbox.id": { $lt: encodeTime(Date.now() - SWEEP_MS, 10) } }), SWEEP_MS);
 	},
 
 	stopped(this: OutboxThis) {
 		this.outboxStopped = true;
 		clearTimeout(this.outboxTimer);
+		clearInterval(this.outboxSweep);
 	}
 };
 

@@ -15,7 +15,7 @@ import { sortableId } from "../lib/ids";
 import { earnedPoints } from "../lib/rates";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
 import type { MemberView } from "./members.service";
 import type { PostResult, Source } from "./points.service";
@@ -74,7 +74,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "deals",
 	// A use waits `pendingTimeoutMs` for its debit; a use pending twice as long was abandoned.
 	mixins: [
-		DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }]),
+		DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }, OUTBOX_INDEX]),
 		OutboxMixin,
 		PendingMixin<Deal>("dealDate"),
 		ConfiguredSettings<Settings>(config => ({ callTimeoutMs: config.callTimeoutMs, earnRateBp: config.earnRateBp, retryAfterSeconds: config.retryAfterSeconds }))

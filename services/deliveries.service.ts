@@ -8,7 +8,7 @@ import { consume, outboxEvent } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 
 export interface Delivery extends WithOutbox {
 	/** The order's id: one delivery per order. */
@@ -25,7 +25,7 @@ type This = Service & DbThis<Delivery> & OutboxMethods;
 
 const DeliveriesService: ServiceSchema<object, object, object, This> = {
 	name: "deliveries",
-	mixins: [DbMixin("deliveries", [{ fields: { memberId: 1 } }]), OutboxMixin],
+	mixins: [DbMixin("deliveries", [{ fields: { memberId: 1 } }, OUTBOX_INDEX]), OutboxMixin],
 
 	actions: {
 		get: {

@@ -8,7 +8,7 @@ import { outboxEvent } from "../contracts/channels";
 import { conflict, notFound } from "../lib/errors";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 
 export interface Member extends WithOutbox {
 	name: string;
@@ -38,7 +38,7 @@ type This = Service & DbThis<Member> & OutboxMethods & Methods;
 
 const MembersService: ServiceSchema<object, Methods, object, This> = {
 	name: "members",
-	mixins: [DbMixin("members"), OutboxMixin],
+	mixins: [DbMixin("members", [OUTBOX_INDEX]), OutboxMixin],
 
 	actions: {
 		join: {

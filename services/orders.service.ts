@@ -20,7 +20,7 @@ import { clientError, conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
 import type { MemberView } from "./members.service";
 import type { PaymentView } from "./payments.service";
@@ -93,7 +93,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "orders",
 	// An order waits `pendingTimeoutMs` for its payment's answer; one pending twice as long was abandoned.
 	mixins: [
-		DbMixin("orders", [{ fields: { memberId: 1 } }, { fields: { status: 1 } }]),
+		DbMixin("orders", [{ fields: { memberId: 1 } }, { fields: { status: 1 } }, OUTBOX_INDEX]),
 		OutboxMixin,
 		PendingMixin<Order>("orderedAt"),
 		ConfiguredSettings<Settings>(config => ({ callTimeoutMs: config.callTimeoutMs, retryAfterSeconds: config.retryAfterSeconds }))

@@ -17,7 +17,7 @@ import { notFound } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 
 export type PaymentStatus = "approved" | "declined" | "cancelled" | "voided";
 
@@ -53,7 +53,7 @@ type This = Service<Settings> & DbThis<Payment> & OutboxMethods & Methods;
 const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "payments",
 	mixins: [
-		DbMixin("payments", [{ fields: { orderId: 1 }, unique: true }, { fields: { memberId: 1 } }]),
+		DbMixin("payments", [{ fields: { orderId: 1 }, unique: true }, { fields: { memberId: 1 } }, OUTBOX_INDEX]),
 		OutboxMixin,
 		ConfiguredSettings<Settings>(config => ({ limit: config.paymentLimit, delayMs: config.paymentDelayMs }))
 	],

@@ -19,7 +19,7 @@ import { sortableId } from "../lib/ids";
 import { KeyedLock } from "../lib/keyed-lock";
 import * as P from "../lib/params";
 import { DbMixin, openCollection, type Collection, type DbThis, type Page } from "../mixins/db.mixin";
-import { OutboxMixin, type OutboxMethods } from "../mixins/outbox.mixin";
+import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods } from "../mixins/outbox.mixin";
 
 /** A ledger entry as stored: keyed by its cause, which is also the idempotency key. */
 export interface LedgerEntry extends Omit<PostedEntry, "cause"> {
@@ -106,7 +106,7 @@ const cancelCauseOf = (source: Source) => `${source.sourceType}-cancel:${source.
 
 const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "points",
-	mixins: [DbMixin("accounts", [{ fields: { pendingSince: 1 }, sparse: true }]), OutboxMixin],
+	mixins: [DbMixin("accounts", [{ fields: { pendingSince: 1 }, sparse: true }, OUTBOX_INDEX]), OutboxMixin],
 	settings: { sweepIntervalMs: 5000 },
 
 	actions: {

@@ -8,6 +8,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { MongoClient } from "mongodb";
+import { ulid } from "ulid";
 import type { ServiceBroker, ServiceSchema } from "moleculer";
 import DealsService, { type DealView } from "../../services/deals.service";
 import MembersService from "../../services/members.service";
@@ -165,5 +166,15 @@ describe("two instances sharing MongoDB", () => {
 		await eventually(() => expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1)));
 		await new Promise(resolve => setTimeout(resolve, 600));
 		expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1));
+	});
+
+	it("sends, within seconds and without a restart, the events a dead instance wrote but never sent", async () => {
+		const joinedAt = new Date(Date.now() - 60_000).toISOString();
+		// What `join` leaves when its process is killed between the write and the send.
+		const event = { id: ulid(Date.now() - 60_000), channel: "member.joined", payload: { memberId: "i007", name: "left", joinedAt } };
+		const members = mongo.db().collection<Record<string, unknown> & { _id: string }>("members");
+		await members.insertOne({ _id: "i007", name: "left", phone: null, email: null, status: "active", joinedAt, outbox: [event] });
+		await eventually(async () => expect(await b.call("points.get", { memberId: "i007" })).toMatchObject({ balance: 0, status: "active" }), 20_000);
+		await eventually(async () => expect((await members.findOne({ _id: "i007" }))?.outbox).toEqual([]));
 	});
 });
