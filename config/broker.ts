@@ -1,11 +1,11 @@
 import type { BrokerOptions, Errors, Middleware as BrokerMiddleware, MetricRegistry, ReplOptions } from "moleculer";
 import { Middleware } from "@moleculer/channels";
 import { config as defaults, type Config } from ".";
-import { EmbeddedAdapter } from "../lib/embedded-channel-adapter";
+import { EmbeddedAdapter } from "../lib/channels/embedded-adapter";
 import { isDependencyUnavailable } from "../lib/errors";
-import { DurableNatsAdapter } from "../lib/nats-channel-adapter";
-import { OpsReporter } from "../lib/ops-reporter";
-import { operatorCommands } from "./repl";
+import { DurableNatsAdapter } from "../lib/channels/nats-adapter";
+import { OpsReporter } from "../lib/ops/reporter";
+import { operatorCommands } from "../lib/ops/repl-commands";
 import { NodeConfig } from "./settings";
 
 /**

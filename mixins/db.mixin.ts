@@ -19,7 +19,7 @@ import MongooseAdapter from "moleculer-db-adapter-mongoose";
 import mongoose from "mongoose";
 import type { Config } from "../config";
 import { configOf } from "../config/settings";
-import { openDatastore } from "../lib/nedb";
+import { openDatastore } from "../lib/store/nedb";
 
 export interface IndexSpec {
 	fields: Record<string, 1 | -1>;

@@ -13,8 +13,8 @@ import { Errors, type Context, type Service, type ServiceSchema } from "molecule
 import ApiGateway, { Errors as WebErrors, type ApiSettingsSchema } from "moleculer-web";
 import type { ApiKey, Role } from "../config";
 import { ConfiguredSettings } from "../config/settings";
-import { forbidden } from "../lib/access";
-import { isReady } from "../lib/ops-reporter";
+import { forbidden } from "../lib/gateway/access";
+import { isReady } from "../lib/ops/reporter";
 
 interface HttpError {
 	name: string;
@@ -51,7 +51,7 @@ export function toHttpError(err: unknown, retryAfter: number): HttpError {
 /**
  * What a `merchant:<id>` token may call: either the parameter that must name its own merchant
  * (checked here), or `true` when the action checks ownership itself against the stored deal or row
- * (`lib/access.ts`) — or has none: a merchant may read any member's balance.
+ * (`lib/gateway/access.ts`) — or has none: a merchant may read any member's balance.
  * Staff may call everything; anything not listed is staff-only.
  */
 const MERCHANT_ACTIONS: Record<string, string | true> = {

@@ -22,7 +22,7 @@
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
 import { consume } from "../contracts/channels";
-import { assertOwnMerchant, type CallerMeta } from "../lib/access";
+import { assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
 import { clientError, notFound } from "../lib/errors";
 import { KeyedLock } from "../lib/keyed-lock";
 import * as P from "../lib/params";

@@ -8,7 +8,7 @@
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { conflict, notFound } from "../lib/errors";
 import * as P from "../lib/params";
-import { DEAD_LETTER, REPLAY_GROUP } from "../lib/redelivery";
+import { DEAD_LETTER, REPLAY_GROUP } from "../lib/channels/redelivery";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
 
 export interface DeadLetter {

@@ -9,7 +9,7 @@
 import { Errors, type Context, type Service, type ServiceSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
 import { outboxEvent, type DealEvent, type OutboxEvent } from "../contracts/channels";
-import { assertOwnMerchant, type CallerMeta } from "../lib/access";
+import { assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
 import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import { earnedPoints } from "../lib/rates";

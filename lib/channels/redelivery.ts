@@ -1,4 +1,4 @@
-import { sortableId } from "./ids";
+import { sortableId } from "../ids";
 
 /**
  * What both channel adapters share about failed messages: how long to wait before the next try,

@@ -4,8 +4,8 @@
  * user (between services, from the REPL) are trusted.
  */
 import type { Context } from "moleculer";
-import type { Role } from "../config";
-import { clientError } from "./errors";
+import type { Role } from "../../config";
+import { clientError } from "../errors";
 
 export interface CallerMeta {
 	user?: Role | null;

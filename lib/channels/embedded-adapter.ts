@@ -15,7 +15,7 @@
 import path from "node:path";
 import fs from "node:fs";
 import type Datastore from "@seald-io/nedb";
-import { openDatastore } from "./nedb";
+import { openDatastore } from "../store/nedb";
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { Logger, ServiceBroker } from "moleculer";

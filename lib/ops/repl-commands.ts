@@ -5,9 +5,9 @@
  * one line with the error's code, never a stack.
  */
 import type { ServiceBroker } from "moleculer";
-import type { SettlementView as Settlement } from "../services/billing.service";
-import type { DeadLetterView } from "../services/dead-letters.service";
-import type { MemberView } from "../services/members.service";
+import type { SettlementView as Settlement } from "../../services/billing.service";
+import type { DeadLetterView } from "../../services/dead-letters.service";
+import type { MemberView } from "../../services/members.service";
 
 /** What moleculer-repl hands a custom command: its positional arguments by name. */
 type Args = Record<string, unknown>;
