@@ -1,6 +1,8 @@
 /**
- * The HTTP gateway (moleculer-web). Only the aliases below are reachable from outside
- * (`mappingPolicy: "restrict"`); internal actions such as `points.debit` have none.
+ * The HTTP gateway (moleculer-web). A route is declared once, on its action (`rest: "POST /deals"`);
+ * the alias table and the OpenAPI document (`GET /api/openapi.json`, read at `/docs`) are both built
+ * from the published services' schemas (`lib/gateway/openapi.ts`). Nothing else is reachable
+ * (`mappingPolicy: "restrict"`); internal actions such as `points.debit` have no `rest`.
  * Every request but `GET /api/health` needs `Authorization: Bearer <token>` (API_KEYS); what a role
  * may do is the table `MERCHANT_ACTIONS` below, checked by moleculer-web's `authorize` hook.
  * Every error leaves as one JSON shape, `{name, message, code, type, data?}`, without stack traces.
@@ -14,7 +16,17 @@ import ApiGateway, { Errors as WebErrors, type ApiSettingsSchema } from "molecul
 import type { ApiKey, Role } from "../config";
 import { ConfiguredSettings } from "../config/settings";
 import { forbidden } from "../lib/gateway/access";
+import { aliasesOf, openApiDocument, publishedRoutes, type Access, type JsonSchema } from "../lib/gateway/openapi";
 import { isReady } from "../lib/ops/reporter";
+import Billing from "./billing.service";
+import Dashboard from "./dashboard.service";
+import Deals from "./deals.service";
+import Deliveries from "./deliveries.service";
+import Members from "./members.service";
+import MyPoints from "./my-points.service";
+import Orders from "./orders.service";
+import Payments from "./payments.service";
+import Points from "./points.service";
 
 interface HttpError {
 	name: string;
@@ -66,7 +78,16 @@ const MERCHANT_ACTIONS: Record<string, string | true> = {
 	"api.me": true
 };
 
-const PUBLIC_ACTIONS = new Set(["api.health"]);
+const PUBLIC_ACTIONS = new Set(["api.health", "api.openapi"]);
+
+/** Who may call an action, in words, for the API contract; the same tables `authorize` applies. */
+function accessOf(action: string): Access {
+	if (PUBLIC_ACTIONS.has(action)) return { public: true, who: "Anyone, without a token" };
+	const rule = MERCHANT_ACTIONS[action];
+	if (rule === undefined) return { public: false, who: "Staff only" };
+	if (rule === true) return { public: false, who: "Staff, or a merchant (only its own merchant's deals and rows, where the resource has a merchant)" };
+	return { public: false, who: `Staff, or a merchant for its own \`${rule}\`` };
+}
 
 /**
  * Keys that reach an object's prototype. moleculer-web merges body and query into the params with
@@ -141,12 +162,82 @@ interface Settings extends ApiSettingsSchema {
 
 type This = Service<Settings> & Methods & { keys: { digest: Buffer; role: Role }[]; streams: Set<ServerResponse>; heartbeat?: NodeJS.Timeout };
 
-/** The dashboard's static page, and the chart library it uses, served from the package (no CDN).
- * The root is one level up from this file in the sources and two in `dist/`. */
+/** The dashboard's and the API reference's static pages, and the libraries they use, served from the
+ * package (no CDN). The root is one level up from this file in the sources and two in `dist/`. */
 const ROOT = path.resolve(__dirname, fs.existsSync(path.resolve(__dirname, "../package.json")) ? ".." : "../..");
 const PUBLIC_DIR = path.join(ROOT, "public");
-// chart.js exports only its module entry points: find the browser bundle beside the main one.
-const CHART_JS = path.join(path.dirname(require.resolve("chart.js")), "chart.umd.min.js");
+const SWAGGER_UI_DIR = path.dirname(require.resolve("swagger-ui-dist"));
+/** `/vendor/<file>`: the only files served from dependencies. */
+const VENDOR_FILES: Record<string, { file: string; type: string }> = {
+	// chart.js exports only its module entry points: find the browser bundle beside the main one.
+	"chart.umd.min.js": { file: path.join(path.dirname(require.resolve("chart.js")), "chart.umd.min.js"), type: "text/javascript" },
+	"swagger-ui-bundle.js": { file: path.join(SWAGGER_UI_DIR, "swagger-ui-bundle.js"), type: "text/javascript" },
+	"swagger-ui.css": { file: path.join(SWAGGER_UI_DIR, "swagger-ui.css"), type: "text/css" }
+};
+
+/** The gateway's own actions. */
+const OWN_ACTIONS = {
+	/** 200 once the node is ready (see `isReady`), 503 before and while it stops. */
+	health: {
+		rest: "GET /health",
+		summary: "Whether this gateway node is ready, and the services it runs",
+		params: { $$strict: true },
+		handler(this: This, ctx: Context<object, { $statusCode?: number }>) {
+			const ready = isReady(ctx.broker);
+			if (!ready) ctx.meta.$statusCode = 503;
+			return {
+				status: ready ? "ok" : "starting",
+				nodeID: ctx.broker.nodeID,
+				services: ctx.broker.services.map(s => s.fullName).sort(),
+				uptime: Math.round(process.uptime())
+			};
+		}
+	},
+
+	/** Who the token belongs to: `{role: "staff"}` or `{role: "merchant", merchantId}`. */
+	me: {
+		rest: "GET /me",
+		summary: "Who the token belongs to: its role, and a merchant token's merchantId",
+		params: { $$strict: true },
+		handler(ctx: Context<object, { user?: Role | null }>) {
+			const user = ctx.meta.user as Role;
+			return user.kind === "merchant" ? { role: "merchant", merchantId: user.merchantId } : { role: "staff" };
+		}
+	},
+
+	openapi: {
+		rest: "GET /openapi.json",
+		summary: "This API's contract (OpenAPI 3.1); read it at /docs",
+		params: { $$strict: true },
+		handler: () => CONTRACT
+	}
+};
+
+/** Every public route, from the published services' actions; the alias table and the contract are built from it. */
+const ROUTES = publishedRoutes([Members, Points, Deals, Billing, Orders, Payments, Deliveries, MyPoints, Dashboard, { name: "api", actions: OWN_ACTIONS }]);
+
+const DASHBOARD_STREAM: Record<string, JsonSchema> = {
+	get: {
+		operationId: "dashboard.stream",
+		tags: ["dashboard"],
+		summary: "Server-sent events: one `update` (`{memberId, what}`) per change of the dashboard's read model",
+		description: `${accessOf("").who}. Served by the gateway itself.`,
+		responses: {
+			"200": { description: "An event stream, kept open; a comment line every 15 s", content: { "text/event-stream": { schema: { type: "string" } } } },
+			"401": { $ref: "#/components/responses/Unauthorized" },
+			"403": { $ref: "#/components/responses/Forbidden" }
+		}
+	}
+};
+
+const CONTRACT = openApiDocument(ROUTES, {
+	title: "OnePoint",
+	version: (JSON.parse(fs.readFileSync(path.join(ROOT, "package.json"), "utf8")) as { version: string }).version,
+	description: "Membership points: members, their points, deals at merchants, month-end billing, food orders and the staff dashboard. Every request but the health check and this document needs `Authorization: Bearer <token>`.",
+	basePath: "/api",
+	access: accessOf,
+	extraPaths: { "/api/dashboard/stream": DASHBOARD_STREAM }
+});
 
 /** moleculer-web without the address it defaults to (PORT, IP): the node's configuration gives it. */
 const { port: _port, ip: _ip, ...gatewayDefaults } = ApiGateway.settings as ApiSettingsSchema;
@@ -183,31 +274,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 				bodyParsers: { json: { strict: true, limit: "1mb" }, urlencoded: false },
 				use: [refuseHostileKeys],
 				aliases: {
-					"GET /health": "api.health",
-					"GET /me": "api.me",
-					"POST /members": "members.join",
-					"GET /members/:memberId": "members.get",
-					"DELETE /members/:memberId": "members.withdraw",
-					"GET /points/:memberId": "points.get",
-					"GET /points/:memberId/history": "points.history",
-					"POST /deals": "deals.create",
-					"GET /deals": "deals.list",
-					"GET /deals/:id": "deals.get",
-					"POST /deals/:id/cancel": "deals.cancel",
-					"GET /billing-amount-views/:dealId": "billing.view",
-					"POST /billings": "billing.settle",
-					"GET /billings/:merchantId/:billingMonth": "billing.get",
-					"POST /orders": "orders.create",
-					"GET /orders": "orders.list",
-					"GET /orders/:id": "orders.get",
-					"POST /orders/:id/cancel": "orders.cancel",
-					"GET /payments": "payments.list",
-					"GET /payments/:id": "payments.get",
-					"GET /deliveries/:orderId": "deliveries.get",
-					"GET /my-points/:memberId": "my-points.get",
-					"GET /dashboard/overview": "dashboard.overview",
-					"GET /dashboard/members/:memberId": "dashboard.member",
-					"GET /dashboard/members/:memberId/transactions": "dashboard.transactions",
+					...aliasesOf(ROUTES),
 					/** Server-sent events: one `update` per change of the dashboard's read model. */
 					"GET /dashboard/stream"(this: This, req: IncomingMessage, res: ServerResponse) {
 						res.writeHead(200, { "Content-Type": "text/event-stream", "Cache-Control": "no-cache", Connection: "keep-alive" });
@@ -220,9 +287,14 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			{
 				path: "/vendor",
 				aliases: {
-					"GET /chart.umd.min.js"(_req: IncomingMessage, res: ServerResponse) {
-						res.writeHead(200, { "Content-Type": "text/javascript; charset=utf-8", "Cache-Control": "public, max-age=86400" });
-						fs.createReadStream(CHART_JS).pipe(res);
+					"GET /:file"(req: IncomingMessage & { $params: { file?: string } }, res: ServerResponse) {
+						const vendored = VENDOR_FILES[req.$params.file ?? ""];
+						if (!vendored) {
+							res.writeHead(404, { "Content-Type": "text/plain; charset=utf-8" }).end("Not found");
+							return;
+						}
+						res.writeHead(200, { "Content-Type": `${vendored.type}; charset=utf-8`, "Cache-Control": "public, max-age=86400" });
+						fs.createReadStream(vendored.file).pipe(res);
 					}
 				}
 			}
@@ -301,31 +373,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 		}
 	},
 
-	actions: {
-		/** 200 once the node is ready (see `isReady`), 503 before and while it stops. */
-		health: {
-			params: { $$strict: true },
-			handler(this: This, ctx: Context<object, { $statusCode?: number }>) {
-				const ready = isReady(ctx.broker);
-				if (!ready) ctx.meta.$statusCode = 503;
-				return {
-					status: ready ? "ok" : "starting",
-					nodeID: ctx.broker.nodeID,
-					services: ctx.broker.services.map(s => s.fullName).sort(),
-					uptime: Math.round(process.uptime())
-				};
-			}
-		},
-
-		/** Who the token belongs to: `{role: "staff"}` or `{role: "merchant", merchantId}`. */
-		me: {
-			params: { $$strict: true },
-			handler(ctx: Context<object, { user?: Role | null }>) {
-				const user = ctx.meta.user as Role;
-				return user.kind === "merchant" ? { role: "merchant", merchantId: user.merchantId } : { role: "staff" };
-			}
-		}
-	}
+	actions: OWN_ACTIONS
 };
 
 export default ApiService;

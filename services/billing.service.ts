@@ -155,6 +155,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	actions: {
 		view: {
 			rest: "GET /billing-amount-views/:dealId",
+			summary: "The billing view of one use deal: the points it settles at its merchant",
 			params: { $$strict: true, dealId: P.id },
 			async handler(this: This, ctx: Context<{ dealId: string }, CallerMeta>) {
 				const row = await this.store.findById(ctx.params.dealId);
@@ -172,6 +173,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		 */
 		settle: {
 			rest: "POST /billings",
+			summary: "Settle a merchant's month: points used there, less the fee",
 			params: { $$strict: true, merchantId: P.id, billingMonth },
 			async handler(this: This, ctx: Context<{ merchantId: string; billingMonth: string }, { $statusCode?: number; $location?: string }>) {
 				const { settlement, created } = await this.settlementOf(ctx.params.merchantId, ctx.params.billingMonth);
@@ -194,6 +196,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		/** A final settlement as it was made, or an open month's provisional one as of now. */
 		get: {
 			rest: "GET /billings/:merchantId/:billingMonth",
+			summary: "A merchant's settlement for a month (provisional until the month is closed)",
 			params: { $$strict: true, merchantId: P.id, billingMonth },
 			async handler(this: This, ctx: Context<{ merchantId: string; billingMonth: string }>) {
 				const { merchantId, billingMonth: month } = ctx.params;

@@ -91,6 +91,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 		/** Everything about one member at a glance. */
 		member: {
 			rest: "GET /dashboard/members/:memberId",
+			summary: "The dashboard's view of one customer",
 			params: { $$strict: true, memberId: P.id },
 			async handler(this: This, ctx: Context<{ memberId: string }>) {
 				const { memberId } = ctx.params;
@@ -130,6 +131,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 		/** A member's deals and orders, newest first, paged. */
 		transactions: {
 			rest: "GET /dashboard/members/:memberId/transactions",
+			summary: "One customer's transactions, newest first, paged",
 			params: { $$strict: true, memberId: P.id, ...P.paging },
 			async handler(this: This, ctx: Context<{ memberId: string; page: number; pageSize: number }>) {
 				const { memberId, page, pageSize } = ctx.params;
@@ -141,6 +143,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 		/** The membership at a glance: counts, points outstanding, activity, this month's settlements, dead letters. */
 		overview: {
 			rest: "GET /dashboard/overview",
+			summary: "The staff dashboard's overview: totals and every customer at a glance",
 			params: { $$strict: true, days: { type: "number", integer: true, min: 1, max: 92, default: 14, convert: true } },
 			async handler(this: This, ctx: Context<{ days: number }>) {
 				const now = new Date();

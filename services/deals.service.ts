@@ -83,6 +83,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 	actions: {
 		create: {
 			rest: "POST /deals",
+			summary: "A deal at a merchant: a save earns points, a use spends them (never beyond the balance)",
 			params: {
 				$$strict: true,
 				memberId: P.id,
@@ -123,6 +124,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 
 		get: {
 			rest: "GET /deals/:id",
+			summary: "One deal",
 			params: { $$strict: true, id: P.id },
 			async handler(this: This, ctx: Context<{ id: string }, CallerMeta>) {
 				const deal = await this.findDeal(ctx.params.id);
@@ -133,6 +135,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 
 		list: {
 			rest: "GET /deals",
+			summary: "Deals, newest first, paged; a merchant token sees its own",
 			params: { $$strict: true, memberId: P.optionalId, merchantId: P.optionalId, ...P.paging },
 			async handler(this: This, ctx: Context<{ memberId?: string; merchantId?: string; page: number; pageSize: number }>) {
 				const { memberId, merchantId, page, pageSize } = ctx.params;
@@ -148,6 +151,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 		 */
 		cancel: {
 			rest: "POST /deals/:id/cancel",
+			summary: "Cancel a deal: a save's points are revoked, a use's restored",
 			params: { $$strict: true, id: P.id },
 			async handler(this: This, ctx: Context<{ id: string }, CallerMeta>) {
 				const deal = await this.findDeal(ctx.params.id);

@@ -30,6 +30,7 @@ const DeliveriesService: ServiceSchema<object, object, object, This> = {
 	actions: {
 		get: {
 			rest: "GET /deliveries/:orderId",
+			summary: "An order's delivery",
 			params: { $$strict: true, orderId: P.id },
 			async handler(this: This, ctx: Context<{ orderId: string }>) {
 				const delivery = await this.store.findById(ctx.params.orderId);

@@ -43,6 +43,7 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 	actions: {
 		join: {
 			rest: "POST /members",
+			summary: "Join: a new member and their points account (an eight-digit memberId is made up when none is given)",
 			params: {
 				$$strict: true,
 				memberId: P.optionalId,
@@ -71,6 +72,7 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 
 		get: {
 			rest: "GET /members/:memberId",
+			summary: "A member and their status",
 			params: { $$strict: true, memberId: P.id },
 			async handler(this: This, ctx: Context<{ memberId: string }>) {
 				return this.toView(await this.findMember(ctx.params.memberId));
@@ -79,6 +81,7 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 
 		withdraw: {
 			rest: "DELETE /members/:memberId",
+			summary: "Withdraw a member: their points expire (recorded in the ledger)",
 			params: { $$strict: true, memberId: P.id },
 			async handler(this: This, ctx: Context<{ memberId: string }>) {
 				const { memberId } = ctx.params;

@@ -29,6 +29,7 @@ const MyPointsService: ServiceSchema<object, object, object, This> = {
 		/** The member's order points, newest first: `total` counts what is accrued and not revoked. */
 		get: {
 			rest: "GET /my-points/:memberId",
+			summary: "A member's order points, newest first, and their total (read view, fed by events)",
 			params: { $$strict: true, memberId: P.id, ...P.paging },
 			async handler(this: This, ctx: Context<{ memberId: string; page: number; pageSize: number }>) {
 				const { memberId, page, pageSize } = ctx.params;

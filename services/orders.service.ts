@@ -102,6 +102,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 	actions: {
 		create: {
 			rest: "POST /orders",
+			summary: "Order food: paid at once, points accrue once paid (10%, 20% from 5 items)",
 			params: {
 				$$strict: true,
 				memberId: P.id,
@@ -138,6 +139,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 
 		get: {
 			rest: "GET /orders/:id",
+			summary: "One order",
 			params: { $$strict: true, id: P.id },
 			async handler(this: This, ctx: Context<{ id: string }>) {
 				return this.toView(await this.findOrder(ctx.params.id));
@@ -146,6 +148,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 
 		list: {
 			rest: "GET /orders",
+			summary: "Orders, newest first, paged",
 			params: { $$strict: true, memberId: P.optionalId, status: { type: "enum", values: ["pending", "paid", "payment_failed", "cancelled"], optional: true }, ...P.paging },
 			async handler(this: This, ctx: Context<{ memberId?: string; status?: OrderStatus; page: number; pageSize: number }>) {
 				const { memberId, status, page, pageSize } = ctx.params;
@@ -158,6 +161,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 		/** Accepted at once; the payment, delivery and points follow by a durable event (see above). */
 		cancel: {
 			rest: "POST /orders/:id/cancel",
+			summary: "Cancel a paid order: its payment is cancelled and its points revoked",
 			params: { $$strict: true, id: P.id },
 			async handler(this: This, ctx: Context<{ id: string }>) {
 				const order = await this.findOrder(ctx.params.id);

@@ -84,6 +84,7 @@ const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 
 		get: {
 			rest: "GET /payments/:id",
+			summary: "One payment",
 			params: { $$strict: true, id: P.id },
 			async handler(this: This, ctx: Context<{ id: string }>) {
 				const payment = await this.store.findById(ctx.params.id);
@@ -94,6 +95,7 @@ const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 
 		list: {
 			rest: "GET /payments",
+			summary: "Payments, newest first, paged",
 			params: { $$strict: true, orderId: P.optionalId, memberId: P.optionalId, ...P.paging },
 			async handler(this: This, ctx: Context<{ orderId?: string; memberId?: string; page: number; pageSize: number }>) {
 				const { orderId, memberId, page, pageSize } = ctx.params;

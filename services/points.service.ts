@@ -112,6 +112,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 	actions: {
 		get: {
 			rest: "GET /points/:memberId",
+			summary: "A member's points balance",
 			params: { $$strict: true, memberId: P.id },
 			async handler(this: This, ctx: Context<{ memberId: string }>) {
 				const account = await this.store.findById(ctx.params.memberId);
@@ -122,6 +123,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 
 		history: {
 			rest: "GET /points/:memberId/history",
+			summary: "A member's ledger entries, newest first, paged",
 			params: { $$strict: true, memberId: P.id, ...P.paging },
 			async handler(this: This, ctx: Context<{ memberId: string; page: number; pageSize: number }>): Promise<Page<unknown>> {
 				const { memberId, page, pageSize } = ctx.params;

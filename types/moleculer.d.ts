@@ -10,6 +10,11 @@ interface ChannelHandler {
 }
 
 declare module "moleculer" {
+	interface ActionSchema {
+		/** One line about a public action (one with `rest:`) in the published API contract (lib/gateway/openapi.ts). */
+		summary?: string;
+	}
+
 	interface ServiceSchema {
 		channels?: Record<string, ChannelHandler>;
 		/** Called with the schema once its mixins are merged, before the service is created. */

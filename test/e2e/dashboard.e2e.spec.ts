@@ -89,4 +89,20 @@ describe("staff dashboard in Chromium", () => {
 		expect(await page.textContent("#transactions tbody tr:first-child")).toContain("22");
 		await page.screenshot({ path: SCREENSHOT, fullPage: true });
 	});
+
+	it("renders the API reference from the gateway's own assets, every operation in it", async () => {
+		const contract = (await (await fetch(`${system.url}/api/openapi.json`)).json()) as { paths: Record<string, object> };
+		const operations = Object.values(contract.paths).reduce((sum, ops) => sum + Object.keys(ops).length, 0);
+		const reference = await browser.newPage();
+		const elsewhere: string[] = [];
+		reference.on("request", request => {
+			if (!request.url().startsWith(system.url)) elsewhere.push(request.url());
+		});
+		await reference.goto(`${system.url}/docs`);
+		await reference.waitForSelector(".opblock");
+		expect(await reference.locator(".opblock").count()).toBe(operations);
+		expect(await reference.textContent("body")).toContain("A deal at a merchant");
+		expect(elsewhere).toEqual([]);
+		await reference.close();
+	});
 });
