@@ -298,6 +298,14 @@ export class Collection<T extends { _id: string }> {
 		const [rows, total] = await Promise.all([this.find({ query, sort, limit: pageSize, offset: (page - 1) * pageSize }), this.count(query)]);
 		return { rows, total, page, pageSize };
 	}
+
+	/** A listing's page, newest first (ids are ULIDs), of the documents matching the filters that are
+	 * given (undefined ones are dropped), each row as `view` shows it. */
+	async newestFirst<V>(filters: Record<string, unknown>, page: number, pageSize: number, view: (row: T) => V): Promise<Page<V>> {
+		const query = Object.fromEntries(Object.entries(filters).filter(([, value]) => value !== undefined));
+		const result = await this.page(query, ["-_id"], page, pageSize);
+		return { ...result, rows: result.rows.map(view) };
+	}
 }
 
 /** Opens a further collection for `service`; connect it in `started` and close it in `stopped`. */

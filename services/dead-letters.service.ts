@@ -59,8 +59,7 @@ const DeadLettersService: ServiceSchema<object, Methods, object, This> = {
 			params: { $$strict: true, status: { type: "enum", values: ["dead", "replaying", "replayed", "all"], default: "dead" }, ...P.paging },
 			async handler(this: This, ctx: Context<{ status: string; page: number; pageSize: number }>) {
 				const { status, page, pageSize } = ctx.params;
-				const result = await this.store.page(status === "all" ? {} : { status }, ["-_id"], page, pageSize);
-				return { ...result, rows: result.rows.map(letter => this.toView(letter)) };
+				return this.store.newestFirst({ status: status === "all" ? undefined : status }, page, pageSize, letter => this.toView(letter));
 			}
 		},
 

@@ -138,10 +138,8 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 			summary: "Deals, newest first, paged; a merchant token sees its own",
 			params: { $$strict: true, memberId: P.optionalId, merchantId: P.optionalId, ...P.paging },
 			async handler(this: This, ctx: Context<{ memberId?: string; merchantId?: string; page: number; pageSize: number }>) {
-				const { memberId, merchantId, page, pageSize } = ctx.params;
-				const query = { ...(memberId ? { memberId } : {}), ...(merchantId ? { merchantId } : {}) };
-				const result = await this.store.page(query, ["-_id"], page, pageSize);
-				return { ...result, rows: result.rows.map(d => this.toView(d)) };
+				const { page, pageSize, ...filters } = ctx.params;
+				return this.store.newestFirst(filters, page, pageSize, row => this.toView(row));
 			}
 		},
 

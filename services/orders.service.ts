@@ -151,10 +151,8 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 			summary: "Orders, newest first, paged",
 			params: { $$strict: true, memberId: P.optionalId, status: { type: "enum", values: ["pending", "paid", "payment_failed", "cancelled"], optional: true }, ...P.paging },
 			async handler(this: This, ctx: Context<{ memberId?: string; status?: OrderStatus; page: number; pageSize: number }>) {
-				const { memberId, status, page, pageSize } = ctx.params;
-				const query = { ...(memberId ? { memberId } : {}), ...(status ? { status } : {}) };
-				const result = await this.store.page(query, ["-_id"], page, pageSize);
-				return { ...result, rows: result.rows.map(o => this.toView(o)) };
+				const { page, pageSize, ...filters } = ctx.params;
+				return this.store.newestFirst(filters, page, pageSize, row => this.toView(row));
 			}
 		},
 

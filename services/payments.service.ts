@@ -98,10 +98,8 @@ const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 			summary: "Payments, newest first, paged",
 			params: { $$strict: true, orderId: P.optionalId, memberId: P.optionalId, ...P.paging },
 			async handler(this: This, ctx: Context<{ orderId?: string; memberId?: string; page: number; pageSize: number }>) {
-				const { orderId, memberId, page, pageSize } = ctx.params;
-				const query = { ...(orderId ? { orderId } : {}), ...(memberId ? { memberId } : {}) };
-				const result = await this.store.page(query, ["-_id"], page, pageSize);
-				return { ...result, rows: result.rows.map(p => this.toView(p)) };
+				const { page, pageSize, ...filters } = ctx.params;
+				return this.store.newestFirst(filters, page, pageSize, row => this.toView(row));
 			}
 		}
 	},
