@@ -7,7 +7,7 @@
  * with 503, a cancellation is accepted and completes when payments is back.
  */
 import { eventually } from "../helpers/broker";
-import { all as allOf, expectDealLedger, impliedBalance, startLoad, type Entry, type Order } from "../helpers/cluster";
+import { all as allOf, expectDealLedger, explained, impliedBalance, startLoad, type Entry, type Order } from "../helpers/cluster";
 import { NatsServer } from "../helpers/nats";
 import { freePort, System } from "../helpers/system";
 
@@ -57,7 +57,8 @@ describe("a cluster over NATS", () => {
 
 	const all = <T>(urlPath: string) => allOf<T>(api, urlPath);
 
-	it("keeps every point exact through a killed points node, a restarted nats-server and a redeployed deals node", async () => {
+	it("keeps every point exact through a killed points node, a restarted nats-server and a redeployed deals node", () =>
+		explained(nodes, async () => {
 		for (const memberId of members) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
 
 		const load = startLoad(api, members, true);
@@ -115,7 +116,7 @@ describe("a cluster over NATS", () => {
 			}
 		}
 		expect(paidOrders).toBeGreaterThan(0);
-	});
+		}));
 
 	it("refuses orders at once while payments is down, accepts a cancellation and completes it when payments is back", async () => {
 		const memberId = "p001";

@@ -6,7 +6,7 @@
  * every account equals what its deals imply and the sum of its ledger, with no cause applied twice.
  */
 import { eventually } from "../helpers/broker";
-import { all, expectDealLedger, impliedBalance, startLoad, type Deal } from "../helpers/cluster";
+import { all, expectDealLedger, explained, impliedBalance, startLoad, type Deal } from "../helpers/cluster";
 import { NatsServer } from "../helpers/nats";
 import { freshDatabaseUri } from "../helpers/store";
 import { freePort, System } from "../helpers/system";
@@ -39,7 +39,8 @@ describe("points and deals scaled out on MongoDB", () => {
 		await nats.stop();
 	});
 
-	it("keeps every account exact when a points node and a deals node die mid-run", async () => {
+	it("keeps every account exact when a points node and a deals node die mid-run", () =>
+		explained(nodes, async () => {
 		for (const memberId of members) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
 
 		const load = startLoad(api, members, false);
@@ -67,5 +68,5 @@ describe("points and deals scaled out on MongoDB", () => {
 			500
 		);
 		for (const memberId of members) await expectDealLedger(api, memberId);
-	});
+		}));
 });

@@ -3,7 +3,20 @@
  * imply, and its ledger sums to its balance with each cause once and each deal's entries as its
  * outcome says. Read over HTTP, as an operator would.
  */
-import type { Reply } from "./system";
+import type { Reply, System } from "./system";
+
+/**
+ * Runs a cluster test; when it fails, prints what each node logged (its warnings and errors, kept
+ * across restarts), so that a rare failure on a CI machine explains itself.
+ */
+export async function explained(nodes: Record<string, System>, test: () => Promise<void>): Promise<void> {
+	try {
+		await test();
+	} catch (err) {
+		for (const [name, node] of Object.entries(nodes)) console.error(`--- node ${name}: the last 20 kB of its log ---\n${node.log.slice(-20_000)}`);
+		throw err;
+	}
+}
 
 export type Api = (method: string, urlPath: string, body?: unknown) => Promise<Reply>;
 

@@ -72,9 +72,11 @@ export class System {
 		return `http://127.0.0.1:${this.port}`;
 	}
 
-	/** Starts (or restarts) the node on the same data folder and waits until it answers. */
+	/** Starts (or restarts) the node on the same data folder and waits until it answers. Its output
+	 * is kept across restarts: what a killed node printed is what a failed test needs. */
 	async start(): Promise<void> {
-		this.output = "";
+		if (this.output) this.output += `\n--- restarted at ${new Date().toISOString()} ---\n`;
+		const from = this.output.length;
 		this.child = spawn(
 			process.execPath,
 			["--disable-warning=DEP0174", path.join(ROOT, "node_modules/moleculer/bin/moleculer-runner.js"), "--config", "dist/moleculer.config.js", ...(this.repl ? ["--repl"] : [])],
@@ -99,11 +101,11 @@ export class System {
 		this.child.stderr?.on("data", chunk => (this.output += chunk));
 		const deadline = Date.now() + this.startTimeoutMs;
 		while (Date.now() < deadline) {
-			if (this.child.exitCode != null) throw new Error(`The system exited at start:\n${this.output}`);
+			if (this.child.exitCode != null) throw new Error(`The system exited at start:\n${this.output.slice(from)}`);
 			if (await this.ready()) return;
 			await new Promise(resolve => setTimeout(resolve, 100));
 		}
-		throw new Error(`The system did not answer within ${this.startTimeoutMs / 1000} s:\n${this.output}`);
+		throw new Error(`The system did not answer within ${this.startTimeoutMs / 1000} s:\n${this.output.slice(from)}`);
 	}
 
 	/** The node's readiness probe. */
