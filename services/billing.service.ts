@@ -275,7 +275,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 				if (points === 0 || (rowMonth !== month && !firstOpen)) continue;
 				if (rowMonth === month) lines.push({ kind: "use", dealId: row._id, dealDate: row.dealDate as string, points });
 				else {
-					const reason = !row.billed ? "LATE_USE" : due(row) === 0 ? "CANCELLED_AFTER_SETTLEMENT" : due(row) < row.billed ? "RETURNED_AFTER_SETTLEMENT" : "CORRECTION";
+					const reason = !row.billed ? "LATE_USE" : row.cancelled ? "CANCELLED_AFTER_SETTLEMENT" : due(row) < row.billed ? "RETURNED_AFTER_SETTLEMENT" : "CORRECTION";
 					lines.push({ kind: "adjustment", dealId: row._id, dealDate: row.dealDate as string, points, month: rowMonth, reason });
 				}
 			}
