@@ -196,6 +196,23 @@ describe("partial returns", () => {
 		expect((await returnsOf("r009", saved.id))[0]).toMatchObject({ kind: "revoke", amount: -10, shortfall: 40 });
 	});
 
+	it("expires at once what a return gives back to a member who has withdrawn, and revokes nothing the member no longer has", async () => {
+		await memberWith("r012", 100);
+		const used = await deal({ memberId: "r012", dealAmount: 1000, type: "use", point: 60 });
+		const saved = await deal({ memberId: "r012", dealAmount: 2000, type: "save" });
+		await drained(broker);
+		await broker.call("members.withdraw", { memberId: "r012" });
+		await drained(broker);
+		expect(await balance("r012")).toBe(0);
+		await cancel(used.id, 500);
+		await cancel(saved.id, 1000);
+		await drained(broker);
+		expect(await balance("r012")).toBe(0);
+		expect((await returnsOf("r012", used.id)).map(e => [e.kind, e.amount])).toEqual([["restore", 30]]);
+		expect((await history("r012")).find(e => e.cause === `expiry:r012:deal-return:${used.id}:1`)).toMatchObject({ kind: "expire", amount: -30 });
+		expect((await returnsOf("r012", saved.id))[0]).toMatchObject({ kind: "revoke", amount: 0, shortfall: 10 });
+	});
+
 	it("bills a use less its returns: the view, the month's settlement, and a return after the month closed as an adjustment", async () => {
 		await memberWith("r010", 5000);
 		const used = await deal({ memberId: "r010", merchantId: "30", dealAmount: 3000, type: "use", point: 1000 });
