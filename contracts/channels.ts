@@ -21,6 +21,24 @@ export interface DealEvent {
 	reason?: string;
 }
 
+/** One return of (part of) a deal: how much of its amount, and the points it gives back or takes back. */
+export interface DealReturn {
+	/** 1, 2, …: the deal's returns in order; with the deal's id, the ledger cause `deal-return:<dealId>:<n>`. */
+	n: number;
+	amount: number;
+	points: number;
+	at: string;
+}
+
+/** A partial return (`deal.returned`): the deal, this return, and the deal's totals after it. */
+export interface DealReturnedEvent extends DealEvent {
+	return: DealReturn;
+	returnedAmount: number;
+	returnedPoints: number;
+	/** `cancelled` when this return completes the deal. */
+	status: "partially_cancelled" | "cancelled";
+}
+
 /** An order as its events carry it (`order.*`). */
 export interface OrderEvent {
 	orderId: string;
@@ -41,7 +59,7 @@ export type EntryKind = "earn" | "use" | "restore" | "revoke" | "expire" | "void
 
 /** One ledger entry as `points.posted` carries it, named by its cause. */
 export interface PostedEntry {
-	/** `deal:<id>`, `deal-cancel:<id>`, `order:<id>`, `expiry:<memberId>`, …: also the idempotency key. */
+	/** `deal:<id>`, `deal-cancel:<id>`, `deal-return:<id>:<n>`, `order:<id>`, `expiry:<memberId>`, …: also the idempotency key. */
 	cause: string;
 	memberId: string;
 	kind: EntryKind;
@@ -68,8 +86,10 @@ export interface Channels {
 	"deal.failed": DealEvent;
 	/** A use deal whose debit is unconfirmed: undo the debit should it have happened, refuse it if it comes late. */
 	"deal.voided": DealEvent;
-	/** A successful deal cancelled: its points are restored or revoked. */
+	/** A successful deal cancelled whole, at once: its points are restored or revoked. */
 	"deal.cancelled": DealEvent;
+	/** Part of a deal returned (or the rest, after a partial return): its share of the points restored or revoked. */
+	"deal.returned": DealReturnedEvent;
 	/** A paid order: its points accrue and its delivery starts. */
 	"order.paid": OrderEvent;
 	/** An order whose payment is unconfirmed: a payment made anyway is cancelled, a late one refused. */

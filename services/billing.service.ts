@@ -1,6 +1,6 @@
 /**
  * Billing: each merchant's monthly settlement. It reads only its own CQRS view — one row per `use`
- * deal, fed by `deal.used` and `deal.cancelled`, never the deals store. Months are calendar months
+ * deal, fed by `deal.used`, `deal.cancelled` and `deal.returned`, never the deals store. Months are calendar months
  * in UTC; billingAmount = (points of the settlement's lines) × (1 − fee), toward zero, in basis points.
  *
  * A month that has not closed is settled `provisional`: its figures are recomputed on every read and
@@ -12,7 +12,7 @@
  *
  * How: every view row knows how many of its points final settlements have billed (`billed`, with the
  * settlements that did it, so applying one twice changes nothing). What a row should be billed is its
- * points, or 0 once cancelled; a difference is a line of the month's settlement, or an adjustment in
+ * points less those given back by its returns, or 0 once cancelled; a difference is a line of the month's settlement, or an adjustment in
  * the first open month once the row's own month has closed. Rows are `open` until they agree.
  *
  * The month-end job checks the clock once a minute and closes every past month that can close, so a
@@ -37,6 +37,8 @@ export interface BillingAmountView {
 	point?: number;
 	dealDate?: string;
 	cancelled?: boolean;
+	/** Points given back by the deal's partial returns, in total (the latest total known: totals only grow). */
+	returnedPoints?: number;
 	/** Points billed by final settlements, and which settlements (`<merchantId>:<YYYYMM>`) billed them. */
 	billed?: number;
 	billedBy?: Record<string, true>;
@@ -52,7 +54,7 @@ export interface SettlementLine {
 	points: number;
 	/** An adjustment's month: the final month the change reached. */
 	month?: string;
-	reason?: "LATE_USE" | "CANCELLED_AFTER_SETTLEMENT" | "CORRECTION";
+	reason?: "LATE_USE" | "CANCELLED_AFTER_SETTLEMENT" | "RETURNED_AFTER_SETTLEMENT" | "CORRECTION";
 }
 
 export interface Settlement {
@@ -118,7 +120,7 @@ type This = Service<Settings> &
 const billingMonth = { type: "string", pattern: /^20\d\d(0[1-9]|1[0-2])$/, messages: { stringPattern: "billingMonth must be YYYYMM, of a year from 2000 to 2099" } } as const;
 
 /** The channels whose events make the view, for the "caught up" check. */
-const VIEW_CHANNELS = ["deal.used", "deal.cancelled"];
+const VIEW_CHANNELS = ["deal.used", "deal.cancelled", "deal.returned"];
 
 /** The month `date` falls in, as YYYYMM (UTC). */
 export const monthOf = (iso: string): string => iso.slice(0, 7).replace("-", "");
@@ -140,8 +142,8 @@ export function monthBounds(month: string): [string, string] {
 	return [start.toISOString(), end.toISOString()];
 }
 
-/** What a row should have billed: its points, or nothing once cancelled (or before its use is known). */
-const due = (row: BillingAmountView): number => (row.cancelled || row.point == null ? 0 : row.point);
+/** What a row should have billed: its points less those returned, or nothing once cancelled (or before its use is known). */
+const due = (row: BillingAmountView): number => (row.cancelled || row.point == null ? 0 : Math.max(0, row.point - (row.returnedPoints ?? 0)));
 
 const STATE_ID = "closed-through";
 
@@ -159,11 +161,12 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			params: { $$strict: true, dealId: P.id },
 			async handler(this: This, ctx: Context<{ dealId: string }, CallerMeta>) {
 				const row = await this.store.findById(ctx.params.dealId);
-				if (!row || row.cancelled || row.point == null)
-					throw notFound("BILLING_VIEW_NOT_FOUND", `No billing amount for deal '${ctx.params.dealId}'`, ctx.params);
+				// A use returned whole, at once or in parts, bills nothing: it has no billing amount.
+				if (!row || due(row) === 0) throw notFound("BILLING_VIEW_NOT_FOUND", `No billing amount for deal '${ctx.params.dealId}'`, ctx.params);
 				assertOwnMerchant(ctx, row.merchantId);
-				const { _id, merchantId, memberId, point, dealDate } = row;
-				return { dealId: _id, merchantId, memberId, point, dealDate };
+				const { _id, merchantId, memberId, dealDate, returnedPoints } = row;
+				// `point`: what the use bills, after its partial returns.
+				return { dealId: _id, merchantId, memberId, point: due(row), dealDate, ...(returnedPoints ? { returnedPoints } : {}) };
 			}
 		},
 
@@ -221,6 +224,12 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			// Also when the cancellation overtakes the use: the row then never bills anything.
 			if (deal.type !== "use") return;
 			await this.store.upsert({ _id: deal.dealId }, { $set: { merchantId: deal.merchantId, dealDate: deal.dealDate, cancelled: true, open: true } });
+		},
+		async "deal.returned"(deal) {
+			if (deal.type !== "use") return;
+			// The event carries the deal's total after the return, so `$max` keeps the latest whatever the
+			// order returns arrive in, and a redelivery changes nothing.
+			await this.store.upsert({ _id: deal.dealId }, { $set: { merchantId: deal.merchantId, dealDate: deal.dealDate, open: true }, $max: { returnedPoints: deal.returnedPoints } });
 		}
 	}),
 
@@ -269,7 +278,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 				if (points === 0 || (rowMonth !== month && !firstOpen)) continue;
 				if (rowMonth === month) lines.push({ kind: "use", dealId: row._id, dealDate: row.dealDate as string, points });
 				else {
-					const reason = !row.billed ? "LATE_USE" : due(row) === 0 ? "CANCELLED_AFTER_SETTLEMENT" : "CORRECTION";
+					const reason = !row.billed ? "LATE_USE" : row.cancelled ? "CANCELLED_AFTER_SETTLEMENT" : due(row) < row.billed ? "RETURNED_AFTER_SETTLEMENT" : "CORRECTION";
 					lines.push({ kind: "adjustment", dealId: row._id, dealDate: row.dealDate as string, points, month: rowMonth, reason });
 				}
 			}
@@ -355,11 +364,11 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			const [, end] = monthBounds(settlement.billingMonth);
 			for (const line of settlement.lines)
 				await this.store.update({ _id: line.dealId, [`billedBy.${settlement._id}`]: { $exists: false } }, { $inc: { billed: line.points }, $set: { [`billedBy.${settlement._id}`]: true } });
-			// Rows that now agree are no longer open; a change meanwhile (point, cancellation) keeps one open.
+			// Rows that now agree are no longer open; a change meanwhile (point, cancellation, return) keeps one open.
 			for (const row of await this.store.find({ query: { merchantId: settlement.merchantId, open: true, dealDate: { $lt: end } } }))
 				if (due(row) === (row.billed ?? 0))
 					await this.store.update(
-						{ _id: row._id, open: true, point: row.point ?? { $exists: false }, cancelled: row.cancelled ?? { $exists: false }, billed: row.billed ?? { $exists: false } },
+						{ _id: row._id, open: true, point: row.point ?? { $exists: false }, cancelled: row.cancelled ?? { $exists: false }, returnedPoints: row.returnedPoints ?? { $exists: false }, billed: row.billed ?? { $exists: false } },
 						{ $unset: { open: true } }
 					);
 		},

@@ -13,7 +13,7 @@
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
-import { consume, type DealEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
+import { consume, type DealEvent, type DealReturnedEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import * as P from "../lib/params";
 import { settlementAmounts } from "../lib/rates";
@@ -50,6 +50,9 @@ interface TransactionRow {
 	amount: number;
 	point: number;
 	status: string;
+	/** A deal's partial returns so far: how much of its amount, and their points. */
+	returnedAmount?: number;
+	returnedPoints?: number;
 	at: string;
 	day: string;
 	month: string;
@@ -69,6 +72,7 @@ const month = (iso: string) => iso.slice(0, 7).replace("-", "");
 interface Methods {
 	record(row: TransactionRow): Promise<boolean>;
 	cancel(id: string, base: TransactionRow): Promise<boolean>;
+	recordReturn(deal: DealReturnedEvent): Promise<void>;
 	announce(memberId: string, what: string): void;
 }
 
@@ -166,8 +170,9 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 					if (deal.month !== current || !deal.merchantId) continue;
 					const m = perMerchant.get(deal.merchantId) ?? { merchantId: deal.merchantId, deals: 0, earnedPoints: 0, usedPoints: 0 };
 					m.deals++;
-					// Points count only for a deal that went through and stands.
-					if (deal.status === "success") m[deal.type === "use" ? "usedPoints" : "earnedPoints"] += deal.point;
+					// Points count only for a deal that went through and stands, less what was returned of it.
+					if (deal.status === "success" || deal.status === "partially_cancelled")
+						m[deal.type === "use" ? "usedPoints" : "earnedPoints"] += deal.point - (deal.returnedPoints ?? 0);
 					perMerchant.set(deal.merchantId, m);
 				}
 				const joined = members.filter(m => m.joinedAt);
@@ -222,6 +227,9 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 		async "deal.cancelled"(deal) {
 			await this.cancel(`deal:${deal.dealId}`, dealRow(deal, "cancelled"));
 		},
+		async "deal.returned"(deal) {
+			await this.recordReturn(deal);
+		},
 		async "deal.failed"(deal) {
 			await this.record(dealRow(deal, "fail"));
 		},
@@ -249,6 +257,19 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			const changed = await this.transactions.update({ _id: id, status: { $ne: "cancelled" } }, { $set: { status: "cancelled" } });
 			this.announce(base.memberId, base.kind);
 			return changed > 0;
+		},
+
+		/**
+		 * A deal's partial return: the totals only grow (`$max`), and `cancelled` stays once reached, so
+		 * returns arriving late, twice or out of order leave the latest state.
+		 */
+		async recordReturn(this: This, deal: DealReturnedEvent) {
+			const { returnedAmount, returnedPoints, status } = deal;
+			const row = { ...dealRow(deal, status), returnedAmount, returnedPoints };
+			if (await this.record(row)) return;
+			await this.transactions.update({ _id: row._id }, { $max: { returnedAmount, returnedPoints } });
+			await this.transactions.update({ _id: row._id, status: { $in: ["success", "partially_cancelled"] } }, { $set: { status } });
+			this.announce(deal.memberId, "deal");
 		},
 
 		announce(this: This, memberId: string, what: string) {

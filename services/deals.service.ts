@@ -5,10 +5,13 @@
  * becomes `success` only with a confirmed debit. If the answer never comes, the deal fails and a
  * `deal.voided` event undoes the debit should it have happened after all. Every failed use is
  * announced as `deal.failed`, for the read models.
+ *
+ * A successful deal can be returned in part, several times, until all of its amount is returned
+ * (`partially_cancelled`, then `cancelled`); see `cancel` for how the points of a return are reckoned.
  */
 import { Errors, type Context, type Service, type ServiceSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
-import { outboxEvent, type DealEvent, type OutboxEvent } from "../contracts/channels";
+import { outboxEvent, type DealEvent, type DealReturn, type OutboxEvent } from "../contracts/channels";
 import { assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
 import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
@@ -21,7 +24,7 @@ import type { MemberView } from "./members.service";
 import type { PostResult, Source } from "./points.service";
 
 export type DealType = DealEvent["type"];
-export type DealStatus = "pending" | "success" | "fail" | "cancelled";
+export type DealStatus = "pending" | "success" | "fail" | "partially_cancelled" | "cancelled";
 
 export interface Deal extends WithOutbox {
 	memberId: string;
@@ -32,11 +35,22 @@ export interface Deal extends WithOutbox {
 	status: DealStatus;
 	reason?: string;
 	dealDate: string;
+	/** When the last of its amount was returned. */
 	cancelledAt?: string;
+	/** Its returns, oldest first, and their totals; absent until the first. */
+	returns?: DealReturn[];
+	returnedAmount?: number;
+	returnedPoints?: number;
 }
 
 export interface DealView extends Omit<Deal, "_id" | "outbox"> {
 	id: string;
+}
+
+interface CancelParams {
+	id: string;
+	/** How much of the deal's amount is returned; the whole remainder when absent. */
+	amount?: number;
 }
 
 interface CreateParams {
@@ -51,13 +65,25 @@ interface Methods {
 	toView(deal: Deal): DealView;
 	findDeal(id: string): Promise<Deal>;
 	eventOf(channel: DealChannel, deal: Deal): OutboxEvent;
+	returnOnce(ctx: Context<CancelParams, CallerMeta>): Promise<Deal | undefined>;
 	confirmUse(ctx: Context, deal: Deal): Promise<Deal>;
 	failed(deal: Deal, reason: string): Outcome<Deal>;
 	abandoned(deal: Deal): Outcome<Deal>;
 }
 
-/** The channels a deal's events go to. */
+/** The channels a deal's events go to (`deal.returned` has its own payload). */
 type DealChannel = "deal.saved" | "deal.used" | "deal.failed" | "deal.voided" | "deal.cancelled";
+
+/** How often a return that lost a race for its deal reads the deal again before giving up. */
+const MAX_RETURN_ATTEMPTS = 20;
+
+/** floor(points × amount / dealAmount), exact beyond 2^53 (points × amount may reach 10^19). */
+const shareOf = (points: number, amount: number, dealAmount: number) => Number((BigInt(points) * BigInt(amount)) / BigInt(dealAmount));
+
+const dealEvent = (deal: Deal): DealEvent => {
+	const { _id, memberId, merchantId, dealAmount, type, point, dealDate, cancelledAt, reason } = deal;
+	return { dealId: _id, memberId, merchantId, dealAmount, type, point, dealDate, ...(cancelledAt ? { cancelledAt } : {}), ...(reason ? { reason } : {}) };
+};
 
 interface Settings extends PendingSettings {
 	/** How long a call to members may take (ms). */
@@ -144,24 +170,27 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		/**
-		 * Cancels at once; the points follow by a durable event, so a pile of cancellations is
-		 * accepted immediately and the point changes catch up, never lost and never twice.
+		 * Returns `amount` of the deal (the whole remainder when absent), at once; the points follow by
+		 * a durable event, so a pile of returns is accepted immediately and the point changes catch up,
+		 * never lost and never twice. A return gives back — for a save, takes back — its share of the
+		 * deal's points, floor(point × amount / dealAmount), except the return that completes the deal,
+		 * which gives back all that remains of them: returns adding up to the deal return exactly its
+		 * points. A deal returned whole at once is cancelled as before (`deal.cancelled`); a partial
+		 * return, and the return of the rest after one, is `deal.returned`, each its own ledger cause.
 		 */
 		cancel: {
 			rest: "POST /deals/:id/cancel",
-			summary: "Cancel a deal: a save's points are revoked, a use's restored",
-			params: { $$strict: true, id: P.id },
-			async handler(this: This, ctx: Context<{ id: string }, CallerMeta>) {
-				const deal = await this.findDeal(ctx.params.id);
-				assertOwnMerchant(ctx, deal.merchantId);
-				if (deal.status === "cancelled") throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
-				if (deal.status !== "success") throw conflict("DEAL_NOT_CANCELLABLE", `Deal '${deal._id}' is '${deal.status}' and cannot be cancelled`, { id: deal._id, status: deal.status });
-				const cancelledAt = new Date().toISOString();
-				// Conditional on `success`: of two racing cancellations, one wins.
-				const change = { filter: { _id: deal._id, status: "success" }, update: { $set: { status: "cancelled", cancelledAt } } };
-				if (!(await this.changeWithEvents(change, [this.eventOf("deal.cancelled", { ...deal, cancelledAt })])))
-					throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
-				return this.toView({ ...deal, status: "cancelled", cancelledAt });
+			summary: "Return a deal, whole or in part (`amount`): a save's points are revoked, a use's restored, in proportion",
+			params: { $$strict: true, id: P.id, amount: { ...P.amount(P.MAX_AMOUNT), optional: true } },
+			async handler(this: This, ctx: Context<CancelParams, CallerMeta>) {
+				// Each attempt is conditional on the deal as read: of two racing returns one wins, and the
+				// other is decided again on what the winner wrote (it may no longer fit the remainder).
+				for (let attempt = 1; attempt <= MAX_RETURN_ATTEMPTS; attempt++) {
+					const returned = await this.returnOnce(ctx);
+					if (returned) return this.toView(returned);
+					await new Promise(resolve => setTimeout(resolve, Math.random() * attempt * 5));
+				}
+				throw conflict("DEAL_BUSY", `Deal '${ctx.params.id}' keeps changing concurrently; try again`, { id: ctx.params.id });
 			}
 		}
 	},
@@ -197,8 +226,46 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		eventOf(channel: DealChannel, deal: Deal): OutboxEvent {
-			const { _id, memberId, merchantId, dealAmount, type, point, dealDate, cancelledAt, reason } = deal;
-			return outboxEvent<DealChannel>(channel, { dealId: _id, memberId, merchantId, dealAmount, type, point, dealDate, ...(cancelledAt ? { cancelledAt } : {}), ...(reason ? { reason } : {}) });
+			return outboxEvent<DealChannel>(channel, dealEvent(deal));
+		},
+
+		/** One attempt at a return: the deal after it, or undefined when the deal changed meanwhile. */
+		async returnOnce(this: This, ctx: Context<CancelParams, CallerMeta>): Promise<Deal | undefined> {
+			const deal = await this.findDeal(ctx.params.id);
+			assertOwnMerchant(ctx, deal.merchantId);
+			if (deal.status === "cancelled") throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
+			if (deal.status !== "success" && deal.status !== "partially_cancelled")
+				throw conflict("DEAL_NOT_CANCELLABLE", `Deal '${deal._id}' is '${deal.status}' and cannot be cancelled`, { id: deal._id, status: deal.status });
+			const returns = deal.returns ?? [];
+			const returnedAmount = deal.returnedAmount ?? 0;
+			const returnedPoints = deal.returnedPoints ?? 0;
+			const remainder = deal.dealAmount - returnedAmount;
+			const amount = ctx.params.amount ?? remainder;
+			if (amount > remainder)
+				throw conflict("RETURN_EXCEEDS_REMAINDER", `Deal '${deal._id}' has ${remainder} left to return, not ${amount}`, { id: deal._id, amount, remainder });
+
+			const completes = amount === remainder;
+			const at = new Date().toISOString();
+			const ret: DealReturn = { n: returns.length + 1, amount, points: completes ? deal.point - returnedPoints : shareOf(deal.point, amount, deal.dealAmount), at };
+			const returnedDeal: Deal = {
+				...deal,
+				status: completes ? "cancelled" : "partially_cancelled",
+				...(completes ? { cancelledAt: at } : {}),
+				returns: [...returns, ret],
+				returnedAmount: returnedAmount + amount,
+				returnedPoints: returnedPoints + ret.points
+			};
+			const { status, cancelledAt } = returnedDeal;
+			const event =
+				returns.length === 0 && completes
+					? this.eventOf("deal.cancelled", returnedDeal)
+					: outboxEvent("deal.returned", { ...dealEvent(returnedDeal), return: ret, returnedAmount: returnedAmount + amount, returnedPoints: returnedPoints + ret.points, status: completes ? "cancelled" : "partially_cancelled" });
+			// The returned amount only grows: conditioned on it, the write fails if another return came first.
+			const change = {
+				filter: { _id: deal._id, status: deal.status, returnedAmount: deal.returnedAmount ?? { $exists: false } },
+				update: { $set: { status, returns: returnedDeal.returns, returnedAmount: returnedDeal.returnedAmount, returnedPoints: returnedDeal.returnedPoints, ...(cancelledAt ? { cancelledAt } : {}) } }
+			};
+			return (await this.changeWithEvents(change, [event])) ? returnedDeal : undefined;
 		},
 
 		async findDeal(this: This, id: string): Promise<Deal> {

@@ -2,7 +2,7 @@
  * Points: each member's account and its immutable ledger.
  *
  * Invariants (see docs/DESIGN.md): an account's balance equals the sum of its ledger entries and is never
- * below 0; every entry names its cause (`deal:<id>`, `deal-cancel:<id>`, `order:<id>`, …), which is
+ * below 0; every entry names its cause (`deal:<id>`, `deal-cancel:<id>`, `deal-return:<id>:<n>`, `order:<id>`, …), which is
  * the entry's id, so each cause is applied at most once.
  *
  * How a change is posted (`post`): under a per-account lock, the entries are first written into the
@@ -13,7 +13,7 @@
  * `points.posted` event (outbox), from which read models follow the ledger.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
-import { consume, outboxEvent, type DealEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
+import { consume, outboxEvent, type DealEvent, type DealReturnedEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import { KeyedLock } from "../lib/keyed-lock";
@@ -66,6 +66,7 @@ interface Methods {
 	credit(source: Source, amount: number): Promise<PostResult>;
 	debit(source: Source, amount: number): Promise<PostResult>;
 	reverse(source: Source): Promise<PostResult>;
+	returnPart(deal: DealReturnedEvent): Promise<PostResult>;
 	expire(memberId: string): Promise<PostResult>;
 	openAccount(memberId: string, at: string): Promise<void>;
 	finishPosting(account: Account): Promise<void>;
@@ -103,6 +104,28 @@ const orderSource = (order: OrderEvent): Source => ({ memberId: order.memberId, 
 
 const causeOf = (source: Source) => `${source.sourceType}:${source.sourceId}`;
 const cancelCauseOf = (source: Source) => `${source.sourceType}-cancel:${source.sourceId}`;
+
+/** What earning `amount` for a source posts: a withdrawn member's points expire on arrival, recorded rather than dropped. */
+function earning(account: Account, source: Source, amount: number): Draft[] {
+	const cause = causeOf(source);
+	const earn: Draft = { _id: cause, kind: "earn", amount, ...source };
+	if (account.status === "closed") return [earn, { _id: `expiry:${source.memberId}:${cause}`, kind: "expire", amount: -amount, ...source }];
+	return [earn];
+}
+
+/** What giving back `points` of a use posts: they expire at once if the member has withdrawn. */
+function restoration(account: Account, cause: string, source: Source, points: number): Draft[] {
+	const restore: Draft = { _id: cause, kind: "restore", amount: points, ...source };
+	if (account.status === "closed") return [restore, { _id: `expiry:${source.memberId}:${cause}`, kind: "expire", amount: -points, ...source }];
+	return [restore];
+}
+
+/** What revoking `points` of an earning takes from `balance`: never below 0; the rest, already spent, is the shortfall. */
+function revocation(cause: string, source: Source, points: number, balance: number): Draft {
+	const revoked = Math.min(points, balance);
+	const shortfall = points - revoked;
+	return { _id: cause, kind: "revoke", amount: revoked ? -revoked : 0, ...source, ...(shortfall ? { shortfall } : {}) };
+}
 
 const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "points",
@@ -177,6 +200,9 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 		async "deal.cancelled"(deal) {
 			await this.reverse(dealSource(deal));
+		},
+		async "deal.returned"(deal) {
+			await this.returnPart(deal);
 		},
 		async "order.paid"(order) {
 			await this.credit(orderSource(order), order.points);
@@ -255,10 +281,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				if (await this.ledger.findById(cause)) return "DUPLICATE";
 				// Cancelled before its accrual arrived: nothing to earn.
 				if (await this.ledger.findById(cancelCauseOf(source))) return "CANCELLED";
-				const earn: Draft = { _id: cause, kind: "earn", amount, ...source };
-				// A withdrawn member's points expire on arrival, recorded rather than dropped.
-				if (account.status === "closed") return [earn, { _id: `expiry:${source.memberId}:${cause}`, kind: "expire", amount: -amount, ...source }];
-				return [earn];
+				return earning(account, source, amount);
 			});
 		},
 
@@ -286,14 +309,32 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				if (await this.ledger.findById(cancel)) return "DUPLICATE";
 				const original = await this.ledger.findById(causeOf(source));
 				if (!original) return [{ _id: cancel, kind: "void", amount: 0, ...source }];
-				if (original.amount < 0) {
-					const restore: Draft = { _id: cancel, kind: "restore", amount: -original.amount, ...source };
-					if (account.status === "closed") return [restore, { _id: `expiry:${source.memberId}:${cancel}`, kind: "expire", amount: original.amount, ...source }];
-					return [restore];
+				if (original.amount < 0) return restoration(account, cancel, source, -original.amount);
+				return [revocation(cancel, source, original.amount, account.balance)];
+			});
+		},
+
+		/**
+		 * One partial return of a deal (cause `deal-return:<id>:<n>`), once: the points the deals service
+		 * reckoned for it are given back for a use, or revoked for a save as `reverse` revokes. A return
+		 * may overtake its save's `deal.saved`: the earning is then posted with it (the event carries the
+		 * deal), and `deal.saved` finds it done.
+		 */
+		returnPart(this: This, deal: DealReturnedEvent) {
+			const source = dealSource(deal);
+			const cause = `deal-return:${deal.dealId}:${deal.return.n}`;
+			const { points } = deal.return;
+			return this.post(source.memberId, async account => {
+				if (await this.ledger.findById(cause)) return "DUPLICATE";
+				const original = await this.ledger.findById(causeOf(source));
+				if (deal.type === "use") {
+					// A returned use had its debit confirmed; without it there is nothing to give back.
+					if (!original) return [{ _id: cause, kind: "void", amount: 0, ...source }];
+					return restoration(account, cause, source, points);
 				}
-				const revoked = Math.min(original.amount, account.balance);
-				const shortfall = original.amount - revoked;
-				return [{ _id: cancel, kind: "revoke", amount: -revoked, ...source, ...(shortfall ? { shortfall } : {}) }];
+				const earned = original ? [] : earning(account, source, deal.point);
+				const balance = earned.reduce((sum, d) => sum + d.amount, account.balance);
+				return [...earned, revocation(cause, source, points, balance)];
 			});
 		},
 

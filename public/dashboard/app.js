@@ -68,7 +68,7 @@ async function loadMember(options = {}) {
 		]);
 		rows($("#by-merchant tbody"), m.byMerchant, x => [[x.merchantId], [number(x.earned)], [number(x.used)]]);
 		const known = new Set([...$("#transactions tbody").children].map(tr => tr.dataset.id));
-		rows($("#transactions tbody"), page.rows, t => [[new Date(t.at).toLocaleString()], [t.kind], [t.type], [t.merchantId || ""], [number(t.amount)], [number(t.point)], [t.status, `status-${t.status}`]]);
+		rows($("#transactions tbody"), page.rows, t => [[new Date(t.at).toLocaleString()], [t.kind], [t.type], [t.merchantId || ""], [number(t.amount)], [number(t.point)], [t.returnedAmount ? `${number(t.returnedAmount)} (${number(t.returnedPoints)} points)` : ""], [t.status.replace("_", " "), `status-${t.status}`]]);
 		[...$("#transactions tbody").children].forEach((tr, i) => {
 			tr.dataset.id = page.rows[i].id;
 			if (options.live && !known.has(tr.dataset.id)) tr.classList.add("fresh");

@@ -1,7 +1,7 @@
 /**
  * The staff dashboard in real headless Chromium (Debian's, driven by playwright-core): sign in with a
  * staff token, search a member, read the numbers of a scenario this test made, watch a new deal
- * arrive live, and keep a screenshot for the README.
+ * arrive live and a partial return of it, and keep a screenshot for the README.
  */
 import path from "node:path";
 import { chromium, type Browser, type Page } from "playwright-core";
@@ -87,6 +87,17 @@ describe("staff dashboard in Chromium", () => {
 		await page.waitForSelector("#transactions tbody tr.fresh");
 		expect(await page.locator("#transactions tbody tr").count()).toBe(6);
 		expect(await page.textContent("#transactions tbody tr:first-child")).toContain("22");
+	});
+
+	it("shows a partial return live: the deal's row, the balance and the cancelled total", async () => {
+		const [latest] = (await api("GET", "/deals?memberId=0001&merchantId=22")).body.rows;
+		// 30000 of 70000 returned: floor(700 × 3/7) = 300 points revoked.
+		expect((await api("POST", `/deals/${latest.id}/cancel`, { amount: 30000 })).body).toMatchObject({ status: "partially_cancelled", returnedPoints: 300 });
+		await page.waitForSelector("#balance:text-is('2,600')", { timeout: 10_000 });
+		await page.waitForSelector("#transactions tbody tr:first-child td.status-partially_cancelled");
+		const cells = await page.locator("#transactions tbody tr:first-child td").allTextContents();
+		expect(cells.slice(3)).toEqual(["22", "70,000", "700", "30,000 (300 points)", "partially cancelled"]);
+		expect(await page.textContent("#cancelled")).toBe("500");
 		await page.screenshot({ path: SCREENSHOT, fullPage: true });
 	});
 
