@@ -1,8 +1,9 @@
-import type { BrokerOptions, Errors, Middleware as BrokerMiddleware, MetricRegistry, ReplOptions } from "moleculer";
+import { Validators, type BrokerOptions, type Errors, type Middleware as BrokerMiddleware, type MetricRegistry, type ReplOptions } from "moleculer";
 import { Middleware } from "@moleculer/channels";
 import { config as defaults, type Config } from ".";
 import { EmbeddedAdapter } from "../lib/channels/embedded-adapter";
 import { isDependencyUnavailable } from "../lib/errors";
+import { amountRule } from "../lib/params";
 import { DurableNatsAdapter } from "../lib/channels/nats-adapter";
 import { OpsReporter } from "../lib/ops/reporter";
 import { operatorCommands } from "../lib/ops/repl-commands";
@@ -71,6 +72,8 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 		logger: { type: "Console", options: { level: config.logLevel, formatter: "short", colors: config.logColors } },
 		transporter: config.transporter ? { type: "NATS", options: { url: config.transporter } } : null,
 		requestTimeout: 10_000,
+		// Params are checked by fastest-validator, with the project's own `amount` rule (lib/params.ts).
+		validator: new Validators.Fastest({ customRules: { amount: amountRule } }),
 		// moleculer's typings give a custom command's arguments as a string array; moleculer-repl
 		// passes them as an object by name, which is what the commands are written against.
 		replOptions: { customCommands: operatorCommands as unknown as NonNullable<ReplOptions["customCommands"]> },

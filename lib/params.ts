@@ -1,3 +1,5 @@
+import type { CompilationRule } from "fastest-validator";
+
 /**
  * fastest-validator rules shared by the services' action params. Ids are bounded strings of a safe
  * alphabet, so a query operator (`{"$gt": ""}`) or a `$where` can never reach a store as an id;
@@ -6,7 +8,29 @@
 export const id = { type: "string", pattern: /^[A-Za-z0-9_-]{1,64}$/, convert: true } as const;
 export const optionalId = { ...id, optional: true } as const;
 
-export const amount = (max: number) => ({ type: "number", integer: true, positive: true, max, convert: true }) as const;
+/** A positive whole number up to `max`: an amount of money or points, or a count. */
+export const amount = (max: number) => ({ type: "amount", max }) as const;
+
+/**
+ * The `amount` rule (registered with the broker's validator): a positive safe integer up to
+ * `schema.max`, sent as a number or as a string of digits with stray spaces — and as nothing else.
+ * (fastest-validator's `number` with `convert` would also read `true` as 1, `[100]` as 100 and `""` as 0.)
+ */
+export function amountRule(this: { makeError(error: object): string }, { schema, messages }: CompilationRule): { sanitized: boolean; source: string } {
+	const max = Number((schema as { max?: unknown }).max ?? Number.MAX_SAFE_INTEGER);
+	const error = (type: string, expected?: number) => this.makeError({ type, actual: "origValue", expected, messages });
+	return {
+		sanitized: true,
+		source: `
+			var origValue = value;
+			if (typeof value === "string" && /^\\s*\\d+\\s*$/.test(value)) value = Number(value);
+			if (typeof value !== "number" || !Number.isSafeInteger(value)) { ${error("numberInteger")} return value; }
+			if (value <= 0) { ${error("numberPositive")} return value; }
+			if (value > ${max}) { ${error("numberMax", max)} }
+			return value;
+		`
+	};
+}
 
 /** `page` / `pageSize` of a paged listing; query strings arrive as text. */
 export const paging = {

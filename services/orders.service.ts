@@ -107,7 +107,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				$$strict: true,
 				memberId: P.id,
 				productId: P.id,
-				qty: { type: "number", integer: true, positive: true, max: 1000, convert: true },
+				qty: P.amount(1000),
 				unitPrice: P.amount(P.MAX_AMOUNT)
 			},
 			async handler(this: This, ctx: Context<CreateParams, { $statusCode?: number; $location?: string }>) {

@@ -113,6 +113,9 @@ export function schemaOf(input: Rule): JsonSchema {
 			if (rule.positive) schema.exclusiveMinimum = 0;
 			if (rule.negative) schema.exclusiveMaximum = 0;
 			break;
+		case "amount": // lib/params.ts: a positive whole number, also sent as a string of digits
+			Object.assign(schema, { type: "integer", exclusiveMinimum: 0, maximum: rule.max });
+			break;
 		case "boolean":
 			schema.type = "boolean";
 			break;

@@ -64,6 +64,12 @@ describe("deals service", () => {
 			{ memberId: "0001", dealAmount: -5, type: "save" },
 			{ memberId: "0001", dealAmount: "abc", type: "save" },
 			{ memberId: "0001", dealAmount: 1.5, type: "save" },
+			// Not numbers, though JavaScript would make numbers of them.
+			{ memberId: "0001", dealAmount: true, type: "save" },
+			{ memberId: "0001", dealAmount: [100], type: "save" },
+			{ memberId: "0001", dealAmount: "", type: "save" },
+			{ memberId: "0001", dealAmount: "1e3", type: "save" },
+			{ memberId: "0001", dealAmount: null, type: "save" },
 			{ memberId: "0001", dealAmount: 100, type: "steal" },
 			{ memberId: "0001", dealAmount: 100, type: "use" },
 			{ memberId: "0001", dealAmount: 100, type: "use", point: 0 }
