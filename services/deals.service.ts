@@ -14,6 +14,7 @@ import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import { earnedPoints } from "../lib/rates";
 import * as P from "../lib/params";
+import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
 import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
@@ -33,9 +34,12 @@ export interface Deal extends WithOutbox {
 	reason?: string;
 	dealDate: string;
 	cancelledAt?: string;
+	/** The requests (Idempotency-Key) that created and cancelled the deal, if they had one. */
+	requestId?: string;
+	cancelRequestId?: string;
 }
 
-export interface DealView extends Omit<Deal, "_id" | "outbox"> {
+export interface DealView extends Omit<Deal, "_id" | "outbox" | "requestId" | "cancelRequestId"> {
 	id: string;
 }
 
@@ -74,7 +78,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "deals",
 	// A use waits `pendingTimeoutMs` for its debit; a use pending twice as long was abandoned.
 	mixins: [
-		DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }, OUTBOX_INDEX]),
+		DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }, OUTBOX_INDEX, REQUEST_ID_INDEX]),
 		OutboxMixin,
 		PendingMixin<Deal>("dealDate"),
 		ConfiguredSettings<Settings>(config => ({ callTimeoutMs: config.callTimeoutMs, earnRateBp: config.earnRateBp, retryAfterSeconds: config.retryAfterSeconds }))
@@ -92,8 +96,16 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 				// Required for a use; a save earns what the rate gives, whatever is sent.
 				point: { ...P.amount(P.MAX_POINTS), optional: true }
 			},
-			async handler(this: This, ctx: Context<CreateParams, { $statusCode?: number; $location?: string }>) {
+			async handler(this: This, ctx: Context<CreateParams, RequestMeta & { $statusCode?: number; $location?: string }>) {
 				const { memberId, merchantId, dealAmount, type } = ctx.params;
+				const created = (deal: Deal) => {
+					ctx.meta.$statusCode = 201;
+					ctx.meta.$location = `/api/deals/${deal._id}`;
+					return this.toView(deal);
+				};
+				// A request run again (its gateway died before answering) answers the deal it made, as it stands.
+				const before = await createdBefore(this.store, ctx);
+				if (before) return created(before);
 				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 
@@ -110,14 +122,17 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 					type,
 					point: type === "save" ? earnedPoints(dealAmount, this.settings.earnRateBp) : (ctx.params.point as number),
 					status: type === "save" ? "success" : "pending",
-					dealDate: new Date().toISOString()
+					dealDate: new Date().toISOString(),
+					...requestIdOf(ctx)
 				};
-				// A ULID is never taken in practice; if it were, that must not pass for success.
-				if (!(await this.changeWithEvents({ insert: deal }, type === "save" ? [this.eventOf("deal.saved", deal)] : [])))
+				if (!(await this.changeWithEvents({ insert: deal }, type === "save" ? [this.eventOf("deal.saved", deal)] : []))) {
+					// Refused for its request id: the same request, running at the same time, stored its deal first.
+					const racing = await createdBefore(this.store, ctx);
+					if (racing) return created(racing);
+					// A ULID is never taken in practice; if it were, that must not pass for success.
 					throw new Error(`Could not store a new deal: id '${deal._id}' is taken`);
-				ctx.meta.$statusCode = 201;
-				ctx.meta.$location = `/api/deals/${deal._id}`;
-				return this.toView(type === "use" ? await this.confirmUse(ctx, deal) : deal);
+				}
+				return created(type === "use" ? await this.confirmUse(ctx, deal) : deal);
 			}
 		},
 
@@ -149,14 +164,17 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 		cancel: {
 			rest: "POST /deals/:id/cancel",
 			params: { $$strict: true, id: P.id },
-			async handler(this: This, ctx: Context<{ id: string }, CallerMeta>) {
+			async handler(this: This, ctx: Context<{ id: string }, CallerMeta & RequestMeta>) {
 				const deal = await this.findDeal(ctx.params.id);
 				assertOwnMerchant(ctx, deal.merchantId);
+				const { requestId } = requestIdOf(ctx);
+				// A request run again (its gateway died before answering) answers its cancellation.
+				if (requestId && deal.status === "cancelled" && deal.cancelRequestId === requestId) return this.toView(deal);
 				if (deal.status === "cancelled") throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
 				if (deal.status !== "success") throw conflict("DEAL_NOT_CANCELLABLE", `Deal '${deal._id}' is '${deal.status}' and cannot be cancelled`, { id: deal._id, status: deal.status });
 				const cancelledAt = new Date().toISOString();
 				// Conditional on `success`: of two racing cancellations, one wins.
-				const change = { filter: { _id: deal._id, status: "success" }, update: { $set: { status: "cancelled", cancelledAt } } };
+				const change = { filter: { _id: deal._id, status: "success" }, update: { $set: { status: "cancelled", cancelledAt, ...(requestId ? { cancelRequestId: requestId } : {}) } } };
 				if (!(await this.changeWithEvents(change, [this.eventOf("deal.cancelled", { ...deal, cancelledAt })])))
 					throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
 				return this.toView({ ...deal, status: "cancelled", cancelledAt });
@@ -206,7 +224,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		toView(deal: Deal): DealView {
-			const { _id, outbox: _outbox, ...rest } = deal;
+			const { _id, outbox: _outbox, requestId: _request, cancelRequestId: _cancelRequest, ...rest } = deal;
 			return { id: _id, ...rest };
 		}
 	}
