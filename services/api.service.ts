@@ -268,7 +268,8 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 				res.setHeader("Retry-After", String(Math.max(1, Math.ceil((reset - Date.now()) / 1000))));
 			}
 			const retryAfter = (error.data as { retryAfter?: number } | undefined)?.retryAfter;
-			if (retryAfter && error.code === 503) res.setHeader("Retry-After", String(retryAfter));
+			// A 503, or a retry that overtook its Idempotency-Key's first request: when to come back.
+			if (retryAfter && (error.code === 503 || error.type === "REQUEST_IN_PROGRESS")) res.setHeader("Retry-After", String(retryAfter));
 			res.setHeader("Content-Type", "application/json; charset=utf-8");
 			res.writeHead(error.code);
 			res.end(JSON.stringify(error));

@@ -128,7 +128,7 @@ const IdempotencyService: ServiceSchema<Settings, Methods, object, This> = {
 					if ((await this.store.update({ _id, leaseUntil: record.leaseUntil, response: { $exists: false } }, { $set: lease })) > 0)
 						return { outcome: "run", requestId: record.requestId };
 				}
-				throw conflict("REQUEST_IN_PROGRESS", "A request with this Idempotency-Key is being taken by another retry; retry later", { key });
+				throw conflict("REQUEST_IN_PROGRESS", "A request with this Idempotency-Key is being taken by another retry; retry later", { key, retryAfter: 1 });
 			}
 		},
 

@@ -134,6 +134,7 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 		const overtaking = await post(edge, "/orders", body, "order-1");
 		expect(overtaking.status).toBe(409);
 		expect(JSON.parse(overtaking.text)).toMatchObject({ code: 409, type: "REQUEST_IN_PROGRESS", data: { key: "order-1" } });
+		expect(Number(overtaking.headers.get("retry-after"))).toBeGreaterThan(0);
 		const first = await running;
 		expect(first.status).toBe(201);
 		expectReplay(await post(edge, "/orders", body, "order-1"), first);
