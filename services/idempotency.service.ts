@@ -11,6 +11,7 @@
  * under the same request id: the actions that create things answer what that id created before
  * (`lib/request-id.ts`), so running twice never makes two effects.
  * Every write is conditional on what was read, so two gateways racing for one key cannot both win.
+ * The actions are internal (`public`, not `published`): no route reaches them.
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
@@ -93,6 +94,7 @@ const IdempotencyService: ServiceSchema<Settings, Methods, object, This> = {
 		 * 409 REQUEST_IN_PROGRESS while the first one runs.
 		 */
 		begin: {
+			visibility: "public",
 			params: { $$strict: true, scope, key, fingerprint: scope },
 			async handler(this: This, ctx: Context<KeyParams & { fingerprint: string }>): Promise<Begun> {
 				const { scope, key, fingerprint } = ctx.params;
@@ -134,6 +136,7 @@ const IdempotencyService: ServiceSchema<Settings, Methods, object, This> = {
 
 		/** Stores the answer of the request run under `requestId`; the first answer stored stands. */
 		complete: {
+			visibility: "public",
 			params: {
 				$$strict: true,
 				scope,
@@ -162,6 +165,7 @@ const IdempotencyService: ServiceSchema<Settings, Methods, object, This> = {
 		 * taken effect (a timeout).
 		 */
 		release: {
+			visibility: "public",
 			params: { $$strict: true, scope, key, requestId, renew: "boolean" },
 			async handler(this: This, ctx: Context<KeyParams & { requestId: string; renew: boolean }>): Promise<boolean> {
 				const { scope, key, requestId, renew } = ctx.params;
@@ -172,6 +176,7 @@ const IdempotencyService: ServiceSchema<Settings, Methods, object, This> = {
 
 		/** Deletes the keys past their retention (also run every `sweepMs`); how many. */
 		sweep: {
+			visibility: "public",
 			params: { $$strict: true },
 			handler(this: This): Promise<number> {
 				return this.sweep();

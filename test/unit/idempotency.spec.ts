@@ -86,7 +86,7 @@ describe("the idempotency service", () => {
 		expect(taken).toEqual([{ outcome: "run", requestId }]);
 	});
 
-	it("refuses keys and answers that are not well formed, storing nothing", async () => {
+	it("refuses keys and answers that are not well formed", async () => {
 		for (const key of ["", "x".repeat(256), "line\nbreak", "caf\u00e9"])
 			await expect(begin(key)).rejects.toMatchObject({ code: 422, type: "VALIDATION_ERROR" });
 		await expect(begin("k-5", "not-a-hash")).rejects.toMatchObject({ code: 422 });
