@@ -27,7 +27,7 @@ async function runBench(options: Options): Promise<void> {
 	const http = await httpBench(options);
 	const inProcess = await inProcessBench(options);
 	const nats = await natsBench(options);
-	const rows = [http.row, inProcess.row, nats.row];
+	const rows = [http.row, http.keyed, inProcess.row, nats.row];
 	printRows("Deals beside their baseline (same run)", rows);
 	const { atRest, underLoad } = http.dashboard;
 	console.log(

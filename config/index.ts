@@ -36,6 +36,14 @@ export interface Config {
 	paymentLimit: number;
 	/** How long the simulated payment provider takes to answer (ms), to show overload. */
 	paymentDelayMs: number;
+	/**
+	 * How long a request under an `Idempotency-Key` holds its key (ms): a retry meanwhile is 409
+	 * REQUEST_IN_PROGRESS; after it (the gateway died) a retry runs the request again, under the same
+	 * request id. Longer than any request may run (the broker's request timeout is 10 s).
+	 */
+	idempotencyLeaseMs: number;
+	/** How long an `Idempotency-Key` and its answer are kept (hours; at least 24). */
+	idempotencyRetentionHours: number;
 }
 
 export type Role = { kind: "staff" } | { kind: "merchant"; merchantId: string };
@@ -69,6 +77,11 @@ function text(env: NodeJS.ProcessEnv, name: string): string | undefined {
 	return raw ? raw : undefined;
 }
 
+function atLeast(min: number, name: string, value: number): number {
+	if (value < min) throw new Error(`${name} must be at least ${min}, got ${value}`);
+	return value;
+}
+
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 	return {
 		nodeEnv: text(env, "NODE_ENV") ?? "development",
@@ -90,7 +103,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		rateLimit: number(env, "RATE_LIMIT", 6000),
 		monthEndGraceMs: number(env, "MONTH_END_GRACE_MINUTES", 10) * 60_000,
 		paymentLimit: number(env, "PAYMENT_LIMIT", 1_000_000),
-		paymentDelayMs: number(env, "PAYMENT_DELAY_MS", 0)
+		paymentDelayMs: number(env, "PAYMENT_DELAY_MS", 0),
+		idempotencyLeaseMs: number(env, "IDEMPOTENCY_LEASE_MS", 30_000),
+		idempotencyRetentionHours: atLeast(24, "IDEMPOTENCY_RETENTION_HOURS", number(env, "IDEMPOTENCY_RETENTION_HOURS", 24))
 	};
 }
 

@@ -56,6 +56,8 @@ interface Backend<T> {
 	/** Applies `update` to every matching document (each atomically); how many matched. */
 	update(query: Query, update: object): Promise<number>;
 	upsert(query: Query, update: object): Promise<void>;
+	/** Deletes every matching document; how many. */
+	remove(query: Query): Promise<number>;
 	ensureIndexes(indexes: IndexSpec[]): Promise<void>;
 }
 
@@ -103,6 +105,9 @@ class NedbBackend<T extends { _id: string }> implements Backend<T> {
 	}
 	async upsert(query: Query, update: object) {
 		await this.db.updateAsync(query as never, update as never, { upsert: true });
+	}
+	remove(query: Query) {
+		return this.db.removeAsync(query as never, { multi: true });
 	}
 	/** NeDB keeps indexes in memory, rebuilt at every load, on one field: a compound index becomes one on its leading field. */
 	async ensureIndexes(indexes: IndexSpec[]) {
@@ -184,6 +189,9 @@ class MongoBackend<T extends { _id: string }> implements Backend<T> {
 	}
 	async upsert(query: Query, update: object) {
 		await this.model.updateOne(query, update, { upsert: true }).exec();
+	}
+	async remove(query: Query) {
+		return (await this.model.deleteMany(query).exec()).deletedCount;
 	}
 	/** Built here, awaited and reported, rather than left to mongoose's background `autoIndex`. */
 	async ensureIndexes() {
@@ -292,6 +300,11 @@ export class Collection<T extends { _id: string }> {
 
 	upsert(query: Query, update: object): Promise<void> {
 		return this.backend.upsert(query, update);
+	}
+
+	/** Deletes the documents matching `query` (records past their retention); how many. */
+	remove(query: Query): Promise<number> {
+		return this.backend.remove(query);
 	}
 
 	async page(query: Query, sort: string[], page: number, pageSize: number): Promise<Page<T>> {

@@ -6,6 +6,7 @@
  * Every request but `GET /api/health` needs `Authorization: Bearer <token>` (API_KEYS); what a role
  * may do is the table `MERCHANT_ACTIONS` below, checked by moleculer-web's `authorize` hook.
  * Every error leaves as one JSON shape, `{name, message, code, type, data?}`, without stack traces.
+ * Every POST under /api accepts an `Idempotency-Key` (see `callAction` below).
  */
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import fs from "node:fs";
@@ -27,6 +28,9 @@ import MyPoints from "./my-points.service";
 import Orders from "./orders.service";
 import Payments from "./payments.service";
 import Points from "./points.service";
+import { clientError, isDependencyUnavailable } from "../lib/errors";
+import type { RequestMeta } from "../lib/request-id";
+import { IDEMPOTENCY_KEY, type Begun, type KeyParams, type StoredResponse } from "./idempotency.service";
 
 interface HttpError {
 	name: string;
@@ -139,6 +143,31 @@ function refuseHostileKeys(req: IncomingMessage & { body?: unknown }, _res: Serv
 
 const sha256 = (text: string) => createHash("sha256").update(text).digest();
 
+/** JSON with every object's keys in order: bodies that differ only in key order are the same request. */
+function canonicalJson(value: unknown): string {
+	return JSON.stringify(value, (_key, v: unknown) =>
+		v !== null && typeof v === "object" && !Array.isArray(v) ? Object.fromEntries(Object.keys(v).sort().map(k => [k, (v as Record<string, unknown>)[k]])) : v
+	);
+}
+
+type GatewayRequest = IncomingMessage & { originalUrl?: string; body?: unknown; $ctx: Context<unknown, RequestMeta>; $failure?: unknown };
+
+/** What a retry under the same key must repeat: method, path with its query, and the body. */
+export function fingerprintOf(req: GatewayRequest): string {
+	return sha256(`${req.method} ${req.originalUrl ?? req.url}\n${canonicalJson(req.body ?? null)}`).toString("base64url");
+}
+
+/** Whose keys these are: the SHA-256 of the (authenticated) bearer token, never the token. */
+function scopeOf(req: IncomingMessage): string {
+	return sha256(/^Bearer ([^\s]+)$/.exec(req.headers.authorization ?? "")?.[1] ?? "").toString("base64url");
+}
+
+/** The headers that belong to an answer and are replayed with it. */
+const REPLAYED_HEADERS = ["Content-Type", "Location"];
+
+/** moleculer-web's own way to call an action and send its answer, wrapped by `callAction` below. */
+const gatewayCallAction = (ApiGateway.methods as Record<string, (...args: unknown[]) => Promise<unknown>>).callAction;
+
 /** The rate limiter counts per token (hashed: it keeps its keys in memory), or per address without one. */
 function rateLimitKey(req: IncomingMessage): string {
 	const header = req.headers.authorization;
@@ -147,6 +176,8 @@ function rateLimitKey(req: IncomingMessage): string {
 }
 
 interface Methods {
+	callAction(route: unknown, actionName: string, req: GatewayRequest, res: ServerResponse, params: unknown, isStream: boolean): Promise<unknown>;
+	recordAnswer(req: GatewayRequest, res: ServerResponse, running: KeyParams & { requestId: string }): void;
 	authenticate(ctx: Context, route: unknown, req: IncomingMessage & { $action?: { name: string } }): Role | null;
 	authorize(ctx: Context<unknown, { user?: Role | null }>, route: unknown, req: IncomingMessage & { $action?: { name: string }; $params: Record<string, unknown> }): void;
 }
@@ -236,6 +267,16 @@ const CONTRACT = openApiDocument(ROUTES, {
 	description: "Membership points: members, their points, deals at merchants, month-end billing, food orders and the staff dashboard. Every request but the health check and this document needs `Authorization: Bearer <token>`.",
 	basePath: "/api",
 	access: accessOf,
+	postParameters: [
+		{
+			name: "Idempotency-Key",
+			in: "header",
+			required: false,
+			description:
+				"Makes a retry safe: the same key with the same request, by the same token, within 24 h answers what the first request answered (with `Idempotent-Replayed: true`) and changes nothing; a different request is 422 IDEMPOTENCY_KEY_REUSED, one while the first still runs 409 REQUEST_IN_PROGRESS.",
+			schema: { type: "string", pattern: IDEMPOTENCY_KEY.source, minLength: 1, maxLength: 255 }
+		}
+	],
 	extraPaths: { "/api/dashboard/stream": DASHBOARD_STREAM }
 });
 
@@ -309,7 +350,8 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 				res.setHeader("Retry-After", String(Math.max(1, Math.ceil((reset - Date.now()) / 1000))));
 			}
 			const retryAfter = (error.data as { retryAfter?: number } | undefined)?.retryAfter;
-			if (retryAfter && error.code === 503) res.setHeader("Retry-After", String(retryAfter));
+			// A 503, or a retry that overtook its Idempotency-Key's first request: when to come back.
+			if (retryAfter && (error.code === 503 || error.type === "REQUEST_IN_PROGRESS")) res.setHeader("Retry-After", String(retryAfter));
 			res.setHeader("Content-Type", "application/json; charset=utf-8");
 			res.writeHead(error.code);
 			res.end(JSON.stringify(error));
@@ -317,6 +359,66 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 	},
 
 	methods: {
+		/**
+		 * moleculer-web's call of the action behind an alias, made safe to retry: a POST with an
+		 * `Idempotency-Key` (1–255 printable ASCII characters) takes the key for its token
+		 * (`idempotency.begin`, shared by every gateway node) and either runs under the key's request id
+		 * (`ctx.meta.requestId`) and records its answer, or answers what was recorded, byte for byte,
+		 * with `Idempotent-Replayed: true`. Runs after authentication and authorization: a refused
+		 * request takes no key. Without the header, or on another method, nothing changes.
+		 */
+		async callAction(this: This, route: unknown, actionName: string, req: GatewayRequest, res: ServerResponse, params: unknown, isStream: boolean) {
+			const key = req.headers["idempotency-key"];
+			if (req.method !== "POST" || key === undefined) return gatewayCallAction.call(this, route, actionName, req, res, params, isStream);
+			if (typeof key !== "string" || !IDEMPOTENCY_KEY.test(key))
+				throw clientError(400, "INVALID_IDEMPOTENCY_KEY", "Idempotency-Key must be 1 to 255 printable ASCII characters", { length: String(key).length });
+			const scope = scopeOf(req);
+			const begun = await req.$ctx.call<Begun, KeyParams & { fingerprint: string }>("idempotency.begin", { scope, key, fingerprint: fingerprintOf(req) });
+			if (begun.outcome === "replay") {
+				const { status, headers, body } = begun.response;
+				res.writeHead(status, { ...headers, "Idempotent-Replayed": "true" });
+				res.end(Buffer.from(body, "base64"));
+				return true;
+			}
+			req.$ctx.meta.requestId = begun.requestId;
+			this.recordAnswer(req, res, { scope, key, requestId: begun.requestId });
+			try {
+				return await gatewayCallAction.call(this, route, actionName, req, res, params, isStream);
+			} catch (err) {
+				// Sent by `onError`; what failed decides whether the next retry is the same request.
+				req.$failure = err;
+				throw err;
+			}
+		},
+
+		/**
+		 * Records the answer before it is sent, so that a client who got it and retries gets it again.
+		 * A 2xx or 4xx is kept and replayed (a refusal stands: the same request would be refused again).
+		 * A 5xx is not kept: the key is released and the retry runs again — as a new request when a
+		 * service answered that it undid its work (its own 503), under the same request id otherwise
+		 * (a timeout: what ran may still take effect, and the action answers it on the re-run).
+		 */
+		recordAnswer(this: This, req: GatewayRequest, res: ServerResponse, running: KeyParams & { requestId: string }) {
+			const end = res.end.bind(res) as (chunk?: unknown) => ServerResponse;
+			res.end = ((chunk?: string | Buffer) => {
+				const ctx = req.$ctx;
+				const recording =
+					res.statusCode < 500
+						? ctx.call("idempotency.complete", {
+								...running,
+								response: {
+									status: res.statusCode,
+									headers: Object.fromEntries(REPLAYED_HEADERS.flatMap(name => (res.hasHeader(name) ? [[name, String(res.getHeader(name))]] : []))),
+									body: Buffer.from(chunk ?? "").toString("base64")
+								} satisfies StoredResponse
+							})
+						: ctx.call("idempotency.release", { ...running, renew: isDependencyUnavailable(req.$failure) });
+				// Unrecorded, the key's lease runs out and a retry re-runs under the same request id.
+				void recording.catch(err => this.logger.warn("Idempotency-Key answer not recorded:", (err as Error).message)).then(() => end(chunk));
+				return res;
+			}) as typeof res.end;
+		},
+
 		/** Resolves the bearer token into a role; compares against every key in constant time. */
 		authenticate(this: This, _ctx: Context, _route: unknown, req: IncomingMessage & { $action?: { name: string } }): Role | null {
 			if (req.$action && PUBLIC_ACTIONS.has(req.$action.name)) return null;

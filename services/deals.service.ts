@@ -17,6 +17,7 @@ import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import { earnedPoints } from "../lib/rates";
 import * as P from "../lib/params";
+import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
 import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
@@ -41,9 +42,12 @@ export interface Deal extends WithOutbox {
 	returns?: DealReturn[];
 	returnedAmount?: number;
 	returnedPoints?: number;
+	/** The requests (Idempotency-Key) that created the deal and made its returns, if they had one. */
+	requestId?: string;
+	returnRequestIds?: string[];
 }
 
-export interface DealView extends Omit<Deal, "_id" | "outbox"> {
+export interface DealView extends Omit<Deal, "_id" | "outbox" | "requestId" | "returnRequestIds"> {
 	id: string;
 }
 
@@ -100,7 +104,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "deals",
 	// A use waits `pendingTimeoutMs` for its debit; a use pending twice as long was abandoned.
 	mixins: [
-		DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }, OUTBOX_INDEX]),
+		DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }, OUTBOX_INDEX, REQUEST_ID_INDEX]),
 		OutboxMixin,
 		PendingMixin<Deal>("dealDate"),
 		ConfiguredSettings<Settings>(config => ({ callTimeoutMs: config.callTimeoutMs, earnRateBp: config.earnRateBp, retryAfterSeconds: config.retryAfterSeconds }))
@@ -119,8 +123,16 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 				// Required for a use; a save earns what the rate gives, whatever is sent.
 				point: { ...P.amount(P.MAX_POINTS), optional: true }
 			},
-			async handler(this: This, ctx: Context<CreateParams, { $statusCode?: number; $location?: string }>) {
+			async handler(this: This, ctx: Context<CreateParams, RequestMeta & { $statusCode?: number; $location?: string }>) {
 				const { memberId, merchantId, dealAmount, type } = ctx.params;
+				const created = (deal: Deal) => {
+					ctx.meta.$statusCode = 201;
+					ctx.meta.$location = `/api/deals/${deal._id}`;
+					return this.toView(deal);
+				};
+				// A request run again (its gateway died before answering) answers the deal it made, as it stands.
+				const before = await createdBefore(this.store, ctx);
+				if (before) return created(before);
 				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 
@@ -137,14 +149,17 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 					type,
 					point: type === "save" ? earnedPoints(dealAmount, this.settings.earnRateBp) : (ctx.params.point as number),
 					status: type === "save" ? "success" : "pending",
-					dealDate: new Date().toISOString()
+					dealDate: new Date().toISOString(),
+					...requestIdOf(ctx)
 				};
-				// A ULID is never taken in practice; if it were, that must not pass for success.
-				if (!(await this.changeWithEvents({ insert: deal }, type === "save" ? [this.eventOf("deal.saved", deal)] : [])))
+				if (!(await this.changeWithEvents({ insert: deal }, type === "save" ? [this.eventOf("deal.saved", deal)] : []))) {
+					// Refused for its request id: the same request, running at the same time, stored its deal first.
+					const racing = await createdBefore(this.store, ctx);
+					if (racing) return created(racing);
+					// A ULID is never taken in practice; if it were, that must not pass for success.
 					throw new Error(`Could not store a new deal: id '${deal._id}' is taken`);
-				ctx.meta.$statusCode = 201;
-				ctx.meta.$location = `/api/deals/${deal._id}`;
-				return this.toView(type === "use" ? await this.confirmUse(ctx, deal) : deal);
+				}
+				return created(type === "use" ? await this.confirmUse(ctx, deal) : deal);
 			}
 		},
 
@@ -182,7 +197,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 			rest: "POST /deals/:id/cancel",
 			summary: "Return a deal, whole or in part (`amount`): a save's points are revoked, a use's restored, in proportion",
 			params: { $$strict: true, id: P.id, amount: { ...P.amount(P.MAX_AMOUNT), optional: true } },
-			async handler(this: This, ctx: Context<CancelParams, CallerMeta>) {
+			async handler(this: This, ctx: Context<CancelParams, CallerMeta & RequestMeta>) {
 				// Each attempt is conditional on the deal as read: of two racing returns one wins, and the
 				// other is decided again on what the winner wrote (it may no longer fit the remainder).
 				for (let attempt = 1; attempt <= MAX_RETURN_ATTEMPTS; attempt++) {
@@ -230,9 +245,12 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		/** One attempt at a return: the deal after it, or undefined when the deal changed meanwhile. */
-		async returnOnce(this: This, ctx: Context<CancelParams, CallerMeta>): Promise<Deal | undefined> {
+		async returnOnce(this: This, ctx: Context<CancelParams, CallerMeta & RequestMeta>): Promise<Deal | undefined> {
 			const deal = await this.findDeal(ctx.params.id);
 			assertOwnMerchant(ctx, deal.merchantId);
+			const { requestId } = requestIdOf(ctx);
+			// A request run again (its gateway died before answering) answers the deal its return left.
+			if (requestId && deal.returnRequestIds?.includes(requestId)) return deal;
 			if (deal.status === "cancelled") throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
 			if (deal.status !== "success" && deal.status !== "partially_cancelled")
 				throw conflict("DEAL_NOT_CANCELLABLE", `Deal '${deal._id}' is '${deal.status}' and cannot be cancelled`, { id: deal._id, status: deal.status });
@@ -263,7 +281,16 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 			// The returned amount only grows: conditioned on it, the write fails if another return came first.
 			const change = {
 				filter: { _id: deal._id, status: deal.status, returnedAmount: deal.returnedAmount ?? { $exists: false } },
-				update: { $set: { status, returns: returnedDeal.returns, returnedAmount: returnedDeal.returnedAmount, returnedPoints: returnedDeal.returnedPoints, ...(cancelledAt ? { cancelledAt } : {}) } }
+				update: {
+					$set: {
+						status,
+						returns: returnedDeal.returns,
+						returnedAmount: returnedDeal.returnedAmount,
+						returnedPoints: returnedDeal.returnedPoints,
+						...(cancelledAt ? { cancelledAt } : {}),
+						...(requestId ? { returnRequestIds: [...(deal.returnRequestIds ?? []), requestId] } : {})
+					}
+				}
 			};
 			return (await this.changeWithEvents(change, [event])) ? returnedDeal : undefined;
 		},
@@ -275,7 +302,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		toView(deal: Deal): DealView {
-			const { _id, outbox: _outbox, ...rest } = deal;
+			const { _id, outbox: _outbox, requestId: _request, returnRequestIds: _returnRequests, ...rest } = deal;
 			return { id: _id, ...rest };
 		}
 	}

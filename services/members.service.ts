@@ -7,6 +7,7 @@ import { randomInt } from "node:crypto";
 import { outboxEvent } from "../contracts/channels";
 import { conflict, notFound } from "../lib/errors";
 import * as P from "../lib/params";
+import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
 import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 
@@ -17,6 +18,8 @@ export interface Member extends WithOutbox {
 	status: "active" | "withdrawn";
 	joinedAt: string;
 	withdrawnAt?: string;
+	/** The request (Idempotency-Key) that joined the member, if it had one. */
+	requestId?: string;
 }
 
 export interface MemberView {
@@ -38,7 +41,7 @@ type This = Service & DbThis<Member> & OutboxMethods & Methods;
 
 const MembersService: ServiceSchema<object, Methods, object, This> = {
 	name: "members",
-	mixins: [DbMixin("members", [OUTBOX_INDEX]), OutboxMixin],
+	mixins: [DbMixin("members", [OUTBOX_INDEX, REQUEST_ID_INDEX]), OutboxMixin],
 
 	actions: {
 		join: {
@@ -51,19 +54,26 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 				phone: { type: "string", trim: true, pattern: /^[0-9+() -]{3,20}$/, optional: true },
 				email: { type: "email", max: 200, optional: true }
 			},
-			async handler(this: This, ctx: Context<{ memberId?: string; name: string; phone?: string; email?: string }, { $statusCode?: number; $location?: string }>) {
+			async handler(this: This, ctx: Context<{ memberId?: string; name: string; phone?: string; email?: string }, RequestMeta & { $statusCode?: number; $location?: string }>) {
 				const { name, phone, email } = ctx.params;
+				const joined = (member: Member) => {
+					ctx.meta.$statusCode = 201;
+					ctx.meta.$location = `/api/members/${member._id}`;
+					return this.toView(member);
+				};
+				// A request run again (its gateway died before answering) answers what it did.
+				const before = await createdBefore(this.store, ctx);
+				if (before) return joined(before);
 				// Eight digits, like the seed's member numbers; a clash is retried, never overwritten.
 				const generated = !ctx.params.memberId;
 				for (let attempt = 0; attempt < 5; attempt++) {
 					const memberId = ctx.params.memberId ?? String(randomInt(10_000_000, 100_000_000));
 					const joinedAt = new Date().toISOString();
-					const member: Member = { _id: memberId, name, phone: phone ?? null, email: email ?? null, status: "active", joinedAt };
-					if (await this.changeWithEvents({ insert: member }, [outboxEvent("member.joined", { memberId, name, joinedAt })])) {
-						ctx.meta.$statusCode = 201;
-						ctx.meta.$location = `/api/members/${memberId}`;
-						return this.toView(member);
-					}
+					const member: Member = { _id: memberId, name, phone: phone ?? null, email: email ?? null, status: "active", joinedAt, ...requestIdOf(ctx) };
+					if (await this.changeWithEvents({ insert: member }, [outboxEvent("member.joined", { memberId, name, joinedAt })])) return joined(member);
+					// Refused for its request id: the same request, running at the same time, joined first.
+					const racing = await createdBefore(this.store, ctx);
+					if (racing) return joined(racing);
 					if (!generated) break;
 				}
 				throw conflict("MEMBER_EXISTS", `Member '${ctx.params.memberId}' already exists`, { memberId: ctx.params.memberId });

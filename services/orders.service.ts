@@ -19,6 +19,7 @@ import { consume, outboxEvent, type OutboxEvent } from "../contracts/channels";
 import { clientError, conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
+import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
 import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
@@ -43,9 +44,12 @@ export interface Order extends WithOutbox {
 	orderedAt: string;
 	paidAt?: string;
 	cancelledAt?: string;
+	/** The requests (Idempotency-Key) that created and cancelled the order, if they had one. */
+	requestId?: string;
+	cancelRequestId?: string;
 }
 
-export interface OrderView extends Omit<Order, "_id" | "outbox"> {
+export interface OrderView extends Omit<Order, "_id" | "outbox" | "requestId" | "cancelRequestId"> {
 	id: string;
 }
 
@@ -93,7 +97,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "orders",
 	// An order waits `pendingTimeoutMs` for its payment's answer; one pending twice as long was abandoned.
 	mixins: [
-		DbMixin("orders", [{ fields: { memberId: 1 } }, { fields: { status: 1 } }, OUTBOX_INDEX]),
+		DbMixin("orders", [{ fields: { memberId: 1 } }, { fields: { status: 1 } }, OUTBOX_INDEX, REQUEST_ID_INDEX]),
 		OutboxMixin,
 		PendingMixin<Order>("orderedAt"),
 		ConfiguredSettings<Settings>(config => ({ callTimeoutMs: config.callTimeoutMs, retryAfterSeconds: config.retryAfterSeconds }))
@@ -110,14 +114,22 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				qty: P.amount(1000),
 				unitPrice: P.amount(P.MAX_AMOUNT)
 			},
-			async handler(this: This, ctx: Context<CreateParams, { $statusCode?: number; $location?: string }>) {
+			async handler(this: This, ctx: Context<CreateParams, RequestMeta & { $statusCode?: number; $location?: string }>) {
 				const { memberId, productId, qty, unitPrice } = ctx.params;
+				const created = (order: Order) => {
+					ctx.meta.$statusCode = 201;
+					ctx.meta.$location = `/api/orders/${order._id}`;
+					return this.toView(order);
+				};
+				// A request run again (its gateway died before answering) answers the order it made, as it stands.
+				const before = await createdBefore(this.store, ctx);
+				if (before) return created(before);
 				const totalPrice = qty * unitPrice;
 				if (totalPrice > P.MAX_AMOUNT) throw clientError(422, "ORDER_TOO_LARGE", `An order may total at most ${P.MAX_AMOUNT}`, { totalPrice });
 				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 
-				const order = await this.store.insertNew(() => ({
+				const order: Order = {
 					_id: sortableId(),
 					memberId,
 					productId,
@@ -129,11 +141,17 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 					delivery: { status: "not_started" },
 					pointRate: pointPercent(qty) / 100,
 					points: 0,
-					orderedAt: new Date().toISOString()
-				}));
-				ctx.meta.$statusCode = 201;
-				ctx.meta.$location = `/api/orders/${order._id}`;
-				return this.toView(await this.pay(ctx, order));
+					orderedAt: new Date().toISOString(),
+					...requestIdOf(ctx)
+				};
+				if (!(await this.store.insertUnique(order))) {
+					// Refused for its request id: the same request, running at the same time, stored its order first.
+					const racing = await createdBefore(this.store, ctx);
+					if (racing) return created(racing);
+					// A ULID is never taken in practice; if it were, that must not pass for success.
+					throw new Error(`Could not store a new order: id '${order._id}' is taken`);
+				}
+				return created(await this.pay(ctx, order));
 			}
 		},
 
@@ -161,8 +179,11 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 			rest: "POST /orders/:id/cancel",
 			summary: "Cancel a paid order: its payment is cancelled and its points revoked",
 			params: { $$strict: true, id: P.id },
-			async handler(this: This, ctx: Context<{ id: string }>) {
+			async handler(this: This, ctx: Context<{ id: string }, RequestMeta>) {
 				const order = await this.findOrder(ctx.params.id);
+				const { requestId } = requestIdOf(ctx);
+				// A request run again (its gateway died before answering) answers its cancellation.
+				if (requestId && order.status === "cancelled" && order.cancelRequestId === requestId) return this.toView(order);
 				if (order.status === "cancelled") throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, { id: order._id });
 				if (order.status !== "paid") throw conflict("ORDER_NOT_CANCELLABLE", `Order '${order._id}' is '${order.status}' and cannot be cancelled`, { id: order._id, status: order.status });
 				const cancelled: Order = {
@@ -174,7 +195,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				};
 				const { status, cancelledAt, payment, delivery } = cancelled;
 				// Conditional on `paid`: of two racing cancellations, one wins.
-				const change = { filter: { _id: order._id, status: "paid" }, update: { $set: { status, cancelledAt, payment, delivery } } };
+				const change = { filter: { _id: order._id, status: "paid" }, update: { $set: { status, cancelledAt, payment, delivery, ...(requestId ? { cancelRequestId: requestId } : {}) } } };
 				if (!(await this.changeWithEvents(change, [this.eventOf("order.cancelled", cancelled)])))
 					throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, { id: order._id });
 				return this.toView(cancelled);
@@ -253,7 +274,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		toView(order: Order): OrderView {
-			const { _id, outbox: _outbox, ...rest } = order;
+			const { _id, outbox: _outbox, requestId: _request, cancelRequestId: _cancelRequest, ...rest } = order;
 			return { id: _id, ...rest };
 		}
 	}

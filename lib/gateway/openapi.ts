@@ -166,6 +166,8 @@ export interface DocumentOptions {
 	/** Prefix of every route, as the gateway mounts them. */
 	basePath: string;
 	access(action: string): Access;
+	/** Parameters the gateway itself takes on every POST (e.g. a header), in OpenAPI form. */
+	postParameters?: JsonSchema[];
 	/** Routes the gateway serves itself, not through an action (already in OpenAPI form). */
 	extraPaths?: Record<string, Record<string, JsonSchema>>;
 }
@@ -202,7 +204,7 @@ const COMPONENTS = {
 
 const ref = (name: string) => ({ $ref: `#/components/responses/${name}` });
 
-function operationOf(route: PublishedRoute, access: Access): JsonSchema {
+function operationOf(route: PublishedRoute, access: Access, postParameters: JsonSchema[]): JsonSchema {
 	const pathParams = [...route.path.matchAll(/:(\w+)/g)].map(m => m[1]);
 	const rules = Object.entries(route.params).filter((entry): entry is [string, Rule] => !entry[0].startsWith("$$") && typeof entry[1] !== "boolean");
 	const inPath = rules.filter(([name]) => pathParams.includes(name));
@@ -210,7 +212,8 @@ function operationOf(route: PublishedRoute, access: Access): JsonSchema {
 	const hasBody = route.method !== "GET" && route.method !== "DELETE";
 	const parameters = [
 		...inPath.map(([name, rule]) => ({ name, in: "path", required: true, schema: schemaOf(rule) })),
-		...(hasBody ? [] : rest.map(([name, rule]) => ({ name, in: "query", required: !isOptional(rule), schema: schemaOf(rule) })))
+		...(hasBody ? [] : rest.map(([name, rule]) => ({ name, in: "query", required: !isOptional(rule), schema: schemaOf(rule) }))),
+		...(route.method === "POST" ? postParameters : [])
 	];
 	const body = hasBody && rest.length ? objectSchema(Object.fromEntries(rest), route.params.$$strict === true) : undefined;
 	const [service] = route.action.split(".");
@@ -241,7 +244,7 @@ export function openApiDocument(routes: readonly PublishedRoute[], options: Docu
 	for (const route of routes) {
 		const path = options.basePath + route.path.replace(/:(\w+)/g, "{$1}");
 		paths[path] ??= {};
-		paths[path][route.method.toLowerCase()] = operationOf(route, options.access(route.action));
+		paths[path][route.method.toLowerCase()] = operationOf(route, options.access(route.action), options.postParameters ?? []);
 	}
 	for (const [path, operations] of Object.entries(options.extraPaths ?? {})) paths[path] = { ...paths[path], ...operations };
 	return {

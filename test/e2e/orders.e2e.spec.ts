@@ -151,4 +151,18 @@ describe("orders against a slow payment provider", () => {
 		expect((await api("GET", "/points/s001/history")).body.total).toBe(0);
 		expect((await api("GET", "/my-points/s001")).body.total).toBe(0);
 	});
+
+	it("keeps no 503 under an Idempotency-Key: the order was undone, so a retry is a new order, not a replay", async () => {
+		const before = (await api("GET", "/orders?memberId=s001")).body.total as number;
+		const retry = () => system.call("POST", "/api/orders", { memberId: "s001", productId: "breakfast-set", qty: 2, unitPrice: 5000 }, { "idempotency-key": "till-3:sale-88" });
+		for (let attempt = 1; attempt <= 2; attempt++) {
+			const res = await retry();
+			expect(res.status).toBe(503);
+			expect(res.body).toMatchObject({ type: "PAYMENTS_UNAVAILABLE" });
+			expect(res.headers.has("idempotent-replayed")).toBe(false);
+			expect((await api("GET", "/orders?memberId=s001")).body.total).toBe(before + attempt);
+		}
+		const latest = (await api("GET", "/orders?memberId=s001&pageSize=2")).body.rows as Order[];
+		expect(latest.map(o => o.status)).toEqual(["payment_failed", "payment_failed"]);
+	});
 });

@@ -27,6 +27,12 @@ describe("configuration", () => {
 	it("refuses a number that is not one", () => {
 		expect(() => loadConfig({ PORT: "eighty" })).toThrow(/PORT must be a number/);
 	});
+
+	it("keeps idempotency keys at least 24 hours", () => {
+		expect(loadConfig({})).toMatchObject({ idempotencyRetentionHours: 24, idempotencyLeaseMs: 30_000 });
+		expect(loadConfig({ IDEMPOTENCY_RETENTION_HOURS: "48" }).idempotencyRetentionHours).toBe(48);
+		expect(() => loadConfig({ IDEMPOTENCY_RETENTION_HOURS: "1" })).toThrow(/IDEMPOTENCY_RETENTION_HOURS must be at least 24, got 1/);
+	});
 });
 
 describe("services' settings", () => {

@@ -106,6 +106,7 @@ describe("the published API contract", () => {
 			}
 		});
 		expect(body?.required).not.toContain("point");
+		expect(create?.parameters).toEqual([expect.objectContaining({ name: "Idempotency-Key", in: "header", required: false })]);
 
 		const list = operations.get("GET /api/deals")?.parameters ?? [];
 		expect(list).toEqual(

@@ -66,6 +66,14 @@ describe("the store", () => {
 		expect(await deals.findById("taken")).toEqual({ _id: "taken", balance: 1 });
 	});
 
+	it("removes exactly the documents its filter matches, and says how many", async () => {
+		const keys = await open("keys-remove", [{ fields: { balance: 1 } }]);
+		for (const [i, balance] of [5, 10, 15].entries()) await keys.insertUnique({ _id: `k${i}`, balance });
+		expect(await keys.remove({ balance: { $lte: 10 } })).toBe(2);
+		expect(await keys.remove({ balance: { $lte: 10 } })).toBe(0);
+		expect(await keys.find({ query: {} })).toEqual([{ _id: "k2", balance: 15 }]);
+	});
+
 	it("keeps serving a collection when another one of the process disconnects", async () => {
 		const kept = await open("kept");
 		const closed = openCollection<Doc>(owner, "closed");
