@@ -190,6 +190,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 					"DELETE /members/:memberId": "members.withdraw",
 					"GET /points/:memberId": "points.get",
 					"GET /points/:memberId/history": "points.history",
+					"POST /points/:memberId/adjustments": "points.adjust",
 					"POST /deals": "deals.create",
 					"GET /deals": "deals.list",
 					"GET /deals/:id": "deals.get",
@@ -317,12 +318,13 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			}
 		},
 
-		/** Who the token belongs to: `{role: "staff"}` or `{role: "merchant", merchantId}`. */
+		/** Who the token belongs to: `{role: "staff"}`, `{role: "staff", name}` or `{role: "merchant", merchantId}`. */
 		me: {
 			params: { $$strict: true },
 			handler(ctx: Context<object, { user?: Role | null }>) {
 				const user = ctx.meta.user as Role;
-				return user.kind === "merchant" ? { role: "merchant", merchantId: user.merchantId } : { role: "staff" };
+				if (user.kind === "merchant") return { role: "merchant", merchantId: user.merchantId };
+				return user.name ? { role: "staff", name: user.name } : { role: "staff" };
 			}
 		}
 	}
