@@ -442,13 +442,14 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		/** Expires what is left of the member's earnings of every month through `through`: how many points. */
 		async expireLots(this: This, memberId: string, through: string) {
 			let points = 0;
-			await this.post(memberId, async account => {
+			const result = await this.post(memberId, async account => {
+				// Planned again after a lost race: only what the winner left counts.
 				const due = Object.entries(lotsOf(account)).filter(([month]) => month <= through);
-				if (account.status === "closed" || !due.length) return "DUPLICATE";
 				points = due.reduce((sum, [, p]) => sum + p, 0);
+				if (account.status === "closed" || !due.length) return "DUPLICATE";
 				return due.map(([month, p]) => ({ _id: `expire:${memberId}:${month}`, kind: "expire", amount: -p, sourceType: "member", sourceId: memberId, lotMonth: month }));
 			});
-			return points;
+			return result.applied ? points : 0;
 		},
 
 		/**
