@@ -37,7 +37,7 @@ const MyPointsService: ServiceSchema<object, object, object, This> = {
 				const { memberId, page, pageSize } = ctx.params;
 				const [all, adjusted] = await Promise.all([
 					this.store.find({ query: { memberId, adjustment: { $exists: false } }, sort: ["-paidAt"] }),
-					this.store.find({ query: { memberId, adjustment: { $exists: true } }, sort: ["-adjustment.at"] })
+					this.store.find({ query: { memberId, adjustment: { $exists: true } }, sort: ["-_id"] })
 				]);
 				const total = all.reduce((sum, row) => sum + (row.revoked ? 0 : (row.points ?? 0)), 0);
 				const adjustments = adjusted.map(row => ({ adjustmentId: row._id.slice("adjustment:".length), ...row.adjustment }));
