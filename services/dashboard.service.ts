@@ -256,11 +256,13 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 						by: entry.by
 					});
 			}
-			// Only a newer account version replaces the lots: postings may arrive in any order.
-			await this.members.update(
-				{ _id: posting.memberId, $or: [{ lotsVersion: { $exists: false } }, { lotsVersion: { $lt: posting.version } }] },
-				{ $set: { lots: posting.lots, lotsVersion: posting.version } }
-			);
+			// Only a newer account version replaces the lots: postings may arrive in any order. (Postings
+			// from nodes older than the lots carry none.)
+			if (posting.lots)
+				await this.members.update(
+					{ _id: posting.memberId, $or: [{ lotsVersion: { $exists: false } }, { lotsVersion: { $lt: posting.version } }] },
+					{ $set: { lots: posting.lots, lotsVersion: posting.version } }
+				);
 			this.announce(posting.memberId, "points");
 		},
 		async "deal.saved"(deal) {
