@@ -196,7 +196,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 				const expiring = members.map(m => ({ member: m, soon: expiringSoon(m.lots ?? {}, this.settings.pointsValidMonths, now) }));
 				const expiringMonths = expiring[0]?.soon.map((e, i) => ({ ...e, points: expiring.reduce((sum, x) => sum + x.soon[i].points, 0) })) ?? expiringSoon({}, this.settings.pointsValidMonths, now);
 				const expiringMembers = expiring
-					.map(({ member, soon }) => ({ memberId: member._id, name: member.name, points: soon.reduce((sum, e) => sum + e.points, 0), firstAt: soon.find(e => e.points > 0)?.expiresAt }))
+					.map(({ member, soon }) => ({ memberId: member._id, name: member.name, points: soon.reduce((sum, e) => sum + e.points, 0), firstMonth: soon.find(e => e.points > 0)?.month }))
 					.filter(m => m.points > 0)
 					.sort((a, b) => b.points - a.points || a.memberId.localeCompare(b.memberId))
 					.slice(0, TOP_EXPIRING);

@@ -148,8 +148,8 @@ describe("dashboard: points expiring soon", () => {
 				{ month: "202701", expiresAt: "2027-02-01T00:00:00.000Z", points: 7 }
 			],
 			members: [
-				{ memberId: "e001", name: "Han", points: 247, firstAt: "2026-12-01T00:00:00.000Z" },
-				{ memberId: "e002", name: "Yoon", points: 30, firstAt: "2027-01-01T00:00:00.000Z" }
+				{ memberId: "e001", name: "Han", points: 247, firstMonth: "202611" },
+				{ memberId: "e002", name: "Yoon", points: 30, firstMonth: "202612" }
 			]
 		});
 	});
