@@ -133,6 +133,8 @@ interface Settings extends ServiceSettingSchema {
 	pointsValidMonths: number;
 	/** How often the expiry job looks whether a new day has begun (ms): it runs at start and once a day. */
 	expiryCheckMs: number;
+	/** How many accounts due the expiry job reads at a time. */
+	expiryBatch: number;
 	/** How long a call to the members service may take (ms). */
 	callTimeoutMs: number;
 }
@@ -174,7 +176,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 	mixins: [
 		DbMixin("accounts", [{ fields: { pendingSince: 1 }, sparse: true }, OUTBOX_INDEX]),
 		OutboxMixin,
-		ConfiguredSettings<Settings>(config => ({ sweepIntervalMs: 5000, expiryCheckMs: 3_600_000, pointsValidMonths: config.pointsValidMonths, callTimeoutMs: config.callTimeoutMs }))
+		ConfiguredSettings<Settings>(config => ({ sweepIntervalMs: 5000, expiryCheckMs: 3_600_000, expiryBatch: 500, pointsValidMonths: config.pointsValidMonths, callTimeoutMs: config.callTimeoutMs }))
 	],
 
 	actions: {
@@ -462,12 +464,18 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			if (this.settings.pointsValidMonths <= 0) throw conflict("EXPIRY_OFF", "Points never expire here (POINTS_VALID_MONTHS is 0)");
 			if (through && through > due) throw clientError(409, "EXPIRY_NOT_DUE", `Earnings of ${through} are still valid: earnings expire through ${due} now`, { through, due });
 			const run: ExpiryRun = { through: through ?? due, members: 0, points: 0 };
-			for (const account of await this.store.find({ query: { oldestLot: { $lte: run.through } } })) {
-				const points = await this.expireLots(account._id, run.through);
-				if (points > 0) {
-					run.members++;
-					run.points += points;
+			// In batches by id, so that a month's end with many members due never reads them all at once.
+			for (let after = ""; ; ) {
+				const batch = await this.store.find({ query: { oldestLot: { $lte: run.through }, _id: { $gt: after } }, sort: ["_id"], limit: this.settings.expiryBatch });
+				for (const account of batch) {
+					const points = await this.expireLots(account._id, run.through);
+					if (points > 0) {
+						run.members++;
+						run.points += points;
+					}
 				}
+				if (batch.length < this.settings.expiryBatch) break;
+				after = batch[batch.length - 1]._id;
 			}
 			if (run.points) this.logger.info(`Expired ${run.points} points of ${run.members} member(s), earned through ${run.through}.`);
 			return run;

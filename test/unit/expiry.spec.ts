@@ -11,12 +11,12 @@ interface Entry {
 	lotMonth?: string;
 }
 
-/** The points service on a clock the test moves, its expiry job checking for a new day every 20 ms. */
+/** The points service on a clock the test moves, its expiry job checking for a new day every 20 ms and reading 7 accounts at a time. */
 const pointsOnClock = (clock: () => Date, pointsValidMonths: number, methods: Record<string, unknown> = {}) => ({
 	name: "points",
 	// Moleculer types a mixin as the plain schema; this one is typed with its own settings.
 	mixins: [PointsService as unknown as Partial<ServiceSchema>],
-	settings: { pointsValidMonths, expiryCheckMs: 20 },
+	settings: { pointsValidMonths, expiryCheckMs: 20, expiryBatch: 7 },
 	methods: { now: clock, ...methods }
 });
 
