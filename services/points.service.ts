@@ -57,7 +57,7 @@ export interface Account {
 	pendingSince?: string;
 	/** What remains of each month's earnings; adds up to the balance. Absent on accounts from before it existed. */
 	lots?: Lots;
-	/** The oldest month in `lots`: what the expiry job looks accounts up by. */
+	/** The oldest month in `lots`: what the expiry job looks accounts up by (and those without `lots` with points). */
 	oldestLot?: string;
 }
 
@@ -152,7 +152,7 @@ const versionOf = (account: Account) => ({ _id: account._id, version: account.ve
 
 /**
  * The account's lots. An account from before lots existed has none: its balance counts as earned in
- * the month of its last change, so that turning expiry on takes nobody's points at once.
+ * the month of its last change, the latest month any of it can have been earned in.
  */
 function lotsOf(account: Account): Lots {
 	const lots = account.lots ?? {};
@@ -466,7 +466,8 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			const run: ExpiryRun = { through: through ?? due, members: 0, points: 0 };
 			// In batches by id, so that a month's end with many members due never reads them all at once.
 			for (let after = ""; ; ) {
-				const batch = await this.store.find({ query: { oldestLot: { $lte: run.through }, _id: { $gt: after } }, sort: ["_id"], limit: this.settings.expiryBatch });
+				const query = { _id: { $gt: after }, $or: [{ oldestLot: { $lte: run.through } }, { lots: { $exists: false }, balance: { $gt: 0 } }] };
+				const batch = await this.store.find({ query, sort: ["_id"], limit: this.settings.expiryBatch });
 				for (const account of batch) {
 					const points = await this.expireLots(account._id, run.through);
 					if (points > 0) {

@@ -161,6 +161,17 @@ describe("points that expire, on a controlled clock", () => {
 			await drained(broker);
 			expect(await c.expiries("x003")).toEqual([]);
 		});
+
+		it("counts the balance of an account from before the lots as earned in the month of its last change", async () => {
+			await c.earn("x004", "l-d1", 100);
+			// As such an account is stored: no lots, last changed in January.
+			const points = broker.getLocalService("points") as unknown as { store: { update(query: object, update: object): Promise<number> } };
+			await points.store.update({ _id: "x004" }, { $unset: { lots: true, oldestLot: true }, $set: { updatedAt: "2027-01-15T10:00:00.000Z" } });
+			expect((await c.account("x004")).expiring).toMatchObject([{ month: "202703", points: 100 }, { points: 0 }, { points: 0 }]);
+			clock = new Date("2027-04-01T00:00:01.000Z");
+			await eventually(async () => expect(await c.expiries("x004")).toMatchObject([{ cause: "expire:x004:202701", amount: -100 }]));
+			expect(await c.balance("x004")).toBe(0);
+		});
 	});
 
 	describe("a node that stops in the middle of the job", () => {
