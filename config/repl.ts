@@ -52,7 +52,7 @@ const settlementLine = (s: Settlement) =>
 export const operatorCommands: OperatorCommand[] = [
 	{
 		command: "member <memberId>",
-		description: "A member, their balance and their last ledger entries",
+		description: "A member, their balance, what expires soon and their last ledger entries",
 		action: guarded(async (broker, { memberId }) => {
 			const member = await broker.call<MemberView, object>("members.get", { memberId });
 			console.log(`Member ${member.memberId} ${member.name}: ${member.status}, joined ${member.joinedAt}${member.withdrawnAt ? `, withdrawn ${member.withdrawnAt}` : ""}`);
@@ -101,7 +101,7 @@ export const operatorCommands: OperatorCommand[] = [
 	},
 	{
 		command: "audit",
-		description: "Checks every account's balance against the sum of its ledger",
+		description: "Checks every account's balance against the sum of its ledger and of its earning lots, and totals adjustments and expired points",
 		action: guarded(async broker => {
 			const audit = await broker.call<Audit>("points.audit");
 			const { count, added, taken } = audit.adjustments;
