@@ -44,22 +44,28 @@ export interface Config {
 	idempotencyLeaseMs: number;
 	/** How long an `Idempotency-Key` and its answer are kept (hours; at least 24). */
 	idempotencyRetentionHours: number;
+	/** Months earned points stay valid after the month they were earned in (`POINTS_VALID_MONTHS`); 0: they never expire. */
+	pointsValidMonths: number;
 }
 
-export type Role = { kind: "staff" } | { kind: "merchant"; merchantId: string };
+/** A staff token may carry a name (`token=staff:alice`), recorded on what it does. */
+export type Role = { kind: "staff"; name?: string } | { kind: "merchant"; merchantId: string };
 
 export interface ApiKey {
 	token: string;
 	role: Role;
 }
 
-/** `API_KEYS=token=staff,token2=merchant:20`: a token of 16+ safe characters and its role. */
+/** `API_KEYS=token=staff,token2=staff:alice,token3=merchant:20`: a token of 16+ safe characters and its role. */
 export function parseApiKeys(raw: string | undefined): ApiKey[] {
 	if (!raw?.trim()) return [];
 	return raw.split(",").map(entry => {
-		const match = /^\s*([A-Za-z0-9._~+/-]{16,256})=(staff|merchant:([A-Za-z0-9_-]{1,64}))\s*$/.exec(entry);
-		if (!match) throw new Error("API_KEYS entries must be 'token=staff' or 'token=merchant:<merchantId>', with tokens of at least 16 characters [A-Za-z0-9._~+/-]");
-		const role: Role = match[3] ? { kind: "merchant", merchantId: match[3] } : { kind: "staff" };
+		const match = /^\s*([A-Za-z0-9._~+/-]{16,256})=(staff(?::([A-Za-z0-9._-]{1,64}))?|merchant:([A-Za-z0-9_-]{1,64}))\s*$/.exec(entry);
+		if (!match)
+			throw new Error(
+				"API_KEYS entries must be 'token=staff', 'token=staff:<name>' or 'token=merchant:<merchantId>', with tokens of at least 16 characters [A-Za-z0-9._~+/-] and names of [A-Za-z0-9._-]"
+			);
+		const role: Role = match[4] ? { kind: "merchant", merchantId: match[4] } : match[3] ? { kind: "staff", name: match[3] } : { kind: "staff" };
 		return { token: match[1], role };
 	});
 }
@@ -70,6 +76,13 @@ function number(env: NodeJS.ProcessEnv, name: string, fallback: number): number 
 	const value = Number(raw);
 	if (!Number.isFinite(value)) throw new Error(`${name} must be a number, got '${raw}'`);
 	return value;
+}
+
+/** A whole number of months, 0 to 1200 (a century). */
+function months(env: NodeJS.ProcessEnv, name: string): number {
+	const raw = text(env, name) ?? "0";
+	if (!/^\d{1,4}$/.test(raw) || Number(raw) > 1200) throw new Error(`${name} must be a whole number of months from 0 (never expire) to 1200, got '${raw}'`);
+	return Number(raw);
 }
 
 function text(env: NodeJS.ProcessEnv, name: string): string | undefined {
@@ -105,7 +118,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		paymentLimit: number(env, "PAYMENT_LIMIT", 1_000_000),
 		paymentDelayMs: number(env, "PAYMENT_DELAY_MS", 0),
 		idempotencyLeaseMs: number(env, "IDEMPOTENCY_LEASE_MS", 30_000),
-		idempotencyRetentionHours: atLeast(24, "IDEMPOTENCY_RETENTION_HOURS", number(env, "IDEMPOTENCY_RETENTION_HOURS", 24))
+		idempotencyRetentionHours: atLeast(24, "IDEMPOTENCY_RETENTION_HOURS", number(env, "IDEMPOTENCY_RETENTION_HOURS", 24)),
+		pointsValidMonths: months(env, "POINTS_VALID_MONTHS")
 	};
 }
 

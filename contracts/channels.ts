@@ -55,22 +55,27 @@ export interface OrderEvent {
 	cancelledAt?: string;
 }
 
-export type EntryKind = "earn" | "use" | "restore" | "revoke" | "expire" | "void";
+export type EntryKind = "earn" | "use" | "restore" | "revoke" | "expire" | "adjust" | "void";
 
 /** One ledger entry as `points.posted` carries it, named by its cause. */
 export interface PostedEntry {
-	/** `deal:<id>`, `deal-cancel:<id>`, `deal-return:<id>:<n>`, `order:<id>`, `expiry:<memberId>`, …: also the idempotency key. */
+	/** `deal:<id>`, `deal-cancel:<id>`, `deal-return:<id>:<n>`, `order:<id>`, `expiry:<memberId>`, `expire:<memberId>:<YYYYMM>`, `adjustment:<id>`, …: also the idempotency key. */
 	cause: string;
 	memberId: string;
 	kind: EntryKind;
 	amount: number;
 	balanceAfter: number;
-	/** `deal` / `order` / `member`, and its id: what the entry is about. */
+	/** `deal` / `order` / `member` / `adjustment`, and its id: what the entry is about. */
 	sourceType: string;
 	sourceId: string;
 	merchantId?: string;
 	/** Points a revocation could not take back because they had been spent already. */
 	shortfall?: number;
+	/** An expiry's month of earning (`YYYYMM`): the lot it took. */
+	lotMonth?: string;
+	/** An adjustment's reason, and who made it (a staff name, `staff`, or `operator` from the REPL). */
+	reason?: string;
+	by?: string;
 	at: string;
 }
 
@@ -100,7 +105,14 @@ export interface Channels {
 	"payment.cancelled": { orderId: string; paymentId: string; status: "cancelled" | "voided" };
 	"delivery.cancelled": { orderId: string };
 	/** The entries one posting added to a member's ledger; `closed` when it closed the account. */
-	"points.posted": { memberId: string; closed: boolean; entries: PostedEntry[] };
+	"points.posted": {
+		memberId: string;
+		closed: boolean;
+		entries: PostedEntry[];
+		/** The account's earning lots after the posting (lib/expiry.ts), and the version that wrote them: the newest wins. */
+		lots: Record<string, number>;
+		version: number;
+	};
 }
 
 export type ChannelName = keyof Channels;

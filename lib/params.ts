@@ -10,23 +10,28 @@ export const optionalId = { ...id, optional: true } as const;
 
 /** A positive whole number up to `max`: an amount of money or points, or a count. */
 export const amount = (max: number) => ({ type: "amount", max }) as const;
+/** A non-zero whole number from `-max` to `max`: points given or taken. */
+export const signedAmount = (max: number) => ({ type: "amount", max, signed: true }) as const;
 
 /**
  * The `amount` rule (registered with the broker's validator): a positive safe integer up to
- * `schema.max`, sent as a number or as a string of digits with stray spaces — and as nothing else.
- * (fastest-validator's `number` with `convert` would also read `true` as 1, `[100]` as 100 and `""` as 0.)
+ * `schema.max` (with `signed`, a non-zero one from `-max`), sent as a number or as a string of digits
+ * with stray spaces — and as nothing else. (fastest-validator's `number` with `convert` would also
+ * read `true` as 1, `[100]` as 100 and `""` as 0.)
  */
 export function amountRule(this: { makeError(error: object): string }, { schema, messages }: CompilationRule): { sanitized: boolean; source: string } {
-	const max = Number((schema as { max?: unknown }).max ?? Number.MAX_SAFE_INTEGER);
+	const { max = Number.MAX_SAFE_INTEGER, signed = false } = schema as { max?: number; signed?: boolean };
 	const error = (type: string, expected?: number) => this.makeError({ type, actual: "origValue", expected, messages });
+	const digits = signed ? "/^\\s*-?\\d+\\s*$/" : "/^\\s*\\d+\\s*$/";
 	return {
 		sanitized: true,
 		source: `
 			var origValue = value;
-			if (typeof value === "string" && /^\\s*\\d+\\s*$/.test(value)) value = Number(value);
+			if (typeof value === "string" && ${digits}.test(value)) value = Number(value);
 			if (typeof value !== "number" || !Number.isSafeInteger(value)) { ${error("numberInteger")} return value; }
-			if (value <= 0) { ${error("numberPositive")} return value; }
-			if (value > ${max}) { ${error("numberMax", max)} }
+			${signed ? `if (value === 0) { ${error("numberNotEqual", 0)} return value; }` : `if (value <= 0) { ${error("numberPositive")} return value; }`}
+			if (value > ${Number(max)}) { ${error("numberMax", Number(max))} }
+			${signed ? `if (value < ${-Number(max)}) { ${error("numberMin", -Number(max))} }` : ""}
 			return value;
 		`
 	};

@@ -225,14 +225,15 @@ const OWN_ACTIONS = {
 		}
 	},
 
-	/** Who the token belongs to: `{role: "staff"}` or `{role: "merchant", merchantId}`. */
+	/** Who the token belongs to: `{role: "staff"}`, `{role: "staff", name}` or `{role: "merchant", merchantId}`. */
 	me: {
 		rest: "GET /me",
 		summary: "Who the token belongs to: its role, and a merchant token's merchantId",
 		params: { $$strict: true },
 		handler(ctx: Context<object, { user?: Role | null }>) {
 			const user = ctx.meta.user as Role;
-			return user.kind === "merchant" ? { role: "merchant", merchantId: user.merchantId } : { role: "staff" };
+			if (user.kind === "merchant") return { role: "merchant", merchantId: user.merchantId };
+			return user.name ? { role: "staff", name: user.name } : { role: "staff" };
 		}
 	},
 

@@ -10,11 +10,16 @@
  * good: a member's totals change in the same single-document write that records which ledger entry
  * they counted (a replay of the entry counts nothing twice and repairs what a crash left uncounted),
  * and the overview's figures are derived from the members and transactions when asked.
+ *
+ * Points expiring soon follow the account's earning lots, which every posting carries with the
+ * account version that wrote them: a member row keeps the newest, whatever order postings arrive in.
+ * Staff adjustments count in the member's `adjusted` total (signed) and list among the transactions.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
 import { consume, type DealEvent, type DealReturnedEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
 import { notFound } from "../lib/errors";
+import { expiringSoon, type Lots } from "../lib/expiry";
 import * as P from "../lib/params";
 import { settlementAmounts } from "../lib/rates";
 import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
@@ -35,14 +40,19 @@ interface MemberRow {
 	used: number;
 	cancelled: number;
 	expired: number;
+	/** Points added less points taken by staff adjustments. */
+	adjusted: number;
 	/** The ledger entries (by cause) already in the totals above. */
 	counted?: Record<string, true>;
+	/** The account's earning lots as of account version `lotsVersion`. */
+	lots?: Lots;
+	lotsVersion?: number;
 }
 
-/** A deal or an order as the staff see it. */
+/** A deal, an order or a staff adjustment as the staff see it. */
 interface TransactionRow {
 	_id: string;
-	kind: "deal" | "order";
+	kind: "deal" | "order" | "adjustment";
 	id: string;
 	memberId: string;
 	type: string;
@@ -56,16 +66,25 @@ interface TransactionRow {
 	at: string;
 	day: string;
 	month: string;
+	/** An adjustment's reason and who made it. */
+	reason?: string;
+	by?: string;
 }
 
-/** Which total of a member each kind of ledger entry adds to. */
-const TOTAL_OF: Record<string, keyof Pick<MemberRow, "earned" | "used" | "cancelled" | "expired">> = {
+/** Which total of a member each kind of ledger entry adds to (its size; an adjustment's is signed). */
+const TOTAL_OF: Record<string, keyof Pick<MemberRow, "earned" | "used" | "cancelled" | "expired" | "adjusted">> = {
 	earn: "earned",
 	use: "used",
 	restore: "cancelled",
 	revoke: "cancelled",
-	expire: "expired"
+	expire: "expired",
+	adjust: "adjusted"
 };
+
+const totalAmount = (kind: string, amount: number) => (kind === "adjust" ? amount : Math.abs(amount));
+
+/** How many members the overview lists with the most points expiring soon. */
+const TOP_EXPIRING = 10;
 
 const month = (iso: string) => iso.slice(0, 7).replace("-", "");
 
@@ -74,22 +93,25 @@ interface Methods {
 	cancel(id: string, base: TransactionRow): Promise<boolean>;
 	recordReturn(deal: DealReturnedEvent): Promise<void>;
 	announce(memberId: string, what: string): void;
+	now(): Date;
 }
 
-const newMember = (memberId: string): MemberRow => ({ _id: memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0 });
+const newMember = (memberId: string): MemberRow => ({ _id: memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0, adjusted: 0 });
 
 interface Settings extends ServiceSettingSchema {
 	/** The fee the settlement preview deducts, in basis points (SETTLEMENT_FEE). */
 	settlementFeeBp: number;
 	/** How long the overview waits for the dead-letter count (ms). */
 	callTimeoutMs: number;
+	/** Months earned points stay valid (POINTS_VALID_MONTHS); 0: never expire. */
+	pointsValidMonths: number;
 }
 
 type This = Service<Settings> & DbThis<EntryRow> & Methods & { members: Collection<MemberRow>; transactions: Collection<TransactionRow> };
 
 const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "dashboard",
-	mixins: [DbMixin("dashboard-entries", [{ fields: { memberId: 1 } }]), ConfiguredSettings<Settings>(config => ({ settlementFeeBp: config.settlementFeeBp, callTimeoutMs: config.callTimeoutMs }))],
+	mixins: [DbMixin("dashboard-entries", [{ fields: { memberId: 1 } }]), ConfiguredSettings<Settings>(config => ({ settlementFeeBp: config.settlementFeeBp, callTimeoutMs: config.callTimeoutMs, pointsValidMonths: config.pointsValidMonths }))],
 
 	actions: {
 		/** Everything about one member at a glance. */
@@ -105,13 +127,13 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 					this.transactions.page({ memberId }, ["-at"], 1, 10)
 				]);
 				if (!member) throw notFound("MEMBER_NOT_FOUND", `No member '${memberId}' on the dashboard`, { memberId });
-				const months = new Map<string, { month: string; earned: number; used: number; cancelled: number; expired: number }>();
+				const months = new Map<string, { month: string; earned: number; used: number; cancelled: number; expired: number; adjusted: number }>();
 				const merchants = new Map<string, { merchantId: string; earned: number; used: number }>();
 				for (const entry of entries) {
 					const total = TOTAL_OF[entry.kind];
 					if (total) {
-						const m = months.get(month(entry.at)) ?? { month: month(entry.at), earned: 0, used: 0, cancelled: 0, expired: 0 };
-						m[total] += Math.abs(entry.amount);
+						const m = months.get(month(entry.at)) ?? { month: month(entry.at), earned: 0, used: 0, cancelled: 0, expired: 0, adjusted: 0 };
+						m[total] += totalAmount(entry.kind, entry.amount);
 						months.set(m.month, m);
 					}
 					if (entry.merchantId && (entry.kind === "earn" || entry.kind === "use")) {
@@ -120,9 +142,10 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 						merchants.set(entry.merchantId, byMerchant);
 					}
 				}
-				const { _id, counted: _counted, ...rest } = member;
+				const { _id, counted: _counted, lots, lotsVersion: _version, ...rest } = member;
 				return {
-					member: { memberId: _id, ...rest },
+					member: { memberId: _id, ...rest, adjusted: rest.adjusted ?? 0 },
+					expiring: expiringSoon(lots ?? {}, this.settings.pointsValidMonths, this.now()),
 					series: entries.map(e => ({ at: e.at, balance: e.balanceAfter })),
 					monthly: [...months.values()].sort((a, b) => a.month.localeCompare(b.month)),
 					byMerchant: [...merchants.values()].sort((a, b) => b.earned + b.used - (a.earned + a.used)),
@@ -144,13 +167,13 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			}
 		},
 
-		/** The membership at a glance: counts, points outstanding, activity, this month's settlements, dead letters. */
+		/** The membership at a glance: counts, points outstanding and expiring soon, activity, this month's settlements, dead letters. */
 		overview: {
 			rest: "GET /dashboard/overview",
 			summary: "The staff dashboard's overview: totals and every customer at a glance",
 			params: { $$strict: true, days: { type: "number", integer: true, min: 1, max: 92, default: 14, convert: true } },
 			async handler(this: This, ctx: Context<{ days: number }>) {
-				const now = new Date();
+				const now = this.now();
 				const since = new Date(now.getTime() - (ctx.params.days - 1) * 86_400_000).toISOString().slice(0, 10);
 				const current = month(now.toISOString());
 				const monthStart = `${now.toISOString().slice(0, 7)}-01`;
@@ -177,10 +200,19 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 				}
 				const joined = members.filter(m => m.joinedAt);
 				const merchants = [...perMerchant.values()];
+				// What expires at the end of this month and the next two, overall and for whom most.
+				const expiring = members.map(m => ({ member: m, soon: expiringSoon(m.lots ?? {}, this.settings.pointsValidMonths, now) }));
+				const expiringMonths = expiring[0]?.soon.map((e, i) => ({ ...e, points: expiring.reduce((sum, x) => sum + x.soon[i].points, 0) })) ?? expiringSoon({}, this.settings.pointsValidMonths, now);
+				const expiringMembers = expiring
+					.map(({ member, soon }) => ({ memberId: member._id, name: member.name, points: soon.reduce((sum, e) => sum + e.points, 0), firstMonth: soon.find(e => e.points > 0)?.month }))
+					.filter(m => m.points > 0)
+					.sort((a, b) => b.points - a.points || a.memberId.localeCompare(b.memberId))
+					.slice(0, TOP_EXPIRING);
 				return {
 					members: joined.length,
 					activeAccounts: joined.filter(m => m.status === "active").length,
 					pointsOutstanding: members.reduce((sum, m) => sum + m.balance, 0),
+					expiringSoon: { months: expiringMonths, members: expiringMembers },
 					deadLetters,
 					dealsPerDay: [...perDay].sort(([a], [b]) => a.localeCompare(b)).map(([day, count]) => ({ day, deals: count })),
 					topMerchants: [...merchants].sort((a, b) => b.deals - a.deals || b.usedPoints - a.usedPoints).slice(0, 5),
@@ -213,9 +245,32 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 				const total = TOTAL_OF[entry.kind];
 				await this.members.update(
 					{ _id: entry.memberId, [`counted.${cause}`]: { $exists: false } },
-					{ $inc: { balance: entry.amount, ...(total ? { [total]: Math.abs(entry.amount) } : {}) }, $set: { [`counted.${cause}`]: true } }
+					{ $inc: { balance: entry.amount, ...(total ? { [total]: totalAmount(entry.kind, entry.amount) } : {}) }, $set: { [`counted.${cause}`]: true } }
 				);
+				if (entry.kind === "adjust")
+					await this.record({
+						_id: cause,
+						kind: "adjustment",
+						id: entry.sourceId,
+						memberId: entry.memberId,
+						type: "adjustment",
+						amount: entry.amount,
+						point: entry.amount,
+						status: "success",
+						at: entry.at,
+						day: entry.at.slice(0, 10),
+						month: month(entry.at),
+						reason: entry.reason,
+						by: entry.by
+					});
 			}
+			// Only a newer account version replaces the lots: postings may arrive in any order. (Postings
+			// from nodes older than the lots carry none.)
+			if (posting.lots)
+				await this.members.update(
+					{ _id: posting.memberId, $or: [{ lotsVersion: { $exists: false } }, { lotsVersion: { $lt: posting.version } }] },
+					{ $set: { lots: posting.lots, lotsVersion: posting.version } }
+				);
 			this.announce(posting.memberId, "points");
 		},
 		async "deal.saved"(deal) {
@@ -274,7 +329,10 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 
 		announce(this: This, memberId: string, what: string) {
 			void this.broker.broadcast("dashboard.updated", { memberId, what });
-		}
+		},
+
+		/** The clock "expiring soon" is reckoned by (a test may set it). */
+		now: () => new Date()
 	},
 
 	created(this: This) {

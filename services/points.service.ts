@@ -11,15 +11,31 @@
  * `account.pending`, and start-up finishes the copy. The balance is therefore always the sum of the
  * ledger plus what is pending, and only pending during a crash. The same write records a
  * `points.posted` event (outbox), from which read models follow the ledger.
+ *
+ * Points that expire (POINTS_VALID_MONTHS, lib/expiry.ts): the same write keeps the account's
+ * earning `lots`, what remains of each month's earnings, so they are exact under concurrency. Earns,
+ * restored uses and positive adjustments are earnings of the month they are posted in (a restored
+ * use gets a fresh validity: its original lots may have expired meanwhile); uses, revocations and
+ * negative adjustments take from the oldest lots first. The expiry job (`expireDue`) runs at start and
+ * then daily on every instance: one `expire:<memberId>:<YYYYMM>` entry per member and month due,
+ * planned from the account's lots like any posting, so a rerun or a second instance finds nothing left.
+ *
+ * Staff adjustments (`adjust`): one entry per adjustment (`adjustment:<id>`), with its reason and who
+ * made it; a negative one never takes the balance below 0.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import { ConfiguredSettings } from "../config/settings";
 import { consume, outboxEvent, type DealEvent, type DealReturnedEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
-import { notFound } from "../lib/errors";
+import { clientError, conflict, notFound } from "../lib/errors";
+import { applyToLots, expiredThrough, expiringSoon, monthOf, oldestOf, sumOf, type Expiring, type Lots } from "../lib/expiry";
+import type { CallerMeta } from "../lib/gateway/access";
 import { sortableId } from "../lib/ids";
+import { requestIdOf, type RequestMeta } from "../lib/request-id";
 import { KeyedLock } from "../lib/keyed-lock";
 import * as P from "../lib/params";
 import { DbMixin, openCollection, type Collection, type DbThis, type Page } from "../mixins/db.mixin";
 import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods } from "../mixins/outbox.mixin";
+import type { MemberView } from "./members.service";
 
 /** A ledger entry as stored: keyed by its cause, which is also the idempotency key. */
 export interface LedgerEntry extends Omit<PostedEntry, "cause"> {
@@ -40,6 +56,10 @@ export interface Account {
 	pending?: LedgerEntry[];
 	/** When `pending` was written: set and cleared with it, and indexed (sparse) so that sweeps find only those accounts. */
 	pendingSince?: string;
+	/** What remains of each month's earnings; adds up to the balance. Absent on accounts from before it existed. */
+	lots?: Lots;
+	/** The oldest month in `lots`: what the expiry job looks accounts up by (and those without `lots` with points). */
+	oldestLot?: string;
 }
 
 /** Who an event or request is about: the source of the entries it causes. */
@@ -59,6 +79,25 @@ export interface PostResult {
 	applied: boolean;
 	balance: number;
 	reason?: Refusal;
+	/** When the entries were posted. */
+	at?: string;
+}
+
+export interface AdjustmentView {
+	adjustmentId: string;
+	memberId: string;
+	amount: number;
+	reason: string;
+	by: string;
+	at: string;
+	balance: number;
+}
+
+/** What one run of the expiry job did: the months of earnings it expired through, and for whom. */
+export interface ExpiryRun {
+	through: string;
+	members: number;
+	points: number;
 }
 
 interface Methods {
@@ -67,7 +106,11 @@ interface Methods {
 	debit(source: Source, amount: number): Promise<PostResult>;
 	reverse(source: Source): Promise<PostResult>;
 	returnPart(deal: DealReturnedEvent): Promise<PostResult>;
-	expire(memberId: string): Promise<PostResult>;
+	withdraw(memberId: string): Promise<PostResult>;
+	expireLots(memberId: string, through: string): Promise<number>;
+	expireDue(through?: string): Promise<ExpiryRun>;
+	scheduleExpiry(delayMs: number): void;
+	now(): Date;
 	openAccount(memberId: string, at: string): Promise<void>;
 	finishPosting(account: Account): Promise<void>;
 	finishPending(olderThanMs?: number): Promise<void>;
@@ -81,23 +124,46 @@ export interface AccountView {
 	openedAt: string;
 	updatedAt: string;
 	closedAt?: string;
+	/** What expires at the end of this month and of the next two; empty when points never expire. */
+	expiring: Expiring[];
 }
 
 interface Settings extends ServiceSettingSchema {
 	/** How often every instance looks for postings interrupted elsewhere, and how old they must be (ms). */
 	sweepIntervalMs: number;
+	/** Months earned points stay valid after the month they were earned in; 0: never expire. */
+	pointsValidMonths: number;
+	/** How often the expiry job looks whether a new day has begun (ms): it runs at start and once a day. */
+	expiryCheckMs: number;
+	/** How many accounts due the expiry job reads at a time. */
+	expiryBatch: number;
+	/** How long a call to the members service may take (ms). */
+	callTimeoutMs: number;
 }
 
 type This = Service<Settings> &
 	DbThis<Account> &
 	OutboxMethods &
-	Methods & { ledger: Collection<LedgerEntry>; lock: KeyedLock; sweepTimer?: NodeJS.Timeout };
+	Methods & { ledger: Collection<LedgerEntry>; lock: KeyedLock; sweepTimer?: NodeJS.Timeout; expiryTimer?: NodeJS.Timeout; expiryStopped: boolean; expiredOn?: string };
 
 /** How often a lost race for an account is re-planned before the posting gives up. */
 const MAX_ATTEMPTS = 20;
 
 /** The condition that the account is still as it was read. */
 const versionOf = (account: Account) => ({ _id: account._id, version: account.version ?? { $exists: false } });
+
+/**
+ * The account's lots. An account from before lots existed has none: its balance counts as earned in
+ * the month of its last change, the latest month any of it can have been earned in.
+ */
+function lotsOf(account: Account): Lots {
+	const lots = account.lots ?? {};
+	const untracked = account.balance - sumOf(lots);
+	return untracked === 0 ? lots : applyToLots(lots, untracked, monthOf(account.updatedAt));
+}
+
+/** A month of earnings (`YYYYMM`). */
+const monthParam = { type: "string", pattern: /^20\d\d(0[1-9]|1[0-2])$/, messages: { stringPattern: "The month must be YYYYMM, of a year from 2000 to 2099" } } as const;
 
 const dealSource = (deal: DealEvent): Source => ({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId });
 const orderSource = (order: OrderEvent): Source => ({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId });
@@ -129,8 +195,13 @@ function revocation(cause: string, source: Source, points: number, balance: numb
 
 const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "points",
-	mixins: [DbMixin("accounts", [{ fields: { pendingSince: 1 }, sparse: true }, OUTBOX_INDEX]), OutboxMixin],
-	settings: { sweepIntervalMs: 5000 },
+	// No index on `oldestLot`: its values are few months, which NeDB indexes turn into O(N) writes;
+	// the daily job's query reads only the accounts due.
+	mixins: [
+		DbMixin("accounts", [{ fields: { pendingSince: 1 }, sparse: true }, OUTBOX_INDEX]),
+		OutboxMixin,
+		ConfiguredSettings<Settings>(config => ({ sweepIntervalMs: 5000, expiryCheckMs: 3_600_000, expiryBatch: 500, pointsValidMonths: config.pointsValidMonths, callTimeoutMs: config.callTimeoutMs }))
+	],
 
 	actions: {
 		get: {
@@ -155,6 +226,61 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			}
 		},
 
+		/**
+		 * A staff correction of a member's balance: a ledger entry with its reason and who made it.
+		 * Each request is its own adjustment; a negative one is refused rather than taking the
+		 * balance below 0.
+		 */
+		adjust: {
+			rest: "POST /points/:memberId/adjustments",
+			params: {
+				$$strict: true,
+				memberId: P.id,
+				amount: P.signedAmount(P.MAX_POINTS),
+				reason: { type: "string", trim: true, min: 1, max: 500 }
+			},
+			async handler(this: This, ctx: Context<{ memberId: string; amount: number; reason: string }, CallerMeta & RequestMeta & { $statusCode?: number }>): Promise<AdjustmentView> {
+				const { memberId, amount, reason } = ctx.params;
+				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
+				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+				const user = ctx.meta.user;
+				// The gateway lets only staff here; a call without a user comes from inside (the REPL).
+				const by = user?.kind === "staff" ? (user.name ?? "staff") : "operator";
+				// Under an Idempotency-Key the request id names the adjustment, so a run of the same request
+				// again (its gateway died before answering) finds its entry instead of adjusting twice.
+				const adjustmentId = requestIdOf(ctx).requestId ?? sortableId();
+				const cause = `adjustment:${adjustmentId}`;
+				const result = await this.post(memberId, async account => {
+					if (await this.ledger.findById(cause)) return "DUPLICATE";
+					if (account.status === "closed") return "ACCOUNT_CLOSED";
+					if (account.balance + amount < 0) return "INSUFFICIENT_POINTS";
+					return [{ _id: cause, kind: "adjust", amount, sourceType: "adjustment", sourceId: adjustmentId, reason, by }];
+				});
+				if (result.reason === "DUPLICATE") {
+					const entry = (await this.ledger.findById(cause)) as LedgerEntry;
+					ctx.meta.$statusCode = 201;
+					return { adjustmentId, memberId, amount: entry.amount, reason: entry.reason ?? reason, by: entry.by ?? by, at: entry.at, balance: result.balance };
+				}
+				if (result.reason === "ACCOUNT_CLOSED") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+				if (result.reason === "INSUFFICIENT_POINTS")
+					throw conflict("INSUFFICIENT_POINTS", `Member '${memberId}' has ${result.balance} points: ${-amount} cannot be taken`, { memberId, balance: result.balance, amount });
+				ctx.meta.$statusCode = 201;
+				return { adjustmentId, memberId, amount, reason, by, at: result.at as string, balance: result.balance };
+			}
+		},
+
+		/**
+		 * The expiry job, run now: expires the earnings of every month through `through` (default: every
+		 * month due) that are still left. A month not yet due is refused. Internal (REPL `expire`).
+		 */
+		expire: {
+			visibility: "public",
+			params: { $$strict: true, through: { ...monthParam, optional: true } },
+			handler(this: This, ctx: Context<{ through?: string }>): Promise<ExpiryRun> {
+				return this.expireDue(ctx.params.through);
+			}
+		},
+
 		/** Takes points for a `use` deal: succeeds only with a confirmed ledger entry. Internal. */
 		debit: {
 			visibility: "public",
@@ -172,18 +298,30 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			}
 		},
 
-		/** Every account against the sum of its ledger: the invariant an operator can check at any time. */
+		/**
+		 * Every account against the sum of its ledger (and its earning lots, where it keeps them): the
+		 * invariant an operator can check at any time. Also the totals of adjustments and expiries.
+		 */
 		audit: {
 			visibility: "public",
 			params: { $$strict: true },
 			async handler(this: This) {
 				const accounts = await this.store.find({ query: {} });
 				const sums = new Map<string, number>();
-				for (const entry of await this.ledger.find({ query: {} })) sums.set(entry.memberId, (sums.get(entry.memberId) ?? 0) + entry.amount);
+				const adjustments = { count: 0, added: 0, taken: 0 };
+				let expired = 0;
+				for (const entry of await this.ledger.find({ query: {} })) {
+					sums.set(entry.memberId, (sums.get(entry.memberId) ?? 0) + entry.amount);
+					if (entry.kind === "expire") expired -= entry.amount;
+					if (entry.kind === "adjust") {
+						adjustments.count++;
+						adjustments[entry.amount > 0 ? "added" : "taken"] += Math.abs(entry.amount);
+					}
+				}
 				const mismatches = accounts
-					.map(a => ({ memberId: a._id, balance: a.balance, ledgerSum: sums.get(a._id) ?? 0, pending: a.pending?.length ?? 0 }))
-					.filter(a => a.balance !== a.ledgerSum || a.balance < 0 || a.pending > 0);
-				return { accounts: accounts.length, entries: await this.ledger.count({}), mismatches };
+					.map(a => ({ memberId: a._id, balance: a.balance, ledgerSum: sums.get(a._id) ?? 0, lots: a.lots ? sumOf(a.lots) : a.balance, pending: a.pending?.length ?? 0 }))
+					.filter(a => a.balance !== a.ledgerSum || a.balance !== a.lots || a.balance < 0 || a.pending > 0);
+				return { accounts: accounts.length, entries: await this.ledger.count({}), adjustments, expired, mismatches };
 			}
 		}
 	},
@@ -193,7 +331,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			await this.openAccount(member.memberId, member.joinedAt);
 		},
 		async "member.withdrawn"(member) {
-			await this.expire(member.memberId);
+			await this.withdraw(member.memberId);
 		},
 		async "deal.saved"(deal) {
 			await this.credit(dealSource(deal), deal.point);
@@ -228,7 +366,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				// increments: a lost race re-plans on what the winner wrote. (A balance condition would
 				// miss a posting that leaves the balance as it was, or one that changes it and back.)
 				for (let attempt = 1; ; attempt++) {
-					const now = new Date().toISOString();
+					const now = this.now().toISOString();
 					let account = await this.store.findById(memberId);
 					if (!account) {
 						await this.openAccount(memberId, now);
@@ -243,14 +381,19 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 					if (typeof drafts === "string") return { applied: false, balance: account.balance, reason: drafts };
 
 					let balance = account.balance;
+					let lots = lotsOf(account);
 					const entries: LedgerEntry[] = drafts.map(d => {
 						balance += d.amount;
+						lots = applyToLots(lots, d.amount, monthOf(now), d.lotMonth);
 						return { memberId, sourceType: "member", sourceId: memberId, ...d, balanceAfter: balance, at: now, seq: sortableId() };
 					});
-					const posted = outboxEvent("points.posted", { memberId, closed: close, entries: entries.map(({ _id, seq: _seq, ...entry }) => ({ cause: _id, ...entry })) });
+					const version = (account.version ?? 0) + 1;
+					const posted = outboxEvent("points.posted", { memberId, closed: close, entries: entries.map(({ _id, seq: _seq, ...entry }) => ({ cause: _id, ...entry })), lots, version });
+					const oldestLot = oldestOf(lots);
 					const update = {
 						$inc: { balance: balance - account.balance, version: 1 },
-						$set: { pending: entries, pendingSince: now, updatedAt: now, ...(close ? { status: "closed", closedAt: now } : {}) }
+						$set: { pending: entries, pendingSince: now, updatedAt: now, lots, ...(oldestLot ? { oldestLot } : {}), ...(close ? { status: "closed", closedAt: now } : {}) },
+						...(oldestLot ? {} : { $unset: { oldestLot: true } })
 					};
 					if (!(await this.changeWithEvents({ filter: versionOf(account), update }, [posted]))) {
 						if (attempt < MAX_ATTEMPTS) {
@@ -259,8 +402,8 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 						}
 						throw new Error(`Account '${memberId}' keeps changing concurrently`);
 					}
-					await this.finishPosting({ ...account, version: (account.version ?? 0) + 1, pending: entries });
-					return { applied: true, balance };
+					await this.finishPosting({ ...account, version, pending: entries });
+					return { applied: true, balance, at: now };
 				}
 			});
 		},
@@ -339,7 +482,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		/** A withdrawal: the remaining points expire as one entry and the account closes. */
-		expire(this: This, memberId: string) {
+		withdraw(this: This, memberId: string) {
 			const cause = `expiry:${memberId}`;
 			return this.post(
 				memberId,
@@ -350,6 +493,63 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				true
 			);
 		},
+
+		/** Expires what is left of the member's earnings of every month through `through`: how many points. */
+		async expireLots(this: This, memberId: string, through: string) {
+			let points = 0;
+			const result = await this.post(memberId, async account => {
+				// Planned again after a lost race: only what the winner left counts.
+				const due = Object.entries(lotsOf(account)).filter(([month]) => month <= through);
+				points = due.reduce((sum, [, p]) => sum + p, 0);
+				if (account.status === "closed" || !due.length) return "DUPLICATE";
+				return due.map(([month, p]) => ({ _id: `expire:${memberId}:${month}`, kind: "expire", amount: -p, sourceType: "member", sourceId: memberId, lotMonth: month }));
+			});
+			return result.applied ? points : 0;
+		},
+
+		/**
+		 * The expiry job: every account with earnings due through `through` (default: every month due
+		 * now). Safe to rerun, and to run on several instances at once: each account's expiry is planned
+		 * from its lots under the version condition, so whoever comes second finds nothing left.
+		 */
+		async expireDue(this: This, through?: string) {
+			const due = expiredThrough(this.now(), this.settings.pointsValidMonths);
+			if (this.settings.pointsValidMonths <= 0) throw conflict("EXPIRY_OFF", "Points never expire here (POINTS_VALID_MONTHS is 0)");
+			if (through && through > due) throw clientError(409, "EXPIRY_NOT_DUE", `Earnings of ${through} are still valid: earnings expire through ${due} now`, { through, due });
+			const run: ExpiryRun = { through: through ?? due, members: 0, points: 0 };
+			// In batches by id, so that a month's end with many members due never reads them all at once.
+			for (let after = ""; ; ) {
+				const query = { _id: { $gt: after }, $or: [{ oldestLot: { $lte: run.through } }, { lots: { $exists: false }, balance: { $gt: 0 } }] };
+				const batch = await this.store.find({ query, sort: ["_id"], limit: this.settings.expiryBatch });
+				for (const account of batch) {
+					const points = await this.expireLots(account._id, run.through);
+					if (points > 0) {
+						run.members++;
+						run.points += points;
+					}
+				}
+				if (batch.length < this.settings.expiryBatch) break;
+				after = batch[batch.length - 1]._id;
+			}
+			if (run.points) this.logger.info(`Expired ${run.points} points of ${run.members} member(s), earned through ${run.through}.`);
+			return run;
+		},
+
+		/** Runs the expiry job once a day: at the first check of each day (UTC), the first one soon after start. */
+		scheduleExpiry(this: This, delayMs: number) {
+			if (this.expiryStopped || this.settings.pointsValidMonths <= 0) return;
+			this.expiryTimer = setTimeout(() => {
+				const today = this.now().toISOString().slice(0, 10);
+				if (today === this.expiredOn) return this.scheduleExpiry(this.settings.expiryCheckMs);
+				this.expireDue()
+					.then(() => (this.expiredOn = today))
+					.catch(err => this.logger.error("The expiry job failed; retrying at the next check:", err))
+					.finally(() => this.scheduleExpiry(this.settings.expiryCheckMs));
+			}, delayMs);
+		},
+
+		/** The clock postings and the expiry job go by (a test may set it). */
+		now: () => new Date(),
 
 		async openAccount(this: This, memberId: string, at: string) {
 			await this.store.insertUnique({ _id: memberId, balance: 0, version: 0, status: "active", openedAt: at, updatedAt: at });
@@ -364,9 +564,10 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			}
 		},
 
-		toView(account: Account): AccountView {
+		toView(this: This, account: Account): AccountView {
 			const { _id, balance, status, openedAt, updatedAt, closedAt } = account;
-			return { memberId: _id, balance, status, openedAt, updatedAt, ...(closedAt ? { closedAt } : {}) };
+			const expiring = expiringSoon(lotsOf(account), this.settings.pointsValidMonths, this.now());
+			return { memberId: _id, balance, status, openedAt, updatedAt, ...(closedAt ? { closedAt } : {}), expiring };
 		}
 	},
 
@@ -383,10 +584,16 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		this.sweepTimer = setInterval(() => {
 			this.finishPending(this.settings.sweepIntervalMs).catch(err => this.logger.warn("Finishing interrupted postings failed:", (err as Error).message));
 		}, this.settings.sweepIntervalMs);
+		// A node that was down at midnight catches up as soon as it is back.
+		this.expiryStopped = false;
+		this.scheduleExpiry(0);
 	},
 
 	async stopped(this: This) {
 		clearInterval(this.sweepTimer);
+		// A run in flight schedules the next when it ends: tell it not to.
+		this.expiryStopped = true;
+		clearTimeout(this.expiryTimer);
 		await this.ledger.disconnect();
 	}
 };

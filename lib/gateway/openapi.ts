@@ -22,6 +22,7 @@ interface RuleObject {
 	positive?: boolean;
 	negative?: boolean;
 	integer?: boolean;
+	signed?: boolean;
 	pattern?: RegExp | string;
 	values?: readonly unknown[];
 	enum?: readonly unknown[];
@@ -114,7 +115,8 @@ export function schemaOf(input: Rule): JsonSchema {
 			if (rule.negative) schema.exclusiveMaximum = 0;
 			break;
 		case "amount": // lib/params.ts: a positive whole number, also sent as a string of digits
-			Object.assign(schema, { type: "integer", exclusiveMinimum: 0, maximum: rule.max });
+			if (rule.signed) Object.assign(schema, { type: "integer", minimum: rule.max === undefined ? undefined : -rule.max, maximum: rule.max, not: { const: 0 } });
+			else Object.assign(schema, { type: "integer", exclusiveMinimum: 0, maximum: rule.max });
 			break;
 		case "boolean":
 			schema.type = "boolean";

@@ -8,6 +8,7 @@ import type { ServiceBroker } from "moleculer";
 import type { SettlementView as Settlement } from "../../services/billing.service";
 import type { DeadLetterView } from "../../services/dead-letters.service";
 import type { MemberView } from "../../services/members.service";
+import type { AccountView, ExpiryRun } from "../../services/points.service";
 
 /** What moleculer-repl hands a custom command: its positional arguments by name. */
 type Args = Record<string, unknown>;
@@ -19,14 +20,16 @@ export interface OperatorCommand {
 }
 
 interface LedgerPage {
-	rows: { at: string; cause: string; kind: string; amount: number; balanceAfter: number; shortfall?: number }[];
+	rows: { at: string; cause: string; kind: string; amount: number; balanceAfter: number; shortfall?: number; reason?: string; by?: string }[];
 	total: number;
 }
 
 interface Audit {
 	accounts: number;
 	entries: number;
-	mismatches: { memberId: string; balance: number; ledgerSum: number; pending: number }[];
+	adjustments: { count: number; added: number; taken: number };
+	expired: number;
+	mismatches: { memberId: string; balance: number; ledgerSum: number; lots: number; pending: number }[];
 }
 
 const LAST_ENTRIES = 10;
@@ -49,15 +52,19 @@ const settlementLine = (s: Settlement) =>
 export const operatorCommands: OperatorCommand[] = [
 	{
 		command: "member <memberId>",
-		description: "A member, their balance and their last ledger entries",
+		description: "A member, their balance, what expires soon and their last ledger entries",
 		action: guarded(async (broker, { memberId }) => {
 			const member = await broker.call<MemberView, object>("members.get", { memberId });
 			console.log(`Member ${member.memberId} ${member.name}: ${member.status}, joined ${member.joinedAt}${member.withdrawnAt ? `, withdrawn ${member.withdrawnAt}` : ""}`);
-			const account = await broker.call<{ balance: number; status: string }, object>("points.get", { memberId });
+			const account = await broker.call<AccountView, object>("points.get", { memberId });
 			console.log(`Balance: ${account.balance} points (account ${account.status})`);
+			const expiring = account.expiring.filter(e => e.points > 0);
+			if (expiring.length) console.log(`Expiring: ${expiring.map(e => `${e.points} at the end of ${e.month}`).join(", ")}`);
 			const ledger = await broker.call<LedgerPage, object>("points.history", { memberId, pageSize: LAST_ENTRIES });
 			console.log(`Last ${ledger.rows.length} of ${ledger.total} ledger entries:`);
-			console.table(ledger.rows.map(({ at, cause, kind, amount, balanceAfter, shortfall }) => ({ at, cause, kind, amount, balanceAfter, ...(shortfall ? { shortfall } : {}) })));
+			console.table(
+				ledger.rows.map(({ at, cause, kind, amount, balanceAfter, shortfall, reason, by }) => ({ at, cause, kind, amount, balanceAfter, ...(shortfall ? { shortfall } : {}), ...(by ? { by, reason } : {}) }))
+			);
 		})
 	},
 	{
@@ -85,16 +92,28 @@ export const operatorCommands: OperatorCommand[] = [
 		})
 	},
 	{
+		command: "expire [through]",
+		description: "Runs the expiry job: expires the earnings left of every month due (or only through this month, YYYYMM, if it is due)",
+		action: guarded(async (broker, { through }) => {
+			const run = await broker.call<ExpiryRun, object>("points.expire", through ? { through: String(through) } : {});
+			console.log(`Expiry through ${run.through}: ${run.points} points of ${run.members} member(s) expired`);
+		})
+	},
+	{
 		command: "audit",
-		description: "Checks every account's balance against the sum of its ledger",
+		description: "Checks every account's balance against the sum of its ledger and of its earning lots, and totals adjustments and expired points",
 		action: guarded(async broker => {
 			const audit = await broker.call<Audit>("points.audit");
+			const { count, added, taken } = audit.adjustments;
+			const totals = `Adjustments: ${count} (+${added} / -${taken} points); expired: ${audit.expired} points.`;
 			if (!audit.mismatches.length) {
 				console.log(`Audit OK: ${audit.accounts} account(s), ${audit.entries} ledger entries; every balance equals the sum of its ledger.`);
+				console.log(totals);
 				return;
 			}
 			console.log(`Audit FAILED: ${audit.mismatches.length} of ${audit.accounts} account(s) differ from their ledger:`);
 			console.table(audit.mismatches);
+			console.log(totals);
 		})
 	},
 	{

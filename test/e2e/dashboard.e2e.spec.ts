@@ -19,7 +19,8 @@ describe("staff dashboard in Chromium", () => {
 	const api = (method: string, urlPath: string, body?: unknown) => system.call(method, `/api${urlPath}`, body);
 
 	beforeAll(async () => {
-		system = await System.start();
+		// Points valid one month after the month earned: this month's expire at the end of the next.
+		system = await System.start({ POINTS_VALID_MONTHS: "1" });
 		await api("POST", "/members", { memberId: "0001", name: "Kim Minji" });
 		await api("POST", "/members", { memberId: "0002", name: "Lee" });
 		await api("POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 100000, type: "save" });
@@ -96,8 +97,24 @@ describe("staff dashboard in Chromium", () => {
 		await page.waitForSelector("#balance:text-is('2,600')", { timeout: 10_000 });
 		await page.waitForSelector("#transactions tbody tr:first-child td.status-partially_cancelled");
 		const cells = await page.locator("#transactions tbody tr:first-child td").allTextContents();
-		expect(cells.slice(3)).toEqual(["22", "70,000", "700", "30,000 (300 points)", "partially cancelled"]);
+		expect(cells.slice(3)).toEqual(["22", "70,000", "700", "30,000 (300 points)", "partially cancelled", ""]);
 		expect(await page.textContent("#cancelled")).toBe("500");
+	});
+
+	it("shows a staff adjustment with its reason, and the points expiring soon per member and overall", async () => {
+		const adjusted = await api("POST", "/points/0001/adjustments", { amount: 100, reason: "Goodwill: late delivery" });
+		expect(adjusted.status).toBe(201);
+		await page.waitForSelector("#adjusted:text-is('100')", { timeout: 10_000 });
+		expect(await page.textContent("#balance")).toBe("2,700");
+		expect(await page.textContent("#transactions tbody tr:first-child")).toContain("Goodwill: late delivery (staff)");
+		// Everything was earned this month: none expires at its end, all 2,700 at the end of the next.
+		const thisMonth = new Date().toISOString().slice(0, 7).replace("-", "");
+		const cells = async (table: string) => (await page.locator(`${table} tbody tr`).allTextContents()).map(row => row.trim());
+		await eventually(async () => expect((await cells("#member-expiring"))[1]).toMatch(/2,700$/));
+		expect((await cells("#member-expiring"))[0]).toBe(`${thisMonth}0`);
+		await page.waitForSelector("#overview-expiring:text-is('2,700')", { timeout: 10_000 });
+		expect(await cells("#expiring-members")).toHaveLength(1);
+		expect((await cells("#expiring-members"))[0]).toContain("Kim Minji (0001)2,700");
 		await page.screenshot({ path: SCREENSHOT, fullPage: true });
 	});
 

@@ -56,7 +56,7 @@ describe("food orders over HTTP", () => {
 		expect(payments.rows).toMatchObject([{ status: "declined", amount: 1_200_000 }]);
 		await new Promise(resolve => setTimeout(resolve, 300));
 		expect(await balance("f003")).toBe(0);
-		expect((await api("GET", "/my-points/f003")).body).toEqual({ memberId: "f003", total: 0, rows: [], orderCount: 0, page: 1, pageSize: 20 });
+		expect((await api("GET", "/my-points/f003")).body).toEqual({ memberId: "f003", total: 0, rows: [], orderCount: 0, page: 1, pageSize: 20, adjustments: [], adjustedTotal: 0 });
 		expect((await api("POST", `/orders/${res.body.id}/cancel`)).body).toMatchObject({ code: 409, type: "ORDER_NOT_CANCELLABLE" });
 	});
 

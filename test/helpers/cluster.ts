@@ -61,10 +61,12 @@ export async function all<T>(api: Api, urlPath: string): Promise<T[]> {
  */
 export async function impliedBalance(api: Api, memberId: string, withOrders = true): Promise<number> {
 	const deals = await all<Deal>(api, `/deals?memberId=${memberId}`);
-	const fromDeals = deals.reduce((sum, d) => sum + (d.type === "save" && d.status === "success" ? d.point : d.type === "use" && d.status === "success" ? -d.point : 0), 0);
+	const ledger = await all<Entry>(api, `/points/${memberId}/history`);
+	// What no deal or order explains: staff adjustments, and earnings that expired (not a withdrawal's).
+	const adjustedAndExpired = ledger.filter(e => e.kind === "adjust" || (e.kind === "expire" && e.cause.startsWith("expire:"))).reduce((sum, e) => sum + e.amount, 0);
+	const fromDeals = deals.reduce((sum, d) => sum + (d.type === "save" && d.status === "success" ? d.point : d.type === "use" && d.status === "success" ? -d.point : 0), adjustedAndExpired);
 	if (!withOrders) return fromDeals;
 	const orders = await all<Order>(api, `/orders?memberId=${memberId}`);
-	const ledger = await all<Entry>(api, `/points/${memberId}/history`);
 	const shortfall = (orderId: string) => ledger.find(e => e.cause === `order-cancel:${orderId}`)?.shortfall ?? 0;
 	return orders.reduce((sum, o) => sum + (o.status === "paid" ? o.points : o.status === "cancelled" ? shortfall(o.id) : 0), fromDeals);
 }

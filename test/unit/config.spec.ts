@@ -2,8 +2,10 @@ import type { Service } from "moleculer";
 import { loadConfig, parseApiKeys } from "../../config";
 import ApiService from "../../services/api.service";
 import BillingService from "../../services/billing.service";
+import DashboardService from "../../services/dashboard.service";
 import DealsService from "../../services/deals.service";
 import PaymentsService from "../../services/payments.service";
+import PointsService from "../../services/points.service";
 import { createTestBroker, withSettings, type AnyServiceSchema } from "../helpers/broker";
 
 describe("configuration", () => {
@@ -13,15 +15,22 @@ describe("configuration", () => {
 		expect(config.mongoUri).toBeUndefined();
 	});
 
-	it("reads API_KEYS as tokens and roles", () => {
-		expect(parseApiKeys("aaaaaaaaaaaaaaaa=staff, bbbbbbbbbbbbbbbb=merchant:20")).toEqual([
+	it("reads API_KEYS as tokens and roles, a staff token with or without a name", () => {
+		expect(parseApiKeys("aaaaaaaaaaaaaaaa=staff, bbbbbbbbbbbbbbbb=merchant:20,cccccccccccccccc=staff:alice.kim")).toEqual([
 			{ token: "aaaaaaaaaaaaaaaa", role: { kind: "staff" } },
-			{ token: "bbbbbbbbbbbbbbbb", role: { kind: "merchant", merchantId: "20" } }
+			{ token: "bbbbbbbbbbbbbbbb", role: { kind: "merchant", merchantId: "20" } },
+			{ token: "cccccccccccccccc", role: { kind: "staff", name: "alice.kim" } }
 		]);
 	});
 
-	it.each(["short=staff", "aaaaaaaaaaaaaaaa=admin", "aaaaaaaaaaaaaaaa=merchant:", "aaaaaaaaaaaaaaaa", "aaaaaaaaaaaaaaaa=merchant:a b"])("refuses API_KEYS entry %p", entry => {
+	it.each(["short=staff", "aaaaaaaaaaaaaaaa=admin", "aaaaaaaaaaaaaaaa=merchant:", "aaaaaaaaaaaaaaaa", "aaaaaaaaaaaaaaaa=merchant:a b", "aaaaaaaaaaaaaaaa=staff:", "aaaaaaaaaaaaaaaa=staff:a b", `aaaaaaaaaaaaaaaa=staff:${"n".repeat(65)}`])("refuses API_KEYS entry %p", entry => {
 		expect(() => parseApiKeys(entry)).toThrow(/API_KEYS entries must be/);
+	});
+
+	it("reads POINTS_VALID_MONTHS: 0 (never expire) by default, and refuses what is not a whole number of months", () => {
+		expect(loadConfig({}).pointsValidMonths).toBe(0);
+		expect(loadConfig({ POINTS_VALID_MONTHS: "12" }).pointsValidMonths).toBe(12);
+		for (const raw of ["-1", "1.5", "twelve", "1e2", "1201"]) expect(() => loadConfig({ POINTS_VALID_MONTHS: raw })).toThrow(/POINTS_VALID_MONTHS must be a whole number of months from 0 \(never expire\) to 1200, got/);
 	});
 
 	it("refuses a number that is not one", () => {
@@ -46,12 +55,15 @@ describe("services' settings", () => {
 	};
 
 	it("take their defaults from the configuration of the broker they run on", async () => {
-		const settings = await settingsOf([DealsService, PaymentsService, BillingService], {
+		const settings = await settingsOf([DealsService, PaymentsService, BillingService, PointsService, DashboardService], {
 			CALL_TIMEOUT_MS: "300",
 			EARN_RATE: "0.05",
 			PAYMENT_LIMIT: "5",
-			MONTH_END_GRACE_MINUTES: "1"
+			MONTH_END_GRACE_MINUTES: "1",
+			POINTS_VALID_MONTHS: "24"
 		});
+		expect(settings.points).toMatchObject({ pointsValidMonths: 24, callTimeoutMs: 300, expiryCheckMs: 3_600_000, sweepIntervalMs: 5000 });
+		expect(settings.dashboard).toMatchObject({ pointsValidMonths: 24 });
 		expect(settings.deals).toMatchObject({ callTimeoutMs: 300, pendingTimeoutMs: 300, pendingSweepMs: 300, earnRateBp: 500 });
 		expect(settings.payments).toMatchObject({ limit: 5, delayMs: 0 });
 		expect(settings.billing).toMatchObject({ monthEnd: { graceMs: 60_000, checkEveryMs: 60_000 }, settlementFeeBp: 200 });

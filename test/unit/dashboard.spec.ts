@@ -50,7 +50,7 @@ describe("dashboard read model", () => {
 		await eventually(async () => expect((await member()).member).toMatchObject({ name: "Kim", status: "active", balance: 1500, earned: 1500, used: 100, cancelled: 100, expired: 0 }));
 		const view = await member();
 		expect(view.series.map((p: { balance: number }) => p.balance)).toEqual([1000, 900, 1400, 1500]);
-		expect(view.monthly).toEqual([{ month: "202611", earned: 1500, used: 100, cancelled: 100, expired: 0 }]);
+		expect(view.monthly).toEqual([{ month: "202611", earned: 1500, used: 100, cancelled: 100, expired: 0, adjusted: 0 }]);
 		expect(view.byMerchant).toEqual([
 			{ merchantId: "20", earned: 1000, used: 100 },
 			{ merchantId: "21", earned: 500, used: 0 }
@@ -101,5 +101,56 @@ describe("dashboard read model", () => {
 
 	it("answers 404 for a member it has not seen", async () => {
 		await expect(broker.call("dashboard.member", { memberId: "nobody" })).rejects.toMatchObject({ code: 404 });
+	});
+});
+
+describe("dashboard: points expiring soon", () => {
+	let broker: ServiceBroker;
+	let send: Send;
+	const clock = new Date("2026-11-20T10:00:00.000Z");
+	const posting = (memberId: string, version: number, lots: Record<string, number>) => ({
+		memberId,
+		closed: false,
+		entries: [{ cause: `deal:${memberId}-${version}`, memberId, kind: "earn", amount: 1, balanceAfter: 1, sourceType: "deal", sourceId: `${memberId}-${version}`, at: clock.toISOString() }],
+		lots,
+		version
+	});
+
+	beforeAll(async () => {
+		// Valid two months: at the end of November, September's earnings expire.
+		broker = createTestBroker([{ name: "dashboard", mixins: [DashboardService as any], settings: { pointsValidMonths: 2 }, methods: { now: () => clock } }]);
+		await broker.start();
+		send = (broker as unknown as { sendToChannel: Send }).sendToChannel.bind(broker);
+	});
+	afterAll(() => broker.stop());
+
+	it("shows each member's and the overall points expiring in the next three months, from the newest lots whatever the order postings arrive in", async () => {
+		await send("member.joined", { memberId: "e001", name: "Han", joinedAt: clock.toISOString() });
+		await send("member.joined", { memberId: "e002", name: "Yoon", joinedAt: clock.toISOString() });
+		// e001's third posting arrives before its second.
+		await send("points.posted", posting("e001", 1, { "202609": 100 }));
+		await send("points.posted", posting("e001", 3, { "202609": 40, "202610": 200, "202611": 7 }));
+		await send("points.posted", posting("e001", 2, { "202609": 100, "202610": 200 }));
+		await send("points.posted", posting("e002", 5, { "202610": 30 }));
+		await eventually(async () => expect((await broker.call<any, object>("dashboard.member", { memberId: "e001" })).member.earned).toBe(3));
+		await eventually(async () => expect((await broker.call<any, object>("dashboard.member", { memberId: "e002" })).member.earned).toBe(1));
+
+		expect((await broker.call<any, object>("dashboard.member", { memberId: "e001" })).expiring).toEqual([
+			{ month: "202611", expiresAt: "2026-12-01T00:00:00.000Z", points: 40 },
+			{ month: "202612", expiresAt: "2027-01-01T00:00:00.000Z", points: 200 },
+			{ month: "202701", expiresAt: "2027-02-01T00:00:00.000Z", points: 7 }
+		]);
+		const overview = await broker.call<any, object>("dashboard.overview", {});
+		expect(overview.expiringSoon).toEqual({
+			months: [
+				{ month: "202611", expiresAt: "2026-12-01T00:00:00.000Z", points: 40 },
+				{ month: "202612", expiresAt: "2027-01-01T00:00:00.000Z", points: 230 },
+				{ month: "202701", expiresAt: "2027-02-01T00:00:00.000Z", points: 7 }
+			],
+			members: [
+				{ memberId: "e001", name: "Han", points: 247, firstMonth: "202611" },
+				{ memberId: "e002", name: "Yoon", points: 30, firstMonth: "202612" }
+			]
+		});
 	});
 });

@@ -111,8 +111,13 @@ describe("two instances sharing MongoDB", () => {
 	it("finishes, within seconds and without a restart, a posting an instance died in the middle of", async () => {
 		await earn("i004", 300);
 		const entry = { _id: "deal:died", memberId: "i004", kind: "use", amount: -100, balanceAfter: 200, sourceType: "deal", sourceId: "died", at: "2026-01-01T00:00:00.000Z", seq: "0" };
-		// What `post` leaves when its process is killed between the account write and the ledger copy.
-		await mongo.db().collection<{ _id: string }>("accounts").updateOne({ _id: "i004" }, { $set: { pending: [entry], pendingSince: entry.at, updatedAt: entry.at }, $inc: { balance: -100, version: 1 } });
+		// What `post` leaves when its process is killed between the account write and the ledger copy
+		// (the use took 100 of this month's earning lot).
+		const lots = { [new Date().toISOString().slice(0, 7).replace("-", "")]: 200 };
+		await mongo
+			.db()
+			.collection<{ _id: string }>("accounts")
+			.updateOne({ _id: "i004" }, { $set: { pending: [entry], pendingSince: entry.at, updatedAt: entry.at, lots }, $inc: { balance: -100, version: 1 } });
 		await eventually(async () => expect((await history("i004")).map(e => e.cause)).toContain("deal:died"));
 		expect(await balance("i004")).toBe(200);
 		expect(await mongo.db().collection("accounts").countDocuments({ $or: [{ "pending.0": { $exists: true } }, { pendingSince: { $exists: true } }] })).toBe(0);
