@@ -13,6 +13,7 @@ import { Errors, type Context, type Service, type ServiceSchema } from "molecule
 import { ConfiguredSettings } from "../config/settings";
 import { outboxEvent, type DealEvent, type DealReturn, type OutboxEvent } from "../contracts/channels";
 import { assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
+import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import { earnedPoints } from "../lib/rates";
@@ -123,16 +124,12 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 				// Required for a use; a save earns what the rate gives, whatever is sent.
 				point: { ...P.amount(P.MAX_POINTS), optional: true }
 			},
-			async handler(this: This, ctx: Context<CreateParams, RequestMeta & { $statusCode?: number; $location?: string }>) {
+			async handler(this: This, ctx: Context<CreateParams, RequestMeta & AnswerMeta>) {
 				const { memberId, merchantId, dealAmount, type } = ctx.params;
-				const created = (deal: Deal) => {
-					ctx.meta.$statusCode = 201;
-					ctx.meta.$location = `/api/deals/${deal._id}`;
-					return this.toView(deal);
-				};
+				const answer = (deal: Deal) => created(ctx, `/api/deals/${deal._id}`, this.toView(deal));
 				// A request run again (its gateway died before answering) answers the deal it made, as it stands.
 				const before = await createdBefore(this.store, ctx);
-				if (before) return created(before);
+				if (before) return answer(before);
 				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 
@@ -155,11 +152,11 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 				if (!(await this.changeWithEvents({ insert: deal }, type === "save" ? [this.eventOf("deal.saved", deal)] : []))) {
 					// Refused for its request id: the same request, running at the same time, stored its deal first.
 					const racing = await createdBefore(this.store, ctx);
-					if (racing) return created(racing);
+					if (racing) return answer(racing);
 					// A ULID is never taken in practice; if it were, that must not pass for success.
 					throw new Error(`Could not store a new deal: id '${deal._id}' is taken`);
 				}
-				return created(type === "use" ? await this.confirmUse(ctx, deal) : deal);
+				return answer(type === "use" ? await this.confirmUse(ctx, deal) : deal);
 			}
 		},
 

@@ -5,6 +5,7 @@
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { randomInt } from "node:crypto";
 import { outboxEvent } from "../contracts/channels";
+import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { conflict, notFound } from "../lib/errors";
 import * as P from "../lib/params";
 import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
@@ -54,13 +55,9 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 				phone: { type: "string", trim: true, pattern: /^[0-9+() -]{3,20}$/, optional: true },
 				email: { type: "email", max: 200, optional: true }
 			},
-			async handler(this: This, ctx: Context<{ memberId?: string; name: string; phone?: string; email?: string }, RequestMeta & { $statusCode?: number; $location?: string }>) {
+			async handler(this: This, ctx: Context<{ memberId?: string; name: string; phone?: string; email?: string }, RequestMeta & AnswerMeta>) {
 				const { name, phone, email } = ctx.params;
-				const joined = (member: Member) => {
-					ctx.meta.$statusCode = 201;
-					ctx.meta.$location = `/api/members/${member._id}`;
-					return this.toView(member);
-				};
+				const joined = (member: Member) => created(ctx, `/api/members/${member._id}`, this.toView(member));
 				// A request run again (its gateway died before answering) answers what it did.
 				const before = await createdBefore(this.store, ctx);
 				if (before) return joined(before);

@@ -16,6 +16,7 @@
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
 import { consume, outboxEvent, type OutboxEvent } from "../contracts/channels";
+import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { clientError, conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
@@ -114,16 +115,12 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				qty: P.amount(1000),
 				unitPrice: P.amount(P.MAX_AMOUNT)
 			},
-			async handler(this: This, ctx: Context<CreateParams, RequestMeta & { $statusCode?: number; $location?: string }>) {
+			async handler(this: This, ctx: Context<CreateParams, RequestMeta & AnswerMeta>) {
 				const { memberId, productId, qty, unitPrice } = ctx.params;
-				const created = (order: Order) => {
-					ctx.meta.$statusCode = 201;
-					ctx.meta.$location = `/api/orders/${order._id}`;
-					return this.toView(order);
-				};
+				const answer = (order: Order) => created(ctx, `/api/orders/${order._id}`, this.toView(order));
 				// A request run again (its gateway died before answering) answers the order it made, as it stands.
 				const before = await createdBefore(this.store, ctx);
-				if (before) return created(before);
+				if (before) return answer(before);
 				const totalPrice = qty * unitPrice;
 				if (totalPrice > P.MAX_AMOUNT) throw clientError(422, "ORDER_TOO_LARGE", `An order may total at most ${P.MAX_AMOUNT}`, { totalPrice });
 				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
@@ -147,11 +144,11 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				if (!(await this.store.insertUnique(order))) {
 					// Refused for its request id: the same request, running at the same time, stored its order first.
 					const racing = await createdBefore(this.store, ctx);
-					if (racing) return created(racing);
+					if (racing) return answer(racing);
 					// A ULID is never taken in practice; if it were, that must not pass for success.
 					throw new Error(`Could not store a new order: id '${order._id}' is taken`);
 				}
-				return created(await this.pay(ctx, order));
+				return answer(await this.pay(ctx, order));
 			}
 		},
 
