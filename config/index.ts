@@ -117,7 +117,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		monthEndGraceMs: number(env, "MONTH_END_GRACE_MINUTES", 10) * 60_000,
 		paymentLimit: number(env, "PAYMENT_LIMIT", 1_000_000),
 		paymentDelayMs: number(env, "PAYMENT_DELAY_MS", 0),
-		idempotencyLeaseMs: number(env, "IDEMPOTENCY_LEASE_MS", 30_000),
+		idempotencyLeaseMs: atLeast(1000, "IDEMPOTENCY_LEASE_MS", number(env, "IDEMPOTENCY_LEASE_MS", 30_000)),
 		idempotencyRetentionHours: atLeast(24, "IDEMPOTENCY_RETENTION_HOURS", number(env, "IDEMPOTENCY_RETENTION_HOURS", 24)),
 		pointsValidMonths: months(env, "POINTS_VALID_MONTHS")
 	};

@@ -5,19 +5,13 @@
  * from the oldest lots first, so the lots always add up to the balance.
  */
 
+import { addMonths, monthBounds, monthOf } from "./months";
+
 /** Remaining earned points by the month they were earned (`YYYYMM` → points), none empty. */
 export type Lots = Record<string, number>;
 
-export const monthOf = (iso: string): string => iso.slice(0, 7).replace("-", "");
-
-/** `month` moved by `delta` months. */
-export function addMonths(month: string, delta: number): string {
-	const at = new Date(Date.UTC(Number(month.slice(0, 4)), Number(month.slice(4, 6)) - 1 + delta, 1));
-	return monthOf(at.toISOString());
-}
-
 /** The first instant of the month after `month`: when a lot expiring in `month` is gone. */
-export const endOf = (month: string): string => new Date(Date.UTC(Number(month.slice(0, 4)), Number(month.slice(4, 6)), 1)).toISOString();
+const endOf = (month: string): string => monthBounds(month)[1];
 
 /** The latest month whose earnings have expired by `now` (their validity ended before this month began). */
 export const expiredThrough = (now: Date, validMonths: number): string => addMonths(monthOf(now.toISOString()), -(validMonths + 1));

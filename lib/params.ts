@@ -3,7 +3,7 @@ import type { CompilationRule } from "fastest-validator";
 /**
  * fastest-validator rules shared by the services' action params. Ids are bounded strings of a safe
  * alphabet, so a query operator (`{"$gt": ""}`) or a `$where` can never reach a store as an id;
- * amounts are positive safe integers, and strings of digits with stray spaces are accepted.
+ * amounts are safe integers within bounds (positive, or non-zero when signed), also sent as strings of digits.
  */
 export const id = { type: "string", pattern: /^[A-Za-z0-9_-]{1,64}$/, convert: true } as const;
 export const optionalId = { ...id, optional: true } as const;
@@ -36,6 +36,13 @@ export function amountRule(this: { makeError(error: object): string }, { schema,
 		`
 	};
 }
+
+/** A month, YYYYMM, of a year from 2000 to 2099: `000101` is no month (JavaScript's dates would make it 1901). */
+export const month = {
+	type: "string",
+	pattern: /^20\d\d(0[1-9]|1[0-2])$/,
+	messages: { stringPattern: "The '{field}' field must be YYYYMM, of a year from 2000 to 2099" }
+} as const;
 
 /** `page` / `pageSize` of a paged listing; query strings arrive as text. */
 export const paging = {

@@ -269,18 +269,6 @@ export class Collection<T extends { _id: string }> {
 		}
 	}
 
-	/**
-	 * Inserts a new document under a freshly minted id. A taken id is never mistaken for success: it
-	 * is minted again, and a second clash (which ULIDs make practically impossible) is an error.
-	 */
-	async insertNew(build: () => T): Promise<T> {
-		for (let attempt = 1; ; attempt++) {
-			const doc = build();
-			if (await this.insertUnique(doc)) return doc;
-			if (attempt === 2) throw new Error(`Could not store a new '${this.name}' document: id '${doc._id}' is taken`);
-		}
-	}
-
 	findById(id: string): Promise<T | null> {
 		return this.backend.findById(id);
 	}

@@ -26,6 +26,7 @@ import { assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
 import { clientError, notFound } from "../lib/errors";
 import { KeyedLock } from "../lib/keyed-lock";
 import * as P from "../lib/params";
+import { addMonths, monthBounds, monthOf, previousMonth } from "../lib/months";
 import { rateOf, settlementAmounts } from "../lib/rates";
 import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
 
@@ -116,31 +117,9 @@ type This = Service<Settings> &
 	DbThis<BillingAmountView> &
 	Methods & { settlements: Collection<Settlement>; state: Collection<{ _id: string; month: string }>; lock: KeyedLock; monthEndTimer?: NodeJS.Timeout; monthEndStopped?: boolean };
 
-/** YYYYMM of a year from 2000 to 2099: `000101` is no month (JavaScript's dates would make it 1901). */
-const billingMonth = { type: "string", pattern: /^20\d\d(0[1-9]|1[0-2])$/, messages: { stringPattern: "billingMonth must be YYYYMM, of a year from 2000 to 2099" } } as const;
 
 /** The channels whose events make the view, for the "caught up" check. */
 const VIEW_CHANNELS = ["deal.used", "deal.cancelled", "deal.returned"];
-
-/** The month `date` falls in, as YYYYMM (UTC). */
-export const monthOf = (iso: string): string => iso.slice(0, 7).replace("-", "");
-
-/** The month before the one `date` falls in, as YYYYMM (UTC). */
-export function previousMonth(date: Date): string {
-	return monthOf(new Date(Date.UTC(date.getUTCFullYear(), date.getUTCMonth() - 1, 1)).toISOString());
-}
-
-/** The month after `month`. */
-export const nextMonth = (month: string): string => monthOf(monthBounds(month)[1]);
-
-/** [first instant of the month, first instant of the next) in UTC, as ISO strings. */
-export function monthBounds(month: string): [string, string] {
-	const start = new Date(0);
-	start.setUTCFullYear(Number(month.slice(0, 4)), Number(month.slice(4, 6)) - 1, 1);
-	const end = new Date(start);
-	end.setUTCMonth(end.getUTCMonth() + 1);
-	return [start.toISOString(), end.toISOString()];
-}
 
 /** What a row should have billed: its points less those returned, or nothing once cancelled (or before its use is known). */
 const due = (row: BillingAmountView): number => (row.cancelled || row.point == null ? 0 : Math.max(0, row.point - (row.returnedPoints ?? 0)));
@@ -177,7 +156,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		settle: {
 			rest: "POST /billings",
 			summary: "Settle a merchant's month: points used there, less the fee",
-			params: { $$strict: true, merchantId: P.id, billingMonth },
+			params: { $$strict: true, merchantId: P.id, billingMonth: P.month },
 			async handler(this: This, ctx: Context<{ merchantId: string; billingMonth: string }, { $statusCode?: number; $location?: string }>) {
 				const { settlement, created } = await this.settlementOf(ctx.params.merchantId, ctx.params.billingMonth);
 				ctx.meta.$statusCode = created ? 201 : 200;
@@ -189,7 +168,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		/** The month-end job: closes every month up to `billingMonth` (default: the last one) that can close. */
 		closeMonth: {
 			visibility: "public",
-			params: { $$strict: true, billingMonth: { ...billingMonth, optional: true } },
+			params: { $$strict: true, billingMonth: { ...P.month, optional: true } },
 			async handler(this: This, ctx: Context<{ billingMonth?: string }>) {
 				const months = await this.closeMonths(ctx.params.billingMonth ?? previousMonth(this.now()));
 				return { closedThrough: (await this.closedThrough()) ?? null, months };
@@ -200,7 +179,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		get: {
 			rest: "GET /billings/:merchantId/:billingMonth",
 			summary: "A merchant's settlement for a month (provisional until the month is closed)",
-			params: { $$strict: true, merchantId: P.id, billingMonth },
+			params: { $$strict: true, merchantId: P.id, billingMonth: P.month },
 			async handler(this: This, ctx: Context<{ merchantId: string; billingMonth: string }>) {
 				const { merchantId, billingMonth: month } = ctx.params;
 				const closedThrough = await this.closedThrough();
@@ -269,7 +248,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 
 		/** The lines of `month` for the merchant: its own uses, and — in the first open month — the adjustments. */
 		async compute(this: This, merchantId: string, month: string, closedThrough: string | undefined, status: Settlement["status"]) {
-			const firstOpen = closedThrough && month === nextMonth(closedThrough);
+			const firstOpen = closedThrough && month === addMonths(closedThrough, 1);
 			const rows = await this.store.find({ query: { merchantId, open: true, dealDate: { $lt: monthBounds(month)[1] } }, sort: ["dealDate"] });
 			const lines: SettlementLine[] = [];
 			for (const row of rows) {
@@ -310,10 +289,10 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 				const closedThrough = await this.closedThrough();
 				const [earliest] = await this.store.find({ query: { open: true, dealDate: { $exists: true } }, sort: ["dealDate"], limit: 1 });
 				// Nothing ever closed: start at the oldest month with activity.
-				let month = closedThrough ? nextMonth(closedThrough) : earliest?.dealDate && monthOf(earliest.dealDate);
+				let month = closedThrough ? addMonths(closedThrough, 1) : earliest?.dealDate && monthOf(earliest.dealDate);
 				while (month && month <= upTo && (await this.canClose(month))) {
 					closed.push(await this.closeMonth(month));
-					month = nextMonth(month);
+					month = addMonths(month, 1);
 				}
 				return closed;
 			});

@@ -21,6 +21,7 @@ import { consume, type DealEvent, type DealReturnedEvent, type OrderEvent, type 
 import { notFound } from "../lib/errors";
 import { expiringSoon, type Lots } from "../lib/expiry";
 import * as P from "../lib/params";
+import { monthOf } from "../lib/months";
 import { settlementAmounts } from "../lib/rates";
 import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
 
@@ -86,7 +87,6 @@ const totalAmount = (kind: string, amount: number) => (kind === "adjust" ? amoun
 /** How many members the overview lists with the most points expiring soon. */
 const TOP_EXPIRING = 10;
 
-const month = (iso: string) => iso.slice(0, 7).replace("-", "");
 
 interface Methods {
 	record(row: TransactionRow): Promise<boolean>;
@@ -132,7 +132,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 				for (const entry of entries) {
 					const total = TOTAL_OF[entry.kind];
 					if (total) {
-						const m = months.get(month(entry.at)) ?? { month: month(entry.at), earned: 0, used: 0, cancelled: 0, expired: 0, adjusted: 0 };
+						const m = months.get(monthOf(entry.at)) ?? { month: monthOf(entry.at), earned: 0, used: 0, cancelled: 0, expired: 0, adjusted: 0 };
 						m[total] += totalAmount(entry.kind, entry.amount);
 						months.set(m.month, m);
 					}
@@ -175,7 +175,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			async handler(this: This, ctx: Context<{ days: number }>) {
 				const now = this.now();
 				const since = new Date(now.getTime() - (ctx.params.days - 1) * 86_400_000).toISOString().slice(0, 10);
-				const current = month(now.toISOString());
+				const current = monthOf(now.toISOString());
 				const monthStart = `${now.toISOString().slice(0, 7)}-01`;
 				const [members, deals, deadLetters] = await Promise.all([
 					this.members.find({ query: {} }),
@@ -259,7 +259,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 						status: "success",
 						at: entry.at,
 						day: entry.at.slice(0, 10),
-						month: month(entry.at),
+						month: monthOf(entry.at),
 						reason: entry.reason,
 						by: entry.by
 					});
@@ -362,7 +362,7 @@ function dealRow(deal: DealEvent, status: string): TransactionRow {
 		status,
 		at: deal.dealDate,
 		day: deal.dealDate.slice(0, 10),
-		month: month(deal.dealDate)
+		month: monthOf(deal.dealDate)
 	};
 }
 
@@ -379,7 +379,7 @@ function orderRow(order: OrderEvent, status: string): TransactionRow {
 		status,
 		at,
 		day: at.slice(0, 10),
-		month: month(at)
+		month: monthOf(at)
 	};
 }
 

@@ -202,7 +202,8 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 					if (returned) return this.toView(returned);
 					await new Promise(resolve => setTimeout(resolve, Math.random() * attempt * 5));
 				}
-				throw conflict("DEAL_BUSY", `Deal '${ctx.params.id}' keeps changing concurrently; try again`, { id: ctx.params.id });
+				// Nothing was written: a 503 asks for a retry (and is not kept as an Idempotency-Key's answer).
+				throw unavailable("DEAL_BUSY", `Deal '${ctx.params.id}' keeps changing concurrently; try again`, this.settings.retryAfterSeconds);
 			}
 		}
 	},

@@ -193,8 +193,12 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				const { status, cancelledAt, payment, delivery } = cancelled;
 				// Conditional on `paid`: of two racing cancellations, one wins.
 				const change = { filter: { _id: order._id, status: "paid" }, update: { $set: { status, cancelledAt, payment, delivery, ...(requestId ? { cancelRequestId: requestId } : {}) } } };
-				if (!(await this.changeWithEvents(change, [this.eventOf("order.cancelled", cancelled)])))
+				if (!(await this.changeWithEvents(change, [this.eventOf("order.cancelled", cancelled)]))) {
+					// The same request, run again at the same time, may be the one that won: it answers that.
+					const now = await this.findOrder(order._id);
+					if (requestId && now.cancelRequestId === requestId) return this.toView(now);
 					throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, { id: order._id });
+				}
 				return this.toView(cancelled);
 			}
 		}

@@ -27,10 +27,12 @@ import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "mole
 import { ConfiguredSettings } from "../config/settings";
 import { consume, outboxEvent, type DealEvent, type DealReturnedEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
 import { clientError, conflict, notFound } from "../lib/errors";
-import { applyToLots, expiredThrough, expiringSoon, monthOf, oldestOf, sumOf, type Expiring, type Lots } from "../lib/expiry";
+import { applyToLots, expiredThrough, expiringSoon, oldestOf, sumOf, type Expiring, type Lots } from "../lib/expiry";
+import { monthOf } from "../lib/months";
 import type { CallerMeta } from "../lib/gateway/access";
 import { sortableId } from "../lib/ids";
 import { requestIdOf, type RequestMeta } from "../lib/request-id";
+import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { KeyedLock } from "../lib/keyed-lock";
 import * as P from "../lib/params";
 import { DbMixin, openCollection, type Collection, type DbThis, type Page } from "../mixins/db.mixin";
@@ -111,6 +113,7 @@ interface Methods {
 	expireDue(through?: string): Promise<ExpiryRun>;
 	scheduleExpiry(delayMs: number): void;
 	now(): Date;
+	adjusted(ctx: Context<unknown, AnswerMeta>, view: AdjustmentView): AdjustmentView;
 	openAccount(memberId: string, at: string): Promise<void>;
 	finishPosting(account: Account): Promise<void>;
 	finishPending(olderThanMs?: number): Promise<void>;
@@ -163,7 +166,6 @@ function lotsOf(account: Account): Lots {
 }
 
 /** A month of earnings (`YYYYMM`). */
-const monthParam = { type: "string", pattern: /^20\d\d(0[1-9]|1[0-2])$/, messages: { stringPattern: "The month must be YYYYMM, of a year from 2000 to 2099" } } as const;
 
 const dealSource = (deal: DealEvent): Source => ({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId });
 const orderSource = (order: OrderEvent): Source => ({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId });
@@ -233,39 +235,41 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		 */
 		adjust: {
 			rest: "POST /points/:memberId/adjustments",
+			summary: "A staff adjustment: points given (positive) or taken (negative, never below 0), with its reason and who made it",
 			params: {
 				$$strict: true,
 				memberId: P.id,
 				amount: P.signedAmount(P.MAX_POINTS),
 				reason: { type: "string", trim: true, min: 1, max: 500 }
 			},
-			async handler(this: This, ctx: Context<{ memberId: string; amount: number; reason: string }, CallerMeta & RequestMeta & { $statusCode?: number }>): Promise<AdjustmentView> {
+			async handler(this: This, ctx: Context<{ memberId: string; amount: number; reason: string }, CallerMeta & RequestMeta & AnswerMeta>): Promise<AdjustmentView> {
 				const { memberId, amount, reason } = ctx.params;
-				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
-				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 				const user = ctx.meta.user;
 				// The gateway lets only staff here; a call without a user comes from inside (the REPL).
 				const by = user?.kind === "staff" ? (user.name ?? "staff") : "operator";
 				// Under an Idempotency-Key the request id names the adjustment, so a run of the same request
-				// again (its gateway died before answering) finds its entry instead of adjusting twice.
+				// again (its gateway died before answering) answers the adjustment it made, and never makes two.
 				const adjustmentId = requestIdOf(ctx).requestId ?? sortableId();
 				const cause = `adjustment:${adjustmentId}`;
+				const made = async () => {
+					const entry = await this.ledger.findById(cause);
+					return entry && this.adjusted(ctx, { adjustmentId, memberId, amount: entry.amount, reason: entry.reason ?? reason, by: entry.by ?? by, at: entry.at, balance: entry.balanceAfter });
+				};
+				const before = await made();
+				if (before) return before;
+				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
+				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 				const result = await this.post(memberId, async account => {
 					if (await this.ledger.findById(cause)) return "DUPLICATE";
 					if (account.status === "closed") return "ACCOUNT_CLOSED";
 					if (account.balance + amount < 0) return "INSUFFICIENT_POINTS";
 					return [{ _id: cause, kind: "adjust", amount, sourceType: "adjustment", sourceId: adjustmentId, reason, by }];
 				});
-				if (result.reason === "DUPLICATE") {
-					const entry = (await this.ledger.findById(cause)) as LedgerEntry;
-					ctx.meta.$statusCode = 201;
-					return { adjustmentId, memberId, amount: entry.amount, reason: entry.reason ?? reason, by: entry.by ?? by, at: entry.at, balance: result.balance };
-				}
+				if (result.reason === "DUPLICATE") return (await made()) as AdjustmentView;
 				if (result.reason === "ACCOUNT_CLOSED") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 				if (result.reason === "INSUFFICIENT_POINTS")
 					throw conflict("INSUFFICIENT_POINTS", `Member '${memberId}' has ${result.balance} points: ${-amount} cannot be taken`, { memberId, balance: result.balance, amount });
-				ctx.meta.$statusCode = 201;
-				return { adjustmentId, memberId, amount, reason, by, at: result.at as string, balance: result.balance };
+				return this.adjusted(ctx, { adjustmentId, memberId, amount, reason, by, at: result.at as string, balance: result.balance });
 			}
 		},
 
@@ -275,7 +279,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		 */
 		expire: {
 			visibility: "public",
-			params: { $$strict: true, through: { ...monthParam, optional: true } },
+			params: { $$strict: true, through: { ...P.month, optional: true } },
 			handler(this: This, ctx: Context<{ through?: string }>): Promise<ExpiryRun> {
 				return this.expireDue(ctx.params.through);
 			}
@@ -355,6 +359,11 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 	}),
 
 	methods: {
+		/** An adjustment's answer: 201, located in the member's history, where its entry is. */
+		adjusted(this: This, ctx: Context<unknown, AnswerMeta>, view: AdjustmentView): AdjustmentView {
+			return created(ctx, `/api/points/${view.memberId}/history`, view);
+		},
+
 		/**
 		 * Posts the entries `plan` drafts for the account, atomically and at most once per cause.
 		 * `plan` runs under the account's lock and may answer a reason instead, to post nothing.

@@ -114,10 +114,14 @@ export function schemaOf(input: Rule): JsonSchema {
 			if (rule.positive) schema.exclusiveMinimum = 0;
 			if (rule.negative) schema.exclusiveMaximum = 0;
 			break;
-		case "amount": // lib/params.ts: a positive whole number, also sent as a string of digits
-			if (rule.signed) Object.assign(schema, { type: "integer", minimum: rule.max === undefined ? undefined : -rule.max, maximum: rule.max, not: { const: 0 } });
-			else Object.assign(schema, { type: "integer", exclusiveMinimum: 0, maximum: rule.max });
+		case "amount": {
+			// lib/params.ts: a whole number within bounds, also sent as a string of digits.
+			const number = rule.signed
+				? { type: "integer", minimum: rule.max === undefined ? undefined : -rule.max, maximum: rule.max, not: { const: 0 } }
+				: { type: "integer", exclusiveMinimum: 0, maximum: rule.max };
+			schema.oneOf = [number, { type: "string", pattern: rule.signed ? "^\\s*-?\\d+\\s*$" : "^\\s*\\d+\\s*$" }];
 			break;
+		}
 		case "boolean":
 			schema.type = "boolean";
 			break;

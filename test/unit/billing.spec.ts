@@ -1,5 +1,6 @@
 import type { ServiceBroker } from "moleculer";
-import BillingService, { monthBounds } from "../../services/billing.service";
+import { monthBounds } from "../../lib/months";
+import BillingService from "../../services/billing.service";
 import { createTestBroker, drained, eventually } from "../helpers/broker";
 
 type Send = (channel: string, payload: object) => Promise<void>;

@@ -1,5 +1,6 @@
 import type { ServiceBroker, ServiceSchema } from "moleculer";
-import { addMonths, applyToLots, expiredThrough, expiringSoon } from "../../lib/expiry";
+import { applyToLots, expiredThrough, expiringSoon } from "../../lib/expiry";
+import { addMonths } from "../../lib/months";
 import PointsService, { type AccountView, type ExpiryRun } from "../../services/points.service";
 import { createTestBroker, drained, eventually } from "../helpers/broker";
 

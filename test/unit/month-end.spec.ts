@@ -1,5 +1,6 @@
 import type { ServiceBroker, ServiceSchema } from "moleculer";
-import BillingService, { previousMonth, type SettlementView } from "../../services/billing.service";
+import { previousMonth } from "../../lib/months";
+import BillingService, { type SettlementView } from "../../services/billing.service";
 import { createTestBroker, eventually } from "../helpers/broker";
 
 type Send = (channel: string, payload: object) => Promise<void>;

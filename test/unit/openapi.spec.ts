@@ -100,9 +100,9 @@ describe("the published API contract", () => {
 			additionalProperties: false,
 			properties: {
 				memberId: { type: "string", pattern: "^[A-Za-z0-9_-]{1,64}$" },
-				dealAmount: { type: "integer", exclusiveMinimum: 0, maximum: 10_000_000_000 },
+				dealAmount: { oneOf: [{ type: "integer", exclusiveMinimum: 0, maximum: 10_000_000_000 }, { type: "string", pattern: "^\\s*\\d+\\s*$" }] },
 				type: { enum: ["save", "use"] },
-				point: { type: "integer" }
+				point: { oneOf: [{ type: "integer" }, { type: "string" }] }
 			}
 		});
 		expect(body?.required).not.toContain("point");

@@ -57,15 +57,6 @@ describe("the store", () => {
 		expect(await payments.find({ query: {} })).toEqual([{ _id: "p1", orderId: "o1" }]);
 	});
 
-	it("mints a new id for a new document when the first is taken, and never answers the document that holds it", async () => {
-		const deals = await open("deals-ids");
-		await deals.insertUnique({ _id: "taken", balance: 1 });
-		const ids = ["taken", "fresh"];
-		expect(await deals.insertNew(() => ({ _id: ids.shift() as string, balance: 2 }))).toEqual({ _id: "fresh", balance: 2 });
-		await expect(deals.insertNew(() => ({ _id: "taken", balance: 3 }))).rejects.toThrow(/taken/);
-		expect(await deals.findById("taken")).toEqual({ _id: "taken", balance: 1 });
-	});
-
 	it("removes exactly the documents its filter matches, and says how many", async () => {
 		const keys = await open("keys-remove", [{ fields: { balance: 1 } }]);
 		for (const [i, balance] of [5, 10, 15].entries()) await keys.insertUnique({ _id: `k${i}`, balance });
