@@ -175,7 +175,7 @@ export function printRows(title: string, rows: Row[]): void {
 export function printWindows(title: string, loads: { what: string; figures: Figures }[], window: number): void {
 	console.log(`\n${title}: per second in each ${window}-second window`);
 	for (const { what, figures } of loads)
-		console.log(`  ${what.padEnd(46)} ${figures.windows.map(n => fmt(n).padStart(7)).join("")}  ${isFlat(figures) ? "flat" : "NOT FLAT"}`);
+		console.log(`  ${what.padEnd(46)} ${figures.windows.map(n => fmt(n).padStart(7)).join(" ")}  ${isFlat(figures) ? "flat" : "NOT FLAT"}`);
 }
 
 /** Prints a target and whether this run met it; returns whether it did. */
