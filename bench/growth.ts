@@ -1,6 +1,7 @@
 /**
  * 4. Growth: reads as the ledger grows — `GET /points/:id`, the history page and the dashboard's
- * member query — with the process's memory, at each ledger size; and the start-up time on that data.
+ * member query — then writes (`POST /api/deals` for the grown members, a full load), with the
+ * process's memory, at each ledger size; and the start-up time on that data.
  * The data folder is written directly in the store's format (100 entries per member, as the points
  * and dashboard services would have written them), not by a million HTTP calls.
  */
@@ -8,7 +9,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { freePort, System } from "../test/helpers/system";
-import { readLatencies, rssMb, type Options } from "./lib";
+import { AUTH, dealBody, httpLoad, readLatencies, rssMb, type Figures, type Options } from "./lib";
 
 const ENTRIES_PER_MEMBER = 100;
 
@@ -18,6 +19,8 @@ export interface GrowthRow {
 	rssMb: number;
 	/** p50 and p99 (ms) per query. */
 	reads: Record<"balance" | "history" | "dashboard", { p50: number; p99: number }>;
+	/** Deals over HTTP with this many entries already stored. */
+	writes: Figures;
 }
 
 /** Writes one NeDB file, a JSON document per line, without holding them all in memory. */
@@ -70,7 +73,8 @@ export async function growthBench(options: Options, reads = 200): Promise<Growth
 		try {
 			const members = await writeLedger(dataDir, entries);
 			const anyMember = () => `g${Math.floor(Math.random() * members)}`;
-			const system = new System(await freePort(), {}, await freePort(), dataDir);
+			// The rate limiter would refuse the write load: lifted, as for the HTTP benchmark.
+			const system = new System(await freePort(), { RATE_LIMIT: "1000000000" }, await freePort(), dataDir);
 			system.startTimeoutMs = 300_000;
 			const started = performance.now();
 			await system.start();
@@ -84,7 +88,12 @@ export async function growthBench(options: Options, reads = 200): Promise<Growth
 						balance: await readLatencies(system, () => `/api/points/${anyMember()}`, n => n < reads),
 						history: await readLatencies(system, () => `/api/points/${anyMember()}/history`, n => n < reads),
 						dashboard: await readLatencies(system, () => `/api/dashboard/members/${anyMember()}`, n => n < reads)
-					}
+					},
+					writes: await httpLoad(`${system.url}/api/deals`, options, {
+						method: "POST",
+						headers: AUTH,
+						setupRequest: req => ({ ...req, body: JSON.stringify(dealBody(members, "g")) })
+					})
 				};
 				row.rssMb = rssMb(system.pid as number);
 				rows.push(row);

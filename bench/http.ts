@@ -1,19 +1,36 @@
 /**
- * 1. HTTP: `POST /api/deals` against the system as `npm start` runs it, beside the same gateway
- * answering a trivial authenticated action (`GET /api/me`): the floor HTTP and moleculer-web set.
- * Meanwhile a member of staff reads the dashboard: its member query at rest and under the deal load.
- * Then the same deals, each under a new `Idempotency-Key`, beside the deals without one: what taking
- * and recording a key costs.
+ * 1. HTTP: `POST /api/deals` against the system as `npm start` runs it (metrics on), beside the same
+ * gateway answering a trivial authenticated action (`GET /api/me`), itself beside stock moleculer-web
+ * answering a trivial action: the floor HTTP and moleculer-web set. Meanwhile a member of staff reads
+ * the dashboard: its member query at rest and under the deal load. Then the same deals, each under a
+ * new `Idempotency-Key`, beside the deals without one: what taking and recording a key costs.
  */
-import { System } from "../test/helpers/system";
-import { AUTH, auditOverHttp, dealBody, httpLoad, joinMembers, readLatencies, settledAudit, type Options, type Row } from "./lib";
+import { fork } from "node:child_process";
+import path from "node:path";
+import { freePort, System } from "../test/helpers/system";
+import { AUTH, auditOverHttp, dealBody, httpLoad, joinMembers, readLatencies, settledAudit, type Figures, type Options, type Row } from "./lib";
+
+/** Stock moleculer-web's `GET /api/me`, in a process of its own (`stock-gateway.ts`). */
+async function stockGatewayLoad(options: Options): Promise<Figures> {
+	const port = await freePort();
+	const child = fork(path.join(__dirname, "stock-gateway.js"), [String(port)], { stdio: "inherit" });
+	try {
+		await new Promise<void>((resolve, reject) => {
+			child.once("message", () => resolve());
+			child.once("exit", code => reject(new Error(`The stock gateway exited with ${code}`)));
+		});
+		return await httpLoad(`http://127.0.0.1:${port}/api/me`, options, { method: "GET" });
+	} finally {
+		child.kill();
+	}
+}
 
 export interface DashboardReads {
 	atRest: { p50: number; p99: number };
 	underLoad: { p50: number; p99: number };
 }
 
-export async function httpBench(options: Options): Promise<{ row: Row; keyed: Row; dashboard: DashboardReads; audit: { accounts: number; mismatches: number } }> {
+export async function httpBench(options: Options): Promise<{ row: Row; gateway: Row; keyed: Row; dashboard: DashboardReads; audit: { accounts: number; mismatches: number } }> {
 	// The rate limiter would refuse a benchmark's load: lift it for this run.
 	const system = await System.start({ RATE_LIMIT: "1000000000" });
 	try {
@@ -21,6 +38,7 @@ export async function httpBench(options: Options): Promise<{ row: Row; keyed: Ro
 		const dashboardUrl = () => `/api/dashboard/members/b${Math.floor(Math.random() * options.members)}`;
 		const atRest = await readLatencies(system, dashboardUrl, n => n < 100);
 		const trivial = await httpLoad(`${system.url}/api/me`, options, { method: "GET", headers: AUTH });
+		const stock = await stockGatewayLoad(options);
 		let loading = true;
 		const [deals, underLoad] = await Promise.all([
 			httpLoad(`${system.url}/api/deals`, options, {
@@ -38,6 +56,7 @@ export async function httpBench(options: Options): Promise<{ row: Row; keyed: Ro
 		return {
 			row: { what: "POST /api/deals (HTTP, one process)", figures: deals, baseline: "GET /api/me", baselineFigures: trivial },
 			keyed: { what: "POST /api/deals with Idempotency-Key", figures: keyed, baseline: "POST /api/deals", baselineFigures: deals },
+			gateway: { what: "GET /api/me (our gateway, metrics on)", figures: trivial, baseline: "stock moleculer-web, trivial action", baselineFigures: stock },
 			dashboard: { atRest, underLoad },
 			audit: await settledAudit(() => auditOverHttp(system, options.members))
 		};

@@ -1,4 +1,5 @@
 /** What the benchmarks share: load generation, figures, the correctness check and the table. */
+import type { EventEmitter } from "node:events";
 import fs from "node:fs";
 import autocannon from "autocannon";
 import type { System } from "../test/helpers/system";
@@ -13,6 +14,8 @@ export interface Options {
 	members: number;
 	/** Ledger sizes of the growth benchmark. */
 	sizes: number[];
+	/** Throughput is also reported per window of this many seconds (whole seconds over HTTP). */
+	window: number;
 }
 
 export interface Figures {
@@ -20,7 +23,12 @@ export interface Figures {
 	p50: number;
 	p99: number;
 	errors: number;
+	/** Per second in each consecutive window of the load: flat when the last is within 20% of the first. */
+	windows: number[];
 }
+
+/** Is the last window's throughput within 20% of the first's? */
+export const isFlat = (f: Figures): boolean => f.windows.length > 0 && f.windows[f.windows.length - 1] >= 0.8 * f.windows[0];
 
 export interface Row {
 	what: string;
@@ -32,8 +40,8 @@ export interface Row {
 export const AUTH = { authorization: `Bearer ${TOKENS.staff}`, "content-type": "application/json" };
 
 /** A deal body as a busy shop sends them: 70% saves, 30% small uses, over many members. */
-export function dealBody(members: number): Record<string, unknown> {
-	const memberId = `b${Math.floor(Math.random() * members)}`;
+export function dealBody(members: number, prefix = "b"): Record<string, unknown> {
+	const memberId = `${prefix}${Math.floor(Math.random() * members)}`;
 	return Math.random() < 0.7
 		? { memberId, merchantId: String(20 + Math.floor(Math.random() * 5)), dealAmount: 1000 + Math.floor(Math.random() * 99_000), type: "save" }
 		: { memberId, merchantId: String(20 + Math.floor(Math.random() * 5)), dealAmount: 1000, type: "use", point: 1 + Math.floor(Math.random() * 20) };
@@ -41,13 +49,22 @@ export function dealBody(members: number): Record<string, unknown> {
 
 /** Drives one HTTP request shape with autocannon for `seconds`. */
 export async function httpLoad(url: string, options: Options, request: autocannon.Request): Promise<Figures> {
-	const result = await autocannon({ url, connections: options.connections, duration: options.seconds, requests: [request] });
-	return { perSecond: result.requests.average, p50: result.latency.p50, p99: result.latency.p99, errors: result.errors + result.timeouts + result.non2xx };
+	const window = Math.max(1, Math.round(options.window));
+	const perSecond: number[] = [];
+	// Without a callback autocannon's instance is also the promise of its result (not in its typings).
+	const instance = autocannon({ url, connections: options.connections, duration: options.seconds, requests: [request] }) as unknown as EventEmitter & Promise<autocannon.Result>;
+	// It ticks once a second with the responses of that second (and once more as it stops).
+	instance.on("tick", ({ counter }: { counter: number }) => perSecond.push(counter));
+	const result = await instance;
+	const windows: number[] = [];
+	for (let i = 0; i + window <= Math.min(perSecond.length, options.seconds); i += window) windows.push(perSecond.slice(i, i + window).reduce((a, b) => a + b, 0) / window);
+	return { perSecond: result.requests.average, p50: result.latency.p50, p99: result.latency.p99, errors: result.errors + result.timeouts + result.non2xx, windows };
 }
 
 /** Calls `call` from `connections` concurrent callers for `seconds`, timing each call. */
 export async function callLoad(options: Options, call: () => Promise<unknown>): Promise<Figures> {
 	const latencies: number[] = [];
+	const windows = Array.from({ length: Math.max(1, Math.floor(options.seconds / options.window)) }, () => 0);
 	let errors = 0;
 	const started = performance.now();
 	const deadline = started + options.seconds * 1000;
@@ -56,7 +73,10 @@ export async function callLoad(options: Options, call: () => Promise<unknown>): 
 			const t = performance.now();
 			try {
 				await call();
-				latencies.push(performance.now() - t);
+				const done = performance.now();
+				latencies.push(done - t);
+				const w = Math.floor((done - started) / 1000 / options.window);
+				if (w < windows.length) windows[w]++;
 			} catch {
 				errors++;
 			}
@@ -65,7 +85,7 @@ export async function callLoad(options: Options, call: () => Promise<unknown>): 
 	await Promise.all(Array.from({ length: options.connections }, caller));
 	const elapsed = (performance.now() - started) / 1000;
 	latencies.sort((a, b) => a - b);
-	return { perSecond: latencies.length / elapsed, p50: percentile(latencies, 0.5), p99: percentile(latencies, 0.99), errors };
+	return { perSecond: latencies.length / elapsed, p50: percentile(latencies, 0.5), p99: percentile(latencies, 0.99), errors, windows: windows.map(n => n / options.window) };
 }
 
 /** Sequential GETs of `nextUrl()` until `more(count)` says stop: their p50 and p99 (ms). */
@@ -149,6 +169,13 @@ export function printRows(title: string, rows: Row[]): void {
 			ratio: `${fmt((100 * figures.perSecond) / baselineFigures.perSecond)}%`
 		}))
 	);
+}
+
+/** Each load's throughput per window, and whether it held within 20% of its first window. */
+export function printWindows(title: string, loads: { what: string; figures: Figures }[], window: number): void {
+	console.log(`\n${title}: per second in each ${window}-second window`);
+	for (const { what, figures } of loads)
+		console.log(`  ${what.padEnd(46)} ${figures.windows.map(n => fmt(n).padStart(7)).join(" ")}  ${isFlat(figures) ? "flat" : "NOT FLAT"}`);
 }
 
 /** Prints a target and whether this run met it; returns whether it did. */

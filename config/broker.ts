@@ -99,7 +99,14 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 		metrics:
 			config.metricsPort === undefined
 				? false
-				: { enabled: true, reporter: [new OpsReporter({ port: config.metricsPort }) as unknown as MetricsReporter] },
+				: {
+						enabled: true,
+						reporter: [new OpsReporter({ port: config.metricsPort }) as unknown as MetricsReporter],
+						// Request times are histograms with buckets, from which Prometheus computes any quantile
+						// (`histogram_quantile`). Moleculer's own quantiles would keep every sample of the last
+						// minute in arrays, two per gateway request: memory and GC that grow with the load.
+						defaultQuantiles: false as unknown as number[]
+					},
 		internalMiddlewares: false,
 		middlewares: [NodeConfig(config), ChannelsMiddleware({ adapter: channelAdapter(config) }), ...INTERNAL_MIDDLEWARES]
 	};

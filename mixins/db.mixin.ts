@@ -19,7 +19,7 @@ import MongooseAdapter from "moleculer-db-adapter-mongoose";
 import mongoose from "mongoose";
 import type { Config } from "../config";
 import { configOf } from "../config/settings";
-import { openDatastore } from "../lib/store/nedb";
+import { closeDatastore, openDatastore } from "../lib/store/nedb";
 
 export interface IndexSpec {
 	fields: Record<string, 1 | -1>;
@@ -77,6 +77,8 @@ class NedbBackend<T extends { _id: string }> implements Backend<T> {
 
 	constructor(private readonly db: Datastore<T>) {
 		this.adapter = new DbService.MemoryAdapter(db);
+		// moleculer-db disconnects a service's main adapter itself: that closes the collection's file.
+		this.adapter.disconnect = async () => closeDatastore(db);
 	}
 
 	async connect() {

@@ -11,11 +11,18 @@
  * the adapter only after its services have started, and a service may publish from `started`
  * (the outbox sends what a crash left). A message published before any of its channel's groups was
  * known (an orphan) is handed to the groups known at the next connect, or to the first to subscribe.
+ *
+ * The messages waiting live in memory, in one queue per channel and group in publishing order,
+ * rebuilt from the store at connect; the store is an append-only file in NeDB's line format (a
+ * message as published, again as its groups handle it, a tombstone once all have), written before a
+ * publish or an acknowledgement completes, and compacted at connect and disconnect. Publishing and
+ * acknowledging cost one appended line each, however long the backlog (README, "Performance").
  */
-import path from "node:path";
 import fs from "node:fs";
+import path from "node:path";
 import type Datastore from "@seald-io/nedb";
-import { openDatastore } from "../store/nedb";
+import { serialize } from "@seald-io/nedb/lib/model";
+import { closeDatastore, openDatastore } from "../store/nedb";
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { Logger, ServiceBroker } from "moleculer";
@@ -38,8 +45,6 @@ interface Consumer {
 	chan: Channel;
 	inFlight: Map<string, Promise<void>>;
 	failures: Map<string, { tries: number; notBefore: number }>;
-	pumping: boolean;
-	again: boolean;
 	stopped: boolean;
 	timer?: NodeJS.Timeout;
 }
@@ -50,17 +55,26 @@ export interface EmbeddedAdapterOptions extends RetryOptions {
 	deadLettering?: { enabled: boolean; queueName?: string };
 }
 
+/** Ids in publishing order: 9 base-36 digits of milliseconds (never going back), then a sequence. */
+let lastMs = 0;
 let sequence = 0;
 function messageId(): string {
-	sequence = (sequence + 1) % 1679616;
-	return Date.now().toString(36).padStart(9, "0") + sequence.toString(36).padStart(4, "0");
+	const now = Date.now();
+	if (now > lastMs) [lastMs, sequence] = [now, 0];
+	else if (++sequence === 1679616) [lastMs, sequence] = [lastMs + 1, 0];
+	return lastMs.toString(36).padStart(9, "0") + sequence.toString(36).padStart(4, "0");
 }
 
 export class EmbeddedAdapter extends BaseAdapter {
 	declare opts: InstanceType<typeof BaseAdapter>["opts"] & EmbeddedAdapterOptions;
 	declare broker: ServiceBroker;
 	declare logger: Logger;
-	private messages!: Datastore<StoredMessage>;
+	private file = "";
+	private fd?: number;
+	/** Every message some group has still to handle, and the orphans. */
+	private readonly stored = new Map<string, StoredMessage>();
+	/** Per `channel|group`, the messages that group has still to handle, in publishing order. */
+	private readonly queues = new Map<string, Map<string, StoredMessage>>();
 	private groups!: Datastore<{ _id: string; channel: string; group: string }>;
 	private readonly knownGroups = new Map<string, Set<string>>();
 	private readonly consumers = new Map<string, Consumer>();
@@ -97,15 +111,22 @@ export class EmbeddedAdapter extends BaseAdapter {
 	private async load(): Promise<void> {
 		const dir = path.join(this.opts.dataDir, "channels");
 		fs.mkdirSync(dir, { recursive: true });
-		this.messages = openDatastore<StoredMessage>(path.join(dir, "messages.db"));
+		this.file = path.join(dir, "messages.db");
+		// NeDB reads the file (the last line of a message wins, tombstones remove it) and compacts it.
+		const messages = openDatastore<StoredMessage>(this.file);
 		this.groups = openDatastore(path.join(dir, "groups.db"));
-		await Promise.all([this.messages.loadDatabaseAsync(), this.groups.loadDatabaseAsync()]);
-		await this.messages.ensureIndexAsync({ fieldName: "channel" });
+		await Promise.all([messages.loadDatabaseAsync(), this.groups.loadDatabaseAsync()]);
+		closeDatastore(messages);
+		this.stored.clear();
+		this.queues.clear();
+		for (const msg of messages.getAllData().sort((a, b) => (a._id < b._id ? -1 : 1))) {
+			this.stored.set(msg._id, msg);
+			for (const group of msg.pending) this.queueOf(msg.channel, group).set(msg._id, msg);
+		}
 		for (const { channel, group } of await this.groups.findAsync({})) this.groupsOf(channel).add(group);
 		// Orphans of channels whose groups are now known (published by an earlier run before its
 		// groups were loaded) go to those groups.
-		for (const [channel, groups] of this.knownGroups)
-			await this.messages.updateAsync({ channel, orphan: true }, { $set: { pending: [...groups] }, $unset: { orphan: true } }, { multi: true });
+		for (const [channel, groups] of this.knownGroups) this.adoptOrphans(channel, [...groups]);
 		// Every local service's groups are known before anything is published, even on a fresh data
 		// folder: a message published before a consumer's first subscription still waits for it.
 		for (const service of this.broker.services)
@@ -117,7 +138,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 		// Handlers still in flight may dead-letter: the store stays open for them until they are done.
 		await Promise.all([...this.consumers.values()].map(c => this.stopConsumer(c)));
 		this.consumers.clear();
-		if (this.messages) await this.messages.compactDatafileAsync();
+		if (this.file) this.compact();
 		this.connected = false;
 		this.stopped = true;
 		this.resetOpened();
@@ -129,10 +150,10 @@ export class EmbeddedAdapter extends BaseAdapter {
 		chan.maxRetries ??= this.opts.maxRetries;
 		chan.deadLettering = { ...this.opts.deadLettering, ...chan.deadLettering };
 		await this.registerGroup(chan.name, chan.group);
-		const consumer: Consumer = { chan, inFlight: new Map(), failures: new Map(), pumping: false, again: false, stopped: false };
+		const consumer: Consumer = { chan, inFlight: new Map(), failures: new Map(), stopped: false };
 		this.consumers.set(chan.id, consumer);
 		this.initChannelActiveMessages(chan.id, false);
-		void this.pump(consumer);
+		this.pump(consumer);
 	}
 
 	override async unsubscribe(chan: Channel): Promise<void> {
@@ -146,28 +167,49 @@ export class EmbeddedAdapter extends BaseAdapter {
 		await this.opened;
 		const replayTo = opts.headers?.[REPLAY_GROUP];
 		const groups = replayTo ? [replayTo] : [...this.groupsOf(channelName)];
-		await this.messages.insertAsync({
-			_id: messageId(),
-			channel: channelName,
-			payload,
-			headers: opts.headers,
-			pending: groups,
-			...(groups.length === 0 ? { orphan: true } : {})
-		});
-		for (const consumer of this.consumers.values()) if (consumer.chan.name === channelName) void this.pump(consumer);
+		const msg: StoredMessage = { _id: messageId(), channel: channelName, payload: structuredClone(payload), headers: opts.headers, pending: groups, ...(groups.length === 0 ? { orphan: true } : {}) };
+		this.append(msg);
+		this.stored.set(msg._id, msg);
+		for (const group of groups) this.queueOf(channelName, group).set(msg._id, msg);
+		for (const consumer of this.consumers.values()) if (consumer.chan.name === channelName) this.pump(consumer);
 	}
 
 	/** Messages some subscribed group has still to handle: zero means every consumer has caught up. */
 	async backlog(): Promise<number> {
-		return this.messages.countAsync({ $not: { pending: { $size: 0 } } });
+		let waiting = 0;
+		for (const msg of this.stored.values()) if (msg.pending.length > 0) waiting++;
+		return waiting;
 	}
 
 	/** Has `group` handled every message of `channels` published before `before`? */
 	async caughtUp(channels: string[], group: string, before: Date): Promise<boolean> {
 		await this.opened;
 		// Message ids begin with their publishing time: 9 base-36 digits of milliseconds.
-		const waiting = await this.messages.countAsync({ channel: { $in: channels }, pending: group, _id: { $lt: before.getTime().toString(36).padStart(9, "0") } });
-		return waiting === 0;
+		const cutoff = before.getTime().toString(36).padStart(9, "0");
+		return channels.every(channel => [...(this.queues.get(`${channel}|${group}`)?.keys() ?? [])].every(id => id >= cutoff));
+	}
+
+	/** Writes the message's current state (or its tombstone) to the file before anything answers. */
+	private append(msg: StoredMessage | { $$deleted: true; _id: string }): void {
+		this.fd ??= fs.openSync(this.file, "a");
+		const bytes = Buffer.from(`${serialize(msg)}\n`, "utf8");
+		for (let written = 0; written < bytes.length; ) written += fs.writeSync(this.fd, bytes, written);
+	}
+
+	/** Rewrites the file with the messages still waiting, as NeDB does: a new file renamed over the old. */
+	private compact(): void {
+		if (this.fd !== undefined) fs.closeSync(this.fd);
+		this.fd = undefined;
+		const temporary = `${this.file}~`;
+		fs.writeFileSync(temporary, [...this.stored.values()].map(msg => `${serialize(msg)}\n`).join(""), "utf8");
+		fs.renameSync(temporary, this.file);
+	}
+
+	private queueOf(channel: string, group: string): Map<string, StoredMessage> {
+		const key = `${channel}|${group}`;
+		let queue = this.queues.get(key);
+		if (!queue) this.queues.set(key, (queue = new Map()));
+		return queue;
 	}
 
 	/** Remembers (durably) that `group` consumes `channel`; the first group also takes the orphans. */
@@ -175,7 +217,17 @@ export class EmbeddedAdapter extends BaseAdapter {
 		if (this.groupsOf(channel).has(group)) return;
 		this.groupsOf(channel).add(group);
 		await this.groups.updateAsync({ _id: `${channel}|${group}` }, { _id: `${channel}|${group}`, channel, group }, { upsert: true });
-		await this.messages.updateAsync({ channel, orphan: true }, { $set: { pending: [group] }, $unset: { orphan: true } }, { multi: true });
+		this.adoptOrphans(channel, [group]);
+	}
+
+	private adoptOrphans(channel: string, groups: string[]): void {
+		for (const msg of this.stored.values()) {
+			if (!msg.orphan || msg.channel !== channel) continue;
+			msg.pending = [...groups];
+			delete msg.orphan;
+			this.append(msg);
+			for (const group of groups) this.queueOf(channel, group).set(msg._id, msg);
+		}
 	}
 
 	private groupsOf(channel: string): Set<string> {
@@ -191,67 +243,60 @@ export class EmbeddedAdapter extends BaseAdapter {
 		this.activeMessages.delete(consumer.chan.id);
 	}
 
-	/** Hands waiting messages to the consumer's handler, up to its `maxInFlight`, oldest first. */
-	private async pump(consumer: Consumer): Promise<void> {
-		if (consumer.pumping) {
-			consumer.again = true;
-			return;
+	/**
+	 * Hands waiting messages to the consumer's handler, up to its `maxInFlight`, oldest first. The
+	 * queue's head holds at most the messages in flight and those waiting to be retried.
+	 */
+	private pump(consumer: Consumer): void {
+		let free = (consumer.chan.maxInFlight ?? 1) - consumer.inFlight.size;
+		if (consumer.stopped || free <= 0) return;
+		const now = Date.now();
+		let nextRetry = Infinity;
+		for (const msg of this.queueOf(consumer.chan.name, consumer.chan.group).values()) {
+			if (free <= 0) break;
+			if (consumer.inFlight.has(msg._id)) continue;
+			const failure = consumer.failures.get(msg._id);
+			if (failure && failure.notBefore > now) {
+				nextRetry = Math.min(nextRetry, failure.notBefore);
+				continue;
+			}
+			free--;
+			this.deliver(consumer, msg);
 		}
-		consumer.pumping = true;
-		try {
-			do {
-				consumer.again = false;
-				const free = (consumer.chan.maxInFlight ?? 1) - consumer.inFlight.size;
-				if (consumer.stopped || free <= 0) break;
-				const now = Date.now();
-				const waiting = await this.messages
-					.findAsync({ channel: consumer.chan.name, pending: consumer.chan.group })
-					.sort({ _id: 1 });
-				let nextRetry = Infinity;
-				let started = 0;
-				for (const msg of waiting) {
-					if (started >= free) break;
-					if (consumer.inFlight.has(msg._id)) continue;
-					const failure = consumer.failures.get(msg._id);
-					if (failure && failure.notBefore > now) {
-						nextRetry = Math.min(nextRetry, failure.notBefore);
-						continue;
-					}
-					started++;
-					this.deliver(consumer, msg);
-				}
-				if (nextRetry !== Infinity && !consumer.stopped) {
-					clearTimeout(consumer.timer);
-					consumer.timer = setTimeout(() => void this.pump(consumer), nextRetry - now);
-				}
-			} while (consumer.again);
-		} finally {
-			consumer.pumping = false;
+		if (nextRetry !== Infinity) {
+			clearTimeout(consumer.timer);
+			consumer.timer = setTimeout(() => this.pump(consumer), nextRetry - now);
 		}
 	}
 
 	private deliver(consumer: Consumer, msg: StoredMessage): void {
 		const { chan } = consumer;
 		this.addChannelActiveMessages(chan.id, [msg._id]);
+		// Each delivery gets its own copy, as from a broker: a handler cannot change what another group receives.
+		const payload = structuredClone(msg.payload);
 		const work = (async () => {
 			try {
-				await chan.handler(msg.payload, { id: msg._id, payload: msg.payload, headers: msg.headers });
+				await chan.handler(payload, { id: msg._id, payload, headers: msg.headers });
 				consumer.failures.delete(msg._id);
-				await this.done(msg._id, chan.group);
+				this.done(msg, chan.group);
 			} catch (err) {
 				await this.failed(consumer, msg, err as Error);
 			} finally {
 				this.removeChannelActiveMessages(chan.id, [msg._id]);
 				consumer.inFlight.delete(msg._id);
-				if (!consumer.stopped) void this.pump(consumer);
+				if (!consumer.stopped) this.pump(consumer);
 			}
 		})();
 		consumer.inFlight.set(msg._id, work);
 	}
 
-	private async done(id: string, group: string): Promise<void> {
-		await this.messages.updateAsync({ _id: id }, { $pull: { pending: group } });
-		await this.messages.removeAsync({ _id: id, pending: { $size: 0 } }, {});
+	private done(msg: StoredMessage, group: string): void {
+		if (!msg.pending.includes(group)) return;
+		msg.pending = msg.pending.filter(g => g !== group);
+		if (msg.pending.length) this.append(msg);
+		else this.append({ $$deleted: true, _id: msg._id });
+		this.queues.get(`${msg.channel}|${group}`)?.delete(msg._id);
+		if (!msg.pending.length) this.stored.delete(msg._id);
 	}
 
 	private async failed(consumer: Consumer, msg: StoredMessage, err: Error): Promise<void> {
@@ -272,6 +317,6 @@ export class EmbeddedAdapter extends BaseAdapter {
 		} else {
 			this.logger.error(`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dropped:`, err.message);
 		}
-		await this.done(msg._id, chan.group);
+		this.done(msg, chan.group);
 	}
 }

@@ -30,6 +30,14 @@ describe("npm run bench -- --smoke", () => {
 			// The measure, its baseline and a ratio, on one row.
 			expect(line).toMatch(/'\d[\d,]*'.*(GET \/api\/me|trivial action).*'\d+%'/);
 		}
+		// Our gateway's trivial route beside stock moleculer-web's, measured in the same run.
+		expect(output).toMatch(/'GET \/api\/me \(our gateway, metrics on\)'.*'\d[\d,]*'.*'stock moleculer-web, trivial action'.*'\d+%'/);
+		// Each load's throughput per window, and whether it held flat.
+		expect(output).toMatch(/Throughput over each load: per second in each \d+-second window/);
+		expect(output).toMatch(/broker\.call\("deals\.create"\) +( +[\d,]+){2,} +(flat|NOT FLAT)/);
+		expect(output).toMatch(/Deals \(HTTP\) with entries already stored[\s\S]*1,000 entries +( +[\d,]+){2,} +(flat|NOT FLAT)/);
+		expect(output).toMatch(/(MET|MISSED) +deal writes within 2× from 1,000 to 3,000 entries stored/);
+		expect(output).toMatch(/(MET|MISSED) +our gateway's trivial route ≥ 80% of stock moleculer-web's/);
 		expect(output).toMatch(/dashboard's member query \(p50 \/ p99 ms\): [\d.]+ \/ [\d.]+ at rest, [\d.]+ \/ [\d.]+ under the HTTP deal load/);
 		expect(output).toMatch(/Growth: reads/);
 		expect(output).toMatch(/'1,000'.*'3,000'|'1,000'[\s\S]*'3,000'/);

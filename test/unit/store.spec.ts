@@ -9,6 +9,7 @@ import { openCollection, type Collection } from "../../mixins/db.mixin";
 interface Doc {
 	_id: string;
 	orderId?: string;
+	status?: string;
 	balance?: number;
 	version?: number;
 	pending?: { cause: string }[];
@@ -63,6 +64,36 @@ describe("the store", () => {
 		expect(await keys.remove({ balance: { $lte: 10 } })).toBe(2);
 		expect(await keys.remove({ balance: { $lte: 10 } })).toBe(0);
 		expect(await keys.find({ query: {} })).toEqual([{ _id: "k2", balance: 15 }]);
+	});
+
+	it("finds an updated document under its indexed fields' new values only, and a unique clash on update changes nothing", async () => {
+		const orders = await open("orders-reindexed", [{ fields: { status: 1 } }, { fields: { orderId: 1 }, unique: true }]);
+		await orders.insertUnique({ _id: "o1", orderId: "x1", status: "pending", balance: 1 });
+		await orders.insertUnique({ _id: "o2", orderId: "x2", status: "pending", balance: 2 });
+		expect(await orders.update({ _id: "o1", status: "pending" }, { $set: { status: "settled" } })).toBe(1);
+		expect(await orders.update({ _id: "o1" }, { $inc: { balance: 10 } })).toBe(1);
+		expect(await orders.find({ query: { status: "pending" } })).toEqual([{ _id: "o2", orderId: "x2", status: "pending", balance: 2 }]);
+		expect(await orders.find({ query: { status: "settled" } })).toEqual([{ _id: "o1", orderId: "x1", status: "settled", balance: 11 }]);
+		await expect(orders.update({ _id: "o2" }, { $set: { orderId: "x1", status: "settled" } })).rejects.toThrow();
+		expect(await orders.findById("o2")).toEqual({ _id: "o2", orderId: "x2", status: "pending", balance: 2 });
+		expect((await orders.find({ query: { orderId: "x2" } })).map(d => d._id)).toEqual(["o2"]);
+		expect((await orders.find({ query: { status: "settled" } })).map(d => d._id)).toEqual(["o1"]);
+	});
+
+	it("keeps every acknowledged write across reopening, also writes made after a reopening", async () => {
+		const first = await open("ledger-reopened");
+		await first.insertUnique({ _id: "e1", balance: 1 });
+		await first.update({ _id: "e1" }, { $inc: { balance: 1 } });
+		await first.disconnect();
+		const second = await open("ledger-reopened");
+		await second.insertUnique({ _id: "e2", balance: 5 });
+		await second.update({ _id: "e1" }, { $inc: { balance: 1 } });
+		await second.disconnect();
+		const third = await open("ledger-reopened");
+		expect(await third.find({ query: {}, sort: ["_id"] })).toEqual([
+			{ _id: "e1", balance: 3 },
+			{ _id: "e2", balance: 5 }
+		]);
 	});
 
 	it("keeps serving a collection when another one of the process disconnects", async () => {
