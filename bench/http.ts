@@ -10,10 +10,10 @@ import path from "node:path";
 import { freePort, System } from "../test/helpers/system";
 import { AUTH, auditOverHttp, dealBody, httpLoad, joinMembers, readLatencies, settledAudit, type Figures, type Options, type Row } from "./lib";
 
-/** Stock moleculer-web's `GET /api/me`, in a process of its own (`stock-gateway.ts`). */
-async function stockGatewayLoad(options: Options): Promise<Figures> {
+/** Stock moleculer-web's `GET /api/me`, in a process of its own (`stock-gateway.ts`), with Moleculer's metrics or not. */
+async function stockGatewayLoad(options: Options, metrics: boolean): Promise<Figures> {
 	const port = await freePort();
-	const child = fork(path.join(__dirname, "stock-gateway.js"), [String(port)], { stdio: "inherit" });
+	const child = fork(path.join(__dirname, "stock-gateway.js"), [String(port), ...(metrics ? ["metrics"] : [])], { stdio: "inherit" });
 	try {
 		await new Promise<void>((resolve, reject) => {
 			child.once("message", () => resolve());
@@ -30,7 +30,7 @@ export interface DashboardReads {
 	underLoad: { p50: number; p99: number };
 }
 
-export async function httpBench(options: Options): Promise<{ row: Row; gateway: Row; keyed: Row; dashboard: DashboardReads; audit: { accounts: number; mismatches: number } }> {
+export async function httpBench(options: Options): Promise<{ row: Row; gateway: Row; gatewayMetrics: Row; keyed: Row; dashboard: DashboardReads; audit: { accounts: number; mismatches: number } }> {
 	// The rate limiter would refuse a benchmark's load: lift it for this run.
 	const system = await System.start({ RATE_LIMIT: "1000000000" });
 	try {
@@ -38,7 +38,8 @@ export async function httpBench(options: Options): Promise<{ row: Row; gateway: 
 		const dashboardUrl = () => `/api/dashboard/members/b${Math.floor(Math.random() * options.members)}`;
 		const atRest = await readLatencies(system, dashboardUrl, n => n < 100);
 		const trivial = await httpLoad(`${system.url}/api/me`, options, { method: "GET", headers: AUTH });
-		const stock = await stockGatewayLoad(options);
+		const stock = await stockGatewayLoad(options, false);
+		const stockMetrics = await stockGatewayLoad(options, true);
 		let loading = true;
 		const [deals, underLoad] = await Promise.all([
 			httpLoad(`${system.url}/api/deals`, options, {
@@ -57,6 +58,7 @@ export async function httpBench(options: Options): Promise<{ row: Row; gateway: 
 			row: { what: "POST /api/deals (HTTP, one process)", figures: deals, baseline: "GET /api/me", baselineFigures: trivial },
 			keyed: { what: "POST /api/deals with Idempotency-Key", figures: keyed, baseline: "POST /api/deals", baselineFigures: deals },
 			gateway: { what: "GET /api/me (our gateway, metrics on)", figures: trivial, baseline: "stock moleculer-web, trivial action", baselineFigures: stock },
+			gatewayMetrics: { what: "GET /api/me (our gateway, metrics on)", figures: trivial, baseline: "stock moleculer-web, Moleculer's metrics on", baselineFigures: stockMetrics },
 			dashboard: { atRest, underLoad },
 			audit: await settledAudit(() => auditOverHttp(system, options.members))
 		};

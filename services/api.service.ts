@@ -143,6 +143,27 @@ function refuseHostileKeys(req: IncomingMessage & { body?: unknown }, _res: Serv
 
 const sha256 = (text: string) => createHash("sha256").update(text).digest();
 
+/**
+ * `compute`, once per distinct input: the token hashes below run on every request for a handful of
+ * tokens, and a hash costs more than the rest of a trivial request's own work. Bounded: a flood of
+ * made-up tokens only empties it. (Authentication still compares every key in constant time.)
+ */
+function memoized<T>(compute: (input: string) => T): (input: string) => T {
+	const cache = new Map<string, T>();
+	return input => {
+		let value = cache.get(input);
+		if (value === undefined) {
+			if (cache.size >= 10_000) cache.clear();
+			value = compute(input);
+			cache.set(input, value);
+		}
+		return value;
+	};
+}
+
+const tokenDigest = memoized(sha256);
+const hashedToken = memoized(token => sha256(token).toString("base64url"));
+
 /** JSON with every object's keys in order: bodies that differ only in key order are the same request. */
 function canonicalJson(value: unknown): string {
 	return JSON.stringify(value, (_key, v: unknown) =>
@@ -159,7 +180,7 @@ export function fingerprintOf(req: GatewayRequest): string {
 
 /** Whose keys these are: the SHA-256 of the (authenticated) bearer token, never the token. */
 function scopeOf(req: IncomingMessage): string {
-	return sha256(/^Bearer ([^\s]+)$/.exec(req.headers.authorization ?? "")?.[1] ?? "").toString("base64url");
+	return hashedToken(/^Bearer ([^\s]+)$/.exec(req.headers.authorization ?? "")?.[1] ?? "");
 }
 
 /** The headers that belong to an answer and are replayed with it. */
@@ -171,7 +192,7 @@ const gatewayCallAction = (ApiGateway.methods as Record<string, (...args: unknow
 /** The rate limiter counts per token (hashed: it keeps its keys in memory), or per address without one. */
 function rateLimitKey(req: IncomingMessage): string {
 	const header = req.headers.authorization;
-	if (header) return `token:${sha256(header).toString("base64url")}`;
+	if (header) return `token:${hashedToken(header)}`;
 	return `ip:${req.socket.remoteAddress ?? "unknown"}`;
 }
 
@@ -426,7 +447,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			const header = req.headers.authorization ?? "";
 			const token = /^Bearer ([^\s]+)$/.exec(header)?.[1];
 			if (!token) throw new WebErrors.UnAuthorizedError(WebErrors.ERR_NO_TOKEN, null);
-			const digest = sha256(token);
+			const digest = tokenDigest(token);
 			let role: Role | null = null;
 			for (const key of this.keys) if (timingSafeEqual(key.digest, digest)) role = key.role;
 			if (!role) throw new WebErrors.UnAuthorizedError(WebErrors.ERR_INVALID_TOKEN, null);
