@@ -7,7 +7,10 @@ export default tseslint.config(
 	...tseslint.configs.recommended,
 	{
 		rules: {
-			"@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_", varsIgnorePattern: "^_", destructuredArrayIgnorePattern: "^_" }]
+			"@typescript-eslint/no-unused-vars": [
+				"error",
+				{ argsIgnorePattern: "^_", varsIgnorePattern: "^_", destructuredArrayIgnorePattern: "^_" }
+			]
 		}
 	},
 	{
@@ -18,12 +21,23 @@ export default tseslint.config(
 		files: ["public/**/*.js"],
 		languageOptions: {
 			sourceType: "script",
-			globals: { document: "readonly", window: "readonly", fetch: "readonly", sessionStorage: "readonly", setTimeout: "readonly", clearTimeout: "readonly", TextDecoderStream: "readonly", Chart: "readonly" }
+			globals: {
+				document: "readonly",
+				window: "readonly",
+				fetch: "readonly",
+				sessionStorage: "readonly",
+				setTimeout: "readonly",
+				clearTimeout: "readonly",
+				TextDecoderStream: "readonly",
+				Chart: "readonly"
+			}
 		}
 	},
 	{
 		files: ["*.js", "*.mjs"],
-		languageOptions: { globals: { module: "readonly", require: "readonly", __dirname: "readonly", process: "readonly", console: "readonly" } },
+		languageOptions: {
+			globals: { module: "readonly", require: "readonly", __dirname: "readonly", process: "readonly", console: "readonly" }
+		},
 		rules: { "@typescript-eslint/no-require-imports": "off" }
 	}
 );

@@ -26,7 +26,8 @@ export interface GrowthRow {
 /** Writes one NeDB file, a JSON document per line, without holding them all in memory. */
 async function writeLines(file: string, count: number, line: (i: number) => object): Promise<void> {
 	const out = fs.createWriteStream(file);
-	for (let i = 0; i < count; i++) if (!out.write(`${JSON.stringify(line(i))}\n`)) await new Promise<void>(resolve => out.once("drain", () => resolve()));
+	for (let i = 0; i < count; i++)
+		if (!out.write(`${JSON.stringify(line(i))}\n`)) await new Promise<void>(resolve => out.once("drain", () => resolve()));
 	await new Promise<void>((resolve, reject) => {
 		out.once("error", reject);
 		out.end(() => resolve());
@@ -60,9 +61,30 @@ export async function writeLedger(dataDir: string, entries: number): Promise<num
 		return { _id, ...rest };
 	});
 	const opened = new Date(base).toISOString();
-	await writeLines(path.join(dataDir, "accounts.db"), members, m => ({ _id: `g${m}`, balance: 10 * perMember(m), status: "active", openedAt: opened, updatedAt: opened }));
-	await writeLines(path.join(dataDir, "dashboard-members.db"), members, m => ({ _id: `g${m}`, status: "active", balance: 10 * perMember(m), earned: 10 * perMember(m), used: 0, cancelled: 0, expired: 0 }));
-	await writeLines(path.join(dataDir, "members.db"), members, m => ({ _id: `g${m}`, name: `grown ${m}`, phone: null, email: null, status: "active", joinedAt: opened }));
+	await writeLines(path.join(dataDir, "accounts.db"), members, m => ({
+		_id: `g${m}`,
+		balance: 10 * perMember(m),
+		status: "active",
+		openedAt: opened,
+		updatedAt: opened
+	}));
+	await writeLines(path.join(dataDir, "dashboard-members.db"), members, m => ({
+		_id: `g${m}`,
+		status: "active",
+		balance: 10 * perMember(m),
+		earned: 10 * perMember(m),
+		used: 0,
+		cancelled: 0,
+		expired: 0
+	}));
+	await writeLines(path.join(dataDir, "members.db"), members, m => ({
+		_id: `g${m}`,
+		name: `grown ${m}`,
+		phone: null,
+		email: null,
+		status: "active",
+		joinedAt: opened
+	}));
 	return members;
 }
 
@@ -85,9 +107,21 @@ export async function growthBench(options: Options, reads = 200): Promise<Growth
 					startupSeconds,
 					rssMb: 0,
 					reads: {
-						balance: await readLatencies(system, () => `/api/points/${anyMember()}`, n => n < reads),
-						history: await readLatencies(system, () => `/api/points/${anyMember()}/history`, n => n < reads),
-						dashboard: await readLatencies(system, () => `/api/dashboard/members/${anyMember()}`, n => n < reads)
+						balance: await readLatencies(
+							system,
+							() => `/api/points/${anyMember()}`,
+							n => n < reads
+						),
+						history: await readLatencies(
+							system,
+							() => `/api/points/${anyMember()}/history`,
+							n => n < reads
+						),
+						dashboard: await readLatencies(
+							system,
+							() => `/api/dashboard/members/${anyMember()}`,
+							n => n < reads
+						)
 					},
 					writes: await httpLoad(`${system.url}/api/deals`, options, {
 						method: "POST",

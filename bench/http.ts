@@ -8,7 +8,18 @@
 import { fork } from "node:child_process";
 import path from "node:path";
 import { freePort, System } from "../test/helpers/system";
-import { AUTH, auditOverHttp, dealBody, httpLoad, joinMembers, readLatencies, settledAudit, type Figures, type Options, type Row } from "./lib";
+import {
+	AUTH,
+	auditOverHttp,
+	dealBody,
+	httpLoad,
+	joinMembers,
+	readLatencies,
+	settledAudit,
+	type Figures,
+	type Options,
+	type Row
+} from "./lib";
 
 /** Stock moleculer-web's `GET /api/me`, in a process of its own (`stock-gateway.ts`), with Moleculer's metrics or not. */
 async function stockGatewayLoad(options: Options, metrics: boolean): Promise<Figures> {
@@ -30,7 +41,14 @@ export interface DashboardReads {
 	underLoad: { p50: number; p99: number };
 }
 
-export async function httpBench(options: Options): Promise<{ row: Row; gateway: Row; gatewayMetrics: Row; keyed: Row; dashboard: DashboardReads; audit: { accounts: number; mismatches: number } }> {
+export async function httpBench(options: Options): Promise<{
+	row: Row;
+	gateway: Row;
+	gatewayMetrics: Row;
+	keyed: Row;
+	dashboard: DashboardReads;
+	audit: { accounts: number; mismatches: number };
+}> {
 	// The rate limiter would refuse a benchmark's load: lift it for this run.
 	const system = await System.start({ RATE_LIMIT: "1000000000" });
 	try {
@@ -52,13 +70,27 @@ export async function httpBench(options: Options): Promise<{ row: Row; gateway: 
 		let key = 0;
 		const keyed = await httpLoad(`${system.url}/api/deals`, options, {
 			method: "POST",
-			setupRequest: req => ({ ...req, headers: { ...AUTH, "idempotency-key": `bench-${process.pid}-${++key}` }, body: JSON.stringify(dealBody(options.members)) })
+			setupRequest: req => ({
+				...req,
+				headers: { ...AUTH, "idempotency-key": `bench-${process.pid}-${++key}` },
+				body: JSON.stringify(dealBody(options.members))
+			})
 		});
 		return {
 			row: { what: "POST /api/deals (HTTP, one process)", figures: deals, baseline: "GET /api/me", baselineFigures: trivial },
 			keyed: { what: "POST /api/deals with Idempotency-Key", figures: keyed, baseline: "POST /api/deals", baselineFigures: deals },
-			gateway: { what: "GET /api/me (our gateway, metrics on)", figures: trivial, baseline: "stock moleculer-web, trivial action", baselineFigures: stock },
-			gatewayMetrics: { what: "GET /api/me (our gateway, metrics on)", figures: trivial, baseline: "stock moleculer-web, Moleculer's metrics on", baselineFigures: stockMetrics },
+			gateway: {
+				what: "GET /api/me (our gateway, metrics on)",
+				figures: trivial,
+				baseline: "stock moleculer-web, trivial action",
+				baselineFigures: stock
+			},
+			gatewayMetrics: {
+				what: "GET /api/me (our gateway, metrics on)",
+				figures: trivial,
+				baseline: "stock moleculer-web, Moleculer's metrics on",
+				baselineFigures: stockMetrics
+			},
 			dashboard: { atRest, underLoad },
 			audit: await settledAudit(() => auditOverHttp(system, options.members))
 		};

@@ -13,7 +13,10 @@ import TrivialService from "./trivial.service";
 import { callLoad, dealBody, settledAudit, type Options, type Row } from "./lib";
 
 export async function inProcessBench(options: Options): Promise<{ row: Row; audit: { accounts: number; mismatches: number } }> {
-	const broker = new ServiceBroker({ ...createBrokerOptions(loadConfig({ ...process.env, LOG_LEVEL: "warn", METRICS_PORT: "off" })), nodeID: "bench-in-process" });
+	const broker = new ServiceBroker({
+		...createBrokerOptions(loadConfig({ ...process.env, LOG_LEVEL: "warn", METRICS_PORT: "off" })),
+		nodeID: "bench-in-process"
+	});
 	for (const schema of [MembersService, PointsService, DealsService]) broker.createService(schema);
 	broker.createService(TrivialService);
 	await broker.start();

@@ -43,8 +43,19 @@ export const AUTH = { authorization: `Bearer ${TOKENS.staff}`, "content-type": "
 export function dealBody(members: number, prefix = "b"): Record<string, unknown> {
 	const memberId = `${prefix}${Math.floor(Math.random() * members)}`;
 	return Math.random() < 0.7
-		? { memberId, merchantId: String(20 + Math.floor(Math.random() * 5)), dealAmount: 1000 + Math.floor(Math.random() * 99_000), type: "save" }
-		: { memberId, merchantId: String(20 + Math.floor(Math.random() * 5)), dealAmount: 1000, type: "use", point: 1 + Math.floor(Math.random() * 20) };
+		? {
+				memberId,
+				merchantId: String(20 + Math.floor(Math.random() * 5)),
+				dealAmount: 1000 + Math.floor(Math.random() * 99_000),
+				type: "save"
+			}
+		: {
+				memberId,
+				merchantId: String(20 + Math.floor(Math.random() * 5)),
+				dealAmount: 1000,
+				type: "use",
+				point: 1 + Math.floor(Math.random() * 20)
+			};
 }
 
 /** Drives one HTTP request shape with autocannon for `seconds`. */
@@ -52,13 +63,25 @@ export async function httpLoad(url: string, options: Options, request: autocanno
 	const window = Math.max(1, Math.round(options.window));
 	const perSecond: number[] = [];
 	// Without a callback autocannon's instance is also the promise of its result (not in its typings).
-	const instance = autocannon({ url, connections: options.connections, duration: options.seconds, requests: [request] }) as unknown as EventEmitter & Promise<autocannon.Result>;
+	const instance = autocannon({
+		url,
+		connections: options.connections,
+		duration: options.seconds,
+		requests: [request]
+	}) as unknown as EventEmitter & Promise<autocannon.Result>;
 	// It ticks once a second with the responses of that second (and once more as it stops).
 	instance.on("tick", ({ counter }: { counter: number }) => perSecond.push(counter));
 	const result = await instance;
 	const windows: number[] = [];
-	for (let i = 0; i + window <= Math.min(perSecond.length, options.seconds); i += window) windows.push(perSecond.slice(i, i + window).reduce((a, b) => a + b, 0) / window);
-	return { perSecond: result.requests.average, p50: result.latency.p50, p99: result.latency.p99, errors: result.errors + result.timeouts + result.non2xx, windows };
+	for (let i = 0; i + window <= Math.min(perSecond.length, options.seconds); i += window)
+		windows.push(perSecond.slice(i, i + window).reduce((a, b) => a + b, 0) / window);
+	return {
+		perSecond: result.requests.average,
+		p50: result.latency.p50,
+		p99: result.latency.p99,
+		errors: result.errors + result.timeouts + result.non2xx,
+		windows
+	};
 }
 
 /** Calls `call` from `connections` concurrent callers for `seconds`, timing each call. */
@@ -85,11 +108,21 @@ export async function callLoad(options: Options, call: () => Promise<unknown>): 
 	await Promise.all(Array.from({ length: options.connections }, caller));
 	const elapsed = (performance.now() - started) / 1000;
 	latencies.sort((a, b) => a - b);
-	return { perSecond: latencies.length / elapsed, p50: percentile(latencies, 0.5), p99: percentile(latencies, 0.99), errors, windows: windows.map(n => n / options.window) };
+	return {
+		perSecond: latencies.length / elapsed,
+		p50: percentile(latencies, 0.5),
+		p99: percentile(latencies, 0.99),
+		errors,
+		windows: windows.map(n => n / options.window)
+	};
 }
 
 /** Sequential GETs of `nextUrl()` until `more(count)` says stop: their p50 and p99 (ms). */
-export async function readLatencies(system: System, nextUrl: () => string, more: (count: number) => boolean): Promise<{ p50: number; p99: number }> {
+export async function readLatencies(
+	system: System,
+	nextUrl: () => string,
+	more: (count: number) => boolean
+): Promise<{ p50: number; p99: number }> {
 	const latencies: number[] = [];
 	while (more(latencies.length)) {
 		const url = nextUrl();
@@ -109,7 +142,11 @@ function percentile(sorted: number[], p: number): number {
 /** Joins the members the deals go to, through the gateway. */
 export async function joinMembers(system: System, members: number): Promise<void> {
 	for (let i = 0; i < members; i += 50)
-		await Promise.all(Array.from({ length: Math.min(50, members - i) }, (_, k) => system.call("POST", "/api/members", { memberId: `b${i + k}`, name: `bench ${i + k}` })));
+		await Promise.all(
+			Array.from({ length: Math.min(50, members - i) }, (_, k) =>
+				system.call("POST", "/api/members", { memberId: `b${i + k}`, name: `bench ${i + k}` })
+			)
+		);
 }
 
 /** Every balance equals the sum of its ledger (read over HTTP, all pages). */
@@ -120,7 +157,9 @@ export async function auditOverHttp(system: System, members: number): Promise<{ 
 		const { balance } = (await system.call<{ balance: number }>("GET", `/api/points/${memberId}`)).body;
 		let sum = 0;
 		for (let page = 1; ; page++) {
-			const history = (await system.call<{ rows: { amount: number }[]; total: number }>("GET", `/api/points/${memberId}/history?page=${page}&pageSize=100`)).body;
+			const history = (
+				await system.call<{ rows: { amount: number }[]; total: number }>("GET", `/api/points/${memberId}/history?page=${page}&pageSize=100`)
+			).body;
 			sum += history.rows.reduce((s, e) => s + e.amount, 0);
 			if (page * 100 >= history.total) break;
 		}
@@ -134,7 +173,9 @@ export async function auditOverHttp(system: System, members: number): Promise<{ 
  * answer, and a posting in flight has its new balance before its ledger copy. Asks again until two
  * audits agree and nothing is in flight (or 30 s pass), and reports the last one.
  */
-export async function settledAudit(audit: () => Promise<{ accounts: number; mismatches: number }>): Promise<{ accounts: number; mismatches: number }> {
+export async function settledAudit(
+	audit: () => Promise<{ accounts: number; mismatches: number }>
+): Promise<{ accounts: number; mismatches: number }> {
 	const deadline = Date.now() + 30_000;
 	let last = await audit();
 	for (;;) {
@@ -151,7 +192,8 @@ export function rssMb(pid: number): number {
 	return Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? NaN) / 1024;
 }
 
-const fmt = (n: number, digits = 0) => (Number.isFinite(n) ? n.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits }) : "–");
+const fmt = (n: number, digits = 0) =>
+	Number.isFinite(n) ? n.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits }) : "–";
 
 /** One line per measure: the figure, its baseline from the same run, and their ratio. */
 export function printRows(title: string, rows: Row[]): void {

@@ -32,7 +32,11 @@ export async function natsBench(options: Options): Promise<{ row: Row; audit: { 
 		await client.start();
 		await client.waitForServices(["members", "deals", "points", "trivial"], 30_000);
 		for (let i = 0; i < options.members; i += 50)
-			await Promise.all(Array.from({ length: Math.min(50, options.members - i) }, (_, k) => client.call("members.join", { memberId: `b${i + k}`, name: `bench ${i + k}` })));
+			await Promise.all(
+				Array.from({ length: Math.min(50, options.members - i) }, (_, k) =>
+					client.call("members.join", { memberId: `b${i + k}`, name: `bench ${i + k}` })
+				)
+			);
 
 		const trivial = await callLoad(options, () => client.call("trivial.echo", { n: 1 }));
 		const deals = await callLoad(options, () => client.call("deals.create", dealBody(options.members)));
@@ -40,7 +44,15 @@ export async function natsBench(options: Options): Promise<{ row: Row; audit: { 
 			const { accounts, mismatches } = await client.call<{ accounts: number; mismatches: unknown[] }>("points.audit");
 			return { accounts, mismatches: mismatches.length };
 		});
-		return { row: { what: "deals.create over NATS (3 nodes)", figures: deals, baseline: "trivial action on the deals node", baselineFigures: trivial }, audit };
+		return {
+			row: {
+				what: "deals.create over NATS (3 nodes)",
+				figures: deals,
+				baseline: "trivial action on the deals node",
+				baselineFigures: trivial
+			},
+			audit
+		};
 	} finally {
 		await client.stop();
 		for (const node of nodes) await node.stop();

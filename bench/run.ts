@@ -23,7 +23,9 @@ async function runBench(options: Options): Promise<void> {
 	const { natsBench } = await import("./nats");
 	const { growthBench } = await import("./growth");
 
-	console.log(`OnePoint benchmark: ${os.cpus().length} cores (${os.cpus()[0]?.model}), Node ${process.version}; ${options.seconds} s per load, ${options.connections} concurrent, ${options.members} members`);
+	console.log(
+		`OnePoint benchmark: ${os.cpus().length} cores (${os.cpus()[0]?.model}), Node ${process.version}; ${options.seconds} s per load, ${options.connections} concurrent, ${options.members} members`
+	);
 	const http = await httpBench(options);
 	const inProcess = await inProcessBench(options);
 	const nats = await natsBench(options);
@@ -62,7 +64,11 @@ async function runBench(options: Options): Promise<void> {
 			"deal p99 ms": fmt(g.writes.p99, 1)
 		}))
 	);
-	printWindows("Deals (HTTP) with entries already stored", growth.map(g => ({ what: `${fmt(g.entries)} entries`, figures: g.writes })), options.window);
+	printWindows(
+		"Deals (HTTP) with entries already stored",
+		growth.map(g => ({ what: `${fmt(g.entries)} entries`, figures: g.writes })),
+		options.window
+	);
 
 	const audits = [
 		{ part: "HTTP", ...http.audit },
@@ -77,19 +83,37 @@ async function runBench(options: Options): Promise<void> {
 	const dealLoads = [http.row.figures, inProcess.row.figures, nats.row.figures, ...growth.map(g => g.writes)];
 	console.log("\nTargets");
 	const met = [
-		target(`our gateway's trivial route ≥ 80% of stock moleculer-web's (${fmt((100 * http.gateway.figures.perSecond) / http.gateway.baselineFigures.perSecond)}%)`, http.gateway.figures.perSecond >= 0.8 * http.gateway.baselineFigures.perSecond),
+		target(
+			`our gateway's trivial route ≥ 80% of stock moleculer-web's (${fmt((100 * http.gateway.figures.perSecond) / http.gateway.baselineFigures.perSecond)}%)`,
+			http.gateway.figures.perSecond >= 0.8 * http.gateway.baselineFigures.perSecond
+		),
 		target(
 			`our gateway's trivial route ≥ 80% of stock moleculer-web's with Moleculer's metrics on too (${fmt((100 * http.gatewayMetrics.figures.perSecond) / http.gatewayMetrics.baselineFigures.perSecond)}%)`,
 			http.gatewayMetrics.figures.perSecond >= 0.8 * http.gatewayMetrics.baselineFigures.perSecond
 		),
-		target(`HTTP deals ≥ 25% of the trivial route's requests/s (${fmt((100 * http.row.figures.perSecond) / http.row.baselineFigures.perSecond)}%)`, http.row.figures.perSecond >= 0.25 * http.row.baselineFigures.perSecond),
-		target(`HTTP deals ≥ 50% of the trivial route's requests/s (${fmt((100 * http.row.figures.perSecond) / http.row.baselineFigures.perSecond)}%)`, http.row.figures.perSecond >= 0.5 * http.row.baselineFigures.perSecond),
-		target(`NATS deals ≥ 50% of the trivial request/reply (${fmt((100 * nats.row.figures.perSecond) / nats.row.baselineFigures.perSecond)}%)`, nats.row.figures.perSecond >= 0.5 * nats.row.baselineFigures.perSecond),
+		target(
+			`HTTP deals ≥ 25% of the trivial route's requests/s (${fmt((100 * http.row.figures.perSecond) / http.row.baselineFigures.perSecond)}%)`,
+			http.row.figures.perSecond >= 0.25 * http.row.baselineFigures.perSecond
+		),
+		target(
+			`HTTP deals ≥ 50% of the trivial route's requests/s (${fmt((100 * http.row.figures.perSecond) / http.row.baselineFigures.perSecond)}%)`,
+			http.row.figures.perSecond >= 0.5 * http.row.baselineFigures.perSecond
+		),
+		target(
+			`NATS deals ≥ 50% of the trivial request/reply (${fmt((100 * nats.row.figures.perSecond) / nats.row.baselineFigures.perSecond)}%)`,
+			nats.row.figures.perSecond >= 0.5 * nats.row.baselineFigures.perSecond
+		),
 		target(`balance read flat within 2× from ${fmt(first.entries)} to ${fmt(last.entries)} entries`, flat("balance")),
 		target(`history read flat within 2× from ${fmt(first.entries)} to ${fmt(last.entries)} entries`, flat("history")),
-		target(`deal writes within 2× from ${fmt(first.entries)} to ${fmt(last.entries)} entries stored (${fmt(first.writes.perSecond)} → ${fmt(last.writes.perSecond)} per s)`, last.writes.perSecond >= first.writes.perSecond / 2),
+		target(
+			`deal writes within 2× from ${fmt(first.entries)} to ${fmt(last.entries)} entries stored (${fmt(first.writes.perSecond)} → ${fmt(last.writes.perSecond)} per s)`,
+			last.writes.perSecond >= first.writes.perSecond / 2
+		),
 		target("every deal load flat: its last window within 20% of its first", dealLoads.every(isFlat)),
-		target("every balance equals the sum of its ledger after every load", audits.every(a => a.mismatches === 0))
+		target(
+			"every balance equals the sum of its ledger after every load",
+			audits.every(a => a.mismatches === 0)
+		)
 	];
 	console.log(`\n${met.filter(Boolean).length} of ${met.length} targets met.`);
 }

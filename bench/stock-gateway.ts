@@ -9,7 +9,11 @@ import { ServiceBroker } from "moleculer";
 import ApiGateway from "moleculer-web";
 
 const broker = new ServiceBroker({ logger: false, metrics: process.argv[3] === "metrics" });
-broker.createService({ name: "api", mixins: [ApiGateway], settings: { port: Number(process.argv[2]), ip: "127.0.0.1", routes: [{ path: "/api", aliases: { "GET me": "who.me" } }] } });
+broker.createService({
+	name: "api",
+	mixins: [ApiGateway],
+	settings: { port: Number(process.argv[2]), ip: "127.0.0.1", routes: [{ path: "/api", aliases: { "GET me": "who.me" } }] }
+});
 broker.createService({ name: "who", actions: { me: () => ({ role: "staff" }) } });
 broker.start().then(
 	() => process.send?.("ready"),

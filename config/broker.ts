@@ -1,4 +1,11 @@
-import { Validators, type BrokerOptions, type Errors, type Middleware as BrokerMiddleware, type MetricRegistry, type ReplOptions } from "moleculer";
+import {
+	Validators,
+	type BrokerOptions,
+	type Errors,
+	type Middleware as BrokerMiddleware,
+	type MetricRegistry,
+	type ReplOptions
+} from "moleculer";
 import { Middleware } from "@moleculer/channels";
 import { config as defaults, type Config } from ".";
 import { EmbeddedAdapter } from "../lib/channels/embedded-adapter";
@@ -57,7 +64,8 @@ const CHANNEL_OPTIONS = {
  */
 function channelAdapter(config: Config): EmbeddedAdapter | DurableNatsAdapter {
 	if (config.transporter?.startsWith("nats://")) return new DurableNatsAdapter(config.transporter, CHANNEL_OPTIONS);
-	if (config.transporter) throw new Error(`TRANSPORTER must be a nats:// URL (durable channels use NATS JetStream), got '${config.transporter}'`);
+	if (config.transporter)
+		throw new Error(`TRANSPORTER must be a nats:// URL (durable channels use NATS JetStream), got '${config.transporter}'`);
 	return new EmbeddedAdapter({ dataDir: config.dataDir, ...CHANNEL_OPTIONS });
 }
 

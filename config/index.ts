@@ -65,7 +65,11 @@ export function parseApiKeys(raw: string | undefined): ApiKey[] {
 			throw new Error(
 				"API_KEYS entries must be 'token=staff', 'token=staff:<name>' or 'token=merchant:<merchantId>', with tokens of at least 16 characters [A-Za-z0-9._~+/-] and names of [A-Za-z0-9._-]"
 			);
-		const role: Role = match[4] ? { kind: "merchant", merchantId: match[4] } : match[3] ? { kind: "staff", name: match[3] } : { kind: "staff" };
+		const role: Role = match[4]
+			? { kind: "merchant", merchantId: match[4] }
+			: match[3]
+				? { kind: "staff", name: match[3] }
+				: { kind: "staff" };
 		return { token: match[1], role };
 	});
 }
@@ -81,7 +85,8 @@ function number(env: NodeJS.ProcessEnv, name: string, fallback: number): number 
 /** A whole number of months, 0 to 1200 (a century). */
 function months(env: NodeJS.ProcessEnv, name: string): number {
 	const raw = text(env, name) ?? "0";
-	if (!/^\d{1,4}$/.test(raw) || Number(raw) > 1200) throw new Error(`${name} must be a whole number of months from 0 (never expire) to 1200, got '${raw}'`);
+	if (!/^\d{1,4}$/.test(raw) || Number(raw) > 1200)
+		throw new Error(`${name} must be a whole number of months from 0 (never expire) to 1200, got '${raw}'`);
 	return Number(raw);
 }
 

@@ -26,12 +26,14 @@ export function configOf(broker: ServiceBroker): Config {
 }
 
 type Plain = Record<string, unknown>;
-const isPlain = (value: unknown): value is Plain => typeof value === "object" && value !== null && Object.getPrototypeOf(value) === Object.prototype;
+const isPlain = (value: unknown): value is Plain =>
+	typeof value === "object" && value !== null && Object.getPrototypeOf(value) === Object.prototype;
 
 /** `settings` with whatever it leaves out taken from `defaults`, also inside nested objects. */
 export function withDefaults(settings: Plain, defaults: Plain): Plain {
 	const merged: Plain = { ...defaults, ...settings };
-	for (const [key, value] of Object.entries(defaults)) if (isPlain(value) && isPlain(settings[key])) merged[key] = withDefaults(settings[key] as Plain, value);
+	for (const [key, value] of Object.entries(defaults))
+		if (isPlain(value) && isPlain(settings[key])) merged[key] = withDefaults(settings[key] as Plain, value);
 	return merged;
 }
 

@@ -137,5 +137,7 @@ export type Handlers<This> = { [C in ChannelName]?: (this: This, payload: Channe
  * each message is handled by one instance of the group, once the handler resolves.
  */
 export function consume<This>(group: string, handlers: Handlers<This>): NonNullable<ServiceSchema["channels"]> {
-	return Object.fromEntries(Object.entries(handlers).map(([channel, handler]) => [channel, { group, handler: handler as (payload: unknown) => Promise<void> }]));
+	return Object.fromEntries(
+		Object.entries(handlers).map(([channel, handler]) => [channel, { group, handler: handler as (payload: unknown) => Promise<void> }])
+	);
 }

@@ -12,7 +12,10 @@ export const conflict = (code: string, message: string, data?: unknown) => clien
 
 /** A dependency that cannot answer now: 503, and how long the client should wait before retrying. */
 export function unavailable(code: string, message: string, retryAfterSeconds: number, cause?: unknown): Errors.MoleculerRetryableError {
-	return new MoleculerRetryableError(message, 503, code, { retryAfter: retryAfterSeconds, ...(cause ? { reason: unavailableReason(cause) } : {}) });
+	return new MoleculerRetryableError(message, 503, code, {
+		retryAfter: retryAfterSeconds,
+		...(cause ? { reason: unavailableReason(cause) } : {})
+	});
 }
 
 /**

@@ -19,7 +19,10 @@ export const signedAmount = (max: number) => ({ type: "amount", max, signed: tru
  * with stray spaces — and as nothing else. (fastest-validator's `number` with `convert` would also
  * read `true` as 1, `[100]` as 100 and `""` as 0.)
  */
-export function amountRule(this: { makeError(error: object): string }, { schema, messages }: CompilationRule): { sanitized: boolean; source: string } {
+export function amountRule(
+	this: { makeError(error: object): string },
+	{ schema, messages }: CompilationRule
+): { sanitized: boolean; source: string } {
 	const { max = Number.MAX_SAFE_INTEGER, signed = false } = schema as { max?: number; signed?: boolean };
 	const error = (type: string, expected?: number) => this.makeError({ type, actual: "origValue", expected, messages });
 	const digits = signed ? "/^\\s*-?\\d+\\s*$/" : "/^\\s*\\d+\\s*$/";

@@ -11,7 +11,8 @@ export const BASIS = 10_000;
 export function parseRate(name: string, text: string): number {
 	const match = /^\s*(\d+)(?:\.(\d+))?\s*$/.exec(text);
 	const places = (match?.[2] ?? "").replace(/0+$/, "");
-	if (!match || places.length > 4) throw new Error(`${name} must be a decimal between 0 and 1 with at most 4 places (a basis point), got '${text}'`);
+	if (!match || places.length > 4)
+		throw new Error(`${name} must be a decimal between 0 and 1 with at most 4 places (a basis point), got '${text}'`);
 	const bp = Number(match[1]) * BASIS + Number(places.padEnd(4, "0"));
 	if (bp > BASIS) throw new Error(`${name} must be between 0 and 1, got '${text}'`);
 	return bp;

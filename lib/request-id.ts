@@ -22,7 +22,10 @@ export function requestIdOf(ctx: Context<unknown, RequestMeta>): { requestId?: s
 }
 
 /** What this request created on an earlier run, if it ran before. */
-export async function createdBefore<T extends { _id: string }>(store: Collection<T>, ctx: Context<unknown, RequestMeta>): Promise<T | null> {
+export async function createdBefore<T extends { _id: string }>(
+	store: Collection<T>,
+	ctx: Context<unknown, RequestMeta>
+): Promise<T | null> {
 	const { requestId } = requestIdOf(ctx);
 	if (!requestId) return null;
 	return (await store.find({ query: { requestId }, limit: 1 }))[0] ?? null;

@@ -61,7 +61,8 @@ interface Backend<T> {
 	ensureIndexes(indexes: IndexSpec[]): Promise<void>;
 }
 
-const sortOf = (sort: string[] = []) => Object.fromEntries(sort.map(f => (f.startsWith("-") ? [f.slice(1), -1 as const] : [f, 1 as const])));
+const sortOf = (sort: string[] = []) =>
+	Object.fromEntries(sort.map(f => (f.startsWith("-") ? [f.slice(1), -1 as const] : [f, 1 as const])));
 
 function isUniqueViolation(err: unknown): boolean {
 	const e = err as { errorType?: string; code?: number };
@@ -204,7 +205,10 @@ class MongoBackend<T extends { _id: string }> implements Backend<T> {
 function mongoModel<T>(name: string, indexes: IndexSpec[]): mongoose.Model<T> {
 	const existing = mongoose.models[name] as mongoose.Model<T> | undefined;
 	if (existing) return existing;
-	const schema = new mongoose.Schema({ _id: String }, { strict: false, strictQuery: false, versionKey: false, autoIndex: false, autoCreate: false });
+	const schema = new mongoose.Schema(
+		{ _id: String },
+		{ strict: false, strictQuery: false, versionKey: false, autoIndex: false, autoCreate: false }
+	);
 	for (const { fields, unique, sparse } of indexes) schema.index(fields, { unique: !!unique, sparse: !!sparse });
 	return mongoose.model<T>(name, schema as unknown as mongoose.Schema<T>, name);
 }
@@ -298,7 +302,10 @@ export class Collection<T extends { _id: string }> {
 	}
 
 	async page(query: Query, sort: string[], page: number, pageSize: number): Promise<Page<T>> {
-		const [rows, total] = await Promise.all([this.find({ query, sort, limit: pageSize, offset: (page - 1) * pageSize }), this.count(query)]);
+		const [rows, total] = await Promise.all([
+			this.find({ query, sort, limit: pageSize, offset: (page - 1) * pageSize }),
+			this.count(query)
+		]);
 		return { rows, total, page, pageSize };
 	}
 
@@ -312,7 +319,11 @@ export class Collection<T extends { _id: string }> {
 }
 
 /** Opens a further collection for `service`; connect it in `started` and close it in `stopped`. */
-export function openCollection<T extends { _id: string }>(service: Pick<Service, "broker" | "logger">, name: string, indexes: IndexSpec[] = []): Collection<T> {
+export function openCollection<T extends { _id: string }>(
+	service: Pick<Service, "broker" | "logger">,
+	name: string,
+	indexes: IndexSpec[] = []
+): Collection<T> {
 	const collection = new Collection<T>(name, indexes, configOf(service.broker));
 	collection.init(service.broker, service.logger);
 	return collection;

@@ -44,15 +44,15 @@ export interface OutboxMethods {
 
 type OutboxThis = Service &
 	OutboxMethods & {
-	store: Collection<WithOutbox>;
-	flushOutbox(doc: WithOutbox): Promise<void>;
-	outboxTimer?: NodeJS.Timeout;
-	outboxSweep?: NodeJS.Timeout;
-	outboxStopped: boolean;
-	sendOutbox(doc: WithOutbox): Promise<void>;
-	retryOutbox(query?: Query): Promise<void>;
-	scheduleOutboxRetry(delayMs: number): void;
-};
+		store: Collection<WithOutbox>;
+		flushOutbox(doc: WithOutbox): Promise<void>;
+		outboxTimer?: NodeJS.Timeout;
+		outboxSweep?: NodeJS.Timeout;
+		outboxStopped: boolean;
+		sendOutbox(doc: WithOutbox): Promise<void>;
+		retryOutbox(query?: Query): Promise<void>;
+		scheduleOutboxRetry(delayMs: number): void;
+	};
 
 const RETRY_MS = 1000;
 /** How often, and after how long, events still in an outbox are sent again. */
@@ -66,7 +66,8 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 			const written =
 				"insert" in change
 					? await this.store.insertUnique({ ...change.insert, ...(outbox ? { outbox } : {}) })
-					: (await this.store.update(change.filter, outbox ? { ...change.update, $push: { outbox: { $each: outbox } } } : change.update)) > 0;
+					: (await this.store.update(change.filter, outbox ? { ...change.update, $push: { outbox: { $each: outbox } } } : change.update)) >
+						0;
 			if (written) await this.flushOutbox({ _id: "insert" in change ? change.insert._id : change.filter._id, outbox });
 			return written;
 		},

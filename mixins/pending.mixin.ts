@@ -51,10 +51,13 @@ type PendingThis<T extends Pending> = Service<PendingSettings> &
 export function PendingMixin<T extends Pending>(dateField: keyof T & string): Partial<ServiceSchema> {
 	const schema: ServiceSchema<PendingSettings, PendingMethods<T>, object, PendingThis<T>> = {
 		name: "pending",
-		mixins: [ConfiguredSettings<PendingSettings>(config => ({ pendingTimeoutMs: config.callTimeoutMs, pendingSweepMs: config.callTimeoutMs }))],
+		mixins: [
+			ConfiguredSettings<PendingSettings>(config => ({ pendingTimeoutMs: config.callTimeoutMs, pendingSweepMs: config.callTimeoutMs }))
+		],
 		methods: {
 			async settle(this: PendingThis<T>, record: T, { changes, events }: Outcome<T>): Promise<T> {
-				if (await this.changeWithEvents({ filter: { _id: record._id, status: "pending" }, update: { $set: changes } }, events)) return { ...record, ...changes };
+				if (await this.changeWithEvents({ filter: { _id: record._id, status: "pending" }, update: { $set: changes } }, events))
+					return { ...record, ...changes };
 				return (await this.store.findById(record._id)) as T;
 			},
 

@@ -46,13 +46,27 @@ const UNAVAILABLE = new Set(["SERVICE_NOT_FOUND", "SERVICE_NOT_AVAILABLE", "REQU
 /** Turns whatever was thrown into the one public error shape. */
 export function toHttpError(err: unknown, retryAfter: number): HttpError {
 	const e = err as { name?: string; message?: string; code?: unknown; status?: number; type?: string; data?: unknown };
-	if (e?.type === "entity.parse.failed") return { name: "BadRequestError", message: "Malformed JSON body", code: 400, type: "INVALID_JSON" };
-	if (e?.type === "entity.too.large") return { name: "PayloadTooLarge", message: "Request body too large", code: 413, type: "PAYLOAD_TOO_LARGE" };
+	if (e?.type === "entity.parse.failed")
+		return { name: "BadRequestError", message: "Malformed JSON body", code: 400, type: "INVALID_JSON" };
+	if (e?.type === "entity.too.large")
+		return { name: "PayloadTooLarge", message: "Request body too large", code: 413, type: "PAYLOAD_TOO_LARGE" };
 	if (e?.type && UNAVAILABLE.has(e.type))
-		return { name: "ServiceUnavailableError", message: "Service temporarily unavailable; try again later", code: 503, type: "SERVICE_UNAVAILABLE", data: { retryAfter } };
+		return {
+			name: "ServiceUnavailableError",
+			message: "Service temporarily unavailable; try again later",
+			code: 503,
+			type: "SERVICE_UNAVAILABLE",
+			data: { retryAfter }
+		};
 	const code = typeof e?.code === "number" && e.code >= 400 && e.code <= 599 ? e.code : e?.status && e.status >= 400 ? e.status : 500;
 	if (code === 503)
-		return { name: "ServiceUnavailableError", message: e?.message ?? "Service unavailable", code, type: e?.type ?? "SERVICE_UNAVAILABLE", data: { retryAfter, ...(e?.data as object) } };
+		return {
+			name: "ServiceUnavailableError",
+			message: e?.message ?? "Service unavailable",
+			code,
+			type: e?.type ?? "SERVICE_UNAVAILABLE",
+			data: { retryAfter, ...(e?.data as object) }
+		};
 	if (code >= 500) return { name: "InternalError", message: "Internal server error", code, type: "INTERNAL_ERROR" };
 	if (code === 429) return { name: "RateLimitExceeded", message: "Too many requests; try again later", code, type: "RATE_LIMIT_EXCEEDED" };
 	return {
@@ -89,7 +103,8 @@ function accessOf(action: string): Access {
 	if (PUBLIC_ACTIONS.has(action)) return { public: true, who: "Anyone, without a token" };
 	const rule = MERCHANT_ACTIONS[action];
 	if (rule === undefined) return { public: false, who: "Staff only" };
-	if (rule === true) return { public: false, who: "Staff, or a merchant (only its own merchant's deals and rows, where the resource has a merchant)" };
+	if (rule === true)
+		return { public: false, who: "Staff, or a merchant (only its own merchant's deals and rows, where the resource has a merchant)" };
 	return { public: false, who: `Staff, or a merchant for its own \`${rule}\`` };
 }
 
@@ -167,7 +182,13 @@ const hashedToken = memoized(token => sha256(token).toString("base64url"));
 /** JSON with every object's keys in order: bodies that differ only in key order are the same request. */
 function canonicalJson(value: unknown): string {
 	return JSON.stringify(value, (_key, v: unknown) =>
-		v !== null && typeof v === "object" && !Array.isArray(v) ? Object.fromEntries(Object.keys(v).sort().map(k => [k, (v as Record<string, unknown>)[k]])) : v
+		v !== null && typeof v === "object" && !Array.isArray(v)
+			? Object.fromEntries(
+					Object.keys(v)
+						.sort()
+						.map(k => [k, (v as Record<string, unknown>)[k]])
+				)
+			: v
 	);
 }
 
@@ -197,10 +218,21 @@ function rateLimitKey(req: IncomingMessage): string {
 }
 
 interface Methods {
-	callAction(route: unknown, actionName: string, req: GatewayRequest, res: ServerResponse, params: unknown, isStream: boolean): Promise<unknown>;
+	callAction(
+		route: unknown,
+		actionName: string,
+		req: GatewayRequest,
+		res: ServerResponse,
+		params: unknown,
+		isStream: boolean
+	): Promise<unknown>;
 	recordAnswer(req: GatewayRequest, res: ServerResponse, running: KeyParams & { requestId: string }): void;
 	authenticate(ctx: Context, route: unknown, req: IncomingMessage & { $action?: { name: string } }): Role | null;
-	authorize(ctx: Context<unknown, { user?: Role | null }>, route: unknown, req: IncomingMessage & { $action?: { name: string }; $params: Record<string, unknown> }): void;
+	authorize(
+		ctx: Context<unknown, { user?: Role | null }>,
+		route: unknown,
+		req: IncomingMessage & { $action?: { name: string }; $params: Record<string, unknown> }
+	): void;
 }
 
 interface Settings extends ApiSettingsSchema {
@@ -212,7 +244,8 @@ interface Settings extends ApiSettingsSchema {
 	retryAfterSeconds: number;
 }
 
-type This = Service<Settings> & Methods & { keys: { digest: Buffer; role: Role }[]; streams: Set<ServerResponse>; heartbeat?: NodeJS.Timeout };
+type This = Service<Settings> &
+	Methods & { keys: { digest: Buffer; role: Role }[]; streams: Set<ServerResponse>; heartbeat?: NodeJS.Timeout };
 
 /** The dashboard's and the API reference's static pages, and the libraries they use, served from the
  * package (no CDN). The root is one level up from this file in the sources and two in `dist/`. */
@@ -267,7 +300,18 @@ const OWN_ACTIONS = {
 };
 
 /** Every public route, from the published services' actions; the alias table and the contract are built from it. */
-const ROUTES = publishedRoutes([Members, Points, Deals, Billing, Orders, Payments, Deliveries, MyPoints, Dashboard, { name: "api", actions: OWN_ACTIONS }]);
+const ROUTES = publishedRoutes([
+	Members,
+	Points,
+	Deals,
+	Billing,
+	Orders,
+	Payments,
+	Deliveries,
+	MyPoints,
+	Dashboard,
+	{ name: "api", actions: OWN_ACTIONS }
+]);
 
 const DASHBOARD_STREAM: Record<string, JsonSchema> = {
 	get: {
@@ -276,7 +320,10 @@ const DASHBOARD_STREAM: Record<string, JsonSchema> = {
 		summary: "Server-sent events: one `update` (`{memberId, what}`) per change of the dashboard's read model",
 		description: `${accessOf("").who}. Served by the gateway itself.`,
 		responses: {
-			"200": { description: "An event stream, kept open; a comment line every 15 s", content: { "text/event-stream": { schema: { type: "string" } } } },
+			"200": {
+				description: "An event stream, kept open; a comment line every 15 s",
+				content: { "text/event-stream": { schema: { type: "string" } } }
+			},
 			"401": { $ref: "#/components/responses/Unauthorized" },
 			"403": { $ref: "#/components/responses/Forbidden" }
 		}
@@ -286,7 +333,8 @@ const DASHBOARD_STREAM: Record<string, JsonSchema> = {
 const CONTRACT = openApiDocument(ROUTES, {
 	title: "OnePoint",
 	version: (JSON.parse(fs.readFileSync(path.join(ROOT, "package.json"), "utf8")) as { version: string }).version,
-	description: "Membership points: members, their points, deals at merchants, month-end billing, food orders and the staff dashboard. Every request but the health check and this document needs `Authorization: Bearer <token>`.",
+	description:
+		"Membership points: members, their points, deals at merchants, month-end billing, food orders and the staff dashboard. Every request but the health check and this document needs `Authorization: Bearer <token>`.",
 	basePath: "/api",
 	access: accessOf,
 	postParameters: [
@@ -389,13 +437,27 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 		 * with `Idempotent-Replayed: true`. Runs after authentication and authorization: a refused
 		 * request takes no key. Without the header, or on another method, nothing changes.
 		 */
-		async callAction(this: This, route: unknown, actionName: string, req: GatewayRequest, res: ServerResponse, params: unknown, isStream: boolean) {
+		async callAction(
+			this: This,
+			route: unknown,
+			actionName: string,
+			req: GatewayRequest,
+			res: ServerResponse,
+			params: unknown,
+			isStream: boolean
+		) {
 			const key = req.headers["idempotency-key"];
 			if (req.method !== "POST" || key === undefined) return gatewayCallAction.call(this, route, actionName, req, res, params, isStream);
 			if (typeof key !== "string" || !IDEMPOTENCY_KEY.test(key))
-				throw clientError(400, "INVALID_IDEMPOTENCY_KEY", "Idempotency-Key must be 1 to 255 printable ASCII characters", { length: String(key).length });
+				throw clientError(400, "INVALID_IDEMPOTENCY_KEY", "Idempotency-Key must be 1 to 255 printable ASCII characters", {
+					length: String(key).length
+				});
 			const scope = scopeOf(req);
-			const begun = await req.$ctx.call<Begun, KeyParams & { fingerprint: string }>("idempotency.begin", { scope, key, fingerprint: fingerprintOf(req) });
+			const begun = await req.$ctx.call<Begun, KeyParams & { fingerprint: string }>("idempotency.begin", {
+				scope,
+				key,
+				fingerprint: fingerprintOf(req)
+			});
 			if (begun.outcome === "replay") {
 				const { status, headers, body } = begun.response;
 				res.writeHead(status, { ...headers, "Idempotent-Replayed": "true" });
@@ -430,13 +492,17 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 								...running,
 								response: {
 									status: res.statusCode,
-									headers: Object.fromEntries(REPLAYED_HEADERS.flatMap(name => (res.hasHeader(name) ? [[name, String(res.getHeader(name))]] : []))),
+									headers: Object.fromEntries(
+										REPLAYED_HEADERS.flatMap(name => (res.hasHeader(name) ? [[name, String(res.getHeader(name))]] : []))
+									),
 									body: Buffer.from(chunk ?? "").toString("base64")
 								} satisfies StoredResponse
 							})
 						: ctx.call("idempotency.release", { ...running, renew: isDependencyUnavailable(req.$failure) });
 				// Unrecorded, the key's lease runs out and a retry re-runs under the same request id.
-				void recording.catch(err => this.logger.warn("Idempotency-Key answer not recorded:", (err as Error).message)).then(() => end(chunk));
+				void recording
+					.catch(err => this.logger.warn("Idempotency-Key answer not recorded:", (err as Error).message))
+					.then(() => end(chunk));
 				return res;
 			}) as typeof res.end;
 		},
@@ -454,7 +520,12 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			return role;
 		},
 
-		authorize(this: This, ctx: Context<unknown, { user?: Role | null }>, _route: unknown, req: IncomingMessage & { $action?: { name: string }; $params: Record<string, unknown> }) {
+		authorize(
+			this: This,
+			ctx: Context<unknown, { user?: Role | null }>,
+			_route: unknown,
+			req: IncomingMessage & { $action?: { name: string }; $params: Record<string, unknown> }
+		) {
 			const action = req.$action?.name ?? "";
 			const user = ctx.meta.user;
 			if (PUBLIC_ACTIONS.has(action) || user?.kind === "staff") return;
@@ -464,13 +535,14 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			// A merchant's listing is always its own: the filter is filled in, or must match.
 			if (action === "deals.list" && req.$params.merchantId === undefined) req.$params.merchantId = user.merchantId;
 			if (req.$params[rule] !== user.merchantId) throw forbidden("A merchant token reaches only its own merchant's data");
-		},
+		}
 	},
 
 	created(this: This) {
 		let keys: ApiKey[] = this.settings.apiKeys;
 		if (keys.length === 0) {
-			if (this.settings.production) throw new Error("API_KEYS must be set in production, e.g. API_KEYS='<token>=staff,<token>=merchant:20'");
+			if (this.settings.production)
+				throw new Error("API_KEYS must be set in production, e.g. API_KEYS='<token>=staff,<token>=merchant:20'");
 			keys = [{ token: randomBytes(24).toString("base64url"), role: { kind: "staff" } }];
 			// Printed once so that `npm start` stays a one-command demo; never logged otherwise.
 			this.logger.warn(`API_KEYS is not set: this run's staff token is ${keys[0].token}`);

@@ -115,14 +115,20 @@ interface Settings extends ServiceSettingSchema {
 
 type This = Service<Settings> &
 	DbThis<BillingAmountView> &
-	Methods & { settlements: Collection<Settlement>; state: Collection<{ _id: string; month: string }>; lock: KeyedLock; monthEndTimer?: NodeJS.Timeout; monthEndStopped?: boolean };
-
+	Methods & {
+		settlements: Collection<Settlement>;
+		state: Collection<{ _id: string; month: string }>;
+		lock: KeyedLock;
+		monthEndTimer?: NodeJS.Timeout;
+		monthEndStopped?: boolean;
+	};
 
 /** The channels whose events make the view, for the "caught up" check. */
 const VIEW_CHANNELS = ["deal.used", "deal.cancelled", "deal.returned"];
 
 /** What a row should have billed: its points less those returned, or nothing once cancelled (or before its use is known). */
-const due = (row: BillingAmountView): number => (row.cancelled || row.point == null ? 0 : Math.max(0, row.point - (row.returnedPoints ?? 0)));
+const due = (row: BillingAmountView): number =>
+	row.cancelled || row.point == null ? 0 : Math.max(0, row.point - (row.returnedPoints ?? 0));
 
 const STATE_ID = "closed-through";
 
@@ -130,7 +136,10 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "billing",
 	mixins: [
 		DbMixin("billing-amount-views", [{ fields: { merchantId: 1, dealDate: 1 } }, { fields: { dealDate: 1 } }]),
-		ConfiguredSettings<Settings>(config => ({ monthEnd: { graceMs: config.monthEndGraceMs, checkEveryMs: 60_000 }, settlementFeeBp: config.settlementFeeBp }))
+		ConfiguredSettings<Settings>(config => ({
+			monthEnd: { graceMs: config.monthEndGraceMs, checkEveryMs: 60_000 },
+			settlementFeeBp: config.settlementFeeBp
+		}))
 	],
 
 	actions: {
@@ -141,7 +150,8 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			async handler(this: This, ctx: Context<{ dealId: string }, CallerMeta>) {
 				const row = await this.store.findById(ctx.params.dealId);
 				// A use returned whole, at once or in parts, bills nothing: it has no billing amount.
-				if (!row || due(row) === 0) throw notFound("BILLING_VIEW_NOT_FOUND", `No billing amount for deal '${ctx.params.dealId}'`, ctx.params);
+				if (!row || due(row) === 0)
+					throw notFound("BILLING_VIEW_NOT_FOUND", `No billing amount for deal '${ctx.params.dealId}'`, ctx.params);
 				assertOwnMerchant(ctx, row.merchantId);
 				const { _id, merchantId, memberId, dealDate, returnedPoints } = row;
 				// `point`: what the use bills, after its partial returns.
@@ -202,13 +212,19 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		async "deal.cancelled"(deal) {
 			// Also when the cancellation overtakes the use: the row then never bills anything.
 			if (deal.type !== "use") return;
-			await this.store.upsert({ _id: deal.dealId }, { $set: { merchantId: deal.merchantId, dealDate: deal.dealDate, cancelled: true, open: true } });
+			await this.store.upsert(
+				{ _id: deal.dealId },
+				{ $set: { merchantId: deal.merchantId, dealDate: deal.dealDate, cancelled: true, open: true } }
+			);
 		},
 		async "deal.returned"(deal) {
 			if (deal.type !== "use") return;
 			// The event carries the deal's total after the return, so `$max` keeps the latest whatever the
 			// order returns arrive in, and a redelivery changes nothing.
-			await this.store.upsert({ _id: deal.dealId }, { $set: { merchantId: deal.merchantId, dealDate: deal.dealDate, open: true }, $max: { returnedPoints: deal.returnedPoints } });
+			await this.store.upsert(
+				{ _id: deal.dealId },
+				{ $set: { merchantId: deal.merchantId, dealDate: deal.dealDate, open: true }, $max: { returnedPoints: deal.returnedPoints } }
+			);
 		}
 	}),
 
@@ -220,7 +236,8 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		assertStarted(this: This, month: string) {
-			if (monthBounds(month)[0] > this.now().toISOString()) throw clientError(422, "BILLING_MONTH_NOT_STARTED", `${month} has not started yet`, { billingMonth: month });
+			if (monthBounds(month)[0] > this.now().toISOString())
+				throw clientError(422, "BILLING_MONTH_NOT_STARTED", `${month} has not started yet`, { billingMonth: month });
 		},
 
 		async settlementOf(this: This, merchantId: string, month: string) {
@@ -249,7 +266,10 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		/** The lines of `month` for the merchant: its own uses, and — in the first open month — the adjustments. */
 		async compute(this: This, merchantId: string, month: string, closedThrough: string | undefined, status: Settlement["status"]) {
 			const firstOpen = closedThrough && month === addMonths(closedThrough, 1);
-			const rows = await this.store.find({ query: { merchantId, open: true, dealDate: { $lt: monthBounds(month)[1] } }, sort: ["dealDate"] });
+			const rows = await this.store.find({
+				query: { merchantId, open: true, dealDate: { $lt: monthBounds(month)[1] } },
+				sort: ["dealDate"]
+			});
 			const lines: SettlementLine[] = [];
 			for (const row of rows) {
 				const points = due(row) - (row.billed ?? 0);
@@ -257,7 +277,13 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 				if (points === 0 || (rowMonth !== month && !firstOpen)) continue;
 				if (rowMonth === month) lines.push({ kind: "use", dealId: row._id, dealDate: row.dealDate as string, points });
 				else {
-					const reason = !row.billed ? "LATE_USE" : row.cancelled ? "CANCELLED_AFTER_SETTLEMENT" : due(row) < row.billed ? "RETURNED_AFTER_SETTLEMENT" : "CORRECTION";
+					const reason = !row.billed
+						? "LATE_USE"
+						: row.cancelled
+							? "CANCELLED_AFTER_SETTLEMENT"
+							: due(row) < row.billed
+								? "RETURNED_AFTER_SETTLEMENT"
+								: "CORRECTION";
 					lines.push({ kind: "adjustment", dealId: row._id, dealDate: row.dealDate as string, points, month: rowMonth, reason });
 				}
 			}
@@ -303,7 +329,8 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			const rows = await this.store.find({ query: { open: true, dealDate: { $lt: monthBounds(month)[1] } } });
 			// Merchants active in the month (a cancelled use included), or with a change to carry.
 			const merchants = new Set<string>();
-			for (const row of rows) if (row.merchantId && (monthOf(row.dealDate as string) === month || due(row) !== (row.billed ?? 0))) merchants.add(row.merchantId);
+			for (const row of rows)
+				if (row.merchantId && (monthOf(row.dealDate as string) === month || due(row) !== (row.billed ?? 0))) merchants.add(row.merchantId);
 			const settlements: SettlementView[] = [];
 			let created = 0;
 			for (const merchantId of [...merchants].sort()) {
@@ -313,7 +340,8 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			}
 			const previous = await this.closedThrough();
 			if (previous) await this.state.update({ _id: STATE_ID, month: previous }, { $set: { month } });
-			else if (!(await this.state.insertUnique({ _id: STATE_ID, month }))) await this.state.update({ _id: STATE_ID, month: { $lt: month } }, { $set: { month } });
+			else if (!(await this.state.insertUnique({ _id: STATE_ID, month })))
+				await this.state.update({ _id: STATE_ID, month: { $lt: month } }, { $set: { month } });
 			if (created) this.logger.info(`Month-end ${month}: ${created} settlement(s) made final.`);
 			return { billingMonth: month, settlements, created };
 		},
@@ -342,12 +370,22 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		async apply(this: This, settlement: Settlement) {
 			const [, end] = monthBounds(settlement.billingMonth);
 			for (const line of settlement.lines)
-				await this.store.update({ _id: line.dealId, [`billedBy.${settlement._id}`]: { $exists: false } }, { $inc: { billed: line.points }, $set: { [`billedBy.${settlement._id}`]: true } });
+				await this.store.update(
+					{ _id: line.dealId, [`billedBy.${settlement._id}`]: { $exists: false } },
+					{ $inc: { billed: line.points }, $set: { [`billedBy.${settlement._id}`]: true } }
+				);
 			// Rows that now agree are no longer open; a change meanwhile (point, cancellation, return) keeps one open.
 			for (const row of await this.store.find({ query: { merchantId: settlement.merchantId, open: true, dealDate: { $lt: end } } }))
 				if (due(row) === (row.billed ?? 0))
 					await this.store.update(
-						{ _id: row._id, open: true, point: row.point ?? { $exists: false }, cancelled: row.cancelled ?? { $exists: false }, returnedPoints: row.returnedPoints ?? { $exists: false }, billed: row.billed ?? { $exists: false } },
+						{
+							_id: row._id,
+							open: true,
+							point: row.point ?? { $exists: false },
+							cancelled: row.cancelled ?? { $exists: false },
+							returnedPoints: row.returnedPoints ?? { $exists: false },
+							billed: row.billed ?? { $exists: false }
+						},
 						{ $unset: { open: true } }
 					);
 		},

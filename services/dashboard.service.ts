@@ -87,7 +87,6 @@ const totalAmount = (kind: string, amount: number) => (kind === "adjust" ? amoun
 /** How many members the overview lists with the most points expiring soon. */
 const TOP_EXPIRING = 10;
 
-
 interface Methods {
 	record(row: TransactionRow): Promise<boolean>;
 	cancel(id: string, base: TransactionRow): Promise<boolean>;
@@ -96,7 +95,16 @@ interface Methods {
 	now(): Date;
 }
 
-const newMember = (memberId: string): MemberRow => ({ _id: memberId, status: "active", balance: 0, earned: 0, used: 0, cancelled: 0, expired: 0, adjusted: 0 });
+const newMember = (memberId: string): MemberRow => ({
+	_id: memberId,
+	status: "active",
+	balance: 0,
+	earned: 0,
+	used: 0,
+	cancelled: 0,
+	expired: 0,
+	adjusted: 0
+});
 
 interface Settings extends ServiceSettingSchema {
 	/** The fee the settlement preview deducts, in basis points (SETTLEMENT_FEE). */
@@ -111,7 +119,14 @@ type This = Service<Settings> & DbThis<EntryRow> & Methods & { members: Collecti
 
 const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "dashboard",
-	mixins: [DbMixin("dashboard-entries", [{ fields: { memberId: 1 } }]), ConfiguredSettings<Settings>(config => ({ settlementFeeBp: config.settlementFeeBp, callTimeoutMs: config.callTimeoutMs, pointsValidMonths: config.pointsValidMonths }))],
+	mixins: [
+		DbMixin("dashboard-entries", [{ fields: { memberId: 1 } }]),
+		ConfiguredSettings<Settings>(config => ({
+			settlementFeeBp: config.settlementFeeBp,
+			callTimeoutMs: config.callTimeoutMs,
+			pointsValidMonths: config.pointsValidMonths
+		}))
+	],
 
 	actions: {
 		/** Everything about one member at a glance. */
@@ -127,12 +142,22 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 					this.transactions.page({ memberId }, ["-at"], 1, 10)
 				]);
 				if (!member) throw notFound("MEMBER_NOT_FOUND", `No member '${memberId}' on the dashboard`, { memberId });
-				const months = new Map<string, { month: string; earned: number; used: number; cancelled: number; expired: number; adjusted: number }>();
+				const months = new Map<
+					string,
+					{ month: string; earned: number; used: number; cancelled: number; expired: number; adjusted: number }
+				>();
 				const merchants = new Map<string, { merchantId: string; earned: number; used: number }>();
 				for (const entry of entries) {
 					const total = TOTAL_OF[entry.kind];
 					if (total) {
-						const m = months.get(monthOf(entry.at)) ?? { month: monthOf(entry.at), earned: 0, used: 0, cancelled: 0, expired: 0, adjusted: 0 };
+						const m = months.get(monthOf(entry.at)) ?? {
+							month: monthOf(entry.at),
+							earned: 0,
+							used: 0,
+							cancelled: 0,
+							expired: 0,
+							adjusted: 0
+						};
 						m[total] += totalAmount(entry.kind, entry.amount);
 						months.set(m.month, m);
 					}
@@ -202,9 +227,16 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 				const merchants = [...perMerchant.values()];
 				// What expires at the end of this month and the next two, overall and for whom most.
 				const expiring = members.map(m => ({ member: m, soon: expiringSoon(m.lots ?? {}, this.settings.pointsValidMonths, now) }));
-				const expiringMonths = expiring[0]?.soon.map((e, i) => ({ ...e, points: expiring.reduce((sum, x) => sum + x.soon[i].points, 0) })) ?? expiringSoon({}, this.settings.pointsValidMonths, now);
+				const expiringMonths =
+					expiring[0]?.soon.map((e, i) => ({ ...e, points: expiring.reduce((sum, x) => sum + x.soon[i].points, 0) })) ??
+					expiringSoon({}, this.settings.pointsValidMonths, now);
 				const expiringMembers = expiring
-					.map(({ member, soon }) => ({ memberId: member._id, name: member.name, points: soon.reduce((sum, e) => sum + e.points, 0), firstMonth: soon.find(e => e.points > 0)?.month }))
+					.map(({ member, soon }) => ({
+						memberId: member._id,
+						name: member.name,
+						points: soon.reduce((sum, e) => sum + e.points, 0),
+						firstMonth: soon.find(e => e.points > 0)?.month
+					}))
 					.filter(m => m.points > 0)
 					.sort((a, b) => b.points - a.points || a.memberId.localeCompare(b.memberId))
 					.slice(0, TOP_EXPIRING);
@@ -218,7 +250,12 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 					topMerchants: [...merchants].sort((a, b) => b.deals - a.deals || b.usedPoints - a.usedPoints).slice(0, 5),
 					settlementPreview: merchants
 						.filter(m => m.usedPoints > 0)
-						.map(m => ({ merchantId: m.merchantId, billingMonth: current, usedPoints: m.usedPoints, billingAmount: settlementAmounts(m.usedPoints, this.settings.settlementFeeBp).billingAmount }))
+						.map(m => ({
+							merchantId: m.merchantId,
+							billingMonth: current,
+							usedPoints: m.usedPoints,
+							billingAmount: settlementAmounts(m.usedPoints, this.settings.settlementFeeBp).billingAmount
+						}))
 						.sort((a, b) => b.usedPoints - a.usedPoints)
 				};
 			}
@@ -245,7 +282,10 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 				const total = TOTAL_OF[entry.kind];
 				await this.members.update(
 					{ _id: entry.memberId, [`counted.${cause}`]: { $exists: false } },
-					{ $inc: { balance: entry.amount, ...(total ? { [total]: totalAmount(entry.kind, entry.amount) } : {}) }, $set: { [`counted.${cause}`]: true } }
+					{
+						$inc: { balance: entry.amount, ...(total ? { [total]: totalAmount(entry.kind, entry.amount) } : {}) },
+						$set: { [`counted.${cause}`]: true }
+					}
 				);
 				if (entry.kind === "adjust")
 					await this.record({

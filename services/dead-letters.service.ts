@@ -77,12 +77,16 @@ const DeadLettersService: ServiceSchema<object, Methods, object, This> = {
 			visibility: "public",
 			params: { $$strict: true, id: P.id },
 			async handler(this: This, ctx: Context<{ id: string }>) {
-				const letters = ctx.params.id === "all" ? await this.store.find({ query: { status: "dead" }, sort: ["_id"] }) : [await this.store.findById(ctx.params.id)];
+				const letters =
+					ctx.params.id === "all"
+						? await this.store.find({ query: { status: "dead" }, sort: ["_id"] })
+						: [await this.store.findById(ctx.params.id)];
 				const replayed: DeadLetterView[] = [];
 				for (const letter of letters) {
 					if (!letter) throw notFound("DEAD_LETTER_NOT_FOUND", `No dead letter '${ctx.params.id}'`, ctx.params);
 					if (await this.replayOne(letter)) replayed.push(this.toView({ ...letter, status: "replayed" }));
-					else if (ctx.params.id !== "all") throw conflict("DEAD_LETTER_ALREADY_REPLAYED", `Dead letter '${letter._id}' is already replayed`, { id: letter._id });
+					else if (ctx.params.id !== "all")
+						throw conflict("DEAD_LETTER_ALREADY_REPLAYED", `Dead letter '${letter._id}' is already replayed`, { id: letter._id });
 				}
 				await this.report();
 				return { replayed, count: replayed.length };
@@ -148,7 +152,8 @@ const DeadLettersService: ServiceSchema<object, Methods, object, This> = {
 	},
 
 	created(this: This) {
-		if (this.broker.isMetricsEnabled()) this.broker.metrics.register({ type: "gauge", name: WAITING_METRIC, description: "Dead letters waiting for a replay" });
+		if (this.broker.isMetricsEnabled())
+			this.broker.metrics.register({ type: "gauge", name: WAITING_METRIC, description: "Dead letters waiting for a replay" });
 	},
 
 	async started(this: This) {

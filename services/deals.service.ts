@@ -87,7 +87,17 @@ const shareOf = (points: number, amount: number, dealAmount: number) => Number((
 
 const dealEvent = (deal: Deal): DealEvent => {
 	const { _id, memberId, merchantId, dealAmount, type, point, dealDate, cancelledAt, reason } = deal;
-	return { dealId: _id, memberId, merchantId, dealAmount, type, point, dealDate, ...(cancelledAt ? { cancelledAt } : {}), ...(reason ? { reason } : {}) };
+	return {
+		dealId: _id,
+		memberId,
+		merchantId,
+		dealAmount,
+		type,
+		point,
+		dealDate,
+		...(cancelledAt ? { cancelledAt } : {}),
+		...(reason ? { reason } : {})
+	};
 };
 
 interface Settings extends PendingSettings {
@@ -105,10 +115,20 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "deals",
 	// A use waits `pendingTimeoutMs` for its debit; a use pending twice as long was abandoned.
 	mixins: [
-		DbMixin("deals", [{ fields: { memberId: 1 } }, { fields: { merchantId: 1 } }, { fields: { status: 1 } }, OUTBOX_INDEX, REQUEST_ID_INDEX]),
+		DbMixin("deals", [
+			{ fields: { memberId: 1 } },
+			{ fields: { merchantId: 1 } },
+			{ fields: { status: 1 } },
+			OUTBOX_INDEX,
+			REQUEST_ID_INDEX
+		]),
 		OutboxMixin,
 		PendingMixin<Deal>("dealDate"),
-		ConfiguredSettings<Settings>(config => ({ callTimeoutMs: config.callTimeoutMs, earnRateBp: config.earnRateBp, retryAfterSeconds: config.retryAfterSeconds }))
+		ConfiguredSettings<Settings>(config => ({
+			callTimeoutMs: config.callTimeoutMs,
+			earnRateBp: config.earnRateBp,
+			retryAfterSeconds: config.retryAfterSeconds
+		}))
 	],
 
 	actions: {
@@ -130,7 +150,11 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 				// A request run again (its gateway died before answering) answers the deal it made, as it stands.
 				const before = await createdBefore(this.store, ctx);
 				if (before) return answer(before);
-				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
+				const member = await ctx.call<MemberView, { memberId: string }>(
+					"members.get",
+					{ memberId },
+					{ timeout: this.settings.callTimeoutMs }
+				);
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 
 				if (type === "use" && ctx.params.point == null)
@@ -221,10 +245,18 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 				// Timed out, breaker open or points gone: the debit may or may not have happened.
 				this.logger.warn(`Debit for deal '${deal._id}' unconfirmed:`, (err as Error).message);
 				await this.settle(deal, this.failed(deal, "POINTS_UNAVAILABLE"));
-				throw unavailable("POINTS_UNAVAILABLE", "Points cannot be confirmed right now; try again later", this.settings.retryAfterSeconds, err);
+				throw unavailable(
+					"POINTS_UNAVAILABLE",
+					"Points cannot be confirmed right now; try again later",
+					this.settings.retryAfterSeconds,
+					err
+				);
 			}
 			if (result.applied) return this.settle(deal, { changes: { status: "success" }, events: [this.eventOf("deal.used", deal)] });
-			return this.settle(deal, { changes: { status: "fail", reason: result.reason }, events: [this.eventOf("deal.failed", { ...deal, reason: result.reason })] });
+			return this.settle(deal, {
+				changes: { status: "fail", reason: result.reason },
+				events: [this.eventOf("deal.failed", { ...deal, reason: result.reason })]
+			});
 		},
 
 		/** A use whose debit is unconfirmed fails, and `deal.voided` undoes the debit should it have happened. */
@@ -249,20 +281,33 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 			const { requestId } = requestIdOf(ctx);
 			// A request run again (its gateway died before answering) answers the deal its return left.
 			if (requestId && deal.returnRequestIds?.includes(requestId)) return deal;
-			if (deal.status === "cancelled") throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
+			if (deal.status === "cancelled")
+				throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
 			if (deal.status !== "success" && deal.status !== "partially_cancelled")
-				throw conflict("DEAL_NOT_CANCELLABLE", `Deal '${deal._id}' is '${deal.status}' and cannot be cancelled`, { id: deal._id, status: deal.status });
+				throw conflict("DEAL_NOT_CANCELLABLE", `Deal '${deal._id}' is '${deal.status}' and cannot be cancelled`, {
+					id: deal._id,
+					status: deal.status
+				});
 			const returns = deal.returns ?? [];
 			const returnedAmount = deal.returnedAmount ?? 0;
 			const returnedPoints = deal.returnedPoints ?? 0;
 			const remainder = deal.dealAmount - returnedAmount;
 			const amount = ctx.params.amount ?? remainder;
 			if (amount > remainder)
-				throw conflict("RETURN_EXCEEDS_REMAINDER", `Deal '${deal._id}' has ${remainder} left to return, not ${amount}`, { id: deal._id, amount, remainder });
+				throw conflict("RETURN_EXCEEDS_REMAINDER", `Deal '${deal._id}' has ${remainder} left to return, not ${amount}`, {
+					id: deal._id,
+					amount,
+					remainder
+				});
 
 			const completes = amount === remainder;
 			const at = new Date().toISOString();
-			const ret: DealReturn = { n: returns.length + 1, amount, points: completes ? deal.point - returnedPoints : shareOf(deal.point, amount, deal.dealAmount), at };
+			const ret: DealReturn = {
+				n: returns.length + 1,
+				amount,
+				points: completes ? deal.point - returnedPoints : shareOf(deal.point, amount, deal.dealAmount),
+				at
+			};
 			const returnedDeal: Deal = {
 				...deal,
 				status: completes ? "cancelled" : "partially_cancelled",
@@ -275,7 +320,13 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 			const event =
 				returns.length === 0 && completes
 					? this.eventOf("deal.cancelled", returnedDeal)
-					: outboxEvent("deal.returned", { ...dealEvent(returnedDeal), return: ret, returnedAmount: returnedAmount + amount, returnedPoints: returnedPoints + ret.points, status: completes ? "cancelled" : "partially_cancelled" });
+					: outboxEvent("deal.returned", {
+							...dealEvent(returnedDeal),
+							return: ret,
+							returnedAmount: returnedAmount + amount,
+							returnedPoints: returnedPoints + ret.points,
+							status: completes ? "cancelled" : "partially_cancelled"
+						});
 			// The returned amount only grows: conditioned on it, the write fails if another return came first.
 			const change = {
 				filter: { _id: deal._id, status: deal.status, returnedAmount: deal.returnedAmount ?? { $exists: false } },

@@ -53,7 +53,10 @@ const DeliveriesService: ServiceSchema<object, object, object, This> = {
 			// Not started yet: the cancelled record takes its place. Started: cancelled, once.
 			const record: Delivery = { _id: order.orderId, memberId: order.memberId, status: "cancelled", cancelledAt };
 			if (!(await this.changeWithEvents({ insert: record }, events)))
-				await this.changeWithEvents({ filter: { _id: order.orderId, status: "started" }, update: { $set: { status: "cancelled", cancelledAt } } }, events);
+				await this.changeWithEvents(
+					{ filter: { _id: order.orderId, status: "started" }, update: { $set: { status: "cancelled", cancelledAt } } },
+					events
+				);
 		}
 	})
 };

@@ -84,7 +84,11 @@ const IdempotencyService: ServiceSchema<Settings, Methods, object, This> = {
 	mixins: [
 		// The records are read by `_id` only; the sweep reads by expiry.
 		DbMixin("idempotency-keys", [{ fields: { expiresAt: 1 } }]),
-		ConfiguredSettings<Settings>(config => ({ leaseMs: config.idempotencyLeaseMs, retentionHours: config.idempotencyRetentionHours, sweepMs: 3_600_000 }))
+		ConfiguredSettings<Settings>(config => ({
+			leaseMs: config.idempotencyLeaseMs,
+			retentionHours: config.idempotencyRetentionHours,
+			sweepMs: 3_600_000
+		}))
 	],
 
 	actions: {
@@ -116,21 +120,35 @@ const IdempotencyService: ServiceSchema<Settings, Methods, object, This> = {
 						};
 						// An expired record not swept yet is replaced, as if it were gone.
 						const taken = record
-							? (await this.store.update({ _id, requestId: record.requestId, expiresAt: record.expiresAt }, { $set: fresh, $unset: { response: true } })) > 0
+							? (await this.store.update(
+									{ _id, requestId: record.requestId, expiresAt: record.expiresAt },
+									{ $set: fresh, $unset: { response: true } }
+								)) > 0
 							: await this.store.insertUnique({ _id, ...fresh });
 						if (taken) return { outcome: "run", requestId: fresh.requestId };
 						continue;
 					}
 					if (record.fingerprint !== fingerprint)
-						throw clientError(422, "IDEMPOTENCY_KEY_REUSED", "This Idempotency-Key was used for another request (method, path or body differ); use a new key", { key });
+						throw clientError(
+							422,
+							"IDEMPOTENCY_KEY_REUSED",
+							"This Idempotency-Key was used for another request (method, path or body differ); use a new key",
+							{ key }
+						);
 					if (record.response) return { outcome: "replay", response: record.response };
 					if (record.leaseUntil > now)
-						throw conflict("REQUEST_IN_PROGRESS", "A request with this Idempotency-Key is still running; retry later", { key, retryAfter: Math.ceil((record.leaseUntil - now) / 1000) });
+						throw conflict("REQUEST_IN_PROGRESS", "A request with this Idempotency-Key is still running; retry later", {
+							key,
+							retryAfter: Math.ceil((record.leaseUntil - now) / 1000)
+						});
 					// Released, or its gateway died: run again under the same request id.
 					if ((await this.store.update({ _id, leaseUntil: record.leaseUntil, response: { $exists: false } }, { $set: lease })) > 0)
 						return { outcome: "run", requestId: record.requestId };
 				}
-				throw conflict("REQUEST_IN_PROGRESS", "A request with this Idempotency-Key is being taken by another retry; retry later", { key, retryAfter: 1 });
+				throw conflict("REQUEST_IN_PROGRESS", "A request with this Idempotency-Key is being taken by another retry; retry later", {
+					key,
+					retryAfter: 1
+				});
 			}
 		},
 
@@ -154,7 +172,12 @@ const IdempotencyService: ServiceSchema<Settings, Methods, object, This> = {
 			},
 			async handler(this: This, ctx: Context<KeyParams & { requestId: string; response: StoredResponse }>): Promise<boolean> {
 				const { scope, key, requestId, response } = ctx.params;
-				return (await this.store.update({ _id: `${scope}:${key}`, requestId, response: { $exists: false } }, { $set: { response, leaseUntil: 0 } })) > 0;
+				return (
+					(await this.store.update(
+						{ _id: `${scope}:${key}`, requestId, response: { $exists: false } },
+						{ $set: { response, leaseUntil: 0 } }
+					)) > 0
+				);
 			}
 		},
 
@@ -191,7 +214,10 @@ const IdempotencyService: ServiceSchema<Settings, Methods, object, This> = {
 	},
 
 	started(this: This) {
-		this.sweepTimer = setInterval(() => this.sweep().catch(err => this.logger.warn("Sweeping idempotency keys failed:", (err as Error).message)), this.settings.sweepMs);
+		this.sweepTimer = setInterval(
+			() => this.sweep().catch(err => this.logger.warn("Sweeping idempotency keys failed:", (err as Error).message)),
+			this.settings.sweepMs
+		);
 	},
 
 	stopped(this: This) {

@@ -55,7 +55,10 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 				phone: { type: "string", trim: true, pattern: /^[0-9+() -]{3,20}$/, optional: true },
 				email: { type: "email", max: 200, optional: true }
 			},
-			async handler(this: This, ctx: Context<{ memberId?: string; name: string; phone?: string; email?: string }, RequestMeta & AnswerMeta>) {
+			async handler(
+				this: This,
+				ctx: Context<{ memberId?: string; name: string; phone?: string; email?: string }, RequestMeta & AnswerMeta>
+			) {
 				const { name, phone, email } = ctx.params;
 				const joined = (member: Member) => created(ctx, `/api/members/${member._id}`, this.toView(member));
 				// A request run again (its gateway died before answering) answers what it did.
@@ -66,8 +69,17 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 				for (let attempt = 0; attempt < 5; attempt++) {
 					const memberId = ctx.params.memberId ?? String(randomInt(10_000_000, 100_000_000));
 					const joinedAt = new Date().toISOString();
-					const member: Member = { _id: memberId, name, phone: phone ?? null, email: email ?? null, status: "active", joinedAt, ...requestIdOf(ctx) };
-					if (await this.changeWithEvents({ insert: member }, [outboxEvent("member.joined", { memberId, name, joinedAt })])) return joined(member);
+					const member: Member = {
+						_id: memberId,
+						name,
+						phone: phone ?? null,
+						email: email ?? null,
+						status: "active",
+						joinedAt,
+						...requestIdOf(ctx)
+					};
+					if (await this.changeWithEvents({ insert: member }, [outboxEvent("member.joined", { memberId, name, joinedAt })]))
+						return joined(member);
 					// Refused for its request id: the same request, running at the same time, joined first.
 					const racing = await createdBefore(this.store, ctx);
 					if (racing) return joined(racing);
@@ -93,9 +105,10 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 			async handler(this: This, ctx: Context<{ memberId: string }>) {
 				const { memberId } = ctx.params;
 				const withdrawnAt = new Date().toISOString();
-				const changed = await this.changeWithEvents({ filter: { _id: memberId, status: "active" }, update: { $set: { status: "withdrawn", withdrawnAt } } }, [
-					outboxEvent("member.withdrawn", { memberId, withdrawnAt })
-				]);
+				const changed = await this.changeWithEvents(
+					{ filter: { _id: memberId, status: "active" }, update: { $set: { status: "withdrawn", withdrawnAt } } },
+					[outboxEvent("member.withdrawn", { memberId, withdrawnAt })]
+				);
 				const member = await this.findMember(memberId);
 				if (!changed) throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has already withdrawn`, { memberId });
 				return this.toView(member);

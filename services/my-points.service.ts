@@ -50,7 +50,16 @@ const MyPointsService: ServiceSchema<object, object, object, This> = {
 					status: row.revoked ? "revoked" : "accrued",
 					...(row.paidAt ? { paidAt: row.paidAt } : {})
 				}));
-				return { memberId, total, rows, orderCount: all.length, page, pageSize, adjustments, adjustedTotal: adjustments.reduce((sum, a) => sum + (a.amount ?? 0), 0) };
+				return {
+					memberId,
+					total,
+					rows,
+					orderCount: all.length,
+					page,
+					pageSize,
+					adjustments,
+					adjustedTotal: adjustments.reduce((sum, a) => sum + (a.amount ?? 0), 0)
+				};
 			}
 		}
 	},

@@ -122,8 +122,13 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				const before = await createdBefore(this.store, ctx);
 				if (before) return answer(before);
 				const totalPrice = qty * unitPrice;
-				if (totalPrice > P.MAX_AMOUNT) throw clientError(422, "ORDER_TOO_LARGE", `An order may total at most ${P.MAX_AMOUNT}`, { totalPrice });
-				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
+				if (totalPrice > P.MAX_AMOUNT)
+					throw clientError(422, "ORDER_TOO_LARGE", `An order may total at most ${P.MAX_AMOUNT}`, { totalPrice });
+				const member = await ctx.call<MemberView, { memberId: string }>(
+					"members.get",
+					{ memberId },
+					{ timeout: this.settings.callTimeoutMs }
+				);
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 
 				const order: Order = {
@@ -164,7 +169,12 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 		list: {
 			rest: "GET /orders",
 			summary: "Orders, newest first, paged",
-			params: { $$strict: true, memberId: P.optionalId, status: { type: "enum", values: ["pending", "paid", "payment_failed", "cancelled"], optional: true }, ...P.paging },
+			params: {
+				$$strict: true,
+				memberId: P.optionalId,
+				status: { type: "enum", values: ["pending", "paid", "payment_failed", "cancelled"], optional: true },
+				...P.paging
+			},
 			async handler(this: This, ctx: Context<{ memberId?: string; status?: OrderStatus; page: number; pageSize: number }>) {
 				const { page, pageSize, ...filters } = ctx.params;
 				return this.store.newestFirst(filters, page, pageSize, row => this.toView(row));
@@ -181,8 +191,13 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				const { requestId } = requestIdOf(ctx);
 				// A request run again (its gateway died before answering) answers its cancellation.
 				if (requestId && order.status === "cancelled" && order.cancelRequestId === requestId) return this.toView(order);
-				if (order.status === "cancelled") throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, { id: order._id });
-				if (order.status !== "paid") throw conflict("ORDER_NOT_CANCELLABLE", `Order '${order._id}' is '${order.status}' and cannot be cancelled`, { id: order._id, status: order.status });
+				if (order.status === "cancelled")
+					throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, { id: order._id });
+				if (order.status !== "paid")
+					throw conflict("ORDER_NOT_CANCELLABLE", `Order '${order._id}' is '${order.status}' and cannot be cancelled`, {
+						id: order._id,
+						status: order.status
+					});
 				const cancelled: Order = {
 					...order,
 					status: "cancelled",
@@ -192,7 +207,10 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				};
 				const { status, cancelledAt, payment, delivery } = cancelled;
 				// Conditional on `paid`: of two racing cancellations, one wins.
-				const change = { filter: { _id: order._id, status: "paid" }, update: { $set: { status, cancelledAt, payment, delivery, ...(requestId ? { cancelRequestId: requestId } : {}) } } };
+				const change = {
+					filter: { _id: order._id, status: "paid" },
+					update: { $set: { status, cancelledAt, payment, delivery, ...(requestId ? { cancelRequestId: requestId } : {}) } }
+				};
 				if (!(await this.changeWithEvents(change, [this.eventOf("order.cancelled", cancelled)]))) {
 					// The same request, run again at the same time, may be the one that won: it answers that.
 					const now = await this.findOrder(order._id);
@@ -226,10 +244,18 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				// Timed out, breaker open or payments gone: the payment may still happen; void it.
 				this.logger.warn(`Payment for order '${order._id}' unconfirmed:`, (err as Error).message);
 				await this.settle(order, this.failed(order, "PAYMENTS_UNAVAILABLE"));
-				throw unavailable("PAYMENTS_UNAVAILABLE", "Payments cannot be confirmed right now; try again later", this.settings.retryAfterSeconds, err);
+				throw unavailable(
+					"PAYMENTS_UNAVAILABLE",
+					"Payments cannot be confirmed right now; try again later",
+					this.settings.retryAfterSeconds,
+					err
+				);
 			}
 			if (payment.status !== "approved")
-				return this.settle(order, { changes: { status: "payment_failed", reason: "PAYMENT_DECLINED", payment: { id: payment.id, status: payment.status } }, events: [] });
+				return this.settle(order, {
+					changes: { status: "payment_failed", reason: "PAYMENT_DECLINED", payment: { id: payment.id, status: payment.status } },
+					events: []
+				});
 			const paid: Order = {
 				...order,
 				status: "paid",
@@ -239,12 +265,18 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				points: pointsFor(order.totalPrice, order.qty)
 			};
 			const { status, paidAt, delivery, points } = paid;
-			return this.settle(order, { changes: { status, paidAt, payment: paid.payment, delivery, points }, events: [this.eventOf("order.paid", paid)] });
+			return this.settle(order, {
+				changes: { status, paidAt, payment: paid.payment, delivery, points },
+				events: [this.eventOf("order.paid", paid)]
+			});
 		},
 
 		/** An order whose payment is unconfirmed fails, and `order.voided` cancels the payment should it happen. */
 		failed(this: This, order: Order, reason: string): Outcome<Order> {
-			return { changes: { status: "payment_failed", reason, payment: { status: "unconfirmed" } }, events: [this.eventOf("order.voided", order)] };
+			return {
+				changes: { status: "payment_failed", reason, payment: { status: "unconfirmed" } },
+				events: [this.eventOf("order.voided", order)]
+			};
 		},
 
 		/** An order left pending by an instance that died waiting for its payment. */

@@ -116,7 +116,15 @@ const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 	methods: {
 		async undo(this: This, order: OrderEvent, status: "cancelled" | "voided") {
 			const at = new Date().toISOString();
-			const placeholder: Payment = { _id: sortableId(), orderId: order.orderId, memberId: order.memberId, amount: 0, status, at, cancelledAt: at };
+			const placeholder: Payment = {
+				_id: sortableId(),
+				orderId: order.orderId,
+				memberId: order.memberId,
+				amount: 0,
+				status,
+				at,
+				cancelledAt: at
+			};
 			// No payment yet: the placeholder takes its place, and a late `pay` finds it instead.
 			if (await this.store.insertUnique(placeholder)) return;
 			const payment = (await this.findByOrder(order.orderId)) as Payment;

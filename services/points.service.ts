@@ -147,7 +147,14 @@ interface Settings extends ServiceSettingSchema {
 type This = Service<Settings> &
 	DbThis<Account> &
 	OutboxMethods &
-	Methods & { ledger: Collection<LedgerEntry>; lock: KeyedLock; sweepTimer?: NodeJS.Timeout; expiryTimer?: NodeJS.Timeout; expiryStopped: boolean; expiredOn?: string };
+	Methods & {
+		ledger: Collection<LedgerEntry>;
+		lock: KeyedLock;
+		sweepTimer?: NodeJS.Timeout;
+		expiryTimer?: NodeJS.Timeout;
+		expiryStopped: boolean;
+		expiredOn?: string;
+	};
 
 /** How often a lost race for an account is re-planned before the posting gives up. */
 const MAX_ATTEMPTS = 20;
@@ -167,7 +174,12 @@ function lotsOf(account: Account): Lots {
 
 /** A month of earnings (`YYYYMM`). */
 
-const dealSource = (deal: DealEvent): Source => ({ memberId: deal.memberId, sourceType: "deal", sourceId: deal.dealId, merchantId: deal.merchantId });
+const dealSource = (deal: DealEvent): Source => ({
+	memberId: deal.memberId,
+	sourceType: "deal",
+	sourceId: deal.dealId,
+	merchantId: deal.merchantId
+});
 const orderSource = (order: OrderEvent): Source => ({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId });
 
 const causeOf = (source: Source) => `${source.sourceType}:${source.sourceId}`;
@@ -184,7 +196,8 @@ function earning(account: Account, source: Source, amount: number): Draft[] {
 /** What giving back `points` of a use posts: they expire at once if the member has withdrawn. */
 function restoration(account: Account, cause: string, source: Source, points: number): Draft[] {
 	const restore: Draft = { _id: cause, kind: "restore", amount: points, ...source };
-	if (account.status === "closed") return [restore, { _id: `expiry:${source.memberId}:${cause}`, kind: "expire", amount: -points, ...source }];
+	if (account.status === "closed")
+		return [restore, { _id: `expiry:${source.memberId}:${cause}`, kind: "expire", amount: -points, ...source }];
 	return [restore];
 }
 
@@ -202,7 +215,13 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 	mixins: [
 		DbMixin("accounts", [{ fields: { pendingSince: 1 }, sparse: true }, OUTBOX_INDEX]),
 		OutboxMixin,
-		ConfiguredSettings<Settings>(config => ({ sweepIntervalMs: 5000, expiryCheckMs: 3_600_000, expiryBatch: 500, pointsValidMonths: config.pointsValidMonths, callTimeoutMs: config.callTimeoutMs }))
+		ConfiguredSettings<Settings>(config => ({
+			sweepIntervalMs: 5000,
+			expiryCheckMs: 3_600_000,
+			expiryBatch: 500,
+			pointsValidMonths: config.pointsValidMonths,
+			callTimeoutMs: config.callTimeoutMs
+		}))
 	],
 
 	actions: {
@@ -242,7 +261,10 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				amount: P.signedAmount(P.MAX_POINTS),
 				reason: { type: "string", trim: true, min: 1, max: 500 }
 			},
-			async handler(this: This, ctx: Context<{ memberId: string; amount: number; reason: string }, CallerMeta & RequestMeta & AnswerMeta>): Promise<AdjustmentView> {
+			async handler(
+				this: This,
+				ctx: Context<{ memberId: string; amount: number; reason: string }, CallerMeta & RequestMeta & AnswerMeta>
+			): Promise<AdjustmentView> {
 				const { memberId, amount, reason } = ctx.params;
 				const user = ctx.meta.user;
 				// The gateway lets only staff here; a call without a user comes from inside (the REPL).
@@ -253,11 +275,26 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				const cause = `adjustment:${adjustmentId}`;
 				const made = async () => {
 					const entry = await this.ledger.findById(cause);
-					return entry && this.adjusted(ctx, { adjustmentId, memberId, amount: entry.amount, reason: entry.reason ?? reason, by: entry.by ?? by, at: entry.at, balance: entry.balanceAfter });
+					return (
+						entry &&
+						this.adjusted(ctx, {
+							adjustmentId,
+							memberId,
+							amount: entry.amount,
+							reason: entry.reason ?? reason,
+							by: entry.by ?? by,
+							at: entry.at,
+							balance: entry.balanceAfter
+						})
+					);
 				};
 				const before = await made();
 				if (before) return before;
-				const member = await ctx.call<MemberView, { memberId: string }>("members.get", { memberId }, { timeout: this.settings.callTimeoutMs });
+				const member = await ctx.call<MemberView, { memberId: string }>(
+					"members.get",
+					{ memberId },
+					{ timeout: this.settings.callTimeoutMs }
+				);
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 				const result = await this.post(memberId, async account => {
 					if (await this.ledger.findById(cause)) return "DUPLICATE";
@@ -268,7 +305,11 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				if (result.reason === "DUPLICATE") return (await made()) as AdjustmentView;
 				if (result.reason === "ACCOUNT_CLOSED") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 				if (result.reason === "INSUFFICIENT_POINTS")
-					throw conflict("INSUFFICIENT_POINTS", `Member '${memberId}' has ${result.balance} points: ${-amount} cannot be taken`, { memberId, balance: result.balance, amount });
+					throw conflict("INSUFFICIENT_POINTS", `Member '${memberId}' has ${result.balance} points: ${-amount} cannot be taken`, {
+						memberId,
+						balance: result.balance,
+						amount
+					});
 				return this.adjusted(ctx, { adjustmentId, memberId, amount, reason, by, at: result.at as string, balance: result.balance });
 			}
 		},
@@ -323,7 +364,13 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 					}
 				}
 				const mismatches = accounts
-					.map(a => ({ memberId: a._id, balance: a.balance, ledgerSum: sums.get(a._id) ?? 0, lots: a.lots ? sumOf(a.lots) : a.balance, pending: a.pending?.length ?? 0 }))
+					.map(a => ({
+						memberId: a._id,
+						balance: a.balance,
+						ledgerSum: sums.get(a._id) ?? 0,
+						lots: a.lots ? sumOf(a.lots) : a.balance,
+						pending: a.pending?.length ?? 0
+					}))
 					.filter(a => a.balance !== a.ledgerSum || a.balance !== a.lots || a.balance < 0 || a.pending > 0);
 				return { accounts: accounts.length, entries: await this.ledger.count({}), adjustments, expired, mismatches };
 			}
@@ -397,11 +444,24 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 						return { memberId, sourceType: "member", sourceId: memberId, ...d, balanceAfter: balance, at: now, seq: sortableId() };
 					});
 					const version = (account.version ?? 0) + 1;
-					const posted = outboxEvent("points.posted", { memberId, closed: close, entries: entries.map(({ _id, seq: _seq, ...entry }) => ({ cause: _id, ...entry })), lots, version });
+					const posted = outboxEvent("points.posted", {
+						memberId,
+						closed: close,
+						entries: entries.map(({ _id, seq: _seq, ...entry }) => ({ cause: _id, ...entry })),
+						lots,
+						version
+					});
 					const oldestLot = oldestOf(lots);
 					const update = {
 						$inc: { balance: balance - account.balance, version: 1 },
-						$set: { pending: entries, pendingSince: now, updatedAt: now, lots, ...(oldestLot ? { oldestLot } : {}), ...(close ? { status: "closed", closedAt: now } : {}) },
+						$set: {
+							pending: entries,
+							pendingSince: now,
+							updatedAt: now,
+							lots,
+							...(oldestLot ? { oldestLot } : {}),
+							...(close ? { status: "closed", closedAt: now } : {})
+						},
 						...(oldestLot ? {} : { $unset: { oldestLot: true } })
 					};
 					if (!(await this.changeWithEvents({ filter: versionOf(account), update }, [posted]))) {
@@ -511,7 +571,14 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				const due = Object.entries(lotsOf(account)).filter(([month]) => month <= through);
 				points = due.reduce((sum, [, p]) => sum + p, 0);
 				if (account.status === "closed" || !due.length) return "DUPLICATE";
-				return due.map(([month, p]) => ({ _id: `expire:${memberId}:${month}`, kind: "expire", amount: -p, sourceType: "member", sourceId: memberId, lotMonth: month }));
+				return due.map(([month, p]) => ({
+					_id: `expire:${memberId}:${month}`,
+					kind: "expire",
+					amount: -p,
+					sourceType: "member",
+					sourceId: memberId,
+					lotMonth: month
+				}));
 			});
 			return result.applied ? points : 0;
 		},
@@ -524,11 +591,18 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		async expireDue(this: This, through?: string) {
 			const due = expiredThrough(this.now(), this.settings.pointsValidMonths);
 			if (this.settings.pointsValidMonths <= 0) throw conflict("EXPIRY_OFF", "Points never expire here (POINTS_VALID_MONTHS is 0)");
-			if (through && through > due) throw clientError(409, "EXPIRY_NOT_DUE", `Earnings of ${through} are still valid: earnings expire through ${due} now`, { through, due });
+			if (through && through > due)
+				throw clientError(409, "EXPIRY_NOT_DUE", `Earnings of ${through} are still valid: earnings expire through ${due} now`, {
+					through,
+					due
+				});
 			const run: ExpiryRun = { through: through ?? due, members: 0, points: 0 };
 			// In batches by id, so that a month's end with many members due never reads them all at once.
-			for (let after = ""; ; ) {
-				const query = { _id: { $gt: after }, $or: [{ oldestLot: { $lte: run.through } }, { lots: { $exists: false }, balance: { $gt: 0 } }] };
+			for (let after = ""; ;) {
+				const query = {
+					_id: { $gt: after },
+					$or: [{ oldestLot: { $lte: run.through } }, { lots: { $exists: false }, balance: { $gt: 0 } }]
+				};
 				const batch = await this.store.find({ query, sort: ["_id"], limit: this.settings.expiryBatch });
 				for (const account of batch) {
 					const points = await this.expireLots(account._id, run.through);
@@ -591,7 +665,9 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		// A posting interrupted on another instance (which may be gone) is finished here too, once it
 		// has had time to finish on its own.
 		this.sweepTimer = setInterval(() => {
-			this.finishPending(this.settings.sweepIntervalMs).catch(err => this.logger.warn("Finishing interrupted postings failed:", (err as Error).message));
+			this.finishPending(this.settings.sweepIntervalMs).catch(err =>
+				this.logger.warn("Finishing interrupted postings failed:", (err as Error).message)
+			);
 		}, this.settings.sweepIntervalMs);
 		// A node that was down at midnight catches up as soon as it is back.
 		this.expiryStopped = false;

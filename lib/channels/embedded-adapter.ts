@@ -130,7 +130,8 @@ export class EmbeddedAdapter extends BaseAdapter {
 		// Every local service's groups are known before anything is published, even on a fresh data
 		// folder: a message published before a consumer's first subscription still waits for it.
 		for (const service of this.broker.services)
-			for (const [name, def] of Object.entries(service.schema.channels ?? {})) await this.registerGroup(this.addPrefixTopic(name), def.group ?? service.fullName);
+			for (const [name, def] of Object.entries(service.schema.channels ?? {}))
+				await this.registerGroup(this.addPrefixTopic(name), def.group ?? service.fullName);
 	}
 
 	override async disconnect(): Promise<void> {
@@ -167,7 +168,14 @@ export class EmbeddedAdapter extends BaseAdapter {
 		await this.opened;
 		const replayTo = opts.headers?.[REPLAY_GROUP];
 		const groups = replayTo ? [replayTo] : [...this.groupsOf(channelName)];
-		const msg: StoredMessage = { _id: messageId(), channel: channelName, payload: structuredClone(payload), headers: opts.headers, pending: groups, ...(groups.length === 0 ? { orphan: true } : {}) };
+		const msg: StoredMessage = {
+			_id: messageId(),
+			channel: channelName,
+			payload: structuredClone(payload),
+			headers: opts.headers,
+			pending: groups,
+			...(groups.length === 0 ? { orphan: true } : {})
+		};
 		this.append(msg);
 		this.stored.set(msg._id, msg);
 		for (const group of groups) this.queueOf(channelName, group).set(msg._id, msg);
@@ -193,7 +201,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 	private append(msg: StoredMessage | { $$deleted: true; _id: string }): void {
 		this.fd ??= fs.openSync(this.file, "a");
 		const bytes = Buffer.from(`${serialize(msg)}\n`, "utf8");
-		for (let written = 0; written < bytes.length; ) written += fs.writeSync(this.fd, bytes, written);
+		for (let written = 0; written < bytes.length;) written += fs.writeSync(this.fd, bytes, written);
 	}
 
 	/** Rewrites the file with the messages still waiting, as NeDB does: a new file renamed over the old. */
@@ -313,7 +321,9 @@ export class EmbeddedAdapter extends BaseAdapter {
 		if (chan.deadLettering?.enabled) {
 			this.logger.error(`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dead-lettered:`, err.message);
 			this.metricsIncrement("moleculer.channels.messages.deadLettering.total", chan);
-			await this.publish(this.addPrefixTopic(chan.deadLettering.queueName), msg.payload, { headers: deadLetterHeaders(msg.headers ?? {}, chan, err, tries) });
+			await this.publish(this.addPrefixTopic(chan.deadLettering.queueName), msg.payload, {
+				headers: deadLetterHeaders(msg.headers ?? {}, chan, err, tries)
+			});
 		} else {
 			this.logger.error(`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dropped:`, err.message);
 		}

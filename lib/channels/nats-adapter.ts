@@ -105,7 +105,10 @@ export class DurableNatsAdapter extends NatsAdapter {
 		const headers: Record<string, string> = {};
 		for (const [key, values] of message.headers ?? []) headers[key] = values[0];
 		try {
-			await this.publish(chan.deadLettering.queueName, message.data, { raw: true, headers: deadLetterHeaders(headers, chan, error, tries) });
+			await this.publish(chan.deadLettering.queueName, message.data, {
+				raw: true,
+				headers: deadLetterHeaders(headers, chan, error, tries)
+			});
 		} catch (moveError) {
 			this.logger.error(`'${chan.name}' (${chan.group}) could not be dead-lettered; retrying later:`, (moveError as Error).message);
 			return message.nak(this.opts.maxRetryDelayMs);

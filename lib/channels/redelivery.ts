@@ -36,7 +36,12 @@ export const REPLAY_GROUP = "x-replay-group";
  * The headers a message is dead-lettered with: its own, less a replay's target (a replayed message
  * that fails again is a new dead letter, for the dead-letter channel's own groups), and why it failed.
  */
-export function deadLetterHeaders(own: Record<string, string>, chan: { name: string; group: string }, error: Error, tries: number): Record<string, string> {
+export function deadLetterHeaders(
+	own: Record<string, string>,
+	chan: { name: string; group: string },
+	error: Error,
+	tries: number
+): Record<string, string> {
 	const { [REPLAY_GROUP]: _replayedTo, ...headers } = own;
 	return {
 		...headers,

@@ -77,7 +77,13 @@ export function publishedRoutes(services: readonly (SchemaShape & { name: string
 			const route = `${match[1]} ${match[2]}`;
 			if (seen.has(route)) throw new Error(`${route} is declared by both ${seen.get(route)} and ${actionName}`);
 			seen.set(route, actionName);
-			routes.push({ method: match[1] as Method, path: match[2], action: actionName, summary: action.summary, params: (action.params ?? {}) as Rules });
+			routes.push({
+				method: match[1] as Method,
+				path: match[2],
+				action: actionName,
+				summary: action.summary,
+				params: (action.params ?? {}) as Rules
+			});
 		}
 	}
 	return routes;
@@ -138,7 +144,12 @@ export function schemaOf(input: Rule): JsonSchema {
 			Object.assign(schema, objectSchema((rule.props ?? rule.properties ?? {}) as Rules, rule.strict === true));
 			break;
 		case "array":
-			Object.assign(schema, { type: "array", items: rule.items ? schemaOf(rule.items) : {}, minItems: rule.min ?? rule.length, maxItems: rule.max ?? rule.length });
+			Object.assign(schema, {
+				type: "array",
+				items: rule.items ? schemaOf(rule.items) : {},
+				minItems: rule.min ?? rule.length,
+				maxItems: rule.max ?? rule.length
+			});
 			break;
 	}
 	if (rule.default !== undefined && typeof rule.default !== "function") schema.default = rule.default;
@@ -148,7 +159,9 @@ export function schemaOf(input: Rule): JsonSchema {
 
 /** An object's schema from its props; `strict` (fastest-validator's `$$strict`) refuses other keys. */
 export function objectSchema(rules: Rules, strict: boolean): JsonSchema {
-	const props = Object.entries(rules).filter((entry): entry is [string, Rule] => !entry[0].startsWith("$$") && typeof entry[1] !== "boolean");
+	const props = Object.entries(rules).filter(
+		(entry): entry is [string, Rule] => !entry[0].startsWith("$$") && typeof entry[1] !== "boolean"
+	);
 	const required = props.filter(([, rule]) => !isOptional(rule)).map(([name]) => name);
 	return {
 		type: "object",
@@ -178,10 +191,15 @@ export interface DocumentOptions {
 	extraPaths?: Record<string, Record<string, JsonSchema>>;
 }
 
-const errorResponse = (description: string) => ({ description, content: { "application/json": { schema: { $ref: "#/components/schemas/Error" } } } });
+const errorResponse = (description: string) => ({
+	description,
+	content: { "application/json": { schema: { $ref: "#/components/schemas/Error" } } }
+});
 
 const COMPONENTS = {
-	securitySchemes: { bearer: { type: "http", scheme: "bearer", description: "A token from API_KEYS: `<token>=staff` or `<token>=merchant:<merchantId>`." } },
+	securitySchemes: {
+		bearer: { type: "http", scheme: "bearer", description: "A token from API_KEYS: `<token>=staff` or `<token>=merchant:<merchantId>`." }
+	},
 	schemas: {
 		Error: {
 			type: "object",
@@ -212,7 +230,9 @@ const ref = (name: string) => ({ $ref: `#/components/responses/${name}` });
 
 function operationOf(route: PublishedRoute, access: Access, postParameters: JsonSchema[]): JsonSchema {
 	const pathParams = [...route.path.matchAll(/:(\w+)/g)].map(m => m[1]);
-	const rules = Object.entries(route.params).filter((entry): entry is [string, Rule] => !entry[0].startsWith("$$") && typeof entry[1] !== "boolean");
+	const rules = Object.entries(route.params).filter(
+		(entry): entry is [string, Rule] => !entry[0].startsWith("$$") && typeof entry[1] !== "boolean"
+	);
 	const inPath = rules.filter(([name]) => pathParams.includes(name));
 	const rest = rules.filter(([name]) => !pathParams.includes(name));
 	const hasBody = route.method !== "GET" && route.method !== "DELETE";

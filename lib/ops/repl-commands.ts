@@ -20,7 +20,16 @@ export interface OperatorCommand {
 }
 
 interface LedgerPage {
-	rows: { at: string; cause: string; kind: string; amount: number; balanceAfter: number; shortfall?: number; reason?: string; by?: string }[];
+	rows: {
+		at: string;
+		cause: string;
+		kind: string;
+		amount: number;
+		balanceAfter: number;
+		shortfall?: number;
+		reason?: string;
+		by?: string;
+	}[];
 	total: number;
 }
 
@@ -55,7 +64,9 @@ export const operatorCommands: OperatorCommand[] = [
 		description: "A member, their balance, what expires soon and their last ledger entries",
 		action: guarded(async (broker, { memberId }) => {
 			const member = await broker.call<MemberView, object>("members.get", { memberId });
-			console.log(`Member ${member.memberId} ${member.name}: ${member.status}, joined ${member.joinedAt}${member.withdrawnAt ? `, withdrawn ${member.withdrawnAt}` : ""}`);
+			console.log(
+				`Member ${member.memberId} ${member.name}: ${member.status}, joined ${member.joinedAt}${member.withdrawnAt ? `, withdrawn ${member.withdrawnAt}` : ""}`
+			);
 			const account = await broker.call<AccountView, object>("points.get", { memberId });
 			console.log(`Balance: ${account.balance} points (account ${account.status})`);
 			const expiring = account.expiring.filter(e => e.points > 0);
@@ -63,7 +74,15 @@ export const operatorCommands: OperatorCommand[] = [
 			const ledger = await broker.call<LedgerPage, object>("points.history", { memberId, pageSize: LAST_ENTRIES });
 			console.log(`Last ${ledger.rows.length} of ${ledger.total} ledger entries:`);
 			console.table(
-				ledger.rows.map(({ at, cause, kind, amount, balanceAfter, shortfall, reason, by }) => ({ at, cause, kind, amount, balanceAfter, ...(shortfall ? { shortfall } : {}), ...(by ? { by, reason } : {}) }))
+				ledger.rows.map(({ at, cause, kind, amount, balanceAfter, shortfall, reason, by }) => ({
+					at,
+					cause,
+					kind,
+					amount,
+					balanceAfter,
+					...(shortfall ? { shortfall } : {}),
+					...(by ? { by, reason } : {})
+				}))
 			);
 		})
 	},
@@ -80,11 +99,12 @@ export const operatorCommands: OperatorCommand[] = [
 		command: "month-end [billingMonth]",
 		description: "Runs the month-end job: closes every month up to this one (default: the last one) that can close",
 		action: guarded(async (broker, { billingMonth }) => {
-			const closed = await broker.call<{ closedThrough: string | null; months: { billingMonth: string; created: number; settlements: Settlement[] }[] }, object>(
-				"billing.closeMonth",
-				billingMonth ? { billingMonth } : {}
-			);
-			if (!closed.months.length) console.log(`Month-end: nothing more can close yet (closed through ${closed.closedThrough ?? "no month"})`);
+			const closed = await broker.call<
+				{ closedThrough: string | null; months: { billingMonth: string; created: number; settlements: Settlement[] }[] },
+				object
+			>("billing.closeMonth", billingMonth ? { billingMonth } : {});
+			if (!closed.months.length)
+				console.log(`Month-end: nothing more can close yet (closed through ${closed.closedThrough ?? "no month"})`);
 			for (const month of closed.months) {
 				console.log(`Month-end ${month.billingMonth}: ${month.settlements.length} merchant(s), ${month.created} made final`);
 				for (const settlement of month.settlements) console.log(`  ${settlementLine(settlement)}`);
@@ -101,7 +121,8 @@ export const operatorCommands: OperatorCommand[] = [
 	},
 	{
 		command: "audit",
-		description: "Checks every account's balance against the sum of its ledger and of its earning lots, and totals adjustments and expired points",
+		description:
+			"Checks every account's balance against the sum of its ledger and of its earning lots, and totals adjustments and expired points",
 		action: guarded(async broker => {
 			const audit = await broker.call<Audit>("points.audit");
 			const { count, added, taken } = audit.adjustments;
@@ -118,18 +139,24 @@ export const operatorCommands: OperatorCommand[] = [
 	},
 	{
 		command: "dead-letters [action] [id]",
-		description: "Lists the dead letters waiting for a replay with their error; 'dead-letters replay <id|all>' sends them again to the group that failed them",
+		description:
+			"Lists the dead letters waiting for a replay with their error; 'dead-letters replay <id|all>' sends them again to the group that failed them",
 		action: guarded(async (broker, { action, id }) => {
 			if (action === "replay") {
 				if (!id) throw Object.assign(new Error("Say which: dead-letters replay <id|all>"), { type: "USAGE" });
 				const result = await broker.call<{ count: number; replayed: DeadLetterView[] }, object>("dead-letters.replay", { id });
-				console.log(`Replayed ${result.count} dead letter(s)${result.replayed.length ? `: ${result.replayed.map(l => l.id).join(", ")}` : ""}`);
+				console.log(
+					`Replayed ${result.count} dead letter(s)${result.replayed.length ? `: ${result.replayed.map(l => l.id).join(", ")}` : ""}`
+				);
 				return;
 			}
 			if (action) throw Object.assign(new Error(`Unknown action '${String(action)}': dead-letters [replay <id|all>]`), { type: "USAGE" });
 			const page = await broker.call<{ rows: DeadLetterView[]; total: number }, object>("dead-letters.list", { pageSize: 100 });
-			console.log(`${page.total} dead letter(s) waiting for a replay${page.total > page.rows.length ? ` (the newest ${page.rows.length} below)` : ""}`);
-			for (const l of page.rows) console.log(`  ${l.id} ${l.channel} (${l.group}) after ${l.tries} tries, ${l.deadAt}: ${l.error} ${JSON.stringify(l.payload)}`);
+			console.log(
+				`${page.total} dead letter(s) waiting for a replay${page.total > page.rows.length ? ` (the newest ${page.rows.length} below)` : ""}`
+			);
+			for (const l of page.rows)
+				console.log(`  ${l.id} ${l.channel} (${l.group}) after ${l.tries} tries, ${l.deadAt}: ${l.error} ${JSON.stringify(l.payload)}`);
 		})
 	}
 ];

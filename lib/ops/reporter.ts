@@ -25,7 +25,9 @@ export class OpsReporter extends MetricReporters.Prometheus {
 		super.init(registry);
 		this.server.on("error", (err: NodeJS.ErrnoException) => {
 			const why = err.code === "EADDRINUSE" ? "is in use (another node on this host?)" : `cannot be opened (${err.code ?? err.message})`;
-			registry.broker.logger.fatal(`METRICS_PORT ${this.opts.port} ${why}: give each node on a host its own METRICS_PORT, 0 for any free port, or off for none.`);
+			registry.broker.logger.fatal(
+				`METRICS_PORT ${this.opts.port} ${why}: give each node on a host its own METRICS_PORT, 0 for any free port, or off for none.`
+			);
 			process.exit(1);
 		});
 	}
@@ -35,7 +37,9 @@ export class OpsReporter extends MetricReporters.Prometheus {
 			const broker = this.registry.broker;
 			const ready = req.url === "/live" || isReady(broker);
 			res.writeHead(ready ? 200 : 503, { "Content-Type": "application/json" });
-			res.end(JSON.stringify({ status: ready ? "ok" : "not ready", nodeID: broker.nodeID, services: broker.services.map(s => s.fullName) }));
+			res.end(
+				JSON.stringify({ status: ready ? "ok" : "not ready", nodeID: broker.nodeID, services: broker.services.map(s => s.fullName) })
+			);
 			return;
 		}
 		super.handler(req, res);

@@ -49,7 +49,7 @@ export function openDatastore<T extends object>(filename: string): Datastore<T> 
 		if (!docs.length) return;
 		file.fd ??= fs.openSync(filename, "a");
 		const bytes = Buffer.from(docs.map(doc => `${serialize(doc)}\n`).join(""), "utf8");
-		for (let written = 0; written < bytes.length; ) written += fs.writeSync(file.fd, bytes, written);
+		for (let written = 0; written < bytes.length;) written += fs.writeSync(file.fd, bytes, written);
 	};
 	const rewrite = persistence.persistCachedDatabaseAsync.bind(persistence);
 	persistence.persistCachedDatabaseAsync = async () => {
@@ -102,7 +102,9 @@ function updateInPlace(indexes: Index[], pairs: Modification[]): void {
 	const done: { doc: Record<string, unknown>; before: Record<string, unknown>; changed: Index[] }[] = [];
 	try {
 		for (const { oldDoc, newDoc } of pairs) {
-			const changed = indexes.filter(index => compareThings(getDotValue(oldDoc, index.fieldName), getDotValue(newDoc, index.fieldName)) !== 0);
+			const changed = indexes.filter(
+				index => compareThings(getDotValue(oldDoc, index.fieldName), getDotValue(newDoc, index.fieldName)) !== 0
+			);
 			const before = { ...oldDoc };
 			rekey(oldDoc, newDoc, changed);
 			done.push({ doc: oldDoc, before, changed });

@@ -18,7 +18,12 @@ function chart(id, type, labels, datasets) {
 	state.charts[id] = new Chart($(`#${id}`), {
 		type,
 		data: { labels, datasets },
-		options: { animation: false, responsive: true, plugins: { legend: { display: datasets.length > 1 } }, scales: { y: { beginAtZero: true } } }
+		options: {
+			animation: false,
+			responsive: true,
+			plugins: { legend: { display: datasets.length > 1 } },
+			scales: { y: { beginAtZero: true } }
+		}
 	});
 }
 
@@ -44,21 +49,38 @@ async function loadOverview() {
 	$("#overview-outstanding").textContent = number(o.pointsOutstanding);
 	// null when the dead-letters service did not answer.
 	$("#overview-dead-letters").textContent = o.deadLetters == null ? "?" : number(o.deadLetters);
-	chart("deals-per-day", "bar", o.dealsPerDay.map(d => d.day.slice(5)), [{ label: "Deals", data: o.dealsPerDay.map(d => d.deals), backgroundColor: "#2d6cdf" }]);
-	rows($("#top-merchants tbody"), o.topMerchants, m => [[m.merchantId], [number(m.deals)], [number(m.earnedPoints)], [number(m.usedPoints)]]);
+	chart(
+		"deals-per-day",
+		"bar",
+		o.dealsPerDay.map(d => d.day.slice(5)),
+		[{ label: "Deals", data: o.dealsPerDay.map(d => d.deals), backgroundColor: "#2d6cdf" }]
+	);
+	rows($("#top-merchants tbody"), o.topMerchants, m => [
+		[m.merchantId],
+		[number(m.deals)],
+		[number(m.earnedPoints)],
+		[number(m.usedPoints)]
+	]);
 	rows($("#settlement-preview tbody"), o.settlementPreview, m => [[m.merchantId], [number(m.usedPoints)], [number(m.billingAmount)]]);
 	// No months when points never expire (POINTS_VALID_MONTHS=0).
 	const expiring = o.expiringSoon.months;
 	$("#expiring-soon").hidden = $("#overview-expiring-figure").hidden = !expiring.length;
 	$("#overview-expiring").textContent = number(expiring.reduce((sum, e) => sum + e.points, 0));
 	rows($("#expiring-months tbody"), expiring, e => [[e.month], [number(e.points)]]);
-	rows($("#expiring-members tbody"), o.expiringSoon.members, m => [[`${m.name || ""} (${m.memberId})`], [number(m.points)], [m.firstMonth || ""]]);
+	rows($("#expiring-members tbody"), o.expiringSoon.members, m => [
+		[`${m.name || ""} (${m.memberId})`],
+		[number(m.points)],
+		[m.firstMonth || ""]
+	]);
 }
 
 async function loadMember(options = {}) {
 	if (!state.memberId) return;
 	try {
-		const [m, page] = await Promise.all([api(`/dashboard/members/${encodeURIComponent(state.memberId)}`), api(`/dashboard/members/${encodeURIComponent(state.memberId)}/transactions?page=${state.page}&pageSize=${state.pageSize}`)]);
+		const [m, page] = await Promise.all([
+			api(`/dashboard/members/${encodeURIComponent(state.memberId)}`),
+			api(`/dashboard/members/${encodeURIComponent(state.memberId)}/transactions?page=${state.page}&pageSize=${state.pageSize}`)
+		]);
 		$("#member-error").textContent = "";
 		$("#member").hidden = false;
 		$("#member-name").textContent = `${m.member.name || ""} (${m.member.memberId})`;
@@ -67,17 +89,37 @@ async function loadMember(options = {}) {
 		for (const key of ["balance", "earned", "used", "cancelled", "expired", "adjusted"]) $(`#${key}`).textContent = number(m.member[key]);
 		$("#member-expiring-soon").hidden = !m.expiring.length;
 		rows($("#member-expiring tbody"), m.expiring, e => [[e.month], [number(e.points)]]);
-		chart("balance-chart", "line", m.series.map(p => new Date(p.at).toLocaleString()), [{ label: "Balance", data: m.series.map(p => p.balance), borderColor: "#2d6cdf", tension: 0.2 }]);
-		chart("monthly-chart", "bar", m.monthly.map(x => x.month), [
-			{ label: "Earned", data: m.monthly.map(x => x.earned), backgroundColor: "#3a9d5d" },
-			{ label: "Used", data: m.monthly.map(x => x.used), backgroundColor: "#2d6cdf" },
-			{ label: "Cancelled", data: m.monthly.map(x => x.cancelled), backgroundColor: "#e0a030" },
-			{ label: "Expired", data: m.monthly.map(x => x.expired), backgroundColor: "#b42318" },
-			{ label: "Adjusted", data: m.monthly.map(x => x.adjusted), backgroundColor: "#7a5cc2" }
-		]);
+		chart(
+			"balance-chart",
+			"line",
+			m.series.map(p => new Date(p.at).toLocaleString()),
+			[{ label: "Balance", data: m.series.map(p => p.balance), borderColor: "#2d6cdf", tension: 0.2 }]
+		);
+		chart(
+			"monthly-chart",
+			"bar",
+			m.monthly.map(x => x.month),
+			[
+				{ label: "Earned", data: m.monthly.map(x => x.earned), backgroundColor: "#3a9d5d" },
+				{ label: "Used", data: m.monthly.map(x => x.used), backgroundColor: "#2d6cdf" },
+				{ label: "Cancelled", data: m.monthly.map(x => x.cancelled), backgroundColor: "#e0a030" },
+				{ label: "Expired", data: m.monthly.map(x => x.expired), backgroundColor: "#b42318" },
+				{ label: "Adjusted", data: m.monthly.map(x => x.adjusted), backgroundColor: "#7a5cc2" }
+			]
+		);
 		rows($("#by-merchant tbody"), m.byMerchant, x => [[x.merchantId], [number(x.earned)], [number(x.used)]]);
 		const known = new Set([...$("#transactions tbody").children].map(tr => tr.dataset.id));
-		rows($("#transactions tbody"), page.rows, t => [[new Date(t.at).toLocaleString()], [t.kind], [t.type], [t.merchantId || ""], [number(t.amount)], [number(t.point)], [t.returnedAmount ? `${number(t.returnedAmount)} (${number(t.returnedPoints)} points)` : ""], [t.status.replace("_", " "), `status-${t.status}`], [t.reason ? `${t.reason} (${t.by})` : ""]]);
+		rows($("#transactions tbody"), page.rows, t => [
+			[new Date(t.at).toLocaleString()],
+			[t.kind],
+			[t.type],
+			[t.merchantId || ""],
+			[number(t.amount)],
+			[number(t.point)],
+			[t.returnedAmount ? `${number(t.returnedAmount)} (${number(t.returnedPoints)} points)` : ""],
+			[t.status.replace("_", " "), `status-${t.status}`],
+			[t.reason ? `${t.reason} (${t.by})` : ""]
+		]);
 		[...$("#transactions tbody").children].forEach((tr, i) => {
 			tr.dataset.id = page.rows[i].id;
 			if (options.live && !known.has(tr.dataset.id)) tr.classList.add("fresh");
@@ -131,7 +173,8 @@ async function signIn(token) {
 	try {
 		await loadOverview();
 	} catch (err) {
-		$("#signin-error").textContent = err.status === 401 ? "Unknown token." : err.status === 403 ? "This token is not a staff token." : err.message;
+		$("#signin-error").textContent =
+			err.status === 401 ? "Unknown token." : err.status === 403 ? "This token is not a staff token." : err.message;
 		return;
 	}
 	sessionStorage.setItem("onepoint-token", token);

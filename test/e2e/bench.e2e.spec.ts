@@ -38,7 +38,9 @@ describe("npm run bench -- --smoke", () => {
 		expect(output).toMatch(/Deals \(HTTP\) with entries already stored[\s\S]*1,000 entries +( +[\d,]+){2,} +(flat|NOT FLAT)/);
 		expect(output).toMatch(/(MET|MISSED) +deal writes within 2× from 1,000 to 3,000 entries stored/);
 		expect(output).toMatch(/(MET|MISSED) +our gateway's trivial route ≥ 80% of stock moleculer-web's/);
-		expect(output).toMatch(/dashboard's member query \(p50 \/ p99 ms\): [\d.]+ \/ [\d.]+ at rest, [\d.]+ \/ [\d.]+ under the HTTP deal load/);
+		expect(output).toMatch(
+			/dashboard's member query \(p50 \/ p99 ms\): [\d.]+ \/ [\d.]+ at rest, [\d.]+ \/ [\d.]+ under the HTTP deal load/
+		);
 		expect(output).toMatch(/Growth: reads/);
 		expect(output).toMatch(/'1,000'.*'3,000'|'1,000'[\s\S]*'3,000'/);
 		expect(output).toMatch(/(MET|MISSED) +HTTP deals ≥ 50%/);

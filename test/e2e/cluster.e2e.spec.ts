@@ -59,72 +59,81 @@ describe("a cluster over NATS", () => {
 
 	it("keeps every point exact through a killed points node, a restarted nats-server and a redeployed deals node", () =>
 		explained(nodes, async () => {
-		for (const memberId of members) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
+			for (const memberId of members) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
 
-		const load = startLoad(api, members, true);
+			const load = startLoad(api, members, true);
 
-		await sleep(3000);
-		await nodes.points.stop("SIGKILL");
-		await sleep(4000);
-		await nodes.points.start();
-		await sleep(3000);
-		await nats.stop();
-		await sleep(2000);
-		await nats.start();
-		await sleep(4000);
-		// A graceful restart: SIGTERM lets the deals node finish the uses it has in flight.
-		await nodes.deals.stop("SIGTERM");
-		await nodes.deals.start();
-		await sleep(2000);
-		expect((await load.stop()).ok).toBeGreaterThan(100);
+			await sleep(3000);
+			await nodes.points.stop("SIGKILL");
+			await sleep(4000);
+			await nodes.points.start();
+			await sleep(3000);
+			await nats.stop();
+			await sleep(2000);
+			await nats.start();
+			await sleep(4000);
+			// A graceful restart: SIGTERM lets the deals node finish the uses it has in flight.
+			await nodes.deals.stop("SIGTERM");
+			await nodes.deals.start();
+			await sleep(2000);
+			expect((await load.stop()).ok).toBeGreaterThan(100);
 
-		// Every account converges on what its deals and orders imply.
-		await eventually(
-			async () => {
-				for (const memberId of members) expect({ memberId, balance: (await api("GET", `/points/${memberId}`)).body.balance }).toEqual({ memberId, balance: await impliedBalance(api, memberId) });
-			},
-			60_000,
-			500
-		);
+			// Every account converges on what its deals and orders imply.
+			await eventually(
+				async () => {
+					for (const memberId of members)
+						expect({ memberId, balance: (await api("GET", `/points/${memberId}`)).body.balance }).toEqual({
+							memberId,
+							balance: await impliedBalance(api, memberId)
+						});
+				},
+				60_000,
+				500
+			);
 
-		// A cancelled order nets to nothing whether or not its events have landed: wait until a paid
-		// order has its accrual, and a cancelled one its accrual or a void (its cancellation reached
-		// points first, so the accrual, arriving later, is refused). A handler that failed while NATS
-		// was down is redelivered after a backoff of seconds.
-		await eventually(
-			async () => {
-				for (const memberId of members) {
-					const causes = new Set((await all<Entry>(`/points/${memberId}/history`)).map(e => e.cause));
-					for (const order of await all<Order>(`/orders?memberId=${memberId}`)) {
-						const settled = causes.has(`order:${order.id}`) || (order.status === "cancelled" && causes.has(`order-cancel:${order.id}`));
-						if (order.status === "paid" || order.status === "cancelled") expect({ order: order.id, settled }).toEqual({ order: order.id, settled: true });
+			// A cancelled order nets to nothing whether or not its events have landed: wait until a paid
+			// order has its accrual, and a cancelled one its accrual or a void (its cancellation reached
+			// points first, so the accrual, arriving later, is refused). A handler that failed while NATS
+			// was down is redelivered after a backoff of seconds.
+			await eventually(
+				async () => {
+					for (const memberId of members) {
+						const causes = new Set((await all<Entry>(`/points/${memberId}/history`)).map(e => e.cause));
+						for (const order of await all<Order>(`/orders?memberId=${memberId}`)) {
+							const settled = causes.has(`order:${order.id}`) || (order.status === "cancelled" && causes.has(`order-cancel:${order.id}`));
+							if (order.status === "paid" || order.status === "cancelled")
+								expect({ order: order.id, settled }).toEqual({ order: order.id, settled: true });
+						}
 					}
-				}
-			},
-			120_000,
-			1000
-		);
+				},
+				120_000,
+				1000
+			);
 
-		let paidOrders = 0;
-		for (const memberId of members) {
-			const ledger = await expectDealLedger(api, memberId);
-			// A paid order has exactly one accrual; a cancelled one an accrual and its revocation, or only
-			// a void when the cancellation came first; no other order has points.
-			for (const order of await all<Order>(`/orders?memberId=${memberId}`)) {
-				const accrual = ledger.filter(e => e.cause === `order:${order.id}`);
-				const revocation = ledger.filter(e => e.cause === `order-cancel:${order.id}`);
-				if (order.status === "paid") paidOrders++;
-				if (order.status === "cancelled" && revocation[0]?.kind === "void") {
-					expect({ order: order.id, accrual, revocation: revocation.map(e => e.amount) }).toEqual({ order: order.id, accrual: [], revocation: [0] });
-					continue;
+			let paidOrders = 0;
+			for (const memberId of members) {
+				const ledger = await expectDealLedger(api, memberId);
+				// A paid order has exactly one accrual; a cancelled one an accrual and its revocation, or only
+				// a void when the cancellation came first; no other order has points.
+				for (const order of await all<Order>(`/orders?memberId=${memberId}`)) {
+					const accrual = ledger.filter(e => e.cause === `order:${order.id}`);
+					const revocation = ledger.filter(e => e.cause === `order-cancel:${order.id}`);
+					if (order.status === "paid") paidOrders++;
+					if (order.status === "cancelled" && revocation[0]?.kind === "void") {
+						expect({ order: order.id, accrual, revocation: revocation.map(e => e.amount) }).toEqual({
+							order: order.id,
+							accrual: [],
+							revocation: [0]
+						});
+						continue;
+					}
+					if (order.status === "paid" || order.status === "cancelled") expect(accrual.map(e => e.amount)).toEqual([order.points]);
+					else expect(accrual).toEqual([]);
+					if (order.status === "cancelled") expect(revocation.map(e => -e.amount + (e.shortfall ?? 0))).toEqual([order.points]);
+					else expect(revocation).toEqual([]);
 				}
-				if (order.status === "paid" || order.status === "cancelled") expect(accrual.map(e => e.amount)).toEqual([order.points]);
-				else expect(accrual).toEqual([]);
-				if (order.status === "cancelled") expect(revocation.map(e => -e.amount + (e.shortfall ?? 0))).toEqual([order.points]);
-				else expect(revocation).toEqual([]);
 			}
-		}
-		expect(paidOrders).toBeGreaterThan(0);
+			expect(paidOrders).toBeGreaterThan(0);
 		}));
 
 	it("refuses orders at once while payments is down, accepts a cancellation and completes it when payments is back", async () => {
@@ -135,7 +144,9 @@ describe("a cluster over NATS", () => {
 			expect(res.body).toMatchObject({ status: "paid", points: 2000 });
 			return res.body as Order;
 		});
-		await eventually(async () => expect((await api("GET", `/my-points/${memberId}`)).body.rows.some((r: { orderId: string }) => r.orderId === paid.id)).toBe(true));
+		await eventually(async () =>
+			expect((await api("GET", `/my-points/${memberId}`)).body.rows.some((r: { orderId: string }) => r.orderId === paid.id)).toBe(true)
+		);
 
 		await nodes.payments.stop("SIGTERM");
 		const refused = await api("POST", "/orders", { memberId, productId: "set", qty: 1, unitPrice: 1000 });
@@ -157,13 +168,23 @@ describe("a cluster over NATS", () => {
 
 		// Back on its own data (the embedded store is per node).
 		await nodes.payments.start();
-		await eventually(async () => expect((await api("GET", `/orders/${paid.id}`)).body).toMatchObject({ payment: { id: paid.payment.id, status: "cancelled" }, delivery: { status: "cancelled" } }), 30_000, 200);
+		await eventually(
+			async () =>
+				expect((await api("GET", `/orders/${paid.id}`)).body).toMatchObject({
+					payment: { id: paid.payment.id, status: "cancelled" },
+					delivery: { status: "cancelled" }
+				}),
+			30_000,
+			200
+		);
 		// The gateway learns of the restarted node a moment after the orders node does.
 		await eventually(async () => expect((await api("GET", `/payments/${paid.payment.id}`)).body).toMatchObject({ status: "cancelled" }));
 		// The refused order is recorded as failed, and its payment, should it ever come, is voided.
 		const [failed] = (await api("GET", `/orders?memberId=${memberId}&status=payment_failed`)).body.rows as Order[];
 		expect(failed).toMatchObject({ reason: "PAYMENTS_UNAVAILABLE", points: 0 });
-		await eventually(async () => expect((await api("GET", `/payments?orderId=${failed.id}`)).body.rows).toMatchObject([{ status: "voided" }]));
+		await eventually(async () =>
+			expect((await api("GET", `/payments?orderId=${failed.id}`)).body.rows).toMatchObject([{ status: "voided" }])
+		);
 	});
 
 	it("redeploys a gateway without a failed request: start the new node, then SIGTERM the old one", async () => {
@@ -187,7 +208,10 @@ describe("a cluster over NATS", () => {
 		const worker = async (seed: number) => {
 			for (let i = 0; running; i++) {
 				const memberId = members[(seed + i) % members.length];
-				const body = i % 3 ? { memberId, merchantId: "20", dealAmount: 20000, type: "save" } : { memberId, merchantId: "20", dealAmount: 1000, type: "use", point: 1 };
+				const body =
+					i % 3
+						? { memberId, merchantId: "20", dealAmount: 20000, type: "save" }
+						: { memberId, merchantId: "20", dealAmount: 1000, type: "use", point: 1 };
 				const res = await pick()
 					.call("POST", "/api/deals", body)
 					.catch((err: Error & { cause?: { code?: string } }) => ({ status: 0, body: `${err.message} ${err.cause?.code}` }));

@@ -52,7 +52,9 @@ describe("OnePoint over HTTP", () => {
 			expect(res.body).toMatchObject({ point: 100, status: "success" });
 			ids[2] = res.body.id;
 			expect(await balance("0001")).toBe(900);
-			await eventually(async () => expect((await api("GET", `/billing-amount-views/${ids[2]}`)).body).toMatchObject({ dealId: ids[2], point: 100, merchantId: "20" }));
+			await eventually(async () =>
+				expect((await api("GET", `/billing-amount-views/${ids[2]}`)).body).toMatchObject({ dealId: ids[2], point: 100, merchantId: "20" })
+			);
 		});
 
 		it("3. a use of 10000 fails and changes nothing", async () => {
@@ -72,7 +74,9 @@ describe("OnePoint over HTTP", () => {
 			await api("POST", "/deals", { memberId: "0002", merchantId: "20", dealAmount: "100000", type: "save" });
 			await eventually(async () => expect(await balance("0002")).toBe(1000));
 			for (let i = 0; i < 2; i++)
-				expect((await api("POST", "/deals", { memberId: "0002", merchantId: "20", dealAmount: "10000", type: "use", point: " 200" })).body.status).toBe("success");
+				expect(
+					(await api("POST", "/deals", { memberId: "0002", merchantId: "20", dealAmount: "10000", type: "use", point: " 200" })).body.status
+				).toBe("success");
 			expect(await balance("0002")).toBe(600);
 		});
 
@@ -84,7 +88,14 @@ describe("OnePoint over HTTP", () => {
 			});
 			const first = await api("POST", "/billings", { merchantId: "20", billingMonth: month });
 			expect(first.status).toBe(200);
-			expect(first.body).toMatchObject({ merchantId: "20", billingMonth: month, status: "provisional", usedPoints: 500, dealCount: 3, billingAmount: 490 });
+			expect(first.body).toMatchObject({
+				merchantId: "20",
+				billingMonth: month,
+				status: "provisional",
+				usedPoints: 500,
+				dealCount: 3,
+				billingAmount: 490
+			});
 			expect(first.body.lines.map((l: { points: number }) => l.points).sort()).toEqual([100, 200, 200]);
 			const { computedAt: _at, ...figures } = first.body;
 			expect((await api("POST", "/billings", { merchantId: "20", billingMonth: month })).body).toMatchObject(figures);
@@ -99,7 +110,13 @@ describe("OnePoint over HTTP", () => {
 
 	it("loses nothing across a restart on the same data folder", async () => {
 		// A provisional settlement says when it was computed: compare the rest.
-		const read = () => Promise.all([api("GET", "/points/0001"), api("GET", `/deals/${ids[2]}`), api("GET", `/billings/20/${month}`), api("GET", "/points/0002/history")]);
+		const read = () =>
+			Promise.all([
+				api("GET", "/points/0001"),
+				api("GET", `/deals/${ids[2]}`),
+				api("GET", `/billings/20/${month}`),
+				api("GET", "/points/0002/history")
+			]);
 		const bodies = (replies: { body: { computedAt?: string } }[]) => replies.map(({ body: { computedAt: _at, ...body } }) => body);
 		const before = await read();
 		await system.stop();
@@ -114,12 +131,24 @@ describe("OnePoint over HTTP", () => {
 		// Deliver the accrual again the way a crash before an acknowledgement would: the same
 		// message once more in the channel store, picked up at the next start.
 		await system.stop();
-		const payload = { dealId: saved.id, memberId: "0300", merchantId: "20", dealAmount: 50000, type: "save", point: 500, dealDate: saved.dealDate };
+		const payload = {
+			dealId: saved.id,
+			memberId: "0300",
+			merchantId: "20",
+			dealAmount: 50000,
+			type: "save",
+			point: 500,
+			dealDate: saved.dealDate
+		};
 		const message = { _id: `zz${Date.now()}`, channel: "onepoint.deal.saved", payload, pending: ["points"] };
 		fs.appendFileSync(path.join(system.dataDir, "channels", "messages.db"), `${JSON.stringify(message)}\n`);
 		await system.start();
 		// Handled by every group, the message is deleted from the store (NeDB appends a tombstone).
-		await eventually(() => expect(fs.readFileSync(path.join(system.dataDir, "channels", "messages.db"), "utf8")).toContain(`{"$$deleted":true,"_id":"${message._id}"}`));
+		await eventually(() =>
+			expect(fs.readFileSync(path.join(system.dataDir, "channels", "messages.db"), "utf8")).toContain(
+				`{"$$deleted":true,"_id":"${message._id}"}`
+			)
+		);
 		expect(await balance("0300")).toBe(500);
 		const history = (await api("GET", "/points/0300/history")).body;
 		expect(history.total).toBe(1);
@@ -130,7 +159,9 @@ describe("OnePoint over HTTP", () => {
 		await api("POST", "/deals", { memberId: "0400", merchantId: "20", dealAmount: "100000", type: "save" });
 		await eventually(async () => expect(await balance("0400")).toBe(1000));
 		const results = await Promise.all(
-			Array.from({ length: 50 }, () => api("POST", "/deals", { memberId: "0400", merchantId: "20", dealAmount: "1000", type: "use", point: "70" }))
+			Array.from({ length: 50 }, () =>
+				api("POST", "/deals", { memberId: "0400", merchantId: "20", dealAmount: "1000", type: "use", point: "70" })
+			)
 		);
 		const statuses = results.map(r => r.body.status);
 		expect(statuses.filter(s => s === "success")).toHaveLength(14);
@@ -166,15 +197,71 @@ describe("OnePoint over HTTP", () => {
 	describe("bad input", () => {
 		const cases: [string, string, string, unknown, number, string][] = [
 			["missing fields", "POST", "/deals", { memberId: "0001" }, 422, "VALIDATION_ERROR"],
-			["negative amount", "POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: -100, type: "save" }, 422, "VALIDATION_ERROR"],
-			["non-numeric amount", "POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: "lots", type: "save" }, 422, "VALIDATION_ERROR"],
-			["fractional points", "POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 100, type: "use", point: 1.5 }, 422, "VALIDATION_ERROR"],
-			["negative points", "POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 100, type: "use", point: -500 }, 422, "VALIDATION_ERROR"],
-			["a use without points", "POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 100, type: "use" }, 422, "VALIDATION_ERROR"],
+			[
+				"negative amount",
+				"POST",
+				"/deals",
+				{ memberId: "0001", merchantId: "20", dealAmount: -100, type: "save" },
+				422,
+				"VALIDATION_ERROR"
+			],
+			[
+				"non-numeric amount",
+				"POST",
+				"/deals",
+				{ memberId: "0001", merchantId: "20", dealAmount: "lots", type: "save" },
+				422,
+				"VALIDATION_ERROR"
+			],
+			[
+				"fractional points",
+				"POST",
+				"/deals",
+				{ memberId: "0001", merchantId: "20", dealAmount: 100, type: "use", point: 1.5 },
+				422,
+				"VALIDATION_ERROR"
+			],
+			[
+				"negative points",
+				"POST",
+				"/deals",
+				{ memberId: "0001", merchantId: "20", dealAmount: 100, type: "use", point: -500 },
+				422,
+				"VALIDATION_ERROR"
+			],
+			[
+				"a use without points",
+				"POST",
+				"/deals",
+				{ memberId: "0001", merchantId: "20", dealAmount: 100, type: "use" },
+				422,
+				"VALIDATION_ERROR"
+			],
 			["unknown type", "POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 100, type: "gift" }, 422, "VALIDATION_ERROR"],
-			["overflowing amount", "POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 1e300, type: "save" }, 422, "VALIDATION_ERROR"],
-			["unknown field", "POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 100, type: "save", status: "success" }, 422, "VALIDATION_ERROR"],
-			["operator as member id in body", "POST", "/deals", { memberId: { $gt: "" }, merchantId: "20", dealAmount: 100, type: "save" }, 422, "VALIDATION_ERROR"],
+			[
+				"overflowing amount",
+				"POST",
+				"/deals",
+				{ memberId: "0001", merchantId: "20", dealAmount: 1e300, type: "save" },
+				422,
+				"VALIDATION_ERROR"
+			],
+			[
+				"unknown field",
+				"POST",
+				"/deals",
+				{ memberId: "0001", merchantId: "20", dealAmount: 100, type: "save", status: "success" },
+				422,
+				"VALIDATION_ERROR"
+			],
+			[
+				"operator as member id in body",
+				"POST",
+				"/deals",
+				{ memberId: { $gt: "" }, merchantId: "20", dealAmount: 100, type: "save" },
+				422,
+				"VALIDATION_ERROR"
+			],
 			["operator as id in path", "GET", `/points/${encodeURIComponent('{"$gt": ""}')}`, undefined, 422, "VALIDATION_ERROR"],
 			["operator as deal id", "POST", `/deals/${encodeURIComponent('{"$gt":""}')}/cancel`, undefined, 422, "VALIDATION_ERROR"],
 			["$where in a filter", "GET", "/deals?memberId[$where]=1", undefined, 422, "VALIDATION_ERROR"],
@@ -187,12 +274,20 @@ describe("OnePoint over HTTP", () => {
 		];
 
 		it.each(cases)("%s (%s %s) is refused and changes nothing", async (_name, method, urlPath, body, status, type) => {
-			const before = await Promise.all([api("GET", "/points/0001"), api("GET", "/deals?pageSize=1"), api("GET", "/points/0001/history?pageSize=1")]);
+			const before = await Promise.all([
+				api("GET", "/points/0001"),
+				api("GET", "/deals?pageSize=1"),
+				api("GET", "/points/0001/history?pageSize=1")
+			]);
 			const res = await api(method, urlPath, body);
 			expect(res.status).toBe(status);
 			expect(res.body).toMatchObject({ code: status, type, name: expect.any(String), message: expect.any(String) });
 			expect(JSON.stringify(res.body)).not.toMatch(/\bat .*\.js:\d+/);
-			const after = await Promise.all([api("GET", "/points/0001"), api("GET", "/deals?pageSize=1"), api("GET", "/points/0001/history?pageSize=1")]);
+			const after = await Promise.all([
+				api("GET", "/points/0001"),
+				api("GET", "/deals?pageSize=1"),
+				api("GET", "/points/0001/history?pageSize=1")
+			]);
 			expect(after.map(r => r.body)).toEqual(before.map(r => r.body));
 		});
 	});

@@ -30,12 +30,24 @@ describe("staff dashboard in Chromium", () => {
 		const cancelled = await api("POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 10000, type: "use", point: 200 });
 		await api("POST", `/deals/${cancelled.body.id}/cancel`);
 		// A breakfast order of 2 × 5000 earns 1000 points.
-		expect((await api("POST", "/orders", { memberId: "0001", productId: "breakfast-set", qty: 2, unitPrice: 5000 })).body).toMatchObject({ status: "paid" });
-		await eventually(async () => expect((await api("GET", "/dashboard/members/0001")).body.member).toMatchObject({ balance: 2200, cancelled: 200 }));
+		expect((await api("POST", "/orders", { memberId: "0001", productId: "breakfast-set", qty: 2, unitPrice: 5000 })).body).toMatchObject({
+			status: "paid"
+		});
+		await eventually(async () =>
+			expect((await api("GET", "/dashboard/members/0001")).body.member).toMatchObject({ balance: 2200, cancelled: 200 })
+		);
 
 		browser = await chromium.launch({
 			executablePath: "/usr/bin/chromium",
-			args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+			args: [
+				"--no-sandbox",
+				"--disable-gpu",
+				"--disable-quic",
+				"--no-first-run",
+				"--disable-background-networking",
+				"--disable-component-update",
+				"--disable-sync"
+			]
 		});
 		page = await browser.newPage({ viewport: { width: 1280, height: 1500 } });
 	});
@@ -93,7 +105,10 @@ describe("staff dashboard in Chromium", () => {
 	it("shows a partial return live: the deal's row, the balance and the cancelled total", async () => {
 		const [latest] = (await api("GET", "/deals?memberId=0001&merchantId=22")).body.rows;
 		// 30000 of 70000 returned: floor(700 × 3/7) = 300 points revoked.
-		expect((await api("POST", `/deals/${latest.id}/cancel`, { amount: 30000 })).body).toMatchObject({ status: "partially_cancelled", returnedPoints: 300 });
+		expect((await api("POST", `/deals/${latest.id}/cancel`, { amount: 30000 })).body).toMatchObject({
+			status: "partially_cancelled",
+			returnedPoints: 300
+		});
 		await page.waitForSelector("#balance:text-is('2,600')", { timeout: 10_000 });
 		await page.waitForSelector("#transactions tbody tr:first-child td.status-partially_cancelled");
 		const cells = await page.locator("#transactions tbody tr:first-child td").allTextContents();

@@ -32,7 +32,8 @@ interface Entry {
 
 describe("points that expire and staff adjustments, over HTTP on a set clock", () => {
 	let system: System;
-	const api = (method: string, path: string, body?: unknown, headers: Record<string, string | null> = {}) => system.call(method, `/api${path}`, body, headers);
+	const api = (method: string, path: string, body?: unknown, headers: Record<string, string | null> = {}) =>
+		system.call(method, `/api${path}`, body, headers);
 	const ledger = async (memberId: string) => (await api("GET", `/points/${memberId}/history?pageSize=100`)).body.rows as Entry[];
 	const balance = async (memberId: string) => (await api("GET", `/points/${memberId}`)).body.balance as number;
 	/** Restarts the node on the same data with its clock at `at`. */
@@ -51,7 +52,9 @@ describe("points that expire and staff adjustments, over HTTP on a set clock", (
 		await api("POST", "/members", { memberId: "e001", name: "Choi Minji" });
 		expect((await api("POST", "/deals", { memberId: "e001", merchantId: "20", dealAmount: 100000, type: "save" })).status).toBe(201);
 		await eventually(async () => expect(await balance("e001")).toBe(1000));
-		expect((await api("POST", "/deals", { memberId: "e001", merchantId: "20", dealAmount: 5000, type: "use", point: 300 })).body.status).toBe("success");
+		expect(
+			(await api("POST", "/deals", { memberId: "e001", merchantId: "20", dealAmount: 5000, type: "use", point: 300 })).body.status
+		).toBe("success");
 
 		await restartAt("2026-04-12 09:00:00");
 		await api("POST", "/deals", { memberId: "e001", merchantId: "20", dealAmount: 50000, type: "save" });
@@ -61,14 +64,26 @@ describe("points that expire and staff adjustments, over HTTP on a set clock", (
 			{ month: "202605", expiresAt: "2026-06-01T00:00:00.000Z", points: 500 },
 			{ month: "202606", expiresAt: "2026-07-01T00:00:00.000Z", points: 0 }
 		]);
-		await eventually(async () => expect((await api("GET", "/dashboard/overview")).body.expiringSoon.months[0]).toEqual({ month: "202604", expiresAt: "2026-05-01T00:00:00.000Z", points: 700 }));
+		await eventually(async () =>
+			expect((await api("GET", "/dashboard/overview")).body.expiringSoon.months[0]).toEqual({
+				month: "202604",
+				expiresAt: "2026-05-01T00:00:00.000Z",
+				points: 700
+			})
+		);
 		expect((await api("GET", "/dashboard/members/e001")).body.expiring.map((e: { points: number }) => e.points)).toEqual([700, 500, 0]);
 
 		// Down over April's end; back on May 3rd, it catches up at start.
 		await restartAt("2026-05-03 08:00:00");
-		await eventually(async () => expect((await ledger("e001")).filter(e => e.kind === "expire")).toMatchObject([{ cause: "expire:e001:202603", amount: -700, lotMonth: "202603" }]));
+		await eventually(async () =>
+			expect((await ledger("e001")).filter(e => e.kind === "expire")).toMatchObject([
+				{ cause: "expire:e001:202603", amount: -700, lotMonth: "202603" }
+			])
+		);
 		expect(await balance("e001")).toBe(500);
-		await eventually(async () => expect((await api("GET", "/dashboard/members/e001")).body.member).toMatchObject({ balance: 500, expired: 700 }));
+		await eventually(async () =>
+			expect((await api("GET", "/dashboard/members/e001")).body.member).toMatchObject({ balance: 500, expired: 700 })
+		);
 
 		// Once more: a rerun finds nothing left.
 		await restartAt("2026-05-03 09:00:00");
@@ -96,11 +111,15 @@ describe("points that expire and staff adjustments, over HTTP on a set clock", (
 		expect((await api("POST", "/points/e001/adjustments", { amount: 1000, reason: "x" }, { authorization: null })).status).toBe(401);
 
 		await eventually(async () => expect((await ledger("e001")).filter(e => e.kind === "adjust")).toHaveLength(2));
-		expect((await ledger("e001")).filter(e => e.kind === "adjust").map(({ cause, amount, reason, by }) => ({ cause, amount, reason, by }))).toEqual([
+		expect(
+			(await ledger("e001")).filter(e => e.kind === "adjust").map(({ cause, amount, reason, by }) => ({ cause, amount, reason, by }))
+		).toEqual([
 			{ cause: `adjustment:${taken.body.adjustmentId}`, amount: -50, reason: "Double earning", by: "staff" },
 			{ cause: `adjustment:${added.body.adjustmentId}`, amount: 250, reason: "Goodwill for a lost receipt", by: "alice" }
 		]);
-		await eventually(async () => expect((await api("GET", "/dashboard/members/e001")).body.member).toMatchObject({ balance: 700, adjusted: 200 }));
+		await eventually(async () =>
+			expect((await api("GET", "/dashboard/members/e001")).body.member).toMatchObject({ balance: 700, adjusted: 200 })
+		);
 		await eventually(async () => expect((await api("GET", "/my-points/e001")).body).toMatchObject({ adjustedTotal: 200 }));
 		expect(await system.type("audit", /Adjustments:.*\n/)).toContain("Adjustments: 2 (+250 / -50 points); expired: 700 points.");
 		// A positive adjustment is an earning of May: valid through June.
@@ -135,7 +154,9 @@ describe("points that expire and staff adjustments, over HTTP on a set clock", (
 			[{ amount: 10, reason: "Bad id" }, 422, "VALIDATION_ERROR", "a$b"]
 		];
 		for (const [body, status, type, memberId = "e001"] of cases) {
-			const reply = await api("POST", `/points/${memberId}/adjustments`, typeof body === "string" ? body : JSON.stringify(body), { "content-type": "application/json" });
+			const reply = await api("POST", `/points/${memberId}/adjustments`, typeof body === "string" ? body : JSON.stringify(body), {
+				"content-type": "application/json"
+			});
 			expect({ body, status: reply.status, type: reply.body.type }).toEqual({ body, status, type });
 			expect(Object.keys(reply.body).sort()).toEqual(expect.arrayContaining(["code", "message", "name", "type"]));
 		}

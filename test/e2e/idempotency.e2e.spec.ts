@@ -27,7 +27,13 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 
 	/** A node on the cluster; the data node runs every service (and the first gateway). */
 	async function node(services?: string, env: NodeJS.ProcessEnv = {}): Promise<System> {
-		const nodeEnv = { TRANSPORTER: nats.url, NODE_ID: `idem-${process.pid}-${++started}`, RATE_LIMIT: "1000000", ...(services ? { SERVICES: services } : {}), ...env };
+		const nodeEnv = {
+			TRANSPORTER: nats.url,
+			NODE_ID: `idem-${process.pid}-${++started}`,
+			RATE_LIMIT: "1000000",
+			...(services ? { SERVICES: services } : {}),
+			...env
+		};
 		const system = new System(await freePort(), nodeEnv, await freePort());
 		await system.start();
 		return system;
@@ -37,7 +43,11 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 	async function post(via: System, urlPath: string, body: unknown, key?: string, token = TOKENS.staff): Promise<Raw> {
 		const res = await fetch(`${via.url}/api${urlPath}`, {
 			method: "POST",
-			headers: { authorization: `Bearer ${token}`, "content-type": "application/json", ...(key !== undefined ? { "idempotency-key": key } : {}) },
+			headers: {
+				authorization: `Bearer ${token}`,
+				"content-type": "application/json",
+				...(key !== undefined ? { "idempotency-key": key } : {})
+			},
 			body: typeof body === "string" ? body : JSON.stringify(body)
 		});
 		return { status: res.status, text: await res.text(), headers: res.headers };
@@ -48,7 +58,12 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 	const join = async (memberId: string) => expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
 	/** The same answer, byte for byte, marked as a replay. */
 	const expectReplay = (replay: Raw, first: Raw) => {
-		expect({ status: replay.status, text: replay.text, type: replay.headers.get("content-type"), location: replay.headers.get("location") }).toEqual({
+		expect({
+			status: replay.status,
+			text: replay.text,
+			type: replay.headers.get("content-type"),
+			location: replay.headers.get("location")
+		}).toEqual({
 			status: first.status,
 			text: first.text,
 			type: first.headers.get("content-type"),
@@ -74,10 +89,14 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 
 	it("makes a deal retried 20 times at once, on both gateways, exactly once, earning once", async () => {
 		const save = { memberId: "i001", merchantId: "20", dealAmount: 120_000, type: "save" };
-		const answers = await Promise.all(Array.from({ length: 20 }, (_, i) => post(i % 2 ? edge : data, "/deals", save, "pos-7:receipt-0001")));
+		const answers = await Promise.all(
+			Array.from({ length: 20 }, (_, i) => post(i % 2 ? edge : data, "/deals", save, "pos-7:receipt-0001"))
+		);
 		const created = answers.filter(a => a.status === 201);
 		// Every answer is the deal, or "still running" for a retry that overtook it.
-		expect(answers.filter(a => a.status !== 201).map(a => JSON.parse(a.text).type)).toEqual(answers.filter(a => a.status !== 201).map(() => "REQUEST_IN_PROGRESS"));
+		expect(answers.filter(a => a.status !== 201).map(a => JSON.parse(a.text).type)).toEqual(
+			answers.filter(a => a.status !== 201).map(() => "REQUEST_IN_PROGRESS")
+		);
 		expect(created.length).toBeGreaterThanOrEqual(1);
 		expect(new Set(created.map(a => a.text)).size).toBe(1);
 		const deal = JSON.parse(created[0].text);
@@ -113,10 +132,18 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 		const use = { memberId: "i001", merchantId: "20", dealAmount: 1000, type: "use", point: 100 };
 		const first = await post(data, "/deals", use, "use-1");
 		expect(JSON.parse(first.text)).toMatchObject({ status: "success", point: 100 });
-		for (const [path, body] of [["/deals", { ...use, point: 1000 }], ["/orders", { memberId: "i001", productId: "toast", qty: 1, unitPrice: 100 }]] as const) {
+		for (const [path, body] of [
+			["/deals", { ...use, point: 1000 }],
+			["/orders", { memberId: "i001", productId: "toast", qty: 1, unitPrice: 100 }]
+		] as const) {
 			const reused = await post(edge, path, body, "use-1");
 			expect(reused.status).toBe(422);
-			expect(JSON.parse(reused.text)).toMatchObject({ name: "MoleculerClientError", code: 422, type: "IDEMPOTENCY_KEY_REUSED", data: { key: "use-1" } });
+			expect(JSON.parse(reused.text)).toMatchObject({
+				name: "MoleculerClientError",
+				code: 422,
+				type: "IDEMPOTENCY_KEY_REUSED",
+				data: { key: "use-1" }
+			});
 		}
 		// Merchant 20's key of the same name is its own.
 		const merchants = await post(edge, "/deals", use, "use-1", TOKENS.merchant20);
@@ -153,7 +180,9 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 		}
 		expect(await deals("i003")).toEqual([]);
 		// The longest key there may be, of every printable character.
-		const printable = Array.from({ length: 95 }, (_, i) => String.fromCharCode(32 + i)).join("").trim();
+		const printable = Array.from({ length: 95 }, (_, i) => String.fromCharCode(32 + i))
+			.join("")
+			.trim();
 		expect((await post(edge, "/deals", save, printable.padEnd(255, "~"))).status).toBe(201);
 		expect(await deals("i003")).toHaveLength(1);
 	});
@@ -188,11 +217,15 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 		expect(await lost).toHaveProperty("message", "fetch failed");
 		// The dead gateway's lease still holds the key.
 		expect((await post(data, "/orders", body, "order-lost")).status).toBe(409);
-		const rerun = await eventually(async () => {
-			const res = await post(data, "/orders", body, "order-lost");
-			expect(res.status).toBe(201);
-			return res;
-		}, 10_000, 200);
+		const rerun = await eventually(
+			async () => {
+				const res = await post(data, "/orders", body, "order-lost");
+				expect(res.status).toBe(201);
+				return res;
+			},
+			10_000,
+			200
+		);
 		// Run again, not replayed: under the same request id, orders answered the order it had made.
 		expect(rerun.headers.has("idempotent-replayed")).toBe(false);
 		const order = JSON.parse(rerun.text);

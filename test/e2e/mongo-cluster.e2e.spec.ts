@@ -25,11 +25,24 @@ describe("points and deals scaled out on MongoDB", () => {
 		nats = await NatsServer.start();
 		const mongoUri = freshDatabaseUri();
 		const start = async (name: string, services: string) => {
-			const env = { TRANSPORTER: nats.url, SERVICES: services, NODE_ID: `${name}-${process.pid}`, CALL_TIMEOUT_MS: "1000", MONGO_URI: mongoUri, RATE_LIMIT: "1000000" };
+			const env = {
+				TRANSPORTER: nats.url,
+				SERVICES: services,
+				NODE_ID: `${name}-${process.pid}`,
+				CALL_TIMEOUT_MS: "1000",
+				MONGO_URI: mongoUri,
+				RATE_LIMIT: "1000000"
+			};
 			nodes[name] = new System(name === "gateway" ? await freePort() : 0, env, await freePort());
 			await nodes[name].start();
 		};
-		await Promise.all([start("members", "members"), start("points-1", "points"), start("points-2", "points"), start("deals-1", "deals"), start("deals-2", "deals")]);
+		await Promise.all([
+			start("members", "members"),
+			start("points-1", "points"),
+			start("points-2", "points"),
+			start("deals-1", "deals"),
+			start("deals-2", "deals")
+		]);
 		await start("gateway", "api");
 		await eventually(async () => expect((await api("GET", "/health")).status).toBe(200));
 	});
@@ -41,32 +54,37 @@ describe("points and deals scaled out on MongoDB", () => {
 
 	it("keeps every account exact when a points node and a deals node die mid-run", () =>
 		explained(nodes, async () => {
-		for (const memberId of members) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
+			for (const memberId of members) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
 
-		const load = startLoad(api, members, false);
-		await sleep(4000);
-		await Promise.all([nodes["points-1"].stop("SIGKILL"), nodes["deals-1"].stop("SIGKILL")]);
-		// Calls already routed to the dead deals node wait for their timeout, and the others notice
-		// the death after missed heartbeats: keep the load on well past both.
-		await sleep(12_000);
-		expect((await load.stop()).ok).toBeGreaterThan(100);
+			const load = startLoad(api, members, false);
+			await sleep(4000);
+			await Promise.all([nodes["points-1"].stop("SIGKILL"), nodes["deals-1"].stop("SIGKILL")]);
+			// Calls already routed to the dead deals node wait for their timeout, and the others notice
+			// the death after missed heartbeats: keep the load on well past both.
+			await sleep(12_000);
+			expect((await load.stop()).ok).toBeGreaterThan(100);
 
-		// The dead deals node's pending uses are settled by the survivor, and nothing stays pending.
-		await eventually(
-			async () => {
-				for (const memberId of members) expect((await all<Deal>(api, `/deals?memberId=${memberId}`)).filter(d => d.status === "pending")).toEqual([]);
-			},
-			30_000,
-			500
-		);
-		// Events the dead points node had taken but not acknowledged come back to the survivor.
-		await eventually(
-			async () => {
-				for (const memberId of members) expect({ memberId, balance: (await api("GET", `/points/${memberId}`)).body.balance }).toEqual({ memberId, balance: await impliedBalance(api, memberId, false) });
-			},
-			60_000,
-			500
-		);
-		for (const memberId of members) await expectDealLedger(api, memberId);
+			// The dead deals node's pending uses are settled by the survivor, and nothing stays pending.
+			await eventually(
+				async () => {
+					for (const memberId of members)
+						expect((await all<Deal>(api, `/deals?memberId=${memberId}`)).filter(d => d.status === "pending")).toEqual([]);
+				},
+				30_000,
+				500
+			);
+			// Events the dead points node had taken but not acknowledged come back to the survivor.
+			await eventually(
+				async () => {
+					for (const memberId of members)
+						expect({ memberId, balance: (await api("GET", `/points/${memberId}`)).body.balance }).toEqual({
+							memberId,
+							balance: await impliedBalance(api, memberId, false)
+						});
+				},
+				60_000,
+				500
+			);
+			for (const memberId of members) await expectDealLedger(api, memberId);
 		}));
 });

@@ -17,7 +17,11 @@ describe("two nodes on one host", () => {
 		await second.start().catch(() => undefined);
 		try {
 			expect(await second.exited()).toBe(1);
-			expect(second.log).toMatch(new RegExp(`METRICS_PORT ${first.opsPort} is in use \\(another node on this host\\?\\): give each node on a host its own METRICS_PORT`));
+			expect(second.log).toMatch(
+				new RegExp(
+					`METRICS_PORT ${first.opsPort} is in use \\(another node on this host\\?\\): give each node on a host its own METRICS_PORT`
+				)
+			);
 			expect(second.log).not.toMatch(/Unhandled|EADDRINUSE|\n\s+at .*:\d+:\d+/);
 		} finally {
 			await second.stop();

@@ -17,9 +17,11 @@ interface Order {
 
 describe("food orders over HTTP", () => {
 	let system: System;
-	const api = <T = any>(method: string, urlPath: string, body?: unknown, headers?: Record<string, string | null>) => system.call<T>(method, `/api${urlPath}`, body, headers);
+	const api = <T = any>(method: string, urlPath: string, body?: unknown, headers?: Record<string, string | null>) =>
+		system.call<T>(method, `/api${urlPath}`, body, headers);
 	const balance = async (memberId: string) => (await api("GET", `/points/${memberId}`)).body.balance as number;
-	const order = (memberId: string, qty: unknown, unitPrice: unknown) => api<Order & { type?: string }>("POST", "/orders", { memberId, productId: "breakfast-set", qty, unitPrice });
+	const order = (memberId: string, qty: unknown, unitPrice: unknown) =>
+		api<Order & { type?: string }>("POST", "/orders", { memberId, productId: "breakfast-set", qty, unitPrice });
 
 	beforeAll(async () => {
 		system = await System.start();
@@ -31,10 +33,26 @@ describe("food orders over HTTP", () => {
 	it("2 × 5000 is paid, delivered and earns 1000 points (10%), named in the ledger", async () => {
 		const res = await order("f001", 2, 5000);
 		expect(res.status).toBe(201);
-		expect(res.body).toMatchObject({ memberId: "f001", qty: 2, unitPrice: 5000, totalPrice: 10_000, status: "paid", pointRate: 0.1, points: 1000, payment: { status: "approved" }, delivery: { status: "started" } });
+		expect(res.body).toMatchObject({
+			memberId: "f001",
+			qty: 2,
+			unitPrice: 5000,
+			totalPrice: 10_000,
+			status: "paid",
+			pointRate: 0.1,
+			points: 1000,
+			payment: { status: "approved" },
+			delivery: { status: "started" }
+		});
 		await eventually(async () => expect(await balance("f001")).toBe(1000));
 		const history = (await api("GET", "/points/f001/history")).body;
-		expect(history.rows[0]).toMatchObject({ cause: `order:${res.body.id}`, kind: "earn", amount: 1000, sourceType: "order", sourceId: res.body.id });
+		expect(history.rows[0]).toMatchObject({
+			cause: `order:${res.body.id}`,
+			kind: "earn",
+			amount: 1000,
+			sourceType: "order",
+			sourceId: res.body.id
+		});
 		expect((await api("GET", `/orders/${res.body.id}`)).body).toEqual(res.body);
 		await eventually(async () => expect((await api("GET", `/deliveries/${res.body.id}`)).body).toMatchObject({ status: "started" }));
 	});
@@ -44,19 +62,38 @@ describe("food orders over HTTP", () => {
 		expect(res.body).toMatchObject({ status: "paid", totalPrice: 15_000, pointRate: 0.2, points: 3000 });
 		await eventually(async () => expect(await balance("f002")).toBe(3000));
 		await eventually(async () =>
-			expect((await api("GET", "/my-points/f002")).body).toMatchObject({ memberId: "f002", total: 3000, rows: [{ orderId: res.body.id, qty: 5, rate: 0.2, points: 3000, status: "accrued" }] })
+			expect((await api("GET", "/my-points/f002")).body).toMatchObject({
+				memberId: "f002",
+				total: 3000,
+				rows: [{ orderId: res.body.id, qty: 5, rate: 0.2, points: 3000, status: "accrued" }]
+			})
 		);
 	});
 
 	it("a declined payment (over PAYMENT_LIMIT) earns nothing", async () => {
 		const res = await order("f003", 2, 600_000);
 		expect(res.status).toBe(201);
-		expect(res.body).toMatchObject({ status: "payment_failed", reason: "PAYMENT_DECLINED", points: 0, payment: { status: "declined" }, delivery: { status: "not_started" } });
+		expect(res.body).toMatchObject({
+			status: "payment_failed",
+			reason: "PAYMENT_DECLINED",
+			points: 0,
+			payment: { status: "declined" },
+			delivery: { status: "not_started" }
+		});
 		const payments = (await api("GET", `/payments?orderId=${res.body.id}`)).body;
 		expect(payments.rows).toMatchObject([{ status: "declined", amount: 1_200_000 }]);
 		await new Promise(resolve => setTimeout(resolve, 300));
 		expect(await balance("f003")).toBe(0);
-		expect((await api("GET", "/my-points/f003")).body).toEqual({ memberId: "f003", total: 0, rows: [], orderCount: 0, page: 1, pageSize: 20, adjustments: [], adjustedTotal: 0 });
+		expect((await api("GET", "/my-points/f003")).body).toEqual({
+			memberId: "f003",
+			total: 0,
+			rows: [],
+			orderCount: 0,
+			page: 1,
+			pageSize: 20,
+			adjustments: [],
+			adjustedTotal: 0
+		});
 		expect((await api("POST", `/orders/${res.body.id}/cancel`)).body).toMatchObject({ code: 409, type: "ORDER_NOT_CANCELLABLE" });
 	});
 
@@ -69,10 +106,17 @@ describe("food orders over HTTP", () => {
 		const again = await api("POST", `/orders/${paid.id}/cancel`);
 		expect(again.status).toBe(409);
 		expect(again.body).toMatchObject({ type: "ORDER_ALREADY_CANCELLED" });
-		await eventually(async () => expect((await api("GET", `/orders/${paid.id}`)).body).toMatchObject({ payment: { id: paid.payment.id, status: "cancelled" }, delivery: { status: "cancelled" } }));
+		await eventually(async () =>
+			expect((await api("GET", `/orders/${paid.id}`)).body).toMatchObject({
+				payment: { id: paid.payment.id, status: "cancelled" },
+				delivery: { status: "cancelled" }
+			})
+		);
 		expect(await balance("f001")).toBe(1000);
 		const history = (await api("GET", "/points/f001/history")).body;
-		expect(history.rows.filter((e: { cause: string }) => e.cause === `order-cancel:${paid.id}`)).toMatchObject([{ kind: "revoke", amount: -400 }]);
+		expect(history.rows.filter((e: { cause: string }) => e.cause === `order-cancel:${paid.id}`)).toMatchObject([
+			{ kind: "revoke", amount: -400 }
+		]);
 		expect((await api("GET", `/payments/${paid.payment.id}`)).body).toMatchObject({ status: "cancelled" });
 		expect((await api("GET", `/deliveries/${paid.id}`)).body).toMatchObject({ status: "cancelled" });
 		const mine = (await api("GET", "/my-points/f001")).body;
@@ -154,7 +198,13 @@ describe("orders against a slow payment provider", () => {
 
 	it("keeps no 503 under an Idempotency-Key: the order was undone, so a retry is a new order, not a replay", async () => {
 		const before = (await api("GET", "/orders?memberId=s001")).body.total as number;
-		const retry = () => system.call("POST", "/api/orders", { memberId: "s001", productId: "breakfast-set", qty: 2, unitPrice: 5000 }, { "idempotency-key": "till-3:sale-88" });
+		const retry = () =>
+			system.call(
+				"POST",
+				"/api/orders",
+				{ memberId: "s001", productId: "breakfast-set", qty: 2, unitPrice: 5000 },
+				{ "idempotency-key": "till-3:sale-88" }
+			);
 		for (let attempt = 1; attempt <= 2; attempt++) {
 			const res = await retry();
 			expect(res.status).toBe(503);

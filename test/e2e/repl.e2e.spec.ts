@@ -20,7 +20,8 @@ describe("operator commands in the Moleculer REPL", () => {
 		await api("POST", "/members", { memberId: "r001", name: "Park Jisoo" });
 		await api("POST", "/deals", { memberId: "r001", merchantId: "20", dealAmount: 100000, type: "save" });
 		await eventually(async () => expect((await api("GET", "/points/r001")).body.balance).toBe(1000));
-		for (const point of [100, 200, 200]) await api("POST", "/deals", { memberId: "r001", merchantId: "20", dealAmount: 10000, type: "use", point });
+		for (const point of [100, 200, 200])
+			await api("POST", "/deals", { memberId: "r001", merchantId: "20", dealAmount: 10000, type: "use", point });
 	});
 	afterAll(() => system.stop());
 
@@ -35,7 +36,11 @@ describe("operator commands in the Moleculer REPL", () => {
 
 	it("settle <merchantId> <YYYYMM> shows this month's provisional settlement and its lines: (100 + 200 + 200) × 0.98 = 490", async () => {
 		const out = await system.type(`settle 20 ${month}`, /Settlement [\s\S]*└/);
-		expect(out).toMatch(new RegExp(`Settlement 20 ${month} provisional: 500 points used in 3 deal\\(s\\), adjustments 0, fee 10, billing amount 490 \\(as of `));
+		expect(out).toMatch(
+			new RegExp(
+				`Settlement 20 ${month} provisional: 500 points used in 3 deal\\(s\\), adjustments 0, fee 10, billing amount 490 \\(as of `
+			)
+		);
 		expect(out.match(/│ +'use' +│/g)).toHaveLength(3);
 		expect((await api("GET", `/billings/20/${month}`)).body).toMatchObject({ status: "provisional", billingAmount: 490 });
 		expect(await system.type("settle 20 2026-13", /Error/)).toContain("Error [VALIDATION_ERROR]");
@@ -43,7 +48,9 @@ describe("operator commands in the Moleculer REPL", () => {
 	});
 
 	it("month-end [YYYYMM] runs the month-end job: a month not yet ended stays open", async () => {
-		expect(await system.type(`month-end ${month}`, /Month-end.*\n/)).toMatch(/Month-end: nothing more can close yet \(closed through no month\)/);
+		expect(await system.type(`month-end ${month}`, /Month-end.*\n/)).toMatch(
+			/Month-end: nothing more can close yet \(closed through no month\)/
+		);
 		expect((await api("GET", `/billings/20/${month}`)).body).toMatchObject({ status: "provisional" });
 	});
 
@@ -63,12 +70,27 @@ describe("operator commands in the Moleculer REPL", () => {
 	it("dead-letters lists a dead letter with its error, and replay applies it once", async () => {
 		// A dead letter as the channel adapter leaves it: an accrual the points group gave up on.
 		await system.stop();
-		const payload = { dealId: "dlsave1", memberId: "r001", merchantId: "20", dealAmount: 5000, type: "save", point: 50, dealDate: new Date().toISOString() };
-		const headers = { "x-dead-letter-id": "0deadletter0001", "x-original-channel": "onepoint.deal.saved", "x-original-group": "points", "x-error-message": "store unavailable", "x-tries": "9" };
+		const payload = {
+			dealId: "dlsave1",
+			memberId: "r001",
+			merchantId: "20",
+			dealAmount: 5000,
+			type: "save",
+			point: 50,
+			dealDate: new Date().toISOString()
+		};
+		const headers = {
+			"x-dead-letter-id": "0deadletter0001",
+			"x-original-channel": "onepoint.deal.saved",
+			"x-original-group": "points",
+			"x-error-message": "store unavailable",
+			"x-tries": "9"
+		};
 		const message = { _id: `zz${Date.now()}`, channel: "onepoint.DEAD_LETTERS", payload, headers, pending: ["dead-letters"] };
 		fs.appendFileSync(path.join(system.dataDir, "channels", "messages.db"), `${JSON.stringify(message)}\n`);
 		await system.start();
-		const accruals = async () => (await api("GET", "/points/r001/history?pageSize=100")).body.rows.filter((r: { cause: string }) => r.cause === "deal:dlsave1").length;
+		const accruals = async () =>
+			(await api("GET", "/points/r001/history?pageSize=100")).body.rows.filter((r: { cause: string }) => r.cause === "deal:dlsave1").length;
 
 		const listed = await eventually(async () => {
 			const out = await system.type("dead-letters", /dead letter\(s\) waiting.*\n(.*\n)*/);
@@ -78,7 +100,9 @@ describe("operator commands in the Moleculer REPL", () => {
 		expect(listed).toMatch(/0deadletter0001 onepoint\.deal\.saved \(points\) after 9 tries, .*: store unavailable \{"dealId":"dlsave1"/);
 		expect(await accruals()).toBe(0);
 
-		expect(await system.type("dead-letters replay 0deadletter0001", /Replayed .*\n/)).toContain("Replayed 1 dead letter(s): 0deadletter0001");
+		expect(await system.type("dead-letters replay 0deadletter0001", /Replayed .*\n/)).toContain(
+			"Replayed 1 dead letter(s): 0deadletter0001"
+		);
 		await eventually(async () => expect(await accruals()).toBe(1));
 		expect(await system.type("dead-letters replay 0deadletter0001", /Error.*\n/)).toContain("Error [DEAD_LETTER_ALREADY_REPLAYED]");
 		expect(await system.type("dead-letters replay all", /Replayed .*\n/)).toContain("Replayed 0 dead letter(s)");

@@ -9,17 +9,23 @@ jest.setTimeout(60_000);
 
 describe("partial returns over HTTP", () => {
 	let system: System;
-	const api = <T = any>(method: string, urlPath: string, body?: unknown, headers?: Record<string, string | null>) => system.call<T>(method, `/api${urlPath}`, body, headers);
+	const api = <T = any>(method: string, urlPath: string, body?: unknown, headers?: Record<string, string | null>) =>
+		system.call<T>(method, `/api${urlPath}`, body, headers);
 	const balance = async (memberId: string) => (await api("GET", `/points/${memberId}`)).body.balance as number;
-	const history = async (memberId: string) => (await api("GET", `/points/${memberId}/history?pageSize=100`)).body.rows as Array<{ cause: string; amount: number }>;
+	const history = async (memberId: string) =>
+		(await api("GET", `/points/${memberId}/history?pageSize=100`)).body.rows as Array<{ cause: string; amount: number }>;
 	/** The member's balance equals the sum of its ledger, once the events have landed. */
 	const settled = (memberId: string, expected: number) =>
 		eventually(async () => {
 			const rows = await history(memberId);
-			expect({ balance: await balance(memberId), ledger: rows.reduce((sum, e) => sum + e.amount, 0) }).toEqual({ balance: expected, ledger: expected });
+			expect({ balance: await balance(memberId), ledger: rows.reduce((sum, e) => sum + e.amount, 0) }).toEqual({
+				balance: expected,
+				ledger: expected
+			});
 			return rows;
 		});
-	const returnOf = (id: string, body?: unknown, headers?: Record<string, string | null>) => api("POST", `/deals/${id}/cancel`, body, headers);
+	const returnOf = (id: string, body?: unknown, headers?: Record<string, string | null>) =>
+		api("POST", `/deals/${id}/cancel`, body, headers);
 
 	beforeAll(async () => {
 		system = await System.start();
@@ -56,7 +62,13 @@ describe("partial returns over HTTP", () => {
 
 		const over = await returnOf(saved.id, { amount: 4001 });
 		expect(over.status).toBe(409);
-		expect(over.body).toEqual({ name: "MoleculerClientError", message: expect.any(String), code: 409, type: "RETURN_EXCEEDS_REMAINDER", data: { id: saved.id, amount: 4001, remainder: 4000 } });
+		expect(over.body).toEqual({
+			name: "MoleculerClientError",
+			message: expect.any(String),
+			code: 409,
+			type: "RETURN_EXCEEDS_REMAINDER",
+			data: { id: saved.id, amount: 4001, remainder: 4000 }
+		});
 		for (const amount of [0, -1, 2.5, "abc", "", 10_000_000_001, { $gt: 0 }]) {
 			const res = await returnOf(saved.id, { amount });
 			expect({ amount, status: res.status, type: res.body.type }).toEqual({ amount, status: 422, type: "VALIDATION_ERROR" });
@@ -86,10 +98,27 @@ describe("partial returns over HTTP", () => {
 		expect((await returnOf(used.id, { amount: 2000 })).body).toMatchObject({ returnedPoints: 200 });
 		expect((await returnOf(used.id, { amount: 1000 })).body).toMatchObject({ returnedPoints: 300 });
 		await settled("0001", 400);
-		await eventually(async () => expect((await api("GET", `/billing-amount-views/${used.id}`)).body).toMatchObject({ dealId: used.id, point: 600, returnedPoints: 300 }));
+		await eventually(async () =>
+			expect((await api("GET", `/billing-amount-views/${used.id}`)).body).toMatchObject({
+				dealId: used.id,
+				point: 600,
+				returnedPoints: 300
+			})
+		);
 		const month = used.dealDate.slice(0, 7).replace("-", "");
-		const settlement = await api("POST", "/billings", { merchantId: "21", billingMonth: month }, { authorization: `Bearer ${TOKENS.merchant21}` });
+		const settlement = await api(
+			"POST",
+			"/billings",
+			{ merchantId: "21", billingMonth: month },
+			{ authorization: `Bearer ${TOKENS.merchant21}` }
+		);
 		// 600 points less the 2 % fee.
-		expect(settlement.body).toMatchObject({ status: "provisional", usedPoints: 600, dealCount: 1, billingAmount: 588, lines: [{ kind: "use", dealId: used.id, points: 600 }] });
+		expect(settlement.body).toMatchObject({
+			status: "provisional",
+			usedPoints: 600,
+			dealCount: 1,
+			billingAmount: 588,
+			lines: [{ kind: "use", dealId: used.id, points: 600 }]
+		});
 	});
 });

@@ -13,7 +13,8 @@ export async function explained(nodes: Record<string, System>, test: () => Promi
 	try {
 		await test();
 	} catch (err) {
-		for (const [name, node] of Object.entries(nodes)) console.error(`--- node ${name}: the last 20 kB of its log ---\n${node.log.slice(-20_000)}`);
+		for (const [name, node] of Object.entries(nodes))
+			console.error(`--- node ${name}: the last 20 kB of its log ---\n${node.log.slice(-20_000)}`);
 		throw err;
 	}
 }
@@ -63,8 +64,13 @@ export async function impliedBalance(api: Api, memberId: string, withOrders = tr
 	const deals = await all<Deal>(api, `/deals?memberId=${memberId}`);
 	const ledger = await all<Entry>(api, `/points/${memberId}/history`);
 	// What no deal or order explains: staff adjustments, and earnings that expired (not a withdrawal's).
-	const adjustedAndExpired = ledger.filter(e => e.kind === "adjust" || (e.kind === "expire" && e.cause.startsWith("expire:"))).reduce((sum, e) => sum + e.amount, 0);
-	const fromDeals = deals.reduce((sum, d) => sum + (d.type === "save" && d.status === "success" ? d.point : d.type === "use" && d.status === "success" ? -d.point : 0), adjustedAndExpired);
+	const adjustedAndExpired = ledger
+		.filter(e => e.kind === "adjust" || (e.kind === "expire" && e.cause.startsWith("expire:")))
+		.reduce((sum, e) => sum + e.amount, 0);
+	const fromDeals = deals.reduce(
+		(sum, d) => sum + (d.type === "save" && d.status === "success" ? d.point : d.type === "use" && d.status === "success" ? -d.point : 0),
+		adjustedAndExpired
+	);
 	if (!withOrders) return fromDeals;
 	const orders = await all<Order>(api, `/orders?memberId=${memberId}`);
 	const shortfall = (orderId: string) => ledger.find(e => e.cause === `order-cancel:${orderId}`)?.shortfall ?? 0;
@@ -78,7 +84,8 @@ export async function expectDealLedger(api: Api, memberId: string): Promise<Entr
 	expect(ledger.reduce((sum, e) => sum + e.amount, 0)).toBe(balance);
 	expect(new Set(ledger.map(e => e.cause)).size).toBe(ledger.length);
 	const deals = await all<Deal>(api, `/deals?memberId=${memberId}`);
-	for (const save of deals.filter(d => d.type === "save" && d.status === "success")) expect(ledger.filter(e => e.cause === `deal:${save.id}`)).toHaveLength(1);
+	for (const save of deals.filter(d => d.type === "save" && d.status === "success"))
+		expect(ledger.filter(e => e.cause === `deal:${save.id}`)).toHaveLength(1);
 	for (const cancelled of deals.filter(d => d.status === "cancelled"))
 		expect(ledger.filter(e => e.cause === `deal-cancel:${cancelled.id}`).map(e => e.amount)).toEqual([cancelled.point]);
 	// A failed use kept no points: no debit, or one undone by its void.

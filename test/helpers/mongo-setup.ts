@@ -14,7 +14,9 @@ export default async function setup(): Promise<void> {
 		return;
 	}
 	// The stand-in is compiled with the project (`npm test` builds first).
-	const child = spawn(process.execPath, [path.resolve(__dirname, "../../dist/test/mongo/cli.js")], { stdio: ["ignore", "pipe", "inherit"] });
+	const child = spawn(process.execPath, [path.resolve(__dirname, "../../dist/test/mongo/cli.js")], {
+		stdio: ["ignore", "pipe", "inherit"]
+	});
 	const line = await new Promise<string>((resolve, reject) => {
 		child.once("exit", code => reject(new Error(`The MongoDB stand-in exited (${code}); is the project built (npm run build)?`)));
 		readline.createInterface({ input: child.stdout as NodeJS.ReadableStream }).once("line", resolve);

@@ -27,7 +27,12 @@ export function freshDatabaseUri(): string {
  * would: for tests of what the system notices. NeDB's file is append-only and its last line for an
  * id wins; the node must be stopped meanwhile.
  */
-export async function tamper(where: { dataDir: string; mongoUri?: string }, collection: string, id: string, fields: Record<string, unknown>): Promise<void> {
+export async function tamper(
+	where: { dataDir: string; mongoUri?: string },
+	collection: string,
+	id: string,
+	fields: Record<string, unknown>
+): Promise<void> {
 	if (where.mongoUri) {
 		const client = await MongoClient.connect(where.mongoUri);
 		try {
@@ -38,6 +43,12 @@ export async function tamper(where: { dataDir: string; mongoUri?: string }, coll
 		return;
 	}
 	const file = path.join(where.dataDir, `${collection}.db`);
-	const doc = fs.readFileSync(file, "utf8").trim().split("\n").map(line => JSON.parse(line)).filter(d => d._id === id).pop();
+	const doc = fs
+		.readFileSync(file, "utf8")
+		.trim()
+		.split("\n")
+		.map(line => JSON.parse(line))
+		.filter(d => d._id === id)
+		.pop();
 	fs.appendFileSync(file, `${JSON.stringify({ ...doc, ...fields })}\n`);
 }

@@ -10,7 +10,9 @@ import path from "node:path";
 import { freshDatabaseUri, onMongo } from "./store";
 
 /** The project's root: two levels up in the sources, three when compiled to `dist/` (the benchmarks). */
-const ROOT = [path.resolve(__dirname, "../.."), path.resolve(__dirname, "../../..")].find(dir => fs.existsSync(path.join(dir, "package.json"))) as string;
+const ROOT = [path.resolve(__dirname, "../.."), path.resolve(__dirname, "../../..")].find(dir =>
+	fs.existsSync(path.join(dir, "package.json"))
+) as string;
 
 export function freePort(): Promise<number> {
 	return new Promise((resolve, reject) => {
@@ -79,7 +81,13 @@ export class System {
 		const from = this.output.length;
 		this.child = spawn(
 			process.execPath,
-			["--disable-warning=DEP0174", path.join(ROOT, "node_modules/moleculer/bin/moleculer-runner.js"), "--config", "dist/moleculer.config.js", ...(this.repl ? ["--repl"] : [])],
+			[
+				"--disable-warning=DEP0174",
+				path.join(ROOT, "node_modules/moleculer/bin/moleculer-runner.js"),
+				"--config",
+				"dist/moleculer.config.js",
+				...(this.repl ? ["--repl"] : [])
+			],
 			{
 				cwd: ROOT,
 				env: {

@@ -10,7 +10,11 @@ async function main(): Promise<void> {
 	const port = flag === -1 ? 0 : Number(process.argv[flag + 1]);
 	if (!Number.isInteger(port) || port < 0 || port > 65535) throw new Error(`Invalid --port '${process.argv[flag + 1]}'`);
 	const standIn = await MongoStandIn.start(port);
-	const stop = () => standIn.stop().then(() => process.exit(0), () => process.exit(1));
+	const stop = () =>
+		standIn.stop().then(
+			() => process.exit(0),
+			() => process.exit(1)
+		);
 	process.once("SIGTERM", stop);
 	process.once("SIGINT", stop);
 	process.stdout.write(`mongodb://127.0.0.1:${standIn.port}\n`);

@@ -32,7 +32,23 @@ const MAX_BATCH_BYTES = MAX_BSON_SIZE - 64 * 1024;
 const DEFAULT_BATCH_SIZE = 101;
 const CURSOR_TIMEOUT_MS = 10 * 60_000;
 const HELLO = new Set(["hello", "isMaster", "ismaster"]);
-const UPDATE_OPERATORS = new Set(["$addToSet", "$bit", "$currentDate", "$inc", "$max", "$min", "$mul", "$pop", "$pull", "$pullAll", "$push", "$rename", "$set", "$setOnInsert", "$unset"]);
+const UPDATE_OPERATORS = new Set([
+	"$addToSet",
+	"$bit",
+	"$currentDate",
+	"$inc",
+	"$max",
+	"$min",
+	"$mul",
+	"$pop",
+	"$pull",
+	"$pullAll",
+	"$push",
+	"$rename",
+	"$set",
+	"$setOnInsert",
+	"$unset"
+]);
 /** Values as the driver itself reads them: numbers for int32/int64/double (a Long only beyond 2^53), Dates, ObjectIds. */
 const DESERIALIZE = { promoteValues: true, promoteLongs: true, promoteBuffers: false, bsonRegExp: false };
 
@@ -97,7 +113,10 @@ function keyOf(v: unknown): string {
 	if (v instanceof ObjectId) return `o${v.toHexString()}`;
 	if (v instanceof Long) return `n${v.toString()}`;
 	if (v instanceof RegExp) return `/${v.source}/${v.flags}`;
-	if (isPlain(v)) return `{${Object.keys(v).map(k => `${JSON.stringify(k)}:${keyOf(v[k])}`).join(",")}}`;
+	if (isPlain(v))
+		return `{${Object.keys(v)
+			.map(k => `${JSON.stringify(k)}:${keyOf(v[k])}`)
+			.join(",")}}`;
 	return `${(v as { _bsontype?: string })._bsontype}${EJSON.stringify(v as Doc, { relaxed: false })}`;
 }
 
@@ -159,7 +178,12 @@ function validateUpdate(u: unknown, multi: boolean): asserts u is Doc | Doc[] {
 		return;
 	}
 	const unknown = Object.keys(u).find(op => !UPDATE_OPERATORS.has(op));
-	if (unknown) throw new CommandError(9, "FailedToParse", `Unknown modifier: ${unknown}. Expected a valid update modifier or pipeline-style update specified as an array`);
+	if (unknown)
+		throw new CommandError(
+			9,
+			"FailedToParse",
+			`Unknown modifier: ${unknown}. Expected a valid update modifier or pipeline-style update specified as an array`
+		);
 	const paths: string[] = [];
 	for (const [op, args] of Object.entries(u)) {
 		if (!isPlain(args)) throw new CommandError(9, "FailedToParse", `Modifiers operate on fields but we found another type instead: ${op}`);
@@ -167,11 +191,13 @@ function validateUpdate(u: unknown, multi: boolean): asserts u is Doc | Doc[] {
 	}
 	for (const [i, a] of paths.entries()) {
 		const clash = paths.slice(i + 1).find(b => a === b || a.startsWith(`${b}.`) || b.startsWith(`${a}.`));
-		if (clash !== undefined) throw new CommandError(40, "ConflictingUpdateOperators", `Updating the path '${clash}' would create a conflict at '${a}'`);
+		if (clash !== undefined)
+			throw new CommandError(40, "ConflictingUpdateOperators", `Updating the path '${clash}' would create a conflict at '${a}'`);
 	}
 }
 
-const immutableId = () => new CommandError(66, "ImmutableField", "Performing an update on the path '_id' would modify the immutable field '_id'");
+const immutableId = () =>
+	new CommandError(66, "ImmutableField", "Performing an update on the path '_id' would modify the immutable field '_id'");
 const isIdPath = (path: string) => path === "_id" || path.startsWith("_id.");
 
 /**
@@ -193,7 +219,14 @@ function settleId(doc: Doc, modifier: Doc): Doc {
 }
 
 /** The document `u` turns `doc` into, as a new object; `doc` itself is left as it is. */
-function nextVersion(doc: Doc, u: Doc | Doc[], condition: Doc, arrayFilters: Doc[] | undefined, options: QueryOptions, inserting = false): Doc {
+function nextVersion(
+	doc: Doc,
+	u: Doc | Doc[],
+	condition: Doc,
+	arrayFilters: Doc[] | undefined,
+	options: QueryOptions,
+	inserting = false
+): Doc {
 	let next: Doc;
 	if (isReplacement(u)) next = copy(u as Doc);
 	else {
@@ -269,10 +302,15 @@ function duplicateKey(ns: string, index: Index, values: unknown[]): CommandError
 	const keyValue: Doc = {};
 	index.fields.forEach((field, i) => (keyValue[field] = values[i] ?? null));
 	const shown = index.fields.map((field, i) => `${field}: ${show(values[i])}`).join(", ");
-	return new CommandError(11000, "DuplicateKey", `E11000 duplicate key error collection: ${ns} index: ${index.spec.name} dup key: { ${shown} }`, {
-		keyPattern: index.spec.key,
-		keyValue
-	});
+	return new CommandError(
+		11000,
+		"DuplicateKey",
+		`E11000 duplicate key error collection: ${ns} index: ${index.spec.name} dup key: { ${shown} }`,
+		{
+			keyPattern: index.spec.key,
+			keyValue
+		}
+	);
 }
 
 interface Selection {
@@ -504,7 +542,8 @@ class Engine {
 	}
 
 	private target(db: string, coll: unknown): Target {
-		if (typeof coll !== "string" || !coll) throw new CommandError(73, "InvalidNamespace", `Invalid namespace specified '${db}.${String(coll)}'`);
+		if (typeof coll !== "string" || !coll)
+			throw new CommandError(73, "InvalidNamespace", `Invalid namespace specified '${db}.${String(coll)}'`);
 		return { db, coll, ns: `${db}.${coll}` };
 	}
 
@@ -544,13 +583,19 @@ class Engine {
 
 	private configureFailPoint(db: string, cmd: Doc): Doc {
 		if (db !== "admin") throw new CommandError(13, "Unauthorized", "configureFailPoint may only be run against the admin database.");
-		if (cmd.configureFailPoint !== "failCommand") throw new CommandError(2, "BadValue", `The stand-in has no fail point '${cmd.configureFailPoint}', only 'failCommand'`);
+		if (cmd.configureFailPoint !== "failCommand")
+			throw new CommandError(2, "BadValue", `The stand-in has no fail point '${cmd.configureFailPoint}', only 'failCommand'`);
 		const { mode, data = {} } = cmd;
 		const count = this.failPointEntered;
 		this.failPointEntered = 0;
 		if (mode === "off") this.failCommand = undefined;
 		else {
-			const remaining = mode === "alwaysOn" ? Infinity : isPlain(mode) && (mode.times !== undefined || mode.skip !== undefined) ? Number(mode.times ?? Infinity) : NaN;
+			const remaining =
+				mode === "alwaysOn"
+					? Infinity
+					: isPlain(mode) && (mode.times !== undefined || mode.skip !== undefined)
+						? Number(mode.times ?? Infinity)
+						: NaN;
 			if (Number.isNaN(remaining)) throw new CommandError(2, "BadValue", "mode must be 'off', 'alwaysOn', { times: n } or { skip: n }");
 			if (!Array.isArray(data.failCommands)) throw new CommandError(2, "BadValue", "data.failCommands must be an array of command names");
 			this.failCommand = remaining > 0 ? { remaining, skip: Number(mode.skip ?? 0), data } : undefined;
@@ -600,7 +645,13 @@ class Engine {
 		const ids: number[] = (cmd.cursors ?? []).map(Number);
 		const killed = ids.filter(id => this.cursors.delete(id));
 		const notFound = ids.filter(id => !killed.includes(id));
-		return { cursorsKilled: killed.map(id => Long.fromNumber(id)), cursorsNotFound: notFound.map(id => Long.fromNumber(id)), cursorsAlive: [], cursorsUnknown: [], ok: 1 };
+		return {
+			cursorsKilled: killed.map(id => Long.fromNumber(id)),
+			cursorsNotFound: notFound.map(id => Long.fromNumber(id)),
+			cursorsAlive: [],
+			cursorsUnknown: [],
+			ok: 1
+		};
 	}
 
 	// Reads ----------------------------------------------------------------------------------------
@@ -630,13 +681,17 @@ class Engine {
 		const pipeline = cmd.pipeline;
 		if (!Array.isArray(pipeline)) throw new CommandError(14, "TypeMismatch", "'pipeline' option must be specified as an array");
 		if (!isPlain(cmd.cursor)) throw new CommandError(9, "FailedToParse", "The 'cursor' option is required");
-		if (pipeline.some(stage => "$out" in stage || "$merge" in stage)) throw new CommandError(2, "BadValue", "The stand-in does not emulate $out or $merge");
+		if (pipeline.some(stage => "$out" in stage || "$merge" in stage))
+			throw new CommandError(2, "BadValue", "The stand-in does not emulate $out or $merge");
 		const options = queryOptions(cmd);
 		// A leading $match goes through the collection's own selection (and its `_id` lookup); mingo may
 		// modify what it aggregates, so it gets copies.
 		const [first, ...rest] = pipeline;
 		const leadingMatch = isPlain(first?.$match);
-		const source = this.collection(t)?.select(leadingMatch ? first.$match : {}, {}, options).map(copy) ?? [];
+		const source =
+			this.collection(t)
+				?.select(leadingMatch ? first.$match : {}, {}, options)
+				.map(copy) ?? [];
 		const collectionResolver = (name: string) => [...(this.collection({ ...t, coll: name })?.docs.values() ?? [])].map(copy);
 		const docs = new Aggregator(leadingMatch ? rest : pipeline, { ...options, collectionResolver }).run<Doc>(source);
 		return this.openCursor(t.ns, docs, cmd.cursor.batchSize);
@@ -717,7 +772,8 @@ class Engine {
 	private findAndModify(t: Target, cmd: Doc): Doc {
 		const { query = {}, sort, update, remove, new: returnNew, upsert, fields, arrayFilters } = cmd;
 		const options = queryOptions(cmd);
-		if (remove && (update !== undefined || upsert)) throw new CommandError(9, "FailedToParse", "Cannot specify both an update and remove=true");
+		if (remove && (update !== undefined || upsert))
+			throw new CommandError(9, "FailedToParse", "Cannot specify both an update and remove=true");
 		if (!remove && update === undefined) throw new CommandError(9, "FailedToParse", "Either an update or remove=true must be specified");
 		const coll = this.collection(t);
 		const [before] = coll?.select(query, { sort, limit: 1 }, options) ?? [];
@@ -730,7 +786,11 @@ class Engine {
 			if (!upsert) return { lastErrorObject: { n: 0, updatedExisting: false }, value: null, ok: 1 };
 			const doc = upsertDocument(query, update, arrayFilters, options);
 			this.createCollection(t).insert(doc);
-			return { lastErrorObject: { n: 1, updatedExisting: false, upserted: doc._id }, value: returnNew ? project(doc, fields, options) : null, ok: 1 };
+			return {
+				lastErrorObject: { n: 1, updatedExisting: false, upserted: doc._id },
+				value: returnNew ? project(doc, fields, options) : null,
+				ok: 1
+			};
 		}
 		const after = nextVersion(before, update, query, arrayFilters, options);
 		if (coll && keyOf(after) !== keyOf(before)) coll.replace(after);
@@ -791,7 +851,12 @@ class Engine {
 			const sameName = coll.indexes.find(index => index.spec.name === spec.name);
 			const sameKey = coll.indexes.find(index => keyOf(index.spec.key) === keyOf(spec.key));
 			if (sameName && optionsOf(sameName.spec) === optionsOf(spec)) continue;
-			if (sameName) throw new CommandError(86, "IndexKeySpecsConflict", `An existing index has the same name as the requested index: ${EJSON.stringify(sameName.spec)}`);
+			if (sameName)
+				throw new CommandError(
+					86,
+					"IndexKeySpecsConflict",
+					`An existing index has the same name as the requested index: ${EJSON.stringify(sameName.spec)}`
+				);
 			if (sameKey) throw new CommandError(85, "IndexOptionsConflict", `Index already exists with a different name: ${sameKey.spec.name}`);
 			const { key, name, ...options } = spec;
 			coll.addIndex({ v: 2, key, name, ...options });
@@ -802,7 +867,11 @@ class Engine {
 	private listIndexes(t: Target, cmd: Doc): Doc {
 		const coll = this.collection(t);
 		if (!coll) throw new CommandError(26, "NamespaceNotFound", `ns does not exist: ${t.ns}`);
-		return this.openCursor(t.ns, coll.indexes.map(index => index.spec), cmd.cursor?.batchSize);
+		return this.openCursor(
+			t.ns,
+			coll.indexes.map(index => index.spec),
+			cmd.cursor?.batchSize
+		);
 	}
 
 	private dropIndexes(t: Target, cmd: Doc): Doc {
@@ -814,8 +883,15 @@ class Engine {
 			cmd.index === "*"
 				? coll.indexes.slice(1)
 				: wanted.map(which => {
-						const found = coll.indexes.find(index => (typeof which === "string" ? index.spec.name === which : keyOf(index.spec.key) === keyOf(which)));
-						if (!found) throw new CommandError(27, "IndexNotFound", `index not found with name [${typeof which === "string" ? which : EJSON.stringify(which as Doc)}]`);
+						const found = coll.indexes.find(index =>
+							typeof which === "string" ? index.spec.name === which : keyOf(index.spec.key) === keyOf(which)
+						);
+						if (!found)
+							throw new CommandError(
+								27,
+								"IndexNotFound",
+								`index not found with name [${typeof which === "string" ? which : EJSON.stringify(which as Doc)}]`
+							);
 						return found;
 					});
 		if (doomed.includes(coll.indexes[0])) throw new CommandError(72, "InvalidOptions", "cannot drop _id index");
@@ -872,14 +948,20 @@ function parseRequest(message: Buffer): Request {
 		const nsEnd = message.indexOf(0, 20);
 		const ns = message.toString("utf8", 20, nsEnd);
 		const query = readDocument(message, nsEnd + 9);
-		return { requestId, opCode, db: ns.slice(0, ns.indexOf(".")), command: isPlain(query.$query) ? query.$query : query, moreToCome: false };
+		return {
+			requestId,
+			opCode,
+			db: ns.slice(0, ns.indexOf(".")),
+			command: isPlain(query.$query) ? query.$query : query,
+			moreToCome: false
+		};
 	}
 	if (opCode !== OP_MSG) throw new Error(`Unsupported opcode ${opCode}`);
 	const flags = message.readUInt32LE(16);
 	const end = message.length - (flags & CHECKSUM_PRESENT ? 4 : 0);
 	let command: Doc | undefined;
 	const sequences: [string, Doc[]][] = [];
-	for (let at = 20; at < end; ) {
+	for (let at = 20; at < end;) {
 		const kind = message[at];
 		const size = message.readInt32LE(at + 1);
 		if (kind === 0) command = readDocument(message, at + 1);
@@ -974,7 +1056,11 @@ export class MongoStandIn {
 			const name = Object.keys(request.command)[0] ?? "";
 			const reply =
 				request.opCode === OP_QUERY && !HELLO.has(name)
-					? new CommandError(352, "UnsupportedOpQueryCommand", `Unsupported OP_QUERY command: ${name}. The client driver may require an upgrade.`).reply()
+					? new CommandError(
+							352,
+							"UnsupportedOpQueryCommand",
+							`Unsupported OP_QUERY command: ${name}. The client driver may require an upgrade.`
+						).reply()
 					: await this.engine.run(request.db, request.command, client);
 			if (reply === null) socket.destroy();
 			else if (!request.moreToCome && !socket.destroyed) socket.write(encodeReply(request, reply));

@@ -20,8 +20,10 @@ interface Entry {
 describe("staff adjustments", () => {
 	let broker: ServiceBroker;
 	const alice: Role = { kind: "staff", name: "alice" };
-	const adjust = (memberId: string, params: object, user: Role | null = alice) => broker.call<AdjustmentView, object>("points.adjust", { memberId, ...params }, { meta: { user } });
-	const history = async (memberId: string) => (await broker.call<{ rows: Entry[]; total: number }, object>("points.history", { memberId, pageSize: 100 })).rows;
+	const adjust = (memberId: string, params: object, user: Role | null = alice) =>
+		broker.call<AdjustmentView, object>("points.adjust", { memberId, ...params }, { meta: { user } });
+	const history = async (memberId: string) =>
+		(await broker.call<{ rows: Entry[]; total: number }, object>("points.history", { memberId, pageSize: 100 })).rows;
 	const account = (memberId: string) => broker.call<AccountView, object>("points.get", { memberId });
 	const join = async (memberId: string) => {
 		await broker.call("members.join", { memberId, name: `Member ${memberId}` });
@@ -46,10 +48,39 @@ describe("staff adjustments", () => {
 		expect(await adjust("a001", { amount: 1, reason: "Rounding" }, null)).toMatchObject({ by: "operator", balance: 301 });
 
 		await eventually(async () => expect(await history("a001")).toHaveLength(3));
-		expect((await history("a001")).map(({ cause, kind, amount, balanceAfter, reason, by, sourceType, sourceId }) => ({ cause, kind, amount, balanceAfter, reason, by, sourceType, sourceId }))).toEqual([
+		expect(
+			(await history("a001")).map(({ cause, kind, amount, balanceAfter, reason, by, sourceType, sourceId }) => ({
+				cause,
+				kind,
+				amount,
+				balanceAfter,
+				reason,
+				by,
+				sourceType,
+				sourceId
+			}))
+		).toEqual([
 			expect.objectContaining({ kind: "adjust", amount: 1, balanceAfter: 301, by: "operator" }),
-			{ cause: `adjustment:${taken.adjustmentId}`, kind: "adjust", amount: -200, balanceAfter: 300, reason: "Earned twice by mistake", by: "staff", sourceType: "adjustment", sourceId: taken.adjustmentId },
-			{ cause: `adjustment:${added.adjustmentId}`, kind: "adjust", amount: 500, balanceAfter: 500, reason: "Goodwill: the terminal was down", by: "alice", sourceType: "adjustment", sourceId: added.adjustmentId }
+			{
+				cause: `adjustment:${taken.adjustmentId}`,
+				kind: "adjust",
+				amount: -200,
+				balanceAfter: 300,
+				reason: "Earned twice by mistake",
+				by: "staff",
+				sourceType: "adjustment",
+				sourceId: taken.adjustmentId
+			},
+			{
+				cause: `adjustment:${added.adjustmentId}`,
+				kind: "adjust",
+				amount: 500,
+				balanceAfter: 500,
+				reason: "Goodwill: the terminal was down",
+				by: "alice",
+				sourceType: "adjustment",
+				sourceId: added.adjustmentId
+			}
 		]);
 		// A positive adjustment is an earning of this month; the negative one took from it.
 		const current = new Date().toISOString().slice(0, 7).replace("-", "");
@@ -62,7 +93,11 @@ describe("staff adjustments", () => {
 	it("never takes the balance below 0: 409 INSUFFICIENT_POINTS, nothing changed", async () => {
 		await join("a002");
 		await adjust("a002", { amount: 100, reason: "Welcome gift" });
-		await expect(adjust("a002", { amount: -101, reason: "Too much" })).rejects.toMatchObject({ code: 409, type: "INSUFFICIENT_POINTS", data: { balance: 100, amount: -101 } });
+		await expect(adjust("a002", { amount: -101, reason: "Too much" })).rejects.toMatchObject({
+			code: 409,
+			type: "INSUFFICIENT_POINTS",
+			data: { balance: 100, amount: -101 }
+		});
 		expect(await adjust("a002", { amount: -100, reason: "Gift withdrawn" })).toMatchObject({ balance: 0 });
 		await expect(adjust("a002", { amount: -1, reason: "Below zero" })).rejects.toMatchObject({ code: 409, type: "INSUFFICIENT_POINTS" });
 		expect((await history("a002")).map(e => e.amount)).toEqual([-100, 100]);
@@ -111,7 +146,9 @@ describe("staff adjustments", () => {
 		await adjust("a005", { amount: 100, reason: "Start" });
 		const results = await Promise.allSettled(Array.from({ length: 20 }, () => adjust("a005", { amount: -10, reason: "Race" })));
 		expect(results.filter(r => r.status === "fulfilled")).toHaveLength(10);
-		expect(results.filter(r => r.status === "rejected").map(r => (r as PromiseRejectedResult).reason.type)).toEqual(Array(10).fill("INSUFFICIENT_POINTS"));
+		expect(results.filter(r => r.status === "rejected").map(r => (r as PromiseRejectedResult).reason.type)).toEqual(
+			Array(10).fill("INSUFFICIENT_POINTS")
+		);
 		expect((await account("a005")).balance).toBe(0);
 		expect(new Set((await history("a005")).map(e => e.cause)).size).toBe(11);
 	});
@@ -126,7 +163,10 @@ describe("staff adjustments", () => {
 		// a001: +500 -200 +1; a002: +100 -100; a003: +5; a004: +40; a005: +100 and ten -10; a006: +300 -120.
 		expect(audit.adjustments).toEqual({ count: 20, added: 1046, taken: 520 });
 
-		const mine = await broker.call<{ adjustments: { adjustmentId: string; amount: number; reason: string; by: string }[]; adjustedTotal: number }, object>("my-points.get", { memberId: "a006" });
+		const mine = await broker.call<
+			{ adjustments: { adjustmentId: string; amount: number; reason: string; by: string }[]; adjustedTotal: number },
+			object
+		>("my-points.get", { memberId: "a006" });
 		expect(mine.adjustments.map(({ amount, reason, by }) => ({ amount, reason, by }))).toEqual([
 			{ amount: -120, reason: "Duplicate earning", by: "bob" },
 			{ amount: 300, reason: "Complaint 17", by: "alice" }
@@ -134,10 +174,14 @@ describe("staff adjustments", () => {
 		expect(mine.adjustments[1].adjustmentId).toBe(added.adjustmentId);
 		expect(mine.adjustedTotal).toBe(180);
 
-		const dashboard = await broker.call<{ member: { balance: number; adjusted: number }; latest: { kind: string; point: number; reason?: string; by?: string }[]; expiring: unknown[] }, object>(
-			"dashboard.member",
-			{ memberId: "a006" }
-		);
+		const dashboard = await broker.call<
+			{
+				member: { balance: number; adjusted: number };
+				latest: { kind: string; point: number; reason?: string; by?: string }[];
+				expiring: unknown[];
+			},
+			object
+		>("dashboard.member", { memberId: "a006" });
 		expect(dashboard.member).toMatchObject({ balance: 180, adjusted: 180 });
 		expect(dashboard.latest.map(({ kind, point, reason, by }) => ({ kind, point, reason, by }))).toEqual(
 			expect.arrayContaining([
@@ -151,7 +195,9 @@ describe("staff adjustments", () => {
 	it("adjusts once for one request run twice (Idempotency-Key: its gateway died before answering)", async () => {
 		await join("a007");
 		const request = { meta: { user: alice, requestId: "01JREQUESTADJUST0000000001" } };
-		const [first, again] = await Promise.all([1, 2].map(() => broker.call<AdjustmentView, object>("points.adjust", { memberId: "a007", amount: 70, reason: "Once" }, request)));
+		const [first, again] = await Promise.all(
+			[1, 2].map(() => broker.call<AdjustmentView, object>("points.adjust", { memberId: "a007", amount: 70, reason: "Once" }, request))
+		);
 		expect(again).toMatchObject({ adjustmentId: first.adjustmentId, amount: 70, reason: "Once", by: "alice" });
 		expect((await history("a007")).map(e => [e.cause, e.amount])).toEqual([["adjustment:01JREQUESTADJUST0000000001", 70]]);
 		expect((await account("a007")).balance).toBe(70);

@@ -28,7 +28,9 @@ describe("billing service", () => {
 		await used("v1", 100, "2020-07-10T10:00:00.000Z");
 		await send("deal.cancelled", { dealId: "v2", memberId: "0001", merchantId: "20", point: 50, type: "use" });
 		await used("v2", 50, "2020-07-11T10:00:00.000Z");
-		await eventually(async () => expect(await broker.call("billing.view", { dealId: "v1" })).toMatchObject({ dealId: "v1", point: 100, merchantId: "20" }));
+		await eventually(async () =>
+			expect(await broker.call("billing.view", { dealId: "v1" })).toMatchObject({ dealId: "v1", point: 100, merchantId: "20" })
+		);
 		await drained(broker);
 		await expect(broker.call("billing.view", { dealId: "v2" })).rejects.toMatchObject({ code: 404, type: "BILLING_VIEW_NOT_FOUND" });
 	});
@@ -50,7 +52,11 @@ describe("billing service", () => {
 		await eventually(async () => expect(await broker.call("billing.view", { dealId: "s6" })).toBeTruthy());
 		expect(await broker.call("billing.settle", { merchantId: "20", billingMonth: "202007" })).toEqual(settlement);
 		expect(await broker.call("billing.get", { merchantId: "20", billingMonth: "202007" })).toEqual(settlement);
-		expect(await broker.call("billing.settle", { merchantId: "21", billingMonth: "202007" })).toMatchObject({ status: "final", usedPoints: 0, billingAmount: 0 });
+		expect(await broker.call("billing.settle", { merchantId: "21", billingMonth: "202007" })).toMatchObject({
+			status: "final",
+			usedPoints: 0,
+			billingAmount: 0
+		});
 		const august = await broker.call<{ lines: object[] }, object>("billing.settle", { merchantId: "20", billingMonth: "202008" });
 		expect(august).toMatchObject({ status: "final", usedPoints: 999, adjustmentPoints: 300, billingAmount: 1273 });
 		expect(august.lines).toEqual([
@@ -62,7 +68,11 @@ describe("billing service", () => {
 	it("settles concurrent requests into one settlement", async () => {
 		await used("c1", 1000, "2020-09-05T00:00:00.000Z", "30");
 		await eventually(async () => expect(await broker.call("billing.view", { dealId: "c1" })).toBeTruthy());
-		const results = await Promise.all(Array.from({ length: 5 }, () => broker.call<{ settledAt: string; billingAmount: number }, object>("billing.settle", { merchantId: "30", billingMonth: "202009" })));
+		const results = await Promise.all(
+			Array.from({ length: 5 }, () =>
+				broker.call<{ settledAt: string; billingAmount: number }, object>("billing.settle", { merchantId: "30", billingMonth: "202009" })
+			)
+		);
 		expect(new Set(results.map(r => r.settledAt)).size).toBe(1);
 		expect(results[0].billingAmount).toBe(980);
 	});
@@ -70,7 +80,13 @@ describe("billing service", () => {
 	it("refuses bad months, future months and unknown settlements", async () => {
 		for (const billingMonth of ["2020-07", "202013", "202000", "20207", "abcdef", "000101", "190001", "199912", "210001"])
 			await expect(broker.call("billing.settle", { merchantId: "20", billingMonth })).rejects.toMatchObject({ code: 422 });
-		await expect(broker.call("billing.settle", { merchantId: "20", billingMonth: "209901" })).rejects.toMatchObject({ code: 422, type: "BILLING_MONTH_NOT_STARTED" });
-		await expect(broker.call("billing.get", { merchantId: "20", billingMonth: "201901" })).rejects.toMatchObject({ code: 404, type: "SETTLEMENT_NOT_FOUND" });
+		await expect(broker.call("billing.settle", { merchantId: "20", billingMonth: "209901" })).rejects.toMatchObject({
+			code: 422,
+			type: "BILLING_MONTH_NOT_STARTED"
+		});
+		await expect(broker.call("billing.get", { merchantId: "20", billingMonth: "201901" })).rejects.toMatchObject({
+			code: 404,
+			type: "SETTLEMENT_NOT_FOUND"
+		});
 	});
 });

@@ -23,14 +23,26 @@ describe("configuration", () => {
 		]);
 	});
 
-	it.each(["short=staff", "aaaaaaaaaaaaaaaa=admin", "aaaaaaaaaaaaaaaa=merchant:", "aaaaaaaaaaaaaaaa", "aaaaaaaaaaaaaaaa=merchant:a b", "aaaaaaaaaaaaaaaa=staff:", "aaaaaaaaaaaaaaaa=staff:a b", `aaaaaaaaaaaaaaaa=staff:${"n".repeat(65)}`])("refuses API_KEYS entry %p", entry => {
+	it.each([
+		"short=staff",
+		"aaaaaaaaaaaaaaaa=admin",
+		"aaaaaaaaaaaaaaaa=merchant:",
+		"aaaaaaaaaaaaaaaa",
+		"aaaaaaaaaaaaaaaa=merchant:a b",
+		"aaaaaaaaaaaaaaaa=staff:",
+		"aaaaaaaaaaaaaaaa=staff:a b",
+		`aaaaaaaaaaaaaaaa=staff:${"n".repeat(65)}`
+	])("refuses API_KEYS entry %p", entry => {
 		expect(() => parseApiKeys(entry)).toThrow(/API_KEYS entries must be/);
 	});
 
 	it("reads POINTS_VALID_MONTHS: 0 (never expire) by default, and refuses what is not a whole number of months", () => {
 		expect(loadConfig({}).pointsValidMonths).toBe(0);
 		expect(loadConfig({ POINTS_VALID_MONTHS: "12" }).pointsValidMonths).toBe(12);
-		for (const raw of ["-1", "1.5", "twelve", "1e2", "1201"]) expect(() => loadConfig({ POINTS_VALID_MONTHS: raw })).toThrow(/POINTS_VALID_MONTHS must be a whole number of months from 0 \(never expire\) to 1200, got/);
+		for (const raw of ["-1", "1.5", "twelve", "1e2", "1201"])
+			expect(() => loadConfig({ POINTS_VALID_MONTHS: raw })).toThrow(
+				/POINTS_VALID_MONTHS must be a whole number of months from 0 \(never expire\) to 1200, got/
+			);
 	});
 
 	it("refuses a number that is not one", () => {
@@ -70,9 +82,12 @@ describe("services' settings", () => {
 	});
 
 	it("are overridden by a schema's own settings, also inside nested ones", async () => {
-		const settings = await settingsOf([withSettings(DealsService, { pendingTimeoutMs: 50 }), withSettings(BillingService, { monthEnd: { checkEveryMs: 20 } })], {
-			CALL_TIMEOUT_MS: "300"
-		});
+		const settings = await settingsOf(
+			[withSettings(DealsService, { pendingTimeoutMs: 50 }), withSettings(BillingService, { monthEnd: { checkEveryMs: 20 } })],
+			{
+				CALL_TIMEOUT_MS: "300"
+			}
+		);
 		expect(settings.deals).toMatchObject({ callTimeoutMs: 300, pendingTimeoutMs: 50, pendingSweepMs: 300 });
 		expect(settings.billing).toMatchObject({ monthEnd: { graceMs: 600_000, checkEveryMs: 20 } });
 	});

@@ -29,7 +29,15 @@ describe("dashboard read model", () => {
 	afterAll(() => broker.stop());
 
 	it("follows the ledger into balance, totals, series, months and merchants — once per entry, in any order", async () => {
-		const deal = (dealId: string, type: string, point: number, minute: number, merchantId = "20") => ({ dealId, memberId: "0001", merchantId, dealAmount: point * 100, type, point, dealDate: at(minute) });
+		const deal = (dealId: string, type: string, point: number, minute: number, merchantId = "20") => ({
+			dealId,
+			memberId: "0001",
+			merchantId,
+			dealAmount: point * 100,
+			type,
+			point,
+			dealDate: at(minute)
+		});
 		// The ledger arrives before the joining, twice.
 		const postings = [
 			{ memberId: "0001", entries: [entry("deal:d1", "earn", 1000, 1000, 1)] },
@@ -47,7 +55,17 @@ describe("dashboard read model", () => {
 		await send("deal.failed", { ...deal("d4", "use", 99999, 5), reason: "INSUFFICIENT_POINTS" });
 
 		await eventually(async () => expect((await member()).transactions).toBe(4));
-		await eventually(async () => expect((await member()).member).toMatchObject({ name: "Kim", status: "active", balance: 1500, earned: 1500, used: 100, cancelled: 100, expired: 0 }));
+		await eventually(async () =>
+			expect((await member()).member).toMatchObject({
+				name: "Kim",
+				status: "active",
+				balance: 1500,
+				earned: 1500,
+				used: 100,
+				cancelled: 100,
+				expired: 0
+			})
+		);
 		const view = await member();
 		expect(view.series.map((p: { balance: number }) => p.balance)).toEqual([1000, 900, 1400, 1500]);
 		expect(view.monthly).toEqual([{ month: "202611", earned: 1500, used: 100, cancelled: 100, expired: 0, adjusted: 0 }]);
@@ -55,7 +73,12 @@ describe("dashboard read model", () => {
 			{ merchantId: "20", earned: 1000, used: 100 },
 			{ merchantId: "21", earned: 500, used: 0 }
 		]);
-		expect(view.latest.map((t: { id: string; status: string }) => `${t.id} ${t.status}`)).toEqual(["d4 fail", "d3 success", "d2 cancelled", "d1 success"]);
+		expect(view.latest.map((t: { id: string; status: string }) => `${t.id} ${t.status}`)).toEqual([
+			"d4 fail",
+			"d3 success",
+			"d2 cancelled",
+			"d1 success"
+		]);
 	});
 
 	it("pages a member's transactions", async () => {
@@ -73,9 +96,15 @@ describe("dashboard read model", () => {
 
 	it("counts a withdrawal and its expiry", async () => {
 		await send("member.withdrawn", { memberId: "0001", withdrawnAt: at(9) });
-		await send("points.posted", { memberId: "0001", closed: true, entries: [{ ...entry("expiry:0001", "expire", -1500, 0, 9), sourceType: "member", merchantId: undefined }] });
+		await send("points.posted", {
+			memberId: "0001",
+			closed: true,
+			entries: [{ ...entry("expiry:0001", "expire", -1500, 0, 9), sourceType: "member", merchantId: undefined }]
+		});
 		await eventually(async () => expect((await member()).member).toMatchObject({ status: "withdrawn", balance: 0, expired: 1500 }));
-		await eventually(async () => expect(await broker.call("dashboard.overview", {})).toMatchObject({ members: 1, activeAccounts: 0, pointsOutstanding: 0 }));
+		await eventually(async () =>
+			expect(await broker.call("dashboard.overview", {})).toMatchObject({ members: 1, activeAccounts: 0, pointsOutstanding: 0 })
+		);
 	});
 
 	it("repairs on a replay what a crash between two writes left uncounted", async () => {
@@ -87,16 +116,44 @@ describe("dashboard read model", () => {
 		// The crash: the ledger entry's copy and the deal's row were written, nothing after them.
 		const { cause, ...earned } = { ...entry("deal:c1", "earn", 700, 700, 11, "22"), memberId: "0002" };
 		await dashboard.store.insertUnique({ _id: cause, ...earned });
-		const used = { dealId: "c2", memberId: "0002", merchantId: "22", dealAmount: 5000, type: "use", point: 50, dealDate: new Date().toISOString() };
-		await dashboard.transactions.insertUnique({ _id: "deal:c2", kind: "deal", id: "c2", memberId: "0002", type: "use", merchantId: "22", amount: 5000, point: 50, status: "success", at: used.dealDate, day: used.dealDate.slice(0, 10), month: used.dealDate.slice(0, 7).replace("-", "") });
+		const used = {
+			dealId: "c2",
+			memberId: "0002",
+			merchantId: "22",
+			dealAmount: 5000,
+			type: "use",
+			point: 50,
+			dealDate: new Date().toISOString()
+		};
+		await dashboard.transactions.insertUnique({
+			_id: "deal:c2",
+			kind: "deal",
+			id: "c2",
+			memberId: "0002",
+			type: "use",
+			merchantId: "22",
+			amount: 5000,
+			point: 50,
+			status: "success",
+			at: used.dealDate,
+			day: used.dealDate.slice(0, 10),
+			month: used.dealDate.slice(0, 7).replace("-", "")
+		});
 		// The events are delivered again, as they are after a crash before their acknowledgement.
 		await send("points.posted", { memberId: "0002", entries: [{ cause, ...earned }] });
 		await send("deal.used", used);
-		await eventually(async () => expect((await broker.call<any, object>("dashboard.member", { memberId: "0002" })).member).toMatchObject({ balance: 700, earned: 700 }));
+		await eventually(async () =>
+			expect((await broker.call<any, object>("dashboard.member", { memberId: "0002" })).member).toMatchObject({ balance: 700, earned: 700 })
+		);
 		const overview = await broker.call<any, object>("dashboard.overview", {});
 		expect(overview).toMatchObject({ members: 2, activeAccounts: 1, pointsOutstanding: 700 });
 		expect(overview.topMerchants).toContainEqual({ merchantId: "22", deals: 1, earnedPoints: 0, usedPoints: 50 });
-		expect(overview.settlementPreview).toContainEqual({ merchantId: "22", billingMonth: used.dealDate.slice(0, 7).replace("-", ""), usedPoints: 50, billingAmount: 49 });
+		expect(overview.settlementPreview).toContainEqual({
+			merchantId: "22",
+			billingMonth: used.dealDate.slice(0, 7).replace("-", ""),
+			usedPoints: 50,
+			billingAmount: 49
+		});
 	});
 
 	it("answers 404 for a member it has not seen", async () => {
@@ -111,14 +168,27 @@ describe("dashboard: points expiring soon", () => {
 	const posting = (memberId: string, version: number, lots: Record<string, number>) => ({
 		memberId,
 		closed: false,
-		entries: [{ cause: `deal:${memberId}-${version}`, memberId, kind: "earn", amount: 1, balanceAfter: 1, sourceType: "deal", sourceId: `${memberId}-${version}`, at: clock.toISOString() }],
+		entries: [
+			{
+				cause: `deal:${memberId}-${version}`,
+				memberId,
+				kind: "earn",
+				amount: 1,
+				balanceAfter: 1,
+				sourceType: "deal",
+				sourceId: `${memberId}-${version}`,
+				at: clock.toISOString()
+			}
+		],
 		lots,
 		version
 	});
 
 	beforeAll(async () => {
 		// Valid two months: at the end of November, September's earnings expire.
-		broker = createTestBroker([{ name: "dashboard", mixins: [DashboardService as any], settings: { pointsValidMonths: 2 }, methods: { now: () => clock } }]);
+		broker = createTestBroker([
+			{ name: "dashboard", mixins: [DashboardService as any], settings: { pointsValidMonths: 2 }, methods: { now: () => clock } }
+		]);
 		await broker.start();
 		send = (broker as unknown as { sendToChannel: Send }).sendToChannel.bind(broker);
 	});

@@ -96,7 +96,12 @@ describe("deals service", () => {
 			const history = await broker.call<{ rows: { cause: string }[] }, object>("points.history", { memberId: "0003" });
 			expect(history.rows.map(r => r.cause)).toContain(`deal-cancel:${failed.id}`);
 		});
-		const late = await broker.call<{ applied: boolean; reason: string }, object>("points.debit", { memberId: "0003", sourceType: "deal", sourceId: failed.id, amount: 100 });
+		const late = await broker.call<{ applied: boolean; reason: string }, object>("points.debit", {
+			memberId: "0003",
+			sourceType: "deal",
+			sourceId: failed.id,
+			amount: 100
+		});
 		expect(late).toMatchObject({ applied: false, reason: "CANCELLED" });
 		expect(await balance("0003")).toBe(500);
 	});

@@ -36,7 +36,11 @@ describe("deployment files", () => {
 		const placed = nodes.flatMap(n => (n.environment?.SERVICES ?? "").split(","));
 		const services = fs.readdirSync(path.join(ROOT, "services")).map(f => f.replace(".service.ts", ""));
 		expect(placed.sort()).toEqual(services.sort());
-		for (const node of nodes) expect(node.environment).toMatchObject({ TRANSPORTER: expect.stringMatching(/^nats:\/\//), MONGO_URI: expect.stringMatching(/^mongodb:\/\//) });
+		for (const node of nodes)
+			expect(node.environment).toMatchObject({
+				TRANSPORTER: expect.stringMatching(/^nats:\/\//),
+				MONGO_URI: expect.stringMatching(/^mongodb:\/\//)
+			});
 	});
 
 	it("sets only environment variables the configuration (or moleculer-runner: SERVICES) reads", () => {
@@ -50,7 +54,8 @@ describe("deployment files", () => {
 		const args = JSON.parse(cmd?.[1] ?? "[]") as string[];
 		// Checked against the sources, so that the fast tier needs no build: dist/x.js is compiled from x.ts.
 		const sourceOf = (file: string) => (file.startsWith("dist/") ? file.replace(/^dist\//, "").replace(/\.js$/, ".ts") : file);
-		for (const file of args.filter(a => a.startsWith("dist/") || a.startsWith("node_modules/"))) expect(fs.existsSync(path.join(ROOT, sourceOf(file)))).toBe(true);
+		for (const file of args.filter(a => a.startsWith("dist/") || a.startsWith("node_modules/")))
+			expect(fs.existsSync(path.join(ROOT, sourceOf(file)))).toBe(true);
 		expect(read("Dockerfile")).toContain("SERVICEDIR=dist/services");
 		expect(fs.readdirSync(path.join(ROOT, "services")).some(f => f.endsWith(".service.ts"))).toBe(true);
 	});

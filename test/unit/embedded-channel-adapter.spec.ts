@@ -84,7 +84,9 @@ describe("embedded channel adapter", () => {
 			name: "publisher",
 			// As the outbox does at start-up: the broker connects the adapter only after this.
 			started() {
-				(this.broker as unknown as { sendToChannel: Send }).sendToChannel("thing.happened", { id: "early1" }).catch(err => errors.push(err));
+				(this.broker as unknown as { sendToChannel: Send })
+					.sendToChannel("thing.happened", { id: "early1" })
+					.catch(err => errors.push(err));
 			}
 		};
 		await start([consumer(seen), publisher]);
@@ -97,7 +99,13 @@ describe("embedded channel adapter", () => {
 		await first.broker.stop();
 		brokers.splice(0);
 		// What a publish before the groups were loaded left: an orphan, though groups.db knows the group.
-		const orphan = { _id: `0orphan${Date.now()}`, channel: "onepoint.thing.happened", payload: { id: "orphan1" }, pending: [], orphan: true };
+		const orphan = {
+			_id: `0orphan${Date.now()}`,
+			channel: "onepoint.thing.happened",
+			payload: { id: "orphan1" },
+			pending: [],
+			orphan: true
+		};
 		fs.appendFileSync(path.join(process.env.DATA_DIR as string, "channels", "messages.db"), `${JSON.stringify(orphan)}\n`);
 		const seen: unknown[] = [];
 		await start([consumer(seen)]);
@@ -122,13 +130,25 @@ describe("embedded channel adapter", () => {
 					}
 				}
 			},
-			{ name: "other", channels: { "thing.broke": { group: "other", handler: async (payload: { id: string }) => void others.push(payload) } } },
+			{
+				name: "other",
+				channels: { "thing.broke": { group: "other", handler: async (payload: { id: string }) => void others.push(payload) } }
+			},
 			DeadLettersService
 		]);
 		await send("thing.broke", { id: "dl1" });
 		const letters = await eventually(async () => {
 			const list = await broker.call<{ rows: { id: string }[] }, object>("dead-letters.list", {});
-			expect(list.rows).toEqual([expect.objectContaining({ channel: "onepoint.thing.broke", group: "flaky", error: "store unavailable", tries: 2, payload: { id: "dl1" }, status: "dead" })]);
+			expect(list.rows).toEqual([
+				expect.objectContaining({
+					channel: "onepoint.thing.broke",
+					group: "flaky",
+					error: "store unavailable",
+					tries: 2,
+					payload: { id: "dl1" },
+					status: "dead"
+				})
+			]);
 			return list.rows;
 		});
 		expect(await broker.call("dead-letters.count")).toEqual({ waiting: 1 });
@@ -137,9 +157,15 @@ describe("embedded channel adapter", () => {
 		broken = false;
 		expect(await broker.call("dead-letters.replay", { id: letters[0].id })).toMatchObject({ count: 1 });
 		await eventually(() => expect(seen).toEqual([{ id: "dl1" }]));
-		await expect(broker.call("dead-letters.replay", { id: letters[0].id })).rejects.toMatchObject({ code: 409, type: "DEAD_LETTER_ALREADY_REPLAYED" });
+		await expect(broker.call("dead-letters.replay", { id: letters[0].id })).rejects.toMatchObject({
+			code: 409,
+			type: "DEAD_LETTER_ALREADY_REPLAYED"
+		});
 		expect(await broker.call("dead-letters.replay", { id: "all" })).toMatchObject({ count: 0 });
-		await expect(broker.call("dead-letters.replay", { id: "nosuchletter" })).rejects.toMatchObject({ code: 404, type: "DEAD_LETTER_NOT_FOUND" });
+		await expect(broker.call("dead-letters.replay", { id: "nosuchletter" })).rejects.toMatchObject({
+			code: 404,
+			type: "DEAD_LETTER_NOT_FOUND"
+		});
 		expect(await broker.call("dead-letters.count")).toEqual({ waiting: 0 });
 		expect(broker.metrics.getMetric("onepoint.dead_letters.waiting")?.get()?.value).toBe(0);
 		// The other group had it once, when it was first published; the replay was not for it.
@@ -150,12 +176,16 @@ describe("embedded channel adapter", () => {
 
 	it("tells whether a group has handled everything published before a moment (billing's month close)", async () => {
 		const { broker, send } = await start([consumer([], 1)]);
-		const adapter = (broker as unknown as { channelAdapter: { caughtUp(channels: string[], group: string, before: Date): Promise<boolean> } }).channelAdapter;
+		const adapter = (
+			broker as unknown as { channelAdapter: { caughtUp(channels: string[], group: string, before: Date): Promise<boolean> } }
+		).channelAdapter;
 		await send("thing.happened", { id: "c1" });
 		const published = Date.now();
 		expect(await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published + 60_000))).toBe(false);
 		expect(await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published - 60_000))).toBe(true);
 		// The retry a second later succeeds.
-		await eventually(async () => expect(await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published + 60_000))).toBe(true));
+		await eventually(async () =>
+			expect(await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published + 60_000))).toBe(true)
+		);
 	});
 });

@@ -24,7 +24,8 @@ const pointsOnClock = (clock: () => Date, pointsValidMonths: number, methods: Re
 function client(broker: ServiceBroker) {
 	const send: Send = (channel, payload) => (broker as unknown as { sendToChannel: Send }).sendToChannel(channel, payload);
 	const account = (memberId: string) => broker.call<AccountView, object>("points.get", { memberId });
-	const ledger = async (memberId: string) => (await broker.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows;
+	const ledger = async (memberId: string) =>
+		(await broker.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows;
 	return {
 		send,
 		account,
@@ -36,7 +37,8 @@ function client(broker: ServiceBroker) {
 			await send("deal.saved", { dealId, memberId, merchantId: "20", point });
 			await eventually(async () => expect((await ledger(memberId)).some(e => e.cause === `deal:${dealId}`)).toBe(true));
 		},
-		use: (memberId: string, dealId: string, amount: number) => broker.call("points.debit", { memberId, sourceType: "deal", sourceId: dealId, merchantId: "20", amount }),
+		use: (memberId: string, dealId: string, amount: number) =>
+			broker.call("points.debit", { memberId, sourceType: "deal", sourceId: dealId, merchantId: "20", amount }),
 		audit: () => broker.call<{ mismatches: unknown[]; expired: number }>("points.audit")
 	};
 }
@@ -106,19 +108,41 @@ describe("points that expire, on a controlled clock", () => {
 
 			// April ends: February's 50 left expire; January's were all used, so nothing of theirs does.
 			clock = new Date("2026-05-01T00:00:05.000Z");
-			await eventually(async () => expect(await c.expiries("x001")).toMatchObject([{ cause: "expire:x001:202602", kind: "expire", amount: -50, lotMonth: "202602" }]));
+			await eventually(async () =>
+				expect(await c.expiries("x001")).toMatchObject([{ cause: "expire:x001:202602", kind: "expire", amount: -50, lotMonth: "202602" }])
+			);
 			expect(await c.balance("x001")).toBe(700);
 
 			// May ends: March's 300.
 			clock = new Date("2026-06-01T03:00:00.000Z");
-			await eventually(async () => expect((await c.expiries("x001")).map(e => [e.cause, e.amount])).toEqual([["expire:x001:202603", -300], ["expire:x001:202602", -50]]));
-			expect(await c.account("x001")).toMatchObject({ balance: 400, expiring: [{ month: "202606", points: 400 }, { month: "202607", points: 0 }, { month: "202608", points: 0 }] });
+			await eventually(async () =>
+				expect((await c.expiries("x001")).map(e => [e.cause, e.amount])).toEqual([
+					["expire:x001:202603", -300],
+					["expire:x001:202602", -50]
+				])
+			);
+			expect(await c.account("x001")).toMatchObject({
+				balance: 400,
+				expiring: [
+					{ month: "202606", points: 400 },
+					{ month: "202607", points: 0 },
+					{ month: "202608", points: 0 }
+				]
+			});
 		});
 
 		it("is safe to rerun, refuses a month still valid, and counts every expiry in the audit", async () => {
 			expect(await broker.call<ExpiryRun, object>("points.expire", {})).toEqual({ through: "202603", members: 0, points: 0 });
-			expect(await broker.call<ExpiryRun, object>("points.expire", { through: "202602" })).toEqual({ through: "202602", members: 0, points: 0 });
-			await expect(broker.call("points.expire", { through: "202604" })).rejects.toMatchObject({ code: 409, type: "EXPIRY_NOT_DUE", data: { through: "202604", due: "202603" } });
+			expect(await broker.call<ExpiryRun, object>("points.expire", { through: "202602" })).toEqual({
+				through: "202602",
+				members: 0,
+				points: 0
+			});
+			await expect(broker.call("points.expire", { through: "202604" })).rejects.toMatchObject({
+				code: 409,
+				type: "EXPIRY_NOT_DUE",
+				data: { through: "202604", due: "202603" }
+			});
 			await expect(broker.call("points.expire", { through: "2026-04" })).rejects.toMatchObject({ code: 422, type: "VALIDATION_ERROR" });
 			expect(await c.expiries("x001")).toHaveLength(2);
 			expect((await c.audit()).expired).toBe(350);
@@ -155,7 +179,9 @@ describe("points that expire, on a controlled clock", () => {
 			clock = new Date("2026-12-02T10:00:00.000Z");
 			await c.earn("x003", "w-d2", 30);
 			await c.send("member.withdrawn", { memberId: "x003", withdrawnAt: clock.toISOString() });
-			await eventually(async () => expect((await c.ledger("x003")).filter(e => e.kind === "expire").map(e => [e.cause, e.amount])).toEqual([["expiry:x003", -100]]));
+			await eventually(async () =>
+				expect((await c.ledger("x003")).filter(e => e.kind === "expire").map(e => [e.cause, e.amount])).toEqual([["expiry:x003", -100]])
+			);
 			expect(await c.account("x003")).toMatchObject({ balance: 0, status: "closed" });
 			clock = new Date("2027-03-01T00:00:01.000Z");
 			expect(await broker.call<ExpiryRun, object>("points.expire", {})).toMatchObject({ members: 0 });
@@ -167,7 +193,10 @@ describe("points that expire, on a controlled clock", () => {
 			await c.earn("x004", "l-d1", 100);
 			// As such an account is stored: no lots, last changed in January.
 			const points = broker.getLocalService("points") as unknown as { store: { update(query: object, update: object): Promise<number> } };
-			await points.store.update({ _id: "x004" }, { $unset: { lots: true, oldestLot: true }, $set: { updatedAt: "2027-01-15T10:00:00.000Z" } });
+			await points.store.update(
+				{ _id: "x004" },
+				{ $unset: { lots: true, oldestLot: true }, $set: { updatedAt: "2027-01-15T10:00:00.000Z" } }
+			);
 			expect((await c.account("x004")).expiring).toMatchObject([{ month: "202703", points: 100 }, { points: 0 }, { points: 0 }]);
 			clock = new Date("2027-04-01T00:00:01.000Z");
 			await eventually(async () => expect(await c.expiries("x004")).toMatchObject([{ cause: "expire:x004:202701", amount: -100 }]));
@@ -190,7 +219,8 @@ describe("points that expire, on a controlled clock", () => {
 			// June ends while the node is down; it starts on July 1st, and dies after a third of the run.
 			clock = new Date("2027-07-01T06:00:00.000Z");
 			let expired = 0;
-			const original = (PointsService.methods as { expireLots: (this: unknown, memberId: string, through: string) => Promise<number> }).expireLots;
+			const original = (PointsService.methods as { expireLots: (this: unknown, memberId: string, through: string) => Promise<number> })
+				.expireLots;
 			const dying = createTestBroker(
 				[
 					pointsOnClock(() => clock, 1, {
@@ -214,8 +244,11 @@ describe("points that expire, on a controlled clock", () => {
 			await after.start();
 			const a = client(after);
 			try {
-				await eventually(async () => expect((await Promise.all(members.map(m => a.balance(m)))).every(balance => balance === 0)).toBe(true));
-				for (const memberId of members) expect((await a.expiries(memberId)).map(e => [e.cause, e.amount])).toEqual([[`expire:${memberId}:202705`, -10]]);
+				await eventually(async () =>
+					expect((await Promise.all(members.map(m => a.balance(m)))).every(balance => balance === 0)).toBe(true)
+				);
+				for (const memberId of members)
+					expect((await a.expiries(memberId)).map(e => [e.cause, e.amount])).toEqual([[`expire:${memberId}:202705`, -10]]);
 				expect(await after.call<ExpiryRun, object>("points.expire", {})).toMatchObject({ members: 0, points: 0 });
 				await eventually(async () => expect((await a.audit()).mismatches).toEqual([]));
 			} finally {

@@ -21,7 +21,10 @@ describe("members service", () => {
 
 	it("refuses a taken memberId with 409 and keeps the first member", async () => {
 		await broker.call("members.join", { memberId: "0001", name: "Kim" });
-		await expect(broker.call("members.join", { memberId: "0001", name: "Other" })).rejects.toMatchObject({ code: 409, type: "MEMBER_EXISTS" });
+		await expect(broker.call("members.join", { memberId: "0001", name: "Other" })).rejects.toMatchObject({
+			code: 409,
+			type: "MEMBER_EXISTS"
+		});
 		expect(await broker.call("members.get", { memberId: "0001" })).toMatchObject({ name: "Kim" });
 	});
 
@@ -42,7 +45,9 @@ describe("members service", () => {
 		await expect(broker.call("points.get", { memberId: "0100" })).rejects.toMatchObject({ type: "SERVICE_NOT_AVAILABLE" });
 		broker.createService(PointsService);
 		await broker.waitForServices("points");
-		await eventually(async () => expect(await broker.call("points.get", { memberId: "0100" })).toMatchObject({ balance: 0, status: "active" }));
+		await eventually(async () =>
+			expect(await broker.call("points.get", { memberId: "0100" })).toMatchObject({ balance: 0, status: "active" })
+		);
 	});
 
 	it("withdraws once: the account closes, a second withdrawal is 409", async () => {

@@ -23,13 +23,21 @@ describe("the expiry job on two instances sharing MongoDB", () => {
 	let clock = new Date("2026-03-10T10:00:00.000Z");
 	const MEMBERS = 25;
 	const members = Array.from({ length: MEMBERS }, (_, i) => `c${String(i).padStart(3, "0")}`);
-	const send = (broker: ServiceBroker, channel: string, payload: object) => (broker as unknown as { sendToChannel: Send }).sendToChannel(channel, payload);
+	const send = (broker: ServiceBroker, channel: string, payload: object) =>
+		(broker as unknown as { sendToChannel: Send }).sendToChannel(channel, payload);
 	const ledger = async (memberId: string) => (await a.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows;
 
 	// Valid one month; the daily check is far off, so the test runs the job itself.
 	const instance = () =>
 		createTestBroker(
-			[{ name: "points", mixins: [PointsService as unknown as Partial<ServiceSchema>], settings: { pointsValidMonths: 1, expiryCheckMs: 3_600_000 }, methods: { now: () => clock } }],
+			[
+				{
+					name: "points",
+					mixins: [PointsService as unknown as Partial<ServiceSchema>],
+					settings: { pointsValidMonths: 1, expiryCheckMs: 3_600_000 },
+					methods: { now: () => clock }
+				}
+			],
 			{ DATA_DIR: fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-instance-")) }
 		);
 
@@ -53,9 +61,18 @@ describe("the expiry job on two instances sharing MongoDB", () => {
 		const uses: PostResult[] = [];
 		const useAll = async () => {
 			for (let i = MEMBERS - 1; i >= 0; i--)
-				uses[i] = await (i % 2 ? a : b).call<PostResult, object>("points.debit", { memberId: members[i], sourceType: "deal", sourceId: `use-${members[i]}`, merchantId: "20", amount: 120 });
+				uses[i] = await (i % 2 ? a : b).call<PostResult, object>("points.debit", {
+					memberId: members[i],
+					sourceType: "deal",
+					sourceId: `use-${members[i]}`,
+					merchantId: "20",
+					amount: 120
+				});
 		};
-		const [runs] = await Promise.all([Promise.all([a, b, a, b].map(broker => broker.call<ExpiryRun, object>("points.expire", {}))), useAll()]);
+		const [runs] = await Promise.all([
+			Promise.all([a, b, a, b].map(broker => broker.call<ExpiryRun, object>("points.expire", {}))),
+			useAll()
+		]);
 
 		let expired = 0;
 		for (const [i, memberId] of members.entries()) {

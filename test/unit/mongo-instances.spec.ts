@@ -40,7 +40,8 @@ describe("two instances sharing MongoDB", () => {
 	let a: ServiceBroker;
 	let b: ServiceBroker;
 	let mongo: MongoClient;
-	const send = (broker: ServiceBroker, channel: string, payload: object) => (broker as unknown as { sendToChannel: Send }).sendToChannel(channel, payload);
+	const send = (broker: ServiceBroker, channel: string, payload: object) =>
+		(broker as unknown as { sendToChannel: Send }).sendToChannel(channel, payload);
 	const balance = async (memberId: string) => (await a.call<{ balance: number }, object>("points.get", { memberId })).balance;
 	const history = async (memberId: string) => (await a.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows;
 	const debit = (broker: ServiceBroker, memberId: string, sourceId: string, amount: number) =>
@@ -88,8 +89,14 @@ describe("two instances sharing MongoDB", () => {
 	it("never lets a debit land after its own void on the other instance, though a void leaves the balance as it was", async () => {
 		await earn("i002", 1000);
 		const deals = Array.from({ length: 40 }, (_, i) => `aba${i}`);
-		await Promise.all(deals.map(dealId => Promise.all([debit(a, "i002", dealId, 50), send(b, "deal.voided", { dealId, memberId: "i002", merchantId: "20" })])));
-		await eventually(async () => expect((await history("i002")).filter(e => e.cause.startsWith("deal-cancel:aba"))).toHaveLength(deals.length));
+		await Promise.all(
+			deals.map(dealId =>
+				Promise.all([debit(a, "i002", dealId, 50), send(b, "deal.voided", { dealId, memberId: "i002", merchantId: "20" })])
+			)
+		);
+		await eventually(async () =>
+			expect((await history("i002")).filter(e => e.cause.startsWith("deal-cancel:aba"))).toHaveLength(deals.length)
+		);
 		// Each debit was refused (voided first) or undone by its void: nothing is spent.
 		expect(await balance("i002")).toBe(1000);
 		for (const dealId of deals) {
@@ -101,7 +108,9 @@ describe("two instances sharing MongoDB", () => {
 	it("finishes a posting a store error interrupted with the account's next posting, on either instance", async () => {
 		await earn("i003", 500);
 		// The ledger copy fails once (a failover, a hiccup): the account holds the posting as pending.
-		await mongo.db("admin").command({ configureFailPoint: "failCommand", mode: { times: 1 }, data: { failCommands: ["insert"], errorCode: 8 } });
+		await mongo
+			.db("admin")
+			.command({ configureFailPoint: "failCommand", mode: { times: 1 }, data: { failCommands: ["insert"], errorCode: 8 } });
 		await expect(debit(a, "i003", "hiccup", 100)).rejects.toThrow();
 		await send(b, "deal.saved", { dealId: "after-hiccup", memberId: "i003", merchantId: "20", point: 200 });
 		await eventually(async () => expect(await balance("i003")).toBe(600));
@@ -110,17 +119,35 @@ describe("two instances sharing MongoDB", () => {
 
 	it("finishes, within seconds and without a restart, a posting an instance died in the middle of", async () => {
 		await earn("i004", 300);
-		const entry = { _id: "deal:died", memberId: "i004", kind: "use", amount: -100, balanceAfter: 200, sourceType: "deal", sourceId: "died", at: "2026-01-01T00:00:00.000Z", seq: "0" };
+		const entry = {
+			_id: "deal:died",
+			memberId: "i004",
+			kind: "use",
+			amount: -100,
+			balanceAfter: 200,
+			sourceType: "deal",
+			sourceId: "died",
+			at: "2026-01-01T00:00:00.000Z",
+			seq: "0"
+		};
 		// What `post` leaves when its process is killed between the account write and the ledger copy
 		// (the use took 100 of this month's earning lot).
 		const lots = { [new Date().toISOString().slice(0, 7).replace("-", "")]: 200 };
 		await mongo
 			.db()
 			.collection<{ _id: string }>("accounts")
-			.updateOne({ _id: "i004" }, { $set: { pending: [entry], pendingSince: entry.at, updatedAt: entry.at, lots }, $inc: { balance: -100, version: 1 } });
+			.updateOne(
+				{ _id: "i004" },
+				{ $set: { pending: [entry], pendingSince: entry.at, updatedAt: entry.at, lots }, $inc: { balance: -100, version: 1 } }
+			);
 		await eventually(async () => expect((await history("i004")).map(e => e.cause)).toContain("deal:died"));
 		expect(await balance("i004")).toBe(200);
-		expect(await mongo.db().collection("accounts").countDocuments({ $or: [{ "pending.0": { $exists: true } }, { pendingSince: { $exists: true } }] })).toBe(0);
+		expect(
+			await mongo
+				.db()
+				.collection("accounts")
+				.countDocuments({ $or: [{ "pending.0": { $exists: true } }, { pendingSince: { $exists: true } }] })
+		).toBe(0);
 	});
 
 	it("settles, within seconds, the uses a dead instance left pending — once, though both instances sweep", async () => {
@@ -132,9 +159,21 @@ describe("two instances sharing MongoDB", () => {
 		await mongo
 			.db()
 			.collection<{ _id: string }>("deals")
-			.insertMany(abandoned.map(_id => ({ _id, memberId: "i005", merchantId: "20", dealAmount: 1000, type: "use", point: 30, status: "pending", dealDate })));
+			.insertMany(
+				abandoned.map(_id => ({
+					_id,
+					memberId: "i005",
+					merchantId: "20",
+					dealAmount: 1000,
+					type: "use",
+					point: 30,
+					status: "pending",
+					dealDate
+				}))
+			);
 		await eventually(async () => {
-			for (const id of abandoned) expect(await a.call<DealView, object>("deals.get", { id })).toMatchObject({ status: "fail", reason: "INTERRUPTED" });
+			for (const id of abandoned)
+				expect(await a.call<DealView, object>("deals.get", { id })).toMatchObject({ status: "fail", reason: "INTERRUPTED" });
 		});
 		await eventually(async () => expect(await balance("i005")).toBe(1000));
 		await eventually(() => expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1)));
@@ -166,7 +205,8 @@ describe("two instances sharing MongoDB", () => {
 				}))
 			);
 		await eventually(async () => {
-			for (const id of abandoned) expect(await b.call<OrderView, object>("orders.get", { id })).toMatchObject({ status: "payment_failed", reason: "INTERRUPTED" });
+			for (const id of abandoned)
+				expect(await b.call<OrderView, object>("orders.get", { id })).toMatchObject({ status: "payment_failed", reason: "INTERRUPTED" });
 		});
 		await eventually(() => expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1)));
 		await new Promise(resolve => setTimeout(resolve, 600));
@@ -179,7 +219,10 @@ describe("two instances sharing MongoDB", () => {
 		const event = { id: ulid(Date.now() - 60_000), channel: "member.joined", payload: { memberId: "i007", name: "left", joinedAt } };
 		const members = mongo.db().collection<Record<string, unknown> & { _id: string }>("members");
 		await members.insertOne({ _id: "i007", name: "left", phone: null, email: null, status: "active", joinedAt, outbox: [event] });
-		await eventually(async () => expect(await b.call("points.get", { memberId: "i007" })).toMatchObject({ balance: 0, status: "active" }), 20_000);
+		await eventually(
+			async () => expect(await b.call("points.get", { memberId: "i007" })).toMatchObject({ balance: 0, status: "active" }),
+			20_000
+		);
 		await eventually(async () => expect((await members.findOne({ _id: "i007" }))?.outbox).toEqual([]));
 	});
 });

@@ -23,11 +23,18 @@ describe("partial returns racing on two instances sharing MongoDB", () => {
 	let b: ServiceBroker;
 	const balance = async (memberId: string) => (await a.call<{ balance: number }, object>("points.get", { memberId })).balance;
 	const returnsOf = async (memberId: string, dealId: string) =>
-		(await a.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows.filter(e => e.cause.startsWith(`deal-return:${dealId}:`));
-	const instance = () => createTestBroker([MembersService, PointsService, DealsService], { DATA_DIR: fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-instance-")) });
+		(await a.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows.filter(e =>
+			e.cause.startsWith(`deal-return:${dealId}:`)
+		);
+	const instance = () =>
+		createTestBroker([MembersService, PointsService, DealsService], {
+			DATA_DIR: fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-instance-"))
+		});
 	/** Returns `amounts` of the deal all at once, alternating between the instances; the accepted amounts and the refusals' codes. */
 	const race = async (dealId: string, amounts: number[]) => {
-		const results = await Promise.allSettled(amounts.map((amount, i) => (i % 2 ? a : b).call<DealView, object>("deals.cancel", { id: dealId, amount })));
+		const results = await Promise.allSettled(
+			amounts.map((amount, i) => (i % 2 ? a : b).call<DealView, object>("deals.cancel", { id: dealId, amount }))
+		);
 		const accepted = amounts.filter((_, i) => results[i].status === "fulfilled");
 		const refused = results.flatMap(r => (r.status === "rejected" ? [(r.reason as { type: string }).type] : []));
 		return { accepted, refused };
@@ -61,7 +68,13 @@ describe("partial returns racing on two instances sharing MongoDB", () => {
 	it("gives back, of a use returned in racing parts of different sizes, exactly the points of the parts accepted", async () => {
 		await a.call("deals.create", { memberId: "m001", merchantId: "20", dealAmount: 100000, type: "save" });
 		await eventually(async () => expect(await balance("m001")).toBe(1000));
-		const used = await b.call<DealView, object>("deals.create", { memberId: "m001", merchantId: "20", dealAmount: 900, type: "use", point: 900 });
+		const used = await b.call<DealView, object>("deals.create", {
+			memberId: "m001",
+			merchantId: "20",
+			dealAmount: 900,
+			type: "use",
+			point: 900
+		});
 		expect(await balance("m001")).toBe(100);
 		const { accepted } = await race(used.id, [400, 300, 200, 500, 100, 300, 250, 150]);
 		const deal = await a.call<DealView, object>("deals.get", { id: used.id });

@@ -94,7 +94,11 @@ describe("the wire protocol", () => {
 		socket.write(opQuery(1, "admin.$cmd", { isMaster: 1, helloOk: true }));
 		socket.write(opQuery(2, "test.$cmd", { find: "things" }));
 		const [hello, find] = await received(2);
-		expect(hello).toMatchObject({ responseTo: 1, opCode: 1, body: { ismaster: true, isWritablePrimary: true, maxWireVersion: 17, minWireVersion: 0, ok: 1 } });
+		expect(hello).toMatchObject({
+			responseTo: 1,
+			opCode: 1,
+			body: { ismaster: true, isWritablePrimary: true, maxWireVersion: 17, minWireVersion: 0, ok: 1 }
+		});
 		expect(hello.body.compression).toBeUndefined();
 		expect(find).toMatchObject({ responseTo: 2, opCode: 1, body: { ok: 0, code: 352 } });
 		socket.destroy();
@@ -120,7 +124,12 @@ describe("the wire protocol", () => {
 
 	it("answers the driver's handshake as a standalone 6.0 server and refuses unknown commands", async () => {
 		const admin = client.db("admin");
-		expect(await admin.command({ hello: 1 })).toMatchObject({ isWritablePrimary: true, maxWireVersion: 17, maxBsonObjectSize: 16 * 1024 * 1024, ok: 1 });
+		expect(await admin.command({ hello: 1 })).toMatchObject({
+			isWritablePrimary: true,
+			maxWireVersion: 17,
+			maxBsonObjectSize: 16 * 1024 * 1024,
+			ok: 1
+		});
 		expect(await admin.command({ buildInfo: 1 })).toMatchObject({ version: "6.0.0-standin" });
 		expect(await codeOf(admin.command({ noSuchCommand: 1 }))).toBe(59);
 	});
@@ -153,7 +162,11 @@ describe("through the driver", () => {
 
 	it("inserts, replaces and deletes, and keeps _id immutable", async () => {
 		const things = freshDb().collection<Row>("things");
-		await things.insertMany([{ _id: "a", v: 1 }, { _id: "b", v: 2 }, { _id: "c", v: 3 }]);
+		await things.insertMany([
+			{ _id: "a", v: 1 },
+			{ _id: "b", v: 2 },
+			{ _id: "c", v: 3 }
+		]);
 
 		expect(await things.replaceOne({ _id: "a" }, { w: 10 })).toMatchObject({ matchedCount: 1, modifiedCount: 1 });
 		expect(await things.findOne({ _id: "a" })).toEqual({ _id: "a", w: 10 });
@@ -172,7 +185,15 @@ describe("through the driver", () => {
 	});
 
 	it("applies the update operators the services use", async () => {
-		type Member = { _id: string; balance: number; note?: string; tags: string[]; pending: { id: number }[]; deals?: number; profile?: { tier: string } };
+		type Member = {
+			_id: string;
+			balance: number;
+			note?: string;
+			tags: string[];
+			pending: { id: number }[];
+			deals?: number;
+			profile?: { tier: string };
+		};
 		const members = freshDb().collection<Member>("members");
 		await members.insertOne({ _id: "m1", balance: 100, note: "x", tags: ["a"], pending: [{ id: 1 }, { id: 2 }, { id: 3 }] });
 
@@ -187,7 +208,14 @@ describe("through the driver", () => {
 			}
 		);
 		expect(result).toMatchObject({ matchedCount: 1, modifiedCount: 1 });
-		expect(await members.findOne({ _id: "m1" })).toEqual({ _id: "m1", balance: 70, tags: ["a", "b", "c"], pending: [{ id: 2 }], deals: 1, profile: { tier: "gold" } });
+		expect(await members.findOne({ _id: "m1" })).toEqual({
+			_id: "m1",
+			balance: 70,
+			tags: ["a", "b", "c"],
+			pending: [{ id: 2 }],
+			deals: 1,
+			profile: { tier: "gold" }
+		});
 
 		expect(await codeOf(members.updateOne({ _id: "m1" }, { $set: { balance: 1 }, $inc: { balance: 1 } }))).toBe(40);
 		expect(await codeOf(members.updateOne({ _id: "m1" }, { $frobnicate: { balance: 1 } }))).toBe(9);
@@ -218,8 +246,18 @@ describe("through the driver", () => {
 		try {
 			const rows = monitored.db(`standin-${++databases}`).collection<Row>("rows");
 			await rows.insertMany(Array.from({ length: 250 }, (_, i) => ({ _id: i, n: i % 50, label: `row ${i}` })));
-			const page = await rows.find({}, { projection: { label: 0 } }).sort({ n: -1, _id: 1 }).skip(3).limit(4).toArray();
-			expect(page).toEqual([{ _id: 199, n: 49 }, { _id: 249, n: 49 }, { _id: 48, n: 48 }, { _id: 98, n: 48 }]);
+			const page = await rows
+				.find({}, { projection: { label: 0 } })
+				.sort({ n: -1, _id: 1 })
+				.skip(3)
+				.limit(4)
+				.toArray();
+			expect(page).toEqual([
+				{ _id: 199, n: 49 },
+				{ _id: 249, n: 49 },
+				{ _id: 48, n: 48 },
+				{ _id: 98, n: 48 }
+			]);
 
 			const commands: string[] = [];
 			monitored.on("commandStarted", event => commands.push(event.commandName));
@@ -251,17 +289,30 @@ describe("through the driver", () => {
 		expect((await ledger.distinct("memberId")).sort()).toEqual(["a", "b"]);
 		expect((await ledger.distinct("tags", { memberId: "a" })).sort()).toEqual(["x", "y"]);
 		const totals = await ledger
-			.aggregate([{ $match: { points: { $gt: -1000 } } }, { $group: { _id: "$memberId", total: { $sum: "$points" } } }, { $sort: { _id: 1 } }])
+			.aggregate([
+				{ $match: { points: { $gt: -1000 } } },
+				{ $group: { _id: "$memberId", total: { $sum: "$points" } } },
+				{ $sort: { _id: 1 } }
+			])
 			.toArray();
-		expect(totals).toEqual([{ _id: "a", total: 70 }, { _id: "b", total: 50 }]);
+		expect(totals).toEqual([
+			{ _id: "a", total: 70 },
+			{ _id: "b", total: 50 }
+		]);
 	});
 
 	it("finds and modifies: the document after, an upsert from the filter's equalities, and removal", async () => {
 		const points = freshDb().collection<Row>("points");
 		await points.insertOne({ _id: "a", balance: 10 });
 
-		expect(await points.findOneAndUpdate({ _id: "a" }, { $inc: { balance: 5 } }, { returnDocument: "after" })).toEqual({ _id: "a", balance: 15 });
-		expect(await points.findOneAndUpdate({ _id: "a" }, { $inc: { balance: 5 } }, { returnDocument: "before" })).toEqual({ _id: "a", balance: 15 });
+		expect(await points.findOneAndUpdate({ _id: "a" }, { $inc: { balance: 5 } }, { returnDocument: "after" })).toEqual({
+			_id: "a",
+			balance: 15
+		});
+		expect(await points.findOneAndUpdate({ _id: "a" }, { $inc: { balance: 5 } }, { returnDocument: "before" })).toEqual({
+			_id: "a",
+			balance: 15
+		});
 
 		const upserted = await points.findOneAndUpdate(
 			{ _id: "b", tier: "silver", balance: { $gte: 0 } },
@@ -271,7 +322,11 @@ describe("through the driver", () => {
 		expect(upserted.lastErrorObject).toEqual({ n: 1, updatedExisting: false, upserted: "b" });
 		expect(upserted.value).toEqual({ _id: "b", tier: "silver", balance: 7, createdBy: "upsert" });
 
-		const again = await points.findOneAndUpdate({ _id: "b" }, { $inc: { balance: 1 }, $setOnInsert: { createdBy: "again" } }, { upsert: true, returnDocument: "after", includeResultMetadata: true });
+		const again = await points.findOneAndUpdate(
+			{ _id: "b" },
+			{ $inc: { balance: 1 }, $setOnInsert: { createdBy: "again" } },
+			{ upsert: true, returnDocument: "after", includeResultMetadata: true }
+		);
 		expect(again.lastErrorObject).toEqual({ n: 1, updatedExisting: true });
 		expect(again.value).toEqual({ _id: "b", tier: "silver", balance: 8, createdBy: "upsert" });
 
@@ -282,37 +337,54 @@ describe("through the driver", () => {
 
 	it("upserts with updateOne once, then matches", async () => {
 		const months = freshDb().collection<Row>("months");
-		const upsert = () => months.updateOne({ merchantId: "m1", month: "202405" }, { $inc: { total: 100 }, $setOnInsert: { openedAt: "first" } }, { upsert: true });
+		const upsert = () =>
+			months.updateOne(
+				{ merchantId: "m1", month: "202405" },
+				{ $inc: { total: 100 }, $setOnInsert: { openedAt: "first" } },
+				{ upsert: true }
+			);
 
 		const first = await upsert();
 		expect(first).toMatchObject({ matchedCount: 0, modifiedCount: 0, upsertedCount: 1 });
 		expect(first.upsertedId).toBeInstanceOf(ObjectId);
 		expect(await upsert()).toMatchObject({ matchedCount: 1, modifiedCount: 1, upsertedCount: 0, upsertedId: null });
-		expect(await months.find({}, { projection: { _id: 0 } }).toArray()).toEqual([{ merchantId: "m1", month: "202405", total: 200, openedAt: "first" }]);
+		expect(await months.find({}, { projection: { _id: 0 } }).toArray()).toEqual([
+			{ merchantId: "m1", month: "202405", total: 200, openedAt: "first" }
+		]);
 	});
 
 	it("enforces unique indexes on inserts, updates and upserts, leaving the original unchanged", async () => {
 		const members = freshDb().collection<Row>("members");
-		await members.insertMany([{ _id: "a", email: "a@x" }, { _id: "b", email: "b@x" }, { _id: "c", email: "a@x" }]);
+		await members.insertMany([
+			{ _id: "a", email: "a@x" },
+			{ _id: "b", email: "b@x" },
+			{ _id: "c", email: "a@x" }
+		]);
 
 		// An index over duplicates is refused, and not half-built.
 		expect(await codeOf(members.createIndex({ email: 1 }, { unique: true }))).toBe(11000);
 		expect((await members.indexes()).map(index => index.name)).toEqual(["_id_"]);
 		await members.deleteOne({ _id: "c" });
 		expect(await members.createIndex({ email: 1 }, { unique: true })).toBe("email_1");
-		expect(await members.indexes()).toEqual([{ v: 2, key: { _id: 1 }, name: "_id_" }, { v: 2, key: { email: 1 }, name: "email_1", unique: true }]);
+		expect(await members.indexes()).toEqual([
+			{ v: 2, key: { _id: 1 }, name: "_id_" },
+			{ v: 2, key: { email: 1 }, name: "email_1", unique: true }
+		]);
 
 		const insertError = await members.insertOne({ _id: "d", email: "a@x" }).catch(err => err);
 		expect(insertError).toBeInstanceOf(MongoServerError);
 		expect(insertError).toMatchObject({ code: 11000, keyPattern: { email: 1 }, keyValue: { email: "a@x" } });
-		expect(insertError.message).toContain("index: email_1 dup key: { email: \"a@x\" }");
+		expect(insertError.message).toContain('index: email_1 dup key: { email: "a@x" }');
 		expect(await codeOf(members.insertOne({ _id: "a", email: "new@x" }))).toBe(11000);
 
 		expect(await codeOf(members.updateOne({ _id: "b" }, { $set: { email: "a@x" } }))).toBe(11000);
 		expect(await codeOf(members.replaceOne({ _id: "b" }, { email: "a@x", name: "B" }))).toBe(11000);
 		expect(await codeOf(members.findOneAndUpdate({ _id: "b" }, { $set: { email: "a@x" } }))).toBe(11000);
 		expect(await codeOf(members.updateOne({ _id: "e" }, { $set: { email: "b@x" } }, { upsert: true }))).toBe(11000);
-		expect(await members.find().sort({ _id: 1 }).toArray()).toEqual([{ _id: "a", email: "a@x" }, { _id: "b", email: "b@x" }]);
+		expect(await members.find().sort({ _id: 1 }).toArray()).toEqual([
+			{ _id: "a", email: "a@x" },
+			{ _id: "b", email: "b@x" }
+		]);
 
 		// Updating a document to its own key is no clash; freeing a key lets another take it.
 		expect(await members.updateOne({ _id: "a" }, { $set: { email: "a@x", seen: true } })).toMatchObject({ modifiedCount: 1 });
@@ -342,7 +414,12 @@ describe("through the driver", () => {
 		expect(await slots.countDocuments()).toBe(2);
 
 		await slots.deleteMany({});
-		const unordered = await slots.insertMany(batch.map(doc => ({ ...doc })), { ordered: false }).catch(err => err);
+		const unordered = await slots
+			.insertMany(
+				batch.map(doc => ({ ...doc })),
+				{ ordered: false }
+			)
+			.catch(err => err);
 		expect(unordered).toMatchObject({ code: 11000, insertedCount: 3 });
 		expect(await slots.countDocuments()).toBe(3);
 	});
@@ -449,12 +526,26 @@ describe("through mongoose", () => {
 
 	it("creates, reads lean, counts, updates and upserts", async () => {
 		await Member.insertMany(
-			Array.from({ length: 12 }, (_, i) => ({ _id: `m${String(i).padStart(2, "0")}`, email: `m${i}@x`, balance: i * 10, joinedAt: new Date(Date.UTC(2024, 0, i + 1)) })),
+			Array.from({ length: 12 }, (_, i) => ({
+				_id: `m${String(i).padStart(2, "0")}`,
+				email: `m${i}@x`,
+				balance: i * 10,
+				joinedAt: new Date(Date.UTC(2024, 0, i + 1))
+			})),
 			{ lean: true }
 		);
-		expect(await Member.findById("m03").lean()).toEqual({ _id: "m03", email: "m3@x", balance: 30, joinedAt: new Date(Date.UTC(2024, 0, 4)) });
+		expect(await Member.findById("m03").lean()).toEqual({
+			_id: "m03",
+			email: "m3@x",
+			balance: 30,
+			joinedAt: new Date(Date.UTC(2024, 0, 4))
+		});
 
-		const rich = await Member.find({ balance: { $gte: 50 } }).sort({ balance: -1 }).skip(1).limit(3).lean();
+		const rich = await Member.find({ balance: { $gte: 50 } })
+			.sort({ balance: -1 })
+			.skip(1)
+			.limit(3)
+			.lean();
 		expect(rich.map(m => m._id)).toEqual(["m10", "m09", "m08"]);
 		expect(await Member.countDocuments({ balance: { $lt: 50 } })).toBe(5);
 
@@ -481,7 +572,11 @@ describe("through mongoose", () => {
 		await expect(Member.create({ _id: "u1", email: "other@x" })).rejects.toMatchObject({ code: 11000 });
 		await Member.create({ _id: "u3", email: "free@x" });
 		await expect(Member.updateOne({ _id: "u3" }, { $set: { email: "taken@x" } })).rejects.toMatchObject({ code: 11000 });
-		expect(await Member.find({ _id: { $in: ["u1", "u2", "u3"] } }).sort({ _id: 1 }).lean()).toEqual([
+		expect(
+			await Member.find({ _id: { $in: ["u1", "u2", "u3"] } })
+				.sort({ _id: 1 })
+				.lean()
+		).toEqual([
 			{ _id: "u1", email: "taken@x" },
 			{ _id: "u3", email: "free@x" }
 		]);

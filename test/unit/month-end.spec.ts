@@ -14,7 +14,14 @@ describe("settlements across month ends (controlled clock)", () => {
 	let broker: ServiceBroker;
 	let clock = new Date("2026-10-20T12:00:00.000Z");
 	let send: Send;
-	const deal = (dealId: string, merchantId: string, point: number, dealDate: string) => ({ dealId, memberId: "0001", merchantId, point, dealDate, type: "use" });
+	const deal = (dealId: string, merchantId: string, point: number, dealDate: string) => ({
+		dealId,
+		memberId: "0001",
+		merchantId,
+		point,
+		dealDate,
+		type: "use"
+	});
 	const used = async (dealId: string, merchantId: string, point: number, dealDate: string) => {
 		await send("deal.used", deal(dealId, merchantId, point, dealDate));
 		await eventually(async () => expect(await broker.call("billing.view", { dealId })).toMatchObject({ point }));
@@ -23,7 +30,8 @@ describe("settlements across month ends (controlled clock)", () => {
 		await send("deal.cancelled", deal(dealId, merchantId, point, dealDate));
 		await eventually(() => expect(broker.call("billing.view", { dealId })).rejects.toMatchObject({ code: 404 }));
 	};
-	const settlement = (merchantId: string, billingMonth: string) => broker.call<SettlementView, object>("billing.get", { merchantId, billingMonth });
+	const settlement = (merchantId: string, billingMonth: string) =>
+		broker.call<SettlementView, object>("billing.get", { merchantId, billingMonth });
 	const lines = (s: SettlementView) => s.lines.map(l => `${l.kind} ${l.dealId} ${l.points}${l.month ? ` ${l.month} ${l.reason}` : ""}`);
 
 	beforeAll(async () => {
@@ -51,7 +59,16 @@ describe("settlements across month ends (controlled clock)", () => {
 		await used("m2", "20", 400, "2026-10-20T10:00:00.000Z");
 		await used("m3", "21", 1000, "2026-10-15T09:00:00.000Z");
 		const first = await broker.call<SettlementView, object>("billing.settle", { merchantId: "20", billingMonth: "202610" });
-		expect(first).toMatchObject({ id: "20:202610", status: "provisional", usedPoints: 500, dealCount: 2, adjustmentPoints: 0, fee: 10, billingAmount: 490, computedAt: clock.toISOString() });
+		expect(first).toMatchObject({
+			id: "20:202610",
+			status: "provisional",
+			usedPoints: 500,
+			dealCount: 2,
+			adjustmentPoints: 0,
+			fee: 10,
+			billingAmount: 490,
+			computedAt: clock.toISOString()
+		});
 		expect(lines(first)).toEqual(["use m1 100", "use m2 400"]);
 
 		await used("m4", "20", 50, "2026-10-31T23:59:59.000Z");
@@ -91,12 +108,25 @@ describe("settlements across month ends (controlled clock)", () => {
 		expect(await broker.call("billing.settle", { merchantId: "20", billingMonth: "202610" })).toEqual(final);
 
 		const november = await settlement("20", "202611");
-		expect(lines(november)).toEqual(["adjustment m1 -100 202610 CANCELLED_AFTER_SETTLEMENT", "adjustment m6 300 202610 LATE_USE", "use n1 70"]);
-		expect(november).toMatchObject({ status: "provisional", usedPoints: 70, dealCount: 1, adjustmentPoints: 200, fee: 6, billingAmount: 264 });
+		expect(lines(november)).toEqual([
+			"adjustment m1 -100 202610 CANCELLED_AFTER_SETTLEMENT",
+			"adjustment m6 300 202610 LATE_USE",
+			"use n1 70"
+		]);
+		expect(november).toMatchObject({
+			status: "provisional",
+			usedPoints: 70,
+			dealCount: 1,
+			adjustmentPoints: 200,
+			fee: 6,
+			billingAmount: 264
+		});
 
 		// November closes with them; December starts clean, and October is as it was.
 		clock = new Date("2026-12-01T00:10:00.000Z");
-		await eventually(async () => expect(await settlement("20", "202611")).toMatchObject({ status: "final", adjustmentPoints: 200, billingAmount: 264 }));
+		await eventually(async () =>
+			expect(await settlement("20", "202611")).toMatchObject({ status: "final", adjustmentPoints: 200, billingAmount: 264 })
+		);
 		expect(lines(await settlement("20", "202612"))).toEqual([]);
 		expect(await settlement("20", "202610")).toEqual(final);
 	});
@@ -111,7 +141,12 @@ describe("settlements across month ends (controlled clock)", () => {
 		const rerun = await broker.call<Closed, object>("billing.closeMonth", { billingMonth: "202701" });
 		expect(rerun).toEqual({ closedThrough: "202701", months: [] });
 		// A closed month asked for a merchant that had nothing in it: an empty final settlement.
-		expect(await broker.call("billing.settle", { merchantId: "23", billingMonth: "202612" })).toMatchObject({ status: "final", usedPoints: 0, billingAmount: 0, lines: [] });
+		expect(await broker.call("billing.settle", { merchantId: "23", billingMonth: "202612" })).toMatchObject({
+			status: "final",
+			usedPoints: 0,
+			billingAmount: 0,
+			lines: []
+		});
 		await expect(settlement("24", "202612")).rejects.toMatchObject({ code: 404, type: "SETTLEMENT_NOT_FOUND" });
 	});
 });

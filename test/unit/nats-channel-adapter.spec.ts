@@ -44,7 +44,10 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 				}
 			}
 		},
-		{ name: "bystander", channels: { "thing.broke": { group: "bystander", handler: async (payload: { id: string }) => void others.push(payload.id) } } },
+		{
+			name: "bystander",
+			channels: { "thing.broke": { group: "bystander", handler: async (payload: { id: string }) => void others.push(payload.id) } }
+		},
 		DeadLettersService
 	];
 
@@ -71,14 +74,28 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 	it("dead-letters a message that keeps failing, with its error, and replays it once to its group only", async () => {
 		await send("thing.broke", { id: "b1" });
 		const letter = await eventually(async () => {
-			const { rows } = await broker.call<{ rows: { id: string; channel: string; group: string; error: string }[] }, object>("dead-letters.list", {});
-			expect(rows).toEqual([expect.objectContaining({ channel: "onepoint.thing.broke", group: "store-user", error: "cannot apply", tries: 2, payload: { id: "b1" } })]);
+			const { rows } = await broker.call<{ rows: { id: string; channel: string; group: string; error: string }[] }, object>(
+				"dead-letters.list",
+				{}
+			);
+			expect(rows).toEqual([
+				expect.objectContaining({
+					channel: "onepoint.thing.broke",
+					group: "store-user",
+					error: "cannot apply",
+					tries: 2,
+					payload: { id: "b1" }
+				})
+			]);
 			return rows[0];
 		}, 30_000);
 		expect(await broker.call("dead-letters.count")).toEqual({ waiting: 1 });
 
 		broken = false;
-		expect(await broker.call("dead-letters.replay", { id: "all" })).toMatchObject({ count: 1, replayed: [expect.objectContaining({ id: letter.id })] });
+		expect(await broker.call("dead-letters.replay", { id: "all" })).toMatchObject({
+			count: 1,
+			replayed: [expect.objectContaining({ id: letter.id })]
+		});
 		await eventually(() => expect(replayed).toEqual(["b1"]));
 		await expect(broker.call("dead-letters.replay", { id: letter.id })).rejects.toMatchObject({ type: "DEAD_LETTER_ALREADY_REPLAYED" });
 		// A message after the replay: once it is handled, the replay has been passed by every group.
@@ -89,7 +106,9 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 	});
 
 	it("tells whether a group has acknowledged everything published before a moment (billing's month close)", async () => {
-		const adapter = (broker as unknown as { channelAdapter: { caughtUp(channels: string[], group: string, before: Date): Promise<boolean> } }).channelAdapter;
+		const adapter = (
+			broker as unknown as { channelAdapter: { caughtUp(channels: string[], group: string, before: Date): Promise<boolean> } }
+		).channelAdapter;
 		outageUntil = Date.now() + 3_000;
 		await send("thing.saved", { id: "late1" });
 		const published = new Date();

@@ -15,7 +15,13 @@ interface Operation {
 	operationId: string;
 	security?: unknown[];
 	parameters?: { name: string; in: string; required: boolean; schema: Record<string, unknown> }[];
-	requestBody?: { content: { "application/json": { schema: { properties: Record<string, Record<string, unknown>>; required?: string[]; additionalProperties?: boolean } } } };
+	requestBody?: {
+		content: {
+			"application/json": {
+				schema: { properties: Record<string, Record<string, unknown>>; required?: string[]; additionalProperties?: boolean };
+			};
+		};
+	};
 }
 interface Contract {
 	openapi: string;
@@ -32,7 +38,9 @@ const schemas: AnyServiceSchema[] = fs
 
 /** `service.action` → its `rest` ("METHOD /path"), or undefined for an internal action. */
 const declared = new Map(
-	schemas.flatMap(schema => Object.entries(schema.actions ?? {}).map(([name, action]) => [`${schema.name}.${name}`, (action as { rest?: string }).rest] as const))
+	schemas.flatMap(schema =>
+		Object.entries(schema.actions ?? {}).map(([name, action]) => [`${schema.name}.${name}`, (action as { rest?: string }).rest] as const)
+	)
 );
 
 const toOpenApiPath = (route: string) => route.replace(/:(\w+)/g, "{$1}");
@@ -47,13 +55,21 @@ describe("the published API contract", () => {
 	beforeAll(async () => {
 		const port = await freePort();
 		// Every service, so that a route's action is there and its answer is about the route, not a 503.
-		broker = createTestBroker([...schemas.filter(schema => schema.name !== "api"), ApiService], { PORT: String(port), HOST: "127.0.0.1", API_KEYS: `${TOKENS.staff}=staff` });
+		broker = createTestBroker([...schemas.filter(schema => schema.name !== "api"), ApiService], {
+			PORT: String(port),
+			HOST: "127.0.0.1",
+			API_KEYS: `${TOKENS.staff}=staff`
+		});
 		await broker.start();
 		url = `http://127.0.0.1:${port}`;
 		const response = await fetch(`${url}/api/openapi.json`);
 		expect(response.status).toBe(200);
 		contract = (await response.json()) as Contract;
-		operations = new Map(Object.entries(contract.paths).flatMap(([p, ops]) => Object.entries(ops).map(([method, op]) => [`${method.toUpperCase()} ${p}`, op] as const)));
+		operations = new Map(
+			Object.entries(contract.paths).flatMap(([p, ops]) =>
+				Object.entries(ops).map(([method, op]) => [`${method.toUpperCase()} ${p}`, op] as const)
+			)
+		);
 	});
 	afterAll(() => broker.stop());
 
@@ -64,7 +80,9 @@ describe("the published API contract", () => {
 
 	it("has every route the gateway serves, and nothing it does not", async () => {
 		const aliases = await broker.call<{ methods: string; fullPath: string; actionName?: string }[]>("api.listAliases");
-		const served = aliases.filter(alias => alias.fullPath.startsWith("/api/")).map(alias => `${alias.methods} ${toOpenApiPath(alias.fullPath)}`);
+		const served = aliases
+			.filter(alias => alias.fullPath.startsWith("/api/"))
+			.map(alias => `${alias.methods} ${toOpenApiPath(alias.fullPath)}`);
 		expect(served.length).toBeGreaterThan(20);
 		expect([...operations.keys()].sort()).toEqual([...served].sort());
 	});
@@ -100,7 +118,12 @@ describe("the published API contract", () => {
 			additionalProperties: false,
 			properties: {
 				memberId: { type: "string", pattern: "^[A-Za-z0-9_-]{1,64}$" },
-				dealAmount: { oneOf: [{ type: "integer", exclusiveMinimum: 0, maximum: 10_000_000_000 }, { type: "string", pattern: "^\\s*\\d+\\s*$" }] },
+				dealAmount: {
+					oneOf: [
+						{ type: "integer", exclusiveMinimum: 0, maximum: 10_000_000_000 },
+						{ type: "string", pattern: "^\\s*\\d+\\s*$" }
+					]
+				},
 				type: { enum: ["save", "use"] },
 				point: { oneOf: [{ type: "integer" }, { type: "string" }] }
 			}

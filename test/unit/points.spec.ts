@@ -8,9 +8,18 @@ describe("points service", () => {
 	let broker: ServiceBroker;
 	let send: Send;
 	const balance = async (memberId: string) => (await broker.call<AccountView, object>("points.get", { memberId })).balance;
-	const history = (memberId: string) => broker.call<{ rows: { cause: string; amount: number; kind: string; shortfall?: number }[]; total: number }, object>("points.history", { memberId, pageSize: 100 });
+	const history = (memberId: string) =>
+		broker.call<{ rows: { cause: string; amount: number; kind: string; shortfall?: number }[]; total: number }, object>("points.history", {
+			memberId,
+			pageSize: 100
+		});
 	const debit = (memberId: string, sourceId: string, amount: number) =>
-		broker.call<{ applied: boolean; reason?: string; balance: number }, object>("points.debit", { memberId, sourceType: "deal", sourceId, amount });
+		broker.call<{ applied: boolean; reason?: string; balance: number }, object>("points.debit", {
+			memberId,
+			sourceType: "deal",
+			sourceId,
+			amount
+		});
 
 	beforeAll(async () => {
 		broker = createTestBroker([PointsService]);
@@ -98,7 +107,11 @@ describe("points service", () => {
 	it("pages the ledger newest first", async () => {
 		for (let i = 0; i < 5; i++) await send("deal.saved", { dealId: `p${i}`, memberId: "m8", merchantId: "20", point: 10 });
 		await eventually(async () => expect(await balance("m8")).toBe(50));
-		const page = await broker.call<{ rows: { cause: string }[]; total: number; page: number; pageSize: number }, object>("points.history", { memberId: "m8", page: "2", pageSize: "2" });
+		const page = await broker.call<{ rows: { cause: string }[]; total: number; page: number; pageSize: number }, object>("points.history", {
+			memberId: "m8",
+			page: "2",
+			pageSize: "2"
+		});
 		expect(page).toMatchObject({ total: 5, page: 2, pageSize: 2 });
 		const all = (await history("m8")).rows.map(r => r.cause);
 		expect(page.rows.map(r => r.cause)).toEqual(all.slice(2, 4));

@@ -69,7 +69,9 @@ describe("services with EARN_RATE=0.29 and SETTLEMENT_FEE=0.07", () => {
 		process.env.SETTLEMENT_FEE = "0.07";
 		jest.resetModules();
 		const { createTestBroker } = await import("../helpers/broker");
-		const services = await Promise.all(["members", "points", "deals", "billing"].map(async name => (await import(`../../services/${name}.service`)).default));
+		const services = await Promise.all(
+			["members", "points", "deals", "billing"].map(async name => (await import(`../../services/${name}.service`)).default)
+		);
 		broker = createTestBroker(services);
 		await broker.start();
 		await broker.call("members.join", { memberId: "r001", name: "Rate" });
@@ -77,12 +79,27 @@ describe("services with EARN_RATE=0.29 and SETTLEMENT_FEE=0.07", () => {
 	afterAll(() => broker.stop());
 
 	it("earns 29 points on 100 and bills 930 of 1000 used points", async () => {
-		expect(await broker.call("deals.create", { memberId: "r001", merchantId: "20", dealAmount: 100, type: "save" })).toMatchObject({ point: 29 });
-		expect(await broker.call("deals.create", { memberId: "r001", merchantId: "20", dealAmount: 400_000, type: "save" })).toMatchObject({ point: 116_000 });
+		expect(await broker.call("deals.create", { memberId: "r001", merchantId: "20", dealAmount: 100, type: "save" })).toMatchObject({
+			point: 29
+		});
+		expect(await broker.call("deals.create", { memberId: "r001", merchantId: "20", dealAmount: 400_000, type: "save" })).toMatchObject({
+			point: 116_000
+		});
 		await eventually(async () => expect(await broker.call("points.get", { memberId: "r001" })).toMatchObject({ balance: 116_029 }));
-		const used = await broker.call<{ id: string }, object>("deals.create", { memberId: "r001", merchantId: "20", dealAmount: 5000, type: "use", point: 1000 });
+		const used = await broker.call<{ id: string }, object>("deals.create", {
+			memberId: "r001",
+			merchantId: "20",
+			dealAmount: 5000,
+			type: "use",
+			point: 1000
+		});
 		await eventually(async () => expect(await broker.call("billing.view", { dealId: used.id })).toMatchObject({ point: 1000 }));
 		const month = new Date().toISOString().slice(0, 7).replace("-", "");
-		expect(await broker.call("billing.settle", { merchantId: "20", billingMonth: month })).toMatchObject({ usedPoints: 1000, feeRate: 0.07, fee: 70, billingAmount: 930 });
+		expect(await broker.call("billing.settle", { merchantId: "20", billingMonth: month })).toMatchObject({
+			usedPoints: 1000,
+			feeRate: 0.07,
+			fee: 70,
+			billingAmount: 930
+		});
 	});
 });

@@ -25,11 +25,14 @@ describe("partial returns", () => {
 	let broker: ServiceBroker;
 	let send: Send;
 	const deal = (params: object) => broker.call<DealView, object>("deals.create", { merchantId: "20", ...params });
-	const cancel = (id: string, amount?: unknown, meta: object = {}) => broker.call<DealView, object>("deals.cancel", { id, ...(amount === undefined ? {} : { amount }) }, { meta });
+	const cancel = (id: string, amount?: unknown, meta: object = {}) =>
+		broker.call<DealView, object>("deals.cancel", { id, ...(amount === undefined ? {} : { amount }) }, { meta });
 	const getDeal = (id: string) => broker.call<DealView, object>("deals.get", { id });
 	const balance = async (memberId: string) => (await broker.call<{ balance: number }, object>("points.get", { memberId })).balance;
-	const history = async (memberId: string) => (await broker.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows;
-	const returnsOf = async (memberId: string, dealId: string) => (await history(memberId)).filter(e => e.cause.startsWith(`deal-return:${dealId}:`));
+	const history = async (memberId: string) =>
+		(await broker.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows;
+	const returnsOf = async (memberId: string, dealId: string) =>
+		(await history(memberId)).filter(e => e.cause.startsWith(`deal-return:${dealId}:`));
 	const join = (memberId: string) => broker.call("members.join", { memberId, name: memberId });
 	/** A member holding `points`, from a save of 100 × points (the default rate earns 1 %). */
 	const memberWith = async (memberId: string, points: number) => {
@@ -100,7 +103,12 @@ describe("partial returns", () => {
 	it("cancels a deal never returned from, without an amount, as before: one cancellation of all its points", async () => {
 		await memberWith("r003", 500);
 		const used = await deal({ memberId: "r003", dealAmount: 1000, type: "use", point: 200 });
-		expect(await cancel(used.id)).toMatchObject({ status: "cancelled", returnedAmount: 1000, returnedPoints: 200, returns: [expect.objectContaining({ n: 1, amount: 1000, points: 200 })] });
+		expect(await cancel(used.id)).toMatchObject({
+			status: "cancelled",
+			returnedAmount: 1000,
+			returnedPoints: 200,
+			returns: [expect.objectContaining({ n: 1, amount: 1000, points: 200 })]
+		});
 		await drained(broker);
 		expect(await balance("r003")).toBe(500);
 		expect((await history("r003")).find(e => e.cause === `deal-cancel:${used.id}`)).toMatchObject({ kind: "restore", amount: 200 });
@@ -114,10 +122,21 @@ describe("partial returns", () => {
 		await drained(broker);
 		const before = { deal: await getDeal(saved.id), balance: await balance("r004"), entries: (await history("r004")).length };
 
-		await expect(cancel(saved.id, 3001)).rejects.toMatchObject({ code: 409, type: "RETURN_EXCEEDS_REMAINDER", data: { amount: 3001, remainder: 3000 } });
+		await expect(cancel(saved.id, 3001)).rejects.toMatchObject({
+			code: 409,
+			type: "RETURN_EXCEEDS_REMAINDER",
+			data: { amount: 3001, remainder: 3000 }
+		});
 		for (const amount of [0, -5, 1.5, "ten", "", 10_000_000_001, { $gt: 0 }])
-			await expect(cancel(saved.id, amount)).rejects.toMatchObject({ code: 422, type: "VALIDATION_ERROR", data: [expect.objectContaining({ field: "amount" })] });
-		await expect(broker.call("deals.cancel", { id: saved.id, amount: 10, extra: 1 })).rejects.toMatchObject({ code: 422, type: "VALIDATION_ERROR" });
+			await expect(cancel(saved.id, amount)).rejects.toMatchObject({
+				code: 422,
+				type: "VALIDATION_ERROR",
+				data: [expect.objectContaining({ field: "amount" })]
+			});
+		await expect(broker.call("deals.cancel", { id: saved.id, amount: 10, extra: 1 })).rejects.toMatchObject({
+			code: 422,
+			type: "VALIDATION_ERROR"
+		});
 
 		await drained(broker);
 		expect({ deal: await getDeal(saved.id), balance: await balance("r004"), entries: (await history("r004")).length }).toEqual(before);
@@ -126,9 +145,15 @@ describe("partial returns", () => {
 	it("lets a merchant return only its own deals", async () => {
 		await join("r005");
 		const saved = await deal({ memberId: "r005", dealAmount: 1000, type: "save" });
-		await expect(cancel(saved.id, 100, { user: { kind: "merchant", merchantId: "21" } })).rejects.toMatchObject({ code: 403, type: "FORBIDDEN" });
+		await expect(cancel(saved.id, 100, { user: { kind: "merchant", merchantId: "21" } })).rejects.toMatchObject({
+			code: 403,
+			type: "FORBIDDEN"
+		});
 		expect((await getDeal(saved.id)).status).toBe("success");
-		expect(await cancel(saved.id, 100, { user: { kind: "merchant", merchantId: "20" } })).toMatchObject({ status: "partially_cancelled", returnedAmount: 100 });
+		expect(await cancel(saved.id, 100, { user: { kind: "merchant", merchantId: "20" } })).toMatchObject({
+			status: "partially_cancelled",
+			returnedAmount: 100
+		});
 	});
 
 	it("lets racing returns together return at most the deal, each once", async () => {
@@ -209,7 +234,10 @@ describe("partial returns", () => {
 		await drained(broker);
 		expect(await balance("r012")).toBe(0);
 		expect((await returnsOf("r012", used.id)).map(e => [e.kind, e.amount])).toEqual([["restore", 30]]);
-		expect((await history("r012")).find(e => e.cause === `expiry:r012:deal-return:${used.id}:1`)).toMatchObject({ kind: "expire", amount: -30 });
+		expect((await history("r012")).find(e => e.cause === `expiry:r012:deal-return:${used.id}:1`)).toMatchObject({
+			kind: "expire",
+			amount: -30
+		});
 		expect((await returnsOf("r012", saved.id))[0]).toMatchObject({ kind: "revoke", amount: 0, shortfall: 10 });
 	});
 
@@ -217,31 +245,74 @@ describe("partial returns", () => {
 		await memberWith("r010", 5000);
 		const used = await deal({ memberId: "r010", merchantId: "30", dealAmount: 3000, type: "use", point: 1000 });
 		await cancel(used.id, 1000);
-		await eventually(async () => expect(await broker.call("billing.view", { dealId: used.id })).toMatchObject({ dealId: used.id, point: 667, returnedPoints: 333 }));
+		await eventually(async () =>
+			expect(await broker.call("billing.view", { dealId: used.id })).toMatchObject({ dealId: used.id, point: 667, returnedPoints: 333 })
+		);
 		const month = used.dealDate.slice(0, 7).replace("-", "");
 		const settlement = await broker.call<SettlementView, object>("billing.get", { merchantId: "30", billingMonth: month });
-		expect(settlement).toMatchObject({ status: "provisional", usedPoints: 667, dealCount: 1, lines: [{ kind: "use", dealId: used.id, points: 667 }] });
+		expect(settlement).toMatchObject({
+			status: "provisional",
+			usedPoints: 667,
+			dealCount: 1,
+			lines: [{ kind: "use", dealId: used.id, points: 667 }]
+		});
 		await cancel(used.id);
 		await drained(broker);
 		await expect(broker.call("billing.view", { dealId: used.id })).rejects.toMatchObject({ code: 404, type: "BILLING_VIEW_NOT_FOUND" });
-		expect(await broker.call("billing.get", { merchantId: "30", billingMonth: month })).toMatchObject({ usedPoints: 0, dealCount: 0, lines: [] });
+		expect(await broker.call("billing.get", { merchantId: "30", billingMonth: month })).toMatchObject({
+			usedPoints: 0,
+			dealCount: 0,
+			lines: []
+		});
 
 		// A use of a month long closed, returned in two parts afterwards, in the wrong order and twice.
-		const old = { dealId: "old-use", memberId: "r010", merchantId: "31", dealAmount: 3000, type: "use", point: 900, dealDate: "2021-03-10T10:00:00.000Z" };
+		const old = {
+			dealId: "old-use",
+			memberId: "r010",
+			merchantId: "31",
+			dealAmount: 3000,
+			type: "use",
+			point: 900,
+			dealDate: "2021-03-10T10:00:00.000Z"
+		};
 		await send("deal.used", old);
 		await drained(broker);
 		await broker.call("billing.closeMonth", { billingMonth: "202103" });
-		expect(await broker.call("billing.get", { merchantId: "31", billingMonth: "202103" })).toMatchObject({ status: "final", usedPoints: 900, billingAmount: 882 });
+		expect(await broker.call("billing.get", { merchantId: "31", billingMonth: "202103" })).toMatchObject({
+			status: "final",
+			usedPoints: 900,
+			billingAmount: 882
+		});
 		const at = new Date().toISOString();
-		const second = { ...old, return: { n: 2, amount: 1000, points: 300, at }, returnedAmount: 2000, returnedPoints: 600, status: "partially_cancelled" };
+		const second = {
+			...old,
+			return: { n: 2, amount: 1000, points: 300, at },
+			returnedAmount: 2000,
+			returnedPoints: 600,
+			status: "partially_cancelled"
+		};
 		await send("deal.returned", second);
-		await send("deal.returned", { ...old, return: { n: 1, amount: 1000, points: 300, at }, returnedAmount: 1000, returnedPoints: 300, status: "partially_cancelled" });
+		await send("deal.returned", {
+			...old,
+			return: { n: 1, amount: 1000, points: 300, at },
+			returnedAmount: 1000,
+			returnedPoints: 300,
+			status: "partially_cancelled"
+		});
 		await send("deal.returned", second);
 		await drained(broker);
 		// Carried into the first open month.
 		const carried = await broker.call<SettlementView, object>("billing.get", { merchantId: "31", billingMonth: "202104" });
-		expect(carried).toMatchObject({ status: "provisional", usedPoints: 0, adjustmentPoints: -600, lines: [{ kind: "adjustment", dealId: "old-use", points: -600, month: "202103", reason: "RETURNED_AFTER_SETTLEMENT" }] });
-		expect(await broker.call("billing.get", { merchantId: "31", billingMonth: "202103" })).toMatchObject({ status: "final", usedPoints: 900 });
+		expect(carried).toMatchObject({
+			status: "provisional",
+			usedPoints: 0,
+			adjustmentPoints: -600,
+			lines: [{ kind: "adjustment", dealId: "old-use", points: -600, month: "202103", reason: "RETURNED_AFTER_SETTLEMENT" }]
+		});
+		expect(await broker.call("billing.get", { merchantId: "31", billingMonth: "202103" })).toMatchObject({
+			status: "final",
+			usedPoints: 900
+		});
 	});
 
 	it("shows returns on the dashboard: the member's transactions, totals and the month's counters", async () => {
@@ -250,8 +321,18 @@ describe("partial returns", () => {
 		await cancel(used.id, 1000);
 		await drained(broker);
 		const page = await broker.call<{ rows: Array<Record<string, unknown>> }, object>("dashboard.transactions", { memberId: "r011" });
-		expect(page.rows.find(t => t.id === used.id)).toMatchObject({ status: "partially_cancelled", amount: 4000, point: 400, returnedAmount: 1000, returnedPoints: 100 });
-		expect((await broker.call<{ member: object }, object>("dashboard.member", { memberId: "r011" })).member).toMatchObject({ balance: 700, used: 400, cancelled: 100 });
+		expect(page.rows.find(t => t.id === used.id)).toMatchObject({
+			status: "partially_cancelled",
+			amount: 4000,
+			point: 400,
+			returnedAmount: 1000,
+			returnedPoints: 100
+		});
+		expect((await broker.call<{ member: object }, object>("dashboard.member", { memberId: "r011" })).member).toMatchObject({
+			balance: 700,
+			used: 400,
+			cancelled: 100
+		});
 		const overview = await broker.call<{ topMerchants: Array<{ merchantId: string }> }, object>("dashboard.overview", {});
 		expect(overview.topMerchants.find(m => m.merchantId === "40")).toMatchObject({ deals: 1, usedPoints: 300 });
 
@@ -259,7 +340,10 @@ describe("partial returns", () => {
 		await drained(broker);
 		const after = await broker.call<{ rows: Array<Record<string, unknown>> }, object>("dashboard.transactions", { memberId: "r011" });
 		expect(after.rows.find(t => t.id === used.id)).toMatchObject({ status: "cancelled", returnedAmount: 4000, returnedPoints: 400 });
-		expect((await broker.call<{ member: object }, object>("dashboard.member", { memberId: "r011" })).member).toMatchObject({ balance: 1000, cancelled: 400 });
+		expect((await broker.call<{ member: object }, object>("dashboard.member", { memberId: "r011" })).member).toMatchObject({
+			balance: 1000,
+			cancelled: 400
+		});
 		const counters = await broker.call<{ topMerchants: Array<{ merchantId: string }> }, object>("dashboard.overview", {});
 		expect(counters.topMerchants.find(m => m.merchantId === "40")).toMatchObject({ deals: 1, usedPoints: 0 });
 	});

@@ -42,9 +42,18 @@ describe("the store", () => {
 
 	it("answers plain objects, sorted, paged and filtered", async () => {
 		const rows = await open("rows-plain");
-		for (const [i, at] of ["2026-01-03", "2026-01-01", "2026-02-01", "2026-01-02"].entries()) await rows.insertUnique({ _id: `r${i}`, at, balance: i });
+		for (const [i, at] of ["2026-01-03", "2026-01-01", "2026-02-01", "2026-01-02"].entries())
+			await rows.insertUnique({ _id: `r${i}`, at, balance: i });
 		const page = await rows.page({ at: { $gte: "2026-01-01", $lt: "2026-02-01" } }, ["-at"], 1, 2);
-		expect(page).toEqual({ rows: [{ _id: "r0", at: "2026-01-03", balance: 0 }, { _id: "r3", at: "2026-01-02", balance: 3 }], total: 3, page: 1, pageSize: 2 });
+		expect(page).toEqual({
+			rows: [
+				{ _id: "r0", at: "2026-01-03", balance: 0 },
+				{ _id: "r3", at: "2026-01-02", balance: 3 }
+			],
+			total: 3,
+			page: 1,
+			pageSize: 2
+		});
 		const [row] = await rows.find({ query: { _id: "r2" } });
 		expect(Object.getPrototypeOf(row)).toBe(Object.prototype);
 		expect(JSON.parse(JSON.stringify(row))).toEqual(row);
