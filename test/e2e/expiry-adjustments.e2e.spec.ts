@@ -4,6 +4,8 @@
  * a node down over a month's end that catches up when it is back, the REPL's `expire` and `audit`,
  * and adjustments with and without the right to make them.
  */
+import fs from "node:fs";
+import path from "node:path";
 import { eventually } from "../helpers/broker";
 import { System, TOKENS } from "../helpers/system";
 
@@ -13,9 +15,15 @@ const ALICE = "alice-staff-token-0123456789";
 const API_KEYS = `${TOKENS.staff}=staff,${ALICE}=staff:alice,${TOKENS.merchant20}=merchant:20`;
 const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
 
+/** Debian's libfaketime (package `faketime`), in the machine's own multiarch folder. */
+const LIBFAKETIME = fs
+	.readdirSync("/usr/lib")
+	.map(dir => path.join("/usr/lib", dir, "faketime/libfaketime.so.1"))
+	.find(file => fs.existsSync(file));
+
 /** The node's clock starts at `at` (UTC) and runs on from there. */
 const clockAt = (at: string) => ({
-	LD_PRELOAD: "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+	LD_PRELOAD: LIBFAKETIME ?? "libfaketime.so.1 (install Debian's faketime)",
 	FAKETIME: `@${at}`,
 	FAKETIME_DONT_FAKE_MONOTONIC: "1",
 	TZ: "UTC"
