@@ -177,7 +177,7 @@ function memoized<T>(compute: (input: string) => T): (input: string) => T {
 }
 
 const tokenDigest = memoized(sha256);
-const hashedToken = memoized(token => sha256(token).toString("base64url"));
+const hashedToken = memoized(token => tokenDigest(token).toString("base64url"));
 
 /** JSON with every object's keys in order: bodies that differ only in key order are the same request. */
 function canonicalJson(value: unknown): string {

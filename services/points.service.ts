@@ -271,7 +271,8 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				const by = user?.kind === "staff" ? (user.name ?? "staff") : "operator";
 				// Under an Idempotency-Key the request id names the adjustment, so a run of the same request
 				// again (its gateway died before answering) answers the adjustment it made, and never makes two.
-				const adjustmentId = requestIdOf(ctx).requestId ?? sortableId();
+				const { requestId } = requestIdOf(ctx);
+				const adjustmentId = requestId ?? sortableId();
 				const cause = `adjustment:${adjustmentId}`;
 				const made = async () => {
 					const entry = await this.ledger.findById(cause);
@@ -288,7 +289,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 						})
 					);
 				};
-				const before = await made();
+				const before = requestId ? await made() : undefined;
 				if (before) return before;
 				const member = await ctx.call<MemberView, { memberId: string }>(
 					"members.get",
