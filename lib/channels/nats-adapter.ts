@@ -12,7 +12,8 @@
  *   it without one, so all its retries happen at once and a few seconds of trouble dead-letter it);
  * - a dead letter carries its error and a unique id, and is acknowledged only once it is stored in
  *   DEAD_LETTERS (the stock adapter acknowledges it even when moving it failed);
- * - a replayed message (header `x-replay-group`) is handled by that group only.
+ * - a replayed message (header `x-replay-group`) is handled by that group only;
+ * - nodes of one group starting at once all subscribe (the stock adapter fails all but the first).
  */
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
@@ -53,6 +54,19 @@ export class DurableNatsAdapter extends NatsAdapter {
 			if ((err as { code?: string }).code !== "503") throw err;
 			await this.createStream(channelName.split(".").join("_"), [channelName], {} as never);
 			await super.publish(channelName, payload, { ...opts } as never);
+		}
+	}
+
+	override async subscribe(chan: Parameters<InstanceType<typeof NatsAdapter>["subscribe"]>[0]): Promise<void> {
+		try {
+			await super.subscribe(chan);
+		} catch (err) {
+			// Both found the group's durable consumer missing and created it; the server refused the
+			// second creation (10013, "consumer name already in use"). It exists now: join it.
+			if ((err as NatsError).api_error?.err_code !== 10013) throw err;
+			this.logger.info(`'${chan.name}' (${chan.group}): another node created the consumer first; joining it`);
+			this.stopChannelActiveMessages(chan.id);
+			await super.subscribe(chan);
 		}
 	}
 

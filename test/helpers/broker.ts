@@ -13,7 +13,7 @@ export function withSettings(schema: AnyServiceSchema, settings: object): AnySer
 /** An in-process broker with the real options (channels, breaker, middlewares) and the given services. */
 export function createTestBroker(services: AnyServiceSchema[], env: NodeJS.ProcessEnv = {}): ServiceBroker {
 	const config = loadConfig({ ...process.env, ...env });
-	const broker = new ServiceBroker({ ...createBrokerOptions(config), nodeID: `test-${process.pid}` });
+	const broker = new ServiceBroker({ ...createBrokerOptions(config), nodeID: config.nodeID ?? `test-${process.pid}` });
 	for (const service of services) broker.createService(service);
 	return broker;
 }

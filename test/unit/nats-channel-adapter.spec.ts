@@ -1,7 +1,8 @@
 /**
  * The NATS JetStream channel adapter against a real nats-server: a consumer that fails for 30 s
  * (a store outage) catches up through redeliveries with backoff, and nothing is dead-lettered; a
- * message that keeps failing is dead-lettered with its error and replayed once, to its group only.
+ * message that keeps failing is dead-lettered with its error and replayed once, to its group only;
+ * nodes of one group starting at once all join its consumer.
  */
 import type { ServiceBroker } from "moleculer";
 import DeadLettersService from "../../services/dead-letters.service";
@@ -118,5 +119,23 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 		expect(await adapter.caughtUp(["onepoint.thing.saved"], "store-user", new Date(published.getTime() - 60_000))).toBe(true);
 		await eventually(async () => expect(await adapter.caughtUp(["onepoint.thing.saved"], "store-user", later)).toBe(true), 30_000, 200);
 		expect(applied.get("late1")).toBe(1);
+	});
+
+	it("starts every node of a group when they all create its consumer at once, and hands each message to one of them", async () => {
+		const handled: string[] = [];
+		const group = (n: number): AnyServiceSchema => ({
+			name: "late-user",
+			channels: {
+				"thing.started": { group: "late-user", handler: async (payload: { id: string }) => void handled.push(`${n}:${payload.id}`) }
+			}
+		});
+		const nodes = [1, 2, 3, 4].map(n => createTestBroker([group(n)], { TRANSPORTER: nats.url, NODE_ID: `late-${n}-${process.pid}` }));
+		try {
+			await Promise.all(nodes.map(node => node.start()));
+			for (const id of ["m1", "m2", "m3", "m4"]) await send("thing.started", { id });
+			await eventually(() => expect(handled.map(h => h.split(":")[1]).sort()).toEqual(["m1", "m2", "m3", "m4"]));
+		} finally {
+			await Promise.all(nodes.map(node => node.stop()));
+		}
 	});
 });
