@@ -12,9 +12,16 @@ const common = {
 };
 
 // Independent of the store: run once, in the NeDB project.
-const storeless = ["config", "openapi", "deployment", "bench.e2e", "embedded-channel-adapter", "nats-channel-adapter", "nodes.e2e"].map(
-	name => `/test/(unit|e2e)/${name}\\.spec\\.ts$`
-);
+const storeless = [
+	"config",
+	"openapi",
+	"deployment",
+	"bench.e2e",
+	"embedded-channel-adapter",
+	"nats-channel-adapter",
+	"nodes.e2e",
+	"metric-rate-shape"
+].map(name => `/test/(unit|e2e)/${name}\\.spec\\.ts$`);
 
 /** @type {import('jest').Config} */
 module.exports = {

@@ -12,6 +12,7 @@ import { EmbeddedAdapter } from "../lib/channels/embedded-adapter";
 import { isDependencyUnavailable } from "../lib/errors";
 import { amountRule } from "../lib/params";
 import { DurableNatsAdapter } from "../lib/channels/nats-adapter";
+import { settleMetricRateShape } from "../lib/ops/metric-rate-shape";
 import { OpsReporter } from "../lib/ops/reporter";
 import { operatorCommands } from "../lib/ops/repl-commands";
 import { NodeConfig } from "./settings";
@@ -74,6 +75,7 @@ function channelAdapter(config: Config): EmbeddedAdapter | DurableNatsAdapter {
  * several) needs its own channel adapter.
  */
 export function createBrokerOptions(config: Config = defaults): BrokerOptions {
+	if (config.metricsPort !== undefined) settleMetricRateShape();
 	return {
 		namespace: config.namespace,
 		nodeID: config.nodeID,
