@@ -5,7 +5,7 @@
  * `MetricRate` whose `rate` field starts as the small integer 0. Its first tick, 5 s after the first
  * request, stores a fraction: V8 widens the field from small integer to double, which deprecates the
  * object's hidden class. From then on V8 aborts every optimisation of the metric types' `increment`,
- * `decrement` and `set` ("Maps became deprecated during optimization", over 100 a second under load)
+ * `decrement`, `set` and `observe` ("Maps became deprecated during optimization", over 100 a second under load)
  * and the optimising compiler takes about half the process's CPU. Widening the field once, before
  * any rate exists, gives every `MetricRate` its final hidden class from the start. See the README's
  * Performance section for the evidence and how to reproduce it.
