@@ -7,12 +7,10 @@
  * (a plain Moleculer event) for the gateway's live stream.
  *
  * No counter is kept apart from what it counts, so a crash between two writes cannot skew one for
- * good: a member's totals change in the same single-document write that records which ledger entry
- * they counted (a replay of the entry counts nothing twice and repairs what a crash left uncounted),
- * and the overview's figures are derived from the members and transactions when asked.
- *
- * Points expiring soon follow the account's earning lots, which every posting carries with the
- * account version that wrote them: a member row keeps the newest, whatever order postings arrive in.
+ * good: a member's totals are summed from the copies of their ledger entries (keyed by cause) when
+ * asked, and the overview's figures from the members and transactions. A member row keeps only what
+ * the newest posting states — the balance and the earning lots, with the account version that wrote
+ * them — so postings may arrive in any order or twice, and a replay finishes what a crash cut short.
  * Staff adjustments count in the member's `adjusted` total (signed) and list among the transactions.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
@@ -36,18 +34,19 @@ interface MemberRow {
 	status: "active" | "withdrawn";
 	joinedAt?: string;
 	withdrawnAt?: string;
+	/** The account's balance and earning lots as of account version `version`. */
 	balance: number;
+	lots?: Lots;
+	version?: number;
+}
+
+/** A member's totals by kind of entry; `adjusted` is points added less points taken by staff. */
+interface Totals {
 	earned: number;
 	used: number;
 	cancelled: number;
 	expired: number;
-	/** Points added less points taken by staff adjustments. */
 	adjusted: number;
-	/** The ledger entries (by cause) already in the totals above. */
-	counted?: Record<string, true>;
-	/** The account's earning lots as of account version `lotsVersion`. */
-	lots?: Lots;
-	lotsVersion?: number;
 }
 
 /** A deal, an order or a staff adjustment as the staff see it. */
@@ -73,7 +72,7 @@ interface TransactionRow {
 }
 
 /** Which total of a member each kind of ledger entry adds to (its size; an adjustment's is signed). */
-const TOTAL_OF: Record<string, keyof Pick<MemberRow, "earned" | "used" | "cancelled" | "expired" | "adjusted">> = {
+const TOTAL_OF: Record<string, keyof Totals> = {
 	earn: "earned",
 	use: "used",
 	restore: "cancelled",
@@ -95,16 +94,8 @@ interface Methods {
 	now(): Date;
 }
 
-const newMember = (memberId: string): MemberRow => ({
-	_id: memberId,
-	status: "active",
-	balance: 0,
-	earned: 0,
-	used: 0,
-	cancelled: 0,
-	expired: 0,
-	adjusted: 0
-});
+const newMember = (memberId: string): MemberRow => ({ _id: memberId, status: "active", balance: 0 });
+const noTotals = (): Totals => ({ earned: 0, used: 0, cancelled: 0, expired: 0, adjusted: 0 });
 
 interface Settings extends ServiceSettingSchema {
 	/** The fee the settlement preview deducts, in basis points (SETTLEMENT_FEE). */
@@ -142,24 +133,17 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 					this.transactions.page({ memberId }, ["-at"], 1, 10)
 				]);
 				if (!member) throw notFound("MEMBER_NOT_FOUND", `No member '${memberId}' on the dashboard`, { memberId });
-				const months = new Map<
-					string,
-					{ month: string; earned: number; used: number; cancelled: number; expired: number; adjusted: number }
-				>();
+				const totals = noTotals();
+				const months = new Map<string, { month: string } & Totals>();
 				const merchants = new Map<string, { merchantId: string; earned: number; used: number }>();
 				for (const entry of entries) {
 					const total = TOTAL_OF[entry.kind];
 					if (total) {
-						const m = months.get(monthOf(entry.at)) ?? {
-							month: monthOf(entry.at),
-							earned: 0,
-							used: 0,
-							cancelled: 0,
-							expired: 0,
-							adjusted: 0
-						};
+						const month = monthOf(entry.at);
+						const m = months.get(month) ?? { month, ...noTotals() };
 						m[total] += totalAmount(entry.kind, entry.amount);
-						months.set(m.month, m);
+						totals[total] += totalAmount(entry.kind, entry.amount);
+						months.set(month, m);
 					}
 					if (entry.merchantId && (entry.kind === "earn" || entry.kind === "use")) {
 						const byMerchant = merchants.get(entry.merchantId) ?? { merchantId: entry.merchantId, earned: 0, used: 0 };
@@ -167,9 +151,9 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 						merchants.set(entry.merchantId, byMerchant);
 					}
 				}
-				const { _id, counted: _counted, lots, lotsVersion: _version, ...rest } = member;
+				const { name, status, joinedAt, withdrawnAt, balance, lots } = member;
 				return {
-					member: { memberId: _id, ...rest, adjusted: rest.adjusted ?? 0 },
+					member: { memberId, name, status, joinedAt, withdrawnAt, balance, ...totals },
 					expiring: expiringSoon(lots ?? {}, this.settings.pointsValidMonths, this.now()),
 					series: entries.map(e => ({ at: e.at, balance: e.balanceAfter })),
 					monthly: [...months.values()].sort((a, b) => a.month.localeCompare(b.month)),
@@ -273,20 +257,11 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			await this.members.update({ _id: event.memberId }, { $set: { status: "withdrawn", withdrawnAt: event.withdrawnAt } });
 			this.announce(event.memberId, "member");
 		},
-		/** The ledger itself: balances, totals, history and charts follow it entry by entry. */
+		/** The ledger itself: the member's history, charts and totals follow it entry by entry, their balance and lots posting by posting. */
 		async "points.posted"(posting) {
-			await this.members.insertUnique(newMember(posting.memberId));
 			for (const { cause, ...entry } of posting.entries) {
-				// Both steps again on a replay: each does nothing twice, and finishes what a crash cut short.
+				// Again on a replay: each entry is kept once, and a crash before the member's row changed is repaired below.
 				await this.store.insertUnique({ _id: cause, ...entry });
-				const total = TOTAL_OF[entry.kind];
-				await this.members.update(
-					{ _id: entry.memberId, [`counted.${cause}`]: { $exists: false } },
-					{
-						$inc: { balance: entry.amount, ...(total ? { [total]: totalAmount(entry.kind, entry.amount) } : {}) },
-						$set: { [`counted.${cause}`]: true }
-					}
-				);
 				if (entry.kind === "adjust")
 					await this.record({
 						_id: cause,
@@ -304,13 +279,12 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 						by: entry.by
 					});
 			}
-			// Only a newer account version replaces the lots: postings may arrive in any order. (Postings
-			// from nodes older than the lots carry none.)
-			if (posting.lots)
-				await this.members.update(
-					{ _id: posting.memberId, $or: [{ lotsVersion: { $exists: false } }, { lotsVersion: { $lt: posting.version } }] },
-					{ $set: { lots: posting.lots, lotsVersion: posting.version } }
-				);
+			// Only a newer account version replaces what the row states: postings may arrive in any order.
+			const last = posting.entries.at(-1);
+			const newer = { _id: posting.memberId, $or: [{ version: { $exists: false } }, { version: { $lt: posting.version } }] };
+			const state = { $set: { lots: posting.lots, version: posting.version, ...(last ? { balance: last.balanceAfter } : {}) } };
+			if (!(await this.members.update(newer, state)) && (await this.members.insertUnique(newMember(posting.memberId))))
+				await this.members.update(newer, state);
 			this.announce(posting.memberId, "points");
 		},
 		async "deal.saved"(deal) {
