@@ -71,11 +71,7 @@ export async function writeLedger(dataDir: string, entries: number): Promise<num
 	await writeLines(path.join(dataDir, "dashboard-members.db"), members, m => ({
 		_id: `g${m}`,
 		status: "active",
-		balance: 10 * perMember(m),
-		earned: 10 * perMember(m),
-		used: 0,
-		cancelled: 0,
-		expired: 0
+		balance: 10 * perMember(m)
 	}));
 	await writeLines(path.join(dataDir, "members.db"), members, m => ({
 		_id: `g${m}`,
