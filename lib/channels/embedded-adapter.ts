@@ -13,16 +13,17 @@
  * known (an orphan) is handed to the groups known at the next connect, or to the first to subscribe.
  *
  * The messages waiting live in memory, in one queue per channel and group in publishing order,
- * rebuilt from the store at connect; the store is an append-only file in NeDB's line format (a
- * message as published, again as its groups handle it, a tombstone once all have), written before a
- * publish or an acknowledgement completes, and compacted at connect and disconnect. Publishing and
- * acknowledging cost one appended line each, however long the backlog (README, "Performance").
+ * rebuilt from the store at connect; the store is an append-only file of lines in NeDB's format (a
+ * message as published, a short line naming the message and a group as each group handles it, a
+ * tombstone once all have), written before a publish or an acknowledgement completes, and compacted
+ * at connect and disconnect. Publishing and acknowledging cost one appended line each, however long
+ * the backlog (README, "Performance").
  */
 import fs from "node:fs";
 import path from "node:path";
 import type Datastore from "@seald-io/nedb";
-import { serialize } from "@seald-io/nedb/lib/model";
-import { closeDatastore, openDatastore } from "../store/nedb";
+import { deserialize, serialize } from "@seald-io/nedb/lib/model";
+import { openDatastore } from "../store/nedb";
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { Logger, ServiceBroker } from "moleculer";
@@ -40,6 +41,10 @@ interface StoredMessage {
 	/** Published before any group subscribed: handed to the first group that does. */
 	orphan?: boolean;
 }
+
+/** The lines of the file besides a message's: one group has handled it; every group has. */
+type Acknowledgement = { _id: string; handledBy: string };
+type Tombstone = { _id: string; $$deleted: true };
 
 interface Consumer {
 	chan: Channel;
@@ -72,7 +77,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 	private file = "";
 	private fd?: number;
 	/** Every message some group has still to handle, and the orphans. */
-	private readonly stored = new Map<string, StoredMessage>();
+	private stored = new Map<string, StoredMessage>();
 	/** Per `channel|group`, the messages that group has still to handle, in publishing order. */
 	private readonly queues = new Map<string, Map<string, StoredMessage>>();
 	private groups!: Datastore<{ _id: string; channel: string; group: string }>;
@@ -112,17 +117,12 @@ export class EmbeddedAdapter extends BaseAdapter {
 		const dir = path.join(this.opts.dataDir, "channels");
 		fs.mkdirSync(dir, { recursive: true });
 		this.file = path.join(dir, "messages.db");
-		// NeDB reads the file (the last line of a message wins, tombstones remove it) and compacts it.
-		const messages = openDatastore<StoredMessage>(this.file);
 		this.groups = openDatastore(path.join(dir, "groups.db"));
-		await Promise.all([messages.loadDatabaseAsync(), this.groups.loadDatabaseAsync()]);
-		closeDatastore(messages);
-		this.stored.clear();
+		await this.groups.loadDatabaseAsync();
+		this.readFile();
+		this.compact();
 		this.queues.clear();
-		for (const msg of messages.getAllData().sort((a, b) => (a._id < b._id ? -1 : 1))) {
-			this.stored.set(msg._id, msg);
-			for (const group of msg.pending) this.queueOf(msg.channel, group).set(msg._id, msg);
-		}
+		for (const msg of this.stored.values()) for (const group of msg.pending) this.queueOf(msg.channel, group).set(msg._id, msg);
 		for (const { channel, group } of await this.groups.findAsync({})) this.groupsOf(channel).add(group);
 		// Orphans of channels whose groups are now known (published by an earlier run before its
 		// groups were loaded) go to those groups.
@@ -197,10 +197,37 @@ export class EmbeddedAdapter extends BaseAdapter {
 		return channels.every(channel => [...(this.queues.get(`${channel}|${group}`)?.keys() ?? [])].every(id => id >= cutoff));
 	}
 
-	/** Writes the message's current state (or its tombstone) to the file before anything answers. */
-	private append(msg: StoredMessage | { $$deleted: true; _id: string }): void {
+	/**
+	 * Rebuilds the messages from the file, in publishing order: a message's line sets it, an
+	 * acknowledgement takes its group off, a tombstone removes it. A torn last line (a process killed
+	 * while writing it) was never acknowledged to anyone and is skipped.
+	 */
+	private readFile(): void {
+		this.stored.clear();
+		const lines = fs.existsSync(this.file) ? fs.readFileSync(this.file, "utf8").split("\n") : [];
+		lines.forEach((line, i) => {
+			if (!line) return;
+			let record: StoredMessage | Acknowledgement | Tombstone;
+			try {
+				record = deserialize(line) as typeof record;
+			} catch (err) {
+				if (i === lines.length - 1) return;
+				throw new Error(`${this.file}, line ${i + 1}: ${(err as Error).message}`);
+			}
+			const msg = this.stored.get(record._id);
+			if ("$$deleted" in record) this.stored.delete(record._id);
+			else if ("handledBy" in record) {
+				if (msg) msg.pending = msg.pending.filter(group => group !== record.handledBy);
+			} else this.stored.set(record._id, record);
+		});
+		for (const [id, msg] of this.stored) if (!msg.orphan && !msg.pending.length) this.stored.delete(id);
+		this.stored = new Map([...this.stored].sort(([a], [b]) => (a < b ? -1 : 1)));
+	}
+
+	/** Writes a line to the file before anything answers. */
+	private append(record: StoredMessage | Acknowledgement | Tombstone): void {
 		this.fd ??= fs.openSync(this.file, "a");
-		const bytes = Buffer.from(`${serialize(msg)}\n`, "utf8");
+		const bytes = Buffer.from(`${serialize(record)}\n`, "utf8");
 		for (let written = 0; written < bytes.length;) written += fs.writeSync(this.fd, bytes, written);
 	}
 
@@ -301,8 +328,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 	private done(msg: StoredMessage, group: string): void {
 		if (!msg.pending.includes(group)) return;
 		msg.pending = msg.pending.filter(g => g !== group);
-		if (msg.pending.length) this.append(msg);
-		else this.append({ $$deleted: true, _id: msg._id });
+		this.append(msg.pending.length ? { _id: msg._id, handledBy: group } : { _id: msg._id, $$deleted: true });
 		this.queues.get(`${msg.channel}|${group}`)?.delete(msg._id);
 		if (!msg.pending.length) this.stored.delete(msg._id);
 	}

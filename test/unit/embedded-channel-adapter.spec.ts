@@ -77,6 +77,34 @@ describe("embedded channel adapter", () => {
 		await eventually(() => expect(seen).toEqual([{ id: "k1" }]));
 	});
 
+	it("after a restart, redelivers a message only to the groups that had not handled it, and skips a torn last line", async () => {
+		const other = (seen: unknown[], fail: boolean): ServiceSchema => ({
+			name: "other",
+			channels: {
+				"thing.happened": {
+					group: "other",
+					async handler(payload: unknown) {
+						if (fail) throw new Error("not now");
+						seen.push(payload);
+					}
+				}
+			}
+		});
+		const handled: unknown[] = [];
+		const { broker, send } = await start([consumer(handled), other([], true)]);
+		await send("thing.happened", { id: "g1" });
+		await eventually(() => expect(handled).toEqual([{ id: "g1" }]));
+		await broker.stop();
+		brokers.splice(0);
+		// A process killed halfway through writing a line.
+		fs.appendFileSync(path.join(process.env.DATA_DIR as string, "channels", "messages.db"), '{"_id":"0torn","chan');
+		const [again, late]: unknown[][] = [[], []];
+		await start([consumer(again), other(late, false)]);
+		await eventually(() => expect(late).toEqual([{ id: "g1" }]));
+		await new Promise(resolve => setTimeout(resolve, 100));
+		expect(again).toEqual([]);
+	});
+
 	it("holds a message published from a service's started() until the adapter has connected, and delivers it", async () => {
 		const seen: unknown[] = [];
 		const errors: unknown[] = [];
