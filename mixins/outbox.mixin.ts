@@ -33,23 +33,33 @@ export interface WithOutbox {
  */
 export type Change<T extends WithOutbox> = { insert: T } | { filter: Query & { _id: string }; update: object };
 
+/**
+ * What a writer does after its change and before the events are sent (`run`), and a further update
+ * of the document written together with the sent events' removal from the outbox: one write, not two.
+ */
+export interface Finish {
+	run(): Promise<void>;
+	filter: Query & { _id: string };
+	update: object;
+}
+
 export interface OutboxMethods {
 	/**
-	 * Writes `change` and records `events` in the same single-document write, then sends them
-	 * (failures are left for the retry timer). False, with nothing written or sent, when the change
-	 * was refused.
+	 * Writes `change` and records `events` in the same single-document write, then runs `finish` and
+	 * sends them (failures are left for the retry timer), then writes `finish`'s update. False, with
+	 * nothing written or sent, when the change was refused.
 	 */
-	changeWithEvents<T extends WithOutbox>(change: Change<T>, events: OutboxEvent[]): Promise<boolean>;
+	changeWithEvents<T extends WithOutbox>(change: Change<T>, events: OutboxEvent[], finish?: Finish): Promise<boolean>;
 }
 
 type OutboxThis = Service &
 	OutboxMethods & {
 		store: Collection<WithOutbox>;
-		flushOutbox(doc: WithOutbox): Promise<void>;
+		flushOutbox(doc: WithOutbox, finish?: Finish): Promise<void>;
 		outboxTimer?: NodeJS.Timeout;
 		outboxSweep?: NodeJS.Timeout;
 		outboxStopped: boolean;
-		sendOutbox(doc: WithOutbox): Promise<void>;
+		sendOutbox(doc: WithOutbox, finish?: Finish): Promise<void>;
 		retryOutbox(query?: Query): Promise<void>;
 		scheduleOutboxRetry(delayMs: number): void;
 	};
@@ -61,32 +71,37 @@ const SWEEP_MS = 5000;
 const schema: ServiceSchema<object, object, object, OutboxThis> = {
 	name: "outbox",
 	methods: {
-		async changeWithEvents<T extends WithOutbox>(this: OutboxThis, change: Change<T>, events: OutboxEvent[]) {
+		async changeWithEvents<T extends WithOutbox>(this: OutboxThis, change: Change<T>, events: OutboxEvent[], finish?: Finish) {
 			const outbox = events.length ? events : undefined;
 			const written =
 				"insert" in change
 					? await this.store.insertUnique({ ...change.insert, ...(outbox ? { outbox } : {}) })
 					: (await this.store.update(change.filter, outbox ? { ...change.update, $push: { outbox: { $each: outbox } } } : change.update)) >
 						0;
-			if (written) await this.flushOutbox({ _id: "insert" in change ? change.insert._id : change.filter._id, outbox });
-			return written;
+			if (!written) return false;
+			await finish?.run();
+			await this.flushOutbox({ _id: "insert" in change ? change.insert._id : change.filter._id, outbox }, finish);
+			return true;
 		},
 
 		/** Sends the events a just-written document carries; failures are left for the retry timer. */
-		async flushOutbox(this: OutboxThis, doc: WithOutbox) {
+		async flushOutbox(this: OutboxThis, doc: WithOutbox, finish?: Finish) {
 			try {
-				await this.sendOutbox(doc);
+				await this.sendOutbox(doc, finish);
 			} catch (err) {
 				this.logger.warn(`Events of ${doc._id} not sent yet, retrying:`, (err as Error).message);
 				this.scheduleOutboxRetry(RETRY_MS);
+				if (finish) await this.store.update(finish.filter, finish.update);
 			}
 		},
 
-		async sendOutbox(this: OutboxThis, doc: WithOutbox) {
-			if (!doc.outbox?.length) return;
+		/** Sends the document's events, then removes them from its outbox (with `finish`'s update, when given). */
+		async sendOutbox(this: OutboxThis, doc: WithOutbox, finish?: Finish) {
+			const sent = doc.outbox ?? [];
 			const broker = this.broker as unknown as { sendToChannel(channel: string, payload: unknown): Promise<void> };
-			for (const event of doc.outbox) await broker.sendToChannel(event.channel, event.payload);
-			await this.store.update({ _id: doc._id }, { $pull: { outbox: { id: { $in: doc.outbox.map(e => e.id) } } } });
+			for (const event of sent) await broker.sendToChannel(event.channel, event.payload);
+			const pull = sent.length ? { $pull: { outbox: { id: { $in: sent.map(e => e.id) } } } } : undefined;
+			if (pull || finish) await this.store.update(finish?.filter ?? { _id: doc._id }, { ...finish?.update, ...pull });
 		},
 
 		async retryOutbox(this: OutboxThis, query: Query = { "outbox.0": { $exists: true } }) {

@@ -116,6 +116,7 @@ interface Methods {
 	adjusted(ctx: Context<unknown, AnswerMeta>, view: AdjustmentView): AdjustmentView;
 	openAccount(memberId: string, at: string): Promise<void>;
 	finishPosting(account: Account): Promise<void>;
+	copyToLedger(entries: LedgerEntry[]): Promise<void>;
 	finishPending(olderThanMs?: number): Promise<void>;
 	toView(account: Account): AccountView;
 }
@@ -161,6 +162,8 @@ const MAX_ATTEMPTS = 20;
 
 /** The condition that the account is still as it was read. */
 const versionOf = (account: Account) => ({ _id: account._id, version: account.version ?? { $exists: false } });
+/** Ends a posting once its entries are in the ledger. */
+const CLEAR_PENDING = { $unset: { pending: true, pendingSince: true } };
 
 /**
  * The account's lots. An account from before lots existed has none: its balance counts as earned in
@@ -465,14 +468,19 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 						},
 						...(oldestLot ? {} : { $unset: { oldestLot: true } })
 					};
-					if (!(await this.changeWithEvents({ filter: versionOf(account), update }, [posted]))) {
+					// The entries go to the ledger before the event is sent; the clearing is written with its removal from the outbox.
+					const finish = {
+						run: () => this.copyToLedger(entries),
+						filter: versionOf({ ...account, version }),
+						update: CLEAR_PENDING
+					};
+					if (!(await this.changeWithEvents({ filter: versionOf(account), update }, [posted], finish))) {
 						if (attempt < MAX_ATTEMPTS) {
 							await new Promise(resolve => setTimeout(resolve, Math.random() * attempt * 5));
 							continue;
 						}
 						throw new Error(`Account '${memberId}' keeps changing concurrently`);
 					}
-					await this.finishPosting({ ...account, version, pending: entries });
 					return { applied: true, balance, at: now };
 				}
 			});
@@ -484,8 +492,12 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		 * the clearing is conditional on the version that wrote them.
 		 */
 		async finishPosting(this: This, account: Account) {
-			for (const entry of account.pending ?? []) await this.ledger.insertUnique(entry);
-			await this.store.update(versionOf(account), { $unset: { pending: true, pendingSince: true } });
+			await this.copyToLedger(account.pending ?? []);
+			await this.store.update(versionOf(account), CLEAR_PENDING);
+		},
+
+		async copyToLedger(this: This, entries: LedgerEntry[]) {
+			for (const entry of entries) await this.ledger.insertUnique(entry);
 		},
 
 		credit(this: This, source: Source, amount: number) {

@@ -57,6 +57,31 @@ describe("points service", () => {
 		expect(await balance("m3")).toBe(300);
 	});
 
+	it("ends a posting with its entry in the ledger, nothing pending and its event sent; an event that cannot be sent yet waits in the outbox", async () => {
+		type Stored = { pending?: unknown[]; pendingSince?: string; outbox?: unknown[] };
+		const account = (memberId: string) =>
+			(broker.getLocalService("points") as unknown as { store: { findById(id: string): Promise<Stored> } }).store.findById(memberId);
+		await send("deal.saved", { dealId: "o1", memberId: "m9", merchantId: "20", point: 300 });
+		await eventually(async () => expect(await balance("m9")).toBe(300));
+		expect(await debit("m9", "o2", 100)).toMatchObject({ applied: true, balance: 200 });
+		expect(await account("m9")).toMatchObject({ outbox: [] });
+		expect(await account("m9")).not.toHaveProperty("pending");
+		expect((await history("m9")).rows.map(r => r.cause)).toEqual(["deal:o2", "deal:o1"]);
+
+		// The channel is down for a moment: the posting still ends, and its event is sent once it is back.
+		const channels = broker as unknown as { sendToChannel: Send };
+		const sendToChannel = channels.sendToChannel;
+		channels.sendToChannel = () => Promise.reject(new Error("channel down"));
+		try {
+			expect(await debit("m9", "o3", 50)).toMatchObject({ applied: true, balance: 150 });
+			expect(await account("m9")).toMatchObject({ outbox: [expect.objectContaining({ channel: "points.posted" })] });
+			expect(await account("m9")).not.toHaveProperty("pendingSince");
+		} finally {
+			channels.sendToChannel = sendToChannel;
+		}
+		await eventually(async () => expect(await account("m9")).toMatchObject({ outbox: [] }));
+	});
+
 	it("lets exactly the affordable share of racing debits succeed", async () => {
 		await send("deal.saved", { dealId: "d3", memberId: "m4", merchantId: "20", point: 1000 });
 		await eventually(async () => expect(await balance("m4")).toBe(1000));
