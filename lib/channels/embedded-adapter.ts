@@ -328,7 +328,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 	private done(msg: StoredMessage, group: string): void {
 		if (!msg.pending.includes(group)) return;
 		msg.pending = msg.pending.filter(g => g !== group);
-		this.append(msg.pending.length ? { _id: msg._id, handledBy: group } : { _id: msg._id, $$deleted: true });
+		this.append(msg.pending.length ? { _id: msg._id, handledBy: group } : { $$deleted: true, _id: msg._id });
 		this.queues.get(`${msg.channel}|${group}`)?.delete(msg._id);
 		if (!msg.pending.length) this.stored.delete(msg._id);
 	}
