@@ -4,6 +4,7 @@
  * over the same database. The in-process lock serialises nothing between them; the store's
  * conditional writes must.
  */
+import { createHash } from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -11,6 +12,7 @@ import { MongoClient } from "mongodb";
 import { ulid } from "ulid";
 import type { ServiceBroker, ServiceSchema } from "moleculer";
 import DealsService, { type DealView } from "../../services/deals.service";
+import IdempotencyService, { type Begun } from "../../services/idempotency.service";
 import MembersService from "../../services/members.service";
 import OrdersService, { type OrderView } from "../../services/orders.service";
 import PaymentsService from "../../services/payments.service";
@@ -61,6 +63,7 @@ describe("two instances sharing MongoDB", () => {
 				withSettings(DealsService, { pendingTimeoutMs: 300, pendingSweepMs: 200 }),
 				withSettings(OrdersService, { pendingTimeoutMs: 300, pendingSweepMs: 200 }),
 				PaymentsService,
+				withSettings(IdempotencyService, { leaseMs: 300 }),
 				VoidedCounter
 			],
 			{ DATA_DIR: fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-instance-")) }
@@ -84,6 +87,31 @@ describe("two instances sharing MongoDB", () => {
 		const results = await Promise.all(Array.from({ length: 30 }, (_, i) => debit(i % 2 ? a : b, "i001", `race${i}`, 100)));
 		expect(results.filter(r => r.applied)).toHaveLength(10);
 		expect(await balance("i001")).toBe(0);
+	});
+
+	it("takes an Idempotency-Key once across both instances, and hands a lease that ran out to one retry, under the same request id", async () => {
+		const hash = (text: string) => createHash("sha256").update(text).digest("base64url");
+		const begin = (broker: ServiceBroker) =>
+			broker.call<Begun, object>("idempotency.begin", {
+				scope: hash("token"),
+				key: "k-instances",
+				fingerprint: hash("POST /api/deals {}")
+			});
+		const race = async () => {
+			const results = await Promise.allSettled(Array.from({ length: 20 }, (_, i) => begin(i % 2 ? a : b)));
+			for (const r of results) if (r.status === "rejected") expect(r.reason).toMatchObject({ code: 409, type: "REQUEST_IN_PROGRESS" });
+			return results.flatMap(r => (r.status === "fulfilled" ? [r.value] : []));
+		};
+		const [first, ...others] = await race();
+		expect(others).toEqual([]);
+		expect(first).toMatchObject({ outcome: "run" });
+		// Its gateway died: once the lease has run out, exactly one retry, on either instance, takes it over.
+		const taken = await eventually(async () => {
+			const won = await race();
+			if (!won.length) throw new Error("still leased");
+			return won;
+		}, 5000);
+		expect(taken).toEqual([first]);
 	});
 
 	it("never lets a debit land after its own void on the other instance, though a void leaves the balance as it was", async () => {
