@@ -317,7 +317,8 @@ const DASHBOARD_STREAM: Record<string, JsonSchema> = {
 	get: {
 		operationId: "dashboard.stream",
 		tags: ["dashboard"],
-		summary: "Server-sent events: one `update` (`{memberId, what}`) per change of the dashboard's read model",
+		summary:
+			"Server-sent events: an `update` (`{memberIds}`, the members whose rows changed) at most every 100 ms while the dashboard's read model changes",
 		description: `${accessOf("").who}. Served by the gateway itself.`,
 		responses: {
 			"200": {
@@ -563,7 +564,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 	},
 
 	events: {
-		"dashboard.updated"(this: This, ctx: Context<{ memberId: string; what: string }>) {
+		"dashboard.updated"(this: This, ctx: Context<{ memberIds: string[] }>) {
 			const message = `event: update\ndata: ${JSON.stringify(ctx.params)}\n\n`;
 			for (const res of this.streams) res.write(message);
 		}

@@ -3,8 +3,9 @@
  * Fed only by events — the ledger's postings (`points.posted`), deals, orders and member events —
  * into its own collections, never by queries against the write side, so it stays answerable while
  * deals are under load. Every handler is idempotent (keyed by ledger cause or transaction id) and
- * independent of the order events arrive in. Each change is also announced as `dashboard.updated`
- * (a plain Moleculer event) for the gateway's live stream.
+ * independent of the order events arrive in. Changes are announced for the gateway's live stream as
+ * `dashboard.updated` (a plain Moleculer event), at most one every `ANNOUNCE_MS`, naming the members
+ * whose rows changed: a page needs to know what to reload, not each of a thousand deals a second.
  *
  * No counter is kept apart from what it counts, so a crash between two writes cannot skew one for
  * good: a member's totals are summed from the copies of their ledger entries (keyed by cause) when
@@ -83,6 +84,9 @@ const TOTAL_OF: Record<string, keyof Totals> = {
 
 const totalAmount = (kind: string, amount: number) => (kind === "adjust" ? amount : Math.abs(amount));
 
+/** How often, at most, changes are announced to the live stream (ms). */
+const ANNOUNCE_MS = 100;
+
 /** How many members the overview lists with the most points expiring soon. */
 const TOP_EXPIRING = 10;
 
@@ -90,7 +94,7 @@ interface Methods {
 	record(row: TransactionRow): Promise<boolean>;
 	cancel(id: string, base: TransactionRow): Promise<boolean>;
 	recordReturn(deal: DealReturnedEvent): Promise<void>;
-	announce(memberId: string, what: string): void;
+	announce(memberId: string): void;
 	now(): Date;
 }
 
@@ -106,7 +110,15 @@ interface Settings extends ServiceSettingSchema {
 	pointsValidMonths: number;
 }
 
-type This = Service<Settings> & DbThis<EntryRow> & Methods & { members: Collection<MemberRow>; transactions: Collection<TransactionRow> };
+type This = Service<Settings> &
+	DbThis<EntryRow> &
+	Methods & {
+		members: Collection<MemberRow>;
+		transactions: Collection<TransactionRow>;
+		/** Members changed since the last announcement, and the timer that announces them. */
+		changed: Set<string>;
+		announcing?: NodeJS.Timeout;
+	};
 
 const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "dashboard",
@@ -250,12 +262,12 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 		async "member.joined"(event) {
 			await this.members.insertUnique(newMember(event.memberId));
 			await this.members.update({ _id: event.memberId }, { $set: { name: event.name, joinedAt: event.joinedAt } });
-			this.announce(event.memberId, "member");
+			this.announce(event.memberId);
 		},
 		async "member.withdrawn"(event) {
 			await this.members.insertUnique(newMember(event.memberId));
 			await this.members.update({ _id: event.memberId }, { $set: { status: "withdrawn", withdrawnAt: event.withdrawnAt } });
-			this.announce(event.memberId, "member");
+			this.announce(event.memberId);
 		},
 		/** The ledger itself: the member's history, charts and totals follow it entry by entry, their balance and lots posting by posting. */
 		async "points.posted"(posting) {
@@ -285,7 +297,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			const state = { $set: { lots: posting.lots, version: posting.version, ...(last ? { balance: last.balanceAfter } : {}) } };
 			if (!(await this.members.update(newer, state)) && (await this.members.insertUnique(newMember(posting.memberId))))
 				await this.members.update(newer, state);
-			this.announce(posting.memberId, "points");
+			this.announce(posting.memberId);
 		},
 		async "deal.saved"(deal) {
 			await this.record(dealRow(deal, "success"));
@@ -314,7 +326,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 		/** Records a transaction once. False when already known. */
 		async record(this: This, row: TransactionRow) {
 			if (!(await this.transactions.insertUnique(row))) return false;
-			this.announce(row.memberId, row.kind);
+			this.announce(row.memberId);
 			return true;
 		},
 
@@ -324,7 +336,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			// Trying the insert first (not a lookup) also settles a success arriving at the same moment.
 			if (await this.record(base)) return true;
 			const changed = await this.transactions.update({ _id: id, status: { $ne: "cancelled" } }, { $set: { status: "cancelled" } });
-			this.announce(base.memberId, base.kind);
+			this.announce(base.memberId);
 			return changed > 0;
 		},
 
@@ -338,11 +350,17 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			if (await this.record(row)) return;
 			await this.transactions.update({ _id: row._id }, { $max: { returnedAmount, returnedPoints } });
 			await this.transactions.update({ _id: row._id, status: { $in: ["success", "partially_cancelled"] } }, { $set: { status } });
-			this.announce(deal.memberId, "deal");
+			this.announce(deal.memberId);
 		},
 
-		announce(this: This, memberId: string, what: string) {
-			void this.broker.broadcast("dashboard.updated", { memberId, what });
+		announce(this: This, memberId: string) {
+			this.changed.add(memberId);
+			this.announcing ??= setTimeout(() => {
+				const memberIds = [...this.changed];
+				this.changed.clear();
+				this.announcing = undefined;
+				void this.broker.broadcast("dashboard.updated", { memberIds });
+			}, ANNOUNCE_MS);
 		},
 
 		/** The clock "expiring soon" is reckoned by (a test may set it). */
@@ -350,6 +368,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 	},
 
 	created(this: This) {
+		this.changed = new Set();
 		this.members = openCollection<MemberRow>(this, "dashboard-members", [{ fields: { status: 1 } }]);
 		this.transactions = openCollection<TransactionRow>(this, "dashboard-transactions", [{ fields: { memberId: 1 } }]);
 	},
@@ -359,6 +378,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 	},
 
 	async stopped(this: This) {
+		clearTimeout(this.announcing);
 		await Promise.all([this.members, this.transactions].map(c => c.disconnect()));
 	}
 };

@@ -152,7 +152,7 @@ async function follow() {
 				buffer = events.pop();
 				const updates = events.filter(e => e.startsWith("event: update")).map(e => JSON.parse(e.slice(e.indexOf("data: ") + 6)));
 				if (!updates.length) continue;
-				const touchesMember = updates.some(u => u.memberId === state.memberId);
+				const touchesMember = updates.some(u => u.memberIds.includes(state.memberId));
 				// Coalesce a burst of updates into one refresh.
 				clearTimeout(pending);
 				pending = setTimeout(() => {
