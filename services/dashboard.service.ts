@@ -22,7 +22,7 @@ import { expiringSoon, type Lots } from "../lib/expiry";
 import * as P from "../lib/params";
 import { monthOf } from "../lib/months";
 import { settlementAmounts } from "../lib/rates";
-import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
+import { DbMixin, openCollection, type Collection, type DbThis, type Query } from "../mixins/db.mixin";
 
 /** A copy of a ledger entry, keyed by its cause. */
 export interface EntryRow extends Omit<PostedEntry, "cause"> {
@@ -94,6 +94,7 @@ interface Methods {
 	record(row: TransactionRow): Promise<boolean>;
 	cancel(id: string, base: TransactionRow): Promise<boolean>;
 	recordReturn(deal: DealReturnedEvent): Promise<void>;
+	changeMember(filter: Query & { _id: string }, update: object): Promise<void>;
 	announce(memberId: string): void;
 	now(): Date;
 }
@@ -260,13 +261,11 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 
 	channels: consume<This>("dashboard", {
 		async "member.joined"(event) {
-			await this.members.insertUnique(newMember(event.memberId));
-			await this.members.update({ _id: event.memberId }, { $set: { name: event.name, joinedAt: event.joinedAt } });
+			await this.changeMember({ _id: event.memberId }, { $set: { name: event.name, joinedAt: event.joinedAt } });
 			this.announce(event.memberId);
 		},
 		async "member.withdrawn"(event) {
-			await this.members.insertUnique(newMember(event.memberId));
-			await this.members.update({ _id: event.memberId }, { $set: { status: "withdrawn", withdrawnAt: event.withdrawnAt } });
+			await this.changeMember({ _id: event.memberId }, { $set: { status: "withdrawn", withdrawnAt: event.withdrawnAt } });
 			this.announce(event.memberId);
 		},
 		/** The ledger itself: the member's history, charts and totals follow it entry by entry, their balance and lots posting by posting. */
@@ -295,8 +294,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			const last = posting.entries.at(-1);
 			const newer = { _id: posting.memberId, $or: [{ version: { $exists: false } }, { version: { $lt: posting.version } }] };
 			const state = { $set: { lots: posting.lots, version: posting.version, ...(last ? { balance: last.balanceAfter } : {}) } };
-			if (!(await this.members.update(newer, state)) && (await this.members.insertUnique(newMember(posting.memberId))))
-				await this.members.update(newer, state);
+			await this.changeMember(newer, state);
 			this.announce(posting.memberId);
 		},
 		async "deal.saved"(deal) {
@@ -351,6 +349,17 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			await this.transactions.update({ _id: row._id }, { $max: { returnedAmount, returnedPoints } });
 			await this.transactions.update({ _id: row._id, status: { $in: ["success", "partially_cancelled"] } }, { $set: { status } });
 			this.announce(deal.memberId);
+		},
+
+		/**
+		 * Updates a member's row, making it first if no event has yet (events arrive in any order). When
+		 * nothing matched, the row was missing, made meanwhile by another event, or (a condition) newer:
+		 * the update is tried again once the row exists, whoever made it.
+		 */
+		async changeMember(this: This, filter: Query & { _id: string }, update: object) {
+			if (await this.members.update(filter, update)) return;
+			await this.members.insertUnique(newMember(filter._id));
+			await this.members.update(filter, update);
 		},
 
 		announce(this: This, memberId: string) {
