@@ -211,22 +211,26 @@ describe("dashboard: points expiring soon", () => {
 		await eventually(async () => expect((await broker.call<any, object>("dashboard.member", { memberId: "e001" })).member.earned).toBe(3));
 		await eventually(async () => expect((await broker.call<any, object>("dashboard.member", { memberId: "e002" })).member.earned).toBe(1));
 
-		expect((await broker.call<any, object>("dashboard.member", { memberId: "e001" })).expiring).toEqual([
-			{ month: "202611", expiresAt: "2026-12-01T00:00:00.000Z", points: 40 },
-			{ month: "202612", expiresAt: "2027-01-01T00:00:00.000Z", points: 200 },
-			{ month: "202701", expiresAt: "2027-02-01T00:00:00.000Z", points: 7 }
-		]);
-		const overview = await broker.call<any, object>("dashboard.overview", {});
-		expect(overview.expiringSoon).toEqual({
-			months: [
+		// The lots land in the member's row after the entries: wait for them as well.
+		await eventually(async () =>
+			expect((await broker.call<any, object>("dashboard.member", { memberId: "e001" })).expiring).toEqual([
 				{ month: "202611", expiresAt: "2026-12-01T00:00:00.000Z", points: 40 },
-				{ month: "202612", expiresAt: "2027-01-01T00:00:00.000Z", points: 230 },
+				{ month: "202612", expiresAt: "2027-01-01T00:00:00.000Z", points: 200 },
 				{ month: "202701", expiresAt: "2027-02-01T00:00:00.000Z", points: 7 }
-			],
-			members: [
-				{ memberId: "e001", name: "Han", points: 247, firstMonth: "202611" },
-				{ memberId: "e002", name: "Yoon", points: 30, firstMonth: "202612" }
-			]
-		});
+			])
+		);
+		await eventually(async () =>
+			expect((await broker.call<any, object>("dashboard.overview", {})).expiringSoon).toEqual({
+				months: [
+					{ month: "202611", expiresAt: "2026-12-01T00:00:00.000Z", points: 40 },
+					{ month: "202612", expiresAt: "2027-01-01T00:00:00.000Z", points: 230 },
+					{ month: "202701", expiresAt: "2027-02-01T00:00:00.000Z", points: 7 }
+				],
+				members: [
+					{ memberId: "e001", name: "Han", points: 247, firstMonth: "202611" },
+					{ memberId: "e002", name: "Yoon", points: 30, firstMonth: "202612" }
+				]
+			})
+		);
 	});
 });
