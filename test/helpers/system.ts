@@ -14,15 +14,23 @@ const ROOT = [path.resolve(__dirname, "../.."), path.resolve(__dirname, "../../.
 	fs.existsSync(path.join(dir, "package.json"))
 ) as string;
 
-export function freePort(): Promise<number> {
-	return new Promise((resolve, reject) => {
-		const server = net.createServer();
-		server.once("error", reject);
-		server.listen(0, "127.0.0.1", () => {
-			const { port } = server.address() as net.AddressInfo;
-			server.close(() => resolve(port));
+/** Ports this process has handed out: a port closed again may be offered twice (a system's gateway and ops ports). */
+const handedOut = new Set<number>();
+
+export async function freePort(): Promise<number> {
+	for (;;) {
+		const port = await new Promise<number>((resolve, reject) => {
+			const server = net.createServer();
+			server.once("error", reject);
+			server.listen(0, "127.0.0.1", () => {
+				const { port } = server.address() as net.AddressInfo;
+				server.close(() => resolve(port));
+			});
 		});
-	});
+		if (handedOut.has(port)) continue;
+		handedOut.add(port);
+		return port;
+	}
 }
 
 /** Tokens every test system accepts (API_KEYS): staff, and merchants 20 and 21. */
