@@ -1,9 +1,10 @@
 /**
  * Two projects, one per store: every service and end-to-end suite runs on NeDB (the embedded
  * default) and on MongoDB (the stand-in under test/mongo, or the server at MONGO_URI). Suites about
- * one store only (the stand-in itself, several instances sharing MongoDB: `mongo-*.spec.ts`) run
- * in that store's project; suites about neither (configuration, deployment files, the embedded
- * channel store, the benchmark's smoke run) run once, in the NeDB project.
+ * one store only (the stand-in itself, several instances sharing MongoDB: `mongo-*.spec.ts`; NeDB's
+ * file: `nedb-file.spec.ts`) run in that store's project; suites about neither (configuration,
+ * deployment files, the embedded channel store, the benchmark's smoke run) run once, in the NeDB
+ * project.
  */
 const common = {
 	testEnvironment: "node",
@@ -11,13 +12,14 @@ const common = {
 	transform: { "^.+\\.ts$": "ts-jest" }
 };
 
-// Independent of the store: run once, in the NeDB project.
+// Independent of the store, or about NeDB only: run once, in the NeDB project.
 const storeless = [
 	"config",
 	"openapi",
 	"deployment",
 	"bench.e2e",
 	"embedded-channel-adapter",
+	"nedb-file",
 	"nats-channel-adapter",
 	"nodes.e2e",
 	"metric-rate-shape"
