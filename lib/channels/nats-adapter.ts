@@ -13,11 +13,12 @@
  * - a dead letter carries its error and a unique id, and is acknowledged only once it is stored in
  *   DEAD_LETTERS (the stock adapter acknowledges it even when moving it failed);
  * - a replayed message (header `x-replay-group`) is handled by that group only;
- * - nodes of one group starting at once all subscribe (the stock adapter fails all but the first).
+ * - nodes of one group starting at once all subscribe (the stock adapter fails all but the first,
+ *   with an ERROR in the log).
  */
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
-import type { JetStreamManager, JsMsg, NatsError } from "nats";
+import type { JetStreamClient, JetStreamManager, JsMsg, NatsError } from "nats";
 import { deadLetterHeaders, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
 
 const NatsAdapter = Adapters.NATS;
@@ -32,6 +33,7 @@ export interface DurableNatsOptions extends RetryOptions {
 export class DurableNatsAdapter extends NatsAdapter {
 	declare stopping: boolean;
 	declare manager: JetStreamManager;
+	declare client: JetStreamClient;
 	declare opts: InstanceType<typeof NatsAdapter>["opts"] & DurableNatsOptions;
 
 	constructor(url: string, opts: DurableNatsOptions) {
@@ -57,17 +59,25 @@ export class DurableNatsAdapter extends NatsAdapter {
 		}
 	}
 
-	override async subscribe(chan: Parameters<InstanceType<typeof NatsAdapter>["subscribe"]>[0]): Promise<void> {
-		try {
-			await super.subscribe(chan);
-		} catch (err) {
-			// Both found the group's durable consumer missing and created it; the server refused the
-			// second creation (10013, "consumer name already in use"). It exists now: join it.
-			if ((err as NatsError).api_error?.err_code !== 10013) throw err;
-			this.logger.info(`'${chan.name}' (${chan.group}): another node created the consumer first; joining it`);
-			this.stopChannelActiveMessages(chan.id);
-			await super.subscribe(chan);
-		}
+	/**
+	 * Nodes of one group starting at once all find its durable consumer missing and create it; the
+	 * server refuses all creations but the first (10013, "consumer name already in use"), and the
+	 * stock adapter logs that as an ERROR and fails the subscription. The consumer exists by then, so
+	 * the subscription is made again, joining it, before the stock adapter sees the refusal.
+	 */
+	override async connect(): Promise<void> {
+		await super.connect();
+		const client = this.client;
+		const subscribe = client.subscribe.bind(client);
+		client.subscribe = async (subject, opts) => {
+			try {
+				return await subscribe(subject, opts);
+			} catch (err) {
+				if ((err as NatsError).api_error?.err_code !== 10013) throw err;
+				this.logger.info(`'${subject}': another node created the consumer first; joining it`);
+				return subscribe(subject, opts);
+			}
+		};
 	}
 
 	/** Has `group` acknowledged every message of `channels` published before `before`? */
