@@ -2,6 +2,10 @@
  * Work recorded as `pending` before a synchronous call and settled with the call's outcome (a `use`
  * deal and its debit, an order and its payment).
  *
+ * `confirm` makes the call: when it fails (timed out, breaker open, the callee gone) its outcome is
+ * unknown, so the record fails as the service's `failed` says (with the events that undo the call
+ * should it have happened after all) and the client gets a 503 to retry.
+ *
  * `settle` moves a record out of `pending` with the events its outcome causes, in one conditional
  * write: of two instances settling the same record, one wins and the other gets the outcome that
  * stands. A record whose instance died waiting has no one to settle it: every instance sweeps
@@ -12,6 +16,7 @@
 import type { Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
 import type { OutboxEvent } from "../contracts/channels";
+import { unavailable } from "../lib/errors";
 import type { DbThis } from "./db.mixin";
 import type { OutboxMethods, WithOutbox } from "./outbox.mixin";
 
@@ -29,9 +34,16 @@ export interface PendingSettings extends ServiceSettingSchema {
 	pendingTimeoutMs: number;
 	/** How often this instance looks for abandoned pending records (ms); default CALL_TIMEOUT_MS. */
 	pendingSweepMs: number;
+	/** What a 503 asks the client to wait (s); default RETRY_AFTER_SECONDS. */
+	retryAfterSeconds: number;
 }
 
 export interface PendingMethods<T extends Pending> {
+	/**
+	 * Makes the call behind a pending record, given the timeout to call with. When it fails, the
+	 * record fails with reason `code` and a 503 `code` (with `message`) is thrown.
+	 */
+	confirm<R>(record: T, call: (timeout: number) => Promise<R>, code: string, message: string): Promise<R>;
 	/** Moves a pending record to its outcome; if it was settled meanwhile, that outcome stands and is returned. */
 	settle(record: T, outcome: Outcome<T>): Promise<T>;
 	/** Settles every record pending for longer than twice the call's timeout. */
@@ -42,6 +54,8 @@ type PendingThis<T extends Pending> = Service<PendingSettings> &
 	DbThis<T> &
 	OutboxMethods &
 	PendingMethods<T> & {
+		/** The outcome of a record whose call failed with `reason`; defined by the service. */
+		failed(record: T, reason: string): Outcome<T>;
 		/** The outcome of a record whose call was never answered; defined by the service. */
 		abandoned(record: T): Outcome<T>;
 		pendingTimer?: NodeJS.Timeout;
@@ -52,9 +66,23 @@ export function PendingMixin<T extends Pending>(dateField: keyof T & string): Pa
 	const schema: ServiceSchema<PendingSettings, PendingMethods<T>, object, PendingThis<T>> = {
 		name: "pending",
 		mixins: [
-			ConfiguredSettings<PendingSettings>(config => ({ pendingTimeoutMs: config.callTimeoutMs, pendingSweepMs: config.callTimeoutMs }))
+			ConfiguredSettings<PendingSettings>(config => ({
+				pendingTimeoutMs: config.callTimeoutMs,
+				pendingSweepMs: config.callTimeoutMs,
+				retryAfterSeconds: config.retryAfterSeconds
+			}))
 		],
 		methods: {
+			async confirm<R>(this: PendingThis<T>, record: T, call: (timeout: number) => Promise<R>, code: string, message: string): Promise<R> {
+				try {
+					return await call(this.settings.pendingTimeoutMs);
+				} catch (err) {
+					this.logger.warn(`${code}: the call for '${record._id}' failed, so it fails:`, (err as Error).message);
+					await this.settle(record, this.failed(record, code));
+					throw unavailable(code, message, this.settings.retryAfterSeconds, err);
+				}
+			},
+
 			async settle(this: PendingThis<T>, record: T, { changes, events }: Outcome<T>): Promise<T> {
 				if (await this.changeWithEvents({ filter: { _id: record._id, status: "pending" }, update: { $set: changes } }, events))
 					return { ...record, ...changes };

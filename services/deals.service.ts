@@ -105,8 +105,6 @@ interface Settings extends PendingSettings {
 	callTimeoutMs: number;
 	/** What a save earns, in basis points of its amount. */
 	earnRateBp: number;
-	/** What a 503 asks the client to wait (s). */
-	retryAfterSeconds: number;
 }
 
 type This = Service<Settings> & DbThis<Deal> & OutboxMethods & PendingMethods<Deal> & Methods;
@@ -126,8 +124,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 		PendingMixin<Deal>("dealDate"),
 		ConfiguredSettings<Settings>(config => ({
 			callTimeoutMs: config.callTimeoutMs,
-			earnRateBp: config.earnRateBp,
-			retryAfterSeconds: config.retryAfterSeconds
+			earnRateBp: config.earnRateBp
 		}))
 	],
 
@@ -234,24 +231,18 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 
 	methods: {
 		async confirmUse(this: This, ctx: Context, deal: Deal): Promise<Deal> {
-			let result: PostResult;
-			try {
-				result = await ctx.call<PostResult, Source & { amount: number }>(
-					"points.debit",
-					{ memberId: deal.memberId, sourceType: "deal", sourceId: deal._id, merchantId: deal.merchantId, amount: deal.point },
-					{ timeout: this.settings.pendingTimeoutMs }
-				);
-			} catch (err) {
-				// Timed out, breaker open or points gone: the debit may or may not have happened.
-				this.logger.warn(`Debit for deal '${deal._id}' unconfirmed:`, (err as Error).message);
-				await this.settle(deal, this.failed(deal, "POINTS_UNAVAILABLE"));
-				throw unavailable(
-					"POINTS_UNAVAILABLE",
-					"Points cannot be confirmed right now; try again later",
-					this.settings.retryAfterSeconds,
-					err
-				);
-			}
+			// Unconfirmed, the debit may still happen: `failed` undoes it.
+			const result = await this.confirm(
+				deal,
+				timeout =>
+					ctx.call<PostResult, Source & { amount: number }>(
+						"points.debit",
+						{ memberId: deal.memberId, sourceType: "deal", sourceId: deal._id, merchantId: deal.merchantId, amount: deal.point },
+						{ timeout }
+					),
+				"POINTS_UNAVAILABLE",
+				"Points cannot be confirmed right now; try again later"
+			);
 			if (result.applied) return this.settle(deal, { changes: { status: "success" }, events: [this.eventOf("deal.used", deal)] });
 			return this.settle(deal, {
 				changes: { status: "fail", reason: result.reason },

@@ -17,7 +17,7 @@ import type { Context, Service, ServiceSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
 import { consume, outboxEvent, type OutboxEvent } from "../contracts/channels";
 import { created, type AnswerMeta } from "../lib/gateway/answers";
-import { clientError, conflict, notFound, unavailable } from "../lib/errors";
+import { clientError, conflict, notFound } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
@@ -76,8 +76,6 @@ type OrderChannel = "order.paid" | "order.voided" | "order.cancelled";
 interface Settings extends PendingSettings {
 	/** How long a call to members may take (ms). */
 	callTimeoutMs: number;
-	/** What a 503 asks the client to wait (s). */
-	retryAfterSeconds: number;
 }
 
 type This = Service<Settings> & DbThis<Order> & OutboxMethods & PendingMethods<Order> & Methods;
@@ -101,7 +99,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 		DbMixin("orders", [{ fields: { memberId: 1 } }, { fields: { status: 1 } }, OUTBOX_INDEX, REQUEST_ID_INDEX]),
 		OutboxMixin,
 		PendingMixin<Order>("orderedAt"),
-		ConfiguredSettings<Settings>(config => ({ callTimeoutMs: config.callTimeoutMs, retryAfterSeconds: config.retryAfterSeconds }))
+		ConfiguredSettings<Settings>(config => ({ callTimeoutMs: config.callTimeoutMs }))
 	],
 
 	actions: {
@@ -233,24 +231,18 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 
 	methods: {
 		async pay(this: This, ctx: Context, order: Order): Promise<Order> {
-			let payment: PaymentView;
-			try {
-				payment = await ctx.call<PaymentView, { orderId: string; memberId: string; amount: number }>(
-					"payments.pay",
-					{ orderId: order._id, memberId: order.memberId, amount: order.totalPrice },
-					{ timeout: this.settings.pendingTimeoutMs }
-				);
-			} catch (err) {
-				// Timed out, breaker open or payments gone: the payment may still happen; void it.
-				this.logger.warn(`Payment for order '${order._id}' unconfirmed:`, (err as Error).message);
-				await this.settle(order, this.failed(order, "PAYMENTS_UNAVAILABLE"));
-				throw unavailable(
-					"PAYMENTS_UNAVAILABLE",
-					"Payments cannot be confirmed right now; try again later",
-					this.settings.retryAfterSeconds,
-					err
-				);
-			}
+			// Unconfirmed, the payment may still happen: `failed` voids it.
+			const payment = await this.confirm(
+				order,
+				timeout =>
+					ctx.call<PaymentView, { orderId: string; memberId: string; amount: number }>(
+						"payments.pay",
+						{ orderId: order._id, memberId: order.memberId, amount: order.totalPrice },
+						{ timeout }
+					),
+				"PAYMENTS_UNAVAILABLE",
+				"Payments cannot be confirmed right now; try again later"
+			);
 			if (payment.status !== "approved")
 				return this.settle(order, {
 					changes: { status: "payment_failed", reason: "PAYMENT_DECLINED", payment: { id: payment.id, status: payment.status } },
