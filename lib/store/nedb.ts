@@ -19,8 +19,9 @@
  * not use) and then rewrites the whole file, however little of it is superseded: at 1M ledger
  * entries the rewrite alone took a third of the start-up and doubled the memory it peaked at. Here
  * a line without `$$date` is parsed plainly, and the file is rewritten only when that pays: when at
- * least half of its lines are superseded (updated, removed) or it ends in a torn line, which the
- * next append must not continue.
+ * least two thirds of its lines are superseded (updated, removed), or it ends in a torn line, which
+ * the next append must not continue. (A deal is written, then updated once as its event leaves the
+ * outbox: half of such a file is superseded for good, and rewriting it at every start gains nothing.)
  */
 import fs from "node:fs";
 import type { Readable } from "node:stream";
@@ -59,6 +60,9 @@ interface Modification {
 	newDoc: Record<string, unknown>;
 }
 
+/** A file is rewritten at load when it has this many lines per document (or index) it keeps. */
+const REWRITE_AT_LINES_PER_DOCUMENT = 3;
+
 const descriptors = new WeakMap<Datastore<object>, { fd?: number }>();
 
 export function openDatastore<T extends object>(filename: string): Datastore<T> {
@@ -77,7 +81,7 @@ export function openDatastore<T extends object>(filename: string): Datastore<T> 
 	persistence.treatRawStreamAsync = async stream => {
 		const { loaded, lines, torn } = await readLines(stream, persistence.corruptAlertThreshold);
 		const kept = loaded.data.length + Object.keys(loaded.indexes).length;
-		compact = !torn && lines < 2 * kept;
+		compact = !torn && lines < REWRITE_AT_LINES_PER_DOCUMENT * kept;
 		return loaded;
 	};
 	const rewrite = persistence.persistCachedDatabaseAsync.bind(persistence);

@@ -1,7 +1,8 @@
 /**
  * The embedded store's file (lib/store/nedb.ts): what a load reads back, and when it rewrites the
- * file. A file mostly current is kept as it is (no rewrite of a large ledger at every start); one at
- * least half superseded, or ending in a torn line, is rewritten; every acknowledged write survives.
+ * file. A file less than two thirds superseded is kept as it is (no rewrite of a large ledger at
+ * every start); one more superseded, or ending in a torn line, is rewritten; every acknowledged
+ * write survives.
  */
 import fs from "node:fs";
 import os from "node:os";
@@ -36,9 +37,9 @@ describe("the embedded store's file", () => {
 		fs.rmSync(dir, { recursive: true, force: true });
 	});
 
-	it("keeps a mostly current file as it is, and appends to it", async () => {
-		const file = path.join(dir, "ledger.db");
-		fs.writeFileSync(file, row({ _id: "a", n: 1 }) + row({ _id: "b", n: 1 }) + row({ _id: "a", n: 2 }));
+	it("keeps a file less than two thirds superseded as it is (each document written, then updated once), and appends to it", async () => {
+		const file = path.join(dir, "deals.db");
+		fs.writeFileSync(file, row({ _id: "a", n: 1 }) + row({ _id: "b", n: 0 }) + row({ _id: "a", n: 2 }) + row({ _id: "b", n: 1 }));
 		const inode = fs.statSync(file).ino;
 		const db = await load(file);
 		expect(await all(db)).toEqual([
@@ -46,7 +47,7 @@ describe("the embedded store's file", () => {
 			{ _id: "b", n: 1 }
 		]);
 		expect(fs.statSync(file).ino).toBe(inode);
-		expect(lines(file)).toHaveLength(3);
+		expect(lines(file)).toHaveLength(4);
 
 		await db.insertAsync({ _id: "c", n: 1 });
 		await db.updateAsync({ _id: "b" }, { $set: { n: 5 } });
@@ -58,7 +59,7 @@ describe("the embedded store's file", () => {
 		]);
 	});
 
-	it("rewrites a file at least half superseded, with the same documents", async () => {
+	it("rewrites a file at least two thirds superseded, with the same documents", async () => {
 		const file = path.join(dir, "accounts.db");
 		const updates = [1, 2, 3, 4].map(n => row({ _id: "a", n })).join("");
 		fs.writeFileSync(file, updates + row({ _id: "b", n: 1 }) + row({ _id: "gone" }) + row({ _id: "gone", $$deleted: true }));
