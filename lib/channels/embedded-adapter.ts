@@ -16,14 +16,14 @@
  * rebuilt from the store at connect; the store is an append-only file of lines in NeDB's format (a
  * message as published, a short line naming the message and a group as each group handles it, a
  * tombstone once all have), written before a publish or an acknowledgement completes, and compacted
- * at connect and disconnect. Publishing and acknowledging cost one appended line each, however long
- * the backlog (README, "Performance").
+ * at connect and disconnect, and while running once most of it is superseded. Publishing and
+ * acknowledging cost one appended line each, however long the backlog (README, "Performance").
  */
 import fs from "node:fs";
 import path from "node:path";
 import type Datastore from "@seald-io/nedb";
 import { deserialize, serialize } from "@seald-io/nedb/lib/model";
-import { openDatastore } from "../store/nedb";
+import { openDatastore, worthRewriting } from "../store/nedb";
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { Logger, ServiceBroker } from "moleculer";
@@ -76,6 +76,8 @@ export class EmbeddedAdapter extends BaseAdapter {
 	declare logger: Logger;
 	private file = "";
 	private fd?: number;
+	/** Lines in the file. */
+	private lines = 0;
 	/** Every message some group has still to handle, and the orphans. */
 	private stored = new Map<string, StoredMessage>();
 	/** Per `channel|group`, the messages that group has still to handle, in publishing order. */
@@ -179,6 +181,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 		this.append(msg);
 		this.stored.set(msg._id, msg);
 		for (const group of groups) this.queueOf(channelName, group).set(msg._id, msg);
+		this.compactIfWorthIt();
 		for (const consumer of this.consumers.values()) if (consumer.chan.name === channelName) this.pump(consumer);
 	}
 
@@ -229,6 +232,12 @@ export class EmbeddedAdapter extends BaseAdapter {
 		this.fd ??= fs.openSync(this.file, "a");
 		const bytes = Buffer.from(`${serialize(record)}\n`, "utf8");
 		for (let written = 0; written < bytes.length;) written += fs.writeSync(this.fd, bytes, written);
+		this.lines++;
+	}
+
+	/** Rewrites the file once most of it is superseded, so that a busy node's file does not grow until its next start. */
+	private compactIfWorthIt(): void {
+		if (worthRewriting(this.lines, this.stored.size)) this.compact();
 	}
 
 	/** Rewrites the file with the messages still waiting, as NeDB does: a new file renamed over the old. */
@@ -238,6 +247,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 		const temporary = `${this.file}~`;
 		fs.writeFileSync(temporary, [...this.stored.values()].map(msg => `${serialize(msg)}\n`).join(""), "utf8");
 		fs.renameSync(temporary, this.file);
+		this.lines = this.stored.size;
 	}
 
 	private queueOf(channel: string, group: string): Map<string, StoredMessage> {
@@ -331,6 +341,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 		this.append(msg.pending.length ? { _id: msg._id, handledBy: group } : { $$deleted: true, _id: msg._id });
 		this.queues.get(`${msg.channel}|${group}`)?.delete(msg._id);
 		if (!msg.pending.length) this.stored.delete(msg._id);
+		this.compactIfWorthIt();
 	}
 
 	private async failed(consumer: Consumer, msg: StoredMessage, err: Error): Promise<void> {

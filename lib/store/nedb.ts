@@ -22,6 +22,7 @@
  * least two thirds of its lines are superseded (updated, removed), or it ends in a torn line, which
  * the next append must not continue. (A deal is written, then updated once as its event leaves the
  * outbox: half of such a file is superseded for good, and rewriting it at every start gains nothing.)
+ * A running process rewrites a file by the same rule once it is long enough to matter.
  */
 import fs from "node:fs";
 import type { Readable } from "node:stream";
@@ -62,19 +63,49 @@ interface Modification {
 
 /** A file is rewritten at load when it has this many lines per document (or index) it keeps. */
 const REWRITE_AT_LINES_PER_DOCUMENT = 3;
+/** While running, a file shorter than this is not rewritten: small files cost little to read. */
+const MIN_LINES_TO_REWRITE_RUNNING = 10_000;
 
-const descriptors = new WeakMap<Datastore<object>, { fd?: number }>();
+/**
+ * Whether a running process should rewrite a file of `lines` lines that keeps `kept` documents: the
+ * load's rule, for files long enough to matter. Without it the files of a busy node grow with every
+ * write until the next start (an account is written twice per posting), and so does that start.
+ */
+export function worthRewriting(lines: number, kept: number): boolean {
+	return lines >= Math.max(MIN_LINES_TO_REWRITE_RUNNING, REWRITE_AT_LINES_PER_DOCUMENT * kept);
+}
+
+interface DataFile {
+	fd?: number;
+	/** Lines in the file. */
+	lines: number;
+	/** How many lines it may reach before it is worth counting its documents again. */
+	checkAt: number;
+}
+
+const descriptors = new WeakMap<Datastore<object>, DataFile>();
 
 export function openDatastore<T extends object>(filename: string): Datastore<T> {
 	const db = new Datastore<T>({ filename });
-	const file: { fd?: number } = {};
+	const file: DataFile = { lines: 0, checkAt: Infinity };
 	descriptors.set(db as Datastore<object>, file);
+	// Counting the documents takes a pass over them: done again only once the file has grown past
+	// what the last count allows, so the checks grow apart as the collection grows.
+	const plan = (kept: number) => (file.checkAt = Math.max(MIN_LINES_TO_REWRITE_RUNNING, REWRITE_AT_LINES_PER_DOCUMENT * kept));
 	const persistence = db.persistence as unknown as Persistence;
 	persistence.persistNewStateAsync = async docs => {
 		if (!docs.length) return;
 		file.fd ??= fs.openSync(filename, "a");
 		const bytes = Buffer.from(docs.map(doc => `${serialize(doc)}\n`).join(""), "utf8");
 		for (let written = 0; written < bytes.length;) written += fs.writeSync(file.fd, bytes, written);
+		file.lines += docs.length;
+		if (file.lines < file.checkAt) return;
+		const kept = db.getAllData().length;
+		if (!worthRewriting(file.lines, kept)) return void plan(kept);
+		// Queued behind this write (NeDB's executor runs one operation at a time); a failed rewrite
+		// leaves the file as it was and is tried again after more writes.
+		file.checkAt = Infinity;
+		db.compactDatafileAsync().catch(() => plan(kept));
 	};
 	// NeDB's load reads the file, then rewrites it: the rewrite is skipped when the read found it compact enough.
 	let compact = false;
@@ -82,6 +113,8 @@ export function openDatastore<T extends object>(filename: string): Datastore<T> 
 		const { loaded, lines, torn } = await readLines(stream, persistence.corruptAlertThreshold);
 		const kept = loaded.data.length + Object.keys(loaded.indexes).length;
 		compact = !torn && lines < REWRITE_AT_LINES_PER_DOCUMENT * kept;
+		file.lines = lines;
+		plan(kept);
 		return loaded;
 	};
 	const rewrite = persistence.persistCachedDatabaseAsync.bind(persistence);
@@ -92,6 +125,8 @@ export function openDatastore<T extends object>(filename: string): Datastore<T> 
 		}
 		await rewrite();
 		closeFile(file);
+		file.lines = db.getAllData().length;
+		plan(file.lines);
 	};
 	const internals = db as unknown as Internals;
 	internals._updateIndexes = pairs => updateInPlace(Object.values(internals.indexes), pairs);
@@ -151,7 +186,7 @@ export function closeDatastore<T extends object>(db: Datastore<T>): void {
 	if (file) closeFile(file);
 }
 
-function closeFile(file: { fd?: number }): void {
+function closeFile(file: DataFile): void {
 	if (file.fd === undefined) return;
 	fs.closeSync(file.fd);
 	file.fd = undefined;

@@ -105,6 +105,40 @@ describe("embedded channel adapter", () => {
 		expect(again).toEqual([]);
 	});
 
+	it("keeps its file short while running: rewritten once mostly superseded, the messages still waiting kept", async () => {
+		// Channels of their own: a group that earlier tests made known keeps their messages waiting for it.
+		const group = (name: string, seen: unknown[], fail = false): ServiceSchema => ({
+			name,
+			channels: {
+				[`thing.${name}`]: {
+					group: name,
+					maxRetries: 1000,
+					async handler(payload: unknown) {
+						if (fail) throw new Error("not now");
+						seen.push(payload);
+					}
+				}
+			}
+		});
+		const file = path.join(process.env.DATA_DIR as string, "channels", "messages.db");
+		const handled: unknown[] = [];
+		const { broker, send } = await start([group("flood", handled), group("stuck", [], true)]);
+		await send("thing.stuck", { id: "waiting1" });
+		// A line as published and one as handled each: 12,000 lines without a rewrite.
+		for (let i = 0; i < 6000; i++) await send("thing.flood", { id: `h${i}` });
+		await eventually(() => expect(handled).toHaveLength(6000));
+		const lines = fs.readFileSync(file, "utf8").split("\n").filter(Boolean);
+		expect(lines.length).toBeLessThan(10_000);
+		expect(lines.some(line => line.includes("waiting1"))).toBe(true);
+		await broker.stop();
+		brokers.splice(0);
+		const [again, late]: unknown[][] = [[], []];
+		await start([group("flood", again), group("stuck", late)]);
+		await eventually(() => expect(late).toEqual([{ id: "waiting1" }]));
+		await new Promise(resolve => setTimeout(resolve, 100));
+		expect(again).toEqual([]);
+	});
+
 	it("holds a message published from a service's started() until the adapter has connected, and delivers it", async () => {
 		const seen: unknown[] = [];
 		const errors: unknown[] = [];

@@ -1,8 +1,8 @@
 /**
  * The embedded store's file (lib/store/nedb.ts): what a load reads back, and when it rewrites the
  * file. A file less than two thirds superseded is kept as it is (no rewrite of a large ledger at
- * every start); one more superseded, or ending in a torn line, is rewritten; every acknowledged
- * write survives.
+ * every start); one more superseded, or ending in a torn line, is rewritten, at load and, once
+ * long, while running; every acknowledged write survives.
  */
 import fs from "node:fs";
 import os from "node:os";
@@ -82,6 +82,26 @@ describe("the embedded store's file", () => {
 		await db.insertAsync({ _id: "e", n: 1 });
 		closeDatastore(db);
 		expect((await all(await load(file))).map(d => d._id)).toEqual(["a", "b", "c", "e"]);
+	});
+
+	it("rewrites a file while running once it is long and mostly superseded, never an append-only one", async () => {
+		const accounts = path.join(dir, "accounts.db");
+		const db = await load(accounts);
+		await db.insertAsync({ _id: "a", n: 0 });
+		for (let n = 1; n <= 12_000; n++) await db.updateAsync({ _id: "a" }, { $set: { n } });
+		// The rewrite is queued behind the write that found it due; a read waits its turn.
+		expect(await all(db)).toEqual([{ _id: "a", n: 12_000 }]);
+		expect(lines(accounts).length).toBeLessThan(10_000);
+		closeDatastore(db);
+		expect(await all(await load(accounts))).toEqual([{ _id: "a", n: 12_000 }]);
+
+		const ledger = path.join(dir, "ledger.db");
+		const entries = await load(ledger);
+		const inode = fs.statSync(ledger).ino;
+		for (let n = 0; n < 12_000; n++) await entries.insertAsync({ _id: `e${n}`, n });
+		expect(await entries.countAsync({})).toBe(12_000);
+		expect(lines(ledger)).toHaveLength(12_000);
+		expect(fs.statSync(ledger).ino).toBe(inode);
 	});
 
 	it("refuses a file of which more than a tenth is corrupt", async () => {
