@@ -72,7 +72,12 @@ const MIN_LINES_TO_REWRITE_RUNNING = 10_000;
  * write until the next start (an account is written twice per posting), and so does that start.
  */
 export function worthRewriting(lines: number, kept: number): boolean {
-	return lines >= Math.max(MIN_LINES_TO_REWRITE_RUNNING, REWRITE_AT_LINES_PER_DOCUMENT * kept);
+	return lines >= rewriteAt(kept);
+}
+
+/** The lines at which a running process rewrites a file that keeps `kept` documents. */
+function rewriteAt(kept: number): number {
+	return Math.max(MIN_LINES_TO_REWRITE_RUNNING, REWRITE_AT_LINES_PER_DOCUMENT * kept);
 }
 
 interface DataFile {
@@ -91,7 +96,7 @@ export function openDatastore<T extends object>(filename: string): Datastore<T> 
 	descriptors.set(db as Datastore<object>, file);
 	// Counting the documents takes a pass over them: done again only once the file has grown past
 	// what the last count allows, so the checks grow apart as the collection grows.
-	const plan = (kept: number) => (file.checkAt = Math.max(MIN_LINES_TO_REWRITE_RUNNING, REWRITE_AT_LINES_PER_DOCUMENT * kept));
+	const plan = (kept: number) => (file.checkAt = rewriteAt(kept));
 	const persistence = db.persistence as unknown as Persistence;
 	persistence.persistNewStateAsync = async docs => {
 		if (!docs.length) return;
@@ -108,19 +113,19 @@ export function openDatastore<T extends object>(filename: string): Datastore<T> 
 		db.compactDatafileAsync().catch(() => plan(kept));
 	};
 	// NeDB's load reads the file, then rewrites it: the rewrite is skipped when the read found it compact enough.
-	let compact = false;
+	let compactEnough = false;
 	persistence.treatRawStreamAsync = async stream => {
 		const { loaded, lines, torn } = await readLines(stream, persistence.corruptAlertThreshold);
 		const kept = loaded.data.length + Object.keys(loaded.indexes).length;
-		compact = !torn && lines < REWRITE_AT_LINES_PER_DOCUMENT * kept;
+		compactEnough = !torn && lines < REWRITE_AT_LINES_PER_DOCUMENT * kept;
 		file.lines = lines;
 		plan(kept);
 		return loaded;
 	};
 	const rewrite = persistence.persistCachedDatabaseAsync.bind(persistence);
 	persistence.persistCachedDatabaseAsync = async () => {
-		if (compact) {
-			compact = false;
+		if (compactEnough) {
+			compactEnough = false;
 			return;
 		}
 		await rewrite();
