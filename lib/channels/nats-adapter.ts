@@ -13,13 +13,16 @@
  * - a dead letter carries its error and a unique id, and is acknowledged only once it is stored in
  *   DEAD_LETTERS (the stock adapter acknowledges it even when moving it failed);
  * - a replayed message (header `x-replay-group`) is handled by that group only;
+ * - a message carries the publishing node's clock (header `x-published-at`): billing's month close
+ *   asks what was published before a moment of that clock, which the server's own timestamp is not
+ *   (another machine's clock, or a node run on another date under libfaketime);
  * - nodes of one group starting at once all subscribe (the stock adapter fails all but the first,
  *   with an ERROR in the log).
  */
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { JetStreamClient, JetStreamManager, JsMsg, NatsError } from "nats";
-import { deadLetterHeaders, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
+import { deadLetterHeaders, PUBLISHED_AT, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
 
 const NatsAdapter = Adapters.NATS;
 
@@ -47,15 +50,18 @@ export class DurableNatsAdapter extends NatsAdapter {
 		} as never);
 	}
 
-	override async publish(channelName: string, payload: unknown, opts?: object): Promise<void> {
+	// The stock adapter takes headers as a plain object (its typings say otherwise).
+	override async publish(channelName: string, payload: unknown, opts?: object | null): Promise<void> {
 		if (this.stopping) throw new Error(`Not published to '${channelName}': the channel adapter is stopping`);
+		// A dead letter keeps the time its message was first published.
+		const headers = { [PUBLISHED_AT]: new Date().toISOString(), ...(opts as { headers?: Record<string, string> } | null)?.headers };
 		try {
-			await super.publish(channelName, payload, { ...opts } as never);
+			await super.publish(channelName, payload, { ...opts, headers } as never);
 		} catch (err) {
 			// JetStream answers 503 ("no responders") when no stream takes the subject.
 			if ((err as { code?: string }).code !== "503") throw err;
 			await this.createStream(channelName.split(".").join("_"), [channelName], {} as never);
-			await super.publish(channelName, payload, { ...opts } as never);
+			await super.publish(channelName, payload, { ...opts, headers } as never);
 		}
 	}
 
@@ -88,7 +94,8 @@ export class DurableNatsAdapter extends NatsAdapter {
 			if (info.num_pending + info.num_ack_pending === 0) continue;
 			// Everything up to the ack floor is acknowledged: the next message is the oldest waiting one.
 			const oldest = await this.manager.streams.getMessage(stream, { seq: info.ack_floor.stream_seq + 1 });
-			if (oldest.time < before) return false;
+			const publishedAt = oldest.header?.get(PUBLISHED_AT);
+			if ((publishedAt ? new Date(publishedAt) : oldest.time) < before) return false;
 		}
 		return true;
 	}

@@ -29,6 +29,9 @@ export const DEAD_LETTER = {
 	tries: "x-tries"
 } as const;
 
+/** When a message was published, by the publishing node's clock (ISO). */
+export const PUBLISHED_AT = "x-published-at";
+
 /** A replayed message goes to this consumer group only; the channel's other groups skip it. */
 export const REPLAY_GROUP = "x-replay-group";
 
