@@ -137,7 +137,7 @@ interface Settings extends ServiceSettingSchema {
 	sweepIntervalMs: number;
 	/** Months earned points stay valid after the month they were earned in; 0: never expire. */
 	pointsValidMonths: number;
-	/** How often the expiry job looks whether a new day has begun (ms): it runs at start and once a day. */
+	/** How often the expiry job looks whether a new day has begun (ms): it runs at start and once a day, at most this late. */
 	expiryCheckMs: number;
 	/** How many accounts due the expiry job reads at a time. */
 	expiryBatch: number;
@@ -175,7 +175,19 @@ function lotsOf(account: Account): Lots {
 	return untracked === 0 ? lots : applyToLots(lots, untracked, monthOf(account.updatedAt));
 }
 
-/** A month of earnings (`YYYYMM`). */
+/** The expiry of what is left of the account's earnings of every month through `through`, a lot an entry. */
+function expiries(account: Account, through: string): Draft[] {
+	return Object.entries(lotsOf(account))
+		.filter(([month]) => month <= through)
+		.map(([month, points]) => ({
+			_id: `expire:${account._id}:${month}`,
+			kind: "expire",
+			amount: -points,
+			sourceType: "member",
+			sourceId: account._id,
+			lotMonth: month
+		}));
+}
 
 const dealSource = (deal: DealEvent): Source => ({
 	memberId: deal.memberId,
@@ -220,7 +232,8 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		OutboxMixin,
 		ConfiguredSettings<Settings>(config => ({
 			sweepIntervalMs: 5000,
-			expiryCheckMs: 3_600_000,
+			// A lot is gone at most a minute after its month ends.
+			expiryCheckMs: 60_000,
 			expiryBatch: 500,
 			pointsValidMonths: config.pointsValidMonths,
 			callTimeoutMs: config.callTimeoutMs
@@ -516,8 +529,13 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				if (await this.ledger.findById(cause)) return "DUPLICATE";
 				if (await this.ledger.findById(cancelCauseOf(source))) return "CANCELLED";
 				if (account.status === "closed") return "ACCOUNT_CLOSED";
-				if (account.balance < amount) return "INSUFFICIENT_POINTS";
-				return [{ _id: cause, kind: "use", amount: -amount, ...source }];
+				// Points past their validity are never spent, however late the expiry job runs: a use
+				// expires them first, with the job's own entries (each lot's expiry is one cause).
+				const due =
+					this.settings.pointsValidMonths > 0 ? expiries(account, expiredThrough(this.now(), this.settings.pointsValidMonths)) : [];
+				const spendable = due.reduce((sum, d) => sum + d.amount, account.balance);
+				if (spendable < amount) return "INSUFFICIENT_POINTS";
+				return [...due, { _id: cause, kind: "use", amount: -amount, ...source }];
 			}).then(result => (result.reason === "DUPLICATE" ? { ...result, applied: true, reason: undefined } : result));
 		},
 
@@ -581,17 +599,10 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			let points = 0;
 			const result = await this.post(memberId, async account => {
 				// Planned again after a lost race: only what the winner left counts.
-				const due = Object.entries(lotsOf(account)).filter(([month]) => month <= through);
-				points = due.reduce((sum, [, p]) => sum + p, 0);
+				const due = expiries(account, through);
+				points = -due.reduce((sum, d) => sum + d.amount, 0);
 				if (account.status === "closed" || !due.length) return "DUPLICATE";
-				return due.map(([month, p]) => ({
-					_id: `expire:${memberId}:${month}`,
-					kind: "expire",
-					amount: -p,
-					sourceType: "member",
-					sourceId: memberId,
-					lotMonth: month
-				}));
+				return due;
 			});
 			return result.applied ? points : 0;
 		},

@@ -260,6 +260,40 @@ describe("points that expire, on a controlled clock", () => {
 		});
 	});
 
+	describe("a use in the minute after a month's end, before the expiry job has run", () => {
+		let clock = new Date("2027-08-10T10:00:00.000Z");
+
+		it("expires the lots past their validity first, with the job's own entries, so expired points are never spent", async () => {
+			// The job never runs on this node: only the use can expire anything.
+			const broker = createTestBroker([pointsOnClock(() => clock, 2, { scheduleExpiry() {} })]);
+			await broker.start();
+			const c = client(broker);
+			try {
+				await c.earn("u001", "u-d1", 100);
+				clock = new Date("2027-09-05T10:00:00.000Z");
+				await c.earn("u001", "u-d2", 50);
+				// October has ended: August's 100 are gone, September's 50 are left to spend.
+				clock = new Date("2027-11-01T00:00:30.000Z");
+				expect(await c.use("u001", "u-u1", 51)).toMatchObject({ applied: false, reason: "INSUFFICIENT_POINTS" });
+				expect(await c.use("u001", "u-u2", 30)).toMatchObject({ applied: true, balance: 20 });
+				await eventually(async () =>
+					expect((await c.ledger("u001")).map(e => [e.cause, e.amount])).toEqual([
+						["deal:u-u2", -30],
+						["expire:u001:202708", -100],
+						["deal:u-d2", 50],
+						["deal:u-d1", 100]
+					])
+				);
+				// The job, run afterwards, finds nothing left to expire.
+				expect(await broker.call<ExpiryRun, object>("points.expire", {})).toEqual({ through: "202708", members: 0, points: 0 });
+				expect((await c.account("u001")).expiring[0]).toEqual({ month: "202711", expiresAt: "2027-12-01T00:00:00.000Z", points: 20 });
+				await eventually(async () => expect((await c.audit()).mismatches).toEqual([]));
+			} finally {
+				await broker.stop();
+			}
+		});
+	});
+
 	// Last: the brokers above would expire this member's points.
 	describe("with POINTS_VALID_MONTHS=0", () => {
 		let broker: ServiceBroker;
