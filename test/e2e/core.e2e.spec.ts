@@ -5,6 +5,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { eventually } from "../helpers/broker";
+import { faketime } from "../helpers/clock";
 import { System } from "../helpers/system";
 
 jest.setTimeout(60_000);
@@ -13,11 +14,12 @@ describe("OnePoint over HTTP", () => {
 	let system: System;
 	const api = <T = any>(method: string, urlPath: string, body?: unknown) => system.call<T>(method, `/api${urlPath}`, body);
 	const balance = async (memberId: string) => (await api("GET", `/points/${memberId}`)).body.balance as number;
-	const month = new Date().toISOString().slice(0, 7).replace("-", "");
+	// The node's clock (libfaketime) is in May 2026: "this month" is 202605.
+	const month = "202605";
 	const ids: Record<number, string> = {};
 
 	beforeAll(async () => {
-		system = await System.start();
+		system = await System.start(faketime("2026-05-14 10:00:00"));
 	});
 	afterAll(() => system.stop());
 

@@ -4,9 +4,8 @@
  * a node down over a month's end that catches up when it is back, the REPL's `expire` and `audit`,
  * and adjustments with and without the right to make them.
  */
-import fs from "node:fs";
-import path from "node:path";
 import { eventually } from "../helpers/broker";
+import { faketime } from "../helpers/clock";
 import { System, TOKENS } from "../helpers/system";
 
 jest.setTimeout(90_000);
@@ -14,20 +13,6 @@ jest.setTimeout(90_000);
 const ALICE = "alice-staff-token-0123456789";
 const API_KEYS = `${TOKENS.staff}=staff,${ALICE}=staff:alice,${TOKENS.merchant20}=merchant:20`;
 const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
-
-/** Debian's libfaketime (package `faketime`), in the machine's own multiarch folder. */
-const LIBFAKETIME = fs
-	.readdirSync("/usr/lib")
-	.map(dir => path.join("/usr/lib", dir, "faketime/libfaketime.so.1"))
-	.find(file => fs.existsSync(file));
-
-/** The node's clock starts at `at` (UTC) and runs on from there. */
-const clockAt = (at: string) => ({
-	LD_PRELOAD: LIBFAKETIME ?? "libfaketime.so.1 (install Debian's faketime)",
-	FAKETIME: `@${at}`,
-	FAKETIME_DONT_FAKE_MONOTONIC: "1",
-	TZ: "UTC"
-});
 
 interface Entry {
 	cause: string;
@@ -47,12 +32,12 @@ describe("points that expire and staff adjustments, over HTTP on a set clock", (
 	/** Restarts the node on the same data with its clock at `at`. */
 	const restartAt = async (at: string) => {
 		await system.stop();
-		Object.assign(system.env, clockAt(at));
+		Object.assign(system.env, faketime(at));
 		await system.start();
 	};
 
 	beforeAll(async () => {
-		system = await System.start({ API_KEYS, POINTS_VALID_MONTHS: "1", ...clockAt("2026-03-10 10:00:00") }, true);
+		system = await System.start({ API_KEYS, POINTS_VALID_MONTHS: "1", ...faketime("2026-03-10 10:00:00") }, true);
 	});
 	afterAll(() => system.stop());
 

@@ -5,6 +5,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { eventually } from "../helpers/broker";
+import { faketime } from "../helpers/clock";
 import { tamper } from "../helpers/store";
 import { System } from "../helpers/system";
 
@@ -13,10 +14,11 @@ jest.setTimeout(60_000);
 describe("operator commands in the Moleculer REPL", () => {
 	let system: System;
 	const api = (method: string, urlPath: string, body?: unknown) => system.call(method, `/api${urlPath}`, body);
-	const month = new Date().toISOString().slice(0, 7).replace("-", "");
+	// The node's clock (libfaketime) is in May 2026: "this month" is 202605.
+	const month = "202605";
 
 	beforeAll(async () => {
-		system = await System.start({}, true);
+		system = await System.start(faketime("2026-05-14 10:00:00"), true);
 		await api("POST", "/members", { memberId: "r001", name: "Park Jisoo" });
 		await api("POST", "/deals", { memberId: "r001", merchantId: "20", dealAmount: 100000, type: "save" });
 		await eventually(async () => expect((await api("GET", "/points/r001")).body.balance).toBe(1000));
@@ -77,7 +79,7 @@ describe("operator commands in the Moleculer REPL", () => {
 			dealAmount: 5000,
 			type: "save",
 			point: 50,
-			dealDate: new Date().toISOString()
+			dealDate: "2026-05-14T09:00:00.000Z"
 		};
 		const headers = {
 			"x-dead-letter-id": "0deadletter0001",

@@ -3,6 +3,7 @@
  * refusals that change nothing, a merchant's rights, and billing after a use's partial returns.
  */
 import { eventually } from "../helpers/broker";
+import { faketime } from "../helpers/clock";
 import { System, TOKENS } from "../helpers/system";
 
 jest.setTimeout(60_000);
@@ -28,7 +29,7 @@ describe("partial returns over HTTP", () => {
 		api("POST", `/deals/${id}/cancel`, body, headers);
 
 	beforeAll(async () => {
-		system = await System.start();
+		system = await System.start(faketime("2026-05-14 10:00:00"));
 		for (const memberId of ["0001", "0002"]) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
 	});
 	afterAll(() => system.stop());

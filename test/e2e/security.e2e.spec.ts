@@ -3,11 +3,13 @@
  * status and code, and leaves members, deals, balances and the ledger as they were.
  */
 import { eventually } from "../helpers/broker";
+import { faketime } from "../helpers/clock";
 import { System, TOKENS } from "../helpers/system";
 
 jest.setTimeout(60_000);
 
-const month = new Date().toISOString().slice(0, 7).replace("-", "");
+// The node's clock (libfaketime) is in May 2026: "this month" is 202605.
+const month = "202605";
 const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
 const asMerchant20 = bearer(TOKENS.merchant20);
 
@@ -16,7 +18,7 @@ describe("gateway security", () => {
 	const ids: Record<string, string> = {};
 
 	beforeAll(async () => {
-		system = await System.start();
+		system = await System.start(faketime("2026-05-14 10:00:00"));
 		const api = (method: string, path: string, body?: unknown) => system.call(method, `/api${path}`, body);
 		await api("POST", "/members", { memberId: "0001", name: "Kim" });
 		await api("POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 100000, type: "save" });

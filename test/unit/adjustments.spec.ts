@@ -5,6 +5,7 @@ import MembersService from "../../services/members.service";
 import MyPointsService from "../../services/my-points.service";
 import PointsService, { type AccountView, type AdjustmentView } from "../../services/points.service";
 import { createTestBroker, drained, eventually, withSettings } from "../helpers/broker";
+import { clockFrom } from "../helpers/clock";
 
 interface Entry {
 	cause: string;
@@ -18,6 +19,8 @@ interface Entry {
 }
 
 describe("staff adjustments", () => {
+	// The test's clock: "this month" below is May 2026.
+	clockFrom("2026-05-14T10:00:00.000Z");
 	let broker: ServiceBroker;
 	const alice: Role = { kind: "staff", name: "alice" };
 	const adjust = (memberId: string, params: object, user: Role | null = alice) =>
@@ -83,7 +86,7 @@ describe("staff adjustments", () => {
 			}
 		]);
 		// A positive adjustment is an earning of this month; the negative one took from it.
-		const current = new Date().toISOString().slice(0, 7).replace("-", "");
+		const current = "202605";
 		const valid = await account("a001");
 		expect(valid.expiring).toHaveLength(3);
 		expect(valid.expiring.every(e => e.points === 0)).toBe(true);

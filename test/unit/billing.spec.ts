@@ -2,10 +2,13 @@ import type { ServiceBroker } from "moleculer";
 import { monthBounds } from "../../lib/months";
 import BillingService from "../../services/billing.service";
 import { createTestBroker, drained, eventually } from "../helpers/broker";
+import { clockFrom } from "../helpers/clock";
 
 type Send = (channel: string, payload: object) => Promise<void>;
 
 describe("billing service", () => {
+	// The test's clock: the months of 2020 below are long closed; 2099 has not started.
+	clockFrom("2026-05-14T10:00:00.000Z");
 	let broker: ServiceBroker;
 	let send: Send;
 	const used = (dealId: string, point: number, dealDate: string, merchantId = "20") =>

@@ -18,6 +18,7 @@ import OrdersService, { type OrderView } from "../../services/orders.service";
 import PaymentsService from "../../services/payments.service";
 import PointsService, { type PostResult } from "../../services/points.service";
 import { createTestBroker, eventually, withSettings } from "../helpers/broker";
+import { clockFrom } from "../helpers/clock";
 
 type Send = (channel: string, payload: object) => Promise<void>;
 
@@ -39,6 +40,8 @@ const VoidedCounter: ServiceSchema = {
 };
 
 describe("two instances sharing MongoDB", () => {
+	// The test's clock: the lots below are earned in May 2026.
+	clockFrom("2026-05-14T10:00:00.000Z");
 	let a: ServiceBroker;
 	let b: ServiceBroker;
 	let mongo: MongoClient;
@@ -160,7 +163,7 @@ describe("two instances sharing MongoDB", () => {
 		};
 		// What `post` leaves when its process is killed between the account write and the ledger copy
 		// (the use took 100 of this month's earning lot).
-		const lots = { [new Date().toISOString().slice(0, 7).replace("-", "")]: 200 };
+		const lots = { "202605": 200 };
 		await mongo
 			.db()
 			.collection<{ _id: string }>("accounts")

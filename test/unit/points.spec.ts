@@ -34,7 +34,7 @@ describe("points service", () => {
 	});
 
 	it("opens an account with balance 0 when a member joins", async () => {
-		await send("member.joined", { memberId: "m1", joinedAt: new Date().toISOString() });
+		await send("member.joined", { memberId: "m1", joinedAt: "2026-05-14T10:00:00.000Z" });
 		await eventually(async () => expect(await balance("m1")).toBe(0));
 	});
 

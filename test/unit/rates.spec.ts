@@ -6,6 +6,7 @@
 import type { ServiceBroker } from "moleculer";
 import { applyRate, earnedPoints, parseRate, settlementAmounts } from "../../lib/rates";
 import { eventually } from "../helpers/broker";
+import { clockFrom } from "../helpers/clock";
 
 describe("rates", () => {
 	it.each([
@@ -61,6 +62,8 @@ describe("rates", () => {
 });
 
 describe("services with EARN_RATE=0.29 and SETTLEMENT_FEE=0.07", () => {
+	// The test's clock: the use is made, and settled, in May 2026.
+	clockFrom("2026-05-14T10:00:00.000Z");
 	let broker: ServiceBroker;
 
 	beforeAll(async () => {
@@ -94,8 +97,7 @@ describe("services with EARN_RATE=0.29 and SETTLEMENT_FEE=0.07", () => {
 			point: 1000
 		});
 		await eventually(async () => expect(await broker.call("billing.view", { dealId: used.id })).toMatchObject({ point: 1000 }));
-		const month = new Date().toISOString().slice(0, 7).replace("-", "");
-		expect(await broker.call("billing.settle", { merchantId: "20", billingMonth: month })).toMatchObject({
+		expect(await broker.call("billing.settle", { merchantId: "20", billingMonth: "202605" })).toMatchObject({
 			usedPoints: 1000,
 			feeRate: 0.07,
 			fee: 70,

@@ -11,6 +11,7 @@ import DealsService, { type DealView } from "../../services/deals.service";
 import MembersService from "../../services/members.service";
 import PointsService from "../../services/points.service";
 import { createTestBroker, drained, eventually } from "../helpers/broker";
+import { clockFrom } from "../helpers/clock";
 
 type Send = (channel: string, payload: object) => Promise<void>;
 
@@ -22,6 +23,8 @@ interface Entry {
 }
 
 describe("partial returns", () => {
+	// The test's clock: the deals are made in May 2026; March 2021 is long closed.
+	clockFrom("2026-05-14T10:00:00.000Z");
 	let broker: ServiceBroker;
 	let send: Send;
 	const deal = (params: object) => broker.call<DealView, object>("deals.create", { merchantId: "20", ...params });
