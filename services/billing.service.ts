@@ -15,8 +15,9 @@
  * points less those given back by its returns, or 0 once cancelled; a difference is a line of the month's settlement, or an adjustment in
  * the first open month once the row's own month has closed. Rows are `open` until they agree.
  *
- * The month-end job checks the clock once a minute and closes every past month that can close, so a
- * node down through two month-ends, or a clock that jumped, still closes each month. Closing is
+ * The month-end job checks the clock soon after start and then once a minute, and closes every past
+ * month that can close, so a node down through two month-ends, or a clock that jumped, still closes
+ * each month. Closing is
  * idempotent: a rerun, or two billing nodes closing the same month, changes nothing.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
@@ -107,8 +108,8 @@ interface Methods {
 }
 
 interface Settings extends ServiceSettingSchema {
-	/** How long after a month's end it is closed (MONTH_END_GRACE_MINUTES), and how often the clock is checked (ms). */
-	monthEnd: { graceMs: number; checkEveryMs: number };
+	/** How long after a month's end it is closed (MONTH_END_GRACE_MINUTES), when the clock is first checked after start, and how often after (ms). */
+	monthEnd: { graceMs: number; firstCheckMs: number; checkEveryMs: number };
 	/** The share of used points a merchant pays as a fee, in basis points (SETTLEMENT_FEE). */
 	settlementFeeBp: number;
 }
@@ -137,7 +138,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	mixins: [
 		DbMixin("billing-amount-views", [{ fields: { merchantId: 1, dealDate: 1 } }, { fields: { dealDate: 1 } }]),
 		ConfiguredSettings<Settings>(config => ({
-			monthEnd: { graceMs: config.monthEndGraceMs, checkEveryMs: 60_000 },
+			monthEnd: { graceMs: config.monthEndGraceMs, firstCheckMs: 10_000, checkEveryMs: 60_000 },
 			settlementFeeBp: config.settlementFeeBp
 		}))
 	],
@@ -182,6 +183,26 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			async handler(this: This, ctx: Context<{ billingMonth?: string }>) {
 				const months = await this.closeMonths(ctx.params.billingMonth ?? previousMonth(this.now()));
 				return { closedThrough: (await this.closedThrough()) ?? null, months };
+			}
+		},
+
+		/**
+		 * Every merchant's settlement of a month, as `get` answers each: what the dashboard previews.
+		 * Only merchants with something to bill in it (their uses, or changes carried into it).
+		 */
+		preview: {
+			visibility: "public",
+			params: { $$strict: true, billingMonth: P.month },
+			async handler(this: This, ctx: Context<{ billingMonth: string }>) {
+				const month = ctx.params.billingMonth;
+				this.assertStarted(month);
+				const closedThrough = await this.closedThrough();
+				if (closedThrough && month <= closedThrough)
+					return (await this.settlements.find({ query: { billingMonth: month }, sort: ["merchantId"] })).map(s => this.toView(s));
+				const rows = await this.store.find({ query: { open: true, dealDate: { $lt: monthBounds(month)[1] } } });
+				const merchants = [...new Set(rows.flatMap(row => (row.merchantId ? [row.merchantId] : [])))].sort();
+				const settlements = await Promise.all(merchants.map(merchantId => this.compute(merchantId, month, closedThrough, "provisional")));
+				return settlements.filter(s => s.lines.length).map(s => this.toView(s));
 			}
 		},
 
@@ -243,11 +264,17 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		async settlementOf(this: This, merchantId: string, month: string) {
 			this.assertStarted(month);
 			let closedThrough = await this.closedThrough();
+			// This request closing the month made the merchant's final settlement: 201, as when it makes an empty one.
+			let madeNow = false;
 			if ((!closedThrough || month > closedThrough) && (await this.canClose(month))) {
-				await this.closeMonths(month);
+				const closed = await this.closeMonths(month);
+				madeNow = closed.some(c => c.billingMonth === month && c.settlements.some(s => s.merchantId === merchantId));
 				closedThrough = await this.closedThrough();
 			}
-			if (closedThrough && month <= closedThrough) return this.lock.run("close", () => this.finalize(merchantId, month, false));
+			if (closedThrough && month <= closedThrough) {
+				const result = await this.lock.run("close", () => this.finalize(merchantId, month, false));
+				return madeNow ? { ...result, created: true } : result;
+			}
 			return { settlement: await this.compute(merchantId, month, closedThrough, "provisional"), created: false };
 		},
 
@@ -409,17 +436,18 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	async started(this: This) {
 		this.monthEndStopped = false;
 		await Promise.all([this.settlements, this.state].map(c => c.connect(this.logger)));
-		// The first check comes a while after start, so events queued while this node was down reach
-		// the view before a missed month is closed.
-		const check = () => {
+		// The first check comes a few seconds after start, once the outboxes have sent what waited
+		// in them while this node was down (a month closes only when its events are handled, but an
+		// event still in another service's outbox is not yet anywhere to be waited for).
+		const check = (delayMs: number) => {
 			if (this.monthEndStopped) return;
 			this.monthEndTimer = setTimeout(() => {
 				this.monthEndCheck()
 					.catch(err => this.logger.error("Month-end job failed; retrying at the next check:", err))
-					.finally(check);
-			}, this.settings.monthEnd.checkEveryMs);
+					.finally(() => check(this.settings.monthEnd.checkEveryMs));
+			}, delayMs);
 		};
-		check();
+		check(this.settings.monthEnd.firstCheckMs);
 	},
 
 	async stopped(this: This) {

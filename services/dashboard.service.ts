@@ -21,7 +21,7 @@ import { notFound } from "../lib/errors";
 import { expiringSoon, type Lots } from "../lib/expiry";
 import * as P from "../lib/params";
 import { monthOf } from "../lib/months";
-import { settlementAmounts } from "../lib/rates";
+import type { SettlementView } from "./billing.service";
 import { DbMixin, openCollection, type Collection, type DbThis, type Query } from "../mixins/db.mixin";
 
 /** A copy of a ledger entry, keyed by its cause. */
@@ -103,9 +103,7 @@ const newMember = (memberId: string): MemberRow => ({ _id: memberId, status: "ac
 const noTotals = (): Totals => ({ earned: 0, used: 0, cancelled: 0, expired: 0, adjusted: 0 });
 
 interface Settings extends ServiceSettingSchema {
-	/** The fee the settlement preview deducts, in basis points (SETTLEMENT_FEE). */
-	settlementFeeBp: number;
-	/** How long the overview waits for the dead-letter count (ms). */
+	/** How long the overview waits for the dead-letter count and billing's preview (ms). */
 	callTimeoutMs: number;
 	/** Months earned points stay valid (POINTS_VALID_MONTHS); 0: never expire. */
 	pointsValidMonths: number;
@@ -126,7 +124,6 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 	mixins: [
 		DbMixin("dashboard-entries", [{ fields: { memberId: 1 } }]),
 		ConfiguredSettings<Settings>(config => ({
-			settlementFeeBp: config.settlementFeeBp,
 			callTimeoutMs: config.callTimeoutMs,
 			pointsValidMonths: config.pointsValidMonths
 		}))
@@ -199,14 +196,15 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 				const since = new Date(now.getTime() - (ctx.params.days - 1) * 86_400_000).toISOString().slice(0, 10);
 				const current = monthOf(now.toISOString());
 				const monthStart = `${now.toISOString().slice(0, 7)}-01`;
-				const [members, deals, deadLetters] = await Promise.all([
+				const answerOrNull = <T, R>(action: string, params: object, pick: (answer: T) => R) =>
+					ctx.call<T, object>(action, params, { timeout: this.settings.callTimeoutMs }).then(pick, () => null);
+				const [members, deals, deadLetters, settlements] = await Promise.all([
 					this.members.find({ query: {} }),
 					this.transactions.find({ query: { kind: "deal", day: { $gte: since < monthStart ? since : monthStart } } }),
-					// Owned by the dead-letters service: without an answer the overview still shows the rest.
-					ctx.call<{ waiting: number }, object>("dead-letters.count", {}, { timeout: this.settings.callTimeoutMs }).then(
-						r => r.waiting,
-						() => null
-					)
+					// Owned by other services: without their answer the overview still shows the rest.
+					answerOrNull("dead-letters.count", {}, (r: { waiting: number }) => r.waiting),
+					// Billing's own figures, with what it carries into this month from closed ones.
+					answerOrNull("billing.preview", { billingMonth: current }, (rows: SettlementView[]) => rows)
 				]);
 				const perDay = new Map<string, number>();
 				const perMerchant = new Map<string, { merchantId: string; deals: number; earnedPoints: number; usedPoints: number }>();
@@ -245,15 +243,16 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 					deadLetters,
 					dealsPerDay: [...perDay].sort(([a], [b]) => a.localeCompare(b)).map(([day, count]) => ({ day, deals: count })),
 					topMerchants: [...merchants].sort((a, b) => b.deals - a.deals || b.usedPoints - a.usedPoints).slice(0, 5),
-					settlementPreview: merchants
-						.filter(m => m.usedPoints > 0)
-						.map(m => ({
-							merchantId: m.merchantId,
-							billingMonth: current,
-							usedPoints: m.usedPoints,
-							billingAmount: settlementAmounts(m.usedPoints, this.settings.settlementFeeBp).billingAmount
-						}))
-						.sort((a, b) => b.usedPoints - a.usedPoints)
+					settlementPreview:
+						settlements
+							?.map(({ merchantId, billingMonth, usedPoints, adjustmentPoints, billingAmount }) => ({
+								merchantId,
+								billingMonth,
+								usedPoints,
+								adjustmentPoints,
+								billingAmount
+							}))
+							.sort((a, b) => b.billingAmount - a.billingAmount || a.merchantId.localeCompare(b.merchantId)) ?? null
 				};
 			}
 		}

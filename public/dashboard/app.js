@@ -61,7 +61,13 @@ async function loadOverview() {
 		[number(m.earnedPoints)],
 		[number(m.usedPoints)]
 	]);
-	rows($("#settlement-preview tbody"), o.settlementPreview, m => [[m.merchantId], [number(m.usedPoints)], [number(m.billingAmount)]]);
+	// Null while billing does not answer.
+	rows($("#settlement-preview tbody"), o.settlementPreview ?? [], m => [
+		[m.merchantId],
+		[number(m.usedPoints)],
+		[number(m.adjustmentPoints)],
+		[number(m.billingAmount)]
+	]);
 	// No months when points never expire (POINTS_VALID_MONTHS=0).
 	const expiring = o.expiringSoon.months;
 	$("#expiring-soon").hidden = $("#overview-expiring-figure").hidden = !expiring.length;

@@ -74,11 +74,14 @@ describe("services' settings", () => {
 			MONTH_END_GRACE_MINUTES: "1",
 			POINTS_VALID_MONTHS: "24"
 		});
-		expect(settings.points).toMatchObject({ pointsValidMonths: 24, callTimeoutMs: 300, expiryCheckMs: 3_600_000, sweepIntervalMs: 5000 });
+		expect(settings.points).toMatchObject({ pointsValidMonths: 24, callTimeoutMs: 300, expiryCheckMs: 60_000, sweepIntervalMs: 5000 });
 		expect(settings.dashboard).toMatchObject({ pointsValidMonths: 24 });
 		expect(settings.deals).toMatchObject({ callTimeoutMs: 300, pendingTimeoutMs: 300, pendingSweepMs: 300, earnRateBp: 500 });
 		expect(settings.payments).toMatchObject({ limit: 5, delayMs: 0 });
-		expect(settings.billing).toMatchObject({ monthEnd: { graceMs: 60_000, checkEveryMs: 60_000 }, settlementFeeBp: 200 });
+		expect(settings.billing).toMatchObject({
+			monthEnd: { graceMs: 60_000, firstCheckMs: 10_000, checkEveryMs: 60_000 },
+			settlementFeeBp: 200
+		});
 	});
 
 	it("are overridden by a schema's own settings, also inside nested ones", async () => {
@@ -89,7 +92,7 @@ describe("services' settings", () => {
 			}
 		);
 		expect(settings.deals).toMatchObject({ callTimeoutMs: 300, pendingTimeoutMs: 50, pendingSweepMs: 300 });
-		expect(settings.billing).toMatchObject({ monthEnd: { graceMs: 600_000, checkEveryMs: 20 } });
+		expect(settings.billing).toMatchObject({ monthEnd: { graceMs: 600_000, firstCheckMs: 10_000, checkEveryMs: 20 } });
 	});
 
 	it("keep the gateway's tokens to the node", async () => {

@@ -40,7 +40,7 @@ describe("settlements across month ends (controlled clock)", () => {
 				name: "billing",
 				// Moleculer types a mixin as the plain schema; this one is typed with its own settings.
 				mixins: [BillingService as unknown as Partial<ServiceSchema>],
-				settings: { monthEnd: { graceMs: 10 * 60_000, checkEveryMs: 20 } },
+				settings: { monthEnd: { graceMs: 10 * 60_000, firstCheckMs: 20, checkEveryMs: 20 } },
 				methods: { now: () => clock }
 			}
 		]);
