@@ -3,8 +3,8 @@
  * default) and on MongoDB (the stand-in under test/mongo, or the server at MONGO_URI). Suites about
  * one store only (the stand-in itself, several instances sharing MongoDB: `mongo-*.spec.ts`; NeDB's
  * file: `nedb-file.spec.ts`) run in that store's project; suites about neither (configuration,
- * deployment files, the embedded channel store, the benchmark's smoke run) run once, in the NeDB
- * project.
+ * deployment files, the channel adapters, the patches, the docs checks, pure rules, the benchmark's
+ * smoke run) run once, in the NeDB project.
  */
 const common = {
 	testEnvironment: "node",
@@ -22,7 +22,12 @@ const storeless = [
 	"nedb-file",
 	"nats-channel-adapter",
 	"nodes.e2e",
-	"metric-rate-shape"
+	"metric-rate-shape",
+	"patches",
+	"channels-doc",
+	"channel-adapter-contract",
+	"gateway-patch",
+	"posting"
 ].map(name => `/test/(unit|e2e)/${name}\\.spec\\.ts$`);
 
 /** @type {import('jest').Config} */

@@ -18,10 +18,12 @@
  *   (another machine's clock, or a node run on another date under libfaketime);
  * - nodes of one group starting at once all subscribe (the stock adapter fails all but the first,
  *   with an ERROR in the log).
+ * It overrides and calls the stock adapter's internals: lib/patches.ts fences them.
  */
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { JetStreamClient, JetStreamManager, JsMsg, NatsError } from "nats";
+import { assertPatchable, PATCHES } from "../patches";
 import { deadLetterHeaders, PUBLISHED_AT, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
 
 const NatsAdapter = Adapters.NATS;
@@ -40,6 +42,7 @@ export class DurableNatsAdapter extends NatsAdapter {
 	declare opts: InstanceType<typeof NatsAdapter>["opts"] & DurableNatsOptions;
 
 	constructor(url: string, opts: DurableNatsOptions) {
+		assertPatchable(PATCHES.natsChannels, NatsAdapter.prototype);
 		super({
 			...opts,
 			nats: {

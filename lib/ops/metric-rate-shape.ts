@@ -7,10 +7,11 @@
  * object's hidden class. From then on V8 aborts every optimisation of the metric types' `increment`,
  * `decrement`, `set` and `observe` ("Maps became deprecated during optimization", over 100 a second under load)
  * and the optimising compiler takes about half the process's CPU. Widening the field once, before
- * any rate exists, gives every `MetricRate` its final hidden class from the start. See the README's
- * Performance section for the evidence and how to reproduce it.
+ * any rate exists, gives every `MetricRate` its final hidden class from the start. See
+ * docs/performance.md for the evidence and how to reproduce it; lib/patches.ts fences the patch.
  */
 import { MetricTypes, type MetricRegistry } from "moleculer";
+import { assertPatchable, PATCHES } from "../patches";
 
 /** The part of Moleculer's (unexported) MetricRate this touches. */
 interface MetricRate {
@@ -28,6 +29,7 @@ export function settleMetricRateShape(): void {
 	const gauge = new MetricTypes.Gauge({ name: "onepoint.shape-probe", type: "gauge", rate: true }, registry);
 	gauge.set(0);
 	const [item] = gauge.values.values();
+	assertPatchable(PATCHES.metricRate, item.rate as object);
 	probe = item.rate as MetricRate;
 	clearInterval(probe.timer);
 	probe.rate = 0.5;

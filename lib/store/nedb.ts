@@ -1,6 +1,7 @@
 /**
- * NeDB datastores as this project opens them, with two of NeDB's costs taken out (README,
- * "Performance"); what a write guarantees is unchanged.
+ * NeDB datastores as this project opens them, with two of NeDB's costs taken out
+ * (docs/performance.md); what a write guarantees is unchanged. The internals replaced are fenced in
+ * lib/patches.ts.
  *
  * Writes: NeDB appends every write to its file through the thread pool and answers once the line is
  * written. Here the line is written synchronously to a file descriptor kept open per collection: the
@@ -28,6 +29,7 @@ import fs from "node:fs";
 import type { Readable } from "node:stream";
 import Datastore from "@seald-io/nedb";
 import { compareThings, deserialize, getDotValue, serialize } from "@seald-io/nedb/lib/model";
+import { assertPatchable, PATCHES } from "../patches";
 
 /** The parts of NeDB's internals this replaces or uses (not in its typings). */
 interface Persistence {
@@ -92,6 +94,8 @@ const descriptors = new WeakMap<Datastore<object>, DataFile>();
 
 export function openDatastore<T extends object>(filename: string): Datastore<T> {
 	const db = new Datastore<T>({ filename });
+	assertPatchable(PATCHES.nedbDatastore, db);
+	assertPatchable(PATCHES.nedbPersistence, db.persistence);
 	const file: DataFile = { lines: 0, checkAt: Infinity };
 	descriptors.set(db as Datastore<object>, file);
 	// Counting the documents takes a pass over them: done again only once the file has grown past
