@@ -7,7 +7,7 @@ let next = pool.length;
 /**
  * Cryptographically random fractions in [0, 1), in steps of 1/256 (each of ULID's 32 characters
  * equally likely), drawn from the system a pool at a time: ulid's own generator asks the system
- * once per character, 16 times per id, which was 7% of a deal's CPU (README, "Performance").
+ * once per character, 16 times per id, which was 7% of a deal's CPU (docs/performance.md).
  */
 function pooledRandom(): number {
 	if (next === pool.length) {

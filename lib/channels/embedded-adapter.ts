@@ -17,7 +17,7 @@
  * message as published, a short line naming the message and a group as each group handles it, a
  * tombstone once all have), written before a publish or an acknowledgement completes, and compacted
  * at connect and disconnect, and while running once most of it is superseded. Publishing and
- * acknowledging cost one appended line each, however long the backlog (README, "Performance").
+ * acknowledging cost one appended line each, however long the backlog (docs/performance.md).
  */
 import fs from "node:fs";
 import path from "node:path";

@@ -1,7 +1,7 @@
 /**
  * The staff dashboard in real headless Chromium (Debian's, driven by playwright-core): sign in with a
  * staff token, search a member, read the numbers of a scenario this test made, watch a new deal
- * arrive live and a partial return of it, and keep a screenshot for the README.
+ * arrive live and a partial return of it, and keep a screenshot (docs/dashboard.png shows one).
  */
 import path from "node:path";
 import { chromium, type Browser, type Page } from "playwright-core";
