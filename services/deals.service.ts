@@ -18,12 +18,14 @@ import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import { earnedPoints } from "../lib/rates";
 import * as P from "../lib/params";
+import type { Source } from "../lib/posting";
 import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
+import { LOST, retryOnRace, type Lost } from "../lib/retry-on-race";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
 import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
 import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
 import type { MemberView } from "./members.service";
-import type { PostResult, Source } from "./points.service";
+import type { PostResult } from "./points.service";
 
 export type DealType = DealEvent["type"];
 export type DealStatus = "pending" | "success" | "fail" | "partially_cancelled" | "cancelled";
@@ -70,7 +72,7 @@ interface Methods {
 	toView(deal: Deal): DealView;
 	findDeal(id: string): Promise<Deal>;
 	eventOf(channel: DealChannel, deal: Deal): OutboxEvent;
-	returnOnce(ctx: Context<CancelParams, CallerMeta>): Promise<Deal | undefined>;
+	returnOnce(ctx: Context<CancelParams, CallerMeta>): Promise<Deal | Lost>;
 	confirmUse(ctx: Context, deal: Deal): Promise<Deal>;
 	failed(deal: Deal, reason: string): Outcome<Deal>;
 	abandoned(deal: Deal): Outcome<Deal>;
@@ -218,13 +220,13 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 			async handler(this: This, ctx: Context<CancelParams, CallerMeta & RequestMeta>) {
 				// Each attempt is conditional on the deal as read: of two racing returns one wins, and the
 				// other is decided again on what the winner wrote (it may no longer fit the remainder).
-				for (let attempt = 1; attempt <= MAX_RETURN_ATTEMPTS; attempt++) {
-					const returned = await this.returnOnce(ctx);
-					if (returned) return this.toView(returned);
-					await new Promise(resolve => setTimeout(resolve, Math.random() * attempt * 5));
-				}
-				// Nothing was written: a 503 asks for a retry (and is not kept as an Idempotency-Key's answer).
-				throw unavailable("DEAL_BUSY", `Deal '${ctx.params.id}' keeps changing concurrently; try again`, this.settings.retryAfterSeconds);
+				const returned = await retryOnRace(() => this.returnOnce(ctx), {
+					attempts: MAX_RETURN_ATTEMPTS,
+					what: `Deal '${ctx.params.id}'`,
+					// Nothing was written: a 503 asks for a retry (and is not kept as an Idempotency-Key's answer).
+					giveUp: message => unavailable("DEAL_BUSY", `${message}; try again`, this.settings.retryAfterSeconds)
+				});
+				return this.toView(returned);
 			}
 		}
 	},
@@ -265,8 +267,8 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 			return outboxEvent<DealChannel>(channel, dealEvent(deal));
 		},
 
-		/** One attempt at a return: the deal after it, or undefined when the deal changed meanwhile. */
-		async returnOnce(this: This, ctx: Context<CancelParams, CallerMeta & RequestMeta>): Promise<Deal | undefined> {
+		/** One attempt at a return: the deal after it, or LOST when the deal changed meanwhile. */
+		async returnOnce(this: This, ctx: Context<CancelParams, CallerMeta & RequestMeta>): Promise<Deal | Lost> {
 			const deal = await this.findDeal(ctx.params.id);
 			assertOwnMerchant(ctx, deal.merchantId);
 			const { requestId } = requestIdOf(ctx);
@@ -332,7 +334,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 					}
 				}
 			};
-			return (await this.changeWithEvents(change, [event])) ? returnedDeal : undefined;
+			return (await this.changeWithEvents(change, [event])) ? returnedDeal : LOST;
 		},
 
 		async findDeal(this: This, id: string): Promise<Deal> {

@@ -1,15 +1,20 @@
 /**
  * Points: each member's account and its immutable ledger.
  *
- * Invariants (see docs/DESIGN.md): an account's balance equals the sum of its ledger entries and is never
+ * Invariants (see docs/architecture.md): an account's balance equals the sum of its ledger entries and is never
  * below 0; every entry names its cause (`deal:<id>`, `deal-cancel:<id>`, `deal-return:<id>:<n>`, `order:<id>`, …), which is
  * the entry's id, so each cause is applied at most once.
  *
+ * What a posting writes — the causes, the entries each change drafts, the balance and lots after
+ * them — is lib/posting.ts, pure rules. This service keeps the effects: when to post, the lock, the
+ * conditional write, the outbox and the ledger.
+ *
  * How a change is posted (`post`): under a per-account lock, the entries are first written into the
  * account document together with the new balance — one atomic, conditional single-document write —
- * then copied into the ledger and cleared from the account. A crash in between leaves them in
- * `account.pending`, and start-up finishes the copy. The balance is therefore always the sum of the
- * ledger plus what is pending, and only pending during a crash. The same write records a
+ * then copied into the ledger and cleared from the account. Until then they are the account's
+ * unfinished posting (stored as `account.pending`): a crash in between leaves it there, and start-up
+ * (or another instance's sweep) finishes the copy. The balance is therefore always the sum of the
+ * ledger plus the unfinished posting, which is left over only by a crash. The same write records a
  * `points.posted` event (outbox), from which read models follow the ledger.
  *
  * Points that expire (POINTS_VALID_MONTHS, lib/expiry.ts): the same write keeps the account's
@@ -25,57 +30,56 @@
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
-import { consume, outboxEvent, type DealEvent, type DealReturnedEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
+import { consume, outboxEvent, type DealReturnedEvent } from "../contracts/channels";
 import { clientError, conflict, notFound } from "../lib/errors";
-import { applyToLots, expiredThrough, expiringSoon, oldestOf, sumOf, type Expiring, type Lots } from "../lib/expiry";
-import { monthOf } from "../lib/months";
+import { expiredThrough, expiringSoon, oldestOf, sumOf, type Expiring } from "../lib/expiry";
 import type { CallerMeta } from "../lib/gateway/access";
 import { sortableId } from "../lib/ids";
 import { requestIdOf, type RequestMeta } from "../lib/request-id";
 import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { KeyedLock } from "../lib/keyed-lock";
 import * as P from "../lib/params";
+import {
+	adjustment,
+	applyDrafts,
+	Cause,
+	dealSource,
+	debiting,
+	earning,
+	expiries,
+	lotsOf,
+	orderSource,
+	partialReturn,
+	postedOf,
+	reversal,
+	totalOf,
+	withdrawal,
+	type AccountState,
+	type Draft,
+	type LedgerEntry,
+	type Refusal,
+	type Source
+} from "../lib/posting";
+import { LOST, retryOnRace } from "../lib/retry-on-race";
 import { DbMixin, openCollection, type Collection, type DbThis, type Page } from "../mixins/db.mixin";
 import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods } from "../mixins/outbox.mixin";
 import type { MemberView } from "./members.service";
 
-/** A ledger entry as stored: keyed by its cause, which is also the idempotency key. */
-export interface LedgerEntry extends Omit<PostedEntry, "cause"> {
-	_id: string;
-	/** Orders entries of one account in time, also within one millisecond. */
-	seq: string;
-}
+export type { LedgerEntry, Refusal, Source };
 
-export interface Account {
-	_id: string;
-	balance: number;
-	status: "active" | "closed";
+/** A member's account as stored: its state (lib/posting.ts), its unfinished posting, and what writes are conditioned on. */
+export interface Account extends AccountState {
 	openedAt: string;
-	updatedAt: string;
 	closedAt?: string;
 	/** Incremented by every posting: what a write is conditioned on. Absent on accounts opened before it existed. */
 	version?: number;
+	/** The entries of the unfinished posting: written with the balance, cleared once copied into the ledger. */
 	pending?: LedgerEntry[];
-	/** When `pending` was written: set and cleared with it, and indexed (sparse) so that sweeps find only those accounts. */
+	/** When the unfinished posting was written: set and cleared with it, and indexed (sparse) so that sweeps find only those accounts. */
 	pendingSince?: string;
-	/** What remains of each month's earnings; adds up to the balance. Absent on accounts from before it existed. */
-	lots?: Lots;
 	/** The oldest month in `lots`: what the expiry job looks accounts up by (and those without `lots` with points). */
 	oldestLot?: string;
 }
-
-/** Who an event or request is about: the source of the entries it causes. */
-export interface Source {
-	memberId: string;
-	sourceType: "deal" | "order";
-	sourceId: string;
-	merchantId?: string;
-}
-
-type Draft = Omit<LedgerEntry, "memberId" | "balanceAfter" | "at" | "seq" | "sourceType" | "sourceId" | "merchantId"> &
-	Partial<Pick<LedgerEntry, "sourceType" | "sourceId" | "merchantId">>;
-
-export type Refusal = "DUPLICATE" | "INSUFFICIENT_POINTS" | "CANCELLED" | "ACCOUNT_CLOSED";
 
 export interface PostResult {
 	applied: boolean;
@@ -117,7 +121,7 @@ interface Methods {
 	openAccount(memberId: string, at: string): Promise<void>;
 	finishPosting(account: Account): Promise<void>;
 	copyToLedger(entries: LedgerEntry[]): Promise<void>;
-	finishPending(olderThanMs?: number): Promise<void>;
+	finishUnfinished(olderThanMs?: number): Promise<void>;
 	toView(account: Account): AccountView;
 }
 
@@ -162,66 +166,8 @@ const MAX_ATTEMPTS = 20;
 
 /** The condition that the account is still as it was read. */
 const versionOf = (account: Account) => ({ _id: account._id, version: account.version ?? { $exists: false } });
-/** Ends a posting once its entries are in the ledger. */
-const CLEAR_PENDING = { $unset: { pending: true, pendingSince: true } };
-
-/**
- * The account's lots. An account from before lots existed has none: its balance counts as earned in
- * the month of its last change, the latest month any of it can have been earned in.
- */
-function lotsOf(account: Account): Lots {
-	const lots = account.lots ?? {};
-	const untracked = account.balance - sumOf(lots);
-	return untracked === 0 ? lots : applyToLots(lots, untracked, monthOf(account.updatedAt));
-}
-
-/** The expiry of what is left of the account's earnings of every month through `through`, a lot an entry. */
-function expiries(account: Account, through: string): Draft[] {
-	return Object.entries(lotsOf(account))
-		.filter(([month]) => month <= through)
-		.map(([month, points]) => ({
-			_id: `expire:${account._id}:${month}`,
-			kind: "expire",
-			amount: -points,
-			sourceType: "member",
-			sourceId: account._id,
-			lotMonth: month
-		}));
-}
-
-const dealSource = (deal: DealEvent): Source => ({
-	memberId: deal.memberId,
-	sourceType: "deal",
-	sourceId: deal.dealId,
-	merchantId: deal.merchantId
-});
-const orderSource = (order: OrderEvent): Source => ({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId });
-
-const causeOf = (source: Source) => `${source.sourceType}:${source.sourceId}`;
-const cancelCauseOf = (source: Source) => `${source.sourceType}-cancel:${source.sourceId}`;
-
-/** What earning `amount` for a source posts: a withdrawn member's points expire on arrival, recorded rather than dropped. */
-function earning(account: Account, source: Source, amount: number): Draft[] {
-	const cause = causeOf(source);
-	const earn: Draft = { _id: cause, kind: "earn", amount, ...source };
-	if (account.status === "closed") return [earn, { _id: `expiry:${source.memberId}:${cause}`, kind: "expire", amount: -amount, ...source }];
-	return [earn];
-}
-
-/** What giving back `points` of a use posts: they expire at once if the member has withdrawn. */
-function restoration(account: Account, cause: string, source: Source, points: number): Draft[] {
-	const restore: Draft = { _id: cause, kind: "restore", amount: points, ...source };
-	if (account.status === "closed")
-		return [restore, { _id: `expiry:${source.memberId}:${cause}`, kind: "expire", amount: -points, ...source }];
-	return [restore];
-}
-
-/** What revoking `points` of an earning takes from `balance`: never below 0; the rest, already spent, is the shortfall. */
-function revocation(cause: string, source: Source, points: number, balance: number): Draft {
-	const revoked = Math.min(points, balance);
-	const shortfall = points - revoked;
-	return { _id: cause, kind: "revoke", amount: revoked ? -revoked : 0, ...source, ...(shortfall ? { shortfall } : {}) };
-}
+/** Ends the unfinished posting once its entries are in the ledger. */
+const CLEAR_UNFINISHED = { $unset: { pending: true, pendingSince: true } };
 
 const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "points",
@@ -259,7 +205,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			async handler(this: This, ctx: Context<{ memberId: string; page: number; pageSize: number }>): Promise<Page<unknown>> {
 				const { memberId, page, pageSize } = ctx.params;
 				const result = await this.ledger.page({ memberId }, ["-seq"], page, pageSize);
-				return { ...result, rows: result.rows.map(({ _id, seq: _seq, ...entry }) => ({ cause: _id, ...entry })) };
+				return { ...result, rows: result.rows.map(postedOf) };
 			}
 		},
 
@@ -289,7 +235,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				// again (its gateway died before answering) answers the adjustment it made, and never makes two.
 				const { requestId } = requestIdOf(ctx);
 				const adjustmentId = requestId ?? sortableId();
-				const cause = `adjustment:${adjustmentId}`;
+				const cause = Cause.adjustment(adjustmentId);
 				const made = async () => {
 					const entry = await this.ledger.findById(cause);
 					return (
@@ -315,9 +261,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 				const result = await this.post(memberId, async account => {
 					if (await this.ledger.findById(cause)) return "DUPLICATE";
-					if (account.status === "closed") return "ACCOUNT_CLOSED";
-					if (account.balance + amount < 0) return "INSUFFICIENT_POINTS";
-					return [{ _id: cause, kind: "adjust", amount, sourceType: "adjustment", sourceId: adjustmentId, reason, by }];
+					return adjustment(account, adjustmentId, amount, reason, by);
 				});
 				if (result.reason === "DUPLICATE") return (await made()) as AdjustmentView;
 				if (result.reason === "ACCOUNT_CLOSED") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
@@ -386,6 +330,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 						balance: a.balance,
 						ledgerSum: sums.get(a._id) ?? 0,
 						lots: a.lots ? sumOf(a.lots) : a.balance,
+						// The entries of an unfinished posting: there only while a posting runs, or after a crash.
 						pending: a.pending?.length ?? 0
 					}))
 					.filter(a => a.balance !== a.ledgerSum || a.balance !== a.lots || a.balance < 0 || a.pending > 0);
@@ -433,80 +378,61 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		 * `plan` runs under the account's lock and may answer a reason instead, to post nothing.
 		 */
 		post(this: This, memberId: string, plan: (account: Account) => Promise<Draft[] | Refusal>, close = false) {
-			return this.lock.run(memberId, async () => {
-				// The lock serialises one process. Another points instance sharing the store (MongoDB) is
-				// kept out by conditioning the write on the account's version, which every change
-				// increments: a lost race re-plans on what the winner wrote. (A balance condition would
-				// miss a posting that leaves the balance as it was, or one that changes it and back.)
-				for (let attempt = 1; ; attempt++) {
-					const now = this.now().toISOString();
-					let account = await this.store.findById(memberId);
-					if (!account) {
-						await this.openAccount(memberId, now);
-						account = (await this.store.findById(memberId)) as Account;
-					}
-					if (account.pending?.length) {
-						// Interrupted (a crash, a store error): finish it before anything else is decided.
-						await this.finishPosting(account);
-						continue;
-					}
-					const drafts = await plan(account);
-					if (typeof drafts === "string") return { applied: false, balance: account.balance, reason: drafts };
-
-					let balance = account.balance;
-					let lots = lotsOf(account);
-					const entries: LedgerEntry[] = drafts.map(d => {
-						balance += d.amount;
-						lots = applyToLots(lots, d.amount, monthOf(now), d.lotMonth);
-						return { memberId, sourceType: "member", sourceId: memberId, ...d, balanceAfter: balance, at: now, seq: sortableId() };
-					});
-					const version = (account.version ?? 0) + 1;
-					const posted = outboxEvent("points.posted", {
-						memberId,
-						closed: close,
-						entries: entries.map(({ _id, seq: _seq, ...entry }) => ({ cause: _id, ...entry })),
-						lots,
-						version
-					});
-					const oldestLot = oldestOf(lots);
-					const update = {
-						$inc: { balance: balance - account.balance, version: 1 },
-						$set: {
-							pending: entries,
-							pendingSince: now,
-							updatedAt: now,
-							lots,
-							...(oldestLot ? { oldestLot } : {}),
-							...(close ? { status: "closed", closedAt: now } : {})
-						},
-						...(oldestLot ? {} : { $unset: { oldestLot: true } })
-					};
-					// The entries go to the ledger before the event is sent; the clearing is written with its removal from the outbox.
-					const finish = {
-						run: () => this.copyToLedger(entries),
-						filter: versionOf({ ...account, version }),
-						update: CLEAR_PENDING
-					};
-					if (!(await this.changeWithEvents({ filter: versionOf(account), update }, [posted], finish))) {
-						if (attempt < MAX_ATTEMPTS) {
-							await new Promise(resolve => setTimeout(resolve, Math.random() * attempt * 5));
-							continue;
-						}
-						throw new Error(`Account '${memberId}' keeps changing concurrently`);
-					}
-					return { applied: true, balance, at: now };
+			// The lock serialises one process. Another points instance sharing the store (MongoDB) is
+			// kept out by conditioning the write on the account's version, which every change
+			// increments: a lost race re-plans on what the winner wrote. (A balance condition would
+			// miss a posting that leaves the balance as it was, or one that changes it and back.)
+			const attempt = async (): Promise<PostResult | typeof LOST> => {
+				const now = this.now().toISOString();
+				let account = await this.store.findById(memberId);
+				if (!account) {
+					await this.openAccount(memberId, now);
+					account = (await this.store.findById(memberId)) as Account;
 				}
-			});
+				if (account.pending?.length) {
+					// An unfinished posting (a crash, a store error): finish it, then plan again on what it wrote.
+					await this.finishPosting(account);
+					return LOST;
+				}
+				const drafts = await plan(account);
+				if (typeof drafts === "string") return { applied: false, balance: account.balance, reason: drafts };
+
+				const { entries, balance, lots } = applyDrafts(account, drafts, now, sortableId);
+				const version = (account.version ?? 0) + 1;
+				const posted = outboxEvent("points.posted", { memberId, closed: close, entries: entries.map(postedOf), lots, version });
+				const oldestLot = oldestOf(lots);
+				const update = {
+					$inc: { balance: balance - account.balance, version: 1 },
+					$set: {
+						pending: entries,
+						pendingSince: now,
+						updatedAt: now,
+						lots,
+						...(oldestLot ? { oldestLot } : {}),
+						...(close ? { status: "closed", closedAt: now } : {})
+					},
+					...(oldestLot ? {} : { $unset: { oldestLot: true } })
+				};
+				// The entries go to the ledger before the event is sent; the clearing is written with its removal from the outbox.
+				const finish = {
+					run: () => this.copyToLedger(entries),
+					filter: versionOf({ ...account, version }),
+					update: CLEAR_UNFINISHED
+				};
+				if (!(await this.changeWithEvents({ filter: versionOf(account), update }, [posted], finish))) return LOST;
+				return { applied: true, balance, at: now };
+			};
+			return this.lock.run(memberId, () => retryOnRace(attempt, { attempts: MAX_ATTEMPTS, what: `Account '${memberId}'` }));
 		},
 
 		/**
-		 * Copies a posting's entries from the account into the ledger and clears them. Safe to run
-		 * twice at once (two instances finishing a dead one's posting): entries are keyed by cause, and
-		 * the clearing is conditional on the version that wrote them.
+		 * Finishes the account's unfinished posting: copies its entries into the ledger and clears them
+		 * from the account. Safe to run twice at once (two instances finishing a dead one's posting):
+		 * entries are keyed by cause, and the clearing is conditional on the version that wrote them.
 		 */
 		async finishPosting(this: This, account: Account) {
 			await this.copyToLedger(account.pending ?? []);
-			await this.store.update(versionOf(account), CLEAR_PENDING);
+			await this.store.update(versionOf(account), CLEAR_UNFINISHED);
 		},
 
 		async copyToLedger(this: This, entries: LedgerEntry[]) {
@@ -514,28 +440,21 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		credit(this: This, source: Source, amount: number) {
-			const cause = causeOf(source);
 			return this.post(source.memberId, async account => {
-				if (await this.ledger.findById(cause)) return "DUPLICATE";
+				if (await this.ledger.findById(Cause.of(source))) return "DUPLICATE";
 				// Cancelled before its accrual arrived: nothing to earn.
-				if (await this.ledger.findById(cancelCauseOf(source))) return "CANCELLED";
+				if (await this.ledger.findById(Cause.cancel(source))) return "CANCELLED";
 				return earning(account, source, amount);
 			});
 		},
 
 		debit(this: This, source: Source, amount: number) {
-			const cause = causeOf(source);
+			const { pointsValidMonths } = this.settings;
 			return this.post(source.memberId, async account => {
-				if (await this.ledger.findById(cause)) return "DUPLICATE";
-				if (await this.ledger.findById(cancelCauseOf(source))) return "CANCELLED";
-				if (account.status === "closed") return "ACCOUNT_CLOSED";
-				// Points past their validity are never spent, however late the expiry job runs: a use
-				// expires them first, with the job's own entries (each lot's expiry is one cause).
-				const due =
-					this.settings.pointsValidMonths > 0 ? expiries(account, expiredThrough(this.now(), this.settings.pointsValidMonths)) : [];
-				const spendable = due.reduce((sum, d) => sum + d.amount, account.balance);
-				if (spendable < amount) return "INSUFFICIENT_POINTS";
-				return [...due, { _id: cause, kind: "use", amount: -amount, ...source }];
+				if (await this.ledger.findById(Cause.of(source))) return "DUPLICATE";
+				if (await this.ledger.findById(Cause.cancel(source))) return "CANCELLED";
+				// Points past their validity are never spent: the use expires the lots due first.
+				return debiting(account, source, amount, pointsValidMonths > 0 ? expiredThrough(this.now(), pointsValidMonths) : undefined);
 			}).then(result => (result.reason === "DUPLICATE" ? { ...result, applied: true, reason: undefined } : result));
 		},
 
@@ -547,13 +466,9 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		 * source is refused when it arrives.
 		 */
 		reverse(this: This, source: Source) {
-			const cancel = cancelCauseOf(source);
 			return this.post(source.memberId, async account => {
-				if (await this.ledger.findById(cancel)) return "DUPLICATE";
-				const original = await this.ledger.findById(causeOf(source));
-				if (!original) return [{ _id: cancel, kind: "void", amount: 0, ...source }];
-				if (original.amount < 0) return restoration(account, cancel, source, -original.amount);
-				return [revocation(cancel, source, original.amount, account.balance)];
+				if (await this.ledger.findById(Cause.cancel(source))) return "DUPLICATE";
+				return reversal(account, source, await this.ledger.findById(Cause.of(source)));
 			});
 		},
 
@@ -565,30 +480,19 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		 */
 		returnPart(this: This, deal: DealReturnedEvent) {
 			const source = dealSource(deal);
-			const cause = `deal-return:${deal.dealId}:${deal.return.n}`;
-			const { points } = deal.return;
 			return this.post(source.memberId, async account => {
-				if (await this.ledger.findById(cause)) return "DUPLICATE";
-				const original = await this.ledger.findById(causeOf(source));
-				if (deal.type === "use") {
-					// A returned use had its debit confirmed; without it there is nothing to give back.
-					if (!original) return [{ _id: cause, kind: "void", amount: 0, ...source }];
-					return restoration(account, cause, source, points);
-				}
-				const earned = original ? [] : earning(account, source, deal.point);
-				const balance = earned.reduce((sum, d) => sum + d.amount, account.balance);
-				return [...earned, revocation(cause, source, points, balance)];
+				if (await this.ledger.findById(Cause.dealReturn(deal.dealId, deal.return.n))) return "DUPLICATE";
+				return partialReturn(account, deal, await this.ledger.findById(Cause.of(source)));
 			});
 		},
 
 		/** A withdrawal: the remaining points expire as one entry and the account closes. */
 		withdraw(this: This, memberId: string) {
-			const cause = `expiry:${memberId}`;
 			return this.post(
 				memberId,
 				async account => {
-					if (account.status === "closed" || (await this.ledger.findById(cause))) return "DUPLICATE";
-					return [{ _id: cause, kind: "expire", amount: -account.balance, sourceType: "member", sourceId: memberId }];
+					if (account.status === "closed" || (await this.ledger.findById(Cause.withdrawal(memberId)))) return "DUPLICATE";
+					return withdrawal(account);
 				},
 				true
 			);
@@ -600,7 +504,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			const result = await this.post(memberId, async account => {
 				// Planned again after a lost race: only what the winner left counts.
 				const due = expiries(account, through);
-				points = -due.reduce((sum, d) => sum + d.amount, 0);
+				points = -totalOf(due);
 				if (account.status === "closed" || !due.length) return "DUPLICATE";
 				return due;
 			});
@@ -662,8 +566,8 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			await this.store.insertUnique({ _id: memberId, balance: 0, version: 0, status: "active", openedAt: at, updatedAt: at });
 		},
 
-		/** Finishes postings left interrupted (by a crash or a store error) since before `olderThanMs` ago. */
-		async finishPending(this: This, olderThanMs = 0) {
+		/** Finishes the postings left unfinished (by a crash or a store error) since before `olderThanMs` ago. */
+		async finishUnfinished(this: This, olderThanMs = 0) {
 			const since = { $lte: new Date(Date.now() - olderThanMs).toISOString() };
 			for (const account of await this.store.find({ query: { pendingSince: since } })) {
 				await this.finishPosting(account);
@@ -685,11 +589,11 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 
 	async started(this: This) {
 		await this.ledger.connect(this.logger);
-		await this.finishPending();
+		await this.finishUnfinished();
 		// A posting interrupted on another instance (which may be gone) is finished here too, once it
 		// has had time to finish on its own.
 		this.sweepTimer = setInterval(() => {
-			this.finishPending(this.settings.sweepIntervalMs).catch(err =>
+			this.finishUnfinished(this.settings.sweepIntervalMs).catch(err =>
 				this.logger.warn("Finishing interrupted postings failed:", (err as Error).message)
 			);
 		}, this.settings.sweepIntervalMs);

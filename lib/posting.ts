@@ -1,0 +1,212 @@
+/**
+ * The posting rules: what a change of a member's points writes, as pure functions (no broker, no
+ * store, no clock or ids of their own). services/points.service.ts decides when to post and keeps the
+ * effects: the per-account lock, the version-conditioned write, the outbox and the copy into the
+ * ledger. Here is only what a posting writes:
+ *
+ * - Causes (`Cause`): every ledger entry is named by its cause, which is also its idempotency key,
+ *   so that each cause is applied at most once. Their grammar is written here once.
+ * - Drafts: the entries a posting is to write, from the account as read — an earning, a use (which
+ *   expires the lots due first), the restoration of a use, the revocation of an earning, a partial
+ *   return, a lot's expiry, a withdrawal, a staff adjustment. A rule may answer a `Refusal` instead.
+ * - Applying drafts to an account (`applyDrafts`): the balance after each entry, the earning lots
+ *   after all of them (lib/expiry.ts), and the entries as the ledger stores them.
+ *
+ * Invariants: the balance is the sum of the entries and never below 0 (a revocation takes no more
+ * than the balance, the rest is its `shortfall`); the lots add up to the balance.
+ */
+import type { DealEvent, DealReturnedEvent, OrderEvent, PostedEntry } from "../contracts/channels";
+import { applyToLots, sumOf, type Lots } from "./expiry";
+import { monthOf } from "./months";
+
+/** What the rules read of a member's account (the points service stores more: its unfinished posting, its version). */
+export interface AccountState {
+	/** The member's id. */
+	_id: string;
+	balance: number;
+	status: "active" | "closed";
+	updatedAt: string;
+	/** What remains of each month's earnings; adds up to the balance. Absent on accounts from before it existed. */
+	lots?: Lots;
+}
+
+/** A ledger entry as stored: keyed by its cause, which is also the idempotency key. */
+export interface LedgerEntry extends Omit<PostedEntry, "cause"> {
+	_id: string;
+	/** Orders entries of one account in time, also within one millisecond. */
+	seq: string;
+}
+
+/** An entry a posting is to write: what `applyDrafts` completes into a `LedgerEntry` (about the member unless it says otherwise). */
+export type Draft = Omit<LedgerEntry, "memberId" | "balanceAfter" | "at" | "seq" | "sourceType" | "sourceId" | "merchantId"> &
+	Partial<Pick<LedgerEntry, "sourceType" | "sourceId" | "merchantId">>;
+
+/** Why a posting writes nothing. */
+export type Refusal = "DUPLICATE" | "INSUFFICIENT_POINTS" | "CANCELLED" | "ACCOUNT_CLOSED";
+
+/** Who an event or request is about: the source of the entries it causes. */
+export interface Source {
+	memberId: string;
+	sourceType: "deal" | "order";
+	sourceId: string;
+	merchantId?: string;
+}
+
+export const dealSource = (deal: DealEvent): Source => ({
+	memberId: deal.memberId,
+	sourceType: "deal",
+	sourceId: deal.dealId,
+	merchantId: deal.merchantId
+});
+
+export const orderSource = (order: OrderEvent): Source => ({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId });
+
+/** The grammar of causes: every ledger entry's id, and so the key that applies it at most once. */
+export const Cause = {
+	/** `deal:<id>`, `order:<id>`: what a deal or an order did to the points (an earning or a use). */
+	of: (source: Pick<Source, "sourceType" | "sourceId">) => `${source.sourceType}:${source.sourceId}`,
+	/** `deal-cancel:<id>`, `order-cancel:<id>`: its undoing; before it arrived, the record that refuses it. */
+	cancel: (source: Pick<Source, "sourceType" | "sourceId">) => `${source.sourceType}-cancel:${source.sourceId}`,
+	/** `deal-return:<id>:<n>`: a deal's n-th partial return (n from 1). */
+	dealReturn: (dealId: string, n: number) => `deal-return:${dealId}:${n}`,
+	/** `expiry:<memberId>`: the withdrawal, with which all that is left expires. */
+	withdrawal: (memberId: string) => `expiry:${memberId}`,
+	/** `expiry:<memberId>:<cause>`: points `cause` brings after the withdrawal, expiring on arrival. */
+	afterWithdrawal: (memberId: string, cause: string) => `expiry:${memberId}:${cause}`,
+	/** `expire:<memberId>:<YYYYMM>`: what was left of a month's earnings (a lot), expired. */
+	lotExpiry: (memberId: string, month: string) => `expire:${memberId}:${month}`,
+	/** `adjustment:<id>`: a staff adjustment. */
+	adjustment: (adjustmentId: string) => `adjustment:${adjustmentId}`,
+	/** The adjustment an `adjustment:<id>` cause names. */
+	adjustmentIdOf: (cause: string) => cause.slice("adjustment:".length)
+};
+
+/** What drafts add up to (negative when they take). */
+export const totalOf = (drafts: Draft[]): number => drafts.reduce((sum, d) => sum + d.amount, 0);
+
+/**
+ * The account's lots. An account from before lots existed has none: its balance counts as earned in
+ * the month of its last change, the latest month any of it can have been earned in.
+ */
+export function lotsOf(account: AccountState): Lots {
+	const lots = account.lots ?? {};
+	const untracked = account.balance - sumOf(lots);
+	return untracked === 0 ? lots : applyToLots(lots, untracked, monthOf(account.updatedAt));
+}
+
+/** The expiry of what is left of the account's earnings of every month through `through`, an entry a lot. */
+export function expiries(account: AccountState, through: string): Draft[] {
+	return Object.entries(lotsOf(account))
+		.filter(([month]) => month <= through)
+		.map(([month, points]) => ({
+			_id: Cause.lotExpiry(account._id, month),
+			kind: "expire",
+			amount: -points,
+			sourceType: "member",
+			sourceId: account._id,
+			lotMonth: month
+		}));
+}
+
+/** Points that arrive on the account (`draft`): a withdrawn member's expire on arrival, recorded rather than dropped. */
+function arriving(account: AccountState, source: Source, draft: Draft): Draft[] {
+	if (account.status !== "closed") return [draft];
+	return [draft, { _id: Cause.afterWithdrawal(source.memberId, draft._id), kind: "expire", amount: -draft.amount, ...source }];
+}
+
+/** What earning `amount` for a source posts (cause `deal:<id>`, `order:<id>`). */
+export const earning = (account: AccountState, source: Source, amount: number): Draft[] =>
+	arriving(account, source, { _id: Cause.of(source), kind: "earn", amount, ...source });
+
+/** What giving back `points` of a use posts, as `cause`: a fresh earning of this month, since the use's lots may be gone. */
+export const restoration = (account: AccountState, cause: string, source: Source, points: number): Draft[] =>
+	arriving(account, source, { _id: cause, kind: "restore", amount: points, ...source });
+
+/** What revoking `points` of an earning takes from `balance`: never below 0; the rest, already spent, is the shortfall. */
+export function revocation(cause: string, source: Source, points: number, balance: number): Draft {
+	const revoked = Math.min(points, balance);
+	const shortfall = points - revoked;
+	return { _id: cause, kind: "revoke", amount: revoked ? -revoked : 0, ...source, ...(shortfall ? { shortfall } : {}) };
+}
+
+/** A zero entry under `cause`: it records that the source was undone before it was applied, so that it is refused when it comes. */
+export const voiding = (cause: string, source: Source): Draft => ({ _id: cause, kind: "void", amount: 0, ...source });
+
+/**
+ * What a use of `amount` posts (cause `deal:<id>`): never beyond the balance, nor on a closed account.
+ * Points past their validity are never spent, however late the expiry job runs: with `dueThrough`
+ * (the latest month whose earnings have expired), the use first expires the lots due, with the
+ * job's own entries (each lot's expiry is one cause).
+ */
+export function debiting(account: AccountState, source: Source, amount: number, dueThrough?: string): Draft[] | Refusal {
+	if (account.status === "closed") return "ACCOUNT_CLOSED";
+	const due = dueThrough ? expiries(account, dueThrough) : [];
+	if (account.balance + totalOf(due) < amount) return "INSUFFICIENT_POINTS";
+	return [...due, { _id: Cause.of(source), kind: "use", amount: -amount, ...source }];
+}
+
+/**
+ * What undoing a source posts (cause `deal-cancel:<id>`, `order-cancel:<id>`), given the entry it
+ * posted if any: a use is restored in full; an earning is revoked as far as the balance allows; a
+ * source not applied yet is voided.
+ */
+export function reversal(account: AccountState, source: Source, original?: Pick<LedgerEntry, "amount"> | null): Draft[] {
+	const cancel = Cause.cancel(source);
+	if (!original) return [voiding(cancel, source)];
+	if (original.amount < 0) return restoration(account, cancel, source, -original.amount);
+	return [revocation(cancel, source, original.amount, account.balance)];
+}
+
+/**
+ * What one partial return of a deal posts (cause `deal-return:<id>:<n>`), given the deal's own entry
+ * if any: the points the deals service reckoned for it are given back for a use (nothing to give
+ * back, a void, when its debit is not there), or revoked for a save. A return that overtook its
+ * save's earning posts the earning with it.
+ */
+export function partialReturn(account: AccountState, deal: DealReturnedEvent, original?: Pick<LedgerEntry, "amount"> | null): Draft[] {
+	const source = dealSource(deal);
+	const cause = Cause.dealReturn(deal.dealId, deal.return.n);
+	const { points } = deal.return;
+	if (deal.type === "use") return original ? restoration(account, cause, source, points) : [voiding(cause, source)];
+	const earned = original ? [] : earning(account, source, deal.point);
+	return [...earned, revocation(cause, source, points, account.balance + totalOf(earned))];
+}
+
+/** A withdrawal (cause `expiry:<memberId>`): all that is left expires as one entry. */
+export const withdrawal = (account: AccountState): Draft[] => [
+	{ _id: Cause.withdrawal(account._id), kind: "expire", amount: -account.balance, sourceType: "member", sourceId: account._id }
+];
+
+/** A staff adjustment (cause `adjustment:<id>`) with its reason and who made it: refused on a closed account, or below 0. */
+export function adjustment(account: AccountState, adjustmentId: string, amount: number, reason: string, by: string): Draft[] | Refusal {
+	if (account.status === "closed") return "ACCOUNT_CLOSED";
+	if (account.balance + amount < 0) return "INSUFFICIENT_POINTS";
+	return [{ _id: Cause.adjustment(adjustmentId), kind: "adjust", amount, sourceType: "adjustment", sourceId: adjustmentId, reason, by }];
+}
+
+/** An account after a posting: its entries as the ledger stores them, its balance and its lots. */
+export interface Applied {
+	entries: LedgerEntry[];
+	balance: number;
+	lots: Lots;
+}
+
+/**
+ * Applies drafts to the account, posted `at` (ISO): each entry gets the balance after it and the next
+ * `seq()`; an earning adds to the lot of `at`'s month, an expiry takes its own lot, and anything else
+ * that takes points takes them from the oldest lots first.
+ */
+export function applyDrafts(account: AccountState, drafts: Draft[], at: string, seq: () => string): Applied {
+	const memberId = account._id;
+	let balance = account.balance;
+	let lots = lotsOf(account);
+	const entries: LedgerEntry[] = drafts.map(d => {
+		balance += d.amount;
+		lots = applyToLots(lots, d.amount, monthOf(at), d.lotMonth);
+		return { memberId, sourceType: "member", sourceId: memberId, ...d, balanceAfter: balance, at, seq: seq() };
+	});
+	return { entries, balance, lots };
+}
+
+/** An entry as events and the history show it: named by its cause. */
+export const postedOf = ({ _id, seq: _seq, ...entry }: LedgerEntry): PostedEntry => ({ cause: _id, ...entry });
