@@ -46,6 +46,13 @@ export const PATCHES = {
 			"metricsIncrement"
 		]
 	},
+	/** The gateway's Idempotency-Key wrap of moleculer-web's `callAction` (a method of its service schema). */
+	moleculerWeb: {
+		library: "moleculer-web",
+		checked: "0.11.0",
+		where: "lib/gateway/idempotent-call.ts",
+		members: ["callAction"]
+	},
 	/** The metrics workaround: one MetricRate of a throwaway gauge, widened before any rate exists. */
 	metricRate: {
 		library: "moleculer",

@@ -5,18 +5,24 @@
  * (`mappingPolicy: "restrict"`); internal actions such as `points.debit` have no `rest`.
  * Every request but `GET /api/health` needs `Authorization: Bearer <token>` (API_KEYS); what a role
  * may do is the table `MERCHANT_ACTIONS` below, checked by moleculer-web's `authorize` hook.
- * Every error leaves as one JSON shape, `{name, message, code, type, data?}`, without stack traces.
- * Every POST under /api accepts an `Idempotency-Key` (see `callAction` below).
+ * Every error leaves as one JSON shape, `{name, message, code, type, data?}`, without stack traces
+ * (`lib/gateway/http-errors.ts`); keys that reach a prototype are refused before moleculer-web merges
+ * the params (`lib/gateway/hostile-keys.ts`).
+ * Every POST under /api accepts an `Idempotency-Key`: `callAction` below wraps moleculer-web's own
+ * (`lib/gateway/idempotent-call.ts`, which names the moleculer-web version it was checked against).
  */
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import fs from "node:fs";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import path from "node:path";
-import { Errors, type Context, type Service, type ServiceSchema } from "moleculer";
+import type { Context, Service, ServiceSchema } from "moleculer";
 import ApiGateway, { Errors as WebErrors, type ApiSettingsSchema } from "moleculer-web";
 import type { ApiKey, Role } from "../config";
 import { ConfiguredSettings } from "../config/settings";
 import { forbidden } from "../lib/gateway/access";
+import { refuseHostileKeys } from "../lib/gateway/hostile-keys";
+import { sendHttpError } from "../lib/gateway/http-errors";
+import { idempotentCall, stockCallAction, type CallAction, type CallActionArgs } from "../lib/gateway/idempotent-call";
 import { aliasesOf, openApiDocument, publishedRoutes, type Access, type JsonSchema } from "../lib/gateway/openapi";
 import { isReady } from "../lib/ops/reporter";
 import Billing from "./billing.service";
@@ -28,55 +34,7 @@ import MyPoints from "./my-points.service";
 import Orders from "./orders.service";
 import Payments from "./payments.service";
 import Points from "./points.service";
-import { clientError, isDependencyUnavailable } from "../lib/errors";
-import type { RequestMeta } from "../lib/request-id";
-import { IDEMPOTENCY_KEY, type Begun, type KeyParams, type StoredResponse } from "./idempotency.service";
-
-interface HttpError {
-	name: string;
-	message: string;
-	code: number;
-	type: string;
-	data?: unknown;
-}
-
-/** Types of errors that mean "a service behind the gateway cannot answer now". */
-const UNAVAILABLE = new Set(["SERVICE_NOT_FOUND", "SERVICE_NOT_AVAILABLE", "REQUEST_TIMEOUT", "CIRCUIT_BREAKER_OPEN"]);
-
-/** Turns whatever was thrown into the one public error shape. */
-export function toHttpError(err: unknown, retryAfter: number): HttpError {
-	const e = err as { name?: string; message?: string; code?: unknown; status?: number; type?: string; data?: unknown };
-	if (e?.type === "entity.parse.failed")
-		return { name: "BadRequestError", message: "Malformed JSON body", code: 400, type: "INVALID_JSON" };
-	if (e?.type === "entity.too.large")
-		return { name: "PayloadTooLarge", message: "Request body too large", code: 413, type: "PAYLOAD_TOO_LARGE" };
-	if (e?.type && UNAVAILABLE.has(e.type))
-		return {
-			name: "ServiceUnavailableError",
-			message: "Service temporarily unavailable; try again later",
-			code: 503,
-			type: "SERVICE_UNAVAILABLE",
-			data: { retryAfter }
-		};
-	const code = typeof e?.code === "number" && e.code >= 400 && e.code <= 599 ? e.code : e?.status && e.status >= 400 ? e.status : 500;
-	if (code === 503)
-		return {
-			name: "ServiceUnavailableError",
-			message: e?.message ?? "Service unavailable",
-			code,
-			type: e?.type ?? "SERVICE_UNAVAILABLE",
-			data: { retryAfter, ...(e?.data as object) }
-		};
-	if (code >= 500) return { name: "InternalError", message: "Internal server error", code, type: "INTERNAL_ERROR" };
-	if (code === 429) return { name: "RateLimitExceeded", message: "Too many requests; try again later", code, type: "RATE_LIMIT_EXCEEDED" };
-	return {
-		name: e?.name ?? "Error",
-		message: e?.message ?? "Error",
-		code,
-		type: e?.type ?? "ERROR",
-		...(e?.data !== undefined ? { data: e.data } : {})
-	};
-}
+import { IDEMPOTENCY_KEY } from "./idempotency.service";
 
 /**
  * What a `merchant:<id>` token may call: either the parameter that must name its own merchant
@@ -108,54 +66,6 @@ function accessOf(action: string): Access {
 	return { public: false, who: `Staff, or a merchant for its own \`${rule}\`` };
 }
 
-/**
- * Keys that reach an object's prototype. moleculer-web merges body and query into the params with
- * `Object.assign`, which turns a `__proto__` key into the params' prototype: strict validation never
- * sees it, and optional fields could be read through it.
- */
-const HOSTILE_KEYS = new Set(["__proto__", "constructor", "prototype"]);
-
-/** The path of the first hostile key in a parsed JSON body, at any depth (iteratively: no stack to exhaust). */
-export function hostileKeyIn(value: unknown, root = "body"): string | undefined {
-	const stack: [unknown, string][] = [[value, root]];
-	while (stack.length) {
-		const [node, at] = stack.pop() as [unknown, string];
-		if (node === null || typeof node !== "object") continue;
-		for (const key of Object.keys(node)) {
-			if (HOSTILE_KEYS.has(key)) return `${at}.${key}`;
-			stack.push([(node as Record<string, unknown>)[key], `${at}.${key}`]);
-		}
-	}
-	return undefined;
-}
-
-/** The first hostile key in a raw query string (`a[__proto__][b]=1`, `constructor=x`), before qs drops or merges it. */
-export function hostileKeyInQuery(url: string): string | undefined {
-	const query = url.split("?", 2)[1];
-	if (!query) return undefined;
-	for (const pair of query.split("&")) {
-		let name = pair.split("=", 1)[0].replace(/\+/g, " ");
-		try {
-			name = decodeURIComponent(name);
-		} catch {
-			// Undecodable: qs keeps it as it is, and so do we.
-		}
-		if (name.split(/[[\].]/).some(segment => HOSTILE_KEYS.has(segment))) return `query.${name}`;
-	}
-	return undefined;
-}
-
-/** Route middleware, after the body parser and before moleculer-web merges the params. */
-function refuseHostileKeys(req: IncomingMessage & { body?: unknown }, _res: ServerResponse, next: (err?: Error) => void): void {
-	const key = hostileKeyIn(req.body) ?? hostileKeyInQuery(req.url ?? "");
-	if (!key) return next();
-	next(
-		new Errors.ValidationError(`The key '${key}' is not allowed`, "VALIDATION_ERROR", [
-			{ type: "forbiddenKey", field: key, message: `The key '${key}' is not allowed.` }
-		])
-	);
-}
-
 const sha256 = (text: string) => createHash("sha256").update(text).digest();
 
 /**
@@ -179,36 +89,10 @@ function memoized<T>(compute: (input: string) => T): (input: string) => T {
 const tokenDigest = memoized(sha256);
 const hashedToken = memoized(token => tokenDigest(token).toString("base64url"));
 
-/** JSON with every object's keys in order: bodies that differ only in key order are the same request. */
-function canonicalJson(value: unknown): string {
-	return JSON.stringify(value, (_key, v: unknown) =>
-		v !== null && typeof v === "object" && !Array.isArray(v)
-			? Object.fromEntries(
-					Object.keys(v)
-						.sort()
-						.map(k => [k, (v as Record<string, unknown>)[k]])
-				)
-			: v
-	);
-}
-
-type GatewayRequest = IncomingMessage & { originalUrl?: string; body?: unknown; $ctx: Context<unknown, RequestMeta>; $failure?: unknown };
-
-/** What a retry under the same key must repeat: method, path with its query, and the body. */
-export function fingerprintOf(req: GatewayRequest): string {
-	return sha256(`${req.method} ${req.originalUrl ?? req.url}\n${canonicalJson(req.body ?? null)}`).toString("base64url");
-}
-
 /** Whose keys these are: the SHA-256 of the (authenticated) bearer token, never the token. */
 function scopeOf(req: IncomingMessage): string {
 	return hashedToken(/^Bearer ([^\s]+)$/.exec(req.headers.authorization ?? "")?.[1] ?? "");
 }
-
-/** The headers that belong to an answer and are replayed with it. */
-const REPLAYED_HEADERS = ["Content-Type", "Location"];
-
-/** moleculer-web's own way to call an action and send its answer, wrapped by `callAction` below. */
-const gatewayCallAction = (ApiGateway.methods as Record<string, (...args: unknown[]) => Promise<unknown>>).callAction;
 
 /** The rate limiter counts per token (hashed: it keeps its keys in memory), or per address without one. */
 function rateLimitKey(req: IncomingMessage): string {
@@ -218,15 +102,7 @@ function rateLimitKey(req: IncomingMessage): string {
 }
 
 interface Methods {
-	callAction(
-		route: unknown,
-		actionName: string,
-		req: GatewayRequest,
-		res: ServerResponse,
-		params: unknown,
-		isStream: boolean
-	): Promise<unknown>;
-	recordAnswer(req: GatewayRequest, res: ServerResponse, running: KeyParams & { requestId: string }): void;
+	callAction(...args: CallActionArgs): Promise<unknown>;
 	authenticate(ctx: Context, route: unknown, req: IncomingMessage & { $action?: { name: string } }): Role | null;
 	authorize(
 		ctx: Context<unknown, { user?: Role | null }>,
@@ -245,7 +121,13 @@ interface Settings extends ApiSettingsSchema {
 }
 
 type This = Service<Settings> &
-	Methods & { keys: { digest: Buffer; role: Role }[]; streams: Set<ServerResponse>; heartbeat?: NodeJS.Timeout };
+	Methods & {
+		keys: { digest: Buffer; role: Role }[];
+		streams: Set<ServerResponse>;
+		heartbeat?: NodeJS.Timeout;
+		/** moleculer-web's own `callAction`, checked at creation. */
+		gatewayCallAction: CallAction;
+	};
 
 /** The dashboard's and the API reference's static pages, and the libraries they use, served from the
  * package (no CDN). The root is one level up from this file in the sources and two in `dist/`. */
@@ -413,99 +295,14 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 		],
 
 		onError(this: This, req: IncomingMessage, res: ServerResponse, err: unknown) {
-			const error = toHttpError(err, this.settings.retryAfterSeconds);
-			if (error.code >= 500 && error.code !== 503) this.logger.error("Request failed:", req.method, req.url, err);
-			if (error.code === 429) {
-				// The limiter's window resets at X-Rate-Limit-Reset (ms since epoch).
-				const reset = Number(res.getHeader("X-Rate-Limit-Reset")) || Date.now() + 60_000;
-				res.setHeader("Retry-After", String(Math.max(1, Math.ceil((reset - Date.now()) / 1000))));
-			}
-			const retryAfter = (error.data as { retryAfter?: number } | undefined)?.retryAfter;
-			// A 503, or a retry that overtook its Idempotency-Key's first request: when to come back.
-			if (retryAfter && (error.code === 503 || error.type === "REQUEST_IN_PROGRESS")) res.setHeader("Retry-After", String(retryAfter));
-			res.setHeader("Content-Type", "application/json; charset=utf-8");
-			res.writeHead(error.code);
-			res.end(JSON.stringify(error));
+			sendHttpError(this.logger, req, res, err, this.settings.retryAfterSeconds);
 		}
 	},
 
 	methods: {
-		/**
-		 * moleculer-web's call of the action behind an alias, made safe to retry: a POST with an
-		 * `Idempotency-Key` (1–255 printable ASCII characters) takes the key for its token
-		 * (`idempotency.begin`, shared by every gateway node) and either runs under the key's request id
-		 * (`ctx.meta.requestId`) and records its answer, or answers what was recorded, byte for byte,
-		 * with `Idempotent-Replayed: true`. Runs after authentication and authorization: a refused
-		 * request takes no key. Without the header, or on another method, nothing changes.
-		 */
-		async callAction(
-			this: This,
-			route: unknown,
-			actionName: string,
-			req: GatewayRequest,
-			res: ServerResponse,
-			params: unknown,
-			isStream: boolean
-		) {
-			const key = req.headers["idempotency-key"];
-			if (req.method !== "POST" || key === undefined) return gatewayCallAction.call(this, route, actionName, req, res, params, isStream);
-			if (typeof key !== "string" || !IDEMPOTENCY_KEY.test(key))
-				throw clientError(400, "INVALID_IDEMPOTENCY_KEY", "Idempotency-Key must be 1 to 255 printable ASCII characters", {
-					length: String(key).length
-				});
-			const scope = scopeOf(req);
-			const begun = await req.$ctx.call<Begun, KeyParams & { fingerprint: string }>("idempotency.begin", {
-				scope,
-				key,
-				fingerprint: fingerprintOf(req)
-			});
-			if (begun.outcome === "replay") {
-				const { status, headers, body } = begun.response;
-				res.writeHead(status, { ...headers, "Idempotent-Replayed": "true" });
-				res.end(Buffer.from(body, "base64"));
-				return true;
-			}
-			req.$ctx.meta.requestId = begun.requestId;
-			this.recordAnswer(req, res, { scope, key, requestId: begun.requestId });
-			try {
-				return await gatewayCallAction.call(this, route, actionName, req, res, params, isStream);
-			} catch (err) {
-				// Sent by `onError`; what failed decides whether the next retry is the same request.
-				req.$failure = err;
-				throw err;
-			}
-		},
-
-		/**
-		 * Records the answer before it is sent, so that a client who got it and retries gets it again.
-		 * A 2xx or 4xx is kept and replayed (a refusal stands: the same request would be refused again).
-		 * A 5xx is not kept: the key is released and the retry runs again — as a new request when a
-		 * service answered that it undid its work (its own 503), under the same request id otherwise
-		 * (a timeout: what ran may still take effect, and the action answers it on the re-run).
-		 */
-		recordAnswer(this: This, req: GatewayRequest, res: ServerResponse, running: KeyParams & { requestId: string }) {
-			const end = res.end.bind(res) as (chunk?: unknown) => ServerResponse;
-			res.end = ((chunk?: string | Buffer) => {
-				const ctx = req.$ctx;
-				const recording =
-					res.statusCode < 500
-						? ctx.call("idempotency.complete", {
-								...running,
-								response: {
-									status: res.statusCode,
-									headers: Object.fromEntries(
-										REPLAYED_HEADERS.flatMap(name => (res.hasHeader(name) ? [[name, String(res.getHeader(name))]] : []))
-									),
-									body: Buffer.from(chunk ?? "").toString("base64")
-								} satisfies StoredResponse
-							})
-						: ctx.call("idempotency.release", { ...running, renew: isDependencyUnavailable(req.$failure) });
-				// Unrecorded, the key's lease runs out and a retry re-runs under the same request id.
-				void recording
-					.catch(err => this.logger.warn("Idempotency-Key answer not recorded:", (err as Error).message))
-					.then(() => end(chunk));
-				return res;
-			}) as typeof res.end;
+		/** moleculer-web's call of the action behind an alias, made safe to retry with an `Idempotency-Key`. */
+		callAction(this: This, ...args: CallActionArgs) {
+			return idempotentCall(this, this.gatewayCallAction, scopeOf, ...args);
 		},
 
 		/** Resolves the bearer token into a role; compares against every key in constant time. */
@@ -540,6 +337,8 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 	},
 
 	created(this: This) {
+		// The patch above replaces moleculer-web's `callAction`: refuse to start if an upgrade moved it.
+		this.gatewayCallAction = stockCallAction(ApiGateway);
 		let keys: ApiKey[] = this.settings.apiKeys;
 		if (keys.length === 0) {
 			if (this.settings.production)

@@ -8,6 +8,7 @@ import path from "node:path";
 import Datastore from "@seald-io/nedb";
 import { Adapters } from "@moleculer/channels";
 import { MetricTypes, type MetricRegistry } from "moleculer";
+import ApiGateway from "moleculer-web";
 import { assertPatchable, missingMembers, PATCHES, type Patch } from "../../lib/patches";
 
 const ROOT = path.resolve(__dirname, "../..");
@@ -25,6 +26,7 @@ function targets(): Record<keyof typeof PATCHES, object> {
 		nedbDatastore: db,
 		nedbPersistence: db.persistence,
 		natsChannels: Adapters.NATS.prototype,
+		moleculerWeb: ApiGateway.methods as object,
 		metricRate: item.rate as object
 	};
 }
