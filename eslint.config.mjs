@@ -36,7 +36,13 @@ export default tseslint.config(
 	{
 		files: ["*.js", "*.mjs"],
 		languageOptions: {
-			globals: { module: "readonly", require: "readonly", __dirname: "readonly", process: "readonly", console: "readonly" }
+			globals: {
+				module: "readonly",
+				require: "readonly",
+				__dirname: "readonly",
+				process: "readonly",
+				console: "readonly"
+			}
 		},
 		rules: { "@typescript-eslint/no-require-imports": "off" }
 	}

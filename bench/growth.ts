@@ -27,7 +27,8 @@ export interface GrowthRow {
 async function writeLines(file: string, count: number, line: (i: number) => object): Promise<void> {
 	const out = fs.createWriteStream(file);
 	for (let i = 0; i < count; i++)
-		if (!out.write(`${JSON.stringify(line(i))}\n`)) await new Promise<void>(resolve => out.once("drain", () => resolve()));
+		if (!out.write(`${JSON.stringify(line(i))}\n`))
+			await new Promise<void>(resolve => out.once("drain", () => resolve()));
 	await new Promise<void>((resolve, reject) => {
 		out.once("error", reject);
 		out.end(() => resolve());
@@ -92,7 +93,12 @@ export async function growthBench(options: Options, reads = 200): Promise<Growth
 			const members = await writeLedger(dataDir, entries);
 			const anyMember = () => `g${Math.floor(Math.random() * members)}`;
 			// The rate limiter would refuse the write load: lifted, as for the HTTP benchmark.
-			const system = new System(await freePort(), { RATE_LIMIT: "1000000000" }, await freePort(), dataDir);
+			const system = new System(
+				await freePort(),
+				{ RATE_LIMIT: "1000000000" },
+				await freePort(),
+				dataDir
+			);
 			system.startTimeoutMs = 300_000;
 			const started = performance.now();
 			await system.start();

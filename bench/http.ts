@@ -24,7 +24,11 @@ import {
 /** Stock moleculer-web's `GET /api/me`, in a process of its own (`stock-gateway.ts`), with Moleculer's metrics or not. */
 async function stockGatewayLoad(options: Options, metrics: boolean): Promise<Figures> {
 	const port = await freePort();
-	const child = fork(path.join(__dirname, "stock-gateway.js"), [String(port), ...(metrics ? ["metrics"] : [])], { stdio: "inherit" });
+	const child = fork(
+		path.join(__dirname, "stock-gateway.js"),
+		[String(port), ...(metrics ? ["metrics"] : [])],
+		{ stdio: "inherit" }
+	);
 	try {
 		await new Promise<void>((resolve, reject) => {
 			child.once("message", () => resolve());
@@ -53,9 +57,13 @@ export async function httpBench(options: Options): Promise<{
 	const system = await System.start({ RATE_LIMIT: "1000000000" });
 	try {
 		await joinMembers(system, options.members);
-		const dashboardUrl = () => `/api/dashboard/members/b${Math.floor(Math.random() * options.members)}`;
+		const dashboardUrl = () =>
+			`/api/dashboard/members/b${Math.floor(Math.random() * options.members)}`;
 		const atRest = await readLatencies(system, dashboardUrl, n => n < 100);
-		const trivial = await httpLoad(`${system.url}/api/me`, options, { method: "GET", headers: AUTH });
+		const trivial = await httpLoad(`${system.url}/api/me`, options, {
+			method: "GET",
+			headers: AUTH
+		});
 		const stock = await stockGatewayLoad(options, false);
 		const stockMetrics = await stockGatewayLoad(options, true);
 		let loading = true;
@@ -77,8 +85,18 @@ export async function httpBench(options: Options): Promise<{
 			})
 		});
 		return {
-			row: { what: "POST /api/deals (HTTP, one process)", figures: deals, baseline: "GET /api/me", baselineFigures: trivial },
-			keyed: { what: "POST /api/deals with Idempotency-Key", figures: keyed, baseline: "POST /api/deals", baselineFigures: deals },
+			row: {
+				what: "POST /api/deals (HTTP, one process)",
+				figures: deals,
+				baseline: "GET /api/me",
+				baselineFigures: trivial
+			},
+			keyed: {
+				what: "POST /api/deals with Idempotency-Key",
+				figures: keyed,
+				baseline: "POST /api/deals",
+				baselineFigures: deals
+			},
 			gateway: {
 				what: "GET /api/me (our gateway, metrics on)",
 				figures: trivial,

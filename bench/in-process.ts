@@ -12,7 +12,9 @@ import PointsService from "../services/points.service";
 import TrivialService from "./trivial.service";
 import { callLoad, dealBody, settledAudit, type Options, type Row } from "./lib";
 
-export async function inProcessBench(options: Options): Promise<{ row: Row; audit: { accounts: number; mismatches: number } }> {
+export async function inProcessBench(
+	options: Options
+): Promise<{ row: Row; audit: { accounts: number; mismatches: number } }> {
 	const broker = new ServiceBroker({
 		...createBrokerOptions(loadConfig({ ...process.env, LOG_LEVEL: "warn", METRICS_PORT: "off" })),
 		nodeID: "bench-in-process"
@@ -21,14 +23,28 @@ export async function inProcessBench(options: Options): Promise<{ row: Row; audi
 	broker.createService(TrivialService);
 	await broker.start();
 	try {
-		for (let i = 0; i < options.members; i++) await broker.call("members.join", { memberId: `b${i}`, name: `bench ${i}` });
+		for (let i = 0; i < options.members; i++)
+			await broker.call("members.join", { memberId: `b${i}`, name: `bench ${i}` });
 		const trivial = await callLoad(options, () => broker.call("trivial.echo", { n: 1 }));
-		const deals = await callLoad(options, () => broker.call("deals.create", dealBody(options.members)));
+		const deals = await callLoad(options, () =>
+			broker.call("deals.create", dealBody(options.members))
+		);
 		const audit = await settledAudit(async () => {
-			const { accounts, mismatches } = await broker.call<{ accounts: number; mismatches: unknown[] }>("points.audit");
+			const { accounts, mismatches } = await broker.call<{
+				accounts: number;
+				mismatches: unknown[];
+			}>("points.audit");
 			return { accounts, mismatches: mismatches.length };
 		});
-		return { row: { what: 'broker.call("deals.create")', figures: deals, baseline: "trivial action", baselineFigures: trivial }, audit };
+		return {
+			row: {
+				what: 'broker.call("deals.create")',
+				figures: deals,
+				baseline: "trivial action",
+				baselineFigures: trivial
+			},
+			audit
+		};
 	} finally {
 		await broker.stop();
 	}

@@ -28,7 +28,8 @@ export interface Figures {
 }
 
 /** Is the last window's throughput within 20% of the first's? */
-export const isFlat = (f: Figures): boolean => f.windows.length > 0 && f.windows[f.windows.length - 1] >= 0.8 * f.windows[0];
+export const isFlat = (f: Figures): boolean =>
+	f.windows.length > 0 && f.windows[f.windows.length - 1] >= 0.8 * f.windows[0];
 
 export interface Row {
 	what: string;
@@ -59,7 +60,11 @@ export function dealBody(members: number, prefix = "b"): Record<string, unknown>
 }
 
 /** Drives one HTTP request shape with autocannon for `seconds`. */
-export async function httpLoad(url: string, options: Options, request: autocannon.Request): Promise<Figures> {
+export async function httpLoad(
+	url: string,
+	options: Options,
+	request: autocannon.Request
+): Promise<Figures> {
 	const window = Math.max(1, Math.round(options.window));
 	const perSecond: number[] = [];
 	// Without a callback autocannon's instance is also the promise of its result (not in its typings).
@@ -87,7 +92,10 @@ export async function httpLoad(url: string, options: Options, request: autocanno
 /** Calls `call` from `connections` concurrent callers for `seconds`, timing each call. */
 export async function callLoad(options: Options, call: () => Promise<unknown>): Promise<Figures> {
 	const latencies: number[] = [];
-	const windows = Array.from({ length: Math.max(1, Math.floor(options.seconds / options.window)) }, () => 0);
+	const windows = Array.from(
+		{ length: Math.max(1, Math.floor(options.seconds / options.window)) },
+		() => 0
+	);
 	let errors = 0;
 	const started = performance.now();
 	const deadline = started + options.seconds * 1000;
@@ -150,15 +158,22 @@ export async function joinMembers(system: System, members: number): Promise<void
 }
 
 /** Every balance equals the sum of its ledger (read over HTTP, all pages). */
-export async function auditOverHttp(system: System, members: number): Promise<{ accounts: number; mismatches: number }> {
+export async function auditOverHttp(
+	system: System,
+	members: number
+): Promise<{ accounts: number; mismatches: number }> {
 	let mismatches = 0;
 	for (let i = 0; i < members; i++) {
 		const memberId = `b${i}`;
-		const { balance } = (await system.call<{ balance: number }>("GET", `/api/points/${memberId}`)).body;
+		const { balance } = (await system.call<{ balance: number }>("GET", `/api/points/${memberId}`))
+			.body;
 		let sum = 0;
 		for (let page = 1; ; page++) {
 			const history = (
-				await system.call<{ rows: { amount: number }[]; total: number }>("GET", `/api/points/${memberId}/history?page=${page}&pageSize=100`)
+				await system.call<{ rows: { amount: number }[]; total: number }>(
+					"GET",
+					`/api/points/${memberId}/history?page=${page}&pageSize=100`
+				)
 			).body;
 			sum += history.rows.reduce((s, e) => s + e.amount, 0);
 			if (page * 100 >= history.total) break;
@@ -193,7 +208,9 @@ export function rssMb(pid: number): number {
 }
 
 const fmt = (n: number, digits = 0) =>
-	Number.isFinite(n) ? n.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits }) : "–";
+	Number.isFinite(n)
+		? n.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits })
+		: "–";
 
 /** One line per measure: the figure, its baseline from the same run, and their ratio. */
 export function printRows(title: string, rows: Row[]): void {
@@ -214,10 +231,16 @@ export function printRows(title: string, rows: Row[]): void {
 }
 
 /** Each load's throughput per window, and whether it held within 20% of its first window. */
-export function printWindows(title: string, loads: { what: string; figures: Figures }[], window: number): void {
+export function printWindows(
+	title: string,
+	loads: { what: string; figures: Figures }[],
+	window: number
+): void {
 	console.log(`\n${title}: per second in each ${window}-second window`);
 	for (const { what, figures } of loads)
-		console.log(`  ${what.padEnd(46)} ${figures.windows.map(n => fmt(n).padStart(7)).join(" ")}  ${isFlat(figures) ? "flat" : "NOT FLAT"}`);
+		console.log(
+			`  ${what.padEnd(46)} ${figures.windows.map(n => fmt(n).padStart(7)).join(" ")}  ${isFlat(figures) ? "flat" : "NOT FLAT"}`
+		);
 }
 
 /** Prints a target and whether this run met it; returns whether it did. */

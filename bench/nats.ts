@@ -12,11 +12,15 @@ import { NatsServer } from "../test/helpers/nats";
 import { freePort, System } from "../test/helpers/system";
 import { callLoad, dealBody, settledAudit, type Options, type Row } from "./lib";
 
-export async function natsBench(options: Options): Promise<{ row: Row; audit: { accounts: number; mismatches: number } }> {
+export async function natsBench(
+	options: Options
+): Promise<{ row: Row; audit: { accounts: number; mismatches: number } }> {
 	const nats = await NatsServer.start();
 	const nodes: System[] = [];
 	const client = new ServiceBroker({
-		...createBrokerOptions(loadConfig({ ...process.env, TRANSPORTER: nats.url, LOG_LEVEL: "warn", METRICS_PORT: "off" })),
+		...createBrokerOptions(
+			loadConfig({ ...process.env, TRANSPORTER: nats.url, LOG_LEVEL: "warn", METRICS_PORT: "off" })
+		),
 		nodeID: `bench-client-${process.pid}`
 	});
 	try {
@@ -25,7 +29,11 @@ export async function natsBench(options: Options): Promise<{ row: Row; audit: { 
 			// The baseline's trivial service runs on the deals node too: moleculer-runner loads it by path.
 			["deals", `deals,members,${path.join(__dirname, "trivial.service.js")}`]
 		]) {
-			const node = new System(0, { TRANSPORTER: nats.url, SERVICES: services, NODE_ID: `bench-${name}-${process.pid}` }, await freePort());
+			const node = new System(
+				0,
+				{ TRANSPORTER: nats.url, SERVICES: services, NODE_ID: `bench-${name}-${process.pid}` },
+				await freePort()
+			);
 			nodes.push(node);
 			await node.start();
 		}
@@ -39,9 +47,14 @@ export async function natsBench(options: Options): Promise<{ row: Row; audit: { 
 			);
 
 		const trivial = await callLoad(options, () => client.call("trivial.echo", { n: 1 }));
-		const deals = await callLoad(options, () => client.call("deals.create", dealBody(options.members)));
+		const deals = await callLoad(options, () =>
+			client.call("deals.create", dealBody(options.members))
+		);
 		const audit = await settledAudit(async () => {
-			const { accounts, mismatches } = await client.call<{ accounts: number; mismatches: unknown[] }>("points.audit");
+			const { accounts, mismatches } = await client.call<{
+				accounts: number;
+				mismatches: unknown[];
+			}>("points.audit");
 			return { accounts, mismatches: mismatches.length };
 		});
 		return {

@@ -13,8 +13,20 @@ import type { Options } from "./lib";
 process.env.DATA_DIR = fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-bench-"));
 process.env.LOG_LEVEL ??= "warn";
 
-const FULL: Options = { seconds: 60, window: 5, connections: 20, members: 500, sizes: [10_000, 100_000, 1_000_000] };
-const SMOKE: Options = { seconds: 2, window: 1, connections: 4, members: 20, sizes: [1_000, 3_000] };
+const FULL: Options = {
+	seconds: 60,
+	window: 5,
+	connections: 20,
+	members: 500,
+	sizes: [10_000, 100_000, 1_000_000]
+};
+const SMOKE: Options = {
+	seconds: 2,
+	window: 1,
+	connections: 4,
+	members: 20,
+	sizes: [1_000, 3_000]
+};
 
 async function runBench(options: Options): Promise<void> {
 	const { fmt, isFlat, printRows, printWindows, target } = await import("./lib");
@@ -31,7 +43,10 @@ async function runBench(options: Options): Promise<void> {
 	const nats = await natsBench(options);
 	const rows = [http.row, http.keyed, inProcess.row, nats.row];
 	printRows("Deals beside their baseline (same run)", rows);
-	printRows("The gateway beside stock moleculer-web, without and with Moleculer's metrics (same run)", [http.gateway, http.gatewayMetrics]);
+	printRows(
+		"The gateway beside stock moleculer-web, without and with Moleculer's metrics (same run)",
+		[http.gateway, http.gatewayMetrics]
+	);
 	const loads = rows.flatMap(r => [
 		{ what: r.what, figures: r.figures },
 		{ what: r.baseline, figures: r.baselineFigures }
@@ -41,7 +56,10 @@ async function runBench(options: Options): Promise<void> {
 		[
 			...loads,
 			{ what: "stock moleculer-web GET /api/me", figures: http.gateway.baselineFigures },
-			{ what: "stock moleculer-web GET /api/me, metrics on", figures: http.gatewayMetrics.baselineFigures }
+			{
+				what: "stock moleculer-web GET /api/me, metrics on",
+				figures: http.gatewayMetrics.baselineFigures
+			}
 		],
 		options.window
 	);
@@ -51,7 +69,9 @@ async function runBench(options: Options): Promise<void> {
 	);
 
 	const growth = await growthBench(options);
-	console.log("\nGrowth: reads (p50 / p99 ms, HTTP), writes (HTTP deals) and memory by ledger size");
+	console.log(
+		"\nGrowth: reads (p50 / p99 ms, HTTP), writes (HTTP deals) and memory by ledger size"
+	);
 	console.table(
 		growth.map(g => ({
 			"ledger entries": fmt(g.entries),
@@ -80,7 +100,12 @@ async function runBench(options: Options): Promise<void> {
 
 	const [first, last] = [growth[0], growth[growth.length - 1]];
 	const flat = (read: "balance" | "history") => last.reads[read].p50 <= 2 * first.reads[read].p50;
-	const dealLoads = [http.row.figures, inProcess.row.figures, nats.row.figures, ...growth.map(g => g.writes)];
+	const dealLoads = [
+		http.row.figures,
+		inProcess.row.figures,
+		nats.row.figures,
+		...growth.map(g => g.writes)
+	];
 	console.log("\nTargets");
 	const met = [
 		target(
@@ -103,13 +128,22 @@ async function runBench(options: Options): Promise<void> {
 			`NATS deals ≥ 50% of the trivial request/reply (${fmt((100 * nats.row.figures.perSecond) / nats.row.baselineFigures.perSecond)}%)`,
 			nats.row.figures.perSecond >= 0.5 * nats.row.baselineFigures.perSecond
 		),
-		target(`balance read flat within 2× from ${fmt(first.entries)} to ${fmt(last.entries)} entries`, flat("balance")),
-		target(`history read flat within 2× from ${fmt(first.entries)} to ${fmt(last.entries)} entries`, flat("history")),
+		target(
+			`balance read flat within 2× from ${fmt(first.entries)} to ${fmt(last.entries)} entries`,
+			flat("balance")
+		),
+		target(
+			`history read flat within 2× from ${fmt(first.entries)} to ${fmt(last.entries)} entries`,
+			flat("history")
+		),
 		target(
 			`deal writes within 2× from ${fmt(first.entries)} to ${fmt(last.entries)} entries stored (${fmt(first.writes.perSecond)} → ${fmt(last.writes.perSecond)} per s)`,
 			last.writes.perSecond >= first.writes.perSecond / 2
 		),
-		target("every deal load flat: its last window within 20% of its first", dealLoads.every(isFlat)),
+		target(
+			"every deal load flat: its last window within 20% of its first",
+			dealLoads.every(isFlat)
+		),
 		target(
 			"every balance equals the sum of its ledger after every load",
 			audits.every(a => a.mismatches === 0)

@@ -12,7 +12,11 @@ const broker = new ServiceBroker({ logger: false, metrics: process.argv[3] === "
 broker.createService({
 	name: "api",
 	mixins: [ApiGateway],
-	settings: { port: Number(process.argv[2]), ip: "127.0.0.1", routes: [{ path: "/api", aliases: { "GET me": "who.me" } }] }
+	settings: {
+		port: Number(process.argv[2]),
+		ip: "127.0.0.1",
+		routes: [{ path: "/api", aliases: { "GET me": "who.me" } }]
+	}
 });
 broker.createService({ name: "who", actions: { me: () => ({ role: "staff" }) } });
 broker.start().then(

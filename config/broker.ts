@@ -21,7 +21,9 @@ import { NodeConfig } from "./settings";
  * @moleculer/channels' typings (generated from JSDoc) mark every option as required and list adapter
  * names only; the middleware defaults the options and also takes an adapter instance.
  */
-const ChannelsMiddleware = Middleware as unknown as (opts: { adapter: EmbeddedAdapter | DurableNatsAdapter }) => BrokerMiddleware;
+const ChannelsMiddleware = Middleware as unknown as (opts: {
+	adapter: EmbeddedAdapter | DurableNatsAdapter;
+}) => BrokerMiddleware;
 
 /**
  * Moleculer's internal middlewares in their stock order, except that `Timeout` sits inside
@@ -64,9 +66,12 @@ const CHANNEL_OPTIONS = {
  * otherwise the embedded store in DATA_DIR, which serves one process.
  */
 function channelAdapter(config: Config): EmbeddedAdapter | DurableNatsAdapter {
-	if (config.transporter?.startsWith("nats://")) return new DurableNatsAdapter(config.transporter, CHANNEL_OPTIONS);
+	if (config.transporter?.startsWith("nats://"))
+		return new DurableNatsAdapter(config.transporter, CHANNEL_OPTIONS);
 	if (config.transporter)
-		throw new Error(`TRANSPORTER must be a nats:// URL (durable channels use NATS JetStream), got '${config.transporter}'`);
+		throw new Error(
+			`TRANSPORTER must be a nats:// URL (durable channels use NATS JetStream), got '${config.transporter}'`
+		);
 	return new EmbeddedAdapter({ dataDir: config.dataDir, ...CHANNEL_OPTIONS });
 }
 
@@ -79,14 +84,19 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 	return {
 		namespace: config.namespace,
 		nodeID: config.nodeID,
-		logger: { type: "Console", options: { level: config.logLevel, formatter: "short", colors: config.logColors } },
+		logger: {
+			type: "Console",
+			options: { level: config.logLevel, formatter: "short", colors: config.logColors }
+		},
 		transporter: config.transporter ? { type: "NATS", options: { url: config.transporter } } : null,
 		requestTimeout: 10_000,
 		// Params are checked by fastest-validator, with the project's own `amount` rule (lib/params.ts).
 		validator: new Validators.Fastest({ customRules: { amount: amountRule } }),
 		// moleculer's typings give a custom command's arguments as a string array; moleculer-repl
 		// passes them as an object by name, which is what the commands are written against.
-		replOptions: { customCommands: operatorCommands as unknown as NonNullable<ReplOptions["customCommands"]> },
+		replOptions: {
+			customCommands: operatorCommands as unknown as NonNullable<ReplOptions["customCommands"]>
+		},
 		// A node that died without a word (SIGKILL) is dropped within seconds, not the default 15 s.
 		heartbeatInterval: 2,
 		heartbeatTimeout: 6,
@@ -98,7 +108,8 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 			halfOpenTime: 5_000,
 			// Only the callee's own failures count: not the caller's bad input (4xx), nor the callee's
 			// fast "my dependency is unavailable" answer (its own breaker is already shedding that load).
-			check: (err: Error) => Number((err as Errors.MoleculerError).code) >= 500 && !isDependencyUnavailable(err)
+			check: (err: Error) =>
+				Number((err as Errors.MoleculerError).code) >= 500 && !isDependencyUnavailable(err)
 		},
 		// Graceful shutdown: stopping waits for the requests in flight (and channels for their messages).
 		tracking: { enabled: true, shutdownTimeout: 10_000 },
@@ -118,6 +129,10 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 						defaultQuantiles: false as unknown as number[]
 					},
 		internalMiddlewares: false,
-		middlewares: [NodeConfig(config), ChannelsMiddleware({ adapter: channelAdapter(config) }), ...INTERNAL_MIDDLEWARES]
+		middlewares: [
+			NodeConfig(config),
+			ChannelsMiddleware({ adapter: channelAdapter(config) }),
+			...INTERNAL_MIDDLEWARES
+		]
 	};
 }

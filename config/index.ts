@@ -60,7 +60,10 @@ export interface ApiKey {
 export function parseApiKeys(raw: string | undefined): ApiKey[] {
 	if (!raw?.trim()) return [];
 	return raw.split(",").map(entry => {
-		const match = /^\s*([A-Za-z0-9._~+/-]{16,256})=(staff(?::([A-Za-z0-9._-]{1,64}))?|merchant:([A-Za-z0-9_-]{1,64}))\s*$/.exec(entry);
+		const match =
+			/^\s*([A-Za-z0-9._~+/-]{16,256})=(staff(?::([A-Za-z0-9._-]{1,64}))?|merchant:([A-Za-z0-9_-]{1,64}))\s*$/.exec(
+				entry
+			);
 		if (!match)
 			throw new Error(
 				"API_KEYS entries must be 'token=staff', 'token=staff:<name>' or 'token=merchant:<merchantId>', with tokens of at least 16 characters [A-Za-z0-9._~+/-] and names of [A-Za-z0-9._-]"
@@ -86,7 +89,9 @@ function number(env: NodeJS.ProcessEnv, name: string, fallback: number): number 
 function months(env: NodeJS.ProcessEnv, name: string): number {
 	const raw = text(env, name) ?? "0";
 	if (!/^\d{1,4}$/.test(raw) || Number(raw) > 1200)
-		throw new Error(`${name} must be a whole number of months from 0 (never expire) to 1200, got '${raw}'`);
+		throw new Error(
+			`${name} must be a whole number of months from 0 (never expire) to 1200, got '${raw}'`
+		);
 	return Number(raw);
 }
 
@@ -112,7 +117,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		dataDir: path.resolve(text(env, "DATA_DIR") ?? "data"),
 		mongoUri: text(env, "MONGO_URI"),
 		transporter: text(env, "TRANSPORTER"),
-		metricsPort: text(env, "METRICS_PORT") === "off" ? undefined : number(env, "METRICS_PORT", 3030),
+		metricsPort:
+			text(env, "METRICS_PORT") === "off" ? undefined : number(env, "METRICS_PORT", 3030),
 		earnRateBp: parseRate("EARN_RATE", text(env, "EARN_RATE") ?? "0.01"),
 		settlementFeeBp: parseRate("SETTLEMENT_FEE", text(env, "SETTLEMENT_FEE") ?? "0.02"),
 		callTimeoutMs: number(env, "CALL_TIMEOUT_MS", 2000),
@@ -122,8 +128,16 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		monthEndGraceMs: number(env, "MONTH_END_GRACE_MINUTES", 10) * 60_000,
 		paymentLimit: number(env, "PAYMENT_LIMIT", 1_000_000),
 		paymentDelayMs: number(env, "PAYMENT_DELAY_MS", 0),
-		idempotencyLeaseMs: atLeast(1000, "IDEMPOTENCY_LEASE_MS", number(env, "IDEMPOTENCY_LEASE_MS", 30_000)),
-		idempotencyRetentionHours: atLeast(24, "IDEMPOTENCY_RETENTION_HOURS", number(env, "IDEMPOTENCY_RETENTION_HOURS", 24)),
+		idempotencyLeaseMs: atLeast(
+			1000,
+			"IDEMPOTENCY_LEASE_MS",
+			number(env, "IDEMPOTENCY_LEASE_MS", 30_000)
+		),
+		idempotencyRetentionHours: atLeast(
+			24,
+			"IDEMPOTENCY_RETENTION_HOURS",
+			number(env, "IDEMPOTENCY_RETENTION_HOURS", 24)
+		),
 		pointsValidMonths: months(env, "POINTS_VALID_MONTHS")
 	};
 }

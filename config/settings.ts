@@ -33,7 +33,8 @@ const isPlain = (value: unknown): value is Plain =>
 export function withDefaults(settings: Plain, defaults: Plain): Plain {
 	const merged: Plain = { ...defaults, ...settings };
 	for (const [key, value] of Object.entries(defaults))
-		if (isPlain(value) && isPlain(settings[key])) merged[key] = withDefaults(settings[key] as Plain, value);
+		if (isPlain(value) && isPlain(settings[key]))
+			merged[key] = withDefaults(settings[key] as Plain, value);
 	return merged;
 }
 
@@ -41,10 +42,15 @@ export function withDefaults(settings: Plain, defaults: Plain): Plain {
  * A mixin: settings whose defaults `defaults` draws from the node's configuration, filled in once
  * the schema is merged (before the service is created, so mixins such as moleculer-web see them).
  */
-export function ConfiguredSettings<S extends object>(defaults: (config: Config) => Partial<S>): Partial<ServiceSchema> {
+export function ConfiguredSettings<S extends object>(
+	defaults: (config: Config) => Partial<S>
+): Partial<ServiceSchema> {
 	return {
 		merged(this: Service, schema: ServiceSchema) {
-			schema.settings = withDefaults((schema.settings ?? {}) as Plain, defaults(configOf(this.broker)) as Plain);
+			schema.settings = withDefaults(
+				(schema.settings ?? {}) as Plain,
+				defaults(configOf(this.broker)) as Plain
+			);
 		}
 	};
 }

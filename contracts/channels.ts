@@ -125,19 +125,30 @@ export interface OutboxEvent<C extends ChannelName = ChannelName> {
 }
 
 /** The event `payload` on `channel`, named for the outbox. */
-export function outboxEvent<C extends ChannelName>(channel: C, payload: Channels[C]): OutboxEvent<C> {
+export function outboxEvent<C extends ChannelName>(
+	channel: C,
+	payload: Channels[C]
+): OutboxEvent<C> {
 	return { id: sortableId(), channel, payload };
 }
 
 /** A consumer's handlers, each typed by its channel's payload. */
-export type Handlers<This> = { [C in ChannelName]?: (this: This, payload: Channels[C]) => Promise<void> };
+export type Handlers<This> = {
+	[C in ChannelName]?: (this: This, payload: Channels[C]) => Promise<void>;
+};
 
 /**
  * The `channels` of a service schema that consumes the given channels as consumer group `group`:
  * each message is handled by one instance of the group, once the handler resolves.
  */
-export function consume<This>(group: string, handlers: Handlers<This>): NonNullable<ServiceSchema["channels"]> {
+export function consume<This>(
+	group: string,
+	handlers: Handlers<This>
+): NonNullable<ServiceSchema["channels"]> {
 	return Object.fromEntries(
-		Object.entries(handlers).map(([channel, handler]) => [channel, { group, handler: handler as (payload: unknown) => Promise<void> }])
+		Object.entries(handlers).map(([channel, handler]) => [
+			channel,
+			{ group, handler: handler as (payload: unknown) => Promise<void> }
+		])
 	);
 }

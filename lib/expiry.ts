@@ -14,12 +14,14 @@ export type Lots = Record<string, number>;
 const endOf = (month: string): string => monthBounds(month)[1];
 
 /** The latest month whose earnings have expired by `now` (their validity ended before this month began). */
-export const expiredThrough = (now: Date, validMonths: number): string => addMonths(monthOf(now.toISOString()), -(validMonths + 1));
+export const expiredThrough = (now: Date, validMonths: number): string =>
+	addMonths(monthOf(now.toISOString()), -(validMonths + 1));
 
 /** The oldest month with points left, if any: what the expiry job looks accounts up by. */
 export const oldestOf = (lots: Lots): string | undefined => Object.keys(lots).sort()[0];
 
-export const sumOf = (lots: Lots): number => Object.values(lots).reduce((sum, points) => sum + points, 0);
+export const sumOf = (lots: Lots): number =>
+	Object.values(lots).reduce((sum, points) => sum + points, 0);
 
 /**
  * The lots after a posting of `amount` in `month`: an earning adds to that month's lot; a taking

@@ -23,8 +23,12 @@ export function amountRule(
 	this: { makeError(error: object): string },
 	{ schema, messages }: CompilationRule
 ): { sanitized: boolean; source: string } {
-	const { max = Number.MAX_SAFE_INTEGER, signed = false } = schema as { max?: number; signed?: boolean };
-	const error = (type: string, expected?: number) => this.makeError({ type, actual: "origValue", expected, messages });
+	const { max = Number.MAX_SAFE_INTEGER, signed = false } = schema as {
+		max?: number;
+		signed?: boolean;
+	};
+	const error = (type: string, expected?: number) =>
+		this.makeError({ type, actual: "origValue", expected, messages });
 	const digits = signed ? "/^\\s*-?\\d+\\s*$/" : "/^\\s*\\d+\\s*$/";
 	return {
 		sanitized: true,

@@ -64,7 +64,9 @@ export const PATCHES = {
 
 /** The members of `patch` that `target` lacks (or holds as something other than a function). */
 export function missingMembers(patch: Patch, target: object): string[] {
-	return patch.members.filter(member => typeof (target as Record<string, unknown>)[member] !== "function");
+	return patch.members.filter(
+		member => typeof (target as Record<string, unknown>)[member] !== "function"
+	);
 }
 
 /** Throws, naming what is missing, unless `target` has every member `patch` relies on. */

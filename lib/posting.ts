@@ -38,7 +38,10 @@ export interface LedgerEntry extends Omit<PostedEntry, "cause"> {
 }
 
 /** An entry a posting is to write: what `applyDrafts` completes into a `LedgerEntry` (about the member unless it says otherwise). */
-export type Draft = Omit<LedgerEntry, "memberId" | "balanceAfter" | "at" | "seq" | "sourceType" | "sourceId" | "merchantId"> &
+export type Draft = Omit<
+	LedgerEntry,
+	"memberId" | "balanceAfter" | "at" | "seq" | "sourceType" | "sourceId" | "merchantId"
+> &
 	Partial<Pick<LedgerEntry, "sourceType" | "sourceId" | "merchantId">>;
 
 /** Why a posting writes nothing. */
@@ -59,14 +62,20 @@ export const dealSource = (deal: DealEvent): Source => ({
 	merchantId: deal.merchantId
 });
 
-export const orderSource = (order: OrderEvent): Source => ({ memberId: order.memberId, sourceType: "order", sourceId: order.orderId });
+export const orderSource = (order: OrderEvent): Source => ({
+	memberId: order.memberId,
+	sourceType: "order",
+	sourceId: order.orderId
+});
 
 /** The grammar of causes: every ledger entry's id, and so the key that applies it at most once. */
 export const Cause = {
 	/** `deal:<id>`, `order:<id>`: what a deal or an order did to the points (an earning or a use). */
-	of: (source: Pick<Source, "sourceType" | "sourceId">) => `${source.sourceType}:${source.sourceId}`,
+	of: (source: Pick<Source, "sourceType" | "sourceId">) =>
+		`${source.sourceType}:${source.sourceId}`,
 	/** `deal-cancel:<id>`, `order-cancel:<id>`: its undoing; before it arrived, the record that refuses it. */
-	cancel: (source: Pick<Source, "sourceType" | "sourceId">) => `${source.sourceType}-cancel:${source.sourceId}`,
+	cancel: (source: Pick<Source, "sourceType" | "sourceId">) =>
+		`${source.sourceType}-cancel:${source.sourceId}`,
 	/** `deal-return:<id>:<n>`: a deal's n-th partial return (n from 1). */
 	dealReturn: (dealId: string, n: number) => `deal-return:${dealId}:${n}`,
 	/** `expiry:<memberId>`: the withdrawal, with which all that is left expires. */
@@ -111,7 +120,15 @@ export function expiries(account: AccountState, through: string): Draft[] {
 /** Points that arrive on the account (`draft`): a withdrawn member's expire on arrival, recorded rather than dropped. */
 function arriving(account: AccountState, source: Source, draft: Draft): Draft[] {
 	if (account.status !== "closed") return [draft];
-	return [draft, { _id: Cause.afterWithdrawal(source.memberId, draft._id), kind: "expire", amount: -draft.amount, ...source }];
+	return [
+		draft,
+		{
+			_id: Cause.afterWithdrawal(source.memberId, draft._id),
+			kind: "expire",
+			amount: -draft.amount,
+			...source
+		}
+	];
 }
 
 /** What earning `amount` for a source posts (cause `deal:<id>`, `order:<id>`). */
@@ -119,18 +136,33 @@ export const earning = (account: AccountState, source: Source, amount: number): 
 	arriving(account, source, { _id: Cause.of(source), kind: "earn", amount, ...source });
 
 /** What giving back `points` of a use posts, as `cause`: a fresh earning of this month, since the use's lots may be gone. */
-export const restoration = (account: AccountState, cause: string, source: Source, points: number): Draft[] =>
-	arriving(account, source, { _id: cause, kind: "restore", amount: points, ...source });
+export const restoration = (
+	account: AccountState,
+	cause: string,
+	source: Source,
+	points: number
+): Draft[] => arriving(account, source, { _id: cause, kind: "restore", amount: points, ...source });
 
 /** What revoking `points` of an earning takes from `balance`: never below 0; the rest, already spent, is the shortfall. */
 export function revocation(cause: string, source: Source, points: number, balance: number): Draft {
 	const revoked = Math.min(points, balance);
 	const shortfall = points - revoked;
-	return { _id: cause, kind: "revoke", amount: revoked ? -revoked : 0, ...source, ...(shortfall ? { shortfall } : {}) };
+	return {
+		_id: cause,
+		kind: "revoke",
+		amount: revoked ? -revoked : 0,
+		...source,
+		...(shortfall ? { shortfall } : {})
+	};
 }
 
 /** A zero entry under `cause`: it records that the source was undone before it was applied, so that it is refused when it comes. */
-export const voiding = (cause: string, source: Source): Draft => ({ _id: cause, kind: "void", amount: 0, ...source });
+export const voiding = (cause: string, source: Source): Draft => ({
+	_id: cause,
+	kind: "void",
+	amount: 0,
+	...source
+});
 
 /**
  * What a use of `amount` posts (cause `deal:<id>`): never beyond the balance, nor on a closed account.
@@ -138,7 +170,12 @@ export const voiding = (cause: string, source: Source): Draft => ({ _id: cause, 
  * (the latest month whose earnings have expired), the use first expires the lots due, with the
  * job's own entries (each lot's expiry is one cause).
  */
-export function debiting(account: AccountState, source: Source, amount: number, dueThrough?: string): Draft[] | Refusal {
+export function debiting(
+	account: AccountState,
+	source: Source,
+	amount: number,
+	dueThrough?: string
+): Draft[] | Refusal {
 	if (account.status === "closed") return "ACCOUNT_CLOSED";
 	const due = dueThrough ? expiries(account, dueThrough) : [];
 	if (account.balance + totalOf(due) < amount) return "INSUFFICIENT_POINTS";
@@ -150,7 +187,11 @@ export function debiting(account: AccountState, source: Source, amount: number, 
  * posted if any: a use is restored in full; an earning is revoked as far as the balance allows; a
  * source not applied yet is voided.
  */
-export function reversal(account: AccountState, source: Source, original?: Pick<LedgerEntry, "amount"> | null): Draft[] {
+export function reversal(
+	account: AccountState,
+	source: Source,
+	original?: Pick<LedgerEntry, "amount"> | null
+): Draft[] {
 	const cancel = Cause.cancel(source);
 	if (!original) return [voiding(cancel, source)];
 	if (original.amount < 0) return restoration(account, cancel, source, -original.amount);
@@ -163,25 +204,52 @@ export function reversal(account: AccountState, source: Source, original?: Pick<
  * back, a void, when its debit is not there), or revoked for a save. A return that overtook its
  * save's earning posts the earning with it.
  */
-export function partialReturn(account: AccountState, deal: DealReturnedEvent, original?: Pick<LedgerEntry, "amount"> | null): Draft[] {
+export function partialReturn(
+	account: AccountState,
+	deal: DealReturnedEvent,
+	original?: Pick<LedgerEntry, "amount"> | null
+): Draft[] {
 	const source = dealSource(deal);
 	const cause = Cause.dealReturn(deal.dealId, deal.return.n);
 	const { points } = deal.return;
-	if (deal.type === "use") return original ? restoration(account, cause, source, points) : [voiding(cause, source)];
+	if (deal.type === "use")
+		return original ? restoration(account, cause, source, points) : [voiding(cause, source)];
 	const earned = original ? [] : earning(account, source, deal.point);
 	return [...earned, revocation(cause, source, points, account.balance + totalOf(earned))];
 }
 
 /** A withdrawal (cause `expiry:<memberId>`): all that is left expires as one entry. */
 export const withdrawal = (account: AccountState): Draft[] => [
-	{ _id: Cause.withdrawal(account._id), kind: "expire", amount: -account.balance, sourceType: "member", sourceId: account._id }
+	{
+		_id: Cause.withdrawal(account._id),
+		kind: "expire",
+		amount: -account.balance,
+		sourceType: "member",
+		sourceId: account._id
+	}
 ];
 
 /** A staff adjustment (cause `adjustment:<id>`) with its reason and who made it: refused on a closed account, or below 0. */
-export function adjustment(account: AccountState, adjustmentId: string, amount: number, reason: string, by: string): Draft[] | Refusal {
+export function adjustment(
+	account: AccountState,
+	adjustmentId: string,
+	amount: number,
+	reason: string,
+	by: string
+): Draft[] | Refusal {
 	if (account.status === "closed") return "ACCOUNT_CLOSED";
 	if (account.balance + amount < 0) return "INSUFFICIENT_POINTS";
-	return [{ _id: Cause.adjustment(adjustmentId), kind: "adjust", amount, sourceType: "adjustment", sourceId: adjustmentId, reason, by }];
+	return [
+		{
+			_id: Cause.adjustment(adjustmentId),
+			kind: "adjust",
+			amount,
+			sourceType: "adjustment",
+			sourceId: adjustmentId,
+			reason,
+			by
+		}
+	];
 }
 
 /** An account after a posting: its entries as the ledger stores them, its balance and its lots. */
@@ -196,17 +264,33 @@ export interface Applied {
  * `seq()`; an earning adds to the lot of `at`'s month, an expiry takes its own lot, and anything else
  * that takes points takes them from the oldest lots first.
  */
-export function applyDrafts(account: AccountState, drafts: Draft[], at: string, seq: () => string): Applied {
+export function applyDrafts(
+	account: AccountState,
+	drafts: Draft[],
+	at: string,
+	seq: () => string
+): Applied {
 	const memberId = account._id;
 	let balance = account.balance;
 	let lots = lotsOf(account);
 	const entries: LedgerEntry[] = drafts.map(d => {
 		balance += d.amount;
 		lots = applyToLots(lots, d.amount, monthOf(at), d.lotMonth);
-		return { memberId, sourceType: "member", sourceId: memberId, ...d, balanceAfter: balance, at, seq: seq() };
+		return {
+			memberId,
+			sourceType: "member",
+			sourceId: memberId,
+			...d,
+			balanceAfter: balance,
+			at,
+			seq: seq()
+		};
 	});
 	return { entries, balance, lots };
 }
 
 /** An entry as events and the history show it: named by its cause. */
-export const postedOf = ({ _id, seq: _seq, ...entry }: LedgerEntry): PostedEntry => ({ cause: _id, ...entry });
+export const postedOf = ({ _id, seq: _seq, ...entry }: LedgerEntry): PostedEntry => ({
+	cause: _id,
+	...entry
+});

@@ -12,7 +12,9 @@ export function parseRate(name: string, text: string): number {
 	const match = /^\s*(\d+)(?:\.(\d+))?\s*$/.exec(text);
 	const places = (match?.[2] ?? "").replace(/0+$/, "");
 	if (!match || places.length > 4)
-		throw new Error(`${name} must be a decimal between 0 and 1 with at most 4 places (a basis point), got '${text}'`);
+		throw new Error(
+			`${name} must be a decimal between 0 and 1 with at most 4 places (a basis point), got '${text}'`
+		);
 	const bp = Number(match[1]) * BASIS + Number(places.padEnd(4, "0"));
 	if (bp > BASIS) throw new Error(`${name} must be between 0 and 1, got '${text}'`);
 	return bp;
@@ -25,10 +27,14 @@ export function applyRate(amount: number, rateBp: number): number {
 }
 
 /** The points a `save` of `dealAmount` earns: floor(amount × rate). */
-export const earnedPoints = (dealAmount: number, earnRateBp: number): number => applyRate(dealAmount, earnRateBp);
+export const earnedPoints = (dealAmount: number, earnRateBp: number): number =>
+	applyRate(dealAmount, earnRateBp);
 
 /** What the merchant is paid for `points` (a settlement's total, negative for a net claw-back), and the fee kept. */
-export function settlementAmounts(points: number, feeBp: number): { fee: number; billingAmount: number } {
+export function settlementAmounts(
+	points: number,
+	feeBp: number
+): { fee: number; billingAmount: number } {
 	const billingAmount = applyRate(points, BASIS - feeBp);
 	return { fee: points - billingAmount, billingAmount };
 }

@@ -19,7 +19,10 @@ export interface RetryOptions {
 }
 
 /** Runs `attempt` (1, 2, …) until it answers anything but `LOST`, waiting up to `attempt × 5` ms after each loss. */
-export async function retryOnRace<T>(attempt: (n: number) => Promise<T | Lost>, { attempts, what, giveUp }: RetryOptions): Promise<T> {
+export async function retryOnRace<T>(
+	attempt: (n: number) => Promise<T | Lost>,
+	{ attempts, what, giveUp }: RetryOptions
+): Promise<T> {
 	for (let n = 1; ; n++) {
 		const result = await attempt(n);
 		if (result !== LOST) return result as T;

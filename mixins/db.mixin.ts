@@ -62,7 +62,9 @@ interface Backend<T> {
 }
 
 const sortOf = (sort: string[] = []) =>
-	Object.fromEntries(sort.map(f => (f.startsWith("-") ? [f.slice(1), -1 as const] : [f, 1 as const])));
+	Object.fromEntries(
+		sort.map(f => (f.startsWith("-") ? [f.slice(1), -1 as const] : [f, 1 as const]))
+	);
 
 function isUniqueViolation(err: unknown): boolean {
 	const e = err as { errorType?: string; code?: number };
@@ -104,7 +106,8 @@ class NedbBackend<T extends { _id: string }> implements Backend<T> {
 		return this.db.countAsync(query as never) as unknown as Promise<number>;
 	}
 	async update(query: Query, update: object) {
-		return (await this.db.updateAsync(query as never, update as never, { multi: true })).numAffected;
+		return (await this.db.updateAsync(query as never, update as never, { multi: true }))
+			.numAffected;
 	}
 	async upsert(query: Query, update: object) {
 		await this.db.updateAsync(query as never, update as never, { upsert: true });
@@ -116,7 +119,11 @@ class NedbBackend<T extends { _id: string }> implements Backend<T> {
 	async ensureIndexes(indexes: IndexSpec[]) {
 		for (const { fields, unique, sparse } of indexes) {
 			const names = Object.keys(fields);
-			await this.db.ensureIndexAsync({ fieldName: names[0], unique: !!unique && names.length === 1, sparse: !!sparse });
+			await this.db.ensureIndexAsync({
+				fieldName: names[0],
+				unique: !!unique && names.length === 1,
+				sparse: !!sparse
+			});
 		}
 	}
 }
@@ -209,7 +216,8 @@ function mongoModel<T>(name: string, indexes: IndexSpec[]): mongoose.Model<T> {
 		{ _id: String },
 		{ strict: false, strictQuery: false, versionKey: false, autoIndex: false, autoCreate: false }
 	);
-	for (const { fields, unique, sparse } of indexes) schema.index(fields, { unique: !!unique, sparse: !!sparse });
+	for (const { fields, unique, sparse } of indexes)
+		schema.index(fields, { unique: !!unique, sparse: !!sparse });
 	return mongoose.model<T>(name, schema as unknown as mongoose.Schema<T>, name);
 }
 
@@ -234,7 +242,11 @@ export class Collection<T extends { _id: string }> {
 	}
 
 	/** The moleculer-db adapter behind the collection, for the service whose main store it is. */
-	get adapter(): { init(broker: ServiceBroker, service: unknown): void; connect(): Promise<unknown>; disconnect(): Promise<unknown> } {
+	get adapter(): {
+		init(broker: ServiceBroker, service: unknown): void;
+		connect(): Promise<unknown>;
+		disconnect(): Promise<unknown>;
+	} {
 		return this.backend.adapter as never;
 	}
 
@@ -249,7 +261,10 @@ export class Collection<T extends { _id: string }> {
 				await this.backend.connect();
 				break;
 			} catch (err) {
-				logger.warn(`Collection '${this.name}' cannot connect yet, retrying:`, (err as Error).message);
+				logger.warn(
+					`Collection '${this.name}' cannot connect yet, retrying:`,
+					(err as Error).message
+				);
 				await new Promise(resolve => setTimeout(resolve, 1000));
 			}
 		}
@@ -311,8 +326,15 @@ export class Collection<T extends { _id: string }> {
 
 	/** A listing's page, newest first (ids are ULIDs), of the documents matching the filters that are
 	 * given (undefined ones are dropped), each row as `view` shows it. */
-	async newestFirst<V>(filters: Record<string, unknown>, page: number, pageSize: number, view: (row: T) => V): Promise<Page<V>> {
-		const query = Object.fromEntries(Object.entries(filters).filter(([, value]) => value !== undefined));
+	async newestFirst<V>(
+		filters: Record<string, unknown>,
+		page: number,
+		pageSize: number,
+		view: (row: T) => V
+	): Promise<Page<V>> {
+		const query = Object.fromEntries(
+			Object.entries(filters).filter(([, value]) => value !== undefined)
+		);
 		const result = await this.page(query, ["-_id"], page, pageSize);
 		return { ...result, rows: result.rows.map(view) };
 	}
@@ -336,7 +358,9 @@ export interface DbThis<T extends { _id: string }> {
 export function DbMixin(name: string, indexes: IndexSpec[] = []): Partial<ServiceSchema> {
 	return {
 		mixins: [DbService],
-		actions: Object.fromEntries(["find", "count", "list", "create", "insert", "get", "update", "remove"].map(a => [a, false])),
+		actions: Object.fromEntries(
+			["find", "count", "list", "create", "insert", "get", "update", "remove"].map(a => [a, false])
+		),
 		// Runs after moleculer-db's own `created`: the adapter is made per service instance, so two
 		// brokers in one process (tests) never share a store.
 		created(this: Service & { adapter: unknown; store: Collection<{ _id: string }> }) {

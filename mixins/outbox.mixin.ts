@@ -31,7 +31,8 @@ export interface WithOutbox {
  * A change of one document: a new document (refused when its id or a unique field is taken), or an
  * update of the document `filter` names (refused when the filter, with its conditions, matches none).
  */
-export type Change<T extends WithOutbox> = { insert: T } | { filter: Query & { _id: string }; update: object };
+export type Change<T extends WithOutbox> =
+	{ insert: T } | { filter: Query & { _id: string }; update: object };
 
 /**
  * What a writer does after its change and before the events are sent (`run`), and a further update
@@ -49,7 +50,11 @@ export interface OutboxMethods {
 	 * sends them (failures are left for the retry timer), then writes `finish`'s update. False, with
 	 * nothing written or sent, when the change was refused.
 	 */
-	changeWithEvents<T extends WithOutbox>(change: Change<T>, events: OutboxEvent[], finish?: Finish): Promise<boolean>;
+	changeWithEvents<T extends WithOutbox>(
+		change: Change<T>,
+		events: OutboxEvent[],
+		finish?: Finish
+	): Promise<boolean>;
 }
 
 type OutboxThis = Service &
@@ -71,16 +76,26 @@ const SWEEP_MS = 5000;
 const schema: ServiceSchema<object, object, object, OutboxThis> = {
 	name: "outbox",
 	methods: {
-		async changeWithEvents<T extends WithOutbox>(this: OutboxThis, change: Change<T>, events: OutboxEvent[], finish?: Finish) {
+		async changeWithEvents<T extends WithOutbox>(
+			this: OutboxThis,
+			change: Change<T>,
+			events: OutboxEvent[],
+			finish?: Finish
+		) {
 			const outbox = events.length ? events : undefined;
 			const written =
 				"insert" in change
 					? await this.store.insertUnique({ ...change.insert, ...(outbox ? { outbox } : {}) })
-					: (await this.store.update(change.filter, outbox ? { ...change.update, $push: { outbox: { $each: outbox } } } : change.update)) >
-						0;
+					: (await this.store.update(
+							change.filter,
+							outbox ? { ...change.update, $push: { outbox: { $each: outbox } } } : change.update
+						)) > 0;
 			if (!written) return false;
 			await finish?.run();
-			await this.flushOutbox({ _id: "insert" in change ? change.insert._id : change.filter._id, outbox }, finish);
+			await this.flushOutbox(
+				{ _id: "insert" in change ? change.insert._id : change.filter._id, outbox },
+				finish
+			);
 			return true;
 		},
 
@@ -98,10 +113,15 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 		/** Sends the document's events, then removes them from its outbox (with `finish`'s update, when given). */
 		async sendOutbox(this: OutboxThis, doc: WithOutbox, finish?: Finish) {
 			const sent = doc.outbox ?? [];
-			const broker = this.broker as unknown as { sendToChannel(channel: string, payload: unknown): Promise<void> };
+			const broker = this.broker as unknown as {
+				sendToChannel(channel: string, payload: unknown): Promise<void>;
+			};
 			for (const event of sent) await broker.sendToChannel(event.channel, event.payload);
-			const pull = sent.length ? { $pull: { outbox: { id: { $in: sent.map(e => e.id) } } } } : undefined;
-			if (pull || finish) await this.store.update(finish?.filter ?? { _id: doc._id }, { ...finish?.update, ...pull });
+			const pull = sent.length
+				? { $pull: { outbox: { id: { $in: sent.map(e => e.id) } } } }
+				: undefined;
+			if (pull || finish)
+				await this.store.update(finish?.filter ?? { _id: doc._id }, { ...finish?.update, ...pull });
 		},
 
 		async retryOutbox(this: OutboxThis, query: Query = { "outbox.0": { $exists: true } }) {
@@ -129,7 +149,10 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 		// The channel adapter connects after the services have started: send leftovers right after.
 		this.scheduleOutboxRetry(0);
 		// Ids below this prefix were minted more than SWEEP_MS ago (a ULID starts with its time).
-		this.outboxSweep = setInterval(() => void this.retryOutbox({ "outbox.id": { $lt: encodeTime(Date.now() - SWEEP_MS, 10) } }), SWEEP_MS);
+		this.outboxSweep = setInterval(
+			() => void this.retryOutbox({ "outbox.id": { $lt: encodeTime(Date.now() - SWEEP_MS, 10) } }),
+			SWEEP_MS
+		);
 	},
 
 	stopped(this: OutboxThis) {

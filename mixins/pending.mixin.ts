@@ -43,7 +43,12 @@ export interface PendingMethods<T extends Pending> {
 	 * Makes the call behind a pending record, given the timeout to call with. When it fails, the
 	 * record fails with reason `code` and a 503 `code` (with `message`) is thrown.
 	 */
-	confirm<R>(record: T, call: (timeout: number) => Promise<R>, code: string, message: string): Promise<R>;
+	confirm<R>(
+		record: T,
+		call: (timeout: number) => Promise<R>,
+		code: string,
+		message: string
+	): Promise<R>;
 	/** Moves a pending record to its outcome; if it was settled meanwhile, that outcome stands and is returned. */
 	settle(record: T, outcome: Outcome<T>): Promise<T>;
 	/** Settles every record pending for longer than twice the call's timeout. */
@@ -62,7 +67,9 @@ type PendingThis<T extends Pending> = Service<PendingSettings> &
 	};
 
 /** `dateField`: when the record became pending (ISO string), to tell the abandoned ones. */
-export function PendingMixin<T extends Pending>(dateField: keyof T & string): Partial<ServiceSchema> {
+export function PendingMixin<T extends Pending>(
+	dateField: keyof T & string
+): Partial<ServiceSchema> {
 	const schema: ServiceSchema<PendingSettings, PendingMethods<T>, object, PendingThis<T>> = {
 		name: "pending",
 		mixins: [
@@ -73,25 +80,41 @@ export function PendingMixin<T extends Pending>(dateField: keyof T & string): Pa
 			}))
 		],
 		methods: {
-			async confirm<R>(this: PendingThis<T>, record: T, call: (timeout: number) => Promise<R>, code: string, message: string): Promise<R> {
+			async confirm<R>(
+				this: PendingThis<T>,
+				record: T,
+				call: (timeout: number) => Promise<R>,
+				code: string,
+				message: string
+			): Promise<R> {
 				try {
 					return await call(this.settings.pendingTimeoutMs);
 				} catch (err) {
-					this.logger.warn(`${code}: the call for '${record._id}' failed, so it fails:`, (err as Error).message);
+					this.logger.warn(
+						`${code}: the call for '${record._id}' failed, so it fails:`,
+						(err as Error).message
+					);
 					await this.settle(record, this.failed(record, code));
 					throw unavailable(code, message, this.settings.retryAfterSeconds, err);
 				}
 			},
 
 			async settle(this: PendingThis<T>, record: T, { changes, events }: Outcome<T>): Promise<T> {
-				if (await this.changeWithEvents({ filter: { _id: record._id, status: "pending" }, update: { $set: changes } }, events))
+				if (
+					await this.changeWithEvents(
+						{ filter: { _id: record._id, status: "pending" }, update: { $set: changes } },
+						events
+					)
+				)
 					return { ...record, ...changes };
 				return (await this.store.findById(record._id)) as T;
 			},
 
 			async sweepPending(this: PendingThis<T>) {
 				const cutoff = new Date(Date.now() - 2 * this.settings.pendingTimeoutMs).toISOString();
-				for (const record of await this.store.find({ query: { status: "pending", [dateField]: { $lt: cutoff } } })) {
+				for (const record of await this.store.find({
+					query: { status: "pending", [dateField]: { $lt: cutoff } }
+				})) {
 					await this.settle(record, this.abandoned(record));
 					this.logger.warn(`Settled '${record._id}', abandoned while pending.`);
 				}
@@ -101,7 +124,10 @@ export function PendingMixin<T extends Pending>(dateField: keyof T & string): Pa
 		started(this: PendingThis<T>) {
 			// Not awaited: the store may still be connecting (mixins start in turn), and it answers
 			// once it is.
-			const sweep = () => this.sweepPending().catch(err => this.logger.warn("Sweeping pending records failed:", (err as Error).message));
+			const sweep = () =>
+				this.sweepPending().catch(err =>
+					this.logger.warn("Sweeping pending records failed:", (err as Error).message)
+				);
 			void sweep();
 			this.pendingTimer = setInterval(sweep, this.settings.pendingSweepMs);
 		},

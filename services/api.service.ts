@@ -22,8 +22,19 @@ import { ConfiguredSettings } from "../config/settings";
 import { forbidden } from "../lib/gateway/access";
 import { refuseHostileKeys } from "../lib/gateway/hostile-keys";
 import { sendHttpError } from "../lib/gateway/http-errors";
-import { idempotentCall, stockCallAction, type CallAction, type CallActionArgs } from "../lib/gateway/idempotent-call";
-import { aliasesOf, openApiDocument, publishedRoutes, type Access, type JsonSchema } from "../lib/gateway/openapi";
+import {
+	idempotentCall,
+	stockCallAction,
+	type CallAction,
+	type CallActionArgs
+} from "../lib/gateway/idempotent-call";
+import {
+	aliasesOf,
+	openApiDocument,
+	publishedRoutes,
+	type Access,
+	type JsonSchema
+} from "../lib/gateway/openapi";
 import { isReady } from "../lib/ops/reporter";
 import Billing from "./billing.service";
 import Dashboard from "./dashboard.service";
@@ -62,7 +73,10 @@ function accessOf(action: string): Access {
 	const rule = MERCHANT_ACTIONS[action];
 	if (rule === undefined) return { public: false, who: "Staff only" };
 	if (rule === true)
-		return { public: false, who: "Staff, or a merchant (only its own merchant's deals and rows, where the resource has a merchant)" };
+		return {
+			public: false,
+			who: "Staff, or a merchant (only its own merchant's deals and rows, where the resource has a merchant)"
+		};
 	return { public: false, who: `Staff, or a merchant for its own \`${rule}\`` };
 }
 
@@ -103,7 +117,11 @@ function rateLimitKey(req: IncomingMessage): string {
 
 interface Methods {
 	callAction(...args: CallActionArgs): Promise<unknown>;
-	authenticate(ctx: Context, route: unknown, req: IncomingMessage & { $action?: { name: string } }): Role | null;
+	authenticate(
+		ctx: Context,
+		route: unknown,
+		req: IncomingMessage & { $action?: { name: string } }
+	): Role | null;
 	authorize(
 		ctx: Context<unknown, { user?: Role | null }>,
 		route: unknown,
@@ -131,14 +149,23 @@ type This = Service<Settings> &
 
 /** The dashboard's and the API reference's static pages, and the libraries they use, served from the
  * package (no CDN). The root is one level up from this file in the sources and two in `dist/`. */
-const ROOT = path.resolve(__dirname, fs.existsSync(path.resolve(__dirname, "../package.json")) ? ".." : "../..");
+const ROOT = path.resolve(
+	__dirname,
+	fs.existsSync(path.resolve(__dirname, "../package.json")) ? ".." : "../.."
+);
 const PUBLIC_DIR = path.join(ROOT, "public");
 const SWAGGER_UI_DIR = path.dirname(require.resolve("swagger-ui-dist"));
 /** `/vendor/<file>`: the only files served from dependencies. */
 const VENDOR_FILES: Record<string, { file: string; type: string }> = {
 	// chart.js exports only its module entry points: find the browser bundle beside the main one.
-	"chart.umd.min.js": { file: path.join(path.dirname(require.resolve("chart.js")), "chart.umd.min.js"), type: "text/javascript" },
-	"swagger-ui-bundle.js": { file: path.join(SWAGGER_UI_DIR, "swagger-ui-bundle.js"), type: "text/javascript" },
+	"chart.umd.min.js": {
+		file: path.join(path.dirname(require.resolve("chart.js")), "chart.umd.min.js"),
+		type: "text/javascript"
+	},
+	"swagger-ui-bundle.js": {
+		file: path.join(SWAGGER_UI_DIR, "swagger-ui-bundle.js"),
+		type: "text/javascript"
+	},
 	"swagger-ui.css": { file: path.join(SWAGGER_UI_DIR, "swagger-ui.css"), type: "text/css" }
 };
 
@@ -215,7 +242,9 @@ const DASHBOARD_STREAM: Record<string, JsonSchema> = {
 
 const CONTRACT = openApiDocument(ROUTES, {
 	title: "OnePoint",
-	version: (JSON.parse(fs.readFileSync(path.join(ROOT, "package.json"), "utf8")) as { version: string }).version,
+	version: (
+		JSON.parse(fs.readFileSync(path.join(ROOT, "package.json"), "utf8")) as { version: string }
+	).version,
 	description:
 		"Membership points: members, their points, deals at merchants, month-end billing, food orders and the staff dashboard. Every request but the health check and this document needs `Authorization: Bearer <token>`.",
 	basePath: "/api",
@@ -271,7 +300,11 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 					...aliasesOf(ROUTES),
 					/** Server-sent events: one `update` per change of the dashboard's read model. */
 					"GET /dashboard/stream"(this: This, req: IncomingMessage, res: ServerResponse) {
-						res.writeHead(200, { "Content-Type": "text/event-stream", "Cache-Control": "no-cache", Connection: "keep-alive" });
+						res.writeHead(200, {
+							"Content-Type": "text/event-stream",
+							"Cache-Control": "no-cache",
+							Connection: "keep-alive"
+						});
 						res.write(": connected\n\n");
 						this.streams.add(res);
 						req.on("close", () => this.streams.delete(res));
@@ -287,7 +320,10 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 							res.writeHead(404, { "Content-Type": "text/plain; charset=utf-8" }).end("Not found");
 							return;
 						}
-						res.writeHead(200, { "Content-Type": `${vendored.type}; charset=utf-8`, "Cache-Control": "public, max-age=86400" });
+						res.writeHead(200, {
+							"Content-Type": `${vendored.type}; charset=utf-8`,
+							"Cache-Control": "public, max-age=86400"
+						});
 						fs.createReadStream(vendored.file).pipe(res);
 					}
 				}
@@ -306,7 +342,12 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 		},
 
 		/** Resolves the bearer token into a role; compares against every key in constant time. */
-		authenticate(this: This, _ctx: Context, _route: unknown, req: IncomingMessage & { $action?: { name: string } }): Role | null {
+		authenticate(
+			this: This,
+			_ctx: Context,
+			_route: unknown,
+			req: IncomingMessage & { $action?: { name: string } }
+		): Role | null {
 			if (req.$action && PUBLIC_ACTIONS.has(req.$action.name)) return null;
 			const header = req.headers.authorization ?? "";
 			const token = /^Bearer ([^\s]+)$/.exec(header)?.[1];
@@ -331,8 +372,10 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			if (!user || user.kind !== "merchant" || rule === undefined) throw forbidden();
 			if (rule === true) return;
 			// A merchant's listing is always its own: the filter is filled in, or must match.
-			if (action === "deals.list" && req.$params.merchantId === undefined) req.$params.merchantId = user.merchantId;
-			if (req.$params[rule] !== user.merchantId) throw forbidden("A merchant token reaches only its own merchant's data");
+			if (action === "deals.list" && req.$params.merchantId === undefined)
+				req.$params.merchantId = user.merchantId;
+			if (req.$params[rule] !== user.merchantId)
+				throw forbidden("A merchant token reaches only its own merchant's data");
 		}
 	},
 
@@ -342,7 +385,9 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 		let keys: ApiKey[] = this.settings.apiKeys;
 		if (keys.length === 0) {
 			if (this.settings.production)
-				throw new Error("API_KEYS must be set in production, e.g. API_KEYS='<token>=staff,<token>=merchant:20'");
+				throw new Error(
+					"API_KEYS must be set in production, e.g. API_KEYS='<token>=staff,<token>=merchant:20'"
+				);
 			keys = [{ token: randomBytes(24).toString("base64url"), role: { kind: "staff" } }];
 			// Printed once so that `npm start` stays a one-command demo; never logged otherwise.
 			this.logger.warn(`API_KEYS is not set: this run's staff token is ${keys[0].token}`);
@@ -353,7 +398,10 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 
 	started(this: This) {
 		// A comment line now and then keeps idle proxies from closing the dashboard's stream.
-		this.heartbeat = setInterval(() => this.streams.forEach(res => res.write(": ping\n\n")), 15_000);
+		this.heartbeat = setInterval(
+			() => this.streams.forEach(res => res.write(": ping\n\n")),
+			15_000
+		);
 	},
 
 	stopped(this: This) {

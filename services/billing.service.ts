@@ -92,11 +92,23 @@ interface ChannelLag {
 }
 
 interface Methods {
-	settlementOf(merchantId: string, month: string): Promise<{ settlement: Settlement; created: boolean }>;
-	compute(merchantId: string, month: string, closedThrough: string | undefined, status: Settlement["status"]): Promise<Settlement>;
+	settlementOf(
+		merchantId: string,
+		month: string
+	): Promise<{ settlement: Settlement; created: boolean }>;
+	compute(
+		merchantId: string,
+		month: string,
+		closedThrough: string | undefined,
+		status: Settlement["status"]
+	): Promise<Settlement>;
 	closeMonths(upTo: string): Promise<ClosedMonth[]>;
 	closeMonth(month: string): Promise<ClosedMonth>;
-	finalize(merchantId: string, month: string, closing: boolean): Promise<{ settlement: Settlement; created: boolean }>;
+	finalize(
+		merchantId: string,
+		month: string,
+		closing: boolean
+	): Promise<{ settlement: Settlement; created: boolean }>;
 	apply(settlement: Settlement): Promise<void>;
 	canClose(month: string): Promise<boolean>;
 	closedThrough(): Promise<string | undefined>;
@@ -136,7 +148,10 @@ const STATE_ID = "closed-through";
 const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "billing",
 	mixins: [
-		DbMixin("billing-amount-views", [{ fields: { merchantId: 1, dealDate: 1 } }, { fields: { dealDate: 1 } }]),
+		DbMixin("billing-amount-views", [
+			{ fields: { merchantId: 1, dealDate: 1 } },
+			{ fields: { dealDate: 1 } }
+		]),
 		ConfiguredSettings<Settings>(config => ({
 			monthEnd: { graceMs: config.monthEndGraceMs, firstCheckMs: 10_000, checkEveryMs: 60_000 },
 			settlementFeeBp: config.settlementFeeBp
@@ -152,11 +167,22 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 				const row = await this.store.findById(ctx.params.dealId);
 				// A use returned whole, at once or in parts, bills nothing: it has no billing amount.
 				if (!row || due(row) === 0)
-					throw notFound("BILLING_VIEW_NOT_FOUND", `No billing amount for deal '${ctx.params.dealId}'`, ctx.params);
+					throw notFound(
+						"BILLING_VIEW_NOT_FOUND",
+						`No billing amount for deal '${ctx.params.dealId}'`,
+						ctx.params
+					);
 				assertOwnMerchant(ctx, row.merchantId);
 				const { _id, merchantId, memberId, dealDate, returnedPoints } = row;
 				// `point`: what the use bills, after its partial returns.
-				return { dealId: _id, merchantId, memberId, point: due(row), dealDate, ...(returnedPoints ? { returnedPoints } : {}) };
+				return {
+					dealId: _id,
+					merchantId,
+					memberId,
+					point: due(row),
+					dealDate,
+					...(returnedPoints ? { returnedPoints } : {})
+				};
 			}
 		},
 
@@ -168,8 +194,17 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			rest: "POST /billings",
 			summary: "Settle a merchant's month: points used there, less the fee",
 			params: { $$strict: true, merchantId: P.id, billingMonth: P.month },
-			async handler(this: This, ctx: Context<{ merchantId: string; billingMonth: string }, { $statusCode?: number; $location?: string }>) {
-				const { settlement, created } = await this.settlementOf(ctx.params.merchantId, ctx.params.billingMonth);
+			async handler(
+				this: This,
+				ctx: Context<
+					{ merchantId: string; billingMonth: string },
+					{ $statusCode?: number; $location?: string }
+				>
+			) {
+				const { settlement, created } = await this.settlementOf(
+					ctx.params.merchantId,
+					ctx.params.billingMonth
+				);
 				ctx.meta.$statusCode = created ? 201 : 200;
 				ctx.meta.$location = `/api/billings/${settlement.merchantId}/${settlement.billingMonth}`;
 				return this.toView(settlement);
@@ -198,10 +233,18 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 				this.assertStarted(month);
 				const closedThrough = await this.closedThrough();
 				if (closedThrough && month <= closedThrough)
-					return (await this.settlements.find({ query: { billingMonth: month }, sort: ["merchantId"] })).map(s => this.toView(s));
-				const rows = await this.store.find({ query: { open: true, dealDate: { $lt: monthBounds(month)[1] } } });
-				const merchants = [...new Set(rows.flatMap(row => (row.merchantId ? [row.merchantId] : [])))].sort();
-				const settlements = await Promise.all(merchants.map(merchantId => this.compute(merchantId, month, closedThrough, "provisional")));
+					return (
+						await this.settlements.find({ query: { billingMonth: month }, sort: ["merchantId"] })
+					).map(s => this.toView(s));
+				const rows = await this.store.find({
+					query: { open: true, dealDate: { $lt: monthBounds(month)[1] } }
+				});
+				const merchants = [
+					...new Set(rows.flatMap(row => (row.merchantId ? [row.merchantId] : [])))
+				].sort();
+				const settlements = await Promise.all(
+					merchants.map(merchantId => this.compute(merchantId, month, closedThrough, "provisional"))
+				);
 				return settlements.filter(s => s.lines.length).map(s => this.toView(s));
 			}
 		},
@@ -216,7 +259,12 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 				const closedThrough = await this.closedThrough();
 				if (closedThrough && month <= closedThrough) {
 					const settlement = await this.settlements.findById(`${merchantId}:${month}`);
-					if (!settlement) throw notFound("SETTLEMENT_NOT_FOUND", `Merchant '${merchantId}' has no settlement for ${month}`, ctx.params);
+					if (!settlement)
+						throw notFound(
+							"SETTLEMENT_NOT_FOUND",
+							`Merchant '${merchantId}' has no settlement for ${month}`,
+							ctx.params
+						);
 					return this.toView(settlement);
 				}
 				this.assertStarted(month);
@@ -228,14 +276,24 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	channels: consume<This>("billing", {
 		async "deal.used"(deal) {
 			const { dealId, merchantId, memberId, point, dealDate } = deal;
-			await this.store.upsert({ _id: dealId }, { $set: { merchantId, memberId, point, dealDate, open: true } });
+			await this.store.upsert(
+				{ _id: dealId },
+				{ $set: { merchantId, memberId, point, dealDate, open: true } }
+			);
 		},
 		async "deal.cancelled"(deal) {
 			// Also when the cancellation overtakes the use: the row then never bills anything.
 			if (deal.type !== "use") return;
 			await this.store.upsert(
 				{ _id: deal.dealId },
-				{ $set: { merchantId: deal.merchantId, dealDate: deal.dealDate, cancelled: true, open: true } }
+				{
+					$set: {
+						merchantId: deal.merchantId,
+						dealDate: deal.dealDate,
+						cancelled: true,
+						open: true
+					}
+				}
 			);
 		},
 		async "deal.returned"(deal) {
@@ -244,7 +302,10 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			// order returns arrive in, and a redelivery changes nothing.
 			await this.store.upsert(
 				{ _id: deal.dealId },
-				{ $set: { merchantId: deal.merchantId, dealDate: deal.dealDate, open: true }, $max: { returnedPoints: deal.returnedPoints } }
+				{
+					$set: { merchantId: deal.merchantId, dealDate: deal.dealDate, open: true },
+					$max: { returnedPoints: deal.returnedPoints }
+				}
 			);
 		}
 	}),
@@ -258,7 +319,9 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 
 		assertStarted(this: This, month: string) {
 			if (monthBounds(month)[0] > this.now().toISOString())
-				throw clientError(422, "BILLING_MONTH_NOT_STARTED", `${month} has not started yet`, { billingMonth: month });
+				throw clientError(422, "BILLING_MONTH_NOT_STARTED", `${month} has not started yet`, {
+					billingMonth: month
+				});
 		},
 
 		async settlementOf(this: This, merchantId: string, month: string) {
@@ -268,19 +331,26 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			let madeNow = false;
 			if ((!closedThrough || month > closedThrough) && (await this.canClose(month))) {
 				const closed = await this.closeMonths(month);
-				madeNow = closed.some(c => c.billingMonth === month && c.settlements.some(s => s.merchantId === merchantId));
+				madeNow = closed.some(
+					c => c.billingMonth === month && c.settlements.some(s => s.merchantId === merchantId)
+				);
 				closedThrough = await this.closedThrough();
 			}
 			if (closedThrough && month <= closedThrough) {
 				const result = await this.lock.run("close", () => this.finalize(merchantId, month, false));
 				return madeNow ? { ...result, created: true } : result;
 			}
-			return { settlement: await this.compute(merchantId, month, closedThrough, "provisional"), created: false };
+			return {
+				settlement: await this.compute(merchantId, month, closedThrough, "provisional"),
+				created: false
+			};
 		},
 
 		/** Past its end and grace, with every deal event published until then handled. */
 		async canClose(this: This, month: string) {
-			const closesAt = new Date(new Date(monthBounds(month)[1]).getTime() + this.settings.monthEnd.graceMs);
+			const closesAt = new Date(
+				new Date(monthBounds(month)[1]).getTime() + this.settings.monthEnd.graceMs
+			);
 			if (this.now() < closesAt) return false;
 			const channels = (this.broker as unknown as { channelAdapter: ChannelLag }).channelAdapter;
 			return channels.caughtUp(
@@ -291,7 +361,13 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		/** The lines of `month` for the merchant: its own uses, and — in the first open month — the adjustments. */
-		async compute(this: This, merchantId: string, month: string, closedThrough: string | undefined, status: Settlement["status"]) {
+		async compute(
+			this: This,
+			merchantId: string,
+			month: string,
+			closedThrough: string | undefined,
+			status: Settlement["status"]
+		) {
 			const firstOpen = closedThrough && month === addMonths(closedThrough, 1);
 			const rows = await this.store.find({
 				query: { merchantId, open: true, dealDate: { $lt: monthBounds(month)[1] } },
@@ -302,7 +378,8 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 				const points = due(row) - (row.billed ?? 0);
 				const rowMonth = monthOf(row.dealDate as string);
 				if (points === 0 || (rowMonth !== month && !firstOpen)) continue;
-				if (rowMonth === month) lines.push({ kind: "use", dealId: row._id, dealDate: row.dealDate as string, points });
+				if (rowMonth === month)
+					lines.push({ kind: "use", dealId: row._id, dealDate: row.dealDate as string, points });
 				else {
 					const reason = !row.billed
 						? "LATE_USE"
@@ -311,13 +388,23 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 							: due(row) < row.billed
 								? "RETURNED_AFTER_SETTLEMENT"
 								: "CORRECTION";
-					lines.push({ kind: "adjustment", dealId: row._id, dealDate: row.dealDate as string, points, month: rowMonth, reason });
+					lines.push({
+						kind: "adjustment",
+						dealId: row._id,
+						dealDate: row.dealDate as string,
+						points,
+						month: rowMonth,
+						reason
+					});
 				}
 			}
 			const uses = lines.filter(line => line.kind === "use");
 			const usedPoints = uses.reduce((sum, line) => sum + line.points, 0);
 			const adjustmentPoints = lines.reduce((sum, line) => sum + line.points, 0) - usedPoints;
-			const { fee, billingAmount } = settlementAmounts(usedPoints + adjustmentPoints, this.settings.settlementFeeBp);
+			const { fee, billingAmount } = settlementAmounts(
+				usedPoints + adjustmentPoints,
+				this.settings.settlementFeeBp
+			);
 			const at = this.now().toISOString();
 			return {
 				_id: `${merchantId}:${month}`,
@@ -340,9 +427,15 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			return this.lock.run("close", async () => {
 				const closed: ClosedMonth[] = [];
 				const closedThrough = await this.closedThrough();
-				const [earliest] = await this.store.find({ query: { open: true, dealDate: { $exists: true } }, sort: ["dealDate"], limit: 1 });
+				const [earliest] = await this.store.find({
+					query: { open: true, dealDate: { $exists: true } },
+					sort: ["dealDate"],
+					limit: 1
+				});
 				// Nothing ever closed: start at the oldest month with activity.
-				let month = closedThrough ? addMonths(closedThrough, 1) : earliest?.dealDate && monthOf(earliest.dealDate);
+				let month = closedThrough
+					? addMonths(closedThrough, 1)
+					: earliest?.dealDate && monthOf(earliest.dealDate);
 				while (month && month <= upTo && (await this.canClose(month))) {
 					closed.push(await this.closeMonth(month));
 					month = addMonths(month, 1);
@@ -353,11 +446,17 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 
 		/** Makes final the settlement of every merchant with something to bill in `month`, then records it closed. */
 		async closeMonth(this: This, month: string) {
-			const rows = await this.store.find({ query: { open: true, dealDate: { $lt: monthBounds(month)[1] } } });
+			const rows = await this.store.find({
+				query: { open: true, dealDate: { $lt: monthBounds(month)[1] } }
+			});
 			// Merchants active in the month (a cancelled use included), or with a change to carry.
 			const merchants = new Set<string>();
 			for (const row of rows)
-				if (row.merchantId && (monthOf(row.dealDate as string) === month || due(row) !== (row.billed ?? 0))) merchants.add(row.merchantId);
+				if (
+					row.merchantId &&
+					(monthOf(row.dealDate as string) === month || due(row) !== (row.billed ?? 0))
+				)
+					merchants.add(row.merchantId);
 			const settlements: SettlementView[] = [];
 			let created = 0;
 			for (const merchantId of [...merchants].sort()) {
@@ -366,7 +465,8 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 				settlements.push(this.toView(result.settlement));
 			}
 			const previous = await this.closedThrough();
-			if (previous) await this.state.update({ _id: STATE_ID, month: previous }, { $set: { month } });
+			if (previous)
+				await this.state.update({ _id: STATE_ID, month: previous }, { $set: { month } });
 			else if (!(await this.state.insertUnique({ _id: STATE_ID, month })))
 				await this.state.update({ _id: STATE_ID, month: { $lt: month } }, { $set: { month } });
 			if (created) this.logger.info(`Month-end ${month}: ${created} settlement(s) made final.`);
@@ -383,8 +483,21 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			let settlement = await this.settlements.findById(id);
 			let created = false;
 			if (!settlement) {
-				const made = await this.compute(merchantId, month, previousMonth(new Date(monthBounds(month)[0])), "final");
-				if (!closing) Object.assign(made, { usedPoints: 0, dealCount: 0, adjustmentPoints: 0, fee: 0, billingAmount: 0, lines: [] });
+				const made = await this.compute(
+					merchantId,
+					month,
+					previousMonth(new Date(monthBounds(month)[0])),
+					"final"
+				);
+				if (!closing)
+					Object.assign(made, {
+						usedPoints: 0,
+						dealCount: 0,
+						adjustmentPoints: 0,
+						fee: 0,
+						billingAmount: 0,
+						lines: []
+					});
 				// Two nodes closing at once: the unique id lets one win, and both apply its lines.
 				created = await this.settlements.insertUnique(made);
 				settlement = created ? made : ((await this.settlements.findById(id)) as Settlement);
@@ -402,7 +515,9 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 					{ $inc: { billed: line.points }, $set: { [`billedBy.${settlement._id}`]: true } }
 				);
 			// Rows that now agree are no longer open; a change meanwhile (point, cancellation, return) keeps one open.
-			for (const row of await this.store.find({ query: { merchantId: settlement.merchantId, open: true, dealDate: { $lt: end } } }))
+			for (const row of await this.store.find({
+				query: { merchantId: settlement.merchantId, open: true, dealDate: { $lt: end } }
+			}))
 				if (due(row) === (row.billed ?? 0))
 					await this.store.update(
 						{
@@ -428,7 +543,9 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	},
 
 	created(this: This) {
-		this.settlements = openCollection<Settlement>(this, "settlements", [{ fields: { merchantId: 1 } }]);
+		this.settlements = openCollection<Settlement>(this, "settlements", [
+			{ fields: { merchantId: 1 } }
+		]);
 		this.state = openCollection(this, "billing-state");
 		this.lock = new KeyedLock();
 	},

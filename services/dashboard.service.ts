@@ -16,13 +16,25 @@
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
-import { consume, type DealEvent, type DealReturnedEvent, type OrderEvent, type PostedEntry } from "../contracts/channels";
+import {
+	consume,
+	type DealEvent,
+	type DealReturnedEvent,
+	type OrderEvent,
+	type PostedEntry
+} from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import { expiringSoon, type Lots } from "../lib/expiry";
 import * as P from "../lib/params";
 import { monthOf } from "../lib/months";
 import type { SettlementView } from "./billing.service";
-import { DbMixin, openCollection, type Collection, type DbThis, type Query } from "../mixins/db.mixin";
+import {
+	DbMixin,
+	openCollection,
+	type Collection,
+	type DbThis,
+	type Query
+} from "../mixins/db.mixin";
 
 /** A copy of a ledger entry, keyed by its cause. */
 export interface EntryRow extends Omit<PostedEntry, "cause"> {
@@ -82,7 +94,8 @@ const TOTAL_OF: Record<string, keyof Totals> = {
 	adjust: "adjusted"
 };
 
-const totalAmount = (kind: string, amount: number) => (kind === "adjust" ? amount : Math.abs(amount));
+const totalAmount = (kind: string, amount: number) =>
+	kind === "adjust" ? amount : Math.abs(amount);
 
 /** How often, at most, changes are announced to the live stream (ms). */
 const ANNOUNCE_MS = 100;
@@ -99,7 +112,11 @@ interface Methods {
 	now(): Date;
 }
 
-const newMember = (memberId: string): MemberRow => ({ _id: memberId, status: "active", balance: 0 });
+const newMember = (memberId: string): MemberRow => ({
+	_id: memberId,
+	status: "active",
+	balance: 0
+});
 const noTotals = (): Totals => ({ earned: 0, used: 0, cancelled: 0, expired: 0, adjusted: 0 });
 
 interface Settings extends ServiceSettingSchema {
@@ -142,7 +159,10 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 					this.store.find({ query: { memberId }, sort: ["at"] }),
 					this.transactions.page({ memberId }, ["-at"], 1, 10)
 				]);
-				if (!member) throw notFound("MEMBER_NOT_FOUND", `No member '${memberId}' on the dashboard`, { memberId });
+				if (!member)
+					throw notFound("MEMBER_NOT_FOUND", `No member '${memberId}' on the dashboard`, {
+						memberId
+					});
 				const totals = noTotals();
 				const months = new Map<string, { month: string } & Totals>();
 				const merchants = new Map<string, { merchantId: string; earned: number; used: number }>();
@@ -156,7 +176,11 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 						months.set(month, m);
 					}
 					if (entry.merchantId && (entry.kind === "earn" || entry.kind === "use")) {
-						const byMerchant = merchants.get(entry.merchantId) ?? { merchantId: entry.merchantId, earned: 0, used: 0 };
+						const byMerchant = merchants.get(entry.merchantId) ?? {
+							merchantId: entry.merchantId,
+							earned: 0,
+							used: 0
+						};
 						byMerchant[entry.kind === "earn" ? "earned" : "used"] += Math.abs(entry.amount);
 						merchants.set(entry.merchantId, byMerchant);
 					}
@@ -167,7 +191,9 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 					expiring: expiringSoon(lots ?? {}, this.settings.pointsValidMonths, this.now()),
 					series: entries.map(e => ({ at: e.at, balance: e.balanceAfter })),
 					monthly: [...months.values()].sort((a, b) => a.month.localeCompare(b.month)),
-					byMerchant: [...merchants.values()].sort((a, b) => b.earned + b.used - (a.earned + a.used)),
+					byMerchant: [...merchants.values()].sort(
+						(a, b) => b.earned + b.used - (a.earned + a.used)
+					),
 					latest: latest.rows.map(({ _id: _key, day: _day, month: _month, ...row }) => row),
 					transactions: latest.total
 				};
@@ -179,10 +205,16 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			rest: "GET /dashboard/members/:memberId/transactions",
 			summary: "One customer's transactions, newest first, paged",
 			params: { $$strict: true, memberId: P.id, ...P.paging },
-			async handler(this: This, ctx: Context<{ memberId: string; page: number; pageSize: number }>) {
+			async handler(
+				this: This,
+				ctx: Context<{ memberId: string; page: number; pageSize: number }>
+			) {
 				const { memberId, page, pageSize } = ctx.params;
 				const result = await this.transactions.page({ memberId }, ["-at"], page, pageSize);
-				return { ...result, rows: result.rows.map(({ _id, day: _day, month: _month, ...row }) => row) };
+				return {
+					...result,
+					rows: result.rows.map(({ _id, day: _day, month: _month, ...row }) => row)
+				};
 			}
 		},
 
@@ -190,41 +222,68 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 		overview: {
 			rest: "GET /dashboard/overview",
 			summary: "The staff dashboard's overview: totals and every customer at a glance",
-			params: { $$strict: true, days: { type: "number", integer: true, min: 1, max: 92, default: 14, convert: true } },
+			params: {
+				$$strict: true,
+				days: { type: "number", integer: true, min: 1, max: 92, default: 14, convert: true }
+			},
 			async handler(this: This, ctx: Context<{ days: number }>) {
 				const now = this.now();
-				const since = new Date(now.getTime() - (ctx.params.days - 1) * 86_400_000).toISOString().slice(0, 10);
+				const since = new Date(now.getTime() - (ctx.params.days - 1) * 86_400_000)
+					.toISOString()
+					.slice(0, 10);
 				const current = monthOf(now.toISOString());
 				const monthStart = `${now.toISOString().slice(0, 7)}-01`;
 				const answerOrNull = <T, R>(action: string, params: object, pick: (answer: T) => R) =>
-					ctx.call<T, object>(action, params, { timeout: this.settings.callTimeoutMs }).then(pick, () => null);
+					ctx
+						.call<T, object>(action, params, { timeout: this.settings.callTimeoutMs })
+						.then(pick, () => null);
 				const [members, deals, deadLetters, settlements] = await Promise.all([
 					this.members.find({ query: {} }),
-					this.transactions.find({ query: { kind: "deal", day: { $gte: since < monthStart ? since : monthStart } } }),
+					this.transactions.find({
+						query: { kind: "deal", day: { $gte: since < monthStart ? since : monthStart } }
+					}),
 					// Owned by other services: without their answer the overview still shows the rest.
 					answerOrNull("dead-letters.count", {}, (r: { waiting: number }) => r.waiting),
 					// Billing's own figures, with what it carries into this month from closed ones.
-					answerOrNull("billing.preview", { billingMonth: current }, (rows: SettlementView[]) => rows)
+					answerOrNull(
+						"billing.preview",
+						{ billingMonth: current },
+						(rows: SettlementView[]) => rows
+					)
 				]);
 				const perDay = new Map<string, number>();
-				const perMerchant = new Map<string, { merchantId: string; deals: number; earnedPoints: number; usedPoints: number }>();
+				const perMerchant = new Map<
+					string,
+					{ merchantId: string; deals: number; earnedPoints: number; usedPoints: number }
+				>();
 				for (const deal of deals) {
 					if (deal.day >= since) perDay.set(deal.day, (perDay.get(deal.day) ?? 0) + 1);
 					if (deal.month !== current || !deal.merchantId) continue;
-					const m = perMerchant.get(deal.merchantId) ?? { merchantId: deal.merchantId, deals: 0, earnedPoints: 0, usedPoints: 0 };
+					const m = perMerchant.get(deal.merchantId) ?? {
+						merchantId: deal.merchantId,
+						deals: 0,
+						earnedPoints: 0,
+						usedPoints: 0
+					};
 					m.deals++;
 					// Points count only for a deal that went through and stands, less what was returned of it.
 					if (deal.status === "success" || deal.status === "partially_cancelled")
-						m[deal.type === "use" ? "usedPoints" : "earnedPoints"] += deal.point - (deal.returnedPoints ?? 0);
+						m[deal.type === "use" ? "usedPoints" : "earnedPoints"] +=
+							deal.point - (deal.returnedPoints ?? 0);
 					perMerchant.set(deal.merchantId, m);
 				}
 				const joined = members.filter(m => m.joinedAt);
 				const merchants = [...perMerchant.values()];
 				// What expires at the end of this month and the next two, overall and for whom most.
-				const expiring = members.map(m => ({ member: m, soon: expiringSoon(m.lots ?? {}, this.settings.pointsValidMonths, now) }));
+				const expiring = members.map(m => ({
+					member: m,
+					soon: expiringSoon(m.lots ?? {}, this.settings.pointsValidMonths, now)
+				}));
 				const expiringMonths =
-					expiring[0]?.soon.map((e, i) => ({ ...e, points: expiring.reduce((sum, x) => sum + x.soon[i].points, 0) })) ??
-					expiringSoon({}, this.settings.pointsValidMonths, now);
+					expiring[0]?.soon.map((e, i) => ({
+						...e,
+						points: expiring.reduce((sum, x) => sum + x.soon[i].points, 0)
+					})) ?? expiringSoon({}, this.settings.pointsValidMonths, now);
 				const expiringMembers = expiring
 					.map(({ member, soon }) => ({
 						memberId: member._id,
@@ -241,18 +300,27 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 					pointsOutstanding: members.reduce((sum, m) => sum + m.balance, 0),
 					expiringSoon: { months: expiringMonths, members: expiringMembers },
 					deadLetters,
-					dealsPerDay: [...perDay].sort(([a], [b]) => a.localeCompare(b)).map(([day, count]) => ({ day, deals: count })),
-					topMerchants: [...merchants].sort((a, b) => b.deals - a.deals || b.usedPoints - a.usedPoints).slice(0, 5),
+					dealsPerDay: [...perDay]
+						.sort(([a], [b]) => a.localeCompare(b))
+						.map(([day, count]) => ({ day, deals: count })),
+					topMerchants: [...merchants]
+						.sort((a, b) => b.deals - a.deals || b.usedPoints - a.usedPoints)
+						.slice(0, 5),
 					settlementPreview:
 						settlements
-							?.map(({ merchantId, billingMonth, usedPoints, adjustmentPoints, billingAmount }) => ({
-								merchantId,
-								billingMonth,
-								usedPoints,
-								adjustmentPoints,
-								billingAmount
-							}))
-							.sort((a, b) => b.billingAmount - a.billingAmount || a.merchantId.localeCompare(b.merchantId)) ?? null
+							?.map(
+								({ merchantId, billingMonth, usedPoints, adjustmentPoints, billingAmount }) => ({
+									merchantId,
+									billingMonth,
+									usedPoints,
+									adjustmentPoints,
+									billingAmount
+								})
+							)
+							.sort(
+								(a, b) =>
+									b.billingAmount - a.billingAmount || a.merchantId.localeCompare(b.merchantId)
+							) ?? null
 				};
 			}
 		}
@@ -260,11 +328,17 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 
 	channels: consume<This>("dashboard", {
 		async "member.joined"(event) {
-			await this.changeMember({ _id: event.memberId }, { $set: { name: event.name, joinedAt: event.joinedAt } });
+			await this.changeMember(
+				{ _id: event.memberId },
+				{ $set: { name: event.name, joinedAt: event.joinedAt } }
+			);
 			this.announce(event.memberId);
 		},
 		async "member.withdrawn"(event) {
-			await this.changeMember({ _id: event.memberId }, { $set: { status: "withdrawn", withdrawnAt: event.withdrawnAt } });
+			await this.changeMember(
+				{ _id: event.memberId },
+				{ $set: { status: "withdrawn", withdrawnAt: event.withdrawnAt } }
+			);
 			this.announce(event.memberId);
 		},
 		/** The ledger itself: the member's history, charts and totals follow it entry by entry, their balance and lots posting by posting. */
@@ -291,8 +365,17 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			}
 			// Only a newer account version replaces what the row states: postings may arrive in any order.
 			const last = posting.entries.at(-1);
-			const newer = { _id: posting.memberId, $or: [{ version: { $exists: false } }, { version: { $lt: posting.version } }] };
-			const state = { $set: { lots: posting.lots, version: posting.version, ...(last ? { balance: last.balanceAfter } : {}) } };
+			const newer = {
+				_id: posting.memberId,
+				$or: [{ version: { $exists: false } }, { version: { $lt: posting.version } }]
+			};
+			const state = {
+				$set: {
+					lots: posting.lots,
+					version: posting.version,
+					...(last ? { balance: last.balanceAfter } : {})
+				}
+			};
 			await this.changeMember(newer, state);
 			this.announce(posting.memberId);
 		},
@@ -332,7 +415,10 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			// Cancellation first: record it as cancelled; its success will find it and count nothing.
 			// Trying the insert first (not a lookup) also settles a success arriving at the same moment.
 			if (await this.record(base)) return true;
-			const changed = await this.transactions.update({ _id: id, status: { $ne: "cancelled" } }, { $set: { status: "cancelled" } });
+			const changed = await this.transactions.update(
+				{ _id: id, status: { $ne: "cancelled" } },
+				{ $set: { status: "cancelled" } }
+			);
 			this.announce(base.memberId);
 			return changed > 0;
 		},
@@ -345,8 +431,14 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			const { returnedAmount, returnedPoints, status } = deal;
 			const row = { ...dealRow(deal, status), returnedAmount, returnedPoints };
 			if (await this.record(row)) return;
-			await this.transactions.update({ _id: row._id }, { $max: { returnedAmount, returnedPoints } });
-			await this.transactions.update({ _id: row._id, status: { $in: ["success", "partially_cancelled"] } }, { $set: { status } });
+			await this.transactions.update(
+				{ _id: row._id },
+				{ $max: { returnedAmount, returnedPoints } }
+			);
+			await this.transactions.update(
+				{ _id: row._id, status: { $in: ["success", "partially_cancelled"] } },
+				{ $set: { status } }
+			);
 			this.announce(deal.memberId);
 		},
 
@@ -377,8 +469,12 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 
 	created(this: This) {
 		this.changed = new Set();
-		this.members = openCollection<MemberRow>(this, "dashboard-members", [{ fields: { status: 1 } }]);
-		this.transactions = openCollection<TransactionRow>(this, "dashboard-transactions", [{ fields: { memberId: 1 } }]);
+		this.members = openCollection<MemberRow>(this, "dashboard-members", [
+			{ fields: { status: 1 } }
+		]);
+		this.transactions = openCollection<TransactionRow>(this, "dashboard-transactions", [
+			{ fields: { memberId: 1 } }
+		]);
 	},
 
 	async started(this: This) {

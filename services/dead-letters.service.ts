@@ -32,7 +32,11 @@ export interface DeadLetterView extends Omit<DeadLetter, "_id" | "headers"> {
 }
 
 interface ChannelAdapter {
-	publish(channel: string, payload: unknown, opts: { headers: Record<string, string> }): Promise<void>;
+	publish(
+		channel: string,
+		payload: unknown,
+		opts: { headers: Record<string, string> }
+	): Promise<void>;
 	parseMessageHeaders(raw: unknown): Record<string, string> | null;
 }
 
@@ -56,10 +60,19 @@ const DeadLettersService: ServiceSchema<object, Methods, object, This> = {
 		/** Dead letters, newest first: those waiting for a replay by default. */
 		list: {
 			visibility: "public",
-			params: { $$strict: true, status: { type: "enum", values: ["dead", "replaying", "replayed", "all"], default: "dead" }, ...P.paging },
+			params: {
+				$$strict: true,
+				status: { type: "enum", values: ["dead", "replaying", "replayed", "all"], default: "dead" },
+				...P.paging
+			},
 			async handler(this: This, ctx: Context<{ status: string; page: number; pageSize: number }>) {
 				const { status, page, pageSize } = ctx.params;
-				return this.store.newestFirst({ status: status === "all" ? undefined : status }, page, pageSize, letter => this.toView(letter));
+				return this.store.newestFirst(
+					{ status: status === "all" ? undefined : status },
+					page,
+					pageSize,
+					letter => this.toView(letter)
+				);
 			}
 		},
 
@@ -83,10 +96,20 @@ const DeadLettersService: ServiceSchema<object, Methods, object, This> = {
 						: [await this.store.findById(ctx.params.id)];
 				const replayed: DeadLetterView[] = [];
 				for (const letter of letters) {
-					if (!letter) throw notFound("DEAD_LETTER_NOT_FOUND", `No dead letter '${ctx.params.id}'`, ctx.params);
-					if (await this.replayOne(letter)) replayed.push(this.toView({ ...letter, status: "replayed" }));
+					if (!letter)
+						throw notFound(
+							"DEAD_LETTER_NOT_FOUND",
+							`No dead letter '${ctx.params.id}'`,
+							ctx.params
+						);
+					if (await this.replayOne(letter))
+						replayed.push(this.toView({ ...letter, status: "replayed" }));
 					else if (ctx.params.id !== "all")
-						throw conflict("DEAD_LETTER_ALREADY_REPLAYED", `Dead letter '${letter._id}' is already replayed`, { id: letter._id });
+						throw conflict(
+							"DEAD_LETTER_ALREADY_REPLAYED",
+							`Dead letter '${letter._id}' is already replayed`,
+							{ id: letter._id }
+						);
 				}
 				await this.report();
 				return { replayed, count: replayed.length };
@@ -101,7 +124,9 @@ const DeadLettersService: ServiceSchema<object, Methods, object, This> = {
 			maxRetries: 100_000,
 			async handler(this: This, payload: unknown, raw?: unknown) {
 				const headers = this.channels().parseMessageHeaders(raw) ?? {};
-				const ownHeaders = Object.fromEntries(Object.entries(headers).filter(([key]) => !DEAD_LETTER_HEADERS.has(key)));
+				const ownHeaders = Object.fromEntries(
+					Object.entries(headers).filter(([key]) => !DEAD_LETTER_HEADERS.has(key))
+				);
 				const source = raw as { id?: string; seq?: number };
 				await this.store.insertUnique({
 					// The adapters name each dead letter; one from an older adapter is named by its message.
@@ -127,14 +152,25 @@ const DeadLettersService: ServiceSchema<object, Methods, object, This> = {
 
 		/** Takes the letter (of two replays, one wins), sends it, then records it replayed. */
 		async replayOne(this: This, letter: DeadLetter) {
-			if (!(await this.store.update({ _id: letter._id, status: "dead" }, { $set: { status: "replaying" } }))) return false;
+			if (
+				!(await this.store.update(
+					{ _id: letter._id, status: "dead" },
+					{ $set: { status: "replaying" } }
+				))
+			)
+				return false;
 			try {
-				await this.channels().publish(letter.channel, letter.payload, { headers: { ...letter.headers, [REPLAY_GROUP]: letter.group } });
+				await this.channels().publish(letter.channel, letter.payload, {
+					headers: { ...letter.headers, [REPLAY_GROUP]: letter.group }
+				});
 			} catch (err) {
 				await this.store.update({ _id: letter._id }, { $set: { status: "dead" } });
 				throw err;
 			}
-			await this.store.update({ _id: letter._id }, { $set: { status: "replayed", replayedAt: new Date().toISOString() } });
+			await this.store.update(
+				{ _id: letter._id },
+				{ $set: { status: "replayed", replayedAt: new Date().toISOString() } }
+			);
 			return true;
 		},
 
@@ -153,7 +189,11 @@ const DeadLettersService: ServiceSchema<object, Methods, object, This> = {
 
 	created(this: This) {
 		if (this.broker.isMetricsEnabled())
-			this.broker.metrics.register({ type: "gauge", name: WAITING_METRIC, description: "Dead letters waiting for a replay" });
+			this.broker.metrics.register({
+				type: "gauge",
+				name: WAITING_METRIC,
+				description: "Dead letters waiting for a replay"
+			});
 	},
 
 	async started(this: This) {

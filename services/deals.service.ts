@@ -11,7 +11,12 @@
  */
 import { Errors, type Context, type Service, type ServiceSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
-import { outboxEvent, type DealEvent, type DealReturn, type OutboxEvent } from "../contracts/channels";
+import {
+	outboxEvent,
+	type DealEvent,
+	type DealReturn,
+	type OutboxEvent
+} from "../contracts/channels";
 import { assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
 import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { conflict, notFound, unavailable } from "../lib/errors";
@@ -22,8 +27,18 @@ import type { Source } from "../lib/posting";
 import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
 import { LOST, retryOnRace, type Lost } from "../lib/retry-on-race";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
-import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
+import {
+	OutboxMixin,
+	OUTBOX_INDEX,
+	type OutboxMethods,
+	type WithOutbox
+} from "../mixins/outbox.mixin";
+import {
+	PendingMixin,
+	type Outcome,
+	type PendingMethods,
+	type PendingSettings
+} from "../mixins/pending.mixin";
 import type { MemberView } from "./members.service";
 import type { PostResult } from "./points.service";
 
@@ -85,10 +100,12 @@ type DealChannel = "deal.saved" | "deal.used" | "deal.failed" | "deal.voided" | 
 const MAX_RETURN_ATTEMPTS = 20;
 
 /** floor(points × amount / dealAmount), exact beyond 2^53 (points × amount may reach 10^19). */
-const shareOf = (points: number, amount: number, dealAmount: number) => Number((BigInt(points) * BigInt(amount)) / BigInt(dealAmount));
+const shareOf = (points: number, amount: number, dealAmount: number) =>
+	Number((BigInt(points) * BigInt(amount)) / BigInt(dealAmount));
 
 const dealEvent = (deal: Deal): DealEvent => {
-	const { _id, memberId, merchantId, dealAmount, type, point, dealDate, cancelledAt, reason } = deal;
+	const { _id, memberId, merchantId, dealAmount, type, point, dealDate, cancelledAt, reason } =
+		deal;
 	return {
 		dealId: _id,
 		memberId,
@@ -133,7 +150,8 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 	actions: {
 		create: {
 			rest: "POST /deals",
-			summary: "A deal at a merchant: a save earns points, a use spends them (never beyond the balance)",
+			summary:
+				"A deal at a merchant: a save earns points, a use spends them (never beyond the balance)",
 			params: {
 				$$strict: true,
 				memberId: P.id,
@@ -154,11 +172,16 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 					{ memberId },
 					{ timeout: this.settings.callTimeoutMs }
 				);
-				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+				if (member.status !== "active")
+					throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 
 				if (type === "use" && ctx.params.point == null)
 					throw new Errors.ValidationError("A use deal needs 'point'", "VALIDATION_ERROR", [
-						{ type: "required", field: "point", message: "The 'point' field is required for a use deal." }
+						{
+							type: "required",
+							field: "point",
+							message: "The 'point' field is required for a use deal."
+						}
 					]);
 
 				const deal: Deal = {
@@ -167,12 +190,20 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 					merchantId,
 					dealAmount,
 					type,
-					point: type === "save" ? earnedPoints(dealAmount, this.settings.earnRateBp) : (ctx.params.point as number),
+					point:
+						type === "save"
+							? earnedPoints(dealAmount, this.settings.earnRateBp)
+							: (ctx.params.point as number),
 					status: type === "save" ? "success" : "pending",
 					dealDate: new Date().toISOString(),
 					...requestIdOf(ctx)
 				};
-				if (!(await this.changeWithEvents({ insert: deal }, type === "save" ? [this.eventOf("deal.saved", deal)] : []))) {
+				if (
+					!(await this.changeWithEvents(
+						{ insert: deal },
+						type === "save" ? [this.eventOf("deal.saved", deal)] : []
+					))
+				) {
 					// Refused for its request id: the same request, running at the same time, stored its deal first.
 					const racing = await createdBefore(this.store, ctx);
 					if (racing) return answer(racing);
@@ -198,7 +229,10 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 			rest: "GET /deals",
 			summary: "Deals, newest first, paged; a merchant token sees its own",
 			params: { $$strict: true, memberId: P.optionalId, merchantId: P.optionalId, ...P.paging },
-			async handler(this: This, ctx: Context<{ memberId?: string; merchantId?: string; page: number; pageSize: number }>) {
+			async handler(
+				this: This,
+				ctx: Context<{ memberId?: string; merchantId?: string; page: number; pageSize: number }>
+			) {
 				const { page, pageSize, ...filters } = ctx.params;
 				return this.store.newestFirst(filters, page, pageSize, row => this.toView(row));
 			}
@@ -215,7 +249,8 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 		 */
 		cancel: {
 			rest: "POST /deals/:id/cancel",
-			summary: "Return a deal, whole or in part (`amount`): a save's points are revoked, a use's restored, in proportion",
+			summary:
+				"Return a deal, whole or in part (`amount`): a save's points are revoked, a use's restored, in proportion",
 			params: { $$strict: true, id: P.id, amount: { ...P.amount(P.MAX_AMOUNT), optional: true } },
 			async handler(this: This, ctx: Context<CancelParams, CallerMeta & RequestMeta>) {
 				// Each attempt is conditional on the deal as read: of two racing returns one wins, and the
@@ -224,7 +259,8 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 					attempts: MAX_RETURN_ATTEMPTS,
 					what: `Deal '${ctx.params.id}'`,
 					// Nothing was written: a 503 asks for a retry (and is not kept as an Idempotency-Key's answer).
-					giveUp: message => unavailable("DEAL_BUSY", `${message}; try again`, this.settings.retryAfterSeconds)
+					giveUp: message =>
+						unavailable("DEAL_BUSY", `${message}; try again`, this.settings.retryAfterSeconds)
 				});
 				return this.toView(returned);
 			}
@@ -239,13 +275,23 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 				timeout =>
 					ctx.call<PostResult, Source & { amount: number }>(
 						"points.debit",
-						{ memberId: deal.memberId, sourceType: "deal", sourceId: deal._id, merchantId: deal.merchantId, amount: deal.point },
+						{
+							memberId: deal.memberId,
+							sourceType: "deal",
+							sourceId: deal._id,
+							merchantId: deal.merchantId,
+							amount: deal.point
+						},
 						{ timeout }
 					),
 				"POINTS_UNAVAILABLE",
 				"Points cannot be confirmed right now; try again later"
 			);
-			if (result.applied) return this.settle(deal, { changes: { status: "success" }, events: [this.eventOf("deal.used", deal)] });
+			if (result.applied)
+				return this.settle(deal, {
+					changes: { status: "success" },
+					events: [this.eventOf("deal.used", deal)]
+				});
 			return this.settle(deal, {
 				changes: { status: "fail", reason: result.reason },
 				events: [this.eventOf("deal.failed", { ...deal, reason: result.reason })]
@@ -255,7 +301,10 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 		/** A use whose debit is unconfirmed fails, and `deal.voided` undoes the debit should it have happened. */
 		failed(this: This, deal: Deal, reason: string): Outcome<Deal> {
 			const failed = { ...deal, status: "fail" as const, reason };
-			return { changes: { status: "fail", reason }, events: [this.eventOf("deal.voided", failed), this.eventOf("deal.failed", failed)] };
+			return {
+				changes: { status: "fail", reason },
+				events: [this.eventOf("deal.voided", failed), this.eventOf("deal.failed", failed)]
+			};
 		},
 
 		/** A use left pending by an instance that died waiting for its debit. */
@@ -268,37 +317,52 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		/** One attempt at a return: the deal after it, or LOST when the deal changed meanwhile. */
-		async returnOnce(this: This, ctx: Context<CancelParams, CallerMeta & RequestMeta>): Promise<Deal | Lost> {
+		async returnOnce(
+			this: This,
+			ctx: Context<CancelParams, CallerMeta & RequestMeta>
+		): Promise<Deal | Lost> {
 			const deal = await this.findDeal(ctx.params.id);
 			assertOwnMerchant(ctx, deal.merchantId);
 			const { requestId } = requestIdOf(ctx);
 			// A request run again (its gateway died before answering) answers the deal its return left.
 			if (requestId && deal.returnRequestIds?.includes(requestId)) return deal;
 			if (deal.status === "cancelled")
-				throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, { id: deal._id });
-			if (deal.status !== "success" && deal.status !== "partially_cancelled")
-				throw conflict("DEAL_NOT_CANCELLABLE", `Deal '${deal._id}' is '${deal.status}' and cannot be cancelled`, {
-					id: deal._id,
-					status: deal.status
+				throw conflict("DEAL_ALREADY_CANCELLED", `Deal '${deal._id}' is already cancelled`, {
+					id: deal._id
 				});
+			if (deal.status !== "success" && deal.status !== "partially_cancelled")
+				throw conflict(
+					"DEAL_NOT_CANCELLABLE",
+					`Deal '${deal._id}' is '${deal.status}' and cannot be cancelled`,
+					{
+						id: deal._id,
+						status: deal.status
+					}
+				);
 			const returns = deal.returns ?? [];
 			const returnedAmount = deal.returnedAmount ?? 0;
 			const returnedPoints = deal.returnedPoints ?? 0;
 			const remainder = deal.dealAmount - returnedAmount;
 			const amount = ctx.params.amount ?? remainder;
 			if (amount > remainder)
-				throw conflict("RETURN_EXCEEDS_REMAINDER", `Deal '${deal._id}' has ${remainder} left to return, not ${amount}`, {
-					id: deal._id,
-					amount,
-					remainder
-				});
+				throw conflict(
+					"RETURN_EXCEEDS_REMAINDER",
+					`Deal '${deal._id}' has ${remainder} left to return, not ${amount}`,
+					{
+						id: deal._id,
+						amount,
+						remainder
+					}
+				);
 
 			const completes = amount === remainder;
 			const at = new Date().toISOString();
 			const ret: DealReturn = {
 				n: returns.length + 1,
 				amount,
-				points: completes ? deal.point - returnedPoints : shareOf(deal.point, amount, deal.dealAmount),
+				points: completes
+					? deal.point - returnedPoints
+					: shareOf(deal.point, amount, deal.dealAmount),
 				at
 			};
 			const returnedDeal: Deal = {
@@ -322,7 +386,11 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 						});
 			// The returned amount only grows: conditioned on it, the write fails if another return came first.
 			const change = {
-				filter: { _id: deal._id, status: deal.status, returnedAmount: deal.returnedAmount ?? { $exists: false } },
+				filter: {
+					_id: deal._id,
+					status: deal.status,
+					returnedAmount: deal.returnedAmount ?? { $exists: false }
+				},
 				update: {
 					$set: {
 						status,
@@ -330,7 +398,9 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 						returnedAmount: returnedDeal.returnedAmount,
 						returnedPoints: returnedDeal.returnedPoints,
 						...(cancelledAt ? { cancelledAt } : {}),
-						...(requestId ? { returnRequestIds: [...(deal.returnRequestIds ?? []), requestId] } : {})
+						...(requestId
+							? { returnRequestIds: [...(deal.returnRequestIds ?? []), requestId] }
+							: {})
 					}
 				}
 			};
@@ -344,7 +414,13 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		toView(deal: Deal): DealView {
-			const { _id, outbox: _outbox, requestId: _request, returnRequestIds: _returnRequests, ...rest } = deal;
+			const {
+				_id,
+				outbox: _outbox,
+				requestId: _request,
+				returnRequestIds: _returnRequests,
+				...rest
+			} = deal;
 			return { id: _id, ...rest };
 		}
 	}

@@ -8,7 +8,12 @@ import { consume, outboxEvent } from "../contracts/channels";
 import { notFound } from "../lib/errors";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import {
+	OutboxMixin,
+	OUTBOX_INDEX,
+	type OutboxMethods,
+	type WithOutbox
+} from "../mixins/outbox.mixin";
 
 export interface Delivery extends WithOutbox {
 	/** The order's id: one delivery per order. */
@@ -34,7 +39,12 @@ const DeliveriesService: ServiceSchema<object, object, object, This> = {
 			params: { $$strict: true, orderId: P.id },
 			async handler(this: This, ctx: Context<{ orderId: string }>) {
 				const delivery = await this.store.findById(ctx.params.orderId);
-				if (!delivery) throw notFound("DELIVERY_NOT_FOUND", `No delivery for order '${ctx.params.orderId}'`, ctx.params);
+				if (!delivery)
+					throw notFound(
+						"DELIVERY_NOT_FOUND",
+						`No delivery for order '${ctx.params.orderId}'`,
+						ctx.params
+					);
 				const { _id, outbox: _outbox, ...rest } = delivery;
 				return { orderId: _id, ...rest };
 			}
@@ -45,16 +55,31 @@ const DeliveriesService: ServiceSchema<object, object, object, This> = {
 		async "order.paid"(order) {
 			// Once per order: a repeated event, or one after the cancellation, finds the record taken.
 			const { orderId, memberId, productId, qty } = order;
-			await this.store.insertUnique({ _id: orderId, memberId, productId, qty, status: "started", startedAt: new Date().toISOString() });
+			await this.store.insertUnique({
+				_id: orderId,
+				memberId,
+				productId,
+				qty,
+				status: "started",
+				startedAt: new Date().toISOString()
+			});
 		},
 		async "order.cancelled"(order) {
 			const cancelledAt = new Date().toISOString();
 			const events = [outboxEvent("delivery.cancelled", { orderId: order.orderId })];
 			// Not started yet: the cancelled record takes its place. Started: cancelled, once.
-			const record: Delivery = { _id: order.orderId, memberId: order.memberId, status: "cancelled", cancelledAt };
+			const record: Delivery = {
+				_id: order.orderId,
+				memberId: order.memberId,
+				status: "cancelled",
+				cancelledAt
+			};
 			if (!(await this.changeWithEvents({ insert: record }, events)))
 				await this.changeWithEvents(
-					{ filter: { _id: order.orderId, status: "started" }, update: { $set: { status: "cancelled", cancelledAt } } },
+					{
+						filter: { _id: order.orderId, status: "started" },
+						update: { $set: { status: "cancelled", cancelledAt } }
+					},
 					events
 				);
 		}

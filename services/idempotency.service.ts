@@ -52,7 +52,8 @@ export interface KeyParams {
 }
 
 /** `run`: run the request under `requestId`; `replay`: answer `response`, run nothing. */
-export type Begun = { outcome: "run"; requestId: string } | { outcome: "replay"; response: StoredResponse };
+export type Begun =
+	{ outcome: "run"; requestId: string } | { outcome: "replay"; response: StoredResponse };
 
 /** 1–255 printable ASCII characters (the IETF draft and Stripe's limit). */
 export const IDEMPOTENCY_KEY = /^[\x20-\x7E]{1,255}$/;
@@ -74,7 +75,9 @@ interface Methods {
 	sweep(): Promise<number>;
 }
 
-type This = Service<Settings> & DbThis<IdempotencyRecord> & Methods & { sweepTimer?: NodeJS.Timeout };
+type This = Service<Settings> &
+	DbThis<IdempotencyRecord> &
+	Methods & { sweepTimer?: NodeJS.Timeout };
 
 /** Attempts at a conditional write before giving up: each failed one means another gateway just wrote the record. */
 const ATTEMPTS = 5;
@@ -137,18 +140,31 @@ const IdempotencyService: ServiceSchema<Settings, Methods, object, This> = {
 						);
 					if (record.response) return { outcome: "replay", response: record.response };
 					if (record.leaseUntil > now)
-						throw conflict("REQUEST_IN_PROGRESS", "A request with this Idempotency-Key is still running; retry later", {
-							key,
-							retryAfter: Math.ceil((record.leaseUntil - now) / 1000)
-						});
+						throw conflict(
+							"REQUEST_IN_PROGRESS",
+							"A request with this Idempotency-Key is still running; retry later",
+							{
+								key,
+								retryAfter: Math.ceil((record.leaseUntil - now) / 1000)
+							}
+						);
 					// Released, or its gateway died: run again under the same request id.
-					if ((await this.store.update({ _id, leaseUntil: record.leaseUntil, response: { $exists: false } }, { $set: lease })) > 0)
+					if (
+						(await this.store.update(
+							{ _id, leaseUntil: record.leaseUntil, response: { $exists: false } },
+							{ $set: lease }
+						)) > 0
+					)
 						return { outcome: "run", requestId: record.requestId };
 				}
-				throw conflict("REQUEST_IN_PROGRESS", "A request with this Idempotency-Key is being taken by another retry; retry later", {
-					key,
-					retryAfter: 1
-				});
+				throw conflict(
+					"REQUEST_IN_PROGRESS",
+					"A request with this Idempotency-Key is being taken by another retry; retry later",
+					{
+						key,
+						retryAfter: 1
+					}
+				);
 			}
 		},
 
@@ -170,7 +186,10 @@ const IdempotencyService: ServiceSchema<Settings, Methods, object, This> = {
 					}
 				}
 			},
-			async handler(this: This, ctx: Context<KeyParams & { requestId: string; response: StoredResponse }>): Promise<boolean> {
+			async handler(
+				this: This,
+				ctx: Context<KeyParams & { requestId: string; response: StoredResponse }>
+			): Promise<boolean> {
 				const { scope, key, requestId, response } = ctx.params;
 				return (
 					(await this.store.update(
@@ -190,10 +209,18 @@ const IdempotencyService: ServiceSchema<Settings, Methods, object, This> = {
 		release: {
 			visibility: "public",
 			params: { $$strict: true, scope, key, requestId, renew: "boolean" },
-			async handler(this: This, ctx: Context<KeyParams & { requestId: string; renew: boolean }>): Promise<boolean> {
+			async handler(
+				this: This,
+				ctx: Context<KeyParams & { requestId: string; renew: boolean }>
+			): Promise<boolean> {
 				const { scope, key, requestId, renew } = ctx.params;
 				const update = { $set: { leaseUntil: 0, ...(renew ? { requestId: sortableId() } : {}) } };
-				return (await this.store.update({ _id: `${scope}:${key}`, requestId, response: { $exists: false } }, update)) > 0;
+				return (
+					(await this.store.update(
+						{ _id: `${scope}:${key}`, requestId, response: { $exists: false } },
+						update
+					)) > 0
+				);
 			}
 		},
 
@@ -215,7 +242,10 @@ const IdempotencyService: ServiceSchema<Settings, Methods, object, This> = {
 
 	started(this: This) {
 		this.sweepTimer = setInterval(
-			() => this.sweep().catch(err => this.logger.warn("Sweeping idempotency keys failed:", (err as Error).message)),
+			() =>
+				this.sweep().catch(err =>
+					this.logger.warn("Sweeping idempotency keys failed:", (err as Error).message)
+				),
 			this.settings.sweepMs
 		);
 	},

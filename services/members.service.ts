@@ -10,7 +10,12 @@ import { conflict, notFound } from "../lib/errors";
 import * as P from "../lib/params";
 import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import {
+	OutboxMixin,
+	OUTBOX_INDEX,
+	type OutboxMethods,
+	type WithOutbox
+} from "../mixins/outbox.mixin";
 
 export interface Member extends WithOutbox {
 	name: string;
@@ -47,7 +52,8 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 	actions: {
 		join: {
 			rest: "POST /members",
-			summary: "Join: a new member and their points account (an eight-digit memberId is made up when none is given)",
+			summary:
+				"Join: a new member and their points account (an eight-digit memberId is made up when none is given)",
 			params: {
 				$$strict: true,
 				memberId: P.optionalId,
@@ -57,10 +63,14 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 			},
 			async handler(
 				this: This,
-				ctx: Context<{ memberId?: string; name: string; phone?: string; email?: string }, RequestMeta & AnswerMeta>
+				ctx: Context<
+					{ memberId?: string; name: string; phone?: string; email?: string },
+					RequestMeta & AnswerMeta
+				>
 			) {
 				const { name, phone, email } = ctx.params;
-				const joined = (member: Member) => created(ctx, `/api/members/${member._id}`, this.toView(member));
+				const joined = (member: Member) =>
+					created(ctx, `/api/members/${member._id}`, this.toView(member));
 				// A request run again (its gateway died before answering) answers what it did.
 				const before = await createdBefore(this.store, ctx);
 				if (before) return joined(before);
@@ -78,14 +88,20 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 						joinedAt,
 						...requestIdOf(ctx)
 					};
-					if (await this.changeWithEvents({ insert: member }, [outboxEvent("member.joined", { memberId, name, joinedAt })]))
+					if (
+						await this.changeWithEvents({ insert: member }, [
+							outboxEvent("member.joined", { memberId, name, joinedAt })
+						])
+					)
 						return joined(member);
 					// Refused for its request id: the same request, running at the same time, joined first.
 					const racing = await createdBefore(this.store, ctx);
 					if (racing) return joined(racing);
 					if (!generated) break;
 				}
-				throw conflict("MEMBER_EXISTS", `Member '${ctx.params.memberId}' already exists`, { memberId: ctx.params.memberId });
+				throw conflict("MEMBER_EXISTS", `Member '${ctx.params.memberId}' already exists`, {
+					memberId: ctx.params.memberId
+				});
 			}
 		},
 
@@ -106,11 +122,17 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 				const { memberId } = ctx.params;
 				const withdrawnAt = new Date().toISOString();
 				const changed = await this.changeWithEvents(
-					{ filter: { _id: memberId, status: "active" }, update: { $set: { status: "withdrawn", withdrawnAt } } },
+					{
+						filter: { _id: memberId, status: "active" },
+						update: { $set: { status: "withdrawn", withdrawnAt } }
+					},
 					[outboxEvent("member.withdrawn", { memberId, withdrawnAt })]
 				);
 				const member = await this.findMember(memberId);
-				if (!changed) throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has already withdrawn`, { memberId });
+				if (!changed)
+					throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has already withdrawn`, {
+						memberId
+					});
 				return this.toView(member);
 			}
 		}
@@ -119,12 +141,21 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 	methods: {
 		toView(member: Member): MemberView {
 			const { _id, name, phone, email, status, joinedAt, withdrawnAt } = member;
-			return { memberId: _id, name, phone, email, status, joinedAt, ...(withdrawnAt ? { withdrawnAt } : {}) };
+			return {
+				memberId: _id,
+				name,
+				phone,
+				email,
+				status,
+				joinedAt,
+				...(withdrawnAt ? { withdrawnAt } : {})
+			};
 		},
 
 		async findMember(this: This, memberId: string): Promise<Member> {
 			const member = await this.store.findById(memberId);
-			if (!member) throw notFound("MEMBER_NOT_FOUND", `Member '${memberId}' not found`, { memberId });
+			if (!member)
+				throw notFound("MEMBER_NOT_FOUND", `Member '${memberId}' not found`, { memberId });
 			return member;
 		}
 	}

@@ -34,14 +34,23 @@ const MyPointsService: ServiceSchema<object, object, object, This> = {
 			rest: "GET /my-points/:memberId",
 			summary: "A member's order points, newest first, and their total (read view, fed by events)",
 			params: { $$strict: true, memberId: P.id, ...P.paging },
-			async handler(this: This, ctx: Context<{ memberId: string; page: number; pageSize: number }>) {
+			async handler(
+				this: This,
+				ctx: Context<{ memberId: string; page: number; pageSize: number }>
+			) {
 				const { memberId, page, pageSize } = ctx.params;
 				const [all, adjusted] = await Promise.all([
-					this.store.find({ query: { memberId, adjustment: { $exists: false } }, sort: ["-paidAt"] }),
+					this.store.find({
+						query: { memberId, adjustment: { $exists: false } },
+						sort: ["-paidAt"]
+					}),
 					this.store.find({ query: { memberId, adjustment: { $exists: true } }, sort: ["-_id"] })
 				]);
 				const total = all.reduce((sum, row) => sum + (row.revoked ? 0 : (row.points ?? 0)), 0);
-				const adjustments = adjusted.map(row => ({ adjustmentId: row._id.slice("adjustment:".length), ...row.adjustment }));
+				const adjustments = adjusted.map(row => ({
+					adjustmentId: row._id.slice("adjustment:".length),
+					...row.adjustment
+				}));
 				const rows = all.slice((page - 1) * pageSize, page * pageSize).map(row => ({
 					orderId: row._id,
 					qty: row.qty,
@@ -71,11 +80,18 @@ const MyPointsService: ServiceSchema<object, object, object, This> = {
 		},
 		async "order.cancelled"(order) {
 			const { orderId, memberId, qty, rate, points, paidAt } = order;
-			await this.store.upsert({ _id: orderId }, { $set: { memberId, qty, rate, points, paidAt, revoked: true } });
+			await this.store.upsert(
+				{ _id: orderId },
+				{ $set: { memberId, qty, rate, points, paidAt, revoked: true } }
+			);
 		},
 		async "points.posted"(posting) {
 			for (const { cause, kind, memberId, amount, reason, by, at } of posting.entries)
-				if (kind === "adjust") await this.store.upsert({ _id: cause }, { $set: { memberId, adjustment: { amount, reason, by, at } } });
+				if (kind === "adjust")
+					await this.store.upsert(
+						{ _id: cause },
+						{ $set: { memberId, adjustment: { amount, reason, by, at } } }
+					);
 		}
 	})
 };

@@ -22,8 +22,18 @@ import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
-import { PendingMixin, type Outcome, type PendingMethods, type PendingSettings } from "../mixins/pending.mixin";
+import {
+	OutboxMixin,
+	OUTBOX_INDEX,
+	type OutboxMethods,
+	type WithOutbox
+} from "../mixins/outbox.mixin";
+import {
+	PendingMixin,
+	type Outcome,
+	type PendingMethods,
+	type PendingSettings
+} from "../mixins/pending.mixin";
 import type { MemberView } from "./members.service";
 import type { PaymentView } from "./payments.service";
 
@@ -96,7 +106,12 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "orders",
 	// An order waits `pendingTimeoutMs` for its payment's answer; one pending twice as long was abandoned.
 	mixins: [
-		DbMixin("orders", [{ fields: { memberId: 1 } }, { fields: { status: 1 } }, OUTBOX_INDEX, REQUEST_ID_INDEX]),
+		DbMixin("orders", [
+			{ fields: { memberId: 1 } },
+			{ fields: { status: 1 } },
+			OUTBOX_INDEX,
+			REQUEST_ID_INDEX
+		]),
 		OutboxMixin,
 		PendingMixin<Order>("orderedAt"),
 		ConfiguredSettings<Settings>(config => ({ callTimeoutMs: config.callTimeoutMs }))
@@ -115,19 +130,23 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 			},
 			async handler(this: This, ctx: Context<CreateParams, RequestMeta & AnswerMeta>) {
 				const { memberId, productId, qty, unitPrice } = ctx.params;
-				const answer = (order: Order) => created(ctx, `/api/orders/${order._id}`, this.toView(order));
+				const answer = (order: Order) =>
+					created(ctx, `/api/orders/${order._id}`, this.toView(order));
 				// A request run again (its gateway died before answering) answers the order it made, as it stands.
 				const before = await createdBefore(this.store, ctx);
 				if (before) return answer(before);
 				const totalPrice = qty * unitPrice;
 				if (totalPrice > P.MAX_AMOUNT)
-					throw clientError(422, "ORDER_TOO_LARGE", `An order may total at most ${P.MAX_AMOUNT}`, { totalPrice });
+					throw clientError(422, "ORDER_TOO_LARGE", `An order may total at most ${P.MAX_AMOUNT}`, {
+						totalPrice
+					});
 				const member = await ctx.call<MemberView, { memberId: string }>(
 					"members.get",
 					{ memberId },
 					{ timeout: this.settings.callTimeoutMs }
 				);
-				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+				if (member.status !== "active")
+					throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 
 				const order: Order = {
 					_id: sortableId(),
@@ -170,10 +189,17 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 			params: {
 				$$strict: true,
 				memberId: P.optionalId,
-				status: { type: "enum", values: ["pending", "paid", "payment_failed", "cancelled"], optional: true },
+				status: {
+					type: "enum",
+					values: ["pending", "paid", "payment_failed", "cancelled"],
+					optional: true
+				},
 				...P.paging
 			},
-			async handler(this: This, ctx: Context<{ memberId?: string; status?: OrderStatus; page: number; pageSize: number }>) {
+			async handler(
+				this: This,
+				ctx: Context<{ memberId?: string; status?: OrderStatus; page: number; pageSize: number }>
+			) {
 				const { page, pageSize, ...filters } = ctx.params;
 				return this.store.newestFirst(filters, page, pageSize, row => this.toView(row));
 			}
@@ -188,14 +214,21 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				const order = await this.findOrder(ctx.params.id);
 				const { requestId } = requestIdOf(ctx);
 				// A request run again (its gateway died before answering) answers its cancellation.
-				if (requestId && order.status === "cancelled" && order.cancelRequestId === requestId) return this.toView(order);
+				if (requestId && order.status === "cancelled" && order.cancelRequestId === requestId)
+					return this.toView(order);
 				if (order.status === "cancelled")
-					throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, { id: order._id });
-				if (order.status !== "paid")
-					throw conflict("ORDER_NOT_CANCELLABLE", `Order '${order._id}' is '${order.status}' and cannot be cancelled`, {
-						id: order._id,
-						status: order.status
+					throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, {
+						id: order._id
 					});
+				if (order.status !== "paid")
+					throw conflict(
+						"ORDER_NOT_CANCELLABLE",
+						`Order '${order._id}' is '${order.status}' and cannot be cancelled`,
+						{
+							id: order._id,
+							status: order.status
+						}
+					);
 				const cancelled: Order = {
 					...order,
 					status: "cancelled",
@@ -207,13 +240,23 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 				// Conditional on `paid`: of two racing cancellations, one wins.
 				const change = {
 					filter: { _id: order._id, status: "paid" },
-					update: { $set: { status, cancelledAt, payment, delivery, ...(requestId ? { cancelRequestId: requestId } : {}) } }
+					update: {
+						$set: {
+							status,
+							cancelledAt,
+							payment,
+							delivery,
+							...(requestId ? { cancelRequestId: requestId } : {})
+						}
+					}
 				};
 				if (!(await this.changeWithEvents(change, [this.eventOf("order.cancelled", cancelled)]))) {
 					// The same request, run again at the same time, may be the one that won: it answers that.
 					const now = await this.findOrder(order._id);
 					if (requestId && now.cancelRequestId === requestId) return this.toView(now);
-					throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, { id: order._id });
+					throw conflict("ORDER_ALREADY_CANCELLED", `Order '${order._id}' is already cancelled`, {
+						id: order._id
+					});
 				}
 				return this.toView(cancelled);
 			}
@@ -222,10 +265,16 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 
 	channels: consume<This>("orders", {
 		async "payment.cancelled"(payment) {
-			await this.store.update({ _id: payment.orderId }, { $set: { payment: { id: payment.paymentId, status: payment.status } } });
+			await this.store.update(
+				{ _id: payment.orderId },
+				{ $set: { payment: { id: payment.paymentId, status: payment.status } } }
+			);
 		},
 		async "delivery.cancelled"(delivery) {
-			await this.store.update({ _id: delivery.orderId }, { $set: { delivery: { status: "cancelled" } } });
+			await this.store.update(
+				{ _id: delivery.orderId },
+				{ $set: { delivery: { status: "cancelled" } } }
+			);
 		}
 	}),
 
@@ -245,7 +294,11 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 			);
 			if (payment.status !== "approved")
 				return this.settle(order, {
-					changes: { status: "payment_failed", reason: "PAYMENT_DECLINED", payment: { id: payment.id, status: payment.status } },
+					changes: {
+						status: "payment_failed",
+						reason: "PAYMENT_DECLINED",
+						payment: { id: payment.id, status: payment.status }
+					},
 					events: []
 				});
 			const paid: Order = {
@@ -277,7 +330,18 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		eventOf(channel: OrderChannel, order: Order): OutboxEvent {
-			const { _id, memberId, productId, qty, unitPrice, totalPrice, pointRate, points, paidAt, cancelledAt } = order;
+			const {
+				_id,
+				memberId,
+				productId,
+				qty,
+				unitPrice,
+				totalPrice,
+				pointRate,
+				points,
+				paidAt,
+				cancelledAt
+			} = order;
 			return outboxEvent<OrderChannel>(channel, {
 				orderId: _id,
 				memberId,
@@ -299,7 +363,13 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		toView(order: Order): OrderView {
-			const { _id, outbox: _outbox, requestId: _request, cancelRequestId: _cancelRequest, ...rest } = order;
+			const {
+				_id,
+				outbox: _outbox,
+				requestId: _request,
+				cancelRequestId: _cancelRequest,
+				...rest
+			} = order;
 			return { id: _id, ...rest };
 		}
 	}

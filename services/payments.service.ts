@@ -17,7 +17,12 @@ import { notFound } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
-import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods, type WithOutbox } from "../mixins/outbox.mixin";
+import {
+	OutboxMixin,
+	OUTBOX_INDEX,
+	type OutboxMethods,
+	type WithOutbox
+} from "../mixins/outbox.mixin";
 
 export type PaymentStatus = "approved" | "declined" | "cancelled" | "voided";
 
@@ -53,9 +58,16 @@ type This = Service<Settings> & DbThis<Payment> & OutboxMethods & Methods;
 const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "payments",
 	mixins: [
-		DbMixin("payments", [{ fields: { orderId: 1 }, unique: true }, { fields: { memberId: 1 } }, OUTBOX_INDEX]),
+		DbMixin("payments", [
+			{ fields: { orderId: 1 }, unique: true },
+			{ fields: { memberId: 1 } },
+			OUTBOX_INDEX
+		]),
 		OutboxMixin,
-		ConfiguredSettings<Settings>(config => ({ limit: config.paymentLimit, delayMs: config.paymentDelayMs }))
+		ConfiguredSettings<Settings>(config => ({
+			limit: config.paymentLimit,
+			delayMs: config.paymentDelayMs
+		}))
 	],
 
 	actions: {
@@ -63,7 +75,10 @@ const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 		pay: {
 			visibility: "public",
 			params: { $$strict: true, orderId: P.id, memberId: P.id, amount: P.amount(P.MAX_AMOUNT) },
-			async handler(this: This, ctx: Context<{ orderId: string; memberId: string; amount: number }>): Promise<PaymentView> {
+			async handler(
+				this: This,
+				ctx: Context<{ orderId: string; memberId: string; amount: number }>
+			): Promise<PaymentView> {
 				if (this.settings.delayMs > 0) await sleep(this.settings.delayMs);
 				const { orderId, memberId, amount } = ctx.params;
 				const declined = amount > this.settings.limit;
@@ -88,7 +103,8 @@ const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 			params: { $$strict: true, id: P.id },
 			async handler(this: This, ctx: Context<{ id: string }>) {
 				const payment = await this.store.findById(ctx.params.id);
-				if (!payment) throw notFound("PAYMENT_NOT_FOUND", `Payment '${ctx.params.id}' not found`, ctx.params);
+				if (!payment)
+					throw notFound("PAYMENT_NOT_FOUND", `Payment '${ctx.params.id}' not found`, ctx.params);
 				return this.toView(payment);
 			}
 		},
@@ -97,7 +113,10 @@ const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 			rest: "GET /payments",
 			summary: "Payments, newest first, paged",
 			params: { $$strict: true, orderId: P.optionalId, memberId: P.optionalId, ...P.paging },
-			async handler(this: This, ctx: Context<{ orderId?: string; memberId?: string; page: number; pageSize: number }>) {
+			async handler(
+				this: This,
+				ctx: Context<{ orderId?: string; memberId?: string; page: number; pageSize: number }>
+			) {
 				const { page, pageSize, ...filters } = ctx.params;
 				return this.store.newestFirst(filters, page, pageSize, row => this.toView(row));
 			}
@@ -129,9 +148,19 @@ const PaymentsService: ServiceSchema<Settings, Methods, object, This> = {
 			if (await this.store.insertUnique(placeholder)) return;
 			const payment = (await this.findByOrder(order.orderId)) as Payment;
 			// Only an approved payment is undone; a declined, cancelled or voided one stays as it is.
-			await this.changeWithEvents({ filter: { _id: payment._id, status: "approved" }, update: { $set: { status, cancelledAt: at } } }, [
-				outboxEvent("payment.cancelled", { orderId: payment.orderId, paymentId: payment._id, status })
-			]);
+			await this.changeWithEvents(
+				{
+					filter: { _id: payment._id, status: "approved" },
+					update: { $set: { status, cancelledAt: at } }
+				},
+				[
+					outboxEvent("payment.cancelled", {
+						orderId: payment.orderId,
+						paymentId: payment._id,
+						status
+					})
+				]
+			);
 		},
 
 		async findByOrder(this: This, orderId: string) {

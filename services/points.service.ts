@@ -61,7 +61,13 @@ import {
 	type Source
 } from "../lib/posting";
 import { LOST, retryOnRace } from "../lib/retry-on-race";
-import { DbMixin, openCollection, type Collection, type DbThis, type Page } from "../mixins/db.mixin";
+import {
+	DbMixin,
+	openCollection,
+	type Collection,
+	type DbThis,
+	type Page
+} from "../mixins/db.mixin";
 import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods } from "../mixins/outbox.mixin";
 import type { MemberView } from "./members.service";
 
@@ -107,7 +113,11 @@ export interface ExpiryRun {
 }
 
 interface Methods {
-	post(memberId: string, plan: (account: Account) => Promise<Draft[] | Refusal>, close?: boolean): Promise<PostResult>;
+	post(
+		memberId: string,
+		plan: (account: Account) => Promise<Draft[] | Refusal>,
+		close?: boolean
+	): Promise<PostResult>;
 	credit(source: Source, amount: number): Promise<PostResult>;
 	debit(source: Source, amount: number): Promise<PostResult>;
 	reverse(source: Source): Promise<PostResult>;
@@ -165,7 +175,10 @@ type This = Service<Settings> &
 const MAX_ATTEMPTS = 20;
 
 /** The condition that the account is still as it was read. */
-const versionOf = (account: Account) => ({ _id: account._id, version: account.version ?? { $exists: false } });
+const versionOf = (account: Account) => ({
+	_id: account._id,
+	version: account.version ?? { $exists: false }
+});
 /** Ends the unfinished posting once its entries are in the ledger. */
 const CLEAR_UNFINISHED = { $unset: { pending: true, pendingSince: true } };
 
@@ -193,7 +206,12 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			params: { $$strict: true, memberId: P.id },
 			async handler(this: This, ctx: Context<{ memberId: string }>) {
 				const account = await this.store.findById(ctx.params.memberId);
-				if (!account) throw notFound("ACCOUNT_NOT_FOUND", `No points account for member '${ctx.params.memberId}'`, ctx.params);
+				if (!account)
+					throw notFound(
+						"ACCOUNT_NOT_FOUND",
+						`No points account for member '${ctx.params.memberId}'`,
+						ctx.params
+					);
 				return this.toView(account);
 			}
 		},
@@ -202,7 +220,10 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			rest: "GET /points/:memberId/history",
 			summary: "A member's ledger entries, newest first, paged",
 			params: { $$strict: true, memberId: P.id, ...P.paging },
-			async handler(this: This, ctx: Context<{ memberId: string; page: number; pageSize: number }>): Promise<Page<unknown>> {
+			async handler(
+				this: This,
+				ctx: Context<{ memberId: string; page: number; pageSize: number }>
+			): Promise<Page<unknown>> {
 				const { memberId, page, pageSize } = ctx.params;
 				const result = await this.ledger.page({ memberId }, ["-seq"], page, pageSize);
 				return { ...result, rows: result.rows.map(postedOf) };
@@ -216,7 +237,8 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		 */
 		adjust: {
 			rest: "POST /points/:memberId/adjustments",
-			summary: "A staff adjustment: points given (positive) or taken (negative, never below 0), with its reason and who made it",
+			summary:
+				"A staff adjustment: points given (positive) or taken (negative, never below 0), with its reason and who made it",
 			params: {
 				$$strict: true,
 				memberId: P.id,
@@ -225,7 +247,10 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			},
 			async handler(
 				this: This,
-				ctx: Context<{ memberId: string; amount: number; reason: string }, CallerMeta & RequestMeta & AnswerMeta>
+				ctx: Context<
+					{ memberId: string; amount: number; reason: string },
+					CallerMeta & RequestMeta & AnswerMeta
+				>
 			): Promise<AdjustmentView> {
 				const { memberId, amount, reason } = ctx.params;
 				const user = ctx.meta.user;
@@ -258,20 +283,34 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 					{ memberId },
 					{ timeout: this.settings.callTimeoutMs }
 				);
-				if (member.status !== "active") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+				if (member.status !== "active")
+					throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 				const result = await this.post(memberId, async account => {
 					if (await this.ledger.findById(cause)) return "DUPLICATE";
 					return adjustment(account, adjustmentId, amount, reason, by);
 				});
 				if (result.reason === "DUPLICATE") return (await made()) as AdjustmentView;
-				if (result.reason === "ACCOUNT_CLOSED") throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+				if (result.reason === "ACCOUNT_CLOSED")
+					throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
 				if (result.reason === "INSUFFICIENT_POINTS")
-					throw conflict("INSUFFICIENT_POINTS", `Member '${memberId}' has ${result.balance} points: ${-amount} cannot be taken`, {
-						memberId,
-						balance: result.balance,
-						amount
-					});
-				return this.adjusted(ctx, { adjustmentId, memberId, amount, reason, by, at: result.at as string, balance: result.balance });
+					throw conflict(
+						"INSUFFICIENT_POINTS",
+						`Member '${memberId}' has ${result.balance} points: ${-amount} cannot be taken`,
+						{
+							memberId,
+							balance: result.balance,
+							amount
+						}
+					);
+				return this.adjusted(ctx, {
+					adjustmentId,
+					memberId,
+					amount,
+					reason,
+					by,
+					at: result.at as string,
+					balance: result.balance
+				});
 			}
 		},
 
@@ -333,8 +372,16 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 						// The entries of an unfinished posting: there only while a posting runs, or after a crash.
 						pending: a.pending?.length ?? 0
 					}))
-					.filter(a => a.balance !== a.ledgerSum || a.balance !== a.lots || a.balance < 0 || a.pending > 0);
-				return { accounts: accounts.length, entries: await this.ledger.count({}), adjustments, expired, mismatches };
+					.filter(
+						a => a.balance !== a.ledgerSum || a.balance !== a.lots || a.balance < 0 || a.pending > 0
+					);
+				return {
+					accounts: accounts.length,
+					entries: await this.ledger.count({}),
+					adjustments,
+					expired,
+					mismatches
+				};
 			}
 		}
 	},
@@ -377,7 +424,12 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		 * Posts the entries `plan` drafts for the account, atomically and at most once per cause.
 		 * `plan` runs under the account's lock and may answer a reason instead, to post nothing.
 		 */
-		post(this: This, memberId: string, plan: (account: Account) => Promise<Draft[] | Refusal>, close = false) {
+		post(
+			this: This,
+			memberId: string,
+			plan: (account: Account) => Promise<Draft[] | Refusal>,
+			close = false
+		) {
 			// The lock serialises one process. Another points instance sharing the store (MongoDB) is
 			// kept out by conditioning the write on the account's version, which every change
 			// increments: a lost race re-plans on what the winner wrote. (A balance condition would
@@ -395,11 +447,18 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 					return LOST;
 				}
 				const drafts = await plan(account);
-				if (typeof drafts === "string") return { applied: false, balance: account.balance, reason: drafts };
+				if (typeof drafts === "string")
+					return { applied: false, balance: account.balance, reason: drafts };
 
 				const { entries, balance, lots } = applyDrafts(account, drafts, now, sortableId);
 				const version = (account.version ?? 0) + 1;
-				const posted = outboxEvent("points.posted", { memberId, closed: close, entries: entries.map(postedOf), lots, version });
+				const posted = outboxEvent("points.posted", {
+					memberId,
+					closed: close,
+					entries: entries.map(postedOf),
+					lots,
+					version
+				});
 				const oldestLot = oldestOf(lots);
 				const update = {
 					$inc: { balance: balance - account.balance, version: 1 },
@@ -419,10 +478,15 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 					filter: versionOf({ ...account, version }),
 					update: CLEAR_UNFINISHED
 				};
-				if (!(await this.changeWithEvents({ filter: versionOf(account), update }, [posted], finish))) return LOST;
+				if (
+					!(await this.changeWithEvents({ filter: versionOf(account), update }, [posted], finish))
+				)
+					return LOST;
 				return { applied: true, balance, at: now };
 			};
-			return this.lock.run(memberId, () => retryOnRace(attempt, { attempts: MAX_ATTEMPTS, what: `Account '${memberId}'` }));
+			return this.lock.run(memberId, () =>
+				retryOnRace(attempt, { attempts: MAX_ATTEMPTS, what: `Account '${memberId}'` })
+			);
 		},
 
 		/**
@@ -454,8 +518,15 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				if (await this.ledger.findById(Cause.of(source))) return "DUPLICATE";
 				if (await this.ledger.findById(Cause.cancel(source))) return "CANCELLED";
 				// Points past their validity are never spent: the use expires the lots due first.
-				return debiting(account, source, amount, pointsValidMonths > 0 ? expiredThrough(this.now(), pointsValidMonths) : undefined);
-			}).then(result => (result.reason === "DUPLICATE" ? { ...result, applied: true, reason: undefined } : result));
+				return debiting(
+					account,
+					source,
+					amount,
+					pointsValidMonths > 0 ? expiredThrough(this.now(), pointsValidMonths) : undefined
+				);
+			}).then(result =>
+				result.reason === "DUPLICATE" ? { ...result, applied: true, reason: undefined } : result
+			);
 		},
 
 		/**
@@ -481,7 +552,8 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		returnPart(this: This, deal: DealReturnedEvent) {
 			const source = dealSource(deal);
 			return this.post(source.memberId, async account => {
-				if (await this.ledger.findById(Cause.dealReturn(deal.dealId, deal.return.n))) return "DUPLICATE";
+				if (await this.ledger.findById(Cause.dealReturn(deal.dealId, deal.return.n)))
+					return "DUPLICATE";
 				return partialReturn(account, deal, await this.ledger.findById(Cause.of(source)));
 			});
 		},
@@ -491,7 +563,11 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			return this.post(
 				memberId,
 				async account => {
-					if (account.status === "closed" || (await this.ledger.findById(Cause.withdrawal(memberId)))) return "DUPLICATE";
+					if (
+						account.status === "closed" ||
+						(await this.ledger.findById(Cause.withdrawal(memberId)))
+					)
+						return "DUPLICATE";
 					return withdrawal(account);
 				},
 				true
@@ -518,20 +594,33 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		 */
 		async expireDue(this: This, through?: string) {
 			const due = expiredThrough(this.now(), this.settings.pointsValidMonths);
-			if (this.settings.pointsValidMonths <= 0) throw conflict("EXPIRY_OFF", "Points never expire here (POINTS_VALID_MONTHS is 0)");
+			if (this.settings.pointsValidMonths <= 0)
+				throw conflict("EXPIRY_OFF", "Points never expire here (POINTS_VALID_MONTHS is 0)");
 			if (through && through > due)
-				throw clientError(409, "EXPIRY_NOT_DUE", `Earnings of ${through} are still valid: earnings expire through ${due} now`, {
-					through,
-					due
-				});
+				throw clientError(
+					409,
+					"EXPIRY_NOT_DUE",
+					`Earnings of ${through} are still valid: earnings expire through ${due} now`,
+					{
+						through,
+						due
+					}
+				);
 			const run: ExpiryRun = { through: through ?? due, members: 0, points: 0 };
 			// In batches by id, so that a month's end with many members due never reads them all at once.
 			for (let after = ""; ;) {
 				const query = {
 					_id: { $gt: after },
-					$or: [{ oldestLot: { $lte: run.through } }, { lots: { $exists: false }, balance: { $gt: 0 } }]
+					$or: [
+						{ oldestLot: { $lte: run.through } },
+						{ lots: { $exists: false }, balance: { $gt: 0 } }
+					]
 				};
-				const batch = await this.store.find({ query, sort: ["_id"], limit: this.settings.expiryBatch });
+				const batch = await this.store.find({
+					query,
+					sort: ["_id"],
+					limit: this.settings.expiryBatch
+				});
 				for (const account of batch) {
 					const points = await this.expireLots(account._id, run.through);
 					if (points > 0) {
@@ -542,7 +631,10 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				if (batch.length < this.settings.expiryBatch) break;
 				after = batch[batch.length - 1]._id;
 			}
-			if (run.points) this.logger.info(`Expired ${run.points} points of ${run.members} member(s), earned through ${run.through}.`);
+			if (run.points)
+				this.logger.info(
+					`Expired ${run.points} points of ${run.members} member(s), earned through ${run.through}.`
+				);
 			return run;
 		},
 
@@ -554,7 +646,9 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				if (today === this.expiredOn) return this.scheduleExpiry(this.settings.expiryCheckMs);
 				this.expireDue()
 					.then(() => (this.expiredOn = today))
-					.catch(err => this.logger.error("The expiry job failed; retrying at the next check:", err))
+					.catch(err =>
+						this.logger.error("The expiry job failed; retrying at the next check:", err)
+					)
 					.finally(() => this.scheduleExpiry(this.settings.expiryCheckMs));
 			}, delayMs);
 		},
@@ -563,7 +657,14 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		now: () => new Date(),
 
 		async openAccount(this: This, memberId: string, at: string) {
-			await this.store.insertUnique({ _id: memberId, balance: 0, version: 0, status: "active", openedAt: at, updatedAt: at });
+			await this.store.insertUnique({
+				_id: memberId,
+				balance: 0,
+				version: 0,
+				status: "active",
+				openedAt: at,
+				updatedAt: at
+			});
 		},
 
 		/** Finishes the postings left unfinished (by a crash or a store error) since before `olderThanMs` ago. */
@@ -578,13 +679,23 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		toView(this: This, account: Account): AccountView {
 			const { _id, balance, status, openedAt, updatedAt, closedAt } = account;
 			const expiring = expiringSoon(lotsOf(account), this.settings.pointsValidMonths, this.now());
-			return { memberId: _id, balance, status, openedAt, updatedAt, ...(closedAt ? { closedAt } : {}), expiring };
+			return {
+				memberId: _id,
+				balance,
+				status,
+				openedAt,
+				updatedAt,
+				...(closedAt ? { closedAt } : {}),
+				expiring
+			};
 		}
 	},
 
 	created(this: This) {
 		this.lock = new KeyedLock();
-		this.ledger = openCollection<LedgerEntry>(this, "ledger", [{ fields: { memberId: 1, seq: -1 } }]);
+		this.ledger = openCollection<LedgerEntry>(this, "ledger", [
+			{ fields: { memberId: 1, seq: -1 } }
+		]);
 	},
 
 	async started(this: This) {

@@ -97,7 +97,9 @@ export class EmbeddedAdapter extends BaseAdapter {
 	}
 
 	private resetOpened(): void {
-		this.opened = new Promise((resolve, reject) => (this.open = err => (err ? reject(err) : resolve())));
+		this.opened = new Promise(
+			(resolve, reject) => (this.open = err => (err ? reject(err) : resolve()))
+		);
 		// A publish that never came does not make the rejection unhandled.
 		this.opened.catch(() => undefined);
 	}
@@ -124,8 +126,10 @@ export class EmbeddedAdapter extends BaseAdapter {
 		this.readFile();
 		this.compact();
 		this.queues.clear();
-		for (const msg of this.stored.values()) for (const group of msg.pending) this.queueOf(msg.channel, group).set(msg._id, msg);
-		for (const { channel, group } of await this.groups.findAsync({})) this.groupsOf(channel).add(group);
+		for (const msg of this.stored.values())
+			for (const group of msg.pending) this.queueOf(msg.channel, group).set(msg._id, msg);
+		for (const { channel, group } of await this.groups.findAsync({}))
+			this.groupsOf(channel).add(group);
 		// Orphans of channels whose groups are now known (published by an earlier run before its
 		// groups were loaded) go to those groups.
 		for (const [channel, groups] of this.knownGroups) this.adoptOrphans(channel, [...groups]);
@@ -166,7 +170,11 @@ export class EmbeddedAdapter extends BaseAdapter {
 		await this.stopConsumer(consumer);
 	}
 
-	override async publish(channelName: string, payload: unknown, opts: { headers?: Record<string, string> } = {}): Promise<void> {
+	override async publish(
+		channelName: string,
+		payload: unknown,
+		opts: { headers?: Record<string, string> } = {}
+	): Promise<void> {
 		await this.opened;
 		const replayTo = opts.headers?.[REPLAY_GROUP];
 		const groups = replayTo ? [replayTo] : [...this.groupsOf(channelName)];
@@ -182,7 +190,8 @@ export class EmbeddedAdapter extends BaseAdapter {
 		this.stored.set(msg._id, msg);
 		for (const group of groups) this.queueOf(channelName, group).set(msg._id, msg);
 		this.compactIfWorthIt();
-		for (const consumer of this.consumers.values()) if (consumer.chan.name === channelName) this.pump(consumer);
+		for (const consumer of this.consumers.values())
+			if (consumer.chan.name === channelName) this.pump(consumer);
 	}
 
 	/** Messages some subscribed group has still to handle: zero means every consumer has caught up. */
@@ -197,7 +206,9 @@ export class EmbeddedAdapter extends BaseAdapter {
 		await this.opened;
 		// Message ids begin with their publishing time: 9 base-36 digits of milliseconds.
 		const cutoff = before.getTime().toString(36).padStart(9, "0");
-		return channels.every(channel => [...(this.queues.get(`${channel}|${group}`)?.keys() ?? [])].every(id => id >= cutoff));
+		return channels.every(channel =>
+			[...(this.queues.get(`${channel}|${group}`)?.keys() ?? [])].every(id => id >= cutoff)
+		);
 	}
 
 	/**
@@ -223,7 +234,8 @@ export class EmbeddedAdapter extends BaseAdapter {
 				if (msg) msg.pending = msg.pending.filter(group => group !== record.handledBy);
 			} else this.stored.set(record._id, record);
 		});
-		for (const [id, msg] of this.stored) if (!msg.orphan && !msg.pending.length) this.stored.delete(id);
+		for (const [id, msg] of this.stored)
+			if (!msg.orphan && !msg.pending.length) this.stored.delete(id);
 		this.stored = new Map([...this.stored].sort(([a], [b]) => (a < b ? -1 : 1)));
 	}
 
@@ -245,7 +257,11 @@ export class EmbeddedAdapter extends BaseAdapter {
 		if (this.fd !== undefined) fs.closeSync(this.fd);
 		this.fd = undefined;
 		const temporary = `${this.file}~`;
-		fs.writeFileSync(temporary, [...this.stored.values()].map(msg => `${serialize(msg)}\n`).join(""), "utf8");
+		fs.writeFileSync(
+			temporary,
+			[...this.stored.values()].map(msg => `${serialize(msg)}\n`).join(""),
+			"utf8"
+		);
 		fs.renameSync(temporary, this.file);
 		this.lines = this.stored.size;
 	}
@@ -261,7 +277,11 @@ export class EmbeddedAdapter extends BaseAdapter {
 	private async registerGroup(channel: string, group: string): Promise<void> {
 		if (this.groupsOf(channel).has(group)) return;
 		this.groupsOf(channel).add(group);
-		await this.groups.updateAsync({ _id: `${channel}|${group}` }, { _id: `${channel}|${group}`, channel, group }, { upsert: true });
+		await this.groups.updateAsync(
+			{ _id: `${channel}|${group}` },
+			{ _id: `${channel}|${group}`, channel, group },
+			{ upsert: true }
+		);
 		this.adoptOrphans(channel, [group]);
 	}
 
@@ -338,7 +358,9 @@ export class EmbeddedAdapter extends BaseAdapter {
 	private done(msg: StoredMessage, group: string): void {
 		if (!msg.pending.includes(group)) return;
 		msg.pending = msg.pending.filter(g => g !== group);
-		this.append(msg.pending.length ? { _id: msg._id, handledBy: group } : { $$deleted: true, _id: msg._id });
+		this.append(
+			msg.pending.length ? { _id: msg._id, handledBy: group } : { $$deleted: true, _id: msg._id }
+		);
 		this.queues.get(`${msg.channel}|${group}`)?.delete(msg._id);
 		if (!msg.pending.length) this.stored.delete(msg._id);
 		this.compactIfWorthIt();
@@ -351,18 +373,27 @@ export class EmbeddedAdapter extends BaseAdapter {
 		if (tries <= (chan.maxRetries ?? 0)) {
 			this.logger.warn(`'${chan.name}' (${chan.group}) failed, retry ${tries}:`, err.message);
 			this.metricsIncrement("moleculer.channels.messages.retries.total", chan);
-			consumer.failures.set(msg._id, { tries, notBefore: Date.now() + retryDelay(tries, this.opts) });
+			consumer.failures.set(msg._id, {
+				tries,
+				notBefore: Date.now() + retryDelay(tries, this.opts)
+			});
 			return;
 		}
 		consumer.failures.delete(msg._id);
 		if (chan.deadLettering?.enabled) {
-			this.logger.error(`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dead-lettered:`, err.message);
+			this.logger.error(
+				`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dead-lettered:`,
+				err.message
+			);
 			this.metricsIncrement("moleculer.channels.messages.deadLettering.total", chan);
 			await this.publish(this.addPrefixTopic(chan.deadLettering.queueName), msg.payload, {
 				headers: deadLetterHeaders(msg.headers ?? {}, chan, err, tries)
 			});
 		} else {
-			this.logger.error(`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dropped:`, err.message);
+			this.logger.error(
+				`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dropped:`,
+				err.message
+			);
 		}
 		this.done(msg, chan.group);
 	}

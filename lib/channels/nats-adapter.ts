@@ -24,11 +24,20 @@ import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { JetStreamClient, JetStreamManager, JsMsg, NatsError } from "nats";
 import { assertPatchable, PATCHES } from "../patches";
-import { deadLetterHeaders, PUBLISHED_AT, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
+import {
+	deadLetterHeaders,
+	PUBLISHED_AT,
+	REPLAY_GROUP,
+	retryDelay,
+	type RetryOptions
+} from "./redelivery";
 
 const NatsAdapter = Adapters.NATS;
 
-type Chan = Channel & { unsubscribing?: boolean; deadLettering: { enabled: boolean; queueName: string } };
+type Chan = Channel & {
+	unsubscribing?: boolean;
+	deadLettering: { enabled: boolean; queueName: string };
+};
 
 export interface DurableNatsOptions extends RetryOptions {
 	maxInFlight: number;
@@ -54,10 +63,18 @@ export class DurableNatsAdapter extends NatsAdapter {
 	}
 
 	// The stock adapter takes headers as a plain object (its typings say otherwise).
-	override async publish(channelName: string, payload: unknown, opts?: object | null): Promise<void> {
-		if (this.stopping) throw new Error(`Not published to '${channelName}': the channel adapter is stopping`);
+	override async publish(
+		channelName: string,
+		payload: unknown,
+		opts?: object | null
+	): Promise<void> {
+		if (this.stopping)
+			throw new Error(`Not published to '${channelName}': the channel adapter is stopping`);
 		// A dead letter keeps the time its message was first published.
-		const headers = { [PUBLISHED_AT]: new Date().toISOString(), ...(opts as { headers?: Record<string, string> } | null)?.headers };
+		const headers = {
+			[PUBLISHED_AT]: new Date().toISOString(),
+			...(opts as { headers?: Record<string, string> } | null)?.headers
+		};
 		try {
 			await super.publish(channelName, payload, { ...opts, headers } as never);
 		} catch (err) {
@@ -96,14 +113,18 @@ export class DurableNatsAdapter extends NatsAdapter {
 			const info = await this.manager.consumers.info(stream, group.split(".").join("_"));
 			if (info.num_pending + info.num_ack_pending === 0) continue;
 			// Everything up to the ack floor is acknowledged: the next message is the oldest waiting one.
-			const oldest = await this.manager.streams.getMessage(stream, { seq: info.ack_floor.stream_seq + 1 });
+			const oldest = await this.manager.streams.getMessage(stream, {
+				seq: info.ack_floor.stream_seq + 1
+			});
 			const publishedAt = oldest.header?.get(PUBLISHED_AT);
 			if ((publishedAt ? new Date(publishedAt) : oldest.time) < before) return false;
 		}
 		return true;
 	}
 
-	override createConsumerHandler(chan: Chan): (err: NatsError | null, message: JsMsg | null) => Promise<void> {
+	override createConsumerHandler(
+		chan: Chan
+	): (err: NatsError | null, message: JsMsg | null) => Promise<void> {
 		return async (err, message) => {
 			if (chan.unsubscribing || !message) return;
 			if (err) return void this.logger.error(err);
@@ -128,12 +149,18 @@ export class DurableNatsAdapter extends NatsAdapter {
 		// The first delivery counts 1: `tries` is how many times the handler has failed it.
 		const tries = message.info.redeliveryCount;
 		if (tries <= (chan.maxRetries ?? 0)) {
-			this.logger.warn(`'${chan.name}' (${chan.group}) failed, retry ${tries} in ${retryDelay(tries, this.opts) / 1000} s:`, error.message);
+			this.logger.warn(
+				`'${chan.name}' (${chan.group}) failed, retry ${tries} in ${retryDelay(tries, this.opts) / 1000} s:`,
+				error.message
+			);
 			this.metricsIncrement("moleculer.channels.messages.retries.total", chan);
 			return message.nak(retryDelay(tries, this.opts));
 		}
 		if (!chan.deadLettering.enabled) {
-			this.logger.error(`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dropped:`, error.message);
+			this.logger.error(
+				`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dropped:`,
+				error.message
+			);
 			return message.ack();
 		}
 		const headers: Record<string, string> = {};
@@ -144,10 +171,16 @@ export class DurableNatsAdapter extends NatsAdapter {
 				headers: deadLetterHeaders(headers, chan, error, tries)
 			});
 		} catch (moveError) {
-			this.logger.error(`'${chan.name}' (${chan.group}) could not be dead-lettered; retrying later:`, (moveError as Error).message);
+			this.logger.error(
+				`'${chan.name}' (${chan.group}) could not be dead-lettered; retrying later:`,
+				(moveError as Error).message
+			);
 			return message.nak(this.opts.maxRetryDelayMs);
 		}
-		this.logger.error(`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dead-lettered:`, error.message);
+		this.logger.error(
+			`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dead-lettered:`,
+			error.message
+		);
 		this.metricsIncrement("moleculer.channels.messages.deadLettering.total", chan);
 		message.ack();
 	}

@@ -15,7 +15,10 @@ export interface RetryOptions {
 }
 
 /** The wait before retry number `retry` (1, 2, …): 1 s, 2 s, 4 s … up to the cap. */
-export function retryDelay(retry: number, opts: Pick<RetryOptions, "retryDelayMs" | "maxRetryDelayMs">): number {
+export function retryDelay(
+	retry: number,
+	opts: Pick<RetryOptions, "retryDelayMs" | "maxRetryDelayMs">
+): number {
 	return Math.min(opts.retryDelayMs * 2 ** Math.max(0, retry - 1), opts.maxRetryDelayMs);
 }
 

@@ -16,7 +16,11 @@ export function forbidden(message = "This token may not do that"): ReturnType<ty
 }
 
 /** Refuses (403) a merchant acting on another merchant's deal, view row or settlement. */
-export function assertOwnMerchant(ctx: Context<unknown, CallerMeta>, merchantId: string | undefined): void {
+export function assertOwnMerchant(
+	ctx: Context<unknown, CallerMeta>,
+	merchantId: string | undefined
+): void {
 	const user = ctx.meta.user;
-	if (user?.kind === "merchant" && user.merchantId !== merchantId) throw forbidden("A merchant token reaches only its own merchant's data");
+	if (user?.kind === "merchant" && user.merchantId !== merchantId)
+		throw forbidden("A merchant token reaches only its own merchant's data");
 }

@@ -39,7 +39,11 @@ export function hostileKeyInQuery(url: string): string | undefined {
 }
 
 /** Route middleware, after the body parser and before moleculer-web merges the params: a hostile key is a 422. */
-export function refuseHostileKeys(req: IncomingMessage & { body?: unknown }, _res: ServerResponse, next: (err?: Error) => void): void {
+export function refuseHostileKeys(
+	req: IncomingMessage & { body?: unknown },
+	_res: ServerResponse,
+	next: (err?: Error) => void
+): void {
 	const key = hostileKeyIn(req.body) ?? hostileKeyInQuery(req.url ?? "");
 	if (!key) return next();
 	next(

@@ -12,15 +12,37 @@ export interface HttpError {
 }
 
 /** Types of errors that mean "a service behind the gateway cannot answer now". */
-const UNAVAILABLE = new Set(["SERVICE_NOT_FOUND", "SERVICE_NOT_AVAILABLE", "REQUEST_TIMEOUT", "CIRCUIT_BREAKER_OPEN"]);
+const UNAVAILABLE = new Set([
+	"SERVICE_NOT_FOUND",
+	"SERVICE_NOT_AVAILABLE",
+	"REQUEST_TIMEOUT",
+	"CIRCUIT_BREAKER_OPEN"
+]);
 
 /** Turns whatever was thrown into the one public error shape. */
 export function toHttpError(err: unknown, retryAfter: number): HttpError {
-	const e = err as { name?: string; message?: string; code?: unknown; status?: number; type?: string; data?: unknown };
+	const e = err as {
+		name?: string;
+		message?: string;
+		code?: unknown;
+		status?: number;
+		type?: string;
+		data?: unknown;
+	};
 	if (e?.type === "entity.parse.failed")
-		return { name: "BadRequestError", message: "Malformed JSON body", code: 400, type: "INVALID_JSON" };
+		return {
+			name: "BadRequestError",
+			message: "Malformed JSON body",
+			code: 400,
+			type: "INVALID_JSON"
+		};
 	if (e?.type === "entity.too.large")
-		return { name: "PayloadTooLarge", message: "Request body too large", code: 413, type: "PAYLOAD_TOO_LARGE" };
+		return {
+			name: "PayloadTooLarge",
+			message: "Request body too large",
+			code: 413,
+			type: "PAYLOAD_TOO_LARGE"
+		};
 	if (e?.type && UNAVAILABLE.has(e.type))
 		return {
 			name: "ServiceUnavailableError",
@@ -29,7 +51,12 @@ export function toHttpError(err: unknown, retryAfter: number): HttpError {
 			type: "SERVICE_UNAVAILABLE",
 			data: { retryAfter }
 		};
-	const code = typeof e?.code === "number" && e.code >= 400 && e.code <= 599 ? e.code : e?.status && e.status >= 400 ? e.status : 500;
+	const code =
+		typeof e?.code === "number" && e.code >= 400 && e.code <= 599
+			? e.code
+			: e?.status && e.status >= 400
+				? e.status
+				: 500;
 	if (code === 503)
 		return {
 			name: "ServiceUnavailableError",
@@ -38,8 +65,20 @@ export function toHttpError(err: unknown, retryAfter: number): HttpError {
 			type: e?.type ?? "SERVICE_UNAVAILABLE",
 			data: { retryAfter, ...(e?.data as object) }
 		};
-	if (code >= 500) return { name: "InternalError", message: "Internal server error", code, type: "INTERNAL_ERROR" };
-	if (code === 429) return { name: "RateLimitExceeded", message: "Too many requests; try again later", code, type: "RATE_LIMIT_EXCEEDED" };
+	if (code >= 500)
+		return {
+			name: "InternalError",
+			message: "Internal server error",
+			code,
+			type: "INTERNAL_ERROR"
+		};
+	if (code === 429)
+		return {
+			name: "RateLimitExceeded",
+			message: "Too many requests; try again later",
+			code,
+			type: "RATE_LIMIT_EXCEEDED"
+		};
 	return {
 		name: e?.name ?? "Error",
 		message: e?.message ?? "Error",
@@ -53,9 +92,16 @@ export function toHttpError(err: unknown, retryAfter: number): HttpError {
  * moleculer-web's `onError`: sends `err` in the public shape, with `Retry-After` where the client
  * should come back later; logs what is the server's fault (a 5xx other than 503), with the request.
  */
-export function sendHttpError(logger: Logger, req: IncomingMessage, res: ServerResponse, err: unknown, retryAfterSeconds: number): void {
+export function sendHttpError(
+	logger: Logger,
+	req: IncomingMessage,
+	res: ServerResponse,
+	err: unknown,
+	retryAfterSeconds: number
+): void {
 	const error = toHttpError(err, retryAfterSeconds);
-	if (error.code >= 500 && error.code !== 503) logger.error("Request failed:", req.method, req.url, err);
+	if (error.code >= 500 && error.code !== 503)
+		logger.error("Request failed:", req.method, req.url, err);
 	if (error.code === 429) {
 		// The limiter's window resets at X-Rate-Limit-Reset (ms since epoch).
 		const reset = Number(res.getHeader("X-Rate-Limit-Reset")) || Date.now() + 60_000;
@@ -63,7 +109,8 @@ export function sendHttpError(logger: Logger, req: IncomingMessage, res: ServerR
 	}
 	const retryAfter = (error.data as { retryAfter?: number } | undefined)?.retryAfter;
 	// A 503, or a retry that overtook its Idempotency-Key's first request: when to come back.
-	if (retryAfter && (error.code === 503 || error.type === "REQUEST_IN_PROGRESS")) res.setHeader("Retry-After", String(retryAfter));
+	if (retryAfter && (error.code === 503 || error.type === "REQUEST_IN_PROGRESS"))
+		res.setHeader("Retry-After", String(retryAfter));
 	res.setHeader("Content-Type", "application/json; charset=utf-8");
 	res.writeHead(error.code);
 	res.end(JSON.stringify(error));

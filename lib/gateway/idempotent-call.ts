@@ -5,7 +5,12 @@ import type { Context, Logger } from "moleculer";
 import { clientError, isDependencyUnavailable } from "../errors";
 import { assertPatchable, PATCHES } from "../patches";
 import type { RequestMeta } from "../request-id";
-import { IDEMPOTENCY_KEY, type Begun, type KeyParams, type StoredResponse } from "../../services/idempotency.service";
+import {
+	IDEMPOTENCY_KEY,
+	type Begun,
+	type KeyParams,
+	type StoredResponse
+} from "../../services/idempotency.service";
 
 /*
  * The wrap relies on moleculer-web (checked version in lib/patches.ts): `callAction`'s signature,
@@ -95,15 +100,23 @@ export async function idempotentCall(
 	const key = req.headers["idempotency-key"];
 	if (req.method !== "POST" || key === undefined) return stock.apply(gateway, args);
 	if (typeof key !== "string" || !IDEMPOTENCY_KEY.test(key))
-		throw clientError(400, "INVALID_IDEMPOTENCY_KEY", "Idempotency-Key must be 1 to 255 printable ASCII characters", {
-			length: String(key).length
-		});
+		throw clientError(
+			400,
+			"INVALID_IDEMPOTENCY_KEY",
+			"Idempotency-Key must be 1 to 255 printable ASCII characters",
+			{
+				length: String(key).length
+			}
+		);
 	const scope = scopeOf(req);
-	const begun = await req.$ctx.call<Begun, KeyParams & { fingerprint: string }>("idempotency.begin", {
-		scope,
-		key,
-		fingerprint: fingerprintOf(req)
-	});
+	const begun = await req.$ctx.call<Begun, KeyParams & { fingerprint: string }>(
+		"idempotency.begin",
+		{
+			scope,
+			key,
+			fingerprint: fingerprintOf(req)
+		}
+	);
 	if (begun.outcome === "replay") {
 		const { status, headers, body } = begun.response;
 		res.writeHead(status, { ...headers, "Idempotent-Replayed": "true" });
@@ -128,7 +141,12 @@ export async function idempotentCall(
  * service answered that it undid its work (its own 503), under the same request id otherwise
  * (a timeout: what ran may still take effect, and the action answers it on the re-run).
  */
-function recordAnswer(logger: Logger, req: GatewayRequest, res: ServerResponse, running: KeyParams & { requestId: string }): void {
+function recordAnswer(
+	logger: Logger,
+	req: GatewayRequest,
+	res: ServerResponse,
+	running: KeyParams & { requestId: string }
+): void {
 	const end = res.end.bind(res) as (chunk?: unknown) => ServerResponse;
 	res.end = ((chunk?: string | Buffer) => {
 		const ctx = req.$ctx;
@@ -139,14 +157,21 @@ function recordAnswer(logger: Logger, req: GatewayRequest, res: ServerResponse, 
 						response: {
 							status: res.statusCode,
 							headers: Object.fromEntries(
-								REPLAYED_HEADERS.flatMap(name => (res.hasHeader(name) ? [[name, String(res.getHeader(name))]] : []))
+								REPLAYED_HEADERS.flatMap(name =>
+									res.hasHeader(name) ? [[name, String(res.getHeader(name))]] : []
+								)
 							),
 							body: Buffer.from(chunk ?? "").toString("base64")
 						} satisfies StoredResponse
 					})
-				: ctx.call("idempotency.release", { ...running, renew: isDependencyUnavailable(req.$failure) });
+				: ctx.call("idempotency.release", {
+						...running,
+						renew: isDependencyUnavailable(req.$failure)
+					});
 		// Unrecorded, the key's lease runs out and a retry re-runs under the same request id.
-		void recording.catch(err => logger.warn("Idempotency-Key answer not recorded:", (err as Error).message)).then(() => end(chunk));
+		void recording
+			.catch(err => logger.warn("Idempotency-Key answer not recorded:", (err as Error).message))
+			.then(() => end(chunk));
 		return res;
 	}) as typeof res.end;
 }

@@ -65,17 +65,26 @@ function actionsOf(schema: SchemaShape): Record<string, ActionSchema> {
 }
 
 /** Every action with a `rest:` route, in the order the services and their actions are listed. */
-export function publishedRoutes(services: readonly (SchemaShape & { name: string })[]): PublishedRoute[] {
+export function publishedRoutes(
+	services: readonly (SchemaShape & { name: string })[]
+): PublishedRoute[] {
 	const routes: PublishedRoute[] = [];
 	const seen = new Map<string, string>();
 	for (const service of services) {
 		for (const [name, action] of Object.entries(actionsOf(service))) {
 			if (!action.rest) continue;
 			const actionName = `${service.name}.${name}`;
-			const match = typeof action.rest === "string" ? /^(GET|POST|PUT|PATCH|DELETE) (\/\S*)$/.exec(action.rest) : null;
-			if (!match) throw new Error(`${actionName}: rest must read "METHOD /path", not ${JSON.stringify(action.rest)}`);
+			const match =
+				typeof action.rest === "string"
+					? /^(GET|POST|PUT|PATCH|DELETE) (\/\S*)$/.exec(action.rest)
+					: null;
+			if (!match)
+				throw new Error(
+					`${actionName}: rest must read "METHOD /path", not ${JSON.stringify(action.rest)}`
+				);
 			const route = `${match[1]} ${match[2]}`;
-			if (seen.has(route)) throw new Error(`${route} is declared by both ${seen.get(route)} and ${actionName}`);
+			if (seen.has(route))
+				throw new Error(`${route} is declared by both ${seen.get(route)} and ${actionName}`);
 			seen.set(route, actionName);
 			routes.push({
 				method: match[1] as Method,
@@ -111,21 +120,38 @@ export function schemaOf(input: Rule): JsonSchema {
 	const schema: JsonSchema = {};
 	switch (rule.type) {
 		case "string":
-			Object.assign(schema, { type: "string", minLength: rule.min ?? rule.length, maxLength: rule.max ?? rule.length });
-			if (rule.pattern) schema.pattern = rule.pattern instanceof RegExp ? rule.pattern.source : rule.pattern;
+			Object.assign(schema, {
+				type: "string",
+				minLength: rule.min ?? rule.length,
+				maxLength: rule.max ?? rule.length
+			});
+			if (rule.pattern)
+				schema.pattern = rule.pattern instanceof RegExp ? rule.pattern.source : rule.pattern;
 			if (rule.enum) schema.enum = [...rule.enum];
 			break;
 		case "number":
-			Object.assign(schema, { type: rule.integer ? "integer" : "number", minimum: rule.min, maximum: rule.max });
+			Object.assign(schema, {
+				type: rule.integer ? "integer" : "number",
+				minimum: rule.min,
+				maximum: rule.max
+			});
 			if (rule.positive) schema.exclusiveMinimum = 0;
 			if (rule.negative) schema.exclusiveMaximum = 0;
 			break;
 		case "amount": {
 			// lib/params.ts: a whole number within bounds, also sent as a string of digits.
 			const number = rule.signed
-				? { type: "integer", minimum: rule.max === undefined ? undefined : -rule.max, maximum: rule.max, not: { const: 0 } }
+				? {
+						type: "integer",
+						minimum: rule.max === undefined ? undefined : -rule.max,
+						maximum: rule.max,
+						not: { const: 0 }
+					}
 				: { type: "integer", exclusiveMinimum: 0, maximum: rule.max };
-			schema.oneOf = [number, { type: "string", pattern: rule.signed ? "^\\s*-?\\d+\\s*$" : "^\\s*\\d+\\s*$" }];
+			schema.oneOf = [
+				number,
+				{ type: "string", pattern: rule.signed ? "^\\s*-?\\d+\\s*$" : "^\\s*\\d+\\s*$" }
+			];
 			break;
 		}
 		case "boolean":
@@ -141,7 +167,10 @@ export function schemaOf(input: Rule): JsonSchema {
 			Object.assign(schema, { type: "string", format: "date-time" });
 			break;
 		case "object":
-			Object.assign(schema, objectSchema((rule.props ?? rule.properties ?? {}) as Rules, rule.strict === true));
+			Object.assign(
+				schema,
+				objectSchema((rule.props ?? rule.properties ?? {}) as Rules, rule.strict === true)
+			);
 			break;
 		case "array":
 			Object.assign(schema, {
@@ -152,7 +181,8 @@ export function schemaOf(input: Rule): JsonSchema {
 			});
 			break;
 	}
-	if (rule.default !== undefined && typeof rule.default !== "function") schema.default = rule.default;
+	if (rule.default !== undefined && typeof rule.default !== "function")
+		schema.default = rule.default;
 	for (const key of Object.keys(schema)) if (schema[key] === undefined) delete schema[key];
 	return schema;
 }
@@ -198,7 +228,11 @@ const errorResponse = (description: string) => ({
 
 const COMPONENTS = {
 	securitySchemes: {
-		bearer: { type: "http", scheme: "bearer", description: "A token from API_KEYS: `<token>=staff` or `<token>=merchant:<merchantId>`." }
+		bearer: {
+			type: "http",
+			scheme: "bearer",
+			description: "A token from API_KEYS: `<token>=staff` or `<token>=merchant:<merchantId>`."
+		}
 	},
 	schemas: {
 		Error: {
@@ -209,8 +243,14 @@ const COMPONENTS = {
 				name: { type: "string" },
 				message: { type: "string" },
 				code: { type: "integer", description: "The HTTP status" },
-				type: { type: "string", examples: ["VALIDATION_ERROR", "INSUFFICIENT_POINTS", "SERVICE_UNAVAILABLE"] },
-				data: { description: "Details: the fields that failed validation, the ids involved, `retryAfter` on a 503." }
+				type: {
+					type: "string",
+					examples: ["VALIDATION_ERROR", "INSUFFICIENT_POINTS", "SERVICE_UNAVAILABLE"]
+				},
+				data: {
+					description:
+						"Details: the fields that failed validation, the ids involved, `retryAfter` on a 503."
+				}
 			}
 		}
 	},
@@ -219,16 +259,26 @@ const COMPONENTS = {
 		Unauthorized: errorResponse("No token, or an unknown one"),
 		Forbidden: errorResponse("The token's role may not do this"),
 		NotFound: errorResponse("No such resource"),
-		Conflict: errorResponse("The resource's state refuses it (e.g. INSUFFICIENT_POINTS, DEAL_ALREADY_CANCELLED)"),
-		ValidationError: errorResponse("A parameter is missing, unknown or out of range (VALIDATION_ERROR, with the fields in `data`)"),
+		Conflict: errorResponse(
+			"The resource's state refuses it (e.g. INSUFFICIENT_POINTS, DEAL_ALREADY_CANCELLED)"
+		),
+		ValidationError: errorResponse(
+			"A parameter is missing, unknown or out of range (VALIDATION_ERROR, with the fields in `data`)"
+		),
 		TooManyRequests: errorResponse("Over the per-token rate limit; see Retry-After"),
-		ServiceUnavailable: errorResponse("A service behind the gateway cannot answer now; see Retry-After")
+		ServiceUnavailable: errorResponse(
+			"A service behind the gateway cannot answer now; see Retry-After"
+		)
 	}
 };
 
 const ref = (name: string) => ({ $ref: `#/components/responses/${name}` });
 
-function operationOf(route: PublishedRoute, access: Access, postParameters: JsonSchema[]): JsonSchema {
+function operationOf(
+	route: PublishedRoute,
+	access: Access,
+	postParameters: JsonSchema[]
+): JsonSchema {
 	const pathParams = [...route.path.matchAll(/:(\w+)/g)].map(m => m[1]);
 	const rules = Object.entries(route.params).filter(
 		(entry): entry is [string, Rule] => !entry[0].startsWith("$$") && typeof entry[1] !== "boolean"
@@ -238,10 +288,20 @@ function operationOf(route: PublishedRoute, access: Access, postParameters: Json
 	const hasBody = route.method !== "GET" && route.method !== "DELETE";
 	const parameters = [
 		...inPath.map(([name, rule]) => ({ name, in: "path", required: true, schema: schemaOf(rule) })),
-		...(hasBody ? [] : rest.map(([name, rule]) => ({ name, in: "query", required: !isOptional(rule), schema: schemaOf(rule) }))),
+		...(hasBody
+			? []
+			: rest.map(([name, rule]) => ({
+					name,
+					in: "query",
+					required: !isOptional(rule),
+					schema: schemaOf(rule)
+				}))),
 		...(route.method === "POST" ? postParameters : [])
 	];
-	const body = hasBody && rest.length ? objectSchema(Object.fromEntries(rest), route.params.$$strict === true) : undefined;
+	const body =
+		hasBody && rest.length
+			? objectSchema(Object.fromEntries(rest), route.params.$$strict === true)
+			: undefined;
 	const [service] = route.action.split(".");
 	return {
 		operationId: route.action,
@@ -250,9 +310,19 @@ function operationOf(route: PublishedRoute, access: Access, postParameters: Json
 		description: `${access.who}. Action \`${route.action}\`.`,
 		...(access.public ? { security: [] } : {}),
 		...(parameters.length ? { parameters } : {}),
-		...(body ? { requestBody: { required: Array.isArray(body.required), content: { "application/json": { schema: body } } } } : {}),
+		...(body
+			? {
+					requestBody: {
+						required: Array.isArray(body.required),
+						content: { "application/json": { schema: body } }
+					}
+				}
+			: {}),
 		responses: {
-			"2XX": { description: "Done: the resource or result as JSON", content: { "application/json": { schema: {} } } },
+			"2XX": {
+				description: "Done: the resource or result as JSON",
+				content: { "application/json": { schema: {} } }
+			},
 			...(hasBody ? { "400": ref("BadRequest") } : {}),
 			...(access.public ? {} : { "401": ref("Unauthorized"), "403": ref("Forbidden") }),
 			...(pathParams.length ? { "404": ref("NotFound") } : {}),
@@ -265,14 +335,22 @@ function operationOf(route: PublishedRoute, access: Access, postParameters: Json
 }
 
 /** The OpenAPI 3.1 document of the routes. */
-export function openApiDocument(routes: readonly PublishedRoute[], options: DocumentOptions): JsonSchema {
+export function openApiDocument(
+	routes: readonly PublishedRoute[],
+	options: DocumentOptions
+): JsonSchema {
 	const paths: Record<string, Record<string, JsonSchema>> = {};
 	for (const route of routes) {
 		const path = options.basePath + route.path.replace(/:(\w+)/g, "{$1}");
 		paths[path] ??= {};
-		paths[path][route.method.toLowerCase()] = operationOf(route, options.access(route.action), options.postParameters ?? []);
+		paths[path][route.method.toLowerCase()] = operationOf(
+			route,
+			options.access(route.action),
+			options.postParameters ?? []
+		);
 	}
-	for (const [path, operations] of Object.entries(options.extraPaths ?? {})) paths[path] = { ...paths[path], ...operations };
+	for (const [path, operations] of Object.entries(options.extraPaths ?? {}))
+		paths[path] = { ...paths[path], ...operations };
 	return {
 		openapi: "3.1.0",
 		info: { title: options.title, version: options.version, description: options.description },

@@ -26,7 +26,10 @@ export function settleMetricRateShape(): void {
 	if (probe) return;
 	// A throwaway gauge outside any registry: its only effect is one MetricRate, whose timer is stopped.
 	const registry = { opts: {}, changed() {} } as unknown as MetricRegistry;
-	const gauge = new MetricTypes.Gauge({ name: "onepoint.shape-probe", type: "gauge", rate: true }, registry);
+	const gauge = new MetricTypes.Gauge(
+		{ name: "onepoint.shape-probe", type: "gauge", rate: true },
+		registry
+	);
 	gauge.set(0);
 	const [item] = gauge.values.values();
 	assertPatchable(PATCHES.metricRate, item.rate as object);

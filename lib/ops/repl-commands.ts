@@ -38,13 +38,21 @@ interface Audit {
 	entries: number;
 	adjustments: { count: number; added: number; taken: number };
 	expired: number;
-	mismatches: { memberId: string; balance: number; ledgerSum: number; lots: number; pending: number }[];
+	mismatches: {
+		memberId: string;
+		balance: number;
+		ledgerSum: number;
+		lots: number;
+		pending: number;
+	}[];
 }
 
 const LAST_ENTRIES = 10;
 
 /** Runs a command, printing a failure as one line (`Error [CODE]: message`). */
-function guarded(run: (broker: ServiceBroker, args: Args) => Promise<void>): OperatorCommand["action"] {
+function guarded(
+	run: (broker: ServiceBroker, args: Args) => Promise<void>
+): OperatorCommand["action"] {
 	return async (broker, args) => {
 		try {
 			await run(broker, args);
@@ -70,8 +78,14 @@ export const operatorCommands: OperatorCommand[] = [
 			const account = await broker.call<AccountView, object>("points.get", { memberId });
 			console.log(`Balance: ${account.balance} points (account ${account.status})`);
 			const expiring = account.expiring.filter(e => e.points > 0);
-			if (expiring.length) console.log(`Expiring: ${expiring.map(e => `${e.points} at the end of ${e.month}`).join(", ")}`);
-			const ledger = await broker.call<LedgerPage, object>("points.history", { memberId, pageSize: LAST_ENTRIES });
+			if (expiring.length)
+				console.log(
+					`Expiring: ${expiring.map(e => `${e.points} at the end of ${e.month}`).join(", ")}`
+				);
+			const ledger = await broker.call<LedgerPage, object>("points.history", {
+				memberId,
+				pageSize: LAST_ENTRIES
+			});
 			console.log(`Last ${ledger.rows.length} of ${ledger.total} ledger entries:`);
 			console.table(
 				ledger.rows.map(({ at, cause, kind, amount, balanceAfter, shortfall, reason, by }) => ({
@@ -88,35 +102,53 @@ export const operatorCommands: OperatorCommand[] = [
 	},
 	{
 		command: "settle <merchantId> <billingMonth>",
-		description: "A merchant's settlement of a month (YYYYMM) and its lines: provisional while the month is open, final once it has closed",
+		description:
+			"A merchant's settlement of a month (YYYYMM) and its lines: provisional while the month is open, final once it has closed",
 		action: guarded(async (broker, { merchantId, billingMonth }) => {
-			const settlement = await broker.call<Settlement, object>("billing.settle", { merchantId, billingMonth });
+			const settlement = await broker.call<Settlement, object>("billing.settle", {
+				merchantId,
+				billingMonth
+			});
 			console.log(`Settlement ${settlementLine(settlement)}`);
 			if (settlement.lines.length) console.table(settlement.lines);
 		})
 	},
 	{
 		command: "month-end [billingMonth]",
-		description: "Runs the month-end job: closes every month up to this one (default: the last one) that can close",
+		description:
+			"Runs the month-end job: closes every month up to this one (default: the last one) that can close",
 		action: guarded(async (broker, { billingMonth }) => {
 			const closed = await broker.call<
-				{ closedThrough: string | null; months: { billingMonth: string; created: number; settlements: Settlement[] }[] },
+				{
+					closedThrough: string | null;
+					months: { billingMonth: string; created: number; settlements: Settlement[] }[];
+				},
 				object
 			>("billing.closeMonth", billingMonth ? { billingMonth } : {});
 			if (!closed.months.length)
-				console.log(`Month-end: nothing more can close yet (closed through ${closed.closedThrough ?? "no month"})`);
+				console.log(
+					`Month-end: nothing more can close yet (closed through ${closed.closedThrough ?? "no month"})`
+				);
 			for (const month of closed.months) {
-				console.log(`Month-end ${month.billingMonth}: ${month.settlements.length} merchant(s), ${month.created} made final`);
+				console.log(
+					`Month-end ${month.billingMonth}: ${month.settlements.length} merchant(s), ${month.created} made final`
+				);
 				for (const settlement of month.settlements) console.log(`  ${settlementLine(settlement)}`);
 			}
 		})
 	},
 	{
 		command: "expire [through]",
-		description: "Runs the expiry job: expires the earnings left of every month due (or only through this month, YYYYMM, if it is due)",
+		description:
+			"Runs the expiry job: expires the earnings left of every month due (or only through this month, YYYYMM, if it is due)",
 		action: guarded(async (broker, { through }) => {
-			const run = await broker.call<ExpiryRun, object>("points.expire", through ? { through: String(through) } : {});
-			console.log(`Expiry through ${run.through}: ${run.points} points of ${run.members} member(s) expired`);
+			const run = await broker.call<ExpiryRun, object>(
+				"points.expire",
+				through ? { through: String(through) } : {}
+			);
+			console.log(
+				`Expiry through ${run.through}: ${run.points} points of ${run.members} member(s) expired`
+			);
 		})
 	},
 	{
@@ -128,11 +160,15 @@ export const operatorCommands: OperatorCommand[] = [
 			const { count, added, taken } = audit.adjustments;
 			const totals = `Adjustments: ${count} (+${added} / -${taken} points); expired: ${audit.expired} points.`;
 			if (!audit.mismatches.length) {
-				console.log(`Audit OK: ${audit.accounts} account(s), ${audit.entries} ledger entries; every balance equals the sum of its ledger.`);
+				console.log(
+					`Audit OK: ${audit.accounts} account(s), ${audit.entries} ledger entries; every balance equals the sum of its ledger.`
+				);
 				console.log(totals);
 				return;
 			}
-			console.log(`Audit FAILED: ${audit.mismatches.length} of ${audit.accounts} account(s) differ from their ledger:`);
+			console.log(
+				`Audit FAILED: ${audit.mismatches.length} of ${audit.accounts} account(s) differ from their ledger:`
+			);
 			console.table(audit.mismatches);
 			console.log(totals);
 		})
@@ -143,20 +179,35 @@ export const operatorCommands: OperatorCommand[] = [
 			"Lists the dead letters waiting for a replay with their error; 'dead-letters replay <id|all>' sends them again to the group that failed them",
 		action: guarded(async (broker, { action, id }) => {
 			if (action === "replay") {
-				if (!id) throw Object.assign(new Error("Say which: dead-letters replay <id|all>"), { type: "USAGE" });
-				const result = await broker.call<{ count: number; replayed: DeadLetterView[] }, object>("dead-letters.replay", { id });
+				if (!id)
+					throw Object.assign(new Error("Say which: dead-letters replay <id|all>"), {
+						type: "USAGE"
+					});
+				const result = await broker.call<{ count: number; replayed: DeadLetterView[] }, object>(
+					"dead-letters.replay",
+					{ id }
+				);
 				console.log(
 					`Replayed ${result.count} dead letter(s)${result.replayed.length ? `: ${result.replayed.map(l => l.id).join(", ")}` : ""}`
 				);
 				return;
 			}
-			if (action) throw Object.assign(new Error(`Unknown action '${String(action)}': dead-letters [replay <id|all>]`), { type: "USAGE" });
-			const page = await broker.call<{ rows: DeadLetterView[]; total: number }, object>("dead-letters.list", { pageSize: 100 });
+			if (action)
+				throw Object.assign(
+					new Error(`Unknown action '${String(action)}': dead-letters [replay <id|all>]`),
+					{ type: "USAGE" }
+				);
+			const page = await broker.call<{ rows: DeadLetterView[]; total: number }, object>(
+				"dead-letters.list",
+				{ pageSize: 100 }
+			);
 			console.log(
 				`${page.total} dead letter(s) waiting for a replay${page.total > page.rows.length ? ` (the newest ${page.rows.length} below)` : ""}`
 			);
 			for (const l of page.rows)
-				console.log(`  ${l.id} ${l.channel} (${l.group}) after ${l.tries} tries, ${l.deadAt}: ${l.error} ${JSON.stringify(l.payload)}`);
+				console.log(
+					`  ${l.id} ${l.channel} (${l.group}) after ${l.tries} tries, ${l.deadAt}: ${l.error} ${JSON.stringify(l.payload)}`
+				);
 		})
 	}
 ];

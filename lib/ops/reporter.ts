@@ -9,7 +9,8 @@ import { MetricReporters, type MetricRegistry, type ServiceBroker } from "molecu
 
 /** Every local service started, the channel adapter connected, and not stopping. */
 export function isReady(broker: ServiceBroker): boolean {
-	const channels = (broker as ServiceBroker & { channelAdapter?: { connected: boolean } }).channelAdapter;
+	const channels = (broker as ServiceBroker & { channelAdapter?: { connected: boolean } })
+		.channelAdapter;
 	return broker.started && !broker.stopping && (channels?.connected ?? true);
 }
 
@@ -24,7 +25,10 @@ export class OpsReporter extends MetricReporters.Prometheus {
 	override init(registry: MetricRegistry): void {
 		super.init(registry);
 		this.server.on("error", (err: NodeJS.ErrnoException) => {
-			const why = err.code === "EADDRINUSE" ? "is in use (another node on this host?)" : `cannot be opened (${err.code ?? err.message})`;
+			const why =
+				err.code === "EADDRINUSE"
+					? "is in use (another node on this host?)"
+					: `cannot be opened (${err.code ?? err.message})`;
 			registry.broker.logger.fatal(
 				`METRICS_PORT ${this.opts.port} ${why}: give each node on a host its own METRICS_PORT, 0 for any free port, or off for none.`
 			);
@@ -38,7 +42,11 @@ export class OpsReporter extends MetricReporters.Prometheus {
 			const ready = req.url === "/live" || isReady(broker);
 			res.writeHead(ready ? 200 : 503, { "Content-Type": "application/json" });
 			res.end(
-				JSON.stringify({ status: ready ? "ok" : "not ready", nodeID: broker.nodeID, services: broker.services.map(s => s.fullName) })
+				JSON.stringify({
+					status: ready ? "ok" : "not ready",
+					nodeID: broker.nodeID,
+					services: broker.services.map(s => s.fullName)
+				})
 			);
 			return;
 		}

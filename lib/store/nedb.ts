@@ -149,7 +149,10 @@ export function openDatastore<T extends object>(filename: string): Datastore<T> 
  * process died in) is dropped. `torn`: the file does not end with a line break, or some line did
  * not parse.
  */
-async function readLines(stream: Readable, corruptAlertThreshold: number): Promise<{ loaded: Loaded; lines: number; torn: boolean }> {
+async function readLines(
+	stream: Readable,
+	corruptAlertThreshold: number
+): Promise<{ loaded: Loaded; lines: number; torn: boolean }> {
 	const byId = new Map<string, object>();
 	const indexes: Record<string, object> = {};
 	let lines = 0;
@@ -172,13 +175,15 @@ async function readLines(stream: Readable, corruptAlertThreshold: number): Promi
 		if (doc._id) {
 			if (doc.$$deleted === true) byId.delete(doc._id);
 			else byId.set(doc._id, doc);
-		} else if (doc.$$indexCreated?.fieldName != null) indexes[doc.$$indexCreated.fieldName] = doc.$$indexCreated;
+		} else if (doc.$$indexCreated?.fieldName != null)
+			indexes[doc.$$indexCreated.fieldName] = doc.$$indexCreated;
 		else if (typeof doc.$$indexRemoved === "string") delete indexes[doc.$$indexRemoved];
 	};
 	for await (const chunk of stream as AsyncIterable<string>) {
 		const text = rest + chunk;
 		let start = 0;
-		for (let end = text.indexOf("\n"); end >= 0; start = end + 1, end = text.indexOf("\n", start)) take(text.slice(start, end));
+		for (let end = text.indexOf("\n"); end >= 0; start = end + 1, end = text.indexOf("\n", start))
+			take(text.slice(start, end));
 		rest = text.slice(start);
 	}
 	take(rest, true);
@@ -207,7 +212,11 @@ function replaceContent(target: Record<string, unknown>, source: Record<string, 
 }
 
 /** Re-keys `doc` in `indexes` as its content becomes `content`; on a unique violation nothing has changed. */
-function rekey(doc: Record<string, unknown>, content: Record<string, unknown>, indexes: Index[]): void {
+function rekey(
+	doc: Record<string, unknown>,
+	content: Record<string, unknown>,
+	indexes: Index[]
+): void {
 	for (const index of indexes) index.remove(doc);
 	const before = { ...doc };
 	replaceContent(doc, content);
@@ -227,11 +236,19 @@ function rekey(doc: Record<string, unknown>, content: Record<string, unknown>, i
 
 /** NeDB's `_updateIndexes` for its update path: all the modifications or none. */
 function updateInPlace(indexes: Index[], pairs: Modification[]): void {
-	const done: { doc: Record<string, unknown>; before: Record<string, unknown>; changed: Index[] }[] = [];
+	const done: {
+		doc: Record<string, unknown>;
+		before: Record<string, unknown>;
+		changed: Index[];
+	}[] = [];
 	try {
 		for (const { oldDoc, newDoc } of pairs) {
 			const changed = indexes.filter(
-				index => compareThings(getDotValue(oldDoc, index.fieldName), getDotValue(newDoc, index.fieldName)) !== 0
+				index =>
+					compareThings(
+						getDotValue(oldDoc, index.fieldName),
+						getDotValue(newDoc, index.fieldName)
+					) !== 0
 			);
 			const before = { ...oldDoc };
 			rekey(oldDoc, newDoc, changed);

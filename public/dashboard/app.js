@@ -3,13 +3,23 @@
 "use strict";
 
 const $ = selector => document.querySelector(selector);
-const state = { token: sessionStorage.getItem("onepoint-token") || "", memberId: "", page: 1, pageSize: 10, charts: {} };
+const state = {
+	token: sessionStorage.getItem("onepoint-token") || "",
+	memberId: "",
+	page: 1,
+	pageSize: 10,
+	charts: {}
+};
 const number = value => Number(value || 0).toLocaleString("en-US");
 
 async function api(path) {
 	const res = await fetch(`/api${path}`, { headers: { Authorization: `Bearer ${state.token}` } });
 	const body = await res.json().catch(() => ({}));
-	if (!res.ok) throw Object.assign(new Error(body.message || res.statusText), { status: res.status, type: body.type });
+	if (!res.ok)
+		throw Object.assign(new Error(body.message || res.statusText), {
+			status: res.status,
+			type: body.type
+		});
 	return body;
 }
 
@@ -85,21 +95,31 @@ async function loadMember(options = {}) {
 	try {
 		const [m, page] = await Promise.all([
 			api(`/dashboard/members/${encodeURIComponent(state.memberId)}`),
-			api(`/dashboard/members/${encodeURIComponent(state.memberId)}/transactions?page=${state.page}&pageSize=${state.pageSize}`)
+			api(
+				`/dashboard/members/${encodeURIComponent(state.memberId)}/transactions?page=${state.page}&pageSize=${state.pageSize}`
+			)
 		]);
 		$("#member-error").textContent = "";
 		$("#member").hidden = false;
 		$("#member-name").textContent = `${m.member.name || ""} (${m.member.memberId})`;
 		$("#member-status").textContent = m.member.status;
 		$("#member-status").className = `badge ${m.member.status}`;
-		for (const key of ["balance", "earned", "used", "cancelled", "expired", "adjusted"]) $(`#${key}`).textContent = number(m.member[key]);
+		for (const key of ["balance", "earned", "used", "cancelled", "expired", "adjusted"])
+			$(`#${key}`).textContent = number(m.member[key]);
 		$("#member-expiring-soon").hidden = !m.expiring.length;
 		rows($("#member-expiring tbody"), m.expiring, e => [[e.month], [number(e.points)]]);
 		chart(
 			"balance-chart",
 			"line",
 			m.series.map(p => new Date(p.at).toLocaleString()),
-			[{ label: "Balance", data: m.series.map(p => p.balance), borderColor: "#2d6cdf", tension: 0.2 }]
+			[
+				{
+					label: "Balance",
+					data: m.series.map(p => p.balance),
+					borderColor: "#2d6cdf",
+					tension: 0.2
+				}
+			]
 		);
 		chart(
 			"monthly-chart",
@@ -113,7 +133,11 @@ async function loadMember(options = {}) {
 				{ label: "Adjusted", data: m.monthly.map(x => x.adjusted), backgroundColor: "#7a5cc2" }
 			]
 		);
-		rows($("#by-merchant tbody"), m.byMerchant, x => [[x.merchantId], [number(x.earned)], [number(x.used)]]);
+		rows($("#by-merchant tbody"), m.byMerchant, x => [
+			[x.merchantId],
+			[number(x.earned)],
+			[number(x.used)]
+		]);
 		const known = new Set([...$("#transactions tbody").children].map(tr => tr.dataset.id));
 		rows($("#transactions tbody"), page.rows, t => [
 			[new Date(t.at).toLocaleString()],
@@ -136,7 +160,8 @@ async function loadMember(options = {}) {
 		$("#next").disabled = page.page >= pages;
 	} catch (err) {
 		$("#member").hidden = true;
-		$("#member-error").textContent = err.status === 404 ? `No member '${state.memberId}'.` : err.message;
+		$("#member-error").textContent =
+			err.status === 404 ? `No member '${state.memberId}'.` : err.message;
 	}
 }
 
@@ -144,7 +169,9 @@ async function loadMember(options = {}) {
 async function follow() {
 	for (;;) {
 		try {
-			const res = await fetch("/api/dashboard/stream", { headers: { Authorization: `Bearer ${state.token}` } });
+			const res = await fetch("/api/dashboard/stream", {
+				headers: { Authorization: `Bearer ${state.token}` }
+			});
 			if (!res.ok) throw new Error(res.statusText);
 			$("#live").hidden = false;
 			const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -156,7 +183,9 @@ async function follow() {
 				buffer += value;
 				const events = buffer.split("\n\n");
 				buffer = events.pop();
-				const updates = events.filter(e => e.startsWith("event: update")).map(e => JSON.parse(e.slice(e.indexOf("data: ") + 6)));
+				const updates = events
+					.filter(e => e.startsWith("event: update"))
+					.map(e => JSON.parse(e.slice(e.indexOf("data: ") + 6)));
 				if (!updates.length) continue;
 				const touchesMember = updates.some(u => u.memberIds.includes(state.memberId));
 				// Coalesce a burst of updates into one refresh.
@@ -180,7 +209,11 @@ async function signIn(token) {
 		await loadOverview();
 	} catch (err) {
 		$("#signin-error").textContent =
-			err.status === 401 ? "Unknown token." : err.status === 403 ? "This token is not a staff token." : err.message;
+			err.status === 401
+				? "Unknown token."
+				: err.status === 403
+					? "This token is not a staff token."
+					: err.message;
 		return;
 	}
 	sessionStorage.setItem("onepoint-token", token);

@@ -12,7 +12,11 @@ const ROOT = path.resolve(__dirname, "../..");
 
 function runSmoke(): Promise<{ code: number | null; output: string }> {
 	return new Promise((resolve, reject) => {
-		const child = spawn(process.execPath, ["--disable-warning=DEP0174", "dist/bench/run.js", "--smoke"], { cwd: ROOT });
+		const child = spawn(
+			process.execPath,
+			["--disable-warning=DEP0174", "dist/bench/run.js", "--smoke"],
+			{ cwd: ROOT }
+		);
 		let output = "";
 		child.stdout.on("data", chunk => (output += chunk));
 		child.stderr.on("data", chunk => (output += chunk));
@@ -25,19 +29,31 @@ describe("npm run bench -- --smoke", () => {
 	it("runs every part, prints each figure beside its baseline, and leaves every account equal to its ledger", async () => {
 		const { code, output } = await runSmoke();
 		expect({ code, tail: output.slice(-3000) }).toMatchObject({ code: 0 });
-		for (const part of ["POST /api/deals (HTTP, one process)", 'broker.call("deals.create")', "deals.create over NATS (3 nodes)"]) {
+		for (const part of [
+			"POST /api/deals (HTTP, one process)",
+			'broker.call("deals.create")',
+			"deals.create over NATS (3 nodes)"
+		]) {
 			const line = output.split("\n").find(l => l.includes(part)) ?? "";
 			// The measure, its baseline and a ratio, on one row.
 			expect(line).toMatch(/'\d[\d,]*'.*(GET \/api\/me|trivial action).*'\d+%'/);
 		}
 		// Our gateway's trivial route beside stock moleculer-web's, measured in the same run.
-		expect(output).toMatch(/'GET \/api\/me \(our gateway, metrics on\)'.*'\d[\d,]*'.*'stock moleculer-web, trivial action'.*'\d+%'/);
+		expect(output).toMatch(
+			/'GET \/api\/me \(our gateway, metrics on\)'.*'\d[\d,]*'.*'stock moleculer-web, trivial action'.*'\d+%'/
+		);
 		// Each load's throughput per window, and whether it held flat.
 		expect(output).toMatch(/Throughput over each load: per second in each \d+-second window/);
 		expect(output).toMatch(/broker\.call\("deals\.create"\) +( +[\d,]+){2,} +(flat|NOT FLAT)/);
-		expect(output).toMatch(/Deals \(HTTP\) with entries already stored[\s\S]*1,000 entries +( +[\d,]+){2,} +(flat|NOT FLAT)/);
-		expect(output).toMatch(/(MET|MISSED) +deal writes within 2× from 1,000 to 3,000 entries stored/);
-		expect(output).toMatch(/(MET|MISSED) +our gateway's trivial route ≥ 80% of stock moleculer-web's/);
+		expect(output).toMatch(
+			/Deals \(HTTP\) with entries already stored[\s\S]*1,000 entries +( +[\d,]+){2,} +(flat|NOT FLAT)/
+		);
+		expect(output).toMatch(
+			/(MET|MISSED) +deal writes within 2× from 1,000 to 3,000 entries stored/
+		);
+		expect(output).toMatch(
+			/(MET|MISSED) +our gateway's trivial route ≥ 80% of stock moleculer-web's/
+		);
 		expect(output).toMatch(
 			/dashboard's member query \(p50 \/ p99 ms\): [\d.]+ \/ [\d.]+ at rest, [\d.]+ \/ [\d.]+ under the HTTP deal load/
 		);

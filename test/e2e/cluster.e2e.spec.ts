@@ -7,7 +7,15 @@
  * with 503, a cancellation is accepted and completes when payments is back.
  */
 import { eventually } from "../helpers/broker";
-import { all as allOf, expectDealLedger, explained, impliedBalance, startLoad, type Entry, type Order } from "../helpers/cluster";
+import {
+	all as allOf,
+	expectDealLedger,
+	explained,
+	impliedBalance,
+	startLoad,
+	type Entry,
+	type Order
+} from "../helpers/cluster";
 import { NatsServer } from "../helpers/nats";
 import { freePort, System } from "../helpers/system";
 
@@ -21,14 +29,21 @@ describe("a cluster over NATS", () => {
 	const members = Array.from({ length: 8 }, (_, i) => `c${String(i).padStart(3, "0")}`);
 
 	const gateway = () => nodes.gateway;
-	const api = (method: string, urlPath: string, body?: unknown) => gateway().call(method, `/api${urlPath}`, body);
+	const api = (method: string, urlPath: string, body?: unknown) =>
+		gateway().call(method, `/api${urlPath}`, body);
 
 	let started = 0;
 	async function startNode(name: string, services: string): Promise<void> {
 		// Node ids are unique per process: a second node with the same id is a conflict Moleculer stops.
 		const nodeID = `${name}-${process.pid}-${++started}`;
 		// One staff token drives the whole load and the checks: the per-minute rate limit is not under test here.
-		const env = { TRANSPORTER: nats.url, SERVICES: services, NODE_ID: nodeID, CALL_TIMEOUT_MS: "1000", RATE_LIMIT: "1000000" };
+		const env = {
+			TRANSPORTER: nats.url,
+			SERVICES: services,
+			NODE_ID: nodeID,
+			CALL_TIMEOUT_MS: "1000",
+			RATE_LIMIT: "1000000"
+		};
 		const node = new System(name === "gateway" ? await freePort() : 0, env, await freePort());
 		nodes[name] = node;
 		await node.start();
@@ -59,7 +74,8 @@ describe("a cluster over NATS", () => {
 
 	it("keeps every point exact through a killed points node, a restarted nats-server and a redeployed deals node", () =>
 		explained(nodes, async () => {
-			for (const memberId of members) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
+			for (const memberId of members)
+				expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
 
 			const load = startLoad(api, members, true);
 
@@ -82,7 +98,10 @@ describe("a cluster over NATS", () => {
 			await eventually(
 				async () => {
 					for (const memberId of members)
-						expect({ memberId, balance: (await api("GET", `/points/${memberId}`)).body.balance }).toEqual({
+						expect({
+							memberId,
+							balance: (await api("GET", `/points/${memberId}`)).body.balance
+						}).toEqual({
 							memberId,
 							balance: await impliedBalance(api, memberId)
 						});
@@ -98,9 +117,13 @@ describe("a cluster over NATS", () => {
 			await eventually(
 				async () => {
 					for (const memberId of members) {
-						const causes = new Set((await all<Entry>(`/points/${memberId}/history`)).map(e => e.cause));
+						const causes = new Set(
+							(await all<Entry>(`/points/${memberId}/history`)).map(e => e.cause)
+						);
 						for (const order of await all<Order>(`/orders?memberId=${memberId}`)) {
-							const settled = causes.has(`order:${order.id}`) || (order.status === "cancelled" && causes.has(`order-cancel:${order.id}`));
+							const settled =
+								causes.has(`order:${order.id}`) ||
+								(order.status === "cancelled" && causes.has(`order-cancel:${order.id}`));
 							if (order.status === "paid" || order.status === "cancelled")
 								expect({ order: order.id, settled }).toEqual({ order: order.id, settled: true });
 						}
@@ -120,16 +143,20 @@ describe("a cluster over NATS", () => {
 					const revocation = ledger.filter(e => e.cause === `order-cancel:${order.id}`);
 					if (order.status === "paid") paidOrders++;
 					if (order.status === "cancelled" && revocation[0]?.kind === "void") {
-						expect({ order: order.id, accrual, revocation: revocation.map(e => e.amount) }).toEqual({
-							order: order.id,
-							accrual: [],
-							revocation: [0]
-						});
+						expect({ order: order.id, accrual, revocation: revocation.map(e => e.amount) }).toEqual(
+							{
+								order: order.id,
+								accrual: [],
+								revocation: [0]
+							}
+						);
 						continue;
 					}
-					if (order.status === "paid" || order.status === "cancelled") expect(accrual.map(e => e.amount)).toEqual([order.points]);
+					if (order.status === "paid" || order.status === "cancelled")
+						expect(accrual.map(e => e.amount)).toEqual([order.points]);
 					else expect(accrual).toEqual([]);
-					if (order.status === "cancelled") expect(revocation.map(e => -e.amount + (e.shortfall ?? 0))).toEqual([order.points]);
+					if (order.status === "cancelled")
+						expect(revocation.map(e => -e.amount + (e.shortfall ?? 0))).toEqual([order.points]);
 					else expect(revocation).toEqual([]);
 				}
 			}
@@ -140,16 +167,30 @@ describe("a cluster over NATS", () => {
 		const memberId = "p001";
 		expect((await api("POST", "/members", { memberId, name: "breakfast" })).status).toBe(201);
 		const paid = await eventually(async () => {
-			const res = await api("POST", "/orders", { memberId, productId: "set", qty: 5, unitPrice: 2000 });
+			const res = await api("POST", "/orders", {
+				memberId,
+				productId: "set",
+				qty: 5,
+				unitPrice: 2000
+			});
 			expect(res.body).toMatchObject({ status: "paid", points: 2000 });
 			return res.body as Order;
 		});
 		await eventually(async () =>
-			expect((await api("GET", `/my-points/${memberId}`)).body.rows.some((r: { orderId: string }) => r.orderId === paid.id)).toBe(true)
+			expect(
+				(await api("GET", `/my-points/${memberId}`)).body.rows.some(
+					(r: { orderId: string }) => r.orderId === paid.id
+				)
+			).toBe(true)
 		);
 
 		await nodes.payments.stop("SIGTERM");
-		const refused = await api("POST", "/orders", { memberId, productId: "set", qty: 1, unitPrice: 1000 });
+		const refused = await api("POST", "/orders", {
+			memberId,
+			productId: "set",
+			qty: 1,
+			unitPrice: 1000
+		});
 		expect(refused.status).toBe(503);
 		expect(refused.body.type).toBe("PAYMENTS_UNAVAILABLE");
 		// Gone from the registry, or still known as stopping: either way the call was not made.
@@ -158,7 +199,10 @@ describe("a cluster over NATS", () => {
 
 		const cancelled = await api("POST", `/orders/${paid.id}/cancel`);
 		expect(cancelled.status).toBe(200);
-		expect(cancelled.body).toMatchObject({ status: "cancelled", payment: { status: "cancelling" } });
+		expect(cancelled.body).toMatchObject({
+			status: "cancelled",
+			payment: { status: "cancelling" }
+		});
 		// The points are revoked now; the payment waits for its service.
 		await eventually(async () => {
 			const ledger = await all<Entry>(`/points/${memberId}/history`);
@@ -178,12 +222,19 @@ describe("a cluster over NATS", () => {
 			200
 		);
 		// The gateway learns of the restarted node a moment after the orders node does.
-		await eventually(async () => expect((await api("GET", `/payments/${paid.payment.id}`)).body).toMatchObject({ status: "cancelled" }));
+		await eventually(async () =>
+			expect((await api("GET", `/payments/${paid.payment.id}`)).body).toMatchObject({
+				status: "cancelled"
+			})
+		);
 		// The refused order is recorded as failed, and its payment, should it ever come, is voided.
-		const [failed] = (await api("GET", `/orders?memberId=${memberId}&status=payment_failed`)).body.rows as Order[];
+		const [failed] = (await api("GET", `/orders?memberId=${memberId}&status=payment_failed`)).body
+			.rows as Order[];
 		expect(failed).toMatchObject({ reason: "PAYMENTS_UNAVAILABLE", points: 0 });
 		await eventually(async () =>
-			expect((await api("GET", `/payments?orderId=${failed.id}`)).body.rows).toMatchObject([{ status: "voided" }])
+			expect((await api("GET", `/payments?orderId=${failed.id}`)).body.rows).toMatchObject([
+				{ status: "voided" }
+			])
 		);
 	});
 
@@ -214,7 +265,10 @@ describe("a cluster over NATS", () => {
 						: { memberId, merchantId: "20", dealAmount: 1000, type: "use", point: 1 };
 				const res = await pick()
 					.call("POST", "/api/deals", body)
-					.catch((err: Error & { cause?: { code?: string } }) => ({ status: 0, body: `${err.message} ${err.cause?.code}` }));
+					.catch((err: Error & { cause?: { code?: string } }) => ({
+						status: 0,
+						body: `${err.message} ${err.cause?.code}`
+					}));
 				if (res.status === 201) answered++;
 				else failures.push(`${res.status} ${JSON.stringify(res.body)}`);
 			}

@@ -17,25 +17,62 @@ describe("staff dashboard in Chromium", () => {
 	let system: System;
 	let browser: Browser;
 	let page: Page;
-	const api = (method: string, urlPath: string, body?: unknown) => system.call(method, `/api${urlPath}`, body);
+	const api = (method: string, urlPath: string, body?: unknown) =>
+		system.call(method, `/api${urlPath}`, body);
 
 	beforeAll(async () => {
 		// Points valid one month after the month earned: this month's expire at the end of the next.
 		system = await System.start({ POINTS_VALID_MONTHS: "1", ...faketime("2026-05-14 10:00:00") });
 		await api("POST", "/members", { memberId: "0001", name: "Kim Minji" });
 		await api("POST", "/members", { memberId: "0002", name: "Lee" });
-		await api("POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 100000, type: "save" });
-		await api("POST", "/deals", { memberId: "0001", merchantId: "21", dealAmount: 50000, type: "save" });
-		await eventually(async () => expect((await api("GET", "/points/0001")).body.balance).toBe(1500));
-		await api("POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 10000, type: "use", point: 300 });
-		const cancelled = await api("POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 10000, type: "use", point: 200 });
+		await api("POST", "/deals", {
+			memberId: "0001",
+			merchantId: "20",
+			dealAmount: 100000,
+			type: "save"
+		});
+		await api("POST", "/deals", {
+			memberId: "0001",
+			merchantId: "21",
+			dealAmount: 50000,
+			type: "save"
+		});
+		await eventually(async () =>
+			expect((await api("GET", "/points/0001")).body.balance).toBe(1500)
+		);
+		await api("POST", "/deals", {
+			memberId: "0001",
+			merchantId: "20",
+			dealAmount: 10000,
+			type: "use",
+			point: 300
+		});
+		const cancelled = await api("POST", "/deals", {
+			memberId: "0001",
+			merchantId: "20",
+			dealAmount: 10000,
+			type: "use",
+			point: 200
+		});
 		await api("POST", `/deals/${cancelled.body.id}/cancel`);
 		// A breakfast order of 2 × 5000 earns 1000 points.
-		expect((await api("POST", "/orders", { memberId: "0001", productId: "breakfast-set", qty: 2, unitPrice: 5000 })).body).toMatchObject({
+		expect(
+			(
+				await api("POST", "/orders", {
+					memberId: "0001",
+					productId: "breakfast-set",
+					qty: 2,
+					unitPrice: 5000
+				})
+			).body
+		).toMatchObject({
 			status: "paid"
 		});
 		await eventually(async () =>
-			expect((await api("GET", "/dashboard/members/0001")).body.member).toMatchObject({ balance: 2200, cancelled: 200 })
+			expect((await api("GET", "/dashboard/members/0001")).body.member).toMatchObject({
+				balance: 2200,
+				cancelled: 200
+			})
 		);
 
 		browser = await chromium.launch({
@@ -85,8 +122,16 @@ describe("staff dashboard in Chromium", () => {
 		await page.click("#search");
 		await page.waitForSelector("#member", { state: "visible" });
 		const ids = ["balance", "earned", "used", "cancelled", "expired"];
-		const figures = Object.fromEntries(await Promise.all(ids.map(async id => [id, await page.textContent(`#${id}`)])));
-		expect(figures).toEqual({ balance: "2,200", earned: "2,500", used: "500", cancelled: "200", expired: "0" });
+		const figures = Object.fromEntries(
+			await Promise.all(ids.map(async id => [id, await page.textContent(`#${id}`)]))
+		);
+		expect(figures).toEqual({
+			balance: "2,200",
+			earned: "2,500",
+			used: "500",
+			cancelled: "200",
+			expired: "0"
+		});
 		expect(await page.textContent("#member-name")).toContain("Kim Minji");
 		expect(await page.locator("#transactions tbody tr").count()).toBe(5);
 		expect(await page.textContent("#transactions tbody tr:first-child")).toContain("order");
@@ -95,7 +140,12 @@ describe("staff dashboard in Chromium", () => {
 
 	it("shows a new deal live, without reloading", async () => {
 		await page.waitForSelector("#live", { state: "visible" });
-		const created = await api("POST", "/deals", { memberId: "0001", merchantId: "22", dealAmount: 70000, type: "save" });
+		const created = await api("POST", "/deals", {
+			memberId: "0001",
+			merchantId: "22",
+			dealAmount: 70000,
+			type: "save"
+		});
 		expect(created.status).toBe(201);
 		await page.waitForSelector("#balance:text-is('2,900')", { timeout: 10_000 });
 		await page.waitForSelector("#transactions tbody tr.fresh");
@@ -106,25 +156,40 @@ describe("staff dashboard in Chromium", () => {
 	it("shows a partial return live: the deal's row, the balance and the cancelled total", async () => {
 		const [latest] = (await api("GET", "/deals?memberId=0001&merchantId=22")).body.rows;
 		// 30000 of 70000 returned: floor(700 × 3/7) = 300 points revoked.
-		expect((await api("POST", `/deals/${latest.id}/cancel`, { amount: 30000 })).body).toMatchObject({
-			status: "partially_cancelled",
-			returnedPoints: 300
-		});
+		expect((await api("POST", `/deals/${latest.id}/cancel`, { amount: 30000 })).body).toMatchObject(
+			{
+				status: "partially_cancelled",
+				returnedPoints: 300
+			}
+		);
 		await page.waitForSelector("#balance:text-is('2,600')", { timeout: 10_000 });
 		await page.waitForSelector("#transactions tbody tr:first-child td.status-partially_cancelled");
 		const cells = await page.locator("#transactions tbody tr:first-child td").allTextContents();
-		expect(cells.slice(3)).toEqual(["22", "70,000", "700", "30,000 (300 points)", "partially cancelled", ""]);
+		expect(cells.slice(3)).toEqual([
+			"22",
+			"70,000",
+			"700",
+			"30,000 (300 points)",
+			"partially cancelled",
+			""
+		]);
 		expect(await page.textContent("#cancelled")).toBe("500");
 	});
 
 	it("shows a staff adjustment with its reason, and the points expiring soon per member and overall", async () => {
-		const adjusted = await api("POST", "/points/0001/adjustments", { amount: 100, reason: "Goodwill: late delivery" });
+		const adjusted = await api("POST", "/points/0001/adjustments", {
+			amount: 100,
+			reason: "Goodwill: late delivery"
+		});
 		expect(adjusted.status).toBe(201);
 		await page.waitForSelector("#adjusted:text-is('100')", { timeout: 10_000 });
 		expect(await page.textContent("#balance")).toBe("2,700");
-		expect(await page.textContent("#transactions tbody tr:first-child")).toContain("Goodwill: late delivery (staff)");
+		expect(await page.textContent("#transactions tbody tr:first-child")).toContain(
+			"Goodwill: late delivery (staff)"
+		);
 		// Everything was earned this month: none expires at its end, all 2,700 at the end of the next.
-		const cells = async (table: string) => (await page.locator(`${table} tbody tr`).allTextContents()).map(row => row.trim());
+		const cells = async (table: string) =>
+			(await page.locator(`${table} tbody tr`).allTextContents()).map(row => row.trim());
 		await eventually(async () => expect((await cells("#member-expiring"))[1]).toMatch(/2,700$/));
 		expect((await cells("#member-expiring"))[0]).toBe("2026050");
 		await page.waitForSelector("#overview-expiring:text-is('2,700')", { timeout: 10_000 });
@@ -134,8 +199,13 @@ describe("staff dashboard in Chromium", () => {
 	});
 
 	it("renders the API reference from the gateway's own assets, every operation in it", async () => {
-		const contract = (await (await fetch(`${system.url}/api/openapi.json`)).json()) as { paths: Record<string, object> };
-		const operations = Object.values(contract.paths).reduce((sum, ops) => sum + Object.keys(ops).length, 0);
+		const contract = (await (await fetch(`${system.url}/api/openapi.json`)).json()) as {
+			paths: Record<string, object>;
+		};
+		const operations = Object.values(contract.paths).reduce(
+			(sum, ops) => sum + Object.keys(ops).length,
+			0
+		);
 		const reference = await browser.newPage();
 		const elsewhere: string[] = [];
 		reference.on("request", request => {

@@ -25,10 +25,16 @@ interface Entry {
 
 describe("points that expire and staff adjustments, over HTTP on a set clock", () => {
 	let system: System;
-	const api = (method: string, path: string, body?: unknown, headers: Record<string, string | null> = {}) =>
-		system.call(method, `/api${path}`, body, headers);
-	const ledger = async (memberId: string) => (await api("GET", `/points/${memberId}/history?pageSize=100`)).body.rows as Entry[];
-	const balance = async (memberId: string) => (await api("GET", `/points/${memberId}`)).body.balance as number;
+	const api = (
+		method: string,
+		path: string,
+		body?: unknown,
+		headers: Record<string, string | null> = {}
+	) => system.call(method, `/api${path}`, body, headers);
+	const ledger = async (memberId: string) =>
+		(await api("GET", `/points/${memberId}/history?pageSize=100`)).body.rows as Entry[];
+	const balance = async (memberId: string) =>
+		(await api("GET", `/points/${memberId}`)).body.balance as number;
 	/** Restarts the node on the same data with its clock at `at`. */
 	const restartAt = async (at: string) => {
 		await system.stop();
@@ -37,20 +43,45 @@ describe("points that expire and staff adjustments, over HTTP on a set clock", (
 	};
 
 	beforeAll(async () => {
-		system = await System.start({ API_KEYS, POINTS_VALID_MONTHS: "1", ...faketime("2026-03-10 10:00:00") }, true);
+		system = await System.start(
+			{ API_KEYS, POINTS_VALID_MONTHS: "1", ...faketime("2026-03-10 10:00:00") },
+			true
+		);
 	});
 	afterAll(() => system.stop());
 
 	it("expires March's earnings left after a use at the end of April, also when the node was down at midnight", async () => {
 		await api("POST", "/members", { memberId: "e001", name: "Choi Minji" });
-		expect((await api("POST", "/deals", { memberId: "e001", merchantId: "20", dealAmount: 100000, type: "save" })).status).toBe(201);
+		expect(
+			(
+				await api("POST", "/deals", {
+					memberId: "e001",
+					merchantId: "20",
+					dealAmount: 100000,
+					type: "save"
+				})
+			).status
+		).toBe(201);
 		await eventually(async () => expect(await balance("e001")).toBe(1000));
 		expect(
-			(await api("POST", "/deals", { memberId: "e001", merchantId: "20", dealAmount: 5000, type: "use", point: 300 })).body.status
+			(
+				await api("POST", "/deals", {
+					memberId: "e001",
+					merchantId: "20",
+					dealAmount: 5000,
+					type: "use",
+					point: 300
+				})
+			).body.status
 		).toBe("success");
 
 		await restartAt("2026-04-12 09:00:00");
-		await api("POST", "/deals", { memberId: "e001", merchantId: "20", dealAmount: 50000, type: "save" });
+		await api("POST", "/deals", {
+			memberId: "e001",
+			merchantId: "20",
+			dealAmount: 50000,
+			type: "save"
+		});
 		await eventually(async () => expect(await balance("e001")).toBe(1200));
 		expect((await api("GET", "/points/e001")).body.expiring).toEqual([
 			{ month: "202604", expiresAt: "2026-05-01T00:00:00.000Z", points: 700 },
@@ -64,7 +95,11 @@ describe("points that expire and staff adjustments, over HTTP on a set clock", (
 				points: 700
 			})
 		);
-		expect((await api("GET", "/dashboard/members/e001")).body.expiring.map((e: { points: number }) => e.points)).toEqual([700, 500, 0]);
+		expect(
+			(await api("GET", "/dashboard/members/e001")).body.expiring.map(
+				(e: { points: number }) => e.points
+			)
+		).toEqual([700, 500, 0]);
 
 		// Down over April's end; back on May 3rd, it catches up at start.
 		await restartAt("2026-05-03 08:00:00");
@@ -75,12 +110,17 @@ describe("points that expire and staff adjustments, over HTTP on a set clock", (
 		);
 		expect(await balance("e001")).toBe(500);
 		await eventually(async () =>
-			expect((await api("GET", "/dashboard/members/e001")).body.member).toMatchObject({ balance: 500, expired: 700 })
+			expect((await api("GET", "/dashboard/members/e001")).body.member).toMatchObject({
+				balance: 500,
+				expired: 700
+			})
 		);
 
 		// Once more: a rerun finds nothing left.
 		await restartAt("2026-05-03 09:00:00");
-		expect(await system.type("expire", /Expiry through.*\n/)).toContain("Expiry through 202603: 0 points of 0 member(s) expired");
+		expect(await system.type("expire", /Expiry through.*\n/)).toContain(
+			"Expiry through 202603: 0 points of 0 member(s) expired"
+		);
 		expect(await system.type("expire 202604", /Error.*\n/)).toContain("Error [EXPIRY_NOT_DUE]");
 		expect((await ledger("e001")).filter(e => e.kind === "expire")).toHaveLength(1);
 		const audit = await system.type("audit", /Adjustments:.*\n/);
@@ -89,32 +129,84 @@ describe("points that expire and staff adjustments, over HTTP on a set clock", (
 	});
 
 	it("lets staff adjust a balance, recording the reason and who; merchants may not", async () => {
-		expect((await api("GET", "/me", undefined, bearer(ALICE))).body).toEqual({ role: "staff", name: "alice" });
+		expect((await api("GET", "/me", undefined, bearer(ALICE))).body).toEqual({
+			role: "staff",
+			name: "alice"
+		});
 		expect((await api("GET", "/me")).body).toEqual({ role: "staff" });
 
-		const added = await api("POST", "/points/e001/adjustments", { amount: 250, reason: "Goodwill for a lost receipt" }, bearer(ALICE));
+		const added = await api(
+			"POST",
+			"/points/e001/adjustments",
+			{ amount: 250, reason: "Goodwill for a lost receipt" },
+			bearer(ALICE)
+		);
 		expect(added.status).toBe(201);
-		expect(added.body).toMatchObject({ memberId: "e001", amount: 250, reason: "Goodwill for a lost receipt", by: "alice", balance: 750 });
-		const taken = await api("POST", "/points/e001/adjustments", { amount: -50, reason: "Double earning" });
+		expect(added.body).toMatchObject({
+			memberId: "e001",
+			amount: 250,
+			reason: "Goodwill for a lost receipt",
+			by: "alice",
+			balance: 750
+		});
+		const taken = await api("POST", "/points/e001/adjustments", {
+			amount: -50,
+			reason: "Double earning"
+		});
 		expect(taken.body).toMatchObject({ amount: -50, by: "staff", balance: 700 });
 
-		const merchant = await api("POST", "/points/e001/adjustments", { amount: 1000, reason: "Self-service" }, bearer(TOKENS.merchant20));
+		const merchant = await api(
+			"POST",
+			"/points/e001/adjustments",
+			{ amount: 1000, reason: "Self-service" },
+			bearer(TOKENS.merchant20)
+		);
 		expect(merchant.status).toBe(403);
 		expect(merchant.body).toMatchObject({ code: 403, type: "FORBIDDEN" });
-		expect((await api("POST", "/points/e001/adjustments", { amount: 1000, reason: "x" }, { authorization: null })).status).toBe(401);
-
-		await eventually(async () => expect((await ledger("e001")).filter(e => e.kind === "adjust")).toHaveLength(2));
 		expect(
-			(await ledger("e001")).filter(e => e.kind === "adjust").map(({ cause, amount, reason, by }) => ({ cause, amount, reason, by }))
+			(
+				await api(
+					"POST",
+					"/points/e001/adjustments",
+					{ amount: 1000, reason: "x" },
+					{ authorization: null }
+				)
+			).status
+		).toBe(401);
+
+		await eventually(async () =>
+			expect((await ledger("e001")).filter(e => e.kind === "adjust")).toHaveLength(2)
+		);
+		expect(
+			(await ledger("e001"))
+				.filter(e => e.kind === "adjust")
+				.map(({ cause, amount, reason, by }) => ({ cause, amount, reason, by }))
 		).toEqual([
-			{ cause: `adjustment:${taken.body.adjustmentId}`, amount: -50, reason: "Double earning", by: "staff" },
-			{ cause: `adjustment:${added.body.adjustmentId}`, amount: 250, reason: "Goodwill for a lost receipt", by: "alice" }
+			{
+				cause: `adjustment:${taken.body.adjustmentId}`,
+				amount: -50,
+				reason: "Double earning",
+				by: "staff"
+			},
+			{
+				cause: `adjustment:${added.body.adjustmentId}`,
+				amount: 250,
+				reason: "Goodwill for a lost receipt",
+				by: "alice"
+			}
 		]);
 		await eventually(async () =>
-			expect((await api("GET", "/dashboard/members/e001")).body.member).toMatchObject({ balance: 700, adjusted: 200 })
+			expect((await api("GET", "/dashboard/members/e001")).body.member).toMatchObject({
+				balance: 700,
+				adjusted: 200
+			})
 		);
-		await eventually(async () => expect((await api("GET", "/my-points/e001")).body).toMatchObject({ adjustedTotal: 200 }));
-		expect(await system.type("audit", /Adjustments:.*\n/)).toContain("Adjustments: 2 (+250 / -50 points); expired: 700 points.");
+		await eventually(async () =>
+			expect((await api("GET", "/my-points/e001")).body).toMatchObject({ adjustedTotal: 200 })
+		);
+		expect(await system.type("audit", /Adjustments:.*\n/)).toContain(
+			"Adjustments: 2 (+250 / -50 points); expired: 700 points."
+		);
 		// A positive adjustment is an earning of May: valid through June.
 		expect((await api("GET", "/points/e001")).body.expiring).toEqual([
 			{ month: "202605", expiresAt: "2026-06-01T00:00:00.000Z", points: 450 },
@@ -147,11 +239,18 @@ describe("points that expire and staff adjustments, over HTTP on a set clock", (
 			[{ amount: 10, reason: "Bad id" }, 422, "VALIDATION_ERROR", "a$b"]
 		];
 		for (const [body, status, type, memberId = "e001"] of cases) {
-			const reply = await api("POST", `/points/${memberId}/adjustments`, typeof body === "string" ? body : JSON.stringify(body), {
-				"content-type": "application/json"
-			});
+			const reply = await api(
+				"POST",
+				`/points/${memberId}/adjustments`,
+				typeof body === "string" ? body : JSON.stringify(body),
+				{
+					"content-type": "application/json"
+				}
+			);
 			expect({ body, status: reply.status, type: reply.body.type }).toEqual({ body, status, type });
-			expect(Object.keys(reply.body).sort()).toEqual(expect.arrayContaining(["code", "message", "name", "type"]));
+			expect(Object.keys(reply.body).sort()).toEqual(
+				expect.arrayContaining(["code", "message", "name", "type"])
+			);
 		}
 		expect(await state()).toEqual(before);
 	});

@@ -40,7 +40,13 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 	}
 
 	/** One POST as it went over the wire: status, body bytes (as text) and headers. */
-	async function post(via: System, urlPath: string, body: unknown, key?: string, token = TOKENS.staff): Promise<Raw> {
+	async function post(
+		via: System,
+		urlPath: string,
+		body: unknown,
+		key?: string,
+		token = TOKENS.staff
+	): Promise<Raw> {
 		const res = await fetch(`${via.url}/api${urlPath}`, {
 			method: "POST",
 			headers: {
@@ -52,10 +58,13 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 		});
 		return { status: res.status, text: await res.text(), headers: res.headers };
 	}
-	const api = (method: string, urlPath: string, body?: unknown) => data.call(method, `/api${urlPath}`, body);
-	const balance = async (memberId: string) => (await api("GET", `/points/${memberId}`)).body.balance as number;
+	const api = (method: string, urlPath: string, body?: unknown) =>
+		data.call(method, `/api${urlPath}`, body);
+	const balance = async (memberId: string) =>
+		(await api("GET", `/points/${memberId}`)).body.balance as number;
 	const deals = (memberId: string) => all<Deal>(api, `/deals?memberId=${memberId}`);
-	const join = async (memberId: string) => expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
+	const join = async (memberId: string) =>
+		expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
 	/** The same answer, byte for byte, marked as a replay. */
 	const expectReplay = (replay: Raw, first: Raw) => {
 		expect({
@@ -90,7 +99,9 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 	it("makes a deal retried 20 times at once, on both gateways, exactly once, earning once", async () => {
 		const save = { memberId: "i001", merchantId: "20", dealAmount: 120_000, type: "save" };
 		const answers = await Promise.all(
-			Array.from({ length: 20 }, (_, i) => post(i % 2 ? edge : data, "/deals", save, "pos-7:receipt-0001"))
+			Array.from({ length: 20 }, (_, i) =>
+				post(i % 2 ? edge : data, "/deals", save, "pos-7:receipt-0001")
+			)
 		);
 		const created = answers.filter(a => a.status === 201);
 		// Every answer is the deal, or "still running" for a retry that overtook it.
@@ -104,7 +115,8 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 
 		// Once answered, every retry on either gateway is that answer.
 		const first = created.find(a => !a.headers.has("idempotent-replayed")) ?? created[0];
-		for (const via of [data, edge]) expectReplay(await post(via, "/deals", save, "pos-7:receipt-0001"), first);
+		for (const via of [data, edge])
+			expectReplay(await post(via, "/deals", save, "pos-7:receipt-0001"), first);
 
 		await eventually(async () => expect(await balance("i001")).toBe(1200));
 		expect((await deals("i001")).map(d => d.id)).toEqual([deal.id]);
@@ -113,18 +125,41 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 	});
 
 	it("replays a join byte for byte, and a refusal too, without doing anything again", async () => {
-		const first = await post(edge, "/members", { name: "Walk-in", phone: "010-5555-0000" }, "join-1");
+		const first = await post(
+			edge,
+			"/members",
+			{ name: "Walk-in", phone: "010-5555-0000" },
+			"join-1"
+		);
 		expect(first.status).toBe(201);
 		expect(first.headers.has("idempotent-replayed")).toBe(false);
 		// The same body with its keys in another order is the same request.
-		expectReplay(await post(data, "/members", { phone: "010-5555-0000", name: "Walk-in" }, "join-1"), first);
-		expect((await api("GET", first.headers.get("location")?.replace("/api", "") as string)).body).toEqual(JSON.parse(first.text));
+		expectReplay(
+			await post(data, "/members", { phone: "010-5555-0000", name: "Walk-in" }, "join-1"),
+			first
+		);
+		expect(
+			(await api("GET", first.headers.get("location")?.replace("/api", "") as string)).body
+		).toEqual(JSON.parse(first.text));
 
-		const refused = await post(edge, "/deals", { memberId: "nobody", merchantId: "20", dealAmount: 100, type: "save" }, "refused-1");
+		const refused = await post(
+			edge,
+			"/deals",
+			{ memberId: "nobody", merchantId: "20", dealAmount: 100, type: "save" },
+			"refused-1"
+		);
 		expect(refused.status).toBe(404);
 		await join("nobody");
 		// The refusal stands for its key, even though the request would now succeed.
-		expectReplay(await post(edge, "/deals", { memberId: "nobody", merchantId: "20", dealAmount: 100, type: "save" }, "refused-1"), refused);
+		expectReplay(
+			await post(
+				edge,
+				"/deals",
+				{ memberId: "nobody", merchantId: "20", dealAmount: 100, type: "save" },
+				"refused-1"
+			),
+			refused
+		);
 		expect(await deals("nobody")).toEqual([]);
 	});
 
@@ -157,10 +192,16 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 		const body = { memberId: "i002", productId: "toast", qty: 1, unitPrice: 3000 };
 		const running = post(data, "/orders", body, "order-1");
 		// Running: the order is stored, waiting for the (slow) payment.
-		await eventually(async () => expect(await all<Order>(api, "/orders?memberId=i002&status=pending")).toHaveLength(1));
+		await eventually(async () =>
+			expect(await all<Order>(api, "/orders?memberId=i002&status=pending")).toHaveLength(1)
+		);
 		const overtaking = await post(edge, "/orders", body, "order-1");
 		expect(overtaking.status).toBe(409);
-		expect(JSON.parse(overtaking.text)).toMatchObject({ code: 409, type: "REQUEST_IN_PROGRESS", data: { key: "order-1" } });
+		expect(JSON.parse(overtaking.text)).toMatchObject({
+			code: 409,
+			type: "REQUEST_IN_PROGRESS",
+			data: { key: "order-1" }
+		});
 		expect(Number(overtaking.headers.get("retry-after"))).toBeGreaterThan(0);
 		const first = await running;
 		expect(first.status).toBe(201);
@@ -191,7 +232,9 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 		const save = { memberId: "i004", merchantId: "20", dealAmount: 10_000, type: "save" };
 		const [one, two] = [await post(edge, "/deals", save), await post(edge, "/deals", save)];
 		expect([one.status, two.status]).toEqual([201, 201]);
-		expect(one.headers.has("idempotent-replayed") || two.headers.has("idempotent-replayed")).toBe(false);
+		expect(one.headers.has("idempotent-replayed") || two.headers.has("idempotent-replayed")).toBe(
+			false
+		);
 		expect(JSON.parse(one.text).id).not.toBe(JSON.parse(two.text).id);
 		await eventually(async () => expect(await balance("i004")).toBe(200));
 	});
@@ -202,7 +245,9 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 		expect(first.status).toBe(201);
 		await data.stop();
 		await data.start();
-		await eventually(async () => expect((await post(edge, "/deals", save, "before-restart")).status).toBe(201));
+		await eventually(async () =>
+			expect((await post(edge, "/deals", save, "before-restart")).status).toBe(201)
+		);
 		expectReplay(await post(data, "/deals", save, "before-restart"), first);
 		await eventually(async () => expect(await balance("i004")).toBe(500));
 		expect(await deals("i004")).toHaveLength(3);
@@ -211,7 +256,9 @@ describe("Idempotency-Key over HTTP, across gateways and restarts", () => {
 	it("runs a request whose gateway died before answering again once its lease ends, answering the same order", async () => {
 		const body = { memberId: "i005", productId: "toast", qty: 2, unitPrice: 2500 };
 		const lost = post(edge, "/orders", body, "order-lost").catch((err: unknown) => err);
-		await eventually(async () => expect(await all<Order>(api, "/orders?memberId=i005&status=pending")).toHaveLength(1));
+		await eventually(async () =>
+			expect(await all<Order>(api, "/orders?memberId=i005&status=pending")).toHaveLength(1)
+		);
 		await edge.stop("SIGKILL");
 		// The client never got an answer.
 		expect(await lost).toHaveProperty("message", "fetch failed");

@@ -6,7 +6,14 @@
  * every account equals what its deals imply and the sum of its ledger, with no cause applied twice.
  */
 import { eventually } from "../helpers/broker";
-import { all, expectDealLedger, explained, impliedBalance, startLoad, type Deal } from "../helpers/cluster";
+import {
+	all,
+	expectDealLedger,
+	explained,
+	impliedBalance,
+	startLoad,
+	type Deal
+} from "../helpers/cluster";
 import { NatsServer } from "../helpers/nats";
 import { freshDatabaseUri } from "../helpers/store";
 import { freePort, System } from "../helpers/system";
@@ -19,7 +26,8 @@ describe("points and deals scaled out on MongoDB", () => {
 	let nats: NatsServer;
 	const nodes: Record<string, System> = {};
 	const members = Array.from({ length: 6 }, (_, i) => `s${String(i).padStart(3, "0")}`);
-	const api = (method: string, urlPath: string, body?: unknown) => nodes.gateway.call(method, `/api${urlPath}`, body);
+	const api = (method: string, urlPath: string, body?: unknown) =>
+		nodes.gateway.call(method, `/api${urlPath}`, body);
 
 	beforeAll(async () => {
 		nats = await NatsServer.start();
@@ -54,7 +62,8 @@ describe("points and deals scaled out on MongoDB", () => {
 
 	it("keeps every account exact when a points node and a deals node die mid-run", () =>
 		explained(nodes, async () => {
-			for (const memberId of members) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
+			for (const memberId of members)
+				expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
 
 			const load = startLoad(api, members, false);
 			await sleep(4000);
@@ -68,7 +77,11 @@ describe("points and deals scaled out on MongoDB", () => {
 			await eventually(
 				async () => {
 					for (const memberId of members)
-						expect((await all<Deal>(api, `/deals?memberId=${memberId}`)).filter(d => d.status === "pending")).toEqual([]);
+						expect(
+							(await all<Deal>(api, `/deals?memberId=${memberId}`)).filter(
+								d => d.status === "pending"
+							)
+						).toEqual([]);
 				},
 				30_000,
 				500
@@ -77,7 +90,10 @@ describe("points and deals scaled out on MongoDB", () => {
 			await eventually(
 				async () => {
 					for (const memberId of members)
-						expect({ memberId, balance: (await api("GET", `/points/${memberId}`)).body.balance }).toEqual({
+						expect({
+							memberId,
+							balance: (await api("GET", `/points/${memberId}`)).body.balance
+						}).toEqual({
 							memberId,
 							balance: await impliedBalance(api, memberId, false)
 						});

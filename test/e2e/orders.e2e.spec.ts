@@ -17,15 +17,26 @@ interface Order {
 
 describe("food orders over HTTP", () => {
 	let system: System;
-	const api = <T = any>(method: string, urlPath: string, body?: unknown, headers?: Record<string, string | null>) =>
-		system.call<T>(method, `/api${urlPath}`, body, headers);
-	const balance = async (memberId: string) => (await api("GET", `/points/${memberId}`)).body.balance as number;
+	const api = <T = any>(
+		method: string,
+		urlPath: string,
+		body?: unknown,
+		headers?: Record<string, string | null>
+	) => system.call<T>(method, `/api${urlPath}`, body, headers);
+	const balance = async (memberId: string) =>
+		(await api("GET", `/points/${memberId}`)).body.balance as number;
 	const order = (memberId: string, qty: unknown, unitPrice: unknown) =>
-		api<Order & { type?: string }>("POST", "/orders", { memberId, productId: "breakfast-set", qty, unitPrice });
+		api<Order & { type?: string }>("POST", "/orders", {
+			memberId,
+			productId: "breakfast-set",
+			qty,
+			unitPrice
+		});
 
 	beforeAll(async () => {
 		system = await System.start();
-		for (const memberId of ["f001", "f002", "f003"]) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
+		for (const memberId of ["f001", "f002", "f003"])
+			expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
 		await eventually(async () => expect(await balance("f003")).toBe(0));
 	});
 	afterAll(() => system.stop());
@@ -54,12 +65,21 @@ describe("food orders over HTTP", () => {
 			sourceId: res.body.id
 		});
 		expect((await api("GET", `/orders/${res.body.id}`)).body).toEqual(res.body);
-		await eventually(async () => expect((await api("GET", `/deliveries/${res.body.id}`)).body).toMatchObject({ status: "started" }));
+		await eventually(async () =>
+			expect((await api("GET", `/deliveries/${res.body.id}`)).body).toMatchObject({
+				status: "started"
+			})
+		);
 	});
 
 	it("5 × 3000 earns 3000 points (20% from 5 items), shown in my-points", async () => {
 		const res = await order("f002", "5", " 3000");
-		expect(res.body).toMatchObject({ status: "paid", totalPrice: 15_000, pointRate: 0.2, points: 3000 });
+		expect(res.body).toMatchObject({
+			status: "paid",
+			totalPrice: 15_000,
+			pointRate: 0.2,
+			points: 3000
+		});
 		await eventually(async () => expect(await balance("f002")).toBe(3000));
 		await eventually(async () =>
 			expect((await api("GET", "/my-points/f002")).body).toMatchObject({
@@ -94,7 +114,10 @@ describe("food orders over HTTP", () => {
 			adjustments: [],
 			adjustedTotal: 0
 		});
-		expect((await api("POST", `/orders/${res.body.id}/cancel`)).body).toMatchObject({ code: 409, type: "ORDER_NOT_CANCELLABLE" });
+		expect((await api("POST", `/orders/${res.body.id}/cancel`)).body).toMatchObject({
+			code: 409,
+			type: "ORDER_NOT_CANCELLABLE"
+		});
 	});
 
 	it("cancelling revokes the points exactly once, and cancels payment and delivery", async () => {
@@ -114,11 +137,15 @@ describe("food orders over HTTP", () => {
 		);
 		expect(await balance("f001")).toBe(1000);
 		const history = (await api("GET", "/points/f001/history")).body;
-		expect(history.rows.filter((e: { cause: string }) => e.cause === `order-cancel:${paid.id}`)).toMatchObject([
-			{ kind: "revoke", amount: -400 }
-		]);
-		expect((await api("GET", `/payments/${paid.payment.id}`)).body).toMatchObject({ status: "cancelled" });
-		expect((await api("GET", `/deliveries/${paid.id}`)).body).toMatchObject({ status: "cancelled" });
+		expect(
+			history.rows.filter((e: { cause: string }) => e.cause === `order-cancel:${paid.id}`)
+		).toMatchObject([{ kind: "revoke", amount: -400 }]);
+		expect((await api("GET", `/payments/${paid.payment.id}`)).body).toMatchObject({
+			status: "cancelled"
+		});
+		expect((await api("GET", `/deliveries/${paid.id}`)).body).toMatchObject({
+			status: "cancelled"
+		});
 		const mine = (await api("GET", "/my-points/f001")).body;
 		expect(mine.total).toBe(1000);
 		expect(mine.rows.map((r: { status: string }) => r.status)).toEqual(["revoked", "accrued"]);
@@ -128,8 +155,13 @@ describe("food orders over HTTP", () => {
 		const page = (await api("GET", "/orders?memberId=f001&pageSize=1")).body;
 		expect(page).toMatchObject({ total: 2, page: 1, pageSize: 1 });
 		expect(page.rows).toHaveLength(1);
-		expect((await api("GET", "/orders", undefined, { authorization: `Bearer ${TOKENS.merchant20}` })).status).toBe(403);
-		expect((await api("GET", "/my-points/f001", undefined, { authorization: null })).status).toBe(401);
+		expect(
+			(await api("GET", "/orders", undefined, { authorization: `Bearer ${TOKENS.merchant20}` }))
+				.status
+		).toBe(403);
+		expect((await api("GET", "/my-points/f001", undefined, { authorization: null })).status).toBe(
+			401
+		);
 		const before = (await api("GET", "/orders?memberId=f001")).body.total;
 		for (const [qty, unitPrice, status, type] of [
 			[0, 100, 422, "VALIDATION_ERROR"],
@@ -140,11 +172,28 @@ describe("food orders over HTTP", () => {
 			[1000, 10_000_000_000, 422, "ORDER_TOO_LARGE"]
 		] as const) {
 			const res = await order("f001", qty, unitPrice);
-			expect({ qty, unitPrice, status: res.status, type: res.body.type }).toEqual({ qty, unitPrice, status, type });
+			expect({ qty, unitPrice, status: res.status, type: res.body.type }).toEqual({
+				qty,
+				unitPrice,
+				status,
+				type
+			});
 		}
 		expect((await order("zz99", 1, 100)).status).toBe(404);
-		expect((await api("POST", "/orders", { memberId: "f001", productId: "x", qty: 1, unitPrice: 1, points: 999 })).status).toBe(422);
-		expect((await api("POST", "/payments", { orderId: "x", memberId: "f001", amount: 1 })).status).toBe(404);
+		expect(
+			(
+				await api("POST", "/orders", {
+					memberId: "f001",
+					productId: "x",
+					qty: 1,
+					unitPrice: 1,
+					points: 999
+				})
+			).status
+		).toBe(422);
+		expect(
+			(await api("POST", "/payments", { orderId: "x", memberId: "f001", amount: 1 })).status
+		).toBe(404);
 		expect((await api("GET", "/orders?memberId=f001")).body.total).toBe(before);
 		expect(await balance("f001")).toBe(1000);
 	});
@@ -153,8 +202,15 @@ describe("food orders over HTTP", () => {
 describe("orders against a slow payment provider", () => {
 	const DELAY_MS = 4000;
 	let system: System;
-	const api = <T = any>(method: string, urlPath: string, body?: unknown) => system.call<T>(method, `/api${urlPath}`, body);
-	const order = () => api("POST", "/orders", { memberId: "s001", productId: "breakfast-set", qty: 2, unitPrice: 5000 });
+	const api = <T = any>(method: string, urlPath: string, body?: unknown) =>
+		system.call<T>(method, `/api${urlPath}`, body);
+	const order = () =>
+		api("POST", "/orders", {
+			memberId: "s001",
+			productId: "breakfast-set",
+			qty: 2,
+			unitPrice: 5000
+		});
 
 	beforeAll(async () => {
 		system = await System.start({ PAYMENT_DELAY_MS: String(DELAY_MS), CALL_TIMEOUT_MS: "300" });
@@ -175,7 +231,10 @@ describe("orders against a slow payment provider", () => {
 		const shed = await order();
 		const waited = Date.now() - startedAt;
 		expect(shed.status).toBe(503);
-		expect(shed.body).toMatchObject({ type: "PAYMENTS_UNAVAILABLE", data: { reason: "UNAVAILABLE", retryAfter: 5 } });
+		expect(shed.body).toMatchObject({
+			type: "PAYMENTS_UNAVAILABLE",
+			data: { reason: "UNAVAILABLE", retryAfter: 5 }
+		});
 		expect(shed.headers.get("retry-after")).toBe("5");
 		// Never left hanging: nothing waited for the provider (behaviour, not a speed claim).
 		expect(waited).toBeLessThan(DELAY_MS);
@@ -184,12 +243,16 @@ describe("orders against a slow payment provider", () => {
 		// stands approved and no points exist.
 		const orders = (await api("GET", "/orders?memberId=s001&pageSize=100")).body;
 		expect(orders.total).toBe(13);
-		expect(new Set(orders.rows.map((o: Order) => `${o.status}/${o.points}`))).toEqual(new Set(["payment_failed/0"]));
+		expect(new Set(orders.rows.map((o: Order) => `${o.status}/${o.points}`))).toEqual(
+			new Set(["payment_failed/0"])
+		);
 		await new Promise(resolve => setTimeout(resolve, DELAY_MS + 500));
 		await eventually(async () => {
 			const payments = (await api("GET", "/payments?memberId=s001&pageSize=100")).body;
 			expect(payments.total).toBe(13);
-			expect(new Set(payments.rows.map((p: { status: string }) => p.status))).toEqual(new Set(["voided"]));
+			expect(new Set(payments.rows.map((p: { status: string }) => p.status))).toEqual(
+				new Set(["voided"])
+			);
 		});
 		expect((await api("GET", "/points/s001")).body.balance).toBe(0);
 		expect((await api("GET", "/points/s001/history")).body.total).toBe(0);

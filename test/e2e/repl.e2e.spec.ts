@@ -13,17 +13,31 @@ jest.setTimeout(60_000);
 
 describe("operator commands in the Moleculer REPL", () => {
 	let system: System;
-	const api = (method: string, urlPath: string, body?: unknown) => system.call(method, `/api${urlPath}`, body);
+	const api = (method: string, urlPath: string, body?: unknown) =>
+		system.call(method, `/api${urlPath}`, body);
 	// The node's clock (libfaketime) is in May 2026: "this month" is 202605.
 	const month = "202605";
 
 	beforeAll(async () => {
 		system = await System.start(faketime("2026-05-14 10:00:00"), true);
 		await api("POST", "/members", { memberId: "r001", name: "Park Jisoo" });
-		await api("POST", "/deals", { memberId: "r001", merchantId: "20", dealAmount: 100000, type: "save" });
-		await eventually(async () => expect((await api("GET", "/points/r001")).body.balance).toBe(1000));
+		await api("POST", "/deals", {
+			memberId: "r001",
+			merchantId: "20",
+			dealAmount: 100000,
+			type: "save"
+		});
+		await eventually(async () =>
+			expect((await api("GET", "/points/r001")).body.balance).toBe(1000)
+		);
 		for (const point of [100, 200, 200])
-			await api("POST", "/deals", { memberId: "r001", merchantId: "20", dealAmount: 10000, type: "use", point });
+			await api("POST", "/deals", {
+				memberId: "r001",
+				merchantId: "20",
+				dealAmount: 10000,
+				type: "use",
+				point
+			});
 	});
 	afterAll(() => system.stop());
 
@@ -44,7 +58,10 @@ describe("operator commands in the Moleculer REPL", () => {
 			)
 		);
 		expect(out.match(/│ +'use' +│/g)).toHaveLength(3);
-		expect((await api("GET", `/billings/20/${month}`)).body).toMatchObject({ status: "provisional", billingAmount: 490 });
+		expect((await api("GET", `/billings/20/${month}`)).body).toMatchObject({
+			status: "provisional",
+			billingAmount: 490
+		});
 		expect(await system.type("settle 20 2026-13", /Error/)).toContain("Error [VALIDATION_ERROR]");
 		expect(await system.type("settle 20 000101", /Error/)).toContain("Error [VALIDATION_ERROR]");
 	});
@@ -53,11 +70,15 @@ describe("operator commands in the Moleculer REPL", () => {
 		expect(await system.type(`month-end ${month}`, /Month-end.*\n/)).toMatch(
 			/Month-end: nothing more can close yet \(closed through no month\)/
 		);
-		expect((await api("GET", `/billings/20/${month}`)).body).toMatchObject({ status: "provisional" });
+		expect((await api("GET", `/billings/20/${month}`)).body).toMatchObject({
+			status: "provisional"
+		});
 	});
 
 	it("audit checks every account against its ledger", async () => {
-		expect(await system.type("audit", /Audit \w+.*\n/)).toMatch(/Audit OK: 1 account\(s\), 4 ledger entries/);
+		expect(await system.type("audit", /Audit \w+.*\n/)).toMatch(
+			/Audit OK: 1 account\(s\), 4 ledger entries/
+		);
 	});
 
 	it("audit reports an account that differs from its ledger", async () => {
@@ -88,26 +109,43 @@ describe("operator commands in the Moleculer REPL", () => {
 			"x-error-message": "store unavailable",
 			"x-tries": "9"
 		};
-		const message = { _id: `zz${Date.now()}`, channel: "onepoint.DEAD_LETTERS", payload, headers, pending: ["dead-letters"] };
-		fs.appendFileSync(path.join(system.dataDir, "channels", "messages.db"), `${JSON.stringify(message)}\n`);
+		const message = {
+			_id: `zz${Date.now()}`,
+			channel: "onepoint.DEAD_LETTERS",
+			payload,
+			headers,
+			pending: ["dead-letters"]
+		};
+		fs.appendFileSync(
+			path.join(system.dataDir, "channels", "messages.db"),
+			`${JSON.stringify(message)}\n`
+		);
 		await system.start();
 		const accruals = async () =>
-			(await api("GET", "/points/r001/history?pageSize=100")).body.rows.filter((r: { cause: string }) => r.cause === "deal:dlsave1").length;
+			(await api("GET", "/points/r001/history?pageSize=100")).body.rows.filter(
+				(r: { cause: string }) => r.cause === "deal:dlsave1"
+			).length;
 
 		const listed = await eventually(async () => {
 			const out = await system.type("dead-letters", /dead letter\(s\) waiting.*\n(.*\n)*/);
 			expect(out).toContain("1 dead letter(s) waiting for a replay");
 			return out;
 		});
-		expect(listed).toMatch(/0deadletter0001 onepoint\.deal\.saved \(points\) after 9 tries, .*: store unavailable \{"dealId":"dlsave1"/);
+		expect(listed).toMatch(
+			/0deadletter0001 onepoint\.deal\.saved \(points\) after 9 tries, .*: store unavailable \{"dealId":"dlsave1"/
+		);
 		expect(await accruals()).toBe(0);
 
 		expect(await system.type("dead-letters replay 0deadletter0001", /Replayed .*\n/)).toContain(
 			"Replayed 1 dead letter(s): 0deadletter0001"
 		);
 		await eventually(async () => expect(await accruals()).toBe(1));
-		expect(await system.type("dead-letters replay 0deadletter0001", /Error.*\n/)).toContain("Error [DEAD_LETTER_ALREADY_REPLAYED]");
-		expect(await system.type("dead-letters replay all", /Replayed .*\n/)).toContain("Replayed 0 dead letter(s)");
+		expect(await system.type("dead-letters replay 0deadletter0001", /Error.*\n/)).toContain(
+			"Error [DEAD_LETTER_ALREADY_REPLAYED]"
+		);
+		expect(await system.type("dead-letters replay all", /Replayed .*\n/)).toContain(
+			"Replayed 0 dead letter(s)"
+		);
 		expect(await system.type("dead-letters", /waiting.*\n/)).toContain("0 dead letter(s) waiting");
 		await new Promise(resolve => setTimeout(resolve, 200));
 		expect(await accruals()).toBe(1);

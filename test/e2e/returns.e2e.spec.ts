@@ -10,16 +10,27 @@ jest.setTimeout(60_000);
 
 describe("partial returns over HTTP", () => {
 	let system: System;
-	const api = <T = any>(method: string, urlPath: string, body?: unknown, headers?: Record<string, string | null>) =>
-		system.call<T>(method, `/api${urlPath}`, body, headers);
-	const balance = async (memberId: string) => (await api("GET", `/points/${memberId}`)).body.balance as number;
+	const api = <T = any>(
+		method: string,
+		urlPath: string,
+		body?: unknown,
+		headers?: Record<string, string | null>
+	) => system.call<T>(method, `/api${urlPath}`, body, headers);
+	const balance = async (memberId: string) =>
+		(await api("GET", `/points/${memberId}`)).body.balance as number;
 	const history = async (memberId: string) =>
-		(await api("GET", `/points/${memberId}/history?pageSize=100`)).body.rows as Array<{ cause: string; amount: number }>;
+		(await api("GET", `/points/${memberId}/history?pageSize=100`)).body.rows as Array<{
+			cause: string;
+			amount: number;
+		}>;
 	/** The member's balance equals the sum of its ledger, once the events have landed. */
 	const settled = (memberId: string, expected: number) =>
 		eventually(async () => {
 			const rows = await history(memberId);
-			expect({ balance: await balance(memberId), ledger: rows.reduce((sum, e) => sum + e.amount, 0) }).toEqual({
+			expect({
+				balance: await balance(memberId),
+				ledger: rows.reduce((sum, e) => sum + e.amount, 0)
+			}).toEqual({
 				balance: expected,
 				ledger: expected
 			});
@@ -30,12 +41,20 @@ describe("partial returns over HTTP", () => {
 
 	beforeAll(async () => {
 		system = await System.start(faketime("2026-05-14 10:00:00"));
-		for (const memberId of ["0001", "0002"]) expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
+		for (const memberId of ["0001", "0002"])
+			expect((await api("POST", "/members", { memberId, name: memberId })).status).toBe(201);
 	});
 	afterAll(() => system.stop());
 
 	it("returns a save in three parts that revoke exactly its points", async () => {
-		const saved = (await api("POST", "/deals", { memberId: "0001", merchantId: "20", dealAmount: 10001, type: "save" })).body;
+		const saved = (
+			await api("POST", "/deals", {
+				memberId: "0001",
+				merchantId: "20",
+				dealAmount: 10001,
+				type: "save"
+			})
+		).body;
 		expect(saved.point).toBe(100);
 		await settled("0001", 100);
 		const steps = [
@@ -49,17 +68,35 @@ describe("partial returns over HTTP", () => {
 			expect(res.body).toMatchObject({ id: saved.id, status, returnedPoints });
 		}
 		const rows = await settled("0001", 0);
-		expect(rows.filter(e => e.cause.startsWith(`deal-return:${saved.id}:`)).map(e => e.amount)).toEqual([-34, -33, -33]);
+		expect(
+			rows.filter(e => e.cause.startsWith(`deal-return:${saved.id}:`)).map(e => e.amount)
+		).toEqual([-34, -33, -33]);
 		const again = await returnOf(saved.id, { amount: 1 });
-		expect(again).toMatchObject({ status: 409, body: { type: "DEAL_ALREADY_CANCELLED", code: 409 } });
+		expect(again).toMatchObject({
+			status: 409,
+			body: { type: "DEAL_ALREADY_CANCELLED", code: 409 }
+		});
 	});
 
 	it("refuses a return over the remainder and bad amounts with a code, and changes nothing", async () => {
-		const saved = (await api("POST", "/deals", { memberId: "0002", merchantId: "20", dealAmount: 5000, type: "save" })).body;
+		const saved = (
+			await api("POST", "/deals", {
+				memberId: "0002",
+				merchantId: "20",
+				dealAmount: 5000,
+				type: "save"
+			})
+		).body;
 		await settled("0002", 50);
-		expect((await returnOf(saved.id, { amount: 1000 })).body).toMatchObject({ status: "partially_cancelled", returnedPoints: 10 });
+		expect((await returnOf(saved.id, { amount: 1000 })).body).toMatchObject({
+			status: "partially_cancelled",
+			returnedPoints: 10
+		});
 		await settled("0002", 40);
-		const before = { deal: (await api("GET", `/deals/${saved.id}`)).body, ledger: await history("0002") };
+		const before = {
+			deal: (await api("GET", `/deals/${saved.id}`)).body,
+			ledger: await history("0002")
+		};
 
 		const over = await returnOf(saved.id, { amount: 4001 });
 		expect(over.status).toBe(409);
@@ -72,29 +109,69 @@ describe("partial returns over HTTP", () => {
 		});
 		for (const amount of [0, -1, 2.5, "abc", "", 10_000_000_001, { $gt: 0 }]) {
 			const res = await returnOf(saved.id, { amount });
-			expect({ amount, status: res.status, type: res.body.type }).toEqual({ amount, status: 422, type: "VALIDATION_ERROR" });
+			expect({ amount, status: res.status, type: res.body.type }).toEqual({
+				amount,
+				status: 422,
+				type: "VALIDATION_ERROR"
+			});
 			expect(res.body.data).toEqual([expect.objectContaining({ field: "amount" })]);
 		}
-		expect((await returnOf(saved.id, { amount: 10, note: "x" })).body).toMatchObject({ type: "VALIDATION_ERROR" });
+		expect((await returnOf(saved.id, { amount: 10, note: "x" })).body).toMatchObject({
+			type: "VALIDATION_ERROR"
+		});
 
 		await settled("0002", 40);
-		expect({ deal: (await api("GET", `/deals/${saved.id}`)).body, ledger: await history("0002") }).toEqual(before);
+		expect({
+			deal: (await api("GET", `/deals/${saved.id}`)).body,
+			ledger: await history("0002")
+		}).toEqual(before);
 	});
 
 	it("lets a merchant return only its own deals", async () => {
-		const saved = (await api("POST", "/deals", { memberId: "0002", merchantId: "20", dealAmount: 2000, type: "save" })).body;
-		const other = await returnOf(saved.id, { amount: 100 }, { authorization: `Bearer ${TOKENS.merchant21}` });
+		const saved = (
+			await api("POST", "/deals", {
+				memberId: "0002",
+				merchantId: "20",
+				dealAmount: 2000,
+				type: "save"
+			})
+		).body;
+		const other = await returnOf(
+			saved.id,
+			{ amount: 100 },
+			{ authorization: `Bearer ${TOKENS.merchant21}` }
+		);
 		expect(other).toMatchObject({ status: 403, body: { type: "FORBIDDEN" } });
 		expect((await api("GET", `/deals/${saved.id}`)).body.status).toBe("success");
-		const own = await returnOf(saved.id, { amount: 100 }, { authorization: `Bearer ${TOKENS.merchant20}` });
-		expect(own).toMatchObject({ status: 200, body: { status: "partially_cancelled", returnedAmount: 100, returnedPoints: 1 } });
+		const own = await returnOf(
+			saved.id,
+			{ amount: 100 },
+			{ authorization: `Bearer ${TOKENS.merchant20}` }
+		);
+		expect(own).toMatchObject({
+			status: 200,
+			body: { status: "partially_cancelled", returnedAmount: 100, returnedPoints: 1 }
+		});
 	});
 
 	it("bills a use less its partial returns, in the view and the month's settlement", async () => {
 		await settled("0001", 0);
-		await api("POST", "/deals", { memberId: "0001", merchantId: "21", dealAmount: 100000, type: "save" });
+		await api("POST", "/deals", {
+			memberId: "0001",
+			merchantId: "21",
+			dealAmount: 100000,
+			type: "save"
+		});
 		await settled("0001", 1000);
-		const used = (await api("POST", "/deals", { memberId: "0001", merchantId: "21", dealAmount: 9000, type: "use", point: 900 })).body;
+		const used = (
+			await api("POST", "/deals", {
+				memberId: "0001",
+				merchantId: "21",
+				dealAmount: 9000,
+				type: "use",
+				point: 900
+			})
+		).body;
 		expect(used.status).toBe("success");
 		expect((await returnOf(used.id, { amount: 2000 })).body).toMatchObject({ returnedPoints: 200 });
 		expect((await returnOf(used.id, { amount: 1000 })).body).toMatchObject({ returnedPoints: 300 });

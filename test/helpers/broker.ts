@@ -11,15 +11,25 @@ export function withSettings(schema: AnyServiceSchema, settings: object): AnySer
 }
 
 /** An in-process broker with the real options (channels, breaker, middlewares) and the given services. */
-export function createTestBroker(services: AnyServiceSchema[], env: NodeJS.ProcessEnv = {}): ServiceBroker {
+export function createTestBroker(
+	services: AnyServiceSchema[],
+	env: NodeJS.ProcessEnv = {}
+): ServiceBroker {
 	const config = loadConfig({ ...process.env, ...env });
-	const broker = new ServiceBroker({ ...createBrokerOptions(config), nodeID: config.nodeID ?? `test-${process.pid}` });
+	const broker = new ServiceBroker({
+		...createBrokerOptions(config),
+		nodeID: config.nodeID ?? `test-${process.pid}`
+	});
 	for (const service of services) broker.createService(service);
 	return broker;
 }
 
 /** Retries `check` until it stops throwing: for what events make true a little later. */
-export async function eventually<T>(check: () => Promise<T> | T, timeoutMs = 10_000, intervalMs = 25): Promise<T> {
+export async function eventually<T>(
+	check: () => Promise<T> | T,
+	timeoutMs = 10_000,
+	intervalMs = 25
+): Promise<T> {
 	const deadline = Date.now() + timeoutMs;
 	for (;;) {
 		try {
@@ -37,11 +47,15 @@ export async function eventually<T>(check: () => Promise<T> | T, timeoutMs = 10_
  * anything, instead of a guessed sleep. Only while every group with messages waiting is subscribed.
  */
 export async function drained(broker: ServiceBroker, timeoutMs = 10_000): Promise<void> {
-	const adapter = (broker as ServiceBroker & { channelAdapter: { backlog?(): Promise<number> } }).channelAdapter;
+	const adapter = (broker as ServiceBroker & { channelAdapter: { backlog?(): Promise<number> } })
+		.channelAdapter;
 	if (!adapter.backlog) throw new Error("drained() needs the embedded channel adapter");
 	const backlog = adapter.backlog.bind(adapter);
 	await eventually(async () => {
 		const waiting = await backlog();
-		if (waiting > 0) throw new Error(`${waiting} message(s) still waiting for their consumers after ${timeoutMs} ms`);
+		if (waiting > 0)
+			throw new Error(
+				`${waiting} message(s) still waiting for their consumers after ${timeoutMs} ms`
+			);
 	}, timeoutMs);
 }

@@ -90,7 +90,10 @@ function typeText(node: ts.TypeNode): string {
 	};
 	visit(node);
 	const printer = ts.createPrinter({ removeComments: true, newLine: ts.NewLineKind.LineFeed });
-	return printer.printNode(ts.EmitHint.Unspecified, node, node.getSourceFile()).replace(/\s+/g, " ").replace(/;\s*}/g, " }");
+	return printer
+		.printNode(ts.EmitHint.Unspecified, node, node.getSourceFile())
+		.replace(/\s+/g, " ")
+		.replace(/;\s*}/g, " }");
 }
 
 function docOf(node: ts.Node): string {
@@ -105,10 +108,16 @@ function docOf(node: ts.Node): string {
 /** The keys of `interface Channels`, with their payload types and doc comments. */
 export function declaredChannels(root = ROOT): Omit<ChannelRow, "producers" | "consumers">[] {
 	const source = parse(path.join(root, "contracts/channels.ts"));
-	const channels = source.statements.find((s): s is ts.InterfaceDeclaration => ts.isInterfaceDeclaration(s) && s.name.text === "Channels");
+	const channels = source.statements.find(
+		(s): s is ts.InterfaceDeclaration => ts.isInterfaceDeclaration(s) && s.name.text === "Channels"
+	);
 	if (!channels) throw new Error("contracts/channels.ts declares no `interface Channels`");
 	return channels.members.map(member => {
-		if (!ts.isPropertySignature(member) || !member.type || !(ts.isStringLiteral(member.name) || ts.isIdentifier(member.name)))
+		if (
+			!ts.isPropertySignature(member) ||
+			!member.type ||
+			!(ts.isStringLiteral(member.name) || ts.isIdentifier(member.name))
+		)
 			throw new Error(`Unexpected member of Channels: ${where(member)}`);
 		return { channel: member.name.text, payload: typeText(member.type), doc: docOf(member) };
 	});
@@ -117,7 +126,12 @@ export function declaredChannels(root = ROOT): Omit<ChannelRow, "producers" | "c
 /** The strings an expression can be, when it is written as literals (`"a"`, `c ? "a" : "b"`, `"a" as X`). */
 function literals(expr: ts.Expression): string[] | undefined {
 	if (ts.isStringLiteral(expr) || ts.isNoSubstitutionTemplateLiteral(expr)) return [expr.text];
-	if (ts.isParenthesizedExpression(expr) || ts.isAsExpression(expr) || ts.isSatisfiesExpression(expr)) return literals(expr.expression);
+	if (
+		ts.isParenthesizedExpression(expr) ||
+		ts.isAsExpression(expr) ||
+		ts.isSatisfiesExpression(expr)
+	)
+		return literals(expr.expression);
 	if (ts.isConditionalExpression(expr)) {
 		const [a, b] = [literals(expr.whenTrue), literals(expr.whenFalse)];
 		return a && b ? [...a, ...b] : undefined;
@@ -140,8 +154,13 @@ function enclosingFunction(node: ts.Node): { fn: FunctionLike; name?: string } |
 	for (let n = node.parent; n; n = n.parent) {
 		if (ts.isFunctionLike(n) && "body" in n) {
 			const fn = n as FunctionLike;
-			const named = fn.name ?? (ts.isPropertyAssignment(fn.parent) || ts.isVariableDeclaration(fn.parent) ? fn.parent.name : undefined);
-			const name = named && (ts.isIdentifier(named) || ts.isStringLiteral(named)) ? named.text : undefined;
+			const named =
+				fn.name ??
+				(ts.isPropertyAssignment(fn.parent) || ts.isVariableDeclaration(fn.parent)
+					? fn.parent.name
+					: undefined);
+			const name =
+				named && (ts.isIdentifier(named) || ts.isStringLiteral(named)) ? named.text : undefined;
 			return { fn, name };
 		}
 	}
@@ -171,7 +190,9 @@ interface ProducerSite {
 function producerSites(root: string): { sites: ProducerSite[]; unresolved: string[] } {
 	const files = SOURCE_DIRS.flatMap(dir => {
 		const abs = path.join(root, dir);
-		return fs.existsSync(abs) ? (fs.readdirSync(abs, { recursive: true }) as string[]).map(f => path.join(abs, f)) : [];
+		return fs.existsSync(abs)
+			? (fs.readdirSync(abs, { recursive: true }) as string[]).map(f => path.join(abs, f))
+			: [];
 	})
 		.filter(f => f.endsWith(".ts") && !f.endsWith(".d.ts"))
 		.sort();
@@ -190,12 +211,16 @@ function producerSites(root: string): { sites: ProducerSite[]; unresolved: strin
 				const arg = call.arguments[index];
 				const channels = arg && literals(arg);
 				if (channels) {
-					for (const channel of channels) sites.set(`${source.fileName}|${channel}`, { channel, file: source.fileName });
+					for (const channel of channels)
+						sites.set(`${source.fileName}|${channel}`, { channel, file: source.fileName });
 					continue;
 				}
 				// A parameter passed on: the function is a producer too, by that parameter.
 				const outer = arg && ts.isIdentifier(arg) ? enclosingFunction(call) : undefined;
-				const param = outer?.fn.parameters.findIndex(p => ts.isIdentifier(p.name) && p.name.text === (arg as ts.Identifier).text) ?? -1;
+				const param =
+					outer?.fn.parameters.findIndex(
+						p => ts.isIdentifier(p.name) && p.name.text === (arg as ts.Identifier).text
+					) ?? -1;
 				if (outer?.name && param >= 0) {
 					if (producing.get(outer.name) !== param) {
 						producing.set(outer.name, param);
@@ -208,8 +233,12 @@ function producerSites(root: string): { sites: ProducerSite[]; unresolved: strin
 	// Not the outbox's own sending (`sendToChannel(event.channel, …)`): only a literal channel is a producer.
 	for (const source of sources)
 		for (const call of calls(source)) {
-			const channels = calleeName(call) === "sendToChannel" && call.arguments[0] ? literals(call.arguments[0]) : undefined;
-			for (const channel of channels ?? []) sites.set(`${source.fileName}|${channel}`, { channel, file: source.fileName });
+			const channels =
+				calleeName(call) === "sendToChannel" && call.arguments[0]
+					? literals(call.arguments[0])
+					: undefined;
+			for (const channel of channels ?? [])
+				sites.set(`${source.fileName}|${channel}`, { channel, file: source.fileName });
 		}
 	return { sites: [...sites.values()], unresolved: [...unresolved.values()] };
 }
@@ -225,9 +254,14 @@ function eventSites(root: string): { event: string; file: string }[] {
 			const source = parse(path.join(abs, f));
 			for (const call of calls(source)) {
 				const callee = call.expression;
-				if (!ts.isPropertyAccessExpression(callee) || !["emit", "broadcast", "broadcastLocal"].includes(callee.name.text)) continue;
+				if (
+					!ts.isPropertyAccessExpression(callee) ||
+					!["emit", "broadcast", "broadcastLocal"].includes(callee.name.text)
+				)
+					continue;
 				if (!/(^|\.)(broker|ctx)$/.test(callee.expression.getText())) continue;
-				for (const event of (call.arguments[0] && literals(call.arguments[0])) ?? []) found.push({ event, file: source.fileName });
+				for (const event of (call.arguments[0] && literals(call.arguments[0])) ?? [])
+					found.push({ event, file: source.fileName });
 			}
 		}
 	}
@@ -240,9 +274,14 @@ function deadLetterChannel(root: string): string | undefined {
 	if (!fs.existsSync(file)) return undefined;
 	let found: string | undefined;
 	const visit = (n: ts.Node) => {
-		if (ts.isPropertyAssignment(n) && n.name.getText() === "deadLettering" && ts.isObjectLiteralExpression(n.initializer))
+		if (
+			ts.isPropertyAssignment(n) &&
+			n.name.getText() === "deadLettering" &&
+			ts.isObjectLiteralExpression(n.initializer)
+		)
 			for (const prop of n.initializer.properties)
-				if (ts.isPropertyAssignment(prop) && prop.name.getText() === "queueName") found = literals(prop.initializer)?.[0];
+				if (ts.isPropertyAssignment(prop) && prop.name.getText() === "queueName")
+					found = literals(prop.initializer)?.[0];
 		n.forEachChild(visit);
 	};
 	visit(parse(file));
@@ -265,11 +304,16 @@ export function loadServices(root = ROOT): LoadedService[] {
 		.filter(file => file.endsWith(".service.ts"))
 		.sort()
 		.map(file => {
-			// eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded by name, as moleculer-runner loads them
-			const schema = (require(path.join(SERVICE_MODULES, file.replace(/\.ts$/, ""))) as { default: ServiceSchema }).default;
-			if (!schema?.name) throw new Error(`services/${file} exports no service schema as its default`);
+			const modulePath = path.join(SERVICE_MODULES, file.replace(/\.ts$/, ""));
+			// Loaded by name, as moleculer-runner loads them.
+			// eslint-disable-next-line @typescript-eslint/no-require-imports
+			const schema = (require(modulePath) as { default: ServiceSchema }).default;
+			if (!schema?.name)
+				throw new Error(`services/${file} exports no service schema as its default`);
 			// Moleculer's own merge (`merged` hooks aside: they need a live service).
-			const merged = schema.mixins ? Service.prototype.applyMixins.call(Service.prototype, schema) : schema;
+			const merged = schema.mixins
+				? Service.prototype.applyMixins.call(Service.prototype, schema)
+				: schema;
 			return { file: path.join(dir, file), name: String(merged.name), merged };
 		});
 }
@@ -279,11 +323,16 @@ function consumersOf(service: LoadedService): { channel: string; consumer: Consu
 	const { merged } = service;
 	const fullName = Service.getVersionedFullName(
 		service.name,
-		(merged.settings as { $noVersionPrefix?: boolean } | undefined)?.$noVersionPrefix ? undefined : merged.version
+		(merged.settings as { $noVersionPrefix?: boolean } | undefined)?.$noVersionPrefix
+			? undefined
+			: merged.version
 	);
 	return Object.entries((merged.channels ?? {}) as Record<string, unknown>).map(([key, def]) => {
 		const chan = (typeof def === "function" ? {} : def) as { name?: string; group?: string };
-		return { channel: chan.name ?? key, consumer: { group: chan.group ?? fullName, service: service.name } };
+		return {
+			channel: chan.name ?? key,
+			consumer: { group: chan.group ?? fullName, service: service.name }
+		};
 	});
 }
 
@@ -304,9 +353,11 @@ export function channelTable(root = ROOT): ChannelTable {
 
 	const { sites, unresolved } = producerSites(root);
 	const producers = new Map<string, string[]>();
-	for (const site of sites) producers.set(site.channel, [...(producers.get(site.channel) ?? []), producerName(site.file)]);
+	for (const site of sites)
+		producers.set(site.channel, [...(producers.get(site.channel) ?? []), producerName(site.file)]);
 	const consumers = new Map<string, Consumer[]>();
-	for (const { channel, consumer } of services.flatMap(consumersOf)) consumers.set(channel, [...(consumers.get(channel) ?? []), consumer]);
+	for (const { channel, consumer } of services.flatMap(consumersOf))
+		consumers.set(channel, [...(consumers.get(channel) ?? []), consumer]);
 
 	const deadLetter = deadLetterChannel(root);
 	const names = new Set(declared.map(c => c.channel));
@@ -325,11 +376,13 @@ export function channelTable(root = ROOT): ChannelTable {
 			.filter(event => !event.startsWith("$"))
 			.map(event => ({ event, service: s.name }))
 	);
-	const events = unique([...emitted.map(e => e.event), ...handled.map(h => h.event)]).map(event => ({
-		event,
-		producers: unique(emitted.filter(e => e.event === event).map(e => producerName(e.file))),
-		consumers: unique(handled.filter(h => h.event === event).map(h => h.service))
-	}));
+	const events = unique([...emitted.map(e => e.event), ...handled.map(h => h.event)]).map(
+		event => ({
+			event,
+			producers: unique(emitted.filter(e => e.event === event).map(e => producerName(e.file))),
+			consumers: unique(handled.filter(h => h.event === event).map(h => h.service))
+		})
+	);
 
 	return {
 		channels: declared.map(c => ({
@@ -338,7 +391,9 @@ export function channelTable(root = ROOT): ChannelTable {
 			consumers: uniqueConsumers(consumers.get(c.channel) ?? [])
 		})),
 		deadLetters:
-			deadLetter === undefined ? undefined : { channel: deadLetter, consumers: uniqueConsumers(consumers.get(deadLetter) ?? []) },
+			deadLetter === undefined
+				? undefined
+				: { channel: deadLetter, consumers: uniqueConsumers(consumers.get(deadLetter) ?? []) },
 		undeclared,
 		events,
 		unresolved
@@ -347,8 +402,10 @@ export function channelTable(root = ROOT): ChannelTable {
 
 const list = (names: string[]) => (names.length ? names.join(", ") : "nobody");
 /** A consumer group, with its service when that is not named the same. */
-const groups = (consumers: Consumer[]) => list(consumers.map(c => (c.group === c.service ? c.group : `${c.group} (in ${c.service})`)));
-const sentence = (text: string) => (text ? ` ${text.charAt(0).toUpperCase()}${text.slice(1)}${/[.!?]$/.test(text) ? "" : "."}` : "");
+const groups = (consumers: Consumer[]) =>
+	list(consumers.map(c => (c.group === c.service ? c.group : `${c.group} (in ${c.service})`)));
+const sentence = (text: string) =>
+	text ? ` ${text.charAt(0).toUpperCase()}${text.slice(1)}${/[.!?]$/.test(text) ? "" : "."}` : "";
 
 /** docs/channels.md: the table as Markdown, already as Prettier formats it. */
 export function channelDoc(table: ChannelTable = channelTable()): string {
@@ -362,10 +419,12 @@ export function channelDoc(table: ChannelTable = channelTable()): string {
 		"Each channel of `Channels` in contracts/channels.ts, its payload type, the services that send it (through their outbox) and the consumer groups that receive it; each group gets every message once.",
 		"",
 		...table.channels.map(
-			c => `- **${c.channel}** (\`${c.payload}\`) — from ${list(c.producers)}; to ${groups(c.consumers)}.${sentence(c.doc)}`
+			c =>
+				`- **${c.channel}** (\`${c.payload}\`) — from ${list(c.producers)}; to ${groups(c.consumers)}.${sentence(c.doc)}`
 		),
 		...table.undeclared.map(
-			c => `- **${c.channel}** (not declared in \`Channels\`) — from ${list(c.producers)}; to ${groups(c.consumers)}.`
+			c =>
+				`- **${c.channel}** (not declared in \`Channels\`) — from ${list(c.producers)}; to ${groups(c.consumers)}.`
 		)
 	];
 	if (table.deadLetters)
@@ -379,7 +438,9 @@ export function channelDoc(table: ChannelTable = channelTable()): string {
 			"",
 			"Not durable: only the nodes connected at that moment get them (Moleculer's own `$…` events aside).",
 			"",
-			...table.events.map(e => `- **${e.event}** — from ${list(e.producers)}; to ${list(e.consumers)}.`)
+			...table.events.map(
+				e => `- **${e.event}** — from ${list(e.producers)}; to ${list(e.consumers)}.`
+			)
 		);
 	return lines.join("\n") + "\n";
 }

@@ -29,7 +29,9 @@ const TIMERS = [
  * run on with real time. Call it at the top of a `describe`, before the broker starts.
  */
 export function clockFrom(at: string): void {
-	beforeAll(() => jest.useFakeTimers({ now: new Date(at), advanceTimers: true, doNotFake: [...TIMERS] }));
+	beforeAll(() =>
+		jest.useFakeTimers({ now: new Date(at), advanceTimers: true, doNotFake: [...TIMERS] })
+	);
 	afterAll(() => jest.useRealTimers());
 }
 
@@ -45,7 +47,8 @@ export const LIBFAKETIME = fs
  * node's timers keep real time (`FAKETIME_DONT_FAKE_MONOTONIC`).
  */
 export function faketime(at: string, rate = 1): NodeJS.ProcessEnv {
-	if (!LIBFAKETIME) throw new Error("libfaketime is missing: install Debian's package 'faketime' (.ci/run does)");
+	if (!LIBFAKETIME)
+		throw new Error("libfaketime is missing: install Debian's package 'faketime' (.ci/run does)");
 	return {
 		LD_PRELOAD: LIBFAKETIME,
 		FAKETIME: `@${at}${rate === 1 ? "" : ` x${rate}`}`,

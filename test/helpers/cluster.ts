@@ -9,7 +9,10 @@ import type { Reply, System } from "./system";
  * Runs a cluster test; when it fails, prints what each node logged (its warnings and errors, kept
  * across restarts), so that a rare failure on a CI machine explains itself.
  */
-export async function explained(nodes: Record<string, System>, test: () => Promise<void>): Promise<void> {
+export async function explained(
+	nodes: Record<string, System>,
+	test: () => Promise<void>
+): Promise<void> {
 	try {
 		await test();
 	} catch (err) {
@@ -48,8 +51,12 @@ export interface Deal {
 export async function all<T>(api: Api, urlPath: string): Promise<T[]> {
 	const rows: T[] = [];
 	for (let page = 1; ; page++) {
-		const res = await api("GET", `${urlPath}${urlPath.includes("?") ? "&" : "?"}page=${page}&pageSize=100`);
-		if (res.status !== 200) throw new Error(`GET ${urlPath}: ${res.status} ${JSON.stringify(res.body)}`);
+		const res = await api(
+			"GET",
+			`${urlPath}${urlPath.includes("?") ? "&" : "?"}page=${page}&pageSize=100`
+		);
+		if (res.status !== 200)
+			throw new Error(`GET ${urlPath}: ${res.status} ${JSON.stringify(res.body)}`);
 		rows.push(...res.body.rows);
 		if (rows.length >= res.body.total) return rows;
 	}
@@ -60,7 +67,11 @@ export async function all<T>(api: Api, urlPath: string): Promise<T[]> {
  * restored, failed and voided uses nothing; paid orders earned, and cancelled ones revoked — all but
  * what had been spent already (the revocation's shortfall). `withOrders: false` for a system without orders.
  */
-export async function impliedBalance(api: Api, memberId: string, withOrders = true): Promise<number> {
+export async function impliedBalance(
+	api: Api,
+	memberId: string,
+	withOrders = true
+): Promise<number> {
 	const deals = await all<Deal>(api, `/deals?memberId=${memberId}`);
 	const ledger = await all<Entry>(api, `/points/${memberId}/history`);
 	// What no deal or order explains: staff adjustments, and earnings that expired (not a withdrawal's).
@@ -68,13 +79,24 @@ export async function impliedBalance(api: Api, memberId: string, withOrders = tr
 		.filter(e => e.kind === "adjust" || (e.kind === "expire" && e.cause.startsWith("expire:")))
 		.reduce((sum, e) => sum + e.amount, 0);
 	const fromDeals = deals.reduce(
-		(sum, d) => sum + (d.type === "save" && d.status === "success" ? d.point : d.type === "use" && d.status === "success" ? -d.point : 0),
+		(sum, d) =>
+			sum +
+			(d.type === "save" && d.status === "success"
+				? d.point
+				: d.type === "use" && d.status === "success"
+					? -d.point
+					: 0),
 		adjustedAndExpired
 	);
 	if (!withOrders) return fromDeals;
 	const orders = await all<Order>(api, `/orders?memberId=${memberId}`);
-	const shortfall = (orderId: string) => ledger.find(e => e.cause === `order-cancel:${orderId}`)?.shortfall ?? 0;
-	return orders.reduce((sum, o) => sum + (o.status === "paid" ? o.points : o.status === "cancelled" ? shortfall(o.id) : 0), fromDeals);
+	const shortfall = (orderId: string) =>
+		ledger.find(e => e.cause === `order-cancel:${orderId}`)?.shortfall ?? 0;
+	return orders.reduce(
+		(sum, o) =>
+			sum + (o.status === "paid" ? o.points : o.status === "cancelled" ? shortfall(o.id) : 0),
+		fromDeals
+	);
 }
 
 /** The ledger invariants of one member with deals: its sum, one entry per cause, each deal's entries as its outcome says. */
@@ -87,10 +109,14 @@ export async function expectDealLedger(api: Api, memberId: string): Promise<Entr
 	for (const save of deals.filter(d => d.type === "save" && d.status === "success"))
 		expect(ledger.filter(e => e.cause === `deal:${save.id}`)).toHaveLength(1);
 	for (const cancelled of deals.filter(d => d.status === "cancelled"))
-		expect(ledger.filter(e => e.cause === `deal-cancel:${cancelled.id}`).map(e => e.amount)).toEqual([cancelled.point]);
+		expect(
+			ledger.filter(e => e.cause === `deal-cancel:${cancelled.id}`).map(e => e.amount)
+		).toEqual([cancelled.point]);
 	// A failed use kept no points: no debit, or one undone by its void.
 	for (const failed of deals.filter(d => d.type === "use" && d.status === "fail"))
-		expect(ledger.filter(e => e.cause.endsWith(`:${failed.id}`)).reduce((sum, e) => sum + e.amount, 0)).toBe(0);
+		expect(
+			ledger.filter(e => e.cause.endsWith(`:${failed.id}`)).reduce((sum, e) => sum + e.amount, 0)
+		).toBe(0);
 	return ledger;
 }
 
@@ -99,7 +125,11 @@ export async function expectDealLedger(api: Api, memberId: string): Promise<Entr
  * successful uses, and with `orders` also orders and their cancellations. `stop()` answers how many
  * requests succeeded and failed.
  */
-export function startLoad(api: Api, members: string[], orders: boolean): { stop(): Promise<{ ok: number; failed: number }> } {
+export function startLoad(
+	api: Api,
+	members: string[],
+	orders: boolean
+): { stop(): Promise<{ ok: number; failed: number }> } {
 	let running = true;
 	const answered = { ok: 0, failed: 0 };
 	const cancellable: string[] = [];
@@ -107,19 +137,37 @@ export function startLoad(api: Api, members: string[], orders: boolean): { stop(
 	const request = (seed: number, i: number) => {
 		const memberId = members[(seed * 7 + i) % members.length];
 		const roll = (seed * 31 + i * 17) % (orders ? 12 : 10);
-		if (roll < 5) return api("POST", "/deals", { memberId, merchantId: "20", dealAmount: 10000 + ((i * 997) % 90000), type: "save" });
+		if (roll < 5)
+			return api("POST", "/deals", {
+				memberId,
+				merchantId: "20",
+				dealAmount: 10000 + ((i * 997) % 90000),
+				type: "save"
+			});
 		if (roll < 8)
-			return api("POST", "/deals", { memberId, merchantId: "20", dealAmount: 1000, type: "use", point: 1 + (i % 40) }).then(res => {
+			return api("POST", "/deals", {
+				memberId,
+				merchantId: "20",
+				dealAmount: 1000,
+				type: "use",
+				point: 1 + (i % 40)
+			}).then(res => {
 				if (res.body?.status === "success") cancellable.push(res.body.id);
 				return res;
 			});
 		if (roll < 9 && cancellable.length) return api("POST", `/deals/${cancellable.shift()}/cancel`);
 		if (orders && roll < 10)
-			return api("POST", "/orders", { memberId, productId: "set", qty: 1 + (i % 6), unitPrice: 1000 + ((i * 131) % 4000) }).then(res => {
+			return api("POST", "/orders", {
+				memberId,
+				productId: "set",
+				qty: 1 + (i % 6),
+				unitPrice: 1000 + ((i * 131) % 4000)
+			}).then(res => {
 				if (res.body?.status === "paid" && i % 2) cancellableOrders.push(res.body.id);
 				return res;
 			});
-		if (orders && roll < 11 && cancellableOrders.length) return api("POST", `/orders/${cancellableOrders.shift()}/cancel`);
+		if (orders && roll < 11 && cancellableOrders.length)
+			return api("POST", `/orders/${cancellableOrders.shift()}/cancel`);
 		return api("POST", "/members", { name: `walk-in ${seed}-${i}` });
 	};
 	const worker = async (seed: number) => {

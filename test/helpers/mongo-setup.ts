@@ -18,8 +18,14 @@ export default async function setup(): Promise<void> {
 		stdio: ["ignore", "pipe", "inherit"]
 	});
 	const line = await new Promise<string>((resolve, reject) => {
-		child.once("exit", code => reject(new Error(`The MongoDB stand-in exited (${code}); is the project built (npm run build)?`)));
-		readline.createInterface({ input: child.stdout as NodeJS.ReadableStream }).once("line", resolve);
+		child.once("exit", code =>
+			reject(
+				new Error(`The MongoDB stand-in exited (${code}); is the project built (npm run build)?`)
+			)
+		);
+		readline
+			.createInterface({ input: child.stdout as NodeJS.ReadableStream })
+			.once("line", resolve);
 	});
 	child.removeAllListeners("exit");
 	process.env.TEST_MONGO_URI = line.trim();

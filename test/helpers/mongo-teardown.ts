@@ -14,7 +14,8 @@ export default async function teardown(): Promise<void> {
 	const client = await MongoClient.connect(process.env.TEST_MONGO_URI as string);
 	try {
 		const { databases } = await client.db().admin().listDatabases({ nameOnly: true });
-		for (const { name } of databases) if (name.startsWith(TEST_DB_PREFIX)) await client.db(name).dropDatabase();
+		for (const { name } of databases)
+			if (name.startsWith(TEST_DB_PREFIX)) await client.db(name).dropDatabase();
 	} finally {
 		await client.close();
 	}

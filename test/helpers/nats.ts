@@ -7,7 +7,8 @@ import path from "node:path";
 import { freePort } from "./system";
 
 export function natsServerBinary(): string {
-	for (const candidate of ["/usr/sbin/nats-server", "/usr/bin/nats-server"]) if (fs.existsSync(candidate)) return candidate;
+	for (const candidate of ["/usr/sbin/nats-server", "/usr/bin/nats-server"])
+		if (fs.existsSync(candidate)) return candidate;
 	return execFileSync("sh", ["-c", "command -v nats-server"]).toString().trim();
 }
 
@@ -29,7 +30,11 @@ export class NatsServer {
 
 	/** Starts (or restarts) the server on the same port and JetStream store. */
 	async start(): Promise<void> {
-		this.child = spawn(natsServerBinary(), ["-js", "-a", "127.0.0.1", "-p", String(this.port), "-sd", this.storeDir], { stdio: "ignore" });
+		this.child = spawn(
+			natsServerBinary(),
+			["-js", "-a", "127.0.0.1", "-p", String(this.port), "-sd", this.storeDir],
+			{ stdio: "ignore" }
+		);
 		const deadline = Date.now() + 10_000;
 		while (Date.now() < deadline) {
 			if (await accepts(this.port)) return;

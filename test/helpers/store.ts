@@ -16,7 +16,8 @@ export const onMongo = (): boolean => !!process.env.MONGO_URI;
 /** The URI of a new, empty database on the test server. */
 export function freshDatabaseUri(): string {
 	const base = process.env.TEST_MONGO_URI;
-	if (!base) throw new Error("TEST_MONGO_URI is not set: MongoDB suites run in jest's mongodb project");
+	if (!base)
+		throw new Error("TEST_MONGO_URI is not set: MongoDB suites run in jest's mongodb project");
 	const match = /^(mongodb(?:\+srv)?:\/\/[^/?]+)(?:\/[^?]*)?(\?.*)?$/.exec(base);
 	if (!match) throw new Error(`Not a MongoDB URI: '${base}'`);
 	return `${match[1]}/${TEST_DB_PREFIX}${randomBytes(6).toString("hex")}${match[2] ?? ""}`;
@@ -36,7 +37,10 @@ export async function tamper(
 	if (where.mongoUri) {
 		const client = await MongoClient.connect(where.mongoUri);
 		try {
-			await client.db().collection<{ _id: string }>(collection).updateOne({ _id: id }, { $set: fields });
+			await client
+				.db()
+				.collection<{ _id: string }>(collection)
+				.updateOne({ _id: id }, { $set: fields });
 		} finally {
 			await client.close();
 		}

@@ -117,11 +117,14 @@ export class System {
 		this.child.stderr?.on("data", chunk => (this.output += chunk));
 		const deadline = Date.now() + this.startTimeoutMs;
 		while (Date.now() < deadline) {
-			if (this.child.exitCode != null) throw new Error(`The system exited at start:\n${this.output.slice(from)}`);
+			if (this.child.exitCode != null)
+				throw new Error(`The system exited at start:\n${this.output.slice(from)}`);
 			if (await this.ready()) return;
 			await new Promise(resolve => setTimeout(resolve, 100));
 		}
-		throw new Error(`The system did not answer within ${this.startTimeoutMs / 1000} s:\n${this.output.slice(from)}`);
+		throw new Error(
+			`The system did not answer within ${this.startTimeoutMs / 1000} s:\n${this.output.slice(from)}`
+		);
 	}
 
 	/** The node's readiness probe. */
@@ -164,14 +167,22 @@ export class System {
 		this.child.stdin.write(`${line}\n`);
 		const deadline = Date.now() + timeoutMs;
 		while (!until.test(this.output.slice(from))) {
-			if (Date.now() > deadline) throw new Error(`The REPL did not print ${until} after '${line}':\n${this.output.slice(from)}`);
+			if (Date.now() > deadline)
+				throw new Error(
+					`The REPL did not print ${until} after '${line}':\n${this.output.slice(from)}`
+				);
 			await new Promise(resolve => setTimeout(resolve, 25));
 		}
 		return this.output.slice(from);
 	}
 
 	/** One HTTP request, as staff unless `headers` carry another `authorization` (or `null` for none). */
-	async call<T = any>(method: string, urlPath: string, body?: unknown, headers: Record<string, string | null> = {}): Promise<Reply<T>> {
+	async call<T = any>(
+		method: string,
+		urlPath: string,
+		body?: unknown,
+		headers: Record<string, string | null> = {}
+	): Promise<Reply<T>> {
 		const all: Record<string, string | null> = {
 			authorization: `Bearer ${TOKENS.staff}`,
 			...(body !== undefined ? { "content-type": "application/json" } : {}),
@@ -179,7 +190,9 @@ export class System {
 		};
 		const res = await fetch(this.url + urlPath, {
 			method,
-			headers: Object.fromEntries(Object.entries(all).filter((e): e is [string, string] => e[1] !== null)),
+			headers: Object.fromEntries(
+				Object.entries(all).filter((e): e is [string, string] => e[1] !== null)
+			),
 			body: body === undefined ? undefined : typeof body === "string" ? body : JSON.stringify(body)
 		});
 		const text = await res.text();

@@ -8,7 +8,8 @@ import { MongoStandIn } from "./wire-server";
 async function main(): Promise<void> {
 	const flag = process.argv.indexOf("--port");
 	const port = flag === -1 ? 0 : Number(process.argv[flag + 1]);
-	if (!Number.isInteger(port) || port < 0 || port > 65535) throw new Error(`Invalid --port '${process.argv[flag + 1]}'`);
+	if (!Number.isInteger(port) || port < 0 || port > 65535)
+		throw new Error(`Invalid --port '${process.argv[flag + 1]}'`);
 	const standIn = await MongoStandIn.start(port);
 	const stop = () =>
 		standIn.stop().then(

@@ -10,7 +10,16 @@
  * for the life of the process.
  */
 import net from "node:net";
-import { calculateObjectSize, deserialize, EJSON, Long, ObjectId, serialize, UUID, type Document } from "bson";
+import {
+	calculateObjectSize,
+	deserialize,
+	EJSON,
+	Long,
+	ObjectId,
+	serialize,
+	UUID,
+	type Document
+} from "bson";
 import { Aggregator, Query, updateOne } from "mingo";
 
 type Doc = Document;
@@ -50,7 +59,12 @@ const UPDATE_OPERATORS = new Set([
 	"$unset"
 ]);
 /** Values as the driver itself reads them: numbers for int32/int64/double (a Long only beyond 2^53), Dates, ObjectIds. */
-const DESERIALIZE = { promoteValues: true, promoteLongs: true, promoteBuffers: false, bsonRegExp: false };
+const DESERIALIZE = {
+	promoteValues: true,
+	promoteLongs: true,
+	promoteBuffers: false,
+	bsonRegExp: false
+};
 
 class CommandError extends Error {
 	constructor(
@@ -63,13 +77,21 @@ class CommandError extends Error {
 	}
 
 	reply(): Doc {
-		return { ok: 0, errmsg: this.message, code: this.code, codeName: this.codeName, ...this.details };
+		return {
+			ok: 0,
+			errmsg: this.message,
+			code: this.code,
+			codeName: this.codeName,
+			...this.details
+		};
 	}
 }
 
 /** mingo reports a bad query or update with a plain Error; MongoDB would call it a BadValue. */
 const asCommandError = (err: unknown): CommandError =>
-	err instanceof CommandError ? err : new CommandError(2, "BadValue", err instanceof Error ? err.message : String(err));
+	err instanceof CommandError
+		? err
+		: new CommandError(2, "BadValue", err instanceof Error ? err.message : String(err));
 
 // --- Values -------------------------------------------------------------------------------------
 
@@ -79,7 +101,8 @@ const isPlain = (v: unknown): v is Doc => {
 	return proto === Object.prototype || proto === null;
 };
 
-const isOperatorObject = (v: unknown): v is Doc => isPlain(v) && Object.keys(v).some(k => k.startsWith("$"));
+const isOperatorObject = (v: unknown): v is Doc =>
+	isPlain(v) && Object.keys(v).some(k => k.startsWith("$"));
 
 /** A deep copy of plain objects, arrays and Dates; BSON values (ObjectId, Long, Binary...) are immutable and shared. */
 function copy<T>(v: T): T {
@@ -133,7 +156,10 @@ function show(v: unknown): string {
 function valuesAt(v: unknown, parts: string[]): unknown[] {
 	if (!parts.length) return Array.isArray(v) && v.length ? v : [v];
 	const [head, ...rest] = parts;
-	if (Array.isArray(v)) return /^\d+$/.test(head) ? valuesAt(v[Number(head)], rest) : v.flatMap(e => valuesAt(e, parts));
+	if (Array.isArray(v))
+		return /^\d+$/.test(head)
+			? valuesAt(v[Number(head)], rest)
+			: v.flatMap(e => valuesAt(e, parts));
 	return isPlain(v) ? valuesAt(v[head], rest) : [undefined];
 }
 
@@ -151,7 +177,8 @@ function setPath(doc: Doc, path: string, value: unknown): void {
 /** MongoDB stores `_id` first and gives a document without one an ObjectId. */
 function idFirst(doc: Doc): Doc {
 	const { _id = new ObjectId(), ...rest } = doc;
-	if (Array.isArray(_id)) throw new CommandError(53, "InvalidIdField", "The '_id' value cannot be of type array");
+	if (Array.isArray(_id))
+		throw new CommandError(53, "InvalidIdField", "The '_id' value cannot be of type array");
 	return { _id, ...rest };
 }
 
@@ -162,19 +189,32 @@ function queryOptions(cmd: Doc, statement: Doc = {}): QueryOptions {
 }
 
 function project(doc: Doc, fields: Doc | undefined, options: QueryOptions): Doc {
-	return fields && Object.keys(fields).length ? (new Query({}, options).find<Doc>([doc], fields).all()[0] as Doc) : doc;
+	return fields && Object.keys(fields).length
+		? (new Query({}, options).find<Doc>([doc], fields).all()[0] as Doc)
+		: doc;
 }
 
 // --- Updates ------------------------------------------------------------------------------------
 
-const isReplacement = (u: Doc | Doc[]): boolean => !Array.isArray(u) && !Object.keys(u).some(k => k.startsWith("$"));
+const isReplacement = (u: Doc | Doc[]): boolean =>
+	!Array.isArray(u) && !Object.keys(u).some(k => k.startsWith("$"));
 
 /** Rejects an update document before it touches anything, with the codes mongod uses. */
 function validateUpdate(u: unknown, multi: boolean): asserts u is Doc | Doc[] {
 	if (Array.isArray(u)) return;
-	if (!isPlain(u)) throw new CommandError(9, "FailedToParse", "Update argument must be either an object or an array");
+	if (!isPlain(u))
+		throw new CommandError(
+			9,
+			"FailedToParse",
+			"Update argument must be either an object or an array"
+		);
 	if (isReplacement(u)) {
-		if (multi) throw new CommandError(9, "FailedToParse", "multi update is not supported for replacement-style update");
+		if (multi)
+			throw new CommandError(
+				9,
+				"FailedToParse",
+				"multi update is not supported for replacement-style update"
+			);
 		return;
 	}
 	const unknown = Object.keys(u).find(op => !UPDATE_OPERATORS.has(op));
@@ -186,18 +226,33 @@ function validateUpdate(u: unknown, multi: boolean): asserts u is Doc | Doc[] {
 		);
 	const paths: string[] = [];
 	for (const [op, args] of Object.entries(u)) {
-		if (!isPlain(args)) throw new CommandError(9, "FailedToParse", `Modifiers operate on fields but we found another type instead: ${op}`);
+		if (!isPlain(args))
+			throw new CommandError(
+				9,
+				"FailedToParse",
+				`Modifiers operate on fields but we found another type instead: ${op}`
+			);
 		paths.push(...Object.keys(args), ...(op === "$rename" ? Object.values(args).map(String) : []));
 	}
 	for (const [i, a] of paths.entries()) {
-		const clash = paths.slice(i + 1).find(b => a === b || a.startsWith(`${b}.`) || b.startsWith(`${a}.`));
+		const clash = paths
+			.slice(i + 1)
+			.find(b => a === b || a.startsWith(`${b}.`) || b.startsWith(`${a}.`));
 		if (clash !== undefined)
-			throw new CommandError(40, "ConflictingUpdateOperators", `Updating the path '${clash}' would create a conflict at '${a}'`);
+			throw new CommandError(
+				40,
+				"ConflictingUpdateOperators",
+				`Updating the path '${clash}' would create a conflict at '${a}'`
+			);
 	}
 }
 
 const immutableId = () =>
-	new CommandError(66, "ImmutableField", "Performing an update on the path '_id' would modify the immutable field '_id'");
+	new CommandError(
+		66,
+		"ImmutableField",
+		"Performing an update on the path '_id' would modify the immutable field '_id'"
+	);
 const isIdPath = (path: string) => path === "_id" || path.startsWith("_id.");
 
 /**
@@ -210,7 +265,12 @@ function settleId(doc: Doc, modifier: Doc): Doc {
 		const kept: Doc = {};
 		for (const [path, value] of Object.entries(args as Doc)) {
 			if (!isIdPath(path) && !(op === "$rename" && isIdPath(String(value)))) kept[path] = value;
-			else if (op === "$set" && path === "_id" && (doc._id === undefined || keyOf(doc._id) === keyOf(value))) doc._id = copy(value);
+			else if (
+				op === "$set" &&
+				path === "_id" &&
+				(doc._id === undefined || keyOf(doc._id) === keyOf(value))
+			)
+				doc._id = copy(value);
 			else throw immutableId();
 		}
 		rest[op] = kept;
@@ -234,12 +294,21 @@ function nextVersion(
 		if (!Array.isArray(u)) {
 			// mingo has no $setOnInsert: it is a $set when the upsert inserts, and nothing otherwise.
 			const { $setOnInsert, ...operators } = u;
-			modifier = inserting && $setOnInsert ? { ...operators, $set: { ...operators.$set, ...$setOnInsert } } : operators;
+			modifier =
+				inserting && $setOnInsert
+					? { ...operators, $set: { ...operators.$set, ...$setOnInsert } }
+					: operators;
 		}
 		const box = [copy(doc)];
 		if (!Array.isArray(modifier)) modifier = settleId(box[0], modifier);
 		// The filter lets mingo resolve a positional `$`; a pipeline or an insert has none to resolve.
-		updateOne(box, Array.isArray(u) || inserting ? {} : condition, modifier as Modifier, { arrayFilters, cloneMode: "deep" }, options);
+		updateOne(
+			box,
+			Array.isArray(u) || inserting ? {} : condition,
+			modifier as Modifier,
+			{ arrayFilters, cloneMode: "deep" },
+			options
+		);
 		next = box[0];
 	}
 	if (doc._id !== undefined) {
@@ -252,17 +321,24 @@ function nextVersion(
 /** The equality conditions of a filter, which an upsert copies into the document it inserts. */
 function equalities(filter: Doc, into: Doc = {}): Doc {
 	for (const [path, condition] of Object.entries(filter)) {
-		if (path === "$and" && Array.isArray(condition)) for (const part of condition) equalities(part, into);
+		if (path === "$and" && Array.isArray(condition))
+			for (const part of condition) equalities(part, into);
 		else if (path.startsWith("$") || condition instanceof RegExp) continue;
 		else if (!isOperatorObject(condition)) setPath(into, path, copy(condition));
 		else if ("$eq" in condition) setPath(into, path, copy(condition.$eq));
-		else if (Array.isArray(condition.$in) && condition.$in.length === 1) setPath(into, path, copy(condition.$in[0]));
+		else if (Array.isArray(condition.$in) && condition.$in.length === 1)
+			setPath(into, path, copy(condition.$in[0]));
 	}
 	return into;
 }
 
 /** What an upsert inserts: the filter's equalities (only its `_id` under a replacement) with the update applied. */
-function upsertDocument(filter: Doc, u: Doc | Doc[], arrayFilters: Doc[] | undefined, options: QueryOptions): Doc {
+function upsertDocument(
+	filter: Doc,
+	u: Doc | Doc[],
+	arrayFilters: Doc[] | undefined,
+	options: QueryOptions
+): Doc {
 	const seed = equalities(filter);
 	const base = isReplacement(u) ? (seed._id === undefined ? {} : { _id: seed._id }) : seed;
 	return nextVersion(base, u, {}, arrayFilters, options, true);
@@ -282,8 +358,17 @@ interface Index {
 }
 
 function makeIndex(spec: Doc): Index {
-	const partial = isPlain(spec.partialFilterExpression) ? new Query(spec.partialFilterExpression) : undefined;
-	return { spec, fields: Object.keys(spec.key), unique: Boolean(spec.unique), sparse: Boolean(spec.sparse), partial, owners: new Map() };
+	const partial = isPlain(spec.partialFilterExpression)
+		? new Query(spec.partialFilterExpression)
+		: undefined;
+	return {
+		spec,
+		fields: Object.keys(spec.key),
+		unique: Boolean(spec.unique),
+		sparse: Boolean(spec.sparse),
+		partial,
+		owners: new Map()
+	};
 }
 
 /** The keys `doc` has in `index` with the values they are made of; none when a sparse or partial index leaves it out. */
@@ -292,7 +377,8 @@ function indexEntries(index: Index, doc: Doc): { key: string; values: unknown[] 
 	if (index.sparse && perField.every(values => values.every(v => v === undefined))) return [];
 	if (index.partial && !index.partial.test(doc)) return [];
 	let combinations: unknown[][] = [[]];
-	for (const values of perField) combinations = combinations.flatMap(c => values.map(v => [...c, v]));
+	for (const values of perField)
+		combinations = combinations.flatMap(c => values.map(v => [...c, v]));
 	const entries = new Map<string, unknown[]>();
 	for (const values of combinations) entries.set(values.map(keyOf).join("|"), values);
 	return [...entries].map(([key, values]) => ({ key, values }));
@@ -379,7 +465,8 @@ class Collection {
 	/** An equality on `_id` reaches its one document directly instead of through a scan. */
 	private candidates(filter: Doc): Doc[] {
 		const id = filter._id;
-		if (id === undefined || id instanceof RegExp || isOperatorObject(id)) return [...this.docs.values()];
+		if (id === undefined || id instanceof RegExp || isOperatorObject(id))
+			return [...this.docs.values()];
 		const doc = this.docs.get(keyOf(id));
 		return doc ? [doc] : [];
 	}
@@ -395,13 +482,15 @@ class Collection {
 	}
 
 	private link(doc: Doc, id: string): void {
-		for (const index of this.indexes) if (index.unique) for (const { key } of indexEntries(index, doc)) index.owners.set(key, id);
+		for (const index of this.indexes)
+			if (index.unique) for (const { key } of indexEntries(index, doc)) index.owners.set(key, id);
 	}
 
 	private unlink(doc: Doc, id: string): void {
 		for (const index of this.indexes) {
 			if (!index.unique) continue;
-			for (const { key } of indexEntries(index, doc)) if (index.owners.get(key) === id) index.owners.delete(key);
+			for (const { key } of indexEntries(index, doc))
+				if (index.owners.get(key) === id) index.owners.delete(key);
 		}
 	}
 }
@@ -466,11 +555,17 @@ class Engine {
 	async run(db: string, cmd: Doc, client: Client): Promise<Doc | null> {
 		const name = Object.keys(cmd)[0] ?? "";
 		const fail = this.triggeredFailPoint(name, db, cmd[name], client);
-		if (fail?.blockConnection) await new Promise(resolve => setTimeout(resolve, Number(fail.blockTimeMS ?? 0)));
+		if (fail?.blockConnection)
+			await new Promise(resolve => setTimeout(resolve, Number(fail.blockTimeMS ?? 0)));
 		if (fail?.closeConnection) return null;
 		if (fail?.errorCode !== undefined) {
 			const errmsg = fail.errmsg ?? "Failing command via 'failCommand' failpoint";
-			return { ok: 0, errmsg, code: fail.errorCode, ...(fail.errorLabels ? { errorLabels: fail.errorLabels } : {}) };
+			return {
+				ok: 0,
+				errmsg,
+				code: fail.errorCode,
+				...(fail.errorLabels ? { errorLabels: fail.errorLabels } : {})
+			};
 		}
 		let reply: Doc;
 		try {
@@ -478,13 +573,19 @@ class Engine {
 		} catch (err) {
 			reply = asCommandError(err).reply();
 		}
-		return fail?.writeConcernError ? { ...reply, writeConcernError: fail.writeConcernError } : reply;
+		return fail?.writeConcernError
+			? { ...reply, writeConcernError: fail.writeConcernError }
+			: reply;
 	}
 
 	private execute(db: string, name: string, cmd: Doc, client: Client): Doc {
 		// As on a real standalone: sessions are accepted, transactions and retryable writes are not.
 		if (cmd.txnNumber !== undefined || cmd.startTransaction !== undefined) {
-			throw new CommandError(20, "IllegalOperation", "Transaction numbers are only allowed on a replica set member or mongos");
+			throw new CommandError(
+				20,
+				"IllegalOperation",
+				"Transaction numbers are only allowed on a replica set member or mongos"
+			);
 		}
 		switch (name) {
 			case "hello":
@@ -496,7 +597,14 @@ class Engine {
 				return { ok: 1 };
 			case "buildInfo":
 			case "buildinfo":
-				return { version: VERSION, versionArray: [6, 0, 0, 0], gitVersion: "standin", bits: 64, maxBsonObjectSize: MAX_BSON_SIZE, ok: 1 };
+				return {
+					version: VERSION,
+					versionArray: [6, 0, 0, 0],
+					gitVersion: "standin",
+					bits: 64,
+					maxBsonObjectSize: MAX_BSON_SIZE,
+					ok: 1
+				};
 			case "configureFailPoint":
 				return this.configureFailPoint(db, cmd);
 			case "listDatabases":
@@ -543,7 +651,11 @@ class Engine {
 
 	private target(db: string, coll: unknown): Target {
 		if (typeof coll !== "string" || !coll)
-			throw new CommandError(73, "InvalidNamespace", `Invalid namespace specified '${db}.${String(coll)}'`);
+			throw new CommandError(
+				73,
+				"InvalidNamespace",
+				`Invalid namespace specified '${db}.${String(coll)}'`
+			);
 		return { db, coll, ns: `${db}.${coll}` };
 	}
 
@@ -582,9 +694,18 @@ class Engine {
 	// Fail points ----------------------------------------------------------------------------------
 
 	private configureFailPoint(db: string, cmd: Doc): Doc {
-		if (db !== "admin") throw new CommandError(13, "Unauthorized", "configureFailPoint may only be run against the admin database.");
+		if (db !== "admin")
+			throw new CommandError(
+				13,
+				"Unauthorized",
+				"configureFailPoint may only be run against the admin database."
+			);
 		if (cmd.configureFailPoint !== "failCommand")
-			throw new CommandError(2, "BadValue", `The stand-in has no fail point '${cmd.configureFailPoint}', only 'failCommand'`);
+			throw new CommandError(
+				2,
+				"BadValue",
+				`The stand-in has no fail point '${cmd.configureFailPoint}', only 'failCommand'`
+			);
 		const { mode, data = {} } = cmd;
 		const count = this.failPointEntered;
 		this.failPointEntered = 0;
@@ -596,18 +717,35 @@ class Engine {
 					: isPlain(mode) && (mode.times !== undefined || mode.skip !== undefined)
 						? Number(mode.times ?? Infinity)
 						: NaN;
-			if (Number.isNaN(remaining)) throw new CommandError(2, "BadValue", "mode must be 'off', 'alwaysOn', { times: n } or { skip: n }");
-			if (!Array.isArray(data.failCommands)) throw new CommandError(2, "BadValue", "data.failCommands must be an array of command names");
-			this.failCommand = remaining > 0 ? { remaining, skip: Number(mode.skip ?? 0), data } : undefined;
+			if (Number.isNaN(remaining))
+				throw new CommandError(
+					2,
+					"BadValue",
+					"mode must be 'off', 'alwaysOn', { times: n } or { skip: n }"
+				);
+			if (!Array.isArray(data.failCommands))
+				throw new CommandError(
+					2,
+					"BadValue",
+					"data.failCommands must be an array of command names"
+				);
+			this.failCommand =
+				remaining > 0 ? { remaining, skip: Number(mode.skip ?? 0), data } : undefined;
 		}
 		return { count, ok: 1 };
 	}
 
-	private triggeredFailPoint(name: string, db: string, coll: unknown, client: Client): Doc | undefined {
+	private triggeredFailPoint(
+		name: string,
+		db: string,
+		coll: unknown,
+		client: Client
+	): Doc | undefined {
 		const point = this.failCommand;
 		if (!point?.data.failCommands.includes(name)) return undefined;
 		if (point.data.appName !== undefined && point.data.appName !== client.appName) return undefined;
-		if (point.data.namespace !== undefined && point.data.namespace !== `${db}.${String(coll)}`) return undefined;
+		if (point.data.namespace !== undefined && point.data.namespace !== `${db}.${String(coll)}`)
+			return undefined;
 		if (point.skip > 0) {
 			point.skip--;
 			return undefined;
@@ -619,14 +757,21 @@ class Engine {
 
 	// Cursors --------------------------------------------------------------------------------------
 
-	private openCursor(ns: string, docs: Doc[], batchSize: number | undefined, singleBatch = false): Doc {
+	private openCursor(
+		ns: string,
+		docs: Doc[],
+		batchSize: number | undefined,
+		singleBatch = false
+	): Doc {
 		const now = Date.now();
 		// Like mongod, forget cursors left idle for ten minutes; checked here rather than on a timer.
-		for (const [id, open] of this.cursors) if (now - open.lastUsed > CURSOR_TIMEOUT_MS) this.cursors.delete(id);
+		for (const [id, open] of this.cursors)
+			if (now - open.lastUsed > CURSOR_TIMEOUT_MS) this.cursors.delete(id);
 		const cursor: OpenCursor = { ns, docs, position: 0, lastUsed: now };
 		const firstBatch = takeBatch(cursor, batchSize ?? DEFAULT_BATCH_SIZE);
 		let id = 0;
-		if (!singleBatch && cursor.position < docs.length) this.cursors.set((id = this.nextCursorId++), cursor);
+		if (!singleBatch && cursor.position < docs.length)
+			this.cursors.set((id = this.nextCursorId++), cursor);
 		return { cursor: { firstBatch, id: Long.fromNumber(id), ns }, ok: 1 };
 	}
 
@@ -657,30 +802,47 @@ class Engine {
 	// Reads ----------------------------------------------------------------------------------------
 
 	private find(t: Target, cmd: Doc): Doc {
-		if (cmd.tailable) throw new CommandError(2, "BadValue", "error processing query: tailable cursor requested on non capped collection");
-		const selection = { sort: cmd.sort, skip: cmd.skip, limit: Math.abs(cmd.limit ?? 0), projection: cmd.projection };
+		if (cmd.tailable)
+			throw new CommandError(
+				2,
+				"BadValue",
+				"error processing query: tailable cursor requested on non capped collection"
+			);
+		const selection = {
+			sort: cmd.sort,
+			skip: cmd.skip,
+			limit: Math.abs(cmd.limit ?? 0),
+			projection: cmd.projection
+		};
 		const docs = this.collection(t)?.select(cmd.filter ?? {}, selection, queryOptions(cmd)) ?? [];
 		return this.openCursor(t.ns, docs, cmd.batchSize, Boolean(cmd.singleBatch) || cmd.limit < 0);
 	}
 
 	private count(t: Target, cmd: Doc): Doc {
 		const selection = { skip: cmd.skip, limit: Math.abs(cmd.limit ?? 0) };
-		return { n: this.collection(t)?.select(cmd.query ?? {}, selection, queryOptions(cmd)).length ?? 0, ok: 1 };
+		return {
+			n: this.collection(t)?.select(cmd.query ?? {}, selection, queryOptions(cmd)).length ?? 0,
+			ok: 1
+		};
 	}
 
 	private distinct(t: Target, cmd: Doc): Doc {
-		if (typeof cmd.key !== "string") throw new CommandError(14, "TypeMismatch", "'key' must be a string");
+		if (typeof cmd.key !== "string")
+			throw new CommandError(14, "TypeMismatch", "'key' must be a string");
 		const values = new Map<string, unknown>();
 		for (const doc of this.collection(t)?.select(cmd.query ?? {}, {}, queryOptions(cmd)) ?? []) {
-			for (const value of valuesAt(doc, cmd.key.split("."))) if (value !== undefined) values.set(keyOf(value), value);
+			for (const value of valuesAt(doc, cmd.key.split(".")))
+				if (value !== undefined) values.set(keyOf(value), value);
 		}
 		return { values: [...values.values()], ok: 1 };
 	}
 
 	private aggregate(t: Target, cmd: Doc): Doc {
 		const pipeline = cmd.pipeline;
-		if (!Array.isArray(pipeline)) throw new CommandError(14, "TypeMismatch", "'pipeline' option must be specified as an array");
-		if (!isPlain(cmd.cursor)) throw new CommandError(9, "FailedToParse", "The 'cursor' option is required");
+		if (!Array.isArray(pipeline))
+			throw new CommandError(14, "TypeMismatch", "'pipeline' option must be specified as an array");
+		if (!isPlain(cmd.cursor))
+			throw new CommandError(9, "FailedToParse", "The 'cursor' option is required");
 		if (pipeline.some(stage => "$out" in stage || "$merge" in stage))
 			throw new CommandError(2, "BadValue", "The stand-in does not emulate $out or $merge");
 		const options = queryOptions(cmd);
@@ -692,8 +854,12 @@ class Engine {
 			this.collection(t)
 				?.select(leadingMatch ? first.$match : {}, {}, options)
 				.map(copy) ?? [];
-		const collectionResolver = (name: string) => [...(this.collection({ ...t, coll: name })?.docs.values() ?? [])].map(copy);
-		const docs = new Aggregator(leadingMatch ? rest : pipeline, { ...options, collectionResolver }).run<Doc>(source);
+		const collectionResolver = (name: string) =>
+			[...(this.collection({ ...t, coll: name })?.docs.values() ?? [])].map(copy);
+		const docs = new Aggregator(leadingMatch ? rest : pipeline, {
+			...options,
+			collectionResolver
+		}).run<Doc>(source);
 		return this.openCursor(t.ns, docs, cmd.cursor.batchSize);
 	}
 
@@ -728,11 +894,19 @@ class Engine {
 				if (cmd.ordered !== false) break;
 			}
 		}
-		return withWriteErrors({ ...counts, ...(upserted.length ? { upserted } : {}), ok: 1 }, writeErrors);
+		return withWriteErrors(
+			{ ...counts, ...(upserted.length ? { upserted } : {}), ok: 1 },
+			writeErrors
+		);
 	}
 
 	/** One statement of an update command, counted as it goes (a failure midway keeps the earlier counts); returns the document an upsert inserted. */
-	private updateStatement(t: Target, statement: Doc, options: QueryOptions, counts: { n: number; nModified: number }): Doc | undefined {
+	private updateStatement(
+		t: Target,
+		statement: Doc,
+		options: QueryOptions,
+		counts: { n: number; nModified: number }
+	): Doc | undefined {
 		const { q = {}, u, multi = false, upsert = false, arrayFilters } = statement;
 		validateUpdate(u, multi);
 		const coll = this.collection(t);
@@ -758,7 +932,12 @@ class Engine {
 		let n = 0;
 		for (const [index, statement] of (cmd.deletes ?? []).entries()) {
 			try {
-				const matched = coll?.select(statement.q ?? {}, { limit: statement.limit === 1 ? 1 : 0 }, queryOptions(cmd, statement)) ?? [];
+				const matched =
+					coll?.select(
+						statement.q ?? {},
+						{ limit: statement.limit === 1 ? 1 : 0 },
+						queryOptions(cmd, statement)
+					) ?? [];
 				for (const doc of matched) coll?.remove(doc);
 				n += matched.length;
 			} catch (err) {
@@ -774,12 +953,21 @@ class Engine {
 		const options = queryOptions(cmd);
 		if (remove && (update !== undefined || upsert))
 			throw new CommandError(9, "FailedToParse", "Cannot specify both an update and remove=true");
-		if (!remove && update === undefined) throw new CommandError(9, "FailedToParse", "Either an update or remove=true must be specified");
+		if (!remove && update === undefined)
+			throw new CommandError(
+				9,
+				"FailedToParse",
+				"Either an update or remove=true must be specified"
+			);
 		const coll = this.collection(t);
 		const [before] = coll?.select(query, { sort, limit: 1 }, options) ?? [];
 		if (remove) {
 			if (before) coll?.remove(before);
-			return { lastErrorObject: { n: before ? 1 : 0 }, value: before ? project(before, fields, options) : null, ok: 1 };
+			return {
+				lastErrorObject: { n: before ? 1 : 0 },
+				value: before ? project(before, fields, options) : null,
+				ok: 1
+			};
 		}
 		validateUpdate(update, false);
 		if (!before) {
@@ -794,13 +982,18 @@ class Engine {
 		}
 		const after = nextVersion(before, update, query, arrayFilters, options);
 		if (coll && keyOf(after) !== keyOf(before)) coll.replace(after);
-		return { lastErrorObject: { n: 1, updatedExisting: true }, value: project(returnNew ? after : before, fields, options), ok: 1 };
+		return {
+			lastErrorObject: { n: 1, updatedExisting: true },
+			value: project(returnNew ? after : before, fields, options),
+			ok: 1
+		};
 	}
 
 	// Namespaces and indexes -------------------------------------------------------------------------
 
 	private create(t: Target): Doc {
-		if (this.collection(t)) throw new CommandError(48, "NamespaceExists", `Collection ${t.ns} already exists.`);
+		if (this.collection(t))
+			throw new CommandError(48, "NamespaceExists", `Collection ${t.ns} already exists.`);
 		this.createCollection(t);
 		return { ok: 1 };
 	}
@@ -819,22 +1012,36 @@ class Engine {
 		const entries = [...(this.databases.get(db) ?? [])].map(([name, coll]) =>
 			cmd.nameOnly
 				? { name, type: "collection" }
-				: { name, type: "collection", options: {}, info: { readOnly: false, uuid: coll.uuid }, idIndex: coll.indexes[0].spec }
+				: {
+						name,
+						type: "collection",
+						options: {},
+						info: { readOnly: false, uuid: coll.uuid },
+						idIndex: coll.indexes[0].spec
+					}
 		);
 		const docs = new Query(cmd.filter ?? {}).find<Doc>(entries).all();
 		return this.openCursor(`${db}.$cmd.listCollections`, docs, cmd.cursor?.batchSize);
 	}
 
 	private listDatabases(db: string, cmd: Doc): Doc {
-		if (db !== "admin") throw new CommandError(13, "Unauthorized", "listDatabases may only be run against the admin database.");
-		const entries = [...this.databases.keys()].map(name => (cmd.nameOnly ? { name } : { name, sizeOnDisk: 0, empty: false }));
+		if (db !== "admin")
+			throw new CommandError(
+				13,
+				"Unauthorized",
+				"listDatabases may only be run against the admin database."
+			);
+		const entries = [...this.databases.keys()].map(name =>
+			cmd.nameOnly ? { name } : { name, sizeOnDisk: 0, empty: false }
+		);
 		const databases = new Query(cmd.filter ?? {}).find<Doc>(entries).all();
 		return cmd.nameOnly ? { databases, ok: 1 } : { databases, totalSize: 0, totalSizeMb: 0, ok: 1 };
 	}
 
 	private createIndexes(t: Target, cmd: Doc): Doc {
 		const specs = cmd.indexes;
-		if (!Array.isArray(specs) || !specs.length) throw new CommandError(2, "BadValue", "Must specify at least one index to create");
+		if (!Array.isArray(specs) || !specs.length)
+			throw new CommandError(2, "BadValue", "Must specify at least one index to create");
 		const createdCollectionAutomatically = !this.collection(t);
 		const coll = this.createCollection(t);
 		const numIndexesBefore = coll.indexes.length;
@@ -846,7 +1053,11 @@ class Engine {
 				.join();
 		for (const spec of specs) {
 			if (!isPlain(spec.key) || !Object.keys(spec.key).length || typeof spec.name !== "string") {
-				throw new CommandError(67, "CannotCreateIndex", "An index specification needs a non-empty 'key' document and a 'name'");
+				throw new CommandError(
+					67,
+					"CannotCreateIndex",
+					"An index specification needs a non-empty 'key' document and a 'name'"
+				);
 			}
 			const sameName = coll.indexes.find(index => index.spec.name === spec.name);
 			const sameKey = coll.indexes.find(index => keyOf(index.spec.key) === keyOf(spec.key));
@@ -857,11 +1068,21 @@ class Engine {
 					"IndexKeySpecsConflict",
 					`An existing index has the same name as the requested index: ${EJSON.stringify(sameName.spec)}`
 				);
-			if (sameKey) throw new CommandError(85, "IndexOptionsConflict", `Index already exists with a different name: ${sameKey.spec.name}`);
+			if (sameKey)
+				throw new CommandError(
+					85,
+					"IndexOptionsConflict",
+					`Index already exists with a different name: ${sameKey.spec.name}`
+				);
 			const { key, name, ...options } = spec;
 			coll.addIndex({ v: 2, key, name, ...options });
 		}
-		return { numIndexesBefore, numIndexesAfter: coll.indexes.length, createdCollectionAutomatically, ok: 1 };
+		return {
+			numIndexesBefore,
+			numIndexesAfter: coll.indexes.length,
+			createdCollectionAutomatically,
+			ok: 1
+		};
 	}
 
 	private listIndexes(t: Target, cmd: Doc): Doc {
@@ -884,7 +1105,9 @@ class Engine {
 				? coll.indexes.slice(1)
 				: wanted.map(which => {
 						const found = coll.indexes.find(index =>
-							typeof which === "string" ? index.spec.name === which : keyOf(index.spec.key) === keyOf(which)
+							typeof which === "string"
+								? index.spec.name === which
+								: keyOf(index.spec.key) === keyOf(which)
 						);
 						if (!found)
 							throw new CommandError(
@@ -894,7 +1117,8 @@ class Engine {
 							);
 						return found;
 					});
-		if (doomed.includes(coll.indexes[0])) throw new CommandError(72, "InvalidOptions", "cannot drop _id index");
+		if (doomed.includes(coll.indexes[0]))
+			throw new CommandError(72, "InvalidOptions", "cannot drop _id index");
 		coll.indexes = coll.indexes.filter(index => !doomed.includes(index));
 		return { nIndexesWas, ok: 1 };
 	}
@@ -923,7 +1147,8 @@ class MessageReader {
 		while (this.buffered >= 4) {
 			if (this.chunks[0].length < 4) this.chunks = [Buffer.concat(this.chunks)];
 			const length = this.chunks[0].readInt32LE(0);
-			if (length < 16 || length > MAX_MESSAGE_SIZE) throw new Error(`Invalid message length ${length}`);
+			if (length < 16 || length > MAX_MESSAGE_SIZE)
+				throw new Error(`Invalid message length ${length}`);
 			if (this.buffered < length) break;
 			// Joined once the whole message is there, not at every chunk.
 			const all = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks);
@@ -969,14 +1194,21 @@ function parseRequest(message: Buffer): Request {
 			// A document sequence: size, identifier (e.g. "documents"), then documents to the section's end.
 			const idEnd = message.indexOf(0, at + 5);
 			const docs: Doc[] = [];
-			for (let d = idEnd + 1; d < at + 1 + size; d += message.readInt32LE(d)) docs.push(readDocument(message, d));
+			for (let d = idEnd + 1; d < at + 1 + size; d += message.readInt32LE(d))
+				docs.push(readDocument(message, d));
 			sequences.push([message.toString("utf8", at + 5, idEnd), docs]);
 		} else throw new Error(`Unknown OP_MSG section kind ${kind}`);
 		at += 1 + size;
 	}
 	if (!command) throw new Error("OP_MSG without a body section");
 	for (const [field, docs] of sequences) command[field] = (command[field] ?? []).concat(docs);
-	return { requestId, opCode, db: String(command.$db ?? "admin"), command, moreToCome: (flags & MORE_TO_COME) !== 0 };
+	return {
+		requestId,
+		opCode,
+		db: String(command.$db ?? "admin"),
+		command,
+		moreToCome: (flags & MORE_TO_COME) !== 0
+	};
 }
 
 let lastResponseId = 0;
@@ -1026,7 +1258,9 @@ export class MongoStandIn {
 
 	async stop(): Promise<void> {
 		for (const socket of this.sockets) socket.destroy();
-		await new Promise<void>((resolve, reject) => this.server.close(err => (err ? reject(err) : resolve())));
+		await new Promise<void>((resolve, reject) =>
+			this.server.close(err => (err ? reject(err) : resolve()))
+		);
 	}
 
 	private accept(socket: net.Socket): void {
@@ -1041,7 +1275,8 @@ export class MongoStandIn {
 		let answered = Promise.resolve();
 		socket.on("data", chunk => {
 			try {
-				for (const message of reader.push(chunk)) answered = answered.then(() => this.answer(socket, client, message));
+				for (const message of reader.push(chunk))
+					answered = answered.then(() => this.answer(socket, client, message));
 			} catch {
 				socket.destroy();
 			}

@@ -29,13 +29,26 @@ describe("billing service", () => {
 
 	it("builds the view from use events, and drops a cancelled use even when the cancellation comes first", async () => {
 		await used("v1", 100, "2020-07-10T10:00:00.000Z");
-		await send("deal.cancelled", { dealId: "v2", memberId: "0001", merchantId: "20", point: 50, type: "use" });
+		await send("deal.cancelled", {
+			dealId: "v2",
+			memberId: "0001",
+			merchantId: "20",
+			point: 50,
+			type: "use"
+		});
 		await used("v2", 50, "2020-07-11T10:00:00.000Z");
 		await eventually(async () =>
-			expect(await broker.call("billing.view", { dealId: "v1" })).toMatchObject({ dealId: "v1", point: 100, merchantId: "20" })
+			expect(await broker.call("billing.view", { dealId: "v1" })).toMatchObject({
+				dealId: "v1",
+				point: 100,
+				merchantId: "20"
+			})
 		);
 		await drained(broker);
-		await expect(broker.call("billing.view", { dealId: "v2" })).rejects.toMatchObject({ code: 404, type: "BILLING_VIEW_NOT_FOUND" });
+		await expect(broker.call("billing.view", { dealId: "v2" })).rejects.toMatchObject({
+			code: 404,
+			type: "BILLING_VIEW_NOT_FOUND"
+		});
 	});
 
 	it("settles a closed month once: floor(sum × 0.98), only that month and merchant; a late use goes to the next month", async () => {
@@ -44,36 +57,84 @@ describe("billing service", () => {
 		await used("s3", 999, "2020-08-01T00:00:00.000Z");
 		await used("s4", 999, "2020-06-30T23:59:59.999Z");
 		await used("s5", 999, "2020-07-15T00:00:00.000Z", "21");
-		await send("deal.cancelled", { dealId: "s5", memberId: "0001", merchantId: "21", point: 999, type: "use" });
-		await eventually(async () => expect(await broker.call("billing.view", { dealId: "s4" })).toBeTruthy());
-		await eventually(() => expect(broker.call("billing.view", { dealId: "s5" })).rejects.toMatchObject({ code: 404 }));
+		await send("deal.cancelled", {
+			dealId: "s5",
+			memberId: "0001",
+			merchantId: "21",
+			point: 999,
+			type: "use"
+		});
+		await eventually(async () =>
+			expect(await broker.call("billing.view", { dealId: "s4" })).toBeTruthy()
+		);
+		await eventually(() =>
+			expect(broker.call("billing.view", { dealId: "s5" })).rejects.toMatchObject({ code: 404 })
+		);
 		// Long past its end and grace, and every event published until then handled: it closes now.
-		const settlement = await broker.call("billing.settle", { merchantId: "20", billingMonth: "202007" });
+		const settlement = await broker.call("billing.settle", {
+			merchantId: "20",
+			billingMonth: "202007"
+		});
 		// v1 (100) + s1 (200) + s2 (200); v2 was cancelled.
-		expect(settlement).toMatchObject({ id: "20:202007", status: "final", usedPoints: 500, dealCount: 3, billingAmount: 490, fee: 10 });
+		expect(settlement).toMatchObject({
+			id: "20:202007",
+			status: "final",
+			usedPoints: 500,
+			dealCount: 3,
+			billingAmount: 490,
+			fee: 10
+		});
 		await used("s6", 300, "2020-07-20T00:00:00.000Z");
-		await eventually(async () => expect(await broker.call("billing.view", { dealId: "s6" })).toBeTruthy());
-		expect(await broker.call("billing.settle", { merchantId: "20", billingMonth: "202007" })).toEqual(settlement);
-		expect(await broker.call("billing.get", { merchantId: "20", billingMonth: "202007" })).toEqual(settlement);
-		expect(await broker.call("billing.settle", { merchantId: "21", billingMonth: "202007" })).toMatchObject({
+		await eventually(async () =>
+			expect(await broker.call("billing.view", { dealId: "s6" })).toBeTruthy()
+		);
+		expect(
+			await broker.call("billing.settle", { merchantId: "20", billingMonth: "202007" })
+		).toEqual(settlement);
+		expect(await broker.call("billing.get", { merchantId: "20", billingMonth: "202007" })).toEqual(
+			settlement
+		);
+		expect(
+			await broker.call("billing.settle", { merchantId: "21", billingMonth: "202007" })
+		).toMatchObject({
 			status: "final",
 			usedPoints: 0,
 			billingAmount: 0
 		});
-		const august = await broker.call<{ lines: object[] }, object>("billing.settle", { merchantId: "20", billingMonth: "202008" });
-		expect(august).toMatchObject({ status: "final", usedPoints: 999, adjustmentPoints: 300, billingAmount: 1273 });
+		const august = await broker.call<{ lines: object[] }, object>("billing.settle", {
+			merchantId: "20",
+			billingMonth: "202008"
+		});
+		expect(august).toMatchObject({
+			status: "final",
+			usedPoints: 999,
+			adjustmentPoints: 300,
+			billingAmount: 1273
+		});
 		expect(august.lines).toEqual([
-			{ kind: "adjustment", dealId: "s6", dealDate: "2020-07-20T00:00:00.000Z", points: 300, month: "202007", reason: "LATE_USE" },
+			{
+				kind: "adjustment",
+				dealId: "s6",
+				dealDate: "2020-07-20T00:00:00.000Z",
+				points: 300,
+				month: "202007",
+				reason: "LATE_USE"
+			},
 			{ kind: "use", dealId: "s3", dealDate: "2020-08-01T00:00:00.000Z", points: 999 }
 		]);
 	});
 
 	it("settles concurrent requests into one settlement", async () => {
 		await used("c1", 1000, "2020-09-05T00:00:00.000Z", "30");
-		await eventually(async () => expect(await broker.call("billing.view", { dealId: "c1" })).toBeTruthy());
+		await eventually(async () =>
+			expect(await broker.call("billing.view", { dealId: "c1" })).toBeTruthy()
+		);
 		const results = await Promise.all(
 			Array.from({ length: 5 }, () =>
-				broker.call<{ settledAt: string; billingAmount: number }, object>("billing.settle", { merchantId: "30", billingMonth: "202009" })
+				broker.call<{ settledAt: string; billingAmount: number }, object>("billing.settle", {
+					merchantId: "30",
+					billingMonth: "202009"
+				})
 			)
 		);
 		expect(new Set(results.map(r => r.settledAt)).size).toBe(1);
@@ -81,13 +142,29 @@ describe("billing service", () => {
 	});
 
 	it("refuses bad months, future months and unknown settlements", async () => {
-		for (const billingMonth of ["2020-07", "202013", "202000", "20207", "abcdef", "000101", "190001", "199912", "210001"])
-			await expect(broker.call("billing.settle", { merchantId: "20", billingMonth })).rejects.toMatchObject({ code: 422 });
-		await expect(broker.call("billing.settle", { merchantId: "20", billingMonth: "209901" })).rejects.toMatchObject({
+		for (const billingMonth of [
+			"2020-07",
+			"202013",
+			"202000",
+			"20207",
+			"abcdef",
+			"000101",
+			"190001",
+			"199912",
+			"210001"
+		])
+			await expect(
+				broker.call("billing.settle", { merchantId: "20", billingMonth })
+			).rejects.toMatchObject({ code: 422 });
+		await expect(
+			broker.call("billing.settle", { merchantId: "20", billingMonth: "209901" })
+		).rejects.toMatchObject({
 			code: 422,
 			type: "BILLING_MONTH_NOT_STARTED"
 		});
-		await expect(broker.call("billing.get", { merchantId: "20", billingMonth: "201901" })).rejects.toMatchObject({
+		await expect(
+			broker.call("billing.get", { merchantId: "20", billingMonth: "201901" })
+		).rejects.toMatchObject({
 			code: 404,
 			type: "SETTLEMENT_NOT_FOUND"
 		});

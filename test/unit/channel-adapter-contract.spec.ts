@@ -71,7 +71,8 @@ const embedded: AdapterUnderTest = {
 	knownGaps: {
 		"new group beside others":
 			"a message goes to the groups known when it is published; only one published before any group subscribed waits for the first",
-		"keys with dots and dollars": "the store (NeDB's format) refuses field names with a '.' or a leading '$': the publish throws"
+		"keys with dots and dollars":
+			"the store (NeDB's format) refuses field names with a '.' or a leading '$': the publish throws"
 	}
 };
 
@@ -79,7 +80,10 @@ const embedded: AdapterUnderTest = {
 let nats: Promise<NatsServer> | undefined;
 const jetStream: AdapterUnderTest = {
 	name: "NATS JetStream",
-	storeEnv: async () => ({ TRANSPORTER: (await (nats ??= NatsServer.start())).url, DATA_DIR: freshFolder() }),
+	storeEnv: async () => ({
+		TRANSPORTER: (await (nats ??= NatsServer.start())).url,
+		DATA_DIR: freshFolder()
+	}),
 	tearDown: async () => {
 		const server = await nats;
 		await server?.stop();
@@ -89,21 +93,32 @@ const jetStream: AdapterUnderTest = {
 };
 
 /** A service whose group (its name) hands each payload to `handle`. */
-function consumer(name: string, channel: string, handle: (payload: any, raw: unknown) => unknown, maxRetries?: number): AnyServiceSchema {
+function consumer(
+	name: string,
+	channel: string,
+	handle: (payload: any, raw: unknown) => unknown,
+	maxRetries?: number
+): AnyServiceSchema {
 	return {
 		name,
 		channels: {
-			[channel]: { group: name, maxRetries, handler: async (payload: unknown, raw: unknown) => void (await handle(payload, raw)) }
+			[channel]: {
+				group: name,
+				maxRetries,
+				handler: async (payload: unknown, raw: unknown) => void (await handle(payload, raw))
+			}
 		}
 	};
 }
 
 /** A consumer that records the `id` of each payload. */
-const recorder = (name: string, channel: string, seen: string[]): AnyServiceSchema => consumer(name, channel, ({ id }) => seen.push(id));
+const recorder = (name: string, channel: string, seen: string[]): AnyServiceSchema =>
+	consumer(name, channel, ({ id }) => seen.push(id));
 
 const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms));
 const sorted = (list: string[]) => [...list].sort();
-const ids = (prefix: string, n: number) => sorted(Array.from({ length: n }, (_, i) => `${prefix}${i}`));
+const ids = (prefix: string, n: number) =>
+	sorted(Array.from({ length: n }, (_, i) => `${prefix}${i}`));
 
 /** One test's brokers: on a store of their own (a data folder) or a shared one (the server) with channels of their own. */
 interface Scenario {
@@ -112,7 +127,11 @@ interface Scenario {
 	stop(broker: Broker): Promise<void>;
 }
 
-async function scenario(adapter: AdapterUnderTest, testNo: number, run: (t: Scenario) => Promise<void>): Promise<void> {
+async function scenario(
+	adapter: AdapterUnderTest,
+	testNo: number,
+	run: (t: Scenario) => Promise<void>
+): Promise<void> {
 	const store = await adapter.storeEnv();
 	let running: Broker[] = [];
 	const t: Scenario = {
@@ -148,7 +167,11 @@ describe.each([embedded, jetStream])("channel adapter contract: $name", adapter 
 	afterAll(() => adapter.tearDown());
 
 	/** A case of the contract; `gap`: one this adapter may be known to fail; `skip`: why it does not apply. */
-	function contract(name: string, run: (t: Scenario) => Promise<void>, opts: { gap?: GapCase; skip?: string } = {}): void {
+	function contract(
+		name: string,
+		run: (t: Scenario) => Promise<void>,
+		opts: { gap?: GapCase; skip?: string } = {}
+	): void {
 		const gap = opts.gap && adapter.knownGaps[opts.gap];
 		const test = opts.skip ? it.concurrent.skip : gap ? it.concurrent.failing : it.concurrent;
 		const note = opts.skip ? ` [skipped: ${opts.skip}]` : gap ? ` [known gap: ${gap}]` : "";
@@ -215,7 +238,10 @@ describe.each([embedded, jetStream])("channel adapter contract: $name", adapter 
 			await before.sendToChannel(ch, { id: "n1" });
 			await eventually(() => expect(old).toEqual(["n1"]));
 			await stop(before);
-			const after = await start([recorder("old", ch, old), recorder("newcomer", ch, newcomer)], "after");
+			const after = await start(
+				[recorder("old", ch, old), recorder("newcomer", ch, newcomer)],
+				"after"
+			);
 			// A message published now reaches the newcomer in any case: once it has, so has the earlier one, if at all.
 			await after.sendToChannel(ch, { id: "n2" });
 			await eventually(() => expect(newcomer).toContain("n2"));
@@ -271,7 +297,11 @@ describe.each([embedded, jetStream])("channel adapter contract: $name", adapter 
 						DEAD_LETTERS: {
 							group: `watcher-${ch}`,
 							async handler(payload: { id?: string }, raw: unknown) {
-								if (payload?.id === "p1") letters.push({ payload, headers: broker.channelAdapter.parseMessageHeaders(raw) ?? {} });
+								if (payload?.id === "p1")
+									letters.push({
+										payload,
+										headers: broker.channelAdapter.parseMessageHeaders(raw) ?? {}
+									});
 							}
 						}
 					}
@@ -279,7 +309,11 @@ describe.each([embedded, jetStream])("channel adapter contract: $name", adapter 
 			]);
 			const adapterOf = broker.channelAdapter;
 			const sentAt = Date.now();
-			await broker.sendToChannel(ch, { id: "p1", note: "poison" }, { headers: { "x-trace": "trace-p1" } });
+			await broker.sendToChannel(
+				ch,
+				{ id: "p1", note: "poison" },
+				{ headers: { "x-trace": "trace-p1" } }
+			);
 			await eventually(() => expect(letters).toHaveLength(1));
 			expect(Date.now() - sentAt).toBeGreaterThanOrEqual(3 * RETRY.retryDelayMs - SLACK_MS);
 			expect(letters[0].payload).toEqual({ id: "p1", note: "poison" });
@@ -294,7 +328,11 @@ describe.each([embedded, jetStream])("channel adapter contract: $name", adapter 
 				})
 			);
 			// A dead-lettered message is done with: it does not hold its group back.
-			await eventually(async () => expect(await adapterOf.caughtUp([adapterOf.addPrefixTopic(ch)], "poisoned", new Date())).toBe(true));
+			await eventually(async () =>
+				expect(
+					await adapterOf.caughtUp([adapterOf.addPrefixTopic(ch)], "poisoned", new Date())
+				).toBe(true)
+			);
 			await sleep(SETTLE_MS);
 			expect(tries).toEqual(["p1", "p1", "p1"]);
 			expect(letters).toHaveLength(1);
@@ -312,7 +350,10 @@ describe.each([embedded, jetStream])("channel adapter contract: $name", adapter 
 				{
 					name: "closer",
 					channels: {
-						[quick]: { group: "closer", handler: async ({ id }: { id: string }) => void handled.push(id) },
+						[quick]: {
+							group: "closer",
+							handler: async ({ id }: { id: string }) => void handled.push(id)
+						},
 						[slow]: {
 							group: "closer",
 							async handler({ id }: { id: string }) {
@@ -328,7 +369,9 @@ describe.each([embedded, jetStream])("channel adapter contract: $name", adapter 
 				const both = [quick, slow].map(name => adapterOf.addPrefixTopic(name));
 				expect(await adapterOf.caughtUp(both, "closer", new Date())).toBe(true);
 				await broker.sendToChannel(quick, { id: "q1" });
-				await eventually(async () => expect(await adapterOf.caughtUp(both, "closer", new Date())).toBe(true));
+				await eventually(async () =>
+					expect(await adapterOf.caughtUp(both, "closer", new Date())).toBe(true)
+				);
 
 				const beforePublish = new Date(Date.now() - 1);
 				await broker.sendToChannel(slow, { id: "w1" });
@@ -341,7 +384,9 @@ describe.each([embedded, jetStream])("channel adapter contract: $name", adapter 
 				expect(handled).toEqual(["q1"]);
 
 				release();
-				await eventually(async () => expect(await adapterOf.caughtUp(both, "closer", afterPublish)).toBe(true));
+				await eventually(async () =>
+					expect(await adapterOf.caughtUp(both, "closer", afterPublish)).toBe(true)
+				);
 				expect(handled).toEqual(["q1", "w1"]);
 			} finally {
 				// Stopping waits for the handlers in flight.
@@ -350,45 +395,58 @@ describe.each([embedded, jetStream])("channel adapter contract: $name", adapter 
 		}
 	);
 
-	contract("delivers a payload intact: objects, arrays, unicode, numbers", async ({ channel, start }) => {
-		const ch = channel("payload");
-		const payload = {
-			id: "u1",
-			text: 'Grüße, 日本語, עברית, 🎉 👩‍👩‍👧, e\u0301, line\nbreak, "quoted" \\ tab\t \u2028 end',
-			numbers: {
-				zero: 0,
-				negative: -42,
-				float: 0.1 + 0.2,
-				tiny: 5e-324,
-				huge: 1.7976931348623157e308,
-				maxSafe: Number.MAX_SAFE_INTEGER,
-				minSafe: Number.MIN_SAFE_INTEGER
-			},
-			flags: [true, false, null],
-			nested: { list: [1, "two", { three: [3, 3.5] }], empty: {}, none: [] as unknown[], deep: { a: { b: { c: { d: "e" } } } } },
-			"key with spaces": "ok",
-			ключ: "значение",
-			"🔑": "emoji key",
-			large: "ü".repeat(32 * 1024)
-		};
-		const bare = ["a bare string: ☃", 12.5, -0.001, [1, "zwei", { drei: 3 }], true];
-		const seen: unknown[] = [];
-		const broker = await start([consumer("reader", ch, p => seen.push(p))]);
-		await broker.sendToChannel(ch, payload);
-		for (const value of bare) await broker.sendToChannel(ch, value);
-		await eventually(() => expect(seen).toHaveLength(1 + bare.length));
-		expect(seen).toEqual(expect.arrayContaining([payload, ...bare]));
-		const received = seen.find(p => (p as { id?: string })?.id === "u1") as typeof payload;
-		expect(received.text).toBe(payload.text);
-		expect(received.large).toHaveLength(32 * 1024);
-		expect(Object.is(received.numbers.float, 0.1 + 0.2)).toBe(true);
-	});
+	contract(
+		"delivers a payload intact: objects, arrays, unicode, numbers",
+		async ({ channel, start }) => {
+			const ch = channel("payload");
+			const payload = {
+				id: "u1",
+				text: 'Grüße, 日本語, עברית, 🎉 👩‍👩‍👧, e\u0301, line\nbreak, "quoted" \\ tab\t \u2028 end',
+				numbers: {
+					zero: 0,
+					negative: -42,
+					float: 0.1 + 0.2,
+					tiny: 5e-324,
+					huge: 1.7976931348623157e308,
+					maxSafe: Number.MAX_SAFE_INTEGER,
+					minSafe: Number.MIN_SAFE_INTEGER
+				},
+				flags: [true, false, null],
+				nested: {
+					list: [1, "two", { three: [3, 3.5] }],
+					empty: {},
+					none: [] as unknown[],
+					deep: { a: { b: { c: { d: "e" } } } }
+				},
+				"key with spaces": "ok",
+				ключ: "значение",
+				"🔑": "emoji key",
+				large: "ü".repeat(32 * 1024)
+			};
+			const bare = ["a bare string: ☃", 12.5, -0.001, [1, "zwei", { drei: 3 }], true];
+			const seen: unknown[] = [];
+			const broker = await start([consumer("reader", ch, p => seen.push(p))]);
+			await broker.sendToChannel(ch, payload);
+			for (const value of bare) await broker.sendToChannel(ch, value);
+			await eventually(() => expect(seen).toHaveLength(1 + bare.length));
+			expect(seen).toEqual(expect.arrayContaining([payload, ...bare]));
+			const received = seen.find(p => (p as { id?: string })?.id === "u1") as typeof payload;
+			expect(received.text).toBe(payload.text);
+			expect(received.large).toHaveLength(32 * 1024);
+			expect(Object.is(received.numbers.float, 0.1 + 0.2)).toBe(true);
+		}
+	);
 
 	contract(
 		"delivers a payload whose keys have a dot or a leading $ intact",
 		async ({ channel, start }) => {
 			const ch = channel("keys");
-			const payload = { id: "k1", "utm.source": "mail", $type: "member", nested: { "a.b": { $c: 1 } } };
+			const payload = {
+				id: "k1",
+				"utm.source": "mail",
+				$type: "member",
+				nested: { "a.b": { $c: 1 } }
+			};
 			const seen: unknown[] = [];
 			const broker = await start([consumer("reader", ch, p => seen.push(p))]);
 			await broker.sendToChannel(ch, payload);

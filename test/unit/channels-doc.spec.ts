@@ -23,7 +23,10 @@ test("docs/channels.md is what the code says (run `npm run docs:channels` after 
 	const generated = channelDoc(table);
 	if (written === generated) return;
 	const [have, want] = [written.split("\n"), generated.split("\n")];
-	const line = Array.from({ length: Math.max(have.length, want.length) }, (_, i) => i).find(i => have[i] !== want[i]) ?? 0;
+	const line =
+		Array.from({ length: Math.max(have.length, want.length) }, (_, i) => i).find(
+			i => have[i] !== want[i]
+		) ?? 0;
 	throw new Error(
 		`docs/channels.md is out of date: run \`npm run docs:channels\` and commit the result.\n` +
 			`First difference, line ${line + 1}:\n  docs/channels.md: ${have[line] ?? "(missing)"}\n  from the code:    ${want[line] ?? "(nothing)"}`
@@ -45,7 +48,9 @@ test("every producing call names its channel where the table can read it", () =>
 
 test("every channel of `Channels` has a producer service and a consumer group", () => {
 	const unproduced = table.channels.filter(c => c.producers.length === 0).map(c => c.channel);
-	const unconsumed = table.channels.filter(c => c.consumers.length === 0 && !(c.channel in UNCONSUMED_BY_DESIGN)).map(c => c.channel);
+	const unconsumed = table.channels
+		.filter(c => c.consumers.length === 0 && !(c.channel in UNCONSUMED_BY_DESIGN))
+		.map(c => c.channel);
 	expect({ unproduced, unconsumed }).toEqual({ unproduced: [], unconsumed: [] });
 });
 

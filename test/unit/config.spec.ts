@@ -11,12 +11,22 @@ import { createTestBroker, withSettings, type AnyServiceSchema } from "../helper
 describe("configuration", () => {
 	it("has defaults that run on an empty machine", () => {
 		const config = loadConfig({});
-		expect(config).toMatchObject({ port: 3000, earnRateBp: 100, settlementFeeBp: 200, rateLimit: 6000, apiKeys: [] });
+		expect(config).toMatchObject({
+			port: 3000,
+			earnRateBp: 100,
+			settlementFeeBp: 200,
+			rateLimit: 6000,
+			apiKeys: []
+		});
 		expect(config.mongoUri).toBeUndefined();
 	});
 
 	it("reads API_KEYS as tokens and roles, a staff token with or without a name", () => {
-		expect(parseApiKeys("aaaaaaaaaaaaaaaa=staff, bbbbbbbbbbbbbbbb=merchant:20,cccccccccccccccc=staff:alice.kim")).toEqual([
+		expect(
+			parseApiKeys(
+				"aaaaaaaaaaaaaaaa=staff, bbbbbbbbbbbbbbbb=merchant:20,cccccccccccccccc=staff:alice.kim"
+			)
+		).toEqual([
 			{ token: "aaaaaaaaaaaaaaaa", role: { kind: "staff" } },
 			{ token: "bbbbbbbbbbbbbbbb", role: { kind: "merchant", merchantId: "20" } },
 			{ token: "cccccccccccccccc", role: { kind: "staff", name: "alice.kim" } }
@@ -50,9 +60,14 @@ describe("configuration", () => {
 	});
 
 	it("keeps idempotency keys at least 24 hours", () => {
-		expect(loadConfig({})).toMatchObject({ idempotencyRetentionHours: 24, idempotencyLeaseMs: 30_000 });
+		expect(loadConfig({})).toMatchObject({
+			idempotencyRetentionHours: 24,
+			idempotencyLeaseMs: 30_000
+		});
 		expect(loadConfig({ IDEMPOTENCY_RETENTION_HOURS: "48" }).idempotencyRetentionHours).toBe(48);
-		expect(() => loadConfig({ IDEMPOTENCY_RETENTION_HOURS: "1" })).toThrow(/IDEMPOTENCY_RETENTION_HOURS must be at least 24, got 1/);
+		expect(() => loadConfig({ IDEMPOTENCY_RETENTION_HOURS: "1" })).toThrow(
+			/IDEMPOTENCY_RETENTION_HOURS must be at least 24, got 1/
+		);
 	});
 });
 
@@ -67,16 +82,29 @@ describe("services' settings", () => {
 	};
 
 	it("take their defaults from the configuration of the broker they run on", async () => {
-		const settings = await settingsOf([DealsService, PaymentsService, BillingService, PointsService, DashboardService], {
-			CALL_TIMEOUT_MS: "300",
-			EARN_RATE: "0.05",
-			PAYMENT_LIMIT: "5",
-			MONTH_END_GRACE_MINUTES: "1",
-			POINTS_VALID_MONTHS: "24"
+		const settings = await settingsOf(
+			[DealsService, PaymentsService, BillingService, PointsService, DashboardService],
+			{
+				CALL_TIMEOUT_MS: "300",
+				EARN_RATE: "0.05",
+				PAYMENT_LIMIT: "5",
+				MONTH_END_GRACE_MINUTES: "1",
+				POINTS_VALID_MONTHS: "24"
+			}
+		);
+		expect(settings.points).toMatchObject({
+			pointsValidMonths: 24,
+			callTimeoutMs: 300,
+			expiryCheckMs: 60_000,
+			sweepIntervalMs: 5000
 		});
-		expect(settings.points).toMatchObject({ pointsValidMonths: 24, callTimeoutMs: 300, expiryCheckMs: 60_000, sweepIntervalMs: 5000 });
 		expect(settings.dashboard).toMatchObject({ pointsValidMonths: 24 });
-		expect(settings.deals).toMatchObject({ callTimeoutMs: 300, pendingTimeoutMs: 300, pendingSweepMs: 300, earnRateBp: 500 });
+		expect(settings.deals).toMatchObject({
+			callTimeoutMs: 300,
+			pendingTimeoutMs: 300,
+			pendingSweepMs: 300,
+			earnRateBp: 500
+		});
 		expect(settings.payments).toMatchObject({ limit: 5, delayMs: 0 });
 		expect(settings.billing).toMatchObject({
 			monthEnd: { graceMs: 60_000, firstCheckMs: 10_000, checkEveryMs: 60_000 },
@@ -86,24 +114,40 @@ describe("services' settings", () => {
 
 	it("are overridden by a schema's own settings, also inside nested ones", async () => {
 		const settings = await settingsOf(
-			[withSettings(DealsService, { pendingTimeoutMs: 50 }), withSettings(BillingService, { monthEnd: { checkEveryMs: 20 } })],
+			[
+				withSettings(DealsService, { pendingTimeoutMs: 50 }),
+				withSettings(BillingService, { monthEnd: { checkEveryMs: 20 } })
+			],
 			{
 				CALL_TIMEOUT_MS: "300"
 			}
 		);
-		expect(settings.deals).toMatchObject({ callTimeoutMs: 300, pendingTimeoutMs: 50, pendingSweepMs: 300 });
-		expect(settings.billing).toMatchObject({ monthEnd: { graceMs: 600_000, firstCheckMs: 10_000, checkEveryMs: 20 } });
+		expect(settings.deals).toMatchObject({
+			callTimeoutMs: 300,
+			pendingTimeoutMs: 50,
+			pendingSweepMs: 300
+		});
+		expect(settings.billing).toMatchObject({
+			monthEnd: { graceMs: 600_000, firstCheckMs: 10_000, checkEveryMs: 20 }
+		});
 	});
 
 	it("keep the gateway's tokens to the node", async () => {
-		const broker = createTestBroker([ApiService], { API_KEYS: "aaaaaaaaaaaaaaaa=staff", PORT: "0" });
+		const broker = createTestBroker([ApiService], {
+			API_KEYS: "aaaaaaaaaaaaaaaa=staff",
+			PORT: "0"
+		});
 		await broker.start();
 		try {
 			const api = broker.getLocalService("api") as unknown as Service<Record<string, unknown>>;
-			expect(api.settings.apiKeys).toEqual([{ token: "aaaaaaaaaaaaaaaa", role: { kind: "staff" } }]);
+			expect(api.settings.apiKeys).toEqual([
+				{ token: "aaaaaaaaaaaaaaaa", role: { kind: "staff" } }
+			]);
 			expect(api.settings.port).toBe(0);
 			// What the node tells the others about its services.
-			const list = broker.registry.getServiceList as (opts: object) => { name: string; settings?: object }[];
+			const list = broker.registry.getServiceList as (
+				opts: object
+			) => { name: string; settings?: object }[];
 			const shared = list.call(broker.registry, { withSettings: true }).find(s => s.name === "api");
 			expect(shared?.settings).toMatchObject({ retryAfterSeconds: 5 });
 			expect(shared?.settings).not.toHaveProperty("apiKeys");

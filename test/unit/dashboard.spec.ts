@@ -12,7 +12,14 @@ describe("dashboard read model", () => {
 	let broker: ServiceBroker;
 	let send: Send;
 	const at = (minute: number) => new Date(Date.UTC(2026, 10, 2, 10, minute)).toISOString();
-	const entry = (cause: string, kind: string, amount: number, balanceAfter: number, minute: number, merchantId = "20") => ({
+	const entry = (
+		cause: string,
+		kind: string,
+		amount: number,
+		balanceAfter: number,
+		minute: number,
+		merchantId = "20"
+	) => ({
 		cause,
 		memberId: "0001",
 		kind,
@@ -34,7 +41,13 @@ describe("dashboard read model", () => {
 	afterAll(() => broker.stop());
 
 	it("follows the ledger into balance, totals, series, months and merchants — once per entry, in any order", async () => {
-		const deal = (dealId: string, type: string, point: number, minute: number, merchantId = "20") => ({
+		const deal = (
+			dealId: string,
+			type: string,
+			point: number,
+			minute: number,
+			merchantId = "20"
+		) => ({
 			dealId,
 			memberId: "0001",
 			merchantId,
@@ -45,10 +58,25 @@ describe("dashboard read model", () => {
 		});
 		// The ledger arrives before the joining, twice.
 		const postings = [
-			{ memberId: "0001", entries: [entry("deal:d1", "earn", 1000, 1000, 1)], lots: {}, version: 1 },
+			{
+				memberId: "0001",
+				entries: [entry("deal:d1", "earn", 1000, 1000, 1)],
+				lots: {},
+				version: 1
+			},
 			{ memberId: "0001", entries: [entry("deal:d2", "use", -100, 900, 2)], lots: {}, version: 2 },
-			{ memberId: "0001", entries: [entry("deal:d3", "earn", 500, 1400, 3, "21")], lots: {}, version: 3 },
-			{ memberId: "0001", entries: [entry("deal-cancel:d2", "restore", 100, 1500, 4)], lots: {}, version: 4 }
+			{
+				memberId: "0001",
+				entries: [entry("deal:d3", "earn", 500, 1400, 3, "21")],
+				lots: {},
+				version: 3
+			},
+			{
+				memberId: "0001",
+				entries: [entry("deal-cancel:d2", "restore", 100, 1500, 4)],
+				lots: {},
+				version: 4
+			}
 		];
 		// Out of order, and each twice.
 		for (const i of [0, 2, 1, 3, 3, 0, 1, 2]) await send("points.posted", postings[i]);
@@ -74,24 +102,27 @@ describe("dashboard read model", () => {
 		);
 		const view = await member();
 		expect(view.series.map((p: { balance: number }) => p.balance)).toEqual([1000, 900, 1400, 1500]);
-		expect(view.monthly).toEqual([{ month: "202611", earned: 1500, used: 100, cancelled: 100, expired: 0, adjusted: 0 }]);
+		expect(view.monthly).toEqual([
+			{ month: "202611", earned: 1500, used: 100, cancelled: 100, expired: 0, adjusted: 0 }
+		]);
 		expect(view.byMerchant).toEqual([
 			{ merchantId: "20", earned: 1000, used: 100 },
 			{ merchantId: "21", earned: 500, used: 0 }
 		]);
 		// The use's cancellation (on a channel of its own) may land last.
 		await eventually(async () =>
-			expect((await member()).latest.map((t: { id: string; status: string }) => `${t.id} ${t.status}`)).toEqual([
-				"d4 fail",
-				"d3 success",
-				"d2 cancelled",
-				"d1 success"
-			])
+			expect(
+				(await member()).latest.map((t: { id: string; status: string }) => `${t.id} ${t.status}`)
+			).toEqual(["d4 fail", "d3 success", "d2 cancelled", "d1 success"])
 		);
 	});
 
 	it("pages a member's transactions", async () => {
-		const page = await broker.call<any, object>("dashboard.transactions", { memberId: "0001", page: 2, pageSize: 3 });
+		const page = await broker.call<any, object>("dashboard.transactions", {
+			memberId: "0001",
+			page: 2,
+			pageSize: 3
+		});
 		expect(page).toMatchObject({ total: 4, page: 2, pageSize: 3 });
 		expect(page.rows.map((t: { id: string }) => t.id)).toEqual(["d1"]);
 	});
@@ -100,7 +131,12 @@ describe("dashboard read model", () => {
 		const overview = await broker.call<any, object>("dashboard.overview", { days: 92 });
 		expect(overview).toMatchObject({ members: 1, activeAccounts: 1, pointsOutstanding: 1500 });
 		expect(overview.dealsPerDay).toEqual([{ day: "2026-11-02", deals: 4 }]);
-		expect(overview.topMerchants[0]).toEqual({ merchantId: "20", deals: 3, earnedPoints: 1000, usedPoints: 0 });
+		expect(overview.topMerchants[0]).toEqual({
+			merchantId: "20",
+			deals: 3,
+			earnedPoints: 1000,
+			usedPoints: 0
+		});
 		expect(overview.settlementPreview).toEqual([]);
 	});
 
@@ -109,13 +145,29 @@ describe("dashboard read model", () => {
 		await send("points.posted", {
 			memberId: "0001",
 			closed: true,
-			entries: [{ ...entry("expiry:0001", "expire", -1500, 0, 9), sourceType: "member", merchantId: undefined }],
+			entries: [
+				{
+					...entry("expiry:0001", "expire", -1500, 0, 9),
+					sourceType: "member",
+					merchantId: undefined
+				}
+			],
 			lots: {},
 			version: 5
 		});
-		await eventually(async () => expect((await member()).member).toMatchObject({ status: "withdrawn", balance: 0, expired: 1500 }));
 		await eventually(async () =>
-			expect(await broker.call("dashboard.overview", {})).toMatchObject({ members: 1, activeAccounts: 0, pointsOutstanding: 0 })
+			expect((await member()).member).toMatchObject({
+				status: "withdrawn",
+				balance: 0,
+				expired: 1500
+			})
+		);
+		await eventually(async () =>
+			expect(await broker.call("dashboard.overview", {})).toMatchObject({
+				members: 1,
+				activeAccounts: 0,
+				pointsOutstanding: 0
+			})
 		);
 	});
 
@@ -126,7 +178,10 @@ describe("dashboard read model", () => {
 		};
 		await send("member.joined", { memberId: "0002", name: "Lee", joinedAt: at(10) });
 		// The crash: the ledger entry's copy and the deal's row were written, nothing after them.
-		const { cause, ...earned } = { ...entry("deal:c1", "earn", 700, 700, 11, "22"), memberId: "0002" };
+		const { cause, ...earned } = {
+			...entry("deal:c1", "earn", 700, 700, 11, "22"),
+			memberId: "0002"
+		};
 		await dashboard.store.insertUnique({ _id: cause, ...earned });
 		const used = {
 			dealId: "c2",
@@ -152,23 +207,43 @@ describe("dashboard read model", () => {
 			month: used.dealDate.slice(0, 7).replace("-", "")
 		});
 		// The events are delivered again, as they are after a crash before their acknowledgement.
-		await send("points.posted", { memberId: "0002", entries: [{ cause, ...earned }], lots: {}, version: 1 });
+		await send("points.posted", {
+			memberId: "0002",
+			entries: [{ cause, ...earned }],
+			lots: {},
+			version: 1
+		});
 		await send("deal.used", used);
 		await eventually(async () =>
-			expect((await broker.call<any, object>("dashboard.member", { memberId: "0002" })).member).toMatchObject({ balance: 700, earned: 700 })
+			expect(
+				(await broker.call<any, object>("dashboard.member", { memberId: "0002" })).member
+			).toMatchObject({ balance: 700, earned: 700 })
 		);
 		const overview = await broker.call<any, object>("dashboard.overview", {});
 		expect(overview).toMatchObject({ members: 2, activeAccounts: 1, pointsOutstanding: 700 });
-		expect(overview.topMerchants).toContainEqual({ merchantId: "22", deals: 1, earnedPoints: 0, usedPoints: 50 });
+		expect(overview.topMerchants).toContainEqual({
+			merchantId: "22",
+			deals: 1,
+			earnedPoints: 0,
+			usedPoints: 50
+		});
 		await eventually(async () =>
 			expect((await broker.call<any, object>("dashboard.overview", {})).settlementPreview).toEqual([
-				{ merchantId: "22", billingMonth: "202611", usedPoints: 50, adjustmentPoints: 0, billingAmount: 49 }
+				{
+					merchantId: "22",
+					billingMonth: "202611",
+					usedPoints: 50,
+					adjustmentPoints: 0,
+					billingAmount: 49
+				}
 			])
 		);
 	});
 
 	it("answers 404 for a member it has not seen", async () => {
-		await expect(broker.call("dashboard.member", { memberId: "nobody" })).rejects.toMatchObject({ code: 404 });
+		await expect(broker.call("dashboard.member", { memberId: "nobody" })).rejects.toMatchObject({
+			code: 404
+		});
 	});
 });
 
@@ -198,7 +273,12 @@ describe("dashboard: points expiring soon", () => {
 	beforeAll(async () => {
 		// Valid two months: at the end of November, September's earnings expire.
 		broker = createTestBroker([
-			{ name: "dashboard", mixins: [DashboardService as any], settings: { pointsValidMonths: 2 }, methods: { now: () => clock } }
+			{
+				name: "dashboard",
+				mixins: [DashboardService as any],
+				settings: { pointsValidMonths: 2 },
+				methods: { now: () => clock }
+			}
 		]);
 		await broker.start();
 		send = (broker as unknown as { sendToChannel: Send }).sendToChannel.bind(broker);
@@ -213,12 +293,22 @@ describe("dashboard: points expiring soon", () => {
 		await send("points.posted", posting("e001", 3, { "202609": 40, "202610": 200, "202611": 7 }));
 		await send("points.posted", posting("e001", 2, { "202609": 100, "202610": 200 }));
 		await send("points.posted", posting("e002", 5, { "202610": 30 }));
-		await eventually(async () => expect((await broker.call<any, object>("dashboard.member", { memberId: "e001" })).member.earned).toBe(3));
-		await eventually(async () => expect((await broker.call<any, object>("dashboard.member", { memberId: "e002" })).member.earned).toBe(1));
+		await eventually(async () =>
+			expect(
+				(await broker.call<any, object>("dashboard.member", { memberId: "e001" })).member.earned
+			).toBe(3)
+		);
+		await eventually(async () =>
+			expect(
+				(await broker.call<any, object>("dashboard.member", { memberId: "e002" })).member.earned
+			).toBe(1)
+		);
 
 		// The lots land in the member's row after the entries: wait for them as well.
 		await eventually(async () =>
-			expect((await broker.call<any, object>("dashboard.member", { memberId: "e001" })).expiring).toEqual([
+			expect(
+				(await broker.call<any, object>("dashboard.member", { memberId: "e001" })).expiring
+			).toEqual([
 				{ month: "202611", expiresAt: "2026-12-01T00:00:00.000Z", points: 40 },
 				{ month: "202612", expiresAt: "2027-01-01T00:00:00.000Z", points: 200 },
 				{ month: "202701", expiresAt: "2027-02-01T00:00:00.000Z", points: 7 }

@@ -21,20 +21,25 @@ interface ComposeService {
 }
 
 describe("deployment files", () => {
-	const compose = parse(read("docker-compose.yml"), { merge: true }) as { services: Record<string, ComposeService> };
+	const compose = parse(read("docker-compose.yml"), { merge: true }) as {
+		services: Record<string, ComposeService>;
+	};
 	const nodes = Object.values(compose.services).filter(s => s.build);
 
 	it("health-checks every container and starts each only after what it depends on is healthy", () => {
 		for (const [name, service] of Object.entries(compose.services)) {
 			expect({ name, test: service.healthcheck?.test?.[0] }).toEqual({ name, test: "CMD" });
-			for (const dependency of Object.values(service.depends_on ?? {})) expect(dependency.condition).toBe("service_healthy");
+			for (const dependency of Object.values(service.depends_on ?? {}))
+				expect(dependency.condition).toBe("service_healthy");
 		}
 	});
 
 	it("runs NATS with JetStream and every service of services/ on some node", () => {
 		expect(compose.services.nats.command).toContain("-js");
 		const placed = nodes.flatMap(n => (n.environment?.SERVICES ?? "").split(","));
-		const services = fs.readdirSync(path.join(ROOT, "services")).map(f => f.replace(".service.ts", ""));
+		const services = fs
+			.readdirSync(path.join(ROOT, "services"))
+			.map(f => f.replace(".service.ts", ""));
 		expect(placed.sort()).toEqual(services.sort());
 		for (const node of nodes)
 			expect(node.environment).toMatchObject({
@@ -46,17 +51,21 @@ describe("deployment files", () => {
 	it("sets only environment variables the configuration (or moleculer-runner: SERVICES) reads", () => {
 		const configSource = read("config/index.ts");
 		for (const node of nodes)
-			for (const name of Object.keys(node.environment ?? {}).filter(n => n !== "SERVICES")) expect(configSource).toContain(`"${name}"`);
+			for (const name of Object.keys(node.environment ?? {}).filter(n => n !== "SERVICES"))
+				expect(configSource).toContain(`"${name}"`);
 	});
 
 	it("runs, in the image, files that `npm run build` produces", () => {
 		const cmd = /^CMD (\[.*\])$/m.exec(read("Dockerfile"));
 		const args = JSON.parse(cmd?.[1] ?? "[]") as string[];
 		// Checked against the sources, so that the fast tier needs no build: dist/x.js is compiled from x.ts.
-		const sourceOf = (file: string) => (file.startsWith("dist/") ? file.replace(/^dist\//, "").replace(/\.js$/, ".ts") : file);
+		const sourceOf = (file: string) =>
+			file.startsWith("dist/") ? file.replace(/^dist\//, "").replace(/\.js$/, ".ts") : file;
 		for (const file of args.filter(a => a.startsWith("dist/") || a.startsWith("node_modules/")))
 			expect(fs.existsSync(path.join(ROOT, sourceOf(file)))).toBe(true);
 		expect(read("Dockerfile")).toContain("SERVICEDIR=dist/services");
-		expect(fs.readdirSync(path.join(ROOT, "services")).some(f => f.endsWith(".service.ts"))).toBe(true);
+		expect(fs.readdirSync(path.join(ROOT, "services")).some(f => f.endsWith(".service.ts"))).toBe(
+			true
+		);
 	});
 });

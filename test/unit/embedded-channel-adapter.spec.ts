@@ -32,7 +32,10 @@ describe("embedded channel adapter", () => {
 		const broker = createTestBroker(services);
 		brokers.push(broker);
 		await broker.start();
-		return { broker, send: (broker as unknown as { sendToChannel: Send }).sendToChannel.bind(broker) };
+		return {
+			broker,
+			send: (broker as unknown as { sendToChannel: Send }).sendToChannel.bind(broker)
+		};
 	};
 	afterEach(async () => {
 		await Promise.all(brokers.splice(0).map(b => b.stop()));
@@ -59,7 +62,15 @@ describe("embedded channel adapter", () => {
 		const dead: unknown[] = [];
 		const { send } = await start([
 			consumer(seen, 100, 2),
-			{ name: "watcher", channels: { DEAD_LETTERS: { group: "watcher", handler: async (payload: unknown) => void dead.push(payload) } } }
+			{
+				name: "watcher",
+				channels: {
+					DEAD_LETTERS: {
+						group: "watcher",
+						handler: async (payload: unknown) => void dead.push(payload)
+					}
+				}
+			}
 		]);
 		await send("thing.happened", { id: "d1" });
 		await eventually(() => expect(dead).toEqual([{ id: "d1" }]));
@@ -97,7 +108,10 @@ describe("embedded channel adapter", () => {
 		await broker.stop();
 		brokers.splice(0);
 		// A process killed halfway through writing a line.
-		fs.appendFileSync(path.join(process.env.DATA_DIR as string, "channels", "messages.db"), '{"_id":"0torn","chan');
+		fs.appendFileSync(
+			path.join(process.env.DATA_DIR as string, "channels", "messages.db"),
+			'{"_id":"0torn","chan'
+		);
 		const [again, late]: unknown[][] = [[], []];
 		await start([consumer(again), other(late, false)]);
 		await eventually(() => expect(late).toEqual([{ id: "g1" }]));
@@ -168,7 +182,10 @@ describe("embedded channel adapter", () => {
 			pending: [],
 			orphan: true
 		};
-		fs.appendFileSync(path.join(process.env.DATA_DIR as string, "channels", "messages.db"), `${JSON.stringify(orphan)}\n`);
+		fs.appendFileSync(
+			path.join(process.env.DATA_DIR as string, "channels", "messages.db"),
+			`${JSON.stringify(orphan)}\n`
+		);
 		const seen: unknown[] = [];
 		await start([consumer(seen)]);
 		await eventually(() => expect(seen).toEqual([{ id: "orphan1" }]));
@@ -194,7 +211,12 @@ describe("embedded channel adapter", () => {
 			},
 			{
 				name: "other",
-				channels: { "thing.broke": { group: "other", handler: async (payload: { id: string }) => void others.push(payload) } }
+				channels: {
+					"thing.broke": {
+						group: "other",
+						handler: async (payload: { id: string }) => void others.push(payload)
+					}
+				}
 			},
 			DeadLettersService
 		]);
@@ -217,7 +239,9 @@ describe("embedded channel adapter", () => {
 		expect(broker.metrics.getMetric("onepoint.dead_letters.waiting")?.get()?.value).toBe(1);
 
 		broken = false;
-		expect(await broker.call("dead-letters.replay", { id: letters[0].id })).toMatchObject({ count: 1 });
+		expect(await broker.call("dead-letters.replay", { id: letters[0].id })).toMatchObject({
+			count: 1
+		});
 		await eventually(() => expect(seen).toEqual([{ id: "dl1" }]));
 		await expect(broker.call("dead-letters.replay", { id: letters[0].id })).rejects.toMatchObject({
 			code: 409,
@@ -239,15 +263,29 @@ describe("embedded channel adapter", () => {
 	it("tells whether a group has handled everything published before a moment (billing's month close)", async () => {
 		const { broker, send } = await start([consumer([], 1)]);
 		const adapter = (
-			broker as unknown as { channelAdapter: { caughtUp(channels: string[], group: string, before: Date): Promise<boolean> } }
+			broker as unknown as {
+				channelAdapter: {
+					caughtUp(channels: string[], group: string, before: Date): Promise<boolean>;
+				};
+			}
 		).channelAdapter;
 		await send("thing.happened", { id: "c1" });
 		const published = Date.now();
-		expect(await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published + 60_000))).toBe(false);
-		expect(await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published - 60_000))).toBe(true);
+		expect(
+			await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published + 60_000))
+		).toBe(false);
+		expect(
+			await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published - 60_000))
+		).toBe(true);
 		// The retry a second later succeeds.
 		await eventually(async () =>
-			expect(await adapter.caughtUp(["onepoint.thing.happened"], "consumer", new Date(published + 60_000))).toBe(true)
+			expect(
+				await adapter.caughtUp(
+					["onepoint.thing.happened"],
+					"consumer",
+					new Date(published + 60_000)
+				)
+			).toBe(true)
 		);
 	});
 });

@@ -13,7 +13,11 @@ interface Entry {
 }
 
 /** The points service on a clock the test moves, its expiry job checking for a new day every 20 ms and reading 7 accounts at a time. */
-const pointsOnClock = (clock: () => Date, pointsValidMonths: number, methods: Record<string, unknown> = {}) => ({
+const pointsOnClock = (
+	clock: () => Date,
+	pointsValidMonths: number,
+	methods: Record<string, unknown> = {}
+) => ({
 	name: "points",
 	// Moleculer types a mixin as the plain schema; this one is typed with its own settings.
 	mixins: [PointsService as unknown as Partial<ServiceSchema>],
@@ -22,23 +26,35 @@ const pointsOnClock = (clock: () => Date, pointsValidMonths: number, methods: Re
 });
 
 function client(broker: ServiceBroker) {
-	const send: Send = (channel, payload) => (broker as unknown as { sendToChannel: Send }).sendToChannel(channel, payload);
-	const account = (memberId: string) => broker.call<AccountView, object>("points.get", { memberId });
+	const send: Send = (channel, payload) =>
+		(broker as unknown as { sendToChannel: Send }).sendToChannel(channel, payload);
+	const account = (memberId: string) =>
+		broker.call<AccountView, object>("points.get", { memberId });
 	const ledger = async (memberId: string) =>
-		(await broker.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows;
+		(await broker.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 }))
+			.rows;
 	return {
 		send,
 		account,
 		ledger,
 		balance: async (memberId: string) => (await account(memberId)).balance,
-		expiries: async (memberId: string) => (await ledger(memberId)).filter(e => e.cause.startsWith("expire:")),
+		expiries: async (memberId: string) =>
+			(await ledger(memberId)).filter(e => e.cause.startsWith("expire:")),
 		/** An earning, applied before it returns. */
 		earn: async (memberId: string, dealId: string, point: number) => {
 			await send("deal.saved", { dealId, memberId, merchantId: "20", point });
-			await eventually(async () => expect((await ledger(memberId)).some(e => e.cause === `deal:${dealId}`)).toBe(true));
+			await eventually(async () =>
+				expect((await ledger(memberId)).some(e => e.cause === `deal:${dealId}`)).toBe(true)
+			);
 		},
 		use: (memberId: string, dealId: string, amount: number) =>
-			broker.call("points.debit", { memberId, sourceType: "deal", sourceId: dealId, merchantId: "20", amount }),
+			broker.call("points.debit", {
+				memberId,
+				sourceType: "deal",
+				sourceId: dealId,
+				merchantId: "20",
+				amount
+			}),
 		audit: () => broker.call<{ mismatches: unknown[]; expired: number }>("points.audit")
 	};
 }
@@ -109,7 +125,9 @@ describe("points that expire, on a controlled clock", () => {
 			// April ends: February's 50 left expire; January's were all used, so nothing of theirs does.
 			clock = new Date("2026-05-01T00:00:05.000Z");
 			await eventually(async () =>
-				expect(await c.expiries("x001")).toMatchObject([{ cause: "expire:x001:202602", kind: "expire", amount: -50, lotMonth: "202602" }])
+				expect(await c.expiries("x001")).toMatchObject([
+					{ cause: "expire:x001:202602", kind: "expire", amount: -50, lotMonth: "202602" }
+				])
 			);
 			expect(await c.balance("x001")).toBe(700);
 
@@ -132,7 +150,11 @@ describe("points that expire, on a controlled clock", () => {
 		});
 
 		it("is safe to rerun, refuses a month still valid, and counts every expiry in the audit", async () => {
-			expect(await broker.call<ExpiryRun, object>("points.expire", {})).toEqual({ through: "202603", members: 0, points: 0 });
+			expect(await broker.call<ExpiryRun, object>("points.expire", {})).toEqual({
+				through: "202603",
+				members: 0,
+				points: 0
+			});
 			expect(await broker.call<ExpiryRun, object>("points.expire", { through: "202602" })).toEqual({
 				through: "202602",
 				members: 0,
@@ -143,7 +165,10 @@ describe("points that expire, on a controlled clock", () => {
 				type: "EXPIRY_NOT_DUE",
 				data: { through: "202604", due: "202603" }
 			});
-			await expect(broker.call("points.expire", { through: "2026-04" })).rejects.toMatchObject({ code: 422, type: "VALIDATION_ERROR" });
+			await expect(broker.call("points.expire", { through: "2026-04" })).rejects.toMatchObject({
+				code: 422,
+				type: "VALIDATION_ERROR"
+			});
 			expect(await c.expiries("x001")).toHaveLength(2);
 			expect((await c.audit()).expired).toBe(350);
 		});
@@ -167,13 +192,20 @@ describe("points that expire, on a controlled clock", () => {
 			await c.send("deal.cancelled", { dealId: "y-u1", memberId: "x002", merchantId: "20" });
 			await eventually(async () => expect(await c.balance("x002")).toBe(100));
 			clock = new Date("2026-10-01T00:00:01.000Z");
-			await eventually(async () => expect(await c.expiries("x002")).toMatchObject([{ cause: "expire:x002:202607", amount: -40 }]));
+			await eventually(async () =>
+				expect(await c.expiries("x002")).toMatchObject([
+					{ cause: "expire:x002:202607", amount: -40 }
+				])
+			);
 			expect(await c.balance("x002")).toBe(60);
 			clock = new Date("2026-11-01T00:00:01.000Z");
 			// The balance changes before the posting's ledger entry is written (both stores): wait for both.
 			await eventually(async () => {
 				expect(await c.balance("x002")).toBe(0);
-				expect((await c.expiries("x002")).map(e => e.cause)).toEqual(["expire:x002:202608", "expire:x002:202607"]);
+				expect((await c.expiries("x002")).map(e => e.cause)).toEqual([
+					"expire:x002:202608",
+					"expire:x002:202607"
+				]);
 			});
 		});
 
@@ -183,11 +215,15 @@ describe("points that expire, on a controlled clock", () => {
 			await c.earn("x003", "w-d2", 30);
 			await c.send("member.withdrawn", { memberId: "x003", withdrawnAt: clock.toISOString() });
 			await eventually(async () =>
-				expect((await c.ledger("x003")).filter(e => e.kind === "expire").map(e => [e.cause, e.amount])).toEqual([["expiry:x003", -100]])
+				expect(
+					(await c.ledger("x003")).filter(e => e.kind === "expire").map(e => [e.cause, e.amount])
+				).toEqual([["expiry:x003", -100]])
 			);
 			expect(await c.account("x003")).toMatchObject({ balance: 0, status: "closed" });
 			clock = new Date("2027-03-01T00:00:01.000Z");
-			expect(await broker.call<ExpiryRun, object>("points.expire", {})).toMatchObject({ members: 0 });
+			expect(await broker.call<ExpiryRun, object>("points.expire", {})).toMatchObject({
+				members: 0
+			});
 			await drained(broker);
 			expect(await c.expiries("x003")).toEqual([]);
 		});
@@ -195,14 +231,24 @@ describe("points that expire, on a controlled clock", () => {
 		it("counts the balance of an account from before the lots as earned in the month of its last change", async () => {
 			await c.earn("x004", "l-d1", 100);
 			// As such an account is stored: no lots, last changed in January.
-			const points = broker.getLocalService("points") as unknown as { store: { update(query: object, update: object): Promise<number> } };
+			const points = broker.getLocalService("points") as unknown as {
+				store: { update(query: object, update: object): Promise<number> };
+			};
 			await points.store.update(
 				{ _id: "x004" },
 				{ $unset: { lots: true, oldestLot: true }, $set: { updatedAt: "2027-01-15T10:00:00.000Z" } }
 			);
-			expect((await c.account("x004")).expiring).toMatchObject([{ month: "202703", points: 100 }, { points: 0 }, { points: 0 }]);
+			expect((await c.account("x004")).expiring).toMatchObject([
+				{ month: "202703", points: 100 },
+				{ points: 0 },
+				{ points: 0 }
+			]);
 			clock = new Date("2027-04-01T00:00:01.000Z");
-			await eventually(async () => expect(await c.expiries("x004")).toMatchObject([{ cause: "expire:x004:202701", amount: -100 }]));
+			await eventually(async () =>
+				expect(await c.expiries("x004")).toMatchObject([
+					{ cause: "expire:x004:202701", amount: -100 }
+				])
+			);
 			expect(await c.balance("x004")).toBe(0);
 		});
 	});
@@ -222,14 +268,18 @@ describe("points that expire, on a controlled clock", () => {
 			// June ends while the node is down; it starts on July 1st, and dies after a third of the run.
 			clock = new Date("2027-07-01T06:00:00.000Z");
 			let expired = 0;
-			const original = (PointsService.methods as { expireLots: (this: unknown, memberId: string, through: string) => Promise<number> })
-				.expireLots;
+			const original = (
+				PointsService.methods as {
+					expireLots: (this: unknown, memberId: string, through: string) => Promise<number>;
+				}
+			).expireLots;
 			const dying = createTestBroker(
 				[
 					pointsOnClock(() => clock, 1, {
 						expireLots(this: unknown, memberId: string, through: string) {
 							// Counts this test's members only: the store also holds the tests' above.
-							if (memberId.startsWith("r") && ++expired > MEMBERS / 3) throw new Error("The node died");
+							if (memberId.startsWith("r") && ++expired > MEMBERS / 3)
+								throw new Error("The node died");
 							return original.call(this, memberId, through);
 						}
 					})
@@ -239,7 +289,9 @@ describe("points that expire, on a controlled clock", () => {
 			await dying.start();
 			const d = client(dying);
 			await eventually(() => expect(expired).toBeGreaterThan(MEMBERS / 3));
-			expect((await Promise.all(members.map(m => d.balance(m)))).filter(balance => balance === 0)).toHaveLength(MEMBERS / 3);
+			expect(
+				(await Promise.all(members.map(m => d.balance(m)))).filter(balance => balance === 0)
+			).toHaveLength(MEMBERS / 3);
 			await dying.stop();
 
 			// Back, it catches up at start: the rest expire, the first third are not expired again.
@@ -248,11 +300,18 @@ describe("points that expire, on a controlled clock", () => {
 			const a = client(after);
 			try {
 				await eventually(async () =>
-					expect((await Promise.all(members.map(m => a.balance(m)))).every(balance => balance === 0)).toBe(true)
+					expect(
+						(await Promise.all(members.map(m => a.balance(m)))).every(balance => balance === 0)
+					).toBe(true)
 				);
 				for (const memberId of members)
-					expect((await a.expiries(memberId)).map(e => [e.cause, e.amount])).toEqual([[`expire:${memberId}:202705`, -10]]);
-				expect(await after.call<ExpiryRun, object>("points.expire", {})).toMatchObject({ members: 0, points: 0 });
+					expect((await a.expiries(memberId)).map(e => [e.cause, e.amount])).toEqual([
+						[`expire:${memberId}:202705`, -10]
+					]);
+				expect(await after.call<ExpiryRun, object>("points.expire", {})).toMatchObject({
+					members: 0,
+					points: 0
+				});
 				await eventually(async () => expect((await a.audit()).mismatches).toEqual([]));
 			} finally {
 				await after.stop();
@@ -274,7 +333,10 @@ describe("points that expire, on a controlled clock", () => {
 				await c.earn("u001", "u-d2", 50);
 				// October has ended: August's 100 are gone, September's 50 are left to spend.
 				clock = new Date("2027-11-01T00:00:30.000Z");
-				expect(await c.use("u001", "u-u1", 51)).toMatchObject({ applied: false, reason: "INSUFFICIENT_POINTS" });
+				expect(await c.use("u001", "u-u1", 51)).toMatchObject({
+					applied: false,
+					reason: "INSUFFICIENT_POINTS"
+				});
 				expect(await c.use("u001", "u-u2", 30)).toMatchObject({ applied: true, balance: 20 });
 				await eventually(async () =>
 					expect((await c.ledger("u001")).map(e => [e.cause, e.amount])).toEqual([
@@ -285,8 +347,16 @@ describe("points that expire, on a controlled clock", () => {
 					])
 				);
 				// The job, run afterwards, finds nothing left to expire.
-				expect(await broker.call<ExpiryRun, object>("points.expire", {})).toEqual({ through: "202708", members: 0, points: 0 });
-				expect((await c.account("u001")).expiring[0]).toEqual({ month: "202711", expiresAt: "2027-12-01T00:00:00.000Z", points: 20 });
+				expect(await broker.call<ExpiryRun, object>("points.expire", {})).toEqual({
+					through: "202708",
+					members: 0,
+					points: 0
+				});
+				expect((await c.account("u001")).expiring[0]).toEqual({
+					month: "202711",
+					expiresAt: "2027-12-01T00:00:00.000Z",
+					points: 20
+				});
 				await eventually(async () => expect((await c.audit()).mismatches).toEqual([]));
 			} finally {
 				await broker.stop();
@@ -310,7 +380,10 @@ describe("points that expire, on a controlled clock", () => {
 		it("never expires anything", async () => {
 			await c.earn("z001", "z-d1", 500);
 			clock = new Date("2031-06-01T00:00:00.000Z");
-			await expect(broker.call("points.expire", {})).rejects.toMatchObject({ code: 409, type: "EXPIRY_OFF" });
+			await expect(broker.call("points.expire", {})).rejects.toMatchObject({
+				code: 409,
+				type: "EXPIRY_OFF"
+			});
 			expect(await c.account("z001")).toMatchObject({ balance: 500, expiring: [] });
 			expect(await c.expiries("z001")).toEqual([]);
 		});

@@ -19,9 +19,14 @@ import { createTestBroker } from "../helpers/broker";
 import { freePort, TOKENS } from "../helpers/system";
 
 const ROOT = path.resolve(__dirname, "../..");
-const installed = (JSON.parse(fs.readFileSync(path.join(ROOT, "node_modules/moleculer-web/package.json"), "utf8")) as { version: string })
-	.version;
-const stock = (ApiGateway.methods as Record<string, unknown>).callAction as (...args: unknown[]) => unknown;
+const installed = (
+	JSON.parse(
+		fs.readFileSync(path.join(ROOT, "node_modules/moleculer-web/package.json"), "utf8")
+	) as { version: string }
+).version;
+const stock = (ApiGateway.methods as Record<string, unknown>).callAction as (
+	...args: unknown[]
+) => unknown;
 const base64url = (text: string) => createHash("sha256").update(text).digest("base64url");
 
 describe("the patch of moleculer-web's callAction", () => {
@@ -32,7 +37,9 @@ describe("the patch of moleculer-web's callAction", () => {
 	it("wraps a method moleculer-web still has, with the parameters the wrap passes on", () => {
 		expect(typeof stock).toBe("function");
 		expect(stock.length).toBe(CALL_ACTION_ARITY);
-		expect(String(stock)).toMatch(/^async callAction\(route, actionName, req, res, params, isStream\)/);
+		expect(String(stock)).toMatch(
+			/^async callAction\(route, actionName, req, res, params, isStream\)/
+		);
 		expect(stockCallAction(ApiGateway)).toBe(stock);
 	});
 
@@ -40,16 +47,20 @@ describe("the patch of moleculer-web's callAction", () => {
 		expect(() => stockCallAction({ methods: {} })).toThrow(
 			"lib/gateway/idempotent-call.ts patches moleculer-web internals checked against 0.11.0; the installed version lacks callAction"
 		);
-		expect(() => stockCallAction({ methods: { callAction: "no" } })).toThrow("the installed version lacks callAction");
-		expect(() => stockCallAction({ methods: { callAction: async (_route: unknown, _req: unknown) => true } })).toThrow(
-			"moleculer-web's callAction now takes 2 parameters, not 6"
+		expect(() => stockCallAction({ methods: { callAction: "no" } })).toThrow(
+			"the installed version lacks callAction"
 		);
+		expect(() =>
+			stockCallAction({ methods: { callAction: async (_route: unknown, _req: unknown) => true } })
+		).toThrow("moleculer-web's callAction now takes 2 parameters, not 6");
 		// The gateway itself, on a moleculer-web without it: its creation fails, before it listens.
 		const methods = ApiGateway.methods as Record<string, unknown>;
 		const broker = createTestBroker([], { API_KEYS: `${TOKENS.staff}=staff`, PORT: "0" });
 		delete methods.callAction;
 		try {
-			expect(() => broker.createService(ApiService)).toThrow("the installed version lacks callAction");
+			expect(() => broker.createService(ApiService)).toThrow(
+				"the installed version lacks callAction"
+			);
 		} finally {
 			methods.callAction = stock;
 			await broker.stop();
@@ -68,7 +79,11 @@ describe("the patch of moleculer-web's callAction", () => {
 		const post = (route: string, body: object, headers: Record<string, string> = {}) =>
 			fetch(`${url}/api${route}`, {
 				method: "POST",
-				headers: { Authorization: `Bearer ${TOKENS.staff}`, "Content-Type": "application/json", ...headers },
+				headers: {
+					Authorization: `Bearer ${TOKENS.staff}`,
+					"Content-Type": "application/json",
+					...headers
+				},
 				body: JSON.stringify(body)
 			});
 		const idempotency = (action: string) => (ctx: Context<Record<string, unknown>>) => {
@@ -92,8 +107,17 @@ describe("the patch of moleculer-web's callAction", () => {
 					{
 						name: "members",
 						actions: {
-							join(ctx: Context<unknown, { requestId?: string; $statusCode?: number; $location?: string }>) {
-								ran.push({ action: "members.join", params: ctx.params, requestId: ctx.meta.requestId });
+							join(
+								ctx: Context<
+									unknown,
+									{ requestId?: string; $statusCode?: number; $location?: string }
+								>
+							) {
+								ran.push({
+									action: "members.join",
+									params: ctx.params,
+									requestId: ctx.meta.requestId
+								});
 								ctx.meta.$statusCode = 201;
 								ctx.meta.$location = "/api/members/m-1";
 								return { memberId: "m-1", name: "Ann" };
@@ -104,9 +128,15 @@ describe("the patch of moleculer-web's callAction", () => {
 						name: "deals",
 						actions: {
 							create(ctx: Context<{ fail?: string }, { requestId?: string }>) {
-								ran.push({ action: "deals.create", params: ctx.params, requestId: ctx.meta.requestId });
+								ran.push({
+									action: "deals.create",
+									params: ctx.params,
+									requestId: ctx.meta.requestId
+								});
 								if (ctx.params.fail === "undone")
-									throw new Errors.MoleculerError("Points unavailable", 503, "POINTS_UNAVAILABLE", { retryAfter: 5 });
+									throw new Errors.MoleculerError("Points unavailable", 503, "POINTS_UNAVAILABLE", {
+										retryAfter: 5
+									});
 								throw new Errors.MoleculerError("boom", 500, "BOOM");
 							}
 						}
@@ -125,15 +155,27 @@ describe("the patch of moleculer-web's callAction", () => {
 		});
 
 		it("routes a POST through the service's own callAction, and records the answer exactly as sent", async () => {
-			const response = await post("/members", { name: "Ann", email: "ann@example.com" }, { "Idempotency-Key": "k-1" });
+			const response = await post(
+				"/members",
+				{ name: "Ann", email: "ann@example.com" },
+				{ "Idempotency-Key": "k-1" }
+			);
 			const body = Buffer.from(await response.arrayBuffer());
 			expect(response.status).toBe(201);
 			expect(response.headers.get("location")).toBe("/api/members/m-1");
 			expect(JSON.parse(body.toString())).toEqual({ memberId: "m-1", name: "Ann" });
 			expect(ran).toEqual([
-				{ action: "members.join", params: { name: "Ann", email: "ann@example.com" }, requestId: "01JREQUEST0000000000000000" }
+				{
+					action: "members.join",
+					params: { name: "Ann", email: "ann@example.com" },
+					requestId: "01JREQUEST0000000000000000"
+				}
 			]);
-			const running = { scope: base64url(TOKENS.staff), key: "k-1", requestId: "01JREQUEST0000000000000000" };
+			const running = {
+				scope: base64url(TOKENS.staff),
+				key: "k-1",
+				requestId: "01JREQUEST0000000000000000"
+			};
 			expect(asked).toEqual([
 				{
 					action: "begin",
@@ -150,7 +192,10 @@ describe("the patch of moleculer-web's callAction", () => {
 						...running,
 						response: {
 							status: 201,
-							headers: { "Content-Type": "application/json; charset=utf-8", Location: "/api/members/m-1" },
+							headers: {
+								"Content-Type": "application/json; charset=utf-8",
+								Location: "/api/members/m-1"
+							},
 							body: body.toString("base64")
 						} satisfies StoredResponse
 					}
@@ -178,13 +223,28 @@ describe("the patch of moleculer-web's callAction", () => {
 		it("gets the action's failure thrown back, sent by onError, and releases the key on a 5xx", async () => {
 			const failed = await post("/deals", { fail: "boom" }, { "Idempotency-Key": "k-3" });
 			expect(failed.status).toBe(500);
-			expect(await failed.json()).toEqual({ name: "InternalError", message: "Internal server error", code: 500, type: "INTERNAL_ERROR" });
+			expect(await failed.json()).toEqual({
+				name: "InternalError",
+				message: "Internal server error",
+				code: 500,
+				type: "INTERNAL_ERROR"
+			});
 			const undone = await post("/deals", { fail: "undone" }, { "Idempotency-Key": "k-4" });
 			expect(undone.status).toBe(503);
 			expect(undone.headers.get("retry-after")).toBe("5");
 			expect(asked.filter(a => a.action === "release").map(a => a.params)).toEqual([
-				{ scope: base64url(TOKENS.staff), key: "k-3", requestId: "01JREQUEST0000000000000000", renew: false },
-				{ scope: base64url(TOKENS.staff), key: "k-4", requestId: "01JREQUEST0000000000000000", renew: true }
+				{
+					scope: base64url(TOKENS.staff),
+					key: "k-3",
+					requestId: "01JREQUEST0000000000000000",
+					renew: false
+				},
+				{
+					scope: base64url(TOKENS.staff),
+					key: "k-4",
+					requestId: "01JREQUEST0000000000000000",
+					renew: true
+				}
 			]);
 			expect(asked.filter(a => a.action === "complete")).toEqual([]);
 		});

@@ -17,7 +17,10 @@ interface MetricRate {
 
 v8.setFlagsFromString("--allow-natives-syntax");
 // Compiled after the flag is set; a V8 intrinsic, not JavaScript, hence built from a string.
-const haveSameShape = new Function("a", "b", "return %HaveSameMap(a, b)") as (a: object, b: object) => boolean;
+const haveSameShape = new Function("a", "b", "return %HaveSameMap(a, b)") as (
+	a: object,
+	b: object
+) => boolean;
 
 /** Two rates of one metric; the first ticks after a fractional rate (1 request in 7 s, ×60 / 2). */
 async function tickOneOfTwo(settle: boolean): Promise<boolean> {
@@ -27,7 +30,10 @@ async function tickOneOfTwo(settle: boolean): Promise<boolean> {
 		const { settleMetricRateShape } = await import("../../lib/ops/metric-rate-shape");
 		if (settle) settleMetricRateShape();
 		const registry = { opts: {}, changed() {} } as never;
-		const gauge = new MetricTypes.Gauge({ name: "test.requests", type: "gauge", labelNames: ["path"], rate: true }, registry);
+		const gauge = new MetricTypes.Gauge(
+			{ name: "test.requests", type: "gauge", labelNames: ["path"], rate: true },
+			registry
+		);
 		gauge.set(0, { path: "a" });
 		gauge.set(0, { path: "b" });
 		const [ticked, waiting] = [...gauge.values.values()].map(item => item.rate as MetricRate);

@@ -25,7 +25,8 @@ describe("the expiry job on two instances sharing MongoDB", () => {
 	const members = Array.from({ length: MEMBERS }, (_, i) => `c${String(i).padStart(3, "0")}`);
 	const send = (broker: ServiceBroker, channel: string, payload: object) =>
 		(broker as unknown as { sendToChannel: Send }).sendToChannel(channel, payload);
-	const ledger = async (memberId: string) => (await a.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows;
+	const ledger = async (memberId: string) =>
+		(await a.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows;
 
 	// Valid one month; the daily check is far off, so the test runs the job itself.
 	const instance = () =>
@@ -49,11 +50,27 @@ describe("the expiry job on two instances sharing MongoDB", () => {
 
 	it("expires each member's month once, whichever instance gets there first, and uses racing with it never overdraw", async () => {
 		// March: 100 each; April: 50 each.
-		for (const memberId of members) await send(a, "deal.saved", { dealId: `mar-${memberId}`, memberId, merchantId: "20", point: 100 });
-		await eventually(async () => expect((await Promise.all(members.map(ledger))).every(rows => rows.length === 1)).toBe(true));
+		for (const memberId of members)
+			await send(a, "deal.saved", {
+				dealId: `mar-${memberId}`,
+				memberId,
+				merchantId: "20",
+				point: 100
+			});
+		await eventually(async () =>
+			expect((await Promise.all(members.map(ledger))).every(rows => rows.length === 1)).toBe(true)
+		);
 		clock = new Date("2026-04-10T10:00:00.000Z");
-		for (const memberId of members) await send(b, "deal.saved", { dealId: `apr-${memberId}`, memberId, merchantId: "20", point: 50 });
-		await eventually(async () => expect((await Promise.all(members.map(ledger))).every(rows => rows.length === 2)).toBe(true));
+		for (const memberId of members)
+			await send(b, "deal.saved", {
+				dealId: `apr-${memberId}`,
+				memberId,
+				merchantId: "20",
+				point: 50
+			});
+		await eventually(async () =>
+			expect((await Promise.all(members.map(ledger))).every(rows => rows.length === 2)).toBe(true)
+		);
 
 		// May: March's points are due. The job runs twice on each instance while each member, from the
 		// last, tries to use 120 on either: the jobs (in id order) and the uses meet somewhere between.
@@ -78,7 +95,8 @@ describe("the expiry job on two instances sharing MongoDB", () => {
 		for (const [i, memberId] of members.entries()) {
 			const rows = await ledger(memberId);
 			const expiries = rows.filter(e => e.kind === "expire");
-			const balance = (await a.call<{ balance: number }, object>("points.get", { memberId })).balance;
+			const balance = (await a.call<{ balance: number }, object>("points.get", { memberId }))
+				.balance;
 			expect(balance).toBeGreaterThanOrEqual(0);
 			if (uses[i].applied) {
 				// The use came first and took March's 100 and 20 of April's: nothing of March was left to expire.
@@ -94,7 +112,13 @@ describe("the expiry job on two instances sharing MongoDB", () => {
 		}
 		// Every point expired was counted by exactly one run.
 		expect(runs.reduce((sum, run) => sum + run.points, 0)).toBe(expired);
-		await eventually(async () => expect((await b.call<{ mismatches: unknown[] }>("points.audit")).mismatches).toEqual([]));
-		expect(await a.call<ExpiryRun, object>("points.expire", {})).toEqual({ through: "202603", members: 0, points: 0 });
+		await eventually(async () =>
+			expect((await b.call<{ mismatches: unknown[] }>("points.audit")).mismatches).toEqual([])
+		);
+		expect(await a.call<ExpiryRun, object>("points.expire", {})).toEqual({
+			through: "202603",
+			members: 0,
+			points: 0
+		});
 	});
 });

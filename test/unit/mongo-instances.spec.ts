@@ -34,8 +34,14 @@ const count = (id: string) => voidedCounts.set(id, (voidedCounts.get(id) ?? 0) +
 const VoidedCounter: ServiceSchema = {
 	name: "voided-counter",
 	channels: {
-		"deal.voided": { group: "voided-counter", handler: async (payload: { dealId: string }) => void count(payload.dealId) },
-		"order.voided": { group: "voided-counter", handler: async (payload: { orderId: string }) => void count(payload.orderId) }
+		"deal.voided": {
+			group: "voided-counter",
+			handler: async (payload: { dealId: string }) => void count(payload.dealId)
+		},
+		"order.voided": {
+			group: "voided-counter",
+			handler: async (payload: { orderId: string }) => void count(payload.orderId)
+		}
 	}
 };
 
@@ -47,13 +53,24 @@ describe("two instances sharing MongoDB", () => {
 	let mongo: MongoClient;
 	const send = (broker: ServiceBroker, channel: string, payload: object) =>
 		(broker as unknown as { sendToChannel: Send }).sendToChannel(channel, payload);
-	const balance = async (memberId: string) => (await a.call<{ balance: number }, object>("points.get", { memberId })).balance;
-	const history = async (memberId: string) => (await a.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows;
+	const balance = async (memberId: string) =>
+		(await a.call<{ balance: number }, object>("points.get", { memberId })).balance;
+	const history = async (memberId: string) =>
+		(await a.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })).rows;
 	const debit = (broker: ServiceBroker, memberId: string, sourceId: string, amount: number) =>
-		broker.call<PostResult, object>("points.debit", { memberId, sourceType: "deal", sourceId, merchantId: "20", amount });
+		broker.call<PostResult, object>("points.debit", {
+			memberId,
+			sourceType: "deal",
+			sourceId,
+			merchantId: "20",
+			amount
+		});
 	const earn = async (memberId: string, point: number) => {
 		// Joined on either instance: one members store.
-		await (memberId.charCodeAt(memberId.length - 1) % 2 ? a : b).call("members.join", { memberId, name: memberId });
+		await (memberId.charCodeAt(memberId.length - 1) % 2 ? a : b).call("members.join", {
+			memberId,
+			name: memberId
+		});
 		await send(a, "deal.saved", { dealId: `earn-${memberId}`, memberId, merchantId: "20", point });
 		await eventually(async () => expect(await balance(memberId)).toBe(point));
 	};
@@ -87,7 +104,9 @@ describe("two instances sharing MongoDB", () => {
 
 	it("lets exactly the affordable share of uses racing on both instances succeed", async () => {
 		await earn("i001", 1000);
-		const results = await Promise.all(Array.from({ length: 30 }, (_, i) => debit(i % 2 ? a : b, "i001", `race${i}`, 100)));
+		const results = await Promise.all(
+			Array.from({ length: 30 }, (_, i) => debit(i % 2 ? a : b, "i001", `race${i}`, 100))
+		);
 		expect(results.filter(r => r.applied)).toHaveLength(10);
 		expect(await balance("i001")).toBe(0);
 	});
@@ -101,8 +120,12 @@ describe("two instances sharing MongoDB", () => {
 				fingerprint: hash("POST /api/deals {}")
 			});
 		const race = async () => {
-			const results = await Promise.allSettled(Array.from({ length: 20 }, (_, i) => begin(i % 2 ? a : b)));
-			for (const r of results) if (r.status === "rejected") expect(r.reason).toMatchObject({ code: 409, type: "REQUEST_IN_PROGRESS" });
+			const results = await Promise.allSettled(
+				Array.from({ length: 20 }, (_, i) => begin(i % 2 ? a : b))
+			);
+			for (const r of results)
+				if (r.status === "rejected")
+					expect(r.reason).toMatchObject({ code: 409, type: "REQUEST_IN_PROGRESS" });
 			return results.flatMap(r => (r.status === "fulfilled" ? [r.value] : []));
 		};
 		const [first, ...others] = await race();
@@ -122,11 +145,16 @@ describe("two instances sharing MongoDB", () => {
 		const deals = Array.from({ length: 40 }, (_, i) => `aba${i}`);
 		await Promise.all(
 			deals.map(dealId =>
-				Promise.all([debit(a, "i002", dealId, 50), send(b, "deal.voided", { dealId, memberId: "i002", merchantId: "20" })])
+				Promise.all([
+					debit(a, "i002", dealId, 50),
+					send(b, "deal.voided", { dealId, memberId: "i002", merchantId: "20" })
+				])
 			)
 		);
 		await eventually(async () =>
-			expect((await history("i002")).filter(e => e.cause.startsWith("deal-cancel:aba"))).toHaveLength(deals.length)
+			expect(
+				(await history("i002")).filter(e => e.cause.startsWith("deal-cancel:aba"))
+			).toHaveLength(deals.length)
 		);
 		// Each debit was refused (voided first) or undone by its void: nothing is spent.
 		expect(await balance("i002")).toBe(1000);
@@ -139,13 +167,24 @@ describe("two instances sharing MongoDB", () => {
 	it("finishes a posting a store error interrupted with the account's next posting, on either instance", async () => {
 		await earn("i003", 500);
 		// The ledger copy fails once (a failover, a hiccup): the account holds the posting as pending.
-		await mongo
-			.db("admin")
-			.command({ configureFailPoint: "failCommand", mode: { times: 1 }, data: { failCommands: ["insert"], errorCode: 8 } });
+		await mongo.db("admin").command({
+			configureFailPoint: "failCommand",
+			mode: { times: 1 },
+			data: { failCommands: ["insert"], errorCode: 8 }
+		});
 		await expect(debit(a, "i003", "hiccup", 100)).rejects.toThrow();
-		await send(b, "deal.saved", { dealId: "after-hiccup", memberId: "i003", merchantId: "20", point: 200 });
+		await send(b, "deal.saved", {
+			dealId: "after-hiccup",
+			memberId: "i003",
+			merchantId: "20",
+			point: 200
+		});
 		await eventually(async () => expect(await balance("i003")).toBe(600));
-		expect((await history("i003")).map(e => e.cause).sort()).toEqual(["deal:after-hiccup", "deal:earn-i003", "deal:hiccup"]);
+		expect((await history("i003")).map(e => e.cause).sort()).toEqual([
+			"deal:after-hiccup",
+			"deal:earn-i003",
+			"deal:hiccup"
+		]);
 	});
 
 	it("finishes, within seconds and without a restart, a posting an instance died in the middle of", async () => {
@@ -169,15 +208,22 @@ describe("two instances sharing MongoDB", () => {
 			.collection<{ _id: string }>("accounts")
 			.updateOne(
 				{ _id: "i004" },
-				{ $set: { pending: [entry], pendingSince: entry.at, updatedAt: entry.at, lots }, $inc: { balance: -100, version: 1 } }
+				{
+					$set: { pending: [entry], pendingSince: entry.at, updatedAt: entry.at, lots },
+					$inc: { balance: -100, version: 1 }
+				}
 			);
-		await eventually(async () => expect((await history("i004")).map(e => e.cause)).toContain("deal:died"));
+		await eventually(async () =>
+			expect((await history("i004")).map(e => e.cause)).toContain("deal:died")
+		);
 		expect(await balance("i004")).toBe(200);
 		expect(
 			await mongo
 				.db()
 				.collection("accounts")
-				.countDocuments({ $or: [{ "pending.0": { $exists: true } }, { pendingSince: { $exists: true } }] })
+				.countDocuments({
+					$or: [{ "pending.0": { $exists: true } }, { pendingSince: { $exists: true } }]
+				})
 		).toBe(0);
 	});
 
@@ -204,10 +250,15 @@ describe("two instances sharing MongoDB", () => {
 			);
 		await eventually(async () => {
 			for (const id of abandoned)
-				expect(await a.call<DealView, object>("deals.get", { id })).toMatchObject({ status: "fail", reason: "INTERRUPTED" });
+				expect(await a.call<DealView, object>("deals.get", { id })).toMatchObject({
+					status: "fail",
+					reason: "INTERRUPTED"
+				});
 		});
 		await eventually(async () => expect(await balance("i005")).toBe(1000));
-		await eventually(() => expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1)));
+		await eventually(() =>
+			expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1))
+		);
 		// Both instances kept sweeping meanwhile: still once each.
 		await new Promise(resolve => setTimeout(resolve, 600));
 		expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1));
@@ -237,9 +288,14 @@ describe("two instances sharing MongoDB", () => {
 			);
 		await eventually(async () => {
 			for (const id of abandoned)
-				expect(await b.call<OrderView, object>("orders.get", { id })).toMatchObject({ status: "payment_failed", reason: "INTERRUPTED" });
+				expect(await b.call<OrderView, object>("orders.get", { id })).toMatchObject({
+					status: "payment_failed",
+					reason: "INTERRUPTED"
+				});
 		});
-		await eventually(() => expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1)));
+		await eventually(() =>
+			expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1))
+		);
 		await new Promise(resolve => setTimeout(resolve, 600));
 		expect(abandoned.map(id => voidedCounts.get(id))).toEqual(abandoned.map(() => 1));
 	});
@@ -247,13 +303,31 @@ describe("two instances sharing MongoDB", () => {
 	it("sends, within seconds and without a restart, the events a dead instance wrote but never sent", async () => {
 		const joinedAt = new Date(Date.now() - 60_000).toISOString();
 		// What `join` leaves when its process is killed between the write and the send.
-		const event = { id: ulid(Date.now() - 60_000), channel: "member.joined", payload: { memberId: "i007", name: "left", joinedAt } };
+		const event = {
+			id: ulid(Date.now() - 60_000),
+			channel: "member.joined",
+			payload: { memberId: "i007", name: "left", joinedAt }
+		};
 		const members = mongo.db().collection<Record<string, unknown> & { _id: string }>("members");
-		await members.insertOne({ _id: "i007", name: "left", phone: null, email: null, status: "active", joinedAt, outbox: [event] });
+		await members.insertOne({
+			_id: "i007",
+			name: "left",
+			phone: null,
+			email: null,
+			status: "active",
+			joinedAt,
+			outbox: [event]
+		});
 		await eventually(
-			async () => expect(await b.call("points.get", { memberId: "i007" })).toMatchObject({ balance: 0, status: "active" }),
+			async () =>
+				expect(await b.call("points.get", { memberId: "i007" })).toMatchObject({
+					balance: 0,
+					status: "active"
+				}),
 			20_000
 		);
-		await eventually(async () => expect((await members.findOne({ _id: "i007" }))?.outbox).toEqual([]));
+		await eventually(async () =>
+			expect((await members.findOne({ _id: "i007" }))?.outbox).toEqual([])
+		);
 	});
 });

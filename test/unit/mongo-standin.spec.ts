@@ -4,7 +4,14 @@
  */
 import net from "node:net";
 import { deserialize, serialize } from "bson";
-import { Long, MongoBulkWriteError, MongoClient, MongoServerError, ObjectId, type Document } from "mongodb";
+import {
+	Long,
+	MongoBulkWriteError,
+	MongoClient,
+	MongoServerError,
+	ObjectId,
+	type Document
+} from "mongodb";
 import mongoose from "mongoose";
 import { MongoStandIn } from "../mongo/wire-server";
 
@@ -49,9 +56,19 @@ describe("the wire protocol", () => {
 		const doc = serialize(query);
 		const skipAndReturn = Buffer.alloc(8);
 		skipAndReturn.writeInt32LE(-1, 4);
-		return Buffer.concat([header(16 + 4 + name.length + 8 + doc.length, requestId, 2004), Buffer.alloc(4), name, skipAndReturn, doc]);
+		return Buffer.concat([
+			header(16 + 4 + name.length + 8 + doc.length, requestId, 2004),
+			Buffer.alloc(4),
+			name,
+			skipAndReturn,
+			doc
+		]);
 	};
-	const opMsg = (requestId: number, body: Document, sequence?: { field: string; docs: Document[] }) => {
+	const opMsg = (
+		requestId: number,
+		body: Document,
+		sequence?: { field: string; docs: Document[] }
+	) => {
 		const sections = [Buffer.from([0]), serialize(body)];
 		if (sequence) {
 			const docs = sequence.docs.map(doc => serialize(doc));
@@ -77,12 +94,21 @@ describe("the wire protocol", () => {
 				pending = pending.subarray(message.length);
 				const opCode = message.readInt32LE(12);
 				// OP_REPLY's document follows 20 bytes of its own fields; OP_MSG's follows flagBits and a section kind.
-				replies.push({ responseTo: message.readInt32LE(8), opCode, body: deserialize(message.subarray(opCode === 1 ? 36 : 21)) });
+				replies.push({
+					responseTo: message.readInt32LE(8),
+					opCode,
+					body: deserialize(message.subarray(opCode === 1 ? 36 : 21))
+				});
 			}
 		});
 		const received = async (count: number) => {
-			for (const deadline = Date.now() + 5000; replies.length < count; await new Promise(resolve => setTimeout(resolve, 5))) {
-				if (Date.now() > deadline) throw new Error(`${replies.length} of ${count} replies after 5 s`);
+			for (
+				const deadline = Date.now() + 5000;
+				replies.length < count;
+				await new Promise(resolve => setTimeout(resolve, 5))
+			) {
+				if (Date.now() > deadline)
+					throw new Error(`${replies.length} of ${count} replies after 5 s`);
 			}
 			return replies.splice(0, count);
 		};
@@ -97,7 +123,13 @@ describe("the wire protocol", () => {
 		expect(hello).toMatchObject({
 			responseTo: 1,
 			opCode: 1,
-			body: { ismaster: true, isWritablePrimary: true, maxWireVersion: 17, minWireVersion: 0, ok: 1 }
+			body: {
+				ismaster: true,
+				isWritablePrimary: true,
+				maxWireVersion: 17,
+				minWireVersion: 0,
+				ok: 1
+			}
 		});
 		expect(hello.body.compression).toBeUndefined();
 		expect(find).toMatchObject({ responseTo: 2, opCode: 1, body: { ok: 0, code: 352 } });
@@ -106,13 +138,22 @@ describe("the wire protocol", () => {
 
 	it("reads several messages from one chunk, one message from many, and document sequences", async () => {
 		const { socket, received } = await rawConnection();
-		socket.write(Buffer.concat([opMsg(10, { ping: 1, $db: "admin" }), opMsg(11, { buildInfo: 1, $db: "admin" })]));
+		socket.write(
+			Buffer.concat([
+				opMsg(10, { ping: 1, $db: "admin" }),
+				opMsg(11, { buildInfo: 1, $db: "admin" })
+			])
+		);
 		expect(await received(2)).toMatchObject([
 			{ responseTo: 10, opCode: 2013, body: { ok: 1 } },
 			{ responseTo: 11, opCode: 2013, body: { version: "6.0.0-standin", ok: 1 } }
 		]);
 
-		const insert = opMsg(12, { insert: "things", $db: "wire-seq" }, { field: "documents", docs: [{ _id: 1 }, { _id: 2 }] });
+		const insert = opMsg(
+			12,
+			{ insert: "things", $db: "wire-seq" },
+			{ field: "documents", docs: [{ _id: 1 }, { _id: 2 }] }
+		);
 		for (let at = 0; at < insert.length; at += 7) {
 			socket.write(insert.subarray(at, at + 7));
 			await new Promise(resolve => setImmediate(resolve));
@@ -142,7 +183,12 @@ describe("through the driver", () => {
 		const at = new Date("2024-05-01T10:00:00.000Z");
 		const ref = new ObjectId();
 		const big = Long.fromString("9007199254740993");
-		const { insertedId } = await things.insertOne({ at, ref, big, nested: { list: [1, "two", { three: 3 }] } });
+		const { insertedId } = await things.insertOne({
+			at,
+			ref,
+			big,
+			nested: { list: [1, "two", { three: 3 }] }
+		});
 		expect(insertedId).toBeInstanceOf(ObjectId);
 
 		const found = await things.findOne({ _id: insertedId });
@@ -153,7 +199,9 @@ describe("through the driver", () => {
 		expect(await things.findOne({ at, ref })).not.toBeNull();
 
 		// A cursor's later batches show the documents as they were when it was opened.
-		await db.collection<Row>("things").insertMany(Array.from({ length: 5 }, (_, i) => ({ _id: i, n: i })));
+		await db
+			.collection<Row>("things")
+			.insertMany(Array.from({ length: 5 }, (_, i) => ({ _id: i, n: i })));
 		const cursor = things.find({ n: { $exists: true } }, { batchSize: 2 });
 		expect(await cursor.next()).toEqual({ _id: 0, n: 0 });
 		await things.updateMany({}, { $set: { n: -1 } });
@@ -168,11 +216,20 @@ describe("through the driver", () => {
 			{ _id: "c", v: 3 }
 		]);
 
-		expect(await things.replaceOne({ _id: "a" }, { w: 10 })).toMatchObject({ matchedCount: 1, modifiedCount: 1 });
+		expect(await things.replaceOne({ _id: "a" }, { w: 10 })).toMatchObject({
+			matchedCount: 1,
+			modifiedCount: 1
+		});
 		expect(await things.findOne({ _id: "a" })).toEqual({ _id: "a", w: 10 });
-		expect(await things.updateOne({ _id: "b" }, { $set: { v: 2 } })).toMatchObject({ matchedCount: 1, modifiedCount: 0 });
+		expect(await things.updateOne({ _id: "b" }, { $set: { v: 2 } })).toMatchObject({
+			matchedCount: 1,
+			modifiedCount: 0
+		});
 		// Setting `_id` to the value it has is allowed (mongoose does it); changing it is not.
-		expect(await things.updateOne({ _id: "b" }, { $set: { _id: "b", v: 3 } })).toMatchObject({ matchedCount: 1, modifiedCount: 1 });
+		expect(await things.updateOne({ _id: "b" }, { $set: { _id: "b", v: 3 } })).toMatchObject({
+			matchedCount: 1,
+			modifiedCount: 1
+		});
 
 		expect(await codeOf(things.updateOne({ _id: "b" }, { $set: { _id: "z" } }))).toBe(66);
 		expect(await codeOf(things.replaceOne({ _id: "b" }, { _id: "z", v: 9 }))).toBe(66);
@@ -195,7 +252,13 @@ describe("through the driver", () => {
 			profile?: { tier: string };
 		};
 		const members = freshDb().collection<Member>("members");
-		await members.insertOne({ _id: "m1", balance: 100, note: "x", tags: ["a"], pending: [{ id: 1 }, { id: 2 }, { id: 3 }] });
+		await members.insertOne({
+			_id: "m1",
+			balance: 100,
+			note: "x",
+			tags: ["a"],
+			pending: [{ id: 1 }, { id: 2 }, { id: 3 }]
+		});
 
 		const result = await members.updateOne(
 			{ _id: "m1" },
@@ -217,7 +280,9 @@ describe("through the driver", () => {
 			profile: { tier: "gold" }
 		});
 
-		expect(await codeOf(members.updateOne({ _id: "m1" }, { $set: { balance: 1 }, $inc: { balance: 1 } }))).toBe(40);
+		expect(
+			await codeOf(members.updateOne({ _id: "m1" }, { $set: { balance: 1 }, $inc: { balance: 1 } }))
+		).toBe(40);
 		expect(await codeOf(members.updateOne({ _id: "m1" }, { $frobnicate: { balance: 1 } }))).toBe(9);
 	});
 
@@ -226,12 +291,21 @@ describe("through the driver", () => {
 		await deals.insertMany([
 			{ _id: "d1", at: "2024-04-30T23:59:59.999Z", status: "done", pending: [] },
 			{ _id: "d2", at: "2024-05-01T00:00:00.000Z", status: "open", pending: ["x"] },
-			{ _id: "d3", at: "2024-05-31T12:00:00.000Z", status: "done", pending: ["x", "y"], cancelledAt: null },
+			{
+				_id: "d3",
+				at: "2024-05-31T12:00:00.000Z",
+				status: "done",
+				pending: ["x", "y"],
+				cancelledAt: null
+			},
 			{ _id: "d4", at: "2024-06-01T00:00:00.000Z", status: "cancelled" }
 		]);
-		const ids = async (filter: Document) => (await deals.find(filter).sort({ _id: 1 }).toArray()).map(d => d._id);
+		const ids = async (filter: Document) =>
+			(await deals.find(filter).sort({ _id: 1 }).toArray()).map(d => d._id);
 
-		expect(await ids({ at: { $gte: "2024-05-01T00:00:00.000Z", $lt: "2024-06-01T00:00:00.000Z" } })).toEqual(["d2", "d3"]);
+		expect(
+			await ids({ at: { $gte: "2024-05-01T00:00:00.000Z", $lt: "2024-06-01T00:00:00.000Z" } })
+		).toEqual(["d2", "d3"]);
 		expect(await ids({ pending: { $exists: false } })).toEqual(["d4"]);
 		expect(await ids({ "pending.0": { $exists: false } })).toEqual(["d1", "d4"]);
 		expect(await ids({ cancelledAt: { $exists: true } })).toEqual(["d3"]);
@@ -242,10 +316,14 @@ describe("through the driver", () => {
 	});
 
 	it("sorts, skips and limits, and pages a long result through getMore", async () => {
-		const monitored = await new MongoClient(standIn.uri("admin"), { monitorCommands: true }).connect();
+		const monitored = await new MongoClient(standIn.uri("admin"), {
+			monitorCommands: true
+		}).connect();
 		try {
 			const rows = monitored.db(`standin-${++databases}`).collection<Row>("rows");
-			await rows.insertMany(Array.from({ length: 250 }, (_, i) => ({ _id: i, n: i % 50, label: `row ${i}` })));
+			await rows.insertMany(
+				Array.from({ length: 250 }, (_, i) => ({ _id: i, n: i % 50, label: `row ${i}` }))
+			);
 			const page = await rows
 				.find({}, { projection: { label: 0 } })
 				.sort({ n: -1, _id: 1 })
@@ -305,11 +383,23 @@ describe("through the driver", () => {
 		const points = freshDb().collection<Row>("points");
 		await points.insertOne({ _id: "a", balance: 10 });
 
-		expect(await points.findOneAndUpdate({ _id: "a" }, { $inc: { balance: 5 } }, { returnDocument: "after" })).toEqual({
+		expect(
+			await points.findOneAndUpdate(
+				{ _id: "a" },
+				{ $inc: { balance: 5 } },
+				{ returnDocument: "after" }
+			)
+		).toEqual({
 			_id: "a",
 			balance: 15
 		});
-		expect(await points.findOneAndUpdate({ _id: "a" }, { $inc: { balance: 5 } }, { returnDocument: "before" })).toEqual({
+		expect(
+			await points.findOneAndUpdate(
+				{ _id: "a" },
+				{ $inc: { balance: 5 } },
+				{ returnDocument: "before" }
+			)
+		).toEqual({
 			_id: "a",
 			balance: 15
 		});
@@ -330,8 +420,13 @@ describe("through the driver", () => {
 		expect(again.lastErrorObject).toEqual({ n: 1, updatedExisting: true });
 		expect(again.value).toEqual({ _id: "b", tier: "silver", balance: 8, createdBy: "upsert" });
 
-		expect(await points.findOneAndUpdate({ _id: "zz" }, { $set: { x: 1 } }, { returnDocument: "after" })).toBeNull();
-		expect(await points.findOneAndDelete({}, { sort: { balance: -1 } })).toEqual({ _id: "a", balance: 20 });
+		expect(
+			await points.findOneAndUpdate({ _id: "zz" }, { $set: { x: 1 } }, { returnDocument: "after" })
+		).toBeNull();
+		expect(await points.findOneAndDelete({}, { sort: { balance: -1 } })).toEqual({
+			_id: "a",
+			balance: 20
+		});
 		expect(await points.countDocuments()).toBe(1);
 	});
 
@@ -347,7 +442,12 @@ describe("through the driver", () => {
 		const first = await upsert();
 		expect(first).toMatchObject({ matchedCount: 0, modifiedCount: 0, upsertedCount: 1 });
 		expect(first.upsertedId).toBeInstanceOf(ObjectId);
-		expect(await upsert()).toMatchObject({ matchedCount: 1, modifiedCount: 1, upsertedCount: 0, upsertedId: null });
+		expect(await upsert()).toMatchObject({
+			matchedCount: 1,
+			modifiedCount: 1,
+			upsertedCount: 0,
+			upsertedId: null
+		});
 		expect(await months.find({}, { projection: { _id: 0 } }).toArray()).toEqual([
 			{ merchantId: "m1", month: "202405", total: 200, openedAt: "first" }
 		]);
@@ -373,23 +473,35 @@ describe("through the driver", () => {
 
 		const insertError = await members.insertOne({ _id: "d", email: "a@x" }).catch(err => err);
 		expect(insertError).toBeInstanceOf(MongoServerError);
-		expect(insertError).toMatchObject({ code: 11000, keyPattern: { email: 1 }, keyValue: { email: "a@x" } });
+		expect(insertError).toMatchObject({
+			code: 11000,
+			keyPattern: { email: 1 },
+			keyValue: { email: "a@x" }
+		});
 		expect(insertError.message).toContain('index: email_1 dup key: { email: "a@x" }');
 		expect(await codeOf(members.insertOne({ _id: "a", email: "new@x" }))).toBe(11000);
 
 		expect(await codeOf(members.updateOne({ _id: "b" }, { $set: { email: "a@x" } }))).toBe(11000);
 		expect(await codeOf(members.replaceOne({ _id: "b" }, { email: "a@x", name: "B" }))).toBe(11000);
-		expect(await codeOf(members.findOneAndUpdate({ _id: "b" }, { $set: { email: "a@x" } }))).toBe(11000);
-		expect(await codeOf(members.updateOne({ _id: "e" }, { $set: { email: "b@x" } }, { upsert: true }))).toBe(11000);
+		expect(await codeOf(members.findOneAndUpdate({ _id: "b" }, { $set: { email: "a@x" } }))).toBe(
+			11000
+		);
+		expect(
+			await codeOf(members.updateOne({ _id: "e" }, { $set: { email: "b@x" } }, { upsert: true }))
+		).toBe(11000);
 		expect(await members.find().sort({ _id: 1 }).toArray()).toEqual([
 			{ _id: "a", email: "a@x" },
 			{ _id: "b", email: "b@x" }
 		]);
 
 		// Updating a document to its own key is no clash; freeing a key lets another take it.
-		expect(await members.updateOne({ _id: "a" }, { $set: { email: "a@x", seen: true } })).toMatchObject({ modifiedCount: 1 });
+		expect(
+			await members.updateOne({ _id: "a" }, { $set: { email: "a@x", seen: true } })
+		).toMatchObject({ modifiedCount: 1 });
 		await members.updateOne({ _id: "a" }, { $set: { email: "a2@x" } });
-		expect(await members.updateOne({ _id: "b" }, { $set: { email: "a@x" } })).toMatchObject({ modifiedCount: 1 });
+		expect(await members.updateOne({ _id: "b" }, { $set: { email: "a@x" } })).toMatchObject({
+			modifiedCount: 1
+		});
 
 		// A missing field is indexed as null: only one document may lack it.
 		await members.insertOne({ _id: "f" });
@@ -427,7 +539,9 @@ describe("through the driver", () => {
 	it("lets exactly the affordable share of 50 concurrent conditional updates from 5 clients through", async () => {
 		const name = `standin-${++databases}`;
 		await client.db(name).collection<Row>("points").insertOne({ _id: "m", balance: 1000 });
-		const clients = await Promise.all(Array.from({ length: 5 }, () => new MongoClient(standIn.uri(name)).connect()));
+		const clients = await Promise.all(
+			Array.from({ length: 5 }, () => new MongoClient(standIn.uri(name)).connect())
+		);
 		try {
 			const results = await Promise.all(
 				Array.from({ length: 50 }, (_, i) =>
@@ -439,7 +553,10 @@ describe("through the driver", () => {
 			);
 			expect(results.filter(r => r.modifiedCount === 1)).toHaveLength(10);
 			expect(results.every(r => r.matchedCount === r.modifiedCount)).toBe(true);
-			expect(await client.db(name).collection<Row>("points").findOne({ _id: "m" })).toEqual({ _id: "m", balance: 0 });
+			expect(await client.db(name).collection<Row>("points").findOne({ _id: "m" })).toEqual({
+				_id: "m",
+				balance: 0
+			});
 		} finally {
 			await Promise.all(clients.map(c => c.close()));
 		}
@@ -450,11 +567,20 @@ describe("through the driver", () => {
 		await one.collection<Row>("members").insertOne({ _id: "x", in: "one" });
 		await two.collection<Row>("members").insertOne({ _id: "x", in: "two" });
 		await two.collection<Row>("deals").insertOne({ _id: "d" });
-		expect(await one.collection<Row>("members").find().toArray()).toEqual([{ _id: "x", in: "one" }]);
-		expect((await two.listCollections({}, { nameOnly: true }).toArray()).map(c => c.name).sort()).toEqual(["deals", "members"]);
-		expect((await two.listCollections({ name: "deals" }).toArray()).map(c => c.name)).toEqual(["deals"]);
+		expect(await one.collection<Row>("members").find().toArray()).toEqual([
+			{ _id: "x", in: "one" }
+		]);
+		expect(
+			(await two.listCollections({}, { nameOnly: true }).toArray()).map(c => c.name).sort()
+		).toEqual(["deals", "members"]);
+		expect((await two.listCollections({ name: "deals" }).toArray()).map(c => c.name)).toEqual([
+			"deals"
+		]);
 
-		const names = async () => (await client.db("admin").admin().listDatabases({ nameOnly: true })).databases.map(d => d.name);
+		const names = async () =>
+			(await client.db("admin").admin().listDatabases({ nameOnly: true })).databases.map(
+				d => d.name
+			);
 		expect(await names()).toEqual(expect.arrayContaining([one.databaseName, two.databaseName]));
 
 		expect(await two.dropDatabase()).toBe(true);
@@ -470,7 +596,11 @@ describe("through the driver", () => {
 	it("fails commands as the failCommand fail point says, as mongod does in test mode", async () => {
 		const db = freshDb();
 		const admin = client.db("admin");
-		const hiccup = { configureFailPoint: "failCommand", mode: { times: 1 }, data: { failCommands: ["insert"], errorCode: 112 } };
+		const hiccup = {
+			configureFailPoint: "failCommand",
+			mode: { times: 1 },
+			data: { failCommands: ["insert"], errorCode: 112 }
+		};
 		await admin.command(hiccup);
 		expect(await codeOf(db.collection<Row>("deals").insertOne({ _id: "d1" }))).toBe(112);
 		await db.collection<Row>("deals").insertOne({ _id: "d1" });
@@ -478,7 +608,11 @@ describe("through the driver", () => {
 		expect(await db.collection<Row>("deals").countDocuments()).toBe(2);
 
 		// Our extension: only one namespace fails, until switched off.
-		await admin.command({ ...hiccup, mode: "alwaysOn", data: { ...hiccup.data, namespace: `${db.databaseName}.ledger` } });
+		await admin.command({
+			...hiccup,
+			mode: "alwaysOn",
+			data: { ...hiccup.data, namespace: `${db.databaseName}.ledger` }
+		});
 		try {
 			expect(await codeOf(db.collection<Row>("ledger").insertOne({ _id: "e1" }))).toBe(112);
 			expect(await codeOf(db.collection<Row>("ledger").insertOne({ _id: "e1" }))).toBe(112);
@@ -494,7 +628,9 @@ describe("through the driver", () => {
 		const session = client.startSession();
 		try {
 			session.startTransaction();
-			expect(await codeOf(freshDb().collection<Row>("deals").insertOne({ _id: "t" }, { session }))).toBe(20);
+			expect(
+				await codeOf(freshDb().collection<Row>("deals").insertOne({ _id: "t" }, { session }))
+			).toBe(20);
 		} finally {
 			await session.endSession();
 		}
@@ -507,7 +643,10 @@ describe("through mongoose", () => {
 
 	beforeAll(async () => {
 		connection = await mongoose.createConnection(standIn.uri(`standin-${++databases}`)).asPromise();
-		const schema = new mongoose.Schema({ _id: String }, { strict: false, strictQuery: false, versionKey: false });
+		const schema = new mongoose.Schema(
+			{ _id: String },
+			{ strict: false, strictQuery: false, versionKey: false }
+		);
 		schema.index({ email: 1 }, { unique: true });
 		Member = connection.model("Member", schema, "members");
 		await Member.init();
@@ -549,29 +688,53 @@ describe("through mongoose", () => {
 		expect(rich.map(m => m._id)).toEqual(["m10", "m09", "m08"]);
 		expect(await Member.countDocuments({ balance: { $lt: 50 } })).toBe(5);
 
-		expect((await Member.updateMany({ balance: { $lt: 30 } }, { $inc: { balance: 1000 } })).matchedCount).toBe(3);
+		expect(
+			(await Member.updateMany({ balance: { $lt: 30 } }, { $inc: { balance: 1000 } })).matchedCount
+		).toBe(3);
 		expect(await Member.countDocuments({ balance: { $gte: 1000 } })).toBe(3);
 
-		await Member.updateOne({ _id: "m99" }, { $set: { email: "m99@x" }, $inc: { balance: 5 } }, { upsert: true });
+		await Member.updateOne(
+			{ _id: "m99" },
+			{ $set: { email: "m99@x" }, $inc: { balance: 5 } },
+			{ upsert: true }
+		);
 		expect(await Member.findById("m99").lean()).toEqual({ _id: "m99", email: "m99@x", balance: 5 });
 
-		const after = await Member.findOneAndUpdate({ _id: "m99" }, { $inc: { balance: 5 } }, { new: true, upsert: true }).lean();
+		const after = await Member.findOneAndUpdate(
+			{ _id: "m99" },
+			{ $inc: { balance: 5 } },
+			{ new: true, upsert: true }
+		).lean();
 		expect(after).toEqual({ _id: "m99", email: "m99@x", balance: 10 });
-		const created = await Member.findOneAndUpdate({ _id: "m98" }, { $set: { email: "m98@x" } }, { new: true, upsert: true }).lean();
+		const created = await Member.findOneAndUpdate(
+			{ _id: "m98" },
+			{ $set: { email: "m98@x" } },
+			{ new: true, upsert: true }
+		).lean();
 		expect(created).toEqual({ _id: "m98", email: "m98@x" });
 
 		// mongoose turns a plain update document, `_id` and all, into a $set.
 		await Member.updateOne({ _id: "m98" }, { _id: "m98", email: "m98@x", note: "set" });
-		expect(await Member.findByIdAndDelete("m98").lean()).toEqual({ _id: "m98", email: "m98@x", note: "set" });
+		expect(await Member.findByIdAndDelete("m98").lean()).toEqual({
+			_id: "m98",
+			email: "m98@x",
+			note: "set"
+		});
 		expect(await Member.countDocuments()).toBe(13);
 	});
 
 	it("reports unique violations with code 11000 and keeps the stored document", async () => {
 		await Member.create({ _id: "u1", email: "taken@x" });
-		await expect(Member.insertMany([{ _id: "u2", email: "taken@x" }], { lean: true })).rejects.toMatchObject({ code: 11000 });
-		await expect(Member.create({ _id: "u1", email: "other@x" })).rejects.toMatchObject({ code: 11000 });
+		await expect(
+			Member.insertMany([{ _id: "u2", email: "taken@x" }], { lean: true })
+		).rejects.toMatchObject({ code: 11000 });
+		await expect(Member.create({ _id: "u1", email: "other@x" })).rejects.toMatchObject({
+			code: 11000
+		});
 		await Member.create({ _id: "u3", email: "free@x" });
-		await expect(Member.updateOne({ _id: "u3" }, { $set: { email: "taken@x" } })).rejects.toMatchObject({ code: 11000 });
+		await expect(
+			Member.updateOne({ _id: "u3" }, { $set: { email: "taken@x" } })
+		).rejects.toMatchObject({ code: 11000 });
 		expect(
 			await Member.find({ _id: { $in: ["u1", "u2", "u3"] } })
 				.sort({ _id: 1 })

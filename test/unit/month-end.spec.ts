@@ -24,15 +24,22 @@ describe("settlements across month ends (controlled clock)", () => {
 	});
 	const used = async (dealId: string, merchantId: string, point: number, dealDate: string) => {
 		await send("deal.used", deal(dealId, merchantId, point, dealDate));
-		await eventually(async () => expect(await broker.call("billing.view", { dealId })).toMatchObject({ point }));
+		await eventually(async () =>
+			expect(await broker.call("billing.view", { dealId })).toMatchObject({ point })
+		);
 	};
 	const cancelled = async (dealId: string, merchantId: string, point: number, dealDate: string) => {
 		await send("deal.cancelled", deal(dealId, merchantId, point, dealDate));
-		await eventually(() => expect(broker.call("billing.view", { dealId })).rejects.toMatchObject({ code: 404 }));
+		await eventually(() =>
+			expect(broker.call("billing.view", { dealId })).rejects.toMatchObject({ code: 404 })
+		);
 	};
 	const settlement = (merchantId: string, billingMonth: string) =>
 		broker.call<SettlementView, object>("billing.get", { merchantId, billingMonth });
-	const lines = (s: SettlementView) => s.lines.map(l => `${l.kind} ${l.dealId} ${l.points}${l.month ? ` ${l.month} ${l.reason}` : ""}`);
+	const lines = (s: SettlementView) =>
+		s.lines.map(
+			l => `${l.kind} ${l.dealId} ${l.points}${l.month ? ` ${l.month} ${l.reason}` : ""}`
+		);
 
 	beforeAll(async () => {
 		broker = createTestBroker([
@@ -58,7 +65,10 @@ describe("settlements across month ends (controlled clock)", () => {
 		await used("m1", "20", 100, "2026-10-02T09:00:00.000Z");
 		await used("m2", "20", 400, "2026-10-20T10:00:00.000Z");
 		await used("m3", "21", 1000, "2026-10-15T09:00:00.000Z");
-		const first = await broker.call<SettlementView, object>("billing.settle", { merchantId: "20", billingMonth: "202610" });
+		const first = await broker.call<SettlementView, object>("billing.settle", {
+			merchantId: "20",
+			billingMonth: "202610"
+		});
 		expect(first).toMatchObject({
 			id: "20:202610",
 			status: "provisional",
@@ -72,7 +82,12 @@ describe("settlements across month ends (controlled clock)", () => {
 		expect(lines(first)).toEqual(["use m1 100", "use m2 400"]);
 
 		await used("m4", "20", 50, "2026-10-31T23:59:59.000Z");
-		expect(await settlement("20", "202610")).toMatchObject({ status: "provisional", usedPoints: 550, dealCount: 3, billingAmount: 539 });
+		expect(await settlement("20", "202610")).toMatchObject({
+			status: "provisional",
+			usedPoints: 550,
+			dealCount: 3,
+			billingAmount: 539
+		});
 		// Not yet closed: a cancellation simply leaves the month.
 		await cancelled("m2", "20", 400, "2026-10-20T10:00:00.000Z");
 		expect(lines(await settlement("20", "202610"))).toEqual(["use m1 100", "use m4 50"]);
@@ -84,7 +99,10 @@ describe("settlements across month ends (controlled clock)", () => {
 		clock = new Date("2026-11-01T00:05:00.000Z");
 		await used("m5", "20", 200, "2026-10-31T23:59:00.000Z");
 		await new Promise(resolve => setTimeout(resolve, 200));
-		expect(await settlement("20", "202610")).toMatchObject({ status: "provisional", usedPoints: 350 });
+		expect(await settlement("20", "202610")).toMatchObject({
+			status: "provisional",
+			usedPoints: 350
+		});
 
 		clock = new Date("2026-11-01T00:10:00.000Z");
 		const final = await eventually(async () => {
@@ -92,9 +110,18 @@ describe("settlements across month ends (controlled clock)", () => {
 			expect(s.status).toBe("final");
 			return s;
 		});
-		expect(final).toMatchObject({ usedPoints: 350, dealCount: 3, billingAmount: 343, settledAt: "2026-11-01T00:10:00.000Z" });
+		expect(final).toMatchObject({
+			usedPoints: 350,
+			dealCount: 3,
+			billingAmount: 343,
+			settledAt: "2026-11-01T00:10:00.000Z"
+		});
 		expect(lines(final)).toEqual(["use m1 100", "use m5 200", "use m4 50"]);
-		expect(await settlement("21", "202610")).toMatchObject({ status: "final", usedPoints: 1000, billingAmount: 980 });
+		expect(await settlement("21", "202610")).toMatchObject({
+			status: "final",
+			usedPoints: 1000,
+			billingAmount: 980
+		});
 		// November has its own use only.
 		expect(lines(await settlement("20", "202611"))).toEqual(["use n1 70"]);
 	});
@@ -105,7 +132,9 @@ describe("settlements across month ends (controlled clock)", () => {
 		await cancelled("m1", "20", 100, "2026-10-02T09:00:00.000Z");
 		await used("m6", "20", 300, "2026-10-15T09:00:00.000Z");
 		expect(await settlement("20", "202610")).toEqual(final);
-		expect(await broker.call("billing.settle", { merchantId: "20", billingMonth: "202610" })).toEqual(final);
+		expect(
+			await broker.call("billing.settle", { merchantId: "20", billingMonth: "202610" })
+		).toEqual(final);
 
 		const november = await settlement("20", "202611");
 		expect(lines(november)).toEqual([
@@ -125,7 +154,11 @@ describe("settlements across month ends (controlled clock)", () => {
 		// November closes with them; December starts clean, and October is as it was.
 		clock = new Date("2026-12-01T00:10:00.000Z");
 		await eventually(async () =>
-			expect(await settlement("20", "202611")).toMatchObject({ status: "final", adjustmentPoints: 200, billingAmount: 264 })
+			expect(await settlement("20", "202611")).toMatchObject({
+				status: "final",
+				adjustmentPoints: 200,
+				billingAmount: 264
+			})
 		);
 		expect(lines(await settlement("20", "202612"))).toEqual([]);
 		expect(await settlement("20", "202610")).toEqual(final);
@@ -135,18 +168,31 @@ describe("settlements across month ends (controlled clock)", () => {
 		await used("d1", "22", 500, "2026-12-10T09:00:00.000Z");
 		await used("j1", "22", 800, "2027-01-10T09:00:00.000Z");
 		clock = new Date("2027-02-01T00:11:00.000Z");
-		await eventually(async () => expect(await settlement("22", "202701")).toMatchObject({ status: "final", usedPoints: 800 }));
-		expect(await settlement("22", "202612")).toMatchObject({ status: "final", usedPoints: 500, billingAmount: 490 });
+		await eventually(async () =>
+			expect(await settlement("22", "202701")).toMatchObject({ status: "final", usedPoints: 800 })
+		);
+		expect(await settlement("22", "202612")).toMatchObject({
+			status: "final",
+			usedPoints: 500,
+			billingAmount: 490
+		});
 
-		const rerun = await broker.call<Closed, object>("billing.closeMonth", { billingMonth: "202701" });
+		const rerun = await broker.call<Closed, object>("billing.closeMonth", {
+			billingMonth: "202701"
+		});
 		expect(rerun).toEqual({ closedThrough: "202701", months: [] });
 		// A closed month asked for a merchant that had nothing in it: an empty final settlement.
-		expect(await broker.call("billing.settle", { merchantId: "23", billingMonth: "202612" })).toMatchObject({
+		expect(
+			await broker.call("billing.settle", { merchantId: "23", billingMonth: "202612" })
+		).toMatchObject({
 			status: "final",
 			usedPoints: 0,
 			billingAmount: 0,
 			lines: []
 		});
-		await expect(settlement("24", "202612")).rejects.toMatchObject({ code: 404, type: "SETTLEMENT_NOT_FOUND" });
+		await expect(settlement("24", "202612")).rejects.toMatchObject({
+			code: 404,
+			type: "SETTLEMENT_NOT_FOUND"
+		});
 	});
 });

@@ -47,7 +47,12 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 		},
 		{
 			name: "bystander",
-			channels: { "thing.broke": { group: "bystander", handler: async (payload: { id: string }) => void others.push(payload.id) } }
+			channels: {
+				"thing.broke": {
+					group: "bystander",
+					handler: async (payload: { id: string }) => void others.push(payload.id)
+				}
+			}
 		},
 		DeadLettersService
 	];
@@ -67,7 +72,11 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 		outageUntil = Date.now() + 30_000;
 		const ids = Array.from({ length: 20 }, (_, i) => `s${i}`);
 		for (const id of ids) await send("thing.saved", { id });
-		await eventually(() => expect([...applied.keys()].sort()).toEqual([...ids].sort()), 200_000, 500);
+		await eventually(
+			() => expect([...applied.keys()].sort()).toEqual([...ids].sort()),
+			200_000,
+			500
+		);
 		expect([...applied.values()].every(n => n === 1)).toBe(true);
 		expect(await broker.call("dead-letters.list", { status: "all" })).toMatchObject({ total: 0 });
 	});
@@ -75,10 +84,10 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 	it("dead-letters a message that keeps failing, with its error, and replays it once to its group only", async () => {
 		await send("thing.broke", { id: "b1" });
 		const letter = await eventually(async () => {
-			const { rows } = await broker.call<{ rows: { id: string; channel: string; group: string; error: string }[] }, object>(
-				"dead-letters.list",
-				{}
-			);
+			const { rows } = await broker.call<
+				{ rows: { id: string; channel: string; group: string; error: string }[] },
+				object
+			>("dead-letters.list", {});
 			expect(rows).toEqual([
 				expect.objectContaining({
 					channel: "onepoint.thing.broke",
@@ -98,7 +107,9 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 			replayed: [expect.objectContaining({ id: letter.id })]
 		});
 		await eventually(() => expect(replayed).toEqual(["b1"]));
-		await expect(broker.call("dead-letters.replay", { id: letter.id })).rejects.toMatchObject({ type: "DEAD_LETTER_ALREADY_REPLAYED" });
+		await expect(broker.call("dead-letters.replay", { id: letter.id })).rejects.toMatchObject({
+			type: "DEAD_LETTER_ALREADY_REPLAYED"
+		});
 		// A message after the replay: once it is handled, the replay has been passed by every group.
 		await send("thing.broke", { id: "b2" });
 		await eventually(() => expect(others).toEqual(["b1", "b2"]));
@@ -108,7 +119,11 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 
 	it("tells whether a group has acknowledged everything published before a moment (billing's month close)", async () => {
 		const adapter = (
-			broker as unknown as { channelAdapter: { caughtUp(channels: string[], group: string, before: Date): Promise<boolean> } }
+			broker as unknown as {
+				channelAdapter: {
+					caughtUp(channels: string[], group: string, before: Date): Promise<boolean>;
+				};
+			}
 		).channelAdapter;
 		outageUntil = Date.now() + 3_000;
 		await send("thing.saved", { id: "late1" });
@@ -116,8 +131,19 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 		const later = new Date(published.getTime() + 60_000);
 		expect(await adapter.caughtUp(["onepoint.thing.saved"], "store-user", later)).toBe(false);
 		// Before the waiting message was published, the group had handled everything.
-		expect(await adapter.caughtUp(["onepoint.thing.saved"], "store-user", new Date(published.getTime() - 60_000))).toBe(true);
-		await eventually(async () => expect(await adapter.caughtUp(["onepoint.thing.saved"], "store-user", later)).toBe(true), 30_000, 200);
+		expect(
+			await adapter.caughtUp(
+				["onepoint.thing.saved"],
+				"store-user",
+				new Date(published.getTime() - 60_000)
+			)
+		).toBe(true);
+		await eventually(
+			async () =>
+				expect(await adapter.caughtUp(["onepoint.thing.saved"], "store-user", later)).toBe(true),
+			30_000,
+			200
+		);
 		expect(applied.get("late1")).toBe(1);
 	});
 
@@ -126,17 +152,24 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 		const group = (n: number): AnyServiceSchema => ({
 			name: "late-user",
 			channels: {
-				"thing.started": { group: "late-user", handler: async (payload: { id: string }) => void handled.push(`${n}:${payload.id}`) }
+				"thing.started": {
+					group: "late-user",
+					handler: async (payload: { id: string }) => void handled.push(`${n}:${payload.id}`)
+				}
 			}
 		});
-		const nodes = [1, 2, 3, 4].map(n => createTestBroker([group(n)], { TRANSPORTER: nats.url, NODE_ID: `late-${n}-${process.pid}` }));
+		const nodes = [1, 2, 3, 4].map(n =>
+			createTestBroker([group(n)], { TRANSPORTER: nats.url, NODE_ID: `late-${n}-${process.pid}` })
+		);
 		const errors = jest.spyOn(console, "error");
 		try {
 			await Promise.all(nodes.map(node => node.start()));
 			// Losing the race to create the consumer is expected, not an error of the node's.
 			expect(errors).not.toHaveBeenCalled();
 			for (const id of ["m1", "m2", "m3", "m4"]) await send("thing.started", { id });
-			await eventually(() => expect(handled.map(h => h.split(":")[1]).sort()).toEqual(["m1", "m2", "m3", "m4"]));
+			await eventually(() =>
+				expect(handled.map(h => h.split(":")[1]).sort()).toEqual(["m1", "m2", "m3", "m4"])
+			);
 		} finally {
 			errors.mockRestore();
 			await Promise.all(nodes.map(node => node.stop()));

@@ -39,7 +39,13 @@ describe("the embedded store's file", () => {
 
 	it("keeps a file less than two thirds superseded as it is (each document written, then updated once), and appends to it", async () => {
 		const file = path.join(dir, "deals.db");
-		fs.writeFileSync(file, row({ _id: "a", n: 1 }) + row({ _id: "b", n: 0 }) + row({ _id: "a", n: 2 }) + row({ _id: "b", n: 1 }));
+		fs.writeFileSync(
+			file,
+			row({ _id: "a", n: 1 }) +
+				row({ _id: "b", n: 0 }) +
+				row({ _id: "a", n: 2 }) +
+				row({ _id: "b", n: 1 })
+		);
 		const inode = fs.statSync(file).ino;
 		const db = await load(file);
 		expect(await all(db)).toEqual([
@@ -62,7 +68,13 @@ describe("the embedded store's file", () => {
 	it("rewrites a file at least two thirds superseded, with the same documents", async () => {
 		const file = path.join(dir, "accounts.db");
 		const updates = [1, 2, 3, 4].map(n => row({ _id: "a", n })).join("");
-		fs.writeFileSync(file, updates + row({ _id: "b", n: 1 }) + row({ _id: "gone" }) + row({ _id: "gone", $$deleted: true }));
+		fs.writeFileSync(
+			file,
+			updates +
+				row({ _id: "b", n: 1 }) +
+				row({ _id: "gone" }) +
+				row({ _id: "gone", $$deleted: true })
+		);
 		const db = await load(file);
 		expect(await all(db)).toEqual([
 			{ _id: "a", n: 4 },
@@ -76,7 +88,10 @@ describe("the embedded store's file", () => {
 
 	it("rewrites a file ending in a torn line, so that the next write starts a line of its own", async () => {
 		const file = path.join(dir, "deals.db");
-		fs.writeFileSync(file, row({ _id: "a", n: 1 }) + row({ _id: "b", n: 1 }) + row({ _id: "c", n: 1 }) + '{"_id":"d","n');
+		fs.writeFileSync(
+			file,
+			row({ _id: "a", n: 1 }) + row({ _id: "b", n: 1 }) + row({ _id: "c", n: 1 }) + '{"_id":"d","n'
+		);
 		const db = await load(file);
 		expect((await all(db)).map(d => d._id)).toEqual(["a", "b", "c"]);
 		await db.insertAsync({ _id: "e", n: 1 });
@@ -122,9 +137,16 @@ describe("the embedded store's file", () => {
 				row({ $$indexRemoved: "at" })
 		);
 		const db = await load(file);
-		expect(await all(db)).toEqual([{ _id: "a", memberId: "m1", at: new Date(Date.UTC(2026, 0, 2)) }]);
+		expect(await all(db)).toEqual([
+			{ _id: "a", memberId: "m1", at: new Date(Date.UTC(2026, 0, 2)) }
+		]);
 		// NeDB does not type its indexes.
-		expect(Object.keys((db as unknown as { indexes: object }).indexes).sort()).toEqual(["_id", "memberId"]);
-		await expect(db.insertAsync({ _id: "c", memberId: "m1" })).rejects.toMatchObject({ errorType: "uniqueViolated" });
+		expect(Object.keys((db as unknown as { indexes: object }).indexes).sort()).toEqual([
+			"_id",
+			"memberId"
+		]);
+		await expect(db.insertAsync({ _id: "c", memberId: "m1" })).rejects.toMatchObject({
+			errorType: "uniqueViolated"
+		});
 	});
 });

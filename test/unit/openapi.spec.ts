@@ -18,7 +18,11 @@ interface Operation {
 	requestBody?: {
 		content: {
 			"application/json": {
-				schema: { properties: Record<string, Record<string, unknown>>; required?: string[]; additionalProperties?: boolean };
+				schema: {
+					properties: Record<string, Record<string, unknown>>;
+					required?: string[];
+					additionalProperties?: boolean;
+				};
 			};
 		};
 	};
@@ -39,7 +43,9 @@ const schemas: AnyServiceSchema[] = fs
 /** `service.action` → its `rest` ("METHOD /path"), or undefined for an internal action. */
 const declared = new Map(
 	schemas.flatMap(schema =>
-		Object.entries(schema.actions ?? {}).map(([name, action]) => [`${schema.name}.${name}`, (action as { rest?: string }).rest] as const)
+		Object.entries(schema.actions ?? {}).map(
+			([name, action]) => [`${schema.name}.${name}`, (action as { rest?: string }).rest] as const
+		)
 	)
 );
 
@@ -79,7 +85,10 @@ describe("the published API contract", () => {
 	});
 
 	it("has every route the gateway serves, and nothing it does not", async () => {
-		const aliases = await broker.call<{ methods: string; fullPath: string; actionName?: string }[]>("api.listAliases");
+		const aliases =
+			await broker.call<{ methods: string; fullPath: string; actionName?: string }[]>(
+				"api.listAliases"
+			);
 		const served = aliases
 			.filter(alias => alias.fullPath.startsWith("/api/"))
 			.map(alias => `${alias.methods} ${toOpenApiPath(alias.fullPath)}`);
@@ -92,7 +101,8 @@ describe("the published API contract", () => {
 			const [method, p] = route.split(" ");
 			const response = await fetch(url + p.replace(/\{\w+\}/g, "x1"), { method });
 			const isPublic = Array.isArray(op.security) && op.security.length === 0;
-			if (p === "/api/dashboard/stream" || !isPublic) expect([route, response.status]).toEqual([route, 401]);
+			if (p === "/api/dashboard/stream" || !isPublic)
+				expect([route, response.status]).toEqual([route, 401]);
 			else expect([route, response.status]).toEqual([route, 200]);
 			await response.body?.cancel();
 		}
@@ -101,12 +111,17 @@ describe("the published API contract", () => {
 	it("documents every action with a rest route, under its own name, and no internal action", () => {
 		const documented = new Set([...operations.values()].map(op => op.operationId));
 		const internal = [...declared].filter(([, rest]) => !rest).map(([name]) => name);
-		expect(internal).toEqual(expect.arrayContaining(["points.debit", "points.audit", "payments.pay", "billing.closeMonth"]));
+		expect(internal).toEqual(
+			expect.arrayContaining(["points.debit", "points.audit", "payments.pay", "billing.closeMonth"])
+		);
 		for (const name of internal) expect(documented).not.toContain(name);
 		for (const [name, rest] of declared) {
 			if (!rest) continue;
 			const [method, route] = rest.split(" ");
-			expect([name, operations.get(`${method} /api${toOpenApiPath(route)}`)?.operationId]).toEqual([name, name]);
+			expect([name, operations.get(`${method} /api${toOpenApiPath(route)}`)?.operationId]).toEqual([
+				name,
+				name
+			]);
 		}
 	});
 
@@ -129,16 +144,32 @@ describe("the published API contract", () => {
 			}
 		});
 		expect(body?.required).not.toContain("point");
-		expect(create?.parameters).toEqual([expect.objectContaining({ name: "Idempotency-Key", in: "header", required: false })]);
+		expect(create?.parameters).toEqual([
+			expect.objectContaining({ name: "Idempotency-Key", in: "header", required: false })
+		]);
 
 		const list = operations.get("GET /api/deals")?.parameters ?? [];
 		expect(list).toEqual(
 			expect.arrayContaining([
-				{ name: "merchantId", in: "query", required: false, schema: expect.objectContaining({ type: "string" }) },
-				{ name: "pageSize", in: "query", required: false, schema: { type: "integer", minimum: 1, maximum: 100, default: 20 } }
+				{
+					name: "merchantId",
+					in: "query",
+					required: false,
+					schema: expect.objectContaining({ type: "string" })
+				},
+				{
+					name: "pageSize",
+					in: "query",
+					required: false,
+					schema: { type: "integer", minimum: 1, maximum: 100, default: 20 }
+				}
 			])
 		);
-		expect(operations.get("GET /api/billings/{merchantId}/{billingMonth}")?.parameters?.map(p => [p.name, p.in, p.required])).toEqual([
+		expect(
+			operations
+				.get("GET /api/billings/{merchantId}/{billingMonth}")
+				?.parameters?.map(p => [p.name, p.in, p.required])
+		).toEqual([
 			["merchantId", "path", true],
 			["billingMonth", "path", true]
 		]);

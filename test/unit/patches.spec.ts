@@ -18,7 +18,10 @@ const readJson = (file: string) => JSON.parse(fs.readFileSync(file, "utf8")) as 
 function targets(): Record<keyof typeof PATCHES, object> {
 	const db = new Datastore({ inMemoryOnly: true });
 	const registry = { opts: {}, changed() {} } as unknown as MetricRegistry;
-	const gauge = new MetricTypes.Gauge({ name: "test.patches", type: "gauge", rate: true }, registry);
+	const gauge = new MetricTypes.Gauge(
+		{ name: "test.patches", type: "gauge", rate: true },
+		registry
+	);
 	gauge.set(0);
 	const [item] = gauge.values.values();
 	clearInterval((item.rate as { timer: NodeJS.Timeout }).timer);
@@ -34,10 +37,17 @@ function targets(): Record<keyof typeof PATCHES, object> {
 describe("patches of libraries' internals", () => {
 	const patches = Object.entries(PATCHES) as [keyof typeof PATCHES, Patch][];
 
-	it.each(patches)("%s: the library is installed and pinned at the version the patch was checked against", (_name, patch) => {
-		expect(readJson(path.join(ROOT, "node_modules", patch.library, "package.json")).version).toBe(patch.checked);
-		expect(readJson(path.join(ROOT, "package.json")).dependencies[patch.library]).toBe(patch.checked);
-	});
+	it.each(patches)(
+		"%s: the library is installed and pinned at the version the patch was checked against",
+		(_name, patch) => {
+			expect(readJson(path.join(ROOT, "node_modules", patch.library, "package.json")).version).toBe(
+				patch.checked
+			);
+			expect(readJson(path.join(ROOT, "package.json")).dependencies[patch.library]).toBe(
+				patch.checked
+			);
+		}
+	);
 
 	it.each(patches)("%s: every member the patch relies on is there", (name, patch) => {
 		expect(missingMembers(patch, targets()[name])).toEqual([]);

@@ -7,9 +7,16 @@ type Send = (channel: string, payload: object) => Promise<void>;
 describe("points service", () => {
 	let broker: ServiceBroker;
 	let send: Send;
-	const balance = async (memberId: string) => (await broker.call<AccountView, object>("points.get", { memberId })).balance;
+	const balance = async (memberId: string) =>
+		(await broker.call<AccountView, object>("points.get", { memberId })).balance;
 	const history = (memberId: string) =>
-		broker.call<{ rows: { cause: string; amount: number; kind: string; shortfall?: number }[]; total: number }, object>("points.history", {
+		broker.call<
+			{
+				rows: { cause: string; amount: number; kind: string; shortfall?: number }[];
+				total: number;
+			},
+			object
+		>("points.history", {
 			memberId,
 			pageSize: 100
 		});
@@ -45,13 +52,21 @@ describe("points service", () => {
 		await eventually(async () => expect((await history("m2")).total).toBe(1));
 		await drained(broker);
 		expect(await balance("m2")).toBe(1000);
-		expect((await history("m2")).rows[0]).toMatchObject({ cause: "deal:d1", amount: 1000, kind: "earn" });
+		expect((await history("m2")).rows[0]).toMatchObject({
+			cause: "deal:d1",
+			amount: 1000,
+			kind: "earn"
+		});
 	});
 
 	it("debits only what the balance covers, and a repeated debit is not taken twice", async () => {
 		await send("deal.saved", { dealId: "d2", memberId: "m3", merchantId: "20", point: 500 });
 		await eventually(async () => expect(await balance("m3")).toBe(500));
-		expect(await debit("m3", "u1", 600)).toMatchObject({ applied: false, reason: "INSUFFICIENT_POINTS", balance: 500 });
+		expect(await debit("m3", "u1", 600)).toMatchObject({
+			applied: false,
+			reason: "INSUFFICIENT_POINTS",
+			balance: 500
+		});
 		expect(await debit("m3", "u2", 200)).toMatchObject({ applied: true, balance: 300 });
 		expect(await debit("m3", "u2", 200)).toMatchObject({ applied: true });
 		expect(await balance("m3")).toBe(300);
@@ -60,7 +75,11 @@ describe("points service", () => {
 	it("ends a posting with its entry in the ledger, nothing pending and its event sent; an event that cannot be sent yet waits in the outbox", async () => {
 		type Stored = { pending?: unknown[]; pendingSince?: string; outbox?: unknown[] };
 		const account = (memberId: string) =>
-			(broker.getLocalService("points") as unknown as { store: { findById(id: string): Promise<Stored> } }).store.findById(memberId);
+			(
+				broker.getLocalService("points") as unknown as {
+					store: { findById(id: string): Promise<Stored> };
+				}
+			).store.findById(memberId);
 		await send("deal.saved", { dealId: "o1", memberId: "m9", merchantId: "20", point: 300 });
 		await eventually(async () => expect(await balance("m9")).toBe(300));
 		expect(await debit("m9", "o2", 100)).toMatchObject({ applied: true, balance: 200 });
@@ -74,7 +93,9 @@ describe("points service", () => {
 		channels.sendToChannel = () => Promise.reject(new Error("channel down"));
 		try {
 			expect(await debit("m9", "o3", 50)).toMatchObject({ applied: true, balance: 150 });
-			expect(await account("m9")).toMatchObject({ outbox: [expect.objectContaining({ channel: "points.posted" })] });
+			expect(await account("m9")).toMatchObject({
+				outbox: [expect.objectContaining({ channel: "points.posted" })]
+			});
 			expect(await account("m9")).not.toHaveProperty("pendingSince");
 		} finally {
 			channels.sendToChannel = sendToChannel;
@@ -85,7 +106,9 @@ describe("points service", () => {
 	it("lets exactly the affordable share of racing debits succeed", async () => {
 		await send("deal.saved", { dealId: "d3", memberId: "m4", merchantId: "20", point: 1000 });
 		await eventually(async () => expect(await balance("m4")).toBe(1000));
-		const results = await Promise.all(Array.from({ length: 30 }, (_, i) => debit("m4", `race${i}`, 100)));
+		const results = await Promise.all(
+			Array.from({ length: 30 }, (_, i) => debit("m4", `race${i}`, 100))
+		);
 		expect(results.filter(r => r.applied)).toHaveLength(10);
 		expect(await balance("m4")).toBe(0);
 	});
@@ -119,20 +142,30 @@ describe("points service", () => {
 		await eventually(async () => expect(await balance("m7")).toBe(400));
 		await send("member.withdrawn", { memberId: "m7" });
 		await send("member.withdrawn", { memberId: "m7" });
-		await eventually(async () => expect((await broker.call<AccountView, object>("points.get", { memberId: "m7" })).status).toBe("closed"));
+		await eventually(async () =>
+			expect(
+				(await broker.call<AccountView, object>("points.get", { memberId: "m7" })).status
+			).toBe("closed")
+		);
 		expect(await balance("m7")).toBe(0);
 		await send("deal.saved", { dealId: "d8", memberId: "m7", merchantId: "20", point: 50 });
 		await eventually(async () => expect((await history("m7")).total).toBe(4));
 		const causes = (await history("m7")).rows.map(r => `${r.cause} ${r.amount}`);
-		expect(causes).toEqual(expect.arrayContaining(["expiry:m7 -400", "deal:d8 50", "expiry:m7:deal:d8 -50"]));
+		expect(causes).toEqual(
+			expect.arrayContaining(["expiry:m7 -400", "deal:d8 50", "expiry:m7:deal:d8 -50"])
+		);
 		expect(await balance("m7")).toBe(0);
 		expect(await debit("m7", "u7", 1)).toMatchObject({ applied: false, reason: "ACCOUNT_CLOSED" });
 	});
 
 	it("pages the ledger newest first", async () => {
-		for (let i = 0; i < 5; i++) await send("deal.saved", { dealId: `p${i}`, memberId: "m8", merchantId: "20", point: 10 });
+		for (let i = 0; i < 5; i++)
+			await send("deal.saved", { dealId: `p${i}`, memberId: "m8", merchantId: "20", point: 10 });
 		await eventually(async () => expect(await balance("m8")).toBe(50));
-		const page = await broker.call<{ rows: { cause: string }[]; total: number; page: number; pageSize: number }, object>("points.history", {
+		const page = await broker.call<
+			{ rows: { cause: string }[]; total: number; page: number; pageSize: number },
+			object
+		>("points.history", {
 			memberId: "m8",
 			page: "2",
 			pageSize: "2"
@@ -143,7 +176,12 @@ describe("points service", () => {
 	});
 
 	it("refuses an id that smuggles a query operator", async () => {
-		await expect(broker.call("points.get", { memberId: { $gt: "" } })).rejects.toMatchObject({ code: 422, type: "VALIDATION_ERROR" });
-		await expect(broker.call("points.history", { memberId: "m1", $where: "1" })).rejects.toMatchObject({ code: 422 });
+		await expect(broker.call("points.get", { memberId: { $gt: "" } })).rejects.toMatchObject({
+			code: 422,
+			type: "VALIDATION_ERROR"
+		});
+		await expect(
+			broker.call("points.history", { memberId: "m1", $where: "1" })
+		).rejects.toMatchObject({ code: 422 });
 	});
 });

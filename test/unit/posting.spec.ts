@@ -28,7 +28,11 @@ import {
 } from "../../lib/posting";
 import { LOST, retryOnRace } from "../../lib/retry-on-race";
 
-const account = (balance: number, lots?: AccountState["lots"], status: AccountState["status"] = "active"): AccountState => ({
+const account = (
+	balance: number,
+	lots?: AccountState["lots"],
+	status: AccountState["status"] = "active"
+): AccountState => ({
 	_id: "m1",
 	balance,
 	status,
@@ -70,15 +74,28 @@ describe("causes (lib/posting.ts)", () => {
 				dealDate: "2026-05-01T00:00:00Z"
 			})
 		).toEqual(deal);
-		expect(orderSource({ orderId: "o1", memberId: "m1", productId: "p", qty: 1, unitPrice: 1, totalPrice: 1, rate: 0, points: 0 })).toEqual(
-			order
-		);
+		expect(
+			orderSource({
+				orderId: "o1",
+				memberId: "m1",
+				productId: "p",
+				qty: 1,
+				unitPrice: 1,
+				totalPrice: 1,
+				rate: 0,
+				points: 0
+			})
+		).toEqual(order);
 	});
 });
 
 describe("drafting rules (lib/posting.ts)", () => {
 	it.each<[string, AccountState, Draft[]]>([
-		["an active member earns", account(0), [{ _id: "deal:d1", kind: "earn", amount: 100, ...deal }]],
+		[
+			"an active member earns",
+			account(0),
+			[{ _id: "deal:d1", kind: "earn", amount: 100, ...deal }]
+		],
 		[
 			"a withdrawn member's earning expires on arrival",
 			account(0, {}, "closed"),
@@ -90,7 +107,9 @@ describe("drafting rules (lib/posting.ts)", () => {
 	])("earning: %s", (_, acc, drafts) => expect(earning(acc, deal, 100)).toEqual(drafts));
 
 	it("restores a use, expiring on arrival after a withdrawal", () => {
-		expect(restoration(account(0), "deal-cancel:d1", deal, 40)).toEqual([{ _id: "deal-cancel:d1", kind: "restore", amount: 40, ...deal }]);
+		expect(restoration(account(0), "deal-cancel:d1", deal, 40)).toEqual([
+			{ _id: "deal-cancel:d1", kind: "restore", amount: 40, ...deal }
+		]);
 		expect(restoration(account(0, {}, "closed"), "deal-cancel:d1", deal, 40)).toEqual([
 			{ _id: "deal-cancel:d1", kind: "restore", amount: 40, ...deal },
 			{ _id: "expiry:m1:deal-cancel:d1", kind: "expire", amount: -40, ...deal }
@@ -103,18 +122,41 @@ describe("drafting rules (lib/posting.ts)", () => {
 		[100, 100, -100, undefined],
 		[100, 30, -30, 70],
 		[100, 0, 0, 100]
-	])("revokes %i points from a balance of %i: %i, shortfall %s — never below 0", (points, balance, amount, shortfall) => {
-		const draft = revocation("deal-cancel:d1", deal, points, balance);
-		expect(draft).toEqual({ _id: "deal-cancel:d1", kind: "revoke", amount, ...deal, ...(shortfall ? { shortfall } : {}) });
-		expect(balance + draft.amount).toBeGreaterThanOrEqual(0);
-		expect(-draft.amount + (draft.shortfall ?? 0)).toBe(points);
-	});
+	])(
+		"revokes %i points from a balance of %i: %i, shortfall %s — never below 0",
+		(points, balance, amount, shortfall) => {
+			const draft = revocation("deal-cancel:d1", deal, points, balance);
+			expect(draft).toEqual({
+				_id: "deal-cancel:d1",
+				kind: "revoke",
+				amount,
+				...deal,
+				...(shortfall ? { shortfall } : {})
+			});
+			expect(balance + draft.amount).toBeGreaterThanOrEqual(0);
+			expect(-draft.amount + (draft.shortfall ?? 0)).toBe(points);
+		}
+	);
 
 	it("expires each lot due as its own entry, naming the lot", () => {
 		const acc = account(600, { "202601": 100, "202602": 200, "202603": 300 });
 		expect(expiries(acc, "202602")).toEqual([
-			{ _id: "expire:m1:202601", kind: "expire", amount: -100, sourceType: "member", sourceId: "m1", lotMonth: "202601" },
-			{ _id: "expire:m1:202602", kind: "expire", amount: -200, sourceType: "member", sourceId: "m1", lotMonth: "202602" }
+			{
+				_id: "expire:m1:202601",
+				kind: "expire",
+				amount: -100,
+				sourceType: "member",
+				sourceId: "m1",
+				lotMonth: "202601"
+			},
+			{
+				_id: "expire:m1:202602",
+				kind: "expire",
+				amount: -200,
+				sourceType: "member",
+				sourceId: "m1",
+				lotMonth: "202602"
+			}
 		]);
 		expect(expiries(acc, "202512")).toEqual([]);
 		expect(totalOf(expiries(acc, "202612"))).toBe(-600);
@@ -123,12 +165,26 @@ describe("drafting rules (lib/posting.ts)", () => {
 	it("counts an account's balance without lots as earned in the month of its last change", () => {
 		expect(lotsOf(account(250))).toEqual({ "202605": 250 });
 		expect(lotsOf(account(250, { "202601": 50 }))).toEqual({ "202601": 50, "202605": 200 });
-		expect(expiries(account(250), "202605")).toEqual([expect.objectContaining({ _id: "expire:m1:202605", amount: -250 })]);
+		expect(expiries(account(250), "202605")).toEqual([
+			expect.objectContaining({ _id: "expire:m1:202605", amount: -250 })
+		]);
 	});
 
 	it.each<[string, AccountState, number, string | undefined, Draft[] | string]>([
-		["within the balance", account(500), 200, undefined, [{ _id: "deal:d1", kind: "use", amount: -200, ...deal }]],
-		["the whole balance", account(500), 500, undefined, [{ _id: "deal:d1", kind: "use", amount: -500, ...deal }]],
+		[
+			"within the balance",
+			account(500),
+			200,
+			undefined,
+			[{ _id: "deal:d1", kind: "use", amount: -200, ...deal }]
+		],
+		[
+			"the whole balance",
+			account(500),
+			500,
+			undefined,
+			[{ _id: "deal:d1", kind: "use", amount: -500, ...deal }]
+		],
 		["beyond the balance", account(500), 501, undefined, "INSUFFICIENT_POINTS"],
 		["on a closed account", account(500, {}, "closed"), 1, undefined, "ACCOUNT_CLOSED"],
 		[
@@ -137,24 +193,56 @@ describe("drafting rules (lib/posting.ts)", () => {
 			150,
 			"202603",
 			[
-				{ _id: "expire:m1:202601", kind: "expire", amount: -100, sourceType: "member", sourceId: "m1", lotMonth: "202601" },
+				{
+					_id: "expire:m1:202601",
+					kind: "expire",
+					amount: -100,
+					sourceType: "member",
+					sourceId: "m1",
+					lotMonth: "202601"
+				},
 				{ _id: "deal:d1", kind: "use", amount: -150, ...deal }
 			]
 		],
-		["beyond what is still valid", account(300, { "202601": 100, "202605": 200 }), 201, "202603", "INSUFFICIENT_POINTS"]
-	])("debiting %s", (_, acc, amount, dueThrough, expected) => expect(debiting(acc, deal, amount, dueThrough)).toEqual(expected));
+		[
+			"beyond what is still valid",
+			account(300, { "202601": 100, "202605": 200 }),
+			201,
+			"202603",
+			"INSUFFICIENT_POINTS"
+		]
+	])("debiting %s", (_, acc, amount, dueThrough, expected) =>
+		expect(debiting(acc, deal, amount, dueThrough)).toEqual(expected)
+	);
 
 	it.each<[string, { amount: number } | null, number, Draft[]]>([
-		["not applied yet: voided", null, 500, [{ _id: "deal-cancel:d1", kind: "void", amount: 0, ...deal }]],
-		["a use: restored in full", { amount: -80 }, 0, [{ _id: "deal-cancel:d1", kind: "restore", amount: 80, ...deal }]],
-		["an earning: revoked", { amount: 80 }, 500, [{ _id: "deal-cancel:d1", kind: "revoke", amount: -80, ...deal }]],
+		[
+			"not applied yet: voided",
+			null,
+			500,
+			[{ _id: "deal-cancel:d1", kind: "void", amount: 0, ...deal }]
+		],
+		[
+			"a use: restored in full",
+			{ amount: -80 },
+			0,
+			[{ _id: "deal-cancel:d1", kind: "restore", amount: 80, ...deal }]
+		],
+		[
+			"an earning: revoked",
+			{ amount: 80 },
+			500,
+			[{ _id: "deal-cancel:d1", kind: "revoke", amount: -80, ...deal }]
+		],
 		[
 			"an earning partly spent: revoked to 0",
 			{ amount: 80 },
 			50,
 			[{ _id: "deal-cancel:d1", kind: "revoke", amount: -50, ...deal, shortfall: 30 }]
 		]
-	])("reversal of a source %s", (_, original, balance, expected) => expect(reversal(account(balance), deal, original)).toEqual(expected));
+	])("reversal of a source %s", (_, original, balance, expected) =>
+		expect(reversal(account(balance), deal, original)).toEqual(expected)
+	);
 
 	describe("a deal's partial return", () => {
 		const returned = (type: "save" | "use", points: number): DealReturnedEvent => ({
@@ -172,9 +260,27 @@ describe("drafting rules (lib/posting.ts)", () => {
 		});
 
 		it.each<[string, "save" | "use", { amount: number } | null, number, Draft[]]>([
-			["of a use gives its points back", "use", { amount: -100 }, 0, [{ _id: "deal-return:d1:2", kind: "restore", amount: 30, ...deal }]],
-			["of a use never debited gives nothing", "use", null, 0, [{ _id: "deal-return:d1:2", kind: "void", amount: 0, ...deal }]],
-			["of a save revokes its points", "save", { amount: 100 }, 100, [{ _id: "deal-return:d1:2", kind: "revoke", amount: -30, ...deal }]],
+			[
+				"of a use gives its points back",
+				"use",
+				{ amount: -100 },
+				0,
+				[{ _id: "deal-return:d1:2", kind: "restore", amount: 30, ...deal }]
+			],
+			[
+				"of a use never debited gives nothing",
+				"use",
+				null,
+				0,
+				[{ _id: "deal-return:d1:2", kind: "void", amount: 0, ...deal }]
+			],
+			[
+				"of a save revokes its points",
+				"save",
+				{ amount: 100 },
+				100,
+				[{ _id: "deal-return:d1:2", kind: "revoke", amount: -30, ...deal }]
+			],
 			[
 				"of a save spent meanwhile revokes what is left",
 				"save",
@@ -198,7 +304,9 @@ describe("drafting rules (lib/posting.ts)", () => {
 	});
 
 	it("withdraws everything as one entry", () => {
-		expect(withdrawal(account(420))).toEqual([{ _id: "expiry:m1", kind: "expire", amount: -420, sourceType: "member", sourceId: "m1" }]);
+		expect(withdrawal(account(420))).toEqual([
+			{ _id: "expiry:m1", kind: "expire", amount: -420, sourceType: "member", sourceId: "m1" }
+		]);
 	});
 
 	it.each<[string, AccountState, number, Draft[] | string]>([
@@ -206,17 +314,39 @@ describe("drafting rules (lib/posting.ts)", () => {
 			"gives points",
 			account(0),
 			50,
-			[{ _id: "adjustment:a1", kind: "adjust", amount: 50, sourceType: "adjustment", sourceId: "a1", reason: "Goodwill", by: "ann" }]
+			[
+				{
+					_id: "adjustment:a1",
+					kind: "adjust",
+					amount: 50,
+					sourceType: "adjustment",
+					sourceId: "a1",
+					reason: "Goodwill",
+					by: "ann"
+				}
+			]
 		],
 		[
 			"takes points down to 0",
 			account(50),
 			-50,
-			[{ _id: "adjustment:a1", kind: "adjust", amount: -50, sourceType: "adjustment", sourceId: "a1", reason: "Goodwill", by: "ann" }]
+			[
+				{
+					_id: "adjustment:a1",
+					kind: "adjust",
+					amount: -50,
+					sourceType: "adjustment",
+					sourceId: "a1",
+					reason: "Goodwill",
+					by: "ann"
+				}
+			]
 		],
 		["never takes below 0", account(50), -51, "INSUFFICIENT_POINTS"],
 		["is refused after a withdrawal", account(50, {}, "closed"), 10, "ACCOUNT_CLOSED"]
-	])("an adjustment %s", (_, acc, amount, expected) => expect(adjustment(acc, "a1", amount, "Goodwill", "ann")).toEqual(expected));
+	])("an adjustment %s", (_, acc, amount, expected) =>
+		expect(adjustment(acc, "a1", amount, "Goodwill", "ann")).toEqual(expected)
+	);
 });
 
 describe("applying drafts to an account (lib/posting.ts)", () => {
@@ -224,7 +354,10 @@ describe("applying drafts to an account (lib/posting.ts)", () => {
 
 	it("gives each entry the balance after it, the member, the time and the next seq", () => {
 		const acc = account(300, { "202601": 100, "202604": 200 });
-		const drafts = [...earning(acc, deal, 50), { _id: "order:o1", kind: "use" as const, amount: -120, ...order }];
+		const drafts = [
+			...earning(acc, deal, 50),
+			{ _id: "order:o1", kind: "use" as const, amount: -120, ...order }
+		];
 		const { entries, balance, lots } = applyDrafts(acc, drafts, at, counter());
 		expect(entries).toEqual([
 			{
@@ -256,7 +389,13 @@ describe("applying drafts to an account (lib/posting.ts)", () => {
 		expect(lots).toEqual({ "202604": 180, "202605": 50 });
 		// As events and the history show it: named by its cause, without the ledger's own fields.
 		const posted = postedOf(entries[1]);
-		expect(posted).toMatchObject({ cause: "order:o1", kind: "use", amount: -120, balanceAfter: 230, at });
+		expect(posted).toMatchObject({
+			cause: "order:o1",
+			kind: "use",
+			amount: -120,
+			balanceAfter: 230,
+			at
+		});
 		expect(posted).not.toHaveProperty("_id");
 		expect(posted).not.toHaveProperty("seq");
 	});
@@ -275,14 +414,29 @@ describe("applying drafts to an account (lib/posting.ts)", () => {
 
 	const lotted = account(400, { "202512": 150, "202602": 250 });
 	it.each<[string, AccountState, Draft[]]>([
-		["an earning and a use", lotted, [...earning(lotted, deal, 70), ...(debiting(lotted, order, 300) as Draft[])]],
+		[
+			"an earning and a use",
+			lotted,
+			[...earning(lotted, deal, 70), ...(debiting(lotted, order, 300) as Draft[])]
+		],
 		["a use expiring the lots due", lotted, debiting(lotted, deal, 100, "202601") as Draft[]],
-		["a withdrawn member's earning", account(0, {}, "closed"), earning(account(0, {}, "closed"), deal, 90)],
-		["a revocation with a shortfall", lotted, [revocation("deal-cancel:d1", deal, 900, lotted.balance)]],
+		[
+			"a withdrawn member's earning",
+			account(0, {}, "closed"),
+			earning(account(0, {}, "closed"), deal, 90)
+		],
+		[
+			"a revocation with a shortfall",
+			lotted,
+			[revocation("deal-cancel:d1", deal, 900, lotted.balance)]
+		],
 		[
 			"a restoration and an adjustment",
 			lotted,
-			[...restoration(lotted, "deal-cancel:d1", deal, 60), ...(adjustment(lotted, "a1", -400, "r", "x") as Draft[])]
+			[
+				...restoration(lotted, "deal-cancel:d1", deal, 60),
+				...(adjustment(lotted, "a1", -400, "r", "x") as Draft[])
+			]
 		],
 		["the expiry of every lot", lotted, expiries(lotted, "202612")],
 		["a withdrawal", lotted, withdrawal(lotted)],
@@ -320,10 +474,15 @@ describe("retrying a write that lost a race (lib/retry-on-race.ts)", () => {
 			runs++;
 			return LOST;
 		};
-		await expect(retryOnRace(lose, { attempts: 4, what: "Account 'm1'" })).rejects.toThrow("Account 'm1' keeps changing concurrently");
+		await expect(retryOnRace(lose, { attempts: 4, what: "Account 'm1'" })).rejects.toThrow(
+			"Account 'm1' keeps changing concurrently"
+		);
 		expect(runs).toBe(4);
-		const busy = (message: string) => Object.assign(new Error(`${message}; try again`), { code: 503 });
-		await expect(retryOnRace(lose, { attempts: 2, what: "Deal 'd1'", giveUp: busy })).rejects.toMatchObject({
+		const busy = (message: string) =>
+			Object.assign(new Error(`${message}; try again`), { code: 503 });
+		await expect(
+			retryOnRace(lose, { attempts: 2, what: "Deal 'd1'", giveUp: busy })
+		).rejects.toMatchObject({
 			message: "Deal 'd1' keeps changing concurrently; try again",
 			code: 503
 		});

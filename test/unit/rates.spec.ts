@@ -51,9 +51,15 @@ describe("rates", () => {
 		["0.02", 101, 3, 98],
 		["0.02", -101, -3, -98],
 		["0", 777, 0, 777]
-	])("settles at fee %p on %p points: fee %p, billing amount %p", (rate, points, fee, billingAmount) => {
-		expect(settlementAmounts(points, parseRate("SETTLEMENT_FEE", rate))).toEqual({ fee, billingAmount });
-	});
+	])(
+		"settles at fee %p on %p points: fee %p, billing amount %p",
+		(rate, points, fee, billingAmount) => {
+			expect(settlementAmounts(points, parseRate("SETTLEMENT_FEE", rate))).toEqual({
+				fee,
+				billingAmount
+			});
+		}
+	);
 
 	it("refuses an amount that is not a safe integer rather than round it", () => {
 		expect(() => applyRate(0.5, 100)).toThrow(RangeError);
@@ -73,7 +79,9 @@ describe("services with EARN_RATE=0.29 and SETTLEMENT_FEE=0.07", () => {
 		jest.resetModules();
 		const { createTestBroker } = await import("../helpers/broker");
 		const services = await Promise.all(
-			["members", "points", "deals", "billing"].map(async name => (await import(`../../services/${name}.service`)).default)
+			["members", "points", "deals", "billing"].map(
+				async name => (await import(`../../services/${name}.service`)).default
+			)
 		);
 		broker = createTestBroker(services);
 		await broker.start();
@@ -82,13 +90,31 @@ describe("services with EARN_RATE=0.29 and SETTLEMENT_FEE=0.07", () => {
 	afterAll(() => broker.stop());
 
 	it("earns 29 points on 100 and bills 930 of 1000 used points", async () => {
-		expect(await broker.call("deals.create", { memberId: "r001", merchantId: "20", dealAmount: 100, type: "save" })).toMatchObject({
+		expect(
+			await broker.call("deals.create", {
+				memberId: "r001",
+				merchantId: "20",
+				dealAmount: 100,
+				type: "save"
+			})
+		).toMatchObject({
 			point: 29
 		});
-		expect(await broker.call("deals.create", { memberId: "r001", merchantId: "20", dealAmount: 400_000, type: "save" })).toMatchObject({
+		expect(
+			await broker.call("deals.create", {
+				memberId: "r001",
+				merchantId: "20",
+				dealAmount: 400_000,
+				type: "save"
+			})
+		).toMatchObject({
 			point: 116_000
 		});
-		await eventually(async () => expect(await broker.call("points.get", { memberId: "r001" })).toMatchObject({ balance: 116_029 }));
+		await eventually(async () =>
+			expect(await broker.call("points.get", { memberId: "r001" })).toMatchObject({
+				balance: 116_029
+			})
+		);
 		const used = await broker.call<{ id: string }, object>("deals.create", {
 			memberId: "r001",
 			merchantId: "20",
@@ -96,8 +122,12 @@ describe("services with EARN_RATE=0.29 and SETTLEMENT_FEE=0.07", () => {
 			type: "use",
 			point: 1000
 		});
-		await eventually(async () => expect(await broker.call("billing.view", { dealId: used.id })).toMatchObject({ point: 1000 }));
-		expect(await broker.call("billing.settle", { merchantId: "20", billingMonth: "202605" })).toMatchObject({
+		await eventually(async () =>
+			expect(await broker.call("billing.view", { dealId: used.id })).toMatchObject({ point: 1000 })
+		);
+		expect(
+			await broker.call("billing.settle", { merchantId: "20", billingMonth: "202605" })
+		).toMatchObject({
 			usedPoints: 1000,
 			feeRate: 0.07,
 			fee: 70,

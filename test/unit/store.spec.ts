@@ -31,12 +31,25 @@ describe("the store", () => {
 	it("applies a conditional update only where every field of the condition matches", async () => {
 		const accounts = await open("accounts-condition");
 		await accounts.insertUnique({ _id: "a1", balance: 100, version: 1 });
-		await accounts.insertUnique({ _id: "a2", balance: 100, version: 1, pending: [{ cause: "deal:1" }] });
-		expect(await accounts.update({ _id: "a1", version: 2 }, { $inc: { balance: -100, version: 1 } })).toBe(0);
-		expect(await accounts.update({ _id: "a1", balance: { $gte: 150 } }, { $inc: { balance: -150 } })).toBe(0);
+		await accounts.insertUnique({
+			_id: "a2",
+			balance: 100,
+			version: 1,
+			pending: [{ cause: "deal:1" }]
+		});
+		expect(
+			await accounts.update({ _id: "a1", version: 2 }, { $inc: { balance: -100, version: 1 } })
+		).toBe(0);
+		expect(
+			await accounts.update({ _id: "a1", balance: { $gte: 150 } }, { $inc: { balance: -150 } })
+		).toBe(0);
 		expect(await accounts.findById("a1")).toEqual({ _id: "a1", balance: 100, version: 1 });
-		expect(await accounts.update({ _id: "a1", version: 1 }, { $inc: { balance: -100, version: 1 } })).toBe(1);
-		expect((await accounts.find({ query: { "pending.0": { $exists: true } } })).map(d => d._id)).toEqual(["a2"]);
+		expect(
+			await accounts.update({ _id: "a1", version: 1 }, { $inc: { balance: -100, version: 1 } })
+		).toBe(1);
+		expect(
+			(await accounts.find({ query: { "pending.0": { $exists: true } } })).map(d => d._id)
+		).toEqual(["a2"]);
 		expect(await accounts.count({ balance: 0 })).toBe(1);
 	});
 
@@ -69,22 +82,39 @@ describe("the store", () => {
 
 	it("removes exactly the documents its filter matches, and says how many", async () => {
 		const keys = await open("keys-remove", [{ fields: { balance: 1 } }]);
-		for (const [i, balance] of [5, 10, 15].entries()) await keys.insertUnique({ _id: `k${i}`, balance });
+		for (const [i, balance] of [5, 10, 15].entries())
+			await keys.insertUnique({ _id: `k${i}`, balance });
 		expect(await keys.remove({ balance: { $lte: 10 } })).toBe(2);
 		expect(await keys.remove({ balance: { $lte: 10 } })).toBe(0);
 		expect(await keys.find({ query: {} })).toEqual([{ _id: "k2", balance: 15 }]);
 	});
 
 	it("finds an updated document under its indexed fields' new values only, and a unique clash on update changes nothing", async () => {
-		const orders = await open("orders-reindexed", [{ fields: { status: 1 } }, { fields: { orderId: 1 }, unique: true }]);
+		const orders = await open("orders-reindexed", [
+			{ fields: { status: 1 } },
+			{ fields: { orderId: 1 }, unique: true }
+		]);
 		await orders.insertUnique({ _id: "o1", orderId: "x1", status: "pending", balance: 1 });
 		await orders.insertUnique({ _id: "o2", orderId: "x2", status: "pending", balance: 2 });
-		expect(await orders.update({ _id: "o1", status: "pending" }, { $set: { status: "settled" } })).toBe(1);
+		expect(
+			await orders.update({ _id: "o1", status: "pending" }, { $set: { status: "settled" } })
+		).toBe(1);
 		expect(await orders.update({ _id: "o1" }, { $inc: { balance: 10 } })).toBe(1);
-		expect(await orders.find({ query: { status: "pending" } })).toEqual([{ _id: "o2", orderId: "x2", status: "pending", balance: 2 }]);
-		expect(await orders.find({ query: { status: "settled" } })).toEqual([{ _id: "o1", orderId: "x1", status: "settled", balance: 11 }]);
-		await expect(orders.update({ _id: "o2" }, { $set: { orderId: "x1", status: "settled" } })).rejects.toThrow();
-		expect(await orders.findById("o2")).toEqual({ _id: "o2", orderId: "x2", status: "pending", balance: 2 });
+		expect(await orders.find({ query: { status: "pending" } })).toEqual([
+			{ _id: "o2", orderId: "x2", status: "pending", balance: 2 }
+		]);
+		expect(await orders.find({ query: { status: "settled" } })).toEqual([
+			{ _id: "o1", orderId: "x1", status: "settled", balance: 11 }
+		]);
+		await expect(
+			orders.update({ _id: "o2" }, { $set: { orderId: "x1", status: "settled" } })
+		).rejects.toThrow();
+		expect(await orders.findById("o2")).toEqual({
+			_id: "o2",
+			orderId: "x2",
+			status: "pending",
+			balance: 2
+		});
 		expect((await orders.find({ query: { orderId: "x2" } })).map(d => d._id)).toEqual(["o2"]);
 		expect((await orders.find({ query: { status: "settled" } })).map(d => d._id)).toEqual(["o1"]);
 	});
