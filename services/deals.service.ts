@@ -22,6 +22,7 @@ import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import { earnedPoints } from "../lib/rates";
+import { assertActiveMember } from "../lib/active-member";
 import * as P from "../lib/params";
 import type { Source } from "../lib/posting";
 import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
@@ -39,7 +40,6 @@ import {
 	type PendingMethods,
 	type PendingSettings
 } from "../mixins/pending.mixin";
-import type { MemberView } from "./members.service";
 import type { PostResult } from "./points.service";
 
 export type DealType = DealEvent["type"];
@@ -167,13 +167,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 				// A request run again (its gateway died before answering) answers the deal it made, as it stands.
 				const before = await createdBefore(this.store, ctx);
 				if (before) return answer(before);
-				const member = await ctx.call<MemberView, { memberId: string }>(
-					"members.get",
-					{ memberId },
-					{ timeout: this.settings.callTimeoutMs }
-				);
-				if (member.status !== "active")
-					throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+				await assertActiveMember(ctx, memberId, this.settings.callTimeoutMs);
 
 				if (type === "use" && ctx.params.point == null)
 					throw new Errors.ValidationError("A use deal needs 'point'", "VALIDATION_ERROR", [

@@ -19,6 +19,7 @@ import { consume, outboxEvent, type OutboxEvent } from "../contracts/channels";
 import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { clientError, conflict, notFound } from "../lib/errors";
 import { sortableId } from "../lib/ids";
+import { assertActiveMember } from "../lib/active-member";
 import * as P from "../lib/params";
 import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
@@ -34,7 +35,6 @@ import {
 	type PendingMethods,
 	type PendingSettings
 } from "../mixins/pending.mixin";
-import type { MemberView } from "./members.service";
 import type { PaymentView } from "./payments.service";
 
 export type OrderStatus = "pending" | "paid" | "payment_failed" | "cancelled";
@@ -140,13 +140,7 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 					throw clientError(422, "ORDER_TOO_LARGE", `An order may total at most ${P.MAX_AMOUNT}`, {
 						totalPrice
 					});
-				const member = await ctx.call<MemberView, { memberId: string }>(
-					"members.get",
-					{ memberId },
-					{ timeout: this.settings.callTimeoutMs }
-				);
-				if (member.status !== "active")
-					throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+				await assertActiveMember(ctx, memberId, this.settings.callTimeoutMs);
 
 				const order: Order = {
 					_id: sortableId(),

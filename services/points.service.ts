@@ -38,6 +38,7 @@ import { sortableId } from "../lib/ids";
 import { requestIdOf, type RequestMeta } from "../lib/request-id";
 import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { KeyedLock } from "../lib/keyed-lock";
+import { assertActiveMember } from "../lib/active-member";
 import * as P from "../lib/params";
 import {
 	adjustment,
@@ -69,7 +70,6 @@ import {
 	type Page
 } from "../mixins/db.mixin";
 import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods } from "../mixins/outbox.mixin";
-import type { MemberView } from "./members.service";
 
 export type { LedgerEntry, Refusal, Source };
 
@@ -278,13 +278,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				};
 				const before = requestId ? await made() : undefined;
 				if (before) return before;
-				const member = await ctx.call<MemberView, { memberId: string }>(
-					"members.get",
-					{ memberId },
-					{ timeout: this.settings.callTimeoutMs }
-				);
-				if (member.status !== "active")
-					throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+				await assertActiveMember(ctx, memberId, this.settings.callTimeoutMs);
 				const result = await this.post(memberId, async account => {
 					if (await this.ledger.findById(cause)) return "DUPLICATE";
 					return adjustment(account, adjustmentId, amount, reason, by);
