@@ -27,7 +27,8 @@ const storeless = [
 	"channels-doc",
 	"channel-adapter-contract",
 	"gateway-patch",
-	"posting"
+	"posting",
+	"docs-links"
 ].map(name => `/test/(unit|e2e)/${name}\\.spec\\.ts$`);
 
 /** @type {import('jest').Config} */
