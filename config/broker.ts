@@ -10,7 +10,7 @@ import { Middleware } from "@moleculer/channels";
 import { config as defaults, type Config } from ".";
 import { EmbeddedAdapter } from "../lib/channels/embedded-adapter";
 import { isDependencyUnavailable } from "../lib/errors";
-import { amountRule } from "../lib/params";
+import { amountRule, DECIMAL_MESSAGES, decimalRule } from "../lib/params";
 import { DurableNatsAdapter } from "../lib/channels/nats-adapter";
 import { settleMetricRateShape } from "../lib/ops/metric-rate-shape";
 import { OpsReporter } from "../lib/ops/reporter";
@@ -90,8 +90,11 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 		},
 		transporter: config.transporter ? { type: "NATS", options: { url: config.transporter } } : null,
 		requestTimeout: 10_000,
-		// Params are checked by fastest-validator, with the project's own `amount` rule (lib/params.ts).
-		validator: new Validators.Fastest({ customRules: { amount: amountRule } }),
+		// Params are checked by fastest-validator, with the project's own rules (lib/params.ts).
+		validator: new Validators.Fastest({
+			customRules: { amount: amountRule, decimal: decimalRule },
+			messages: DECIMAL_MESSAGES
+		}),
 		// moleculer's typings give a custom command's arguments as a string array; moleculer-repl
 		// passes them as an object by name, which is what the commands are written against.
 		replOptions: {

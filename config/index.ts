@@ -22,6 +22,13 @@ export interface Config {
 	earnRateBp: number;
 	/** Share of used points a merchant pays as a fee at settlement, in basis points (`0.02` is 200). */
 	settlementFeeBp: number;
+	/** What a merchant pays per point its deals issue, in basis points (`POINT_PRICE=1` is 10000). */
+	pointPriceBp: number;
+	/**
+	 * `open`: a merchant nobody registered deals on the terms above (the seed's `merchantId=20`);
+	 * `registered`: only registered merchants may deal.
+	 */
+	merchants: "open" | "registered";
 	/** How long a synchronous call to another service may take before it counts as failed (ms). */
 	callTimeoutMs: number;
 	/** What a 503 asks the client to wait before retrying (s). */
@@ -100,6 +107,14 @@ function text(env: NodeJS.ProcessEnv, name: string): string | undefined {
 	return raw ? raw : undefined;
 }
 
+/** One of `values`, the first by default. */
+function oneOf<T extends string>(env: NodeJS.ProcessEnv, name: string, values: readonly T[]): T {
+	const raw = text(env, name) ?? values[0];
+	if (!values.includes(raw as T))
+		throw new Error(`${name} must be one of ${values.join(", ")}, got '${raw}'`);
+	return raw as T;
+}
+
 function atLeast(min: number, name: string, value: number): number {
 	if (value < min) throw new Error(`${name} must be at least ${min}, got ${value}`);
 	return value;
@@ -121,6 +136,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 			text(env, "METRICS_PORT") === "off" ? undefined : number(env, "METRICS_PORT", 3030),
 		earnRateBp: parseRate("EARN_RATE", text(env, "EARN_RATE") ?? "0.01"),
 		settlementFeeBp: parseRate("SETTLEMENT_FEE", text(env, "SETTLEMENT_FEE") ?? "0.02"),
+		pointPriceBp: parseRate("POINT_PRICE", text(env, "POINT_PRICE") ?? "1", 100),
+		merchants: oneOf(env, "MERCHANTS", ["open", "registered"]),
 		callTimeoutMs: number(env, "CALL_TIMEOUT_MS", 2000),
 		retryAfterSeconds: number(env, "RETRY_AFTER_SECONDS", 5),
 		apiKeys: parseApiKeys(text(env, "API_KEYS")),

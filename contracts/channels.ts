@@ -7,6 +7,17 @@
 import type { ServiceSchema } from "moleculer";
 import { sortableId } from "../lib/ids";
 
+/**
+ * The merchant's contract terms a deal was made under, recorded on the deal, in basis points
+ * (1/10000): what a save earns per unit of its amount, the share of redeemed points the coalition
+ * keeps as its fee, and what the merchant pays per point it issues.
+ */
+export interface DealTerms {
+	earnRateBp: number;
+	redemptionFeeBp: number;
+	pointPriceBp: number;
+}
+
 /** A deal as its events carry it (`deal.*`). */
 export interface DealEvent {
 	dealId: string;
@@ -17,6 +28,8 @@ export interface DealEvent {
 	point: number;
 	dealDate: string;
 	cancelledAt?: string;
+	/** Absent on deals made before terms were recorded: those were made on the node's defaults. */
+	terms?: DealTerms;
 	/** Why a use failed (`deal.failed`, `deal.voided`). */
 	reason?: string;
 }

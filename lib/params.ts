@@ -1,4 +1,5 @@
 import type { CompilationRule } from "fastest-validator";
+import { BASIS } from "./rates";
 
 /**
  * fastest-validator rules shared by the services' action params. Ids are bounded strings of a safe
@@ -43,6 +44,43 @@ export function amountRule(
 		`
 	};
 }
+
+/** A decimal from 0 to `max` with at most 4 places (a basis point): a rate (`max` 1) or a price. */
+export const decimal = (max: number) => ({ type: "decimal", max }) as const;
+
+/**
+ * The `decimal` rule (registered with the broker's validator): a finite number from 0 to
+ * `schema.max` with at most 4 decimal places, sent as a number or as decimal text (HTTPie's
+ * `earnRate=0.05` sends text). The handler turns it into basis points with `toBasisPoints`.
+ */
+export function decimalRule(
+	this: { makeError(error: object): string },
+	{ schema, messages }: CompilationRule
+): { sanitized: boolean; source: string } {
+	const { max = 1 } = schema as { max?: number };
+	const error = (type: string, expected?: number) =>
+		this.makeError({ type, actual: "origValue", expected, messages });
+	return {
+		sanitized: true,
+		source: `
+			var origValue = value;
+			if (typeof value === "string" && /^\\s*\\d+(\\.\\d+)?\\s*$/.test(value)) value = Number(value);
+			if (typeof value !== "number" || !Number.isFinite(value)) { ${error("number")} return value; }
+			if (value < 0) { ${error("numberMin", 0)} return value; }
+			if (value > ${Number(max)}) { ${error("numberMax", Number(max))} return value; }
+			if (Math.abs(value * ${BASIS} - Math.round(value * ${BASIS})) > 1e-6) { ${error("decimalPlaces", 4)} }
+			return value;
+		`
+	};
+}
+
+/** What the `decimal` rule's message says of a number with too many places. */
+export const DECIMAL_MESSAGES = {
+	decimalPlaces: "The '{field}' field must have at most {expected} decimal places (a basis point)."
+};
+
+/** A value the `decimal` rule passed, in basis points (0.05 → 500). */
+export const toBasisPoints = (value: number): number => Math.round(value * BASIS);
 
 /** A month, YYYYMM, of a year from 2000 to 2099: `000101` is no month (JavaScript's dates would make it 1901). */
 export const month = {

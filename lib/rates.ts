@@ -1,22 +1,22 @@
 /**
- * Rates (the earn rate, the settlement fee) held as integer basis points, never as floats: 0.29 as a
- * float makes 100 × 0.29 = 28.999…, floored to 28. Parsed from their decimal text and applied in
- * integer arithmetic, every floor is exact.
+ * Rates (the earn rate, the redemption fee) and the point price held as integer basis points, never
+ * as floats: 0.29 as a float makes 100 × 0.29 = 28.999…, floored to 28. Parsed from their decimal
+ * text and applied in integer arithmetic, every floor is exact.
  */
 
 /** One basis point is 1/10000. */
 export const BASIS = 10_000;
 
-/** "0.29" → 2900. A rate is a decimal between 0 and 1 with at most 4 places. */
-export function parseRate(name: string, text: string): number {
+/** "0.29" → 2900. A rate is a decimal from 0 to `max` (1 unless said) with at most 4 places. */
+export function parseRate(name: string, text: string, max = 1): number {
 	const match = /^\s*(\d+)(?:\.(\d+))?\s*$/.exec(text);
 	const places = (match?.[2] ?? "").replace(/0+$/, "");
 	if (!match || places.length > 4)
 		throw new Error(
-			`${name} must be a decimal between 0 and 1 with at most 4 places (a basis point), got '${text}'`
+			`${name} must be a decimal between 0 and ${max} with at most 4 places (a basis point), got '${text}'`
 		);
 	const bp = Number(match[1]) * BASIS + Number(places.padEnd(4, "0"));
-	if (bp > BASIS) throw new Error(`${name} must be between 0 and 1, got '${text}'`);
+	if (bp > max * BASIS) throw new Error(`${name} must be between 0 and ${max}, got '${text}'`);
 	return bp;
 }
 

@@ -3,8 +3,9 @@
  * the alias table and the OpenAPI document (`GET /api/openapi.json`, read at `/docs`) are both built
  * from the published services' schemas (`lib/gateway/openapi.ts`). Nothing else is reachable
  * (`mappingPolicy: "restrict"`); internal actions such as `points.debit` have no `rest`.
- * Every request but `GET /api/health` needs `Authorization: Bearer <token>` (API_KEYS); what a role
- * may do is the table `MERCHANT_ACTIONS` below, checked by moleculer-web's `authorize` hook.
+ * Every request but `GET /api/health` needs `Authorization: Bearer <token>`: one of API_KEYS, or a
+ * merchant's key issued through the API (services/merchants.service.ts); what a role may do is the
+ * table `MERCHANT_ACTIONS` below, checked by moleculer-web's `authorize` hook.
  * Every error leaves as one JSON shape, `{name, message, code, type, data?}`, without stack traces
  * (`lib/gateway/http-errors.ts`); keys that reach a prototype are refused before moleculer-web merges
  * the params (`lib/gateway/hostile-keys.ts`).
@@ -41,6 +42,7 @@ import Dashboard from "./dashboard.service";
 import Deals from "./deals.service";
 import Deliveries from "./deliveries.service";
 import Members from "./members.service";
+import Merchants from "./merchants.service";
 import MyPoints from "./my-points.service";
 import Orders from "./orders.service";
 import Payments from "./payments.service";
@@ -61,6 +63,8 @@ const MERCHANT_ACTIONS: Record<string, string | true> = {
 	"billing.view": true,
 	"billing.settle": "merchantId",
 	"billing.get": "merchantId",
+	"billing.statement": "merchantId",
+	"merchants.get": "merchantId",
 	"points.get": true,
 	"api.me": true
 };
@@ -121,7 +125,8 @@ interface Methods {
 		ctx: Context,
 		route: unknown,
 		req: IncomingMessage & { $action?: { name: string } }
-	): Role | null;
+	): Promise<Role | null>;
+	merchantOfKey(ctx: Context, tokenHash: string): Promise<string | null>;
 	authorize(
 		ctx: Context<unknown, { user?: Role | null }>,
 		route: unknown,
@@ -136,11 +141,20 @@ interface Settings extends ApiSettingsSchema {
 	production: boolean;
 	/** What a 503 asks the client to wait (s). */
 	retryAfterSeconds: number;
+	/** How long a call to another service may take (ms). */
+	callTimeoutMs: number;
+	/**
+	 * How long the gateway keeps what a merchant key's token is (ms): a revoked key is refused on
+	 * every gateway within this, should the revocation's broadcast not reach one.
+	 */
+	keyCacheMs: number;
 }
 
 type This = Service<Settings> &
 	Methods & {
 		keys: { digest: Buffer; role: Role }[];
+		/** Merchant keys issued through the API, by their token's hash: whose, and until when it is known. */
+		issuedKeys: Map<string, { merchantId: Promise<string | null>; until: number }>;
 		streams: Set<ServerResponse>;
 		heartbeat?: NodeJS.Timeout;
 		/** moleculer-web's own `callAction`, checked at creation. */
@@ -211,6 +225,7 @@ const OWN_ACTIONS = {
 /** Every public route, from the published services' actions; the alias table and the contract are built from it. */
 const ROUTES = publishedRoutes([
 	Members,
+	Merchants,
 	Points,
 	Deals,
 	Billing,
@@ -275,6 +290,8 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			// Every route's limit: requests a minute per token, or per address without one.
 			rateLimit: { window: 60_000, limit: config.rateLimit, headers: true, key: rateLimitKey },
 			retryAfterSeconds: config.retryAfterSeconds,
+			callTimeoutMs: config.callTimeoutMs,
+			keyCacheMs: 2_000,
 			apiKeys: config.apiKeys,
 			production: config.nodeEnv === "production",
 			$secureSettings: ["apiKeys"]
@@ -341,13 +358,16 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			return idempotentCall(this, this.gatewayCallAction, scopeOf, ...args);
 		},
 
-		/** Resolves the bearer token into a role; compares against every key in constant time. */
-		authenticate(
+		/**
+		 * Resolves the bearer token into a role: one of API_KEYS (compared against every one in
+		 * constant time), else a merchant key issued through the API (looked up by the token's hash).
+		 */
+		async authenticate(
 			this: This,
-			_ctx: Context,
+			ctx: Context,
 			_route: unknown,
 			req: IncomingMessage & { $action?: { name: string } }
-		): Role | null {
+		): Promise<Role | null> {
 			if (req.$action && PUBLIC_ACTIONS.has(req.$action.name)) return null;
 			const header = req.headers.authorization ?? "";
 			const token = /^Bearer ([^\s]+)$/.exec(header)?.[1];
@@ -355,8 +375,31 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			const digest = tokenDigest(token);
 			let role: Role | null = null;
 			for (const key of this.keys) if (timingSafeEqual(key.digest, digest)) role = key.role;
-			if (!role) throw new WebErrors.UnAuthorizedError(WebErrors.ERR_INVALID_TOKEN, null);
-			return role;
+			if (role) return role;
+			const merchantId = await this.merchantOfKey(ctx, hashedToken(token));
+			if (!merchantId) throw new WebErrors.UnAuthorizedError(WebErrors.ERR_INVALID_TOKEN, null);
+			return { kind: "merchant", merchantId };
+		},
+
+		/** The merchant an issued key acts as (null: no such key, or revoked), asked of merchants once per `keyCacheMs`. */
+		merchantOfKey(this: This, ctx: Context, tokenHash: string): Promise<string | null> {
+			// Monotonic: a key's time in the cache does not follow the wall clock's jumps.
+			const now = performance.now();
+			const known = this.issuedKeys.get(tokenHash);
+			if (known && known.until > now) return known.merchantId;
+			// Bounded: a flood of made-up tokens only empties it.
+			if (this.issuedKeys.size >= 10_000) this.issuedKeys.clear();
+			const merchantId = ctx
+				.call<{ merchantId: string } | null, { tokenHash: string }>(
+					"merchants.authenticate",
+					{ tokenHash },
+					{ timeout: this.settings.callTimeoutMs }
+				)
+				.then(key => key?.merchantId ?? null);
+			// Requests with the same token meanwhile wait for this one answer; a failure is not kept.
+			this.issuedKeys.set(tokenHash, { merchantId, until: now + this.settings.keyCacheMs });
+			merchantId.catch(() => this.issuedKeys.delete(tokenHash));
+			return merchantId;
 		},
 
 		authorize(
@@ -393,6 +436,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			this.logger.warn(`API_KEYS is not set: this run's staff token is ${keys[0].token}`);
 		}
 		this.keys = keys.map(key => ({ digest: sha256(key.token), role: key.role }));
+		this.issuedKeys = new Map();
 		this.streams = new Set();
 	},
 
@@ -411,6 +455,11 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 	},
 
 	events: {
+		/** A key revoked: refused here from now on, not only once the cache forgets it. */
+		"merchant.keyRevoked"(this: This, ctx: Context<{ tokenHash: string }>) {
+			this.issuedKeys.delete(ctx.params.tokenHash);
+		},
+
 		"dashboard.updated"(this: This, ctx: Context<{ memberIds: string[] }>) {
 			const message = `event: update\ndata: ${JSON.stringify(ctx.params)}\n\n`;
 			for (const res of this.streams) res.write(message);

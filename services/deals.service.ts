@@ -1,5 +1,6 @@
 /**
- * Deals at partner merchants. A `save` earns a fixed share of the amount, credited by the points
+ * Deals at partner merchants, each under the terms its merchant had then (`merchants.dealTerms`,
+ * recorded on the deal). A `save` earns its earn rate of the amount, credited by the points
  * service from a durable event. A `use` is confirmed synchronously: the deal is recorded as
  * `pending` first, `points.debit` is called under a timeout and the circuit breaker, and the deal
  * becomes `success` only with a confirmed debit. If the answer never comes, the deal fails and a
@@ -14,6 +15,7 @@ import { ConfiguredSettings } from "../config/settings";
 import {
 	outboxEvent,
 	type DealEvent,
+	type DealTerms,
 	type DealReturn,
 	type OutboxEvent
 } from "../contracts/channels";
@@ -22,6 +24,7 @@ import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
 import { earnedPoints } from "../lib/rates";
+import { termsView, type TermsView } from "../lib/terms";
 import { assertActiveMember } from "../lib/active-member";
 import * as P from "../lib/params";
 import type { Source } from "../lib/posting";
@@ -54,6 +57,8 @@ export interface Deal extends WithOutbox {
 	status: DealStatus;
 	reason?: string;
 	dealDate: string;
+	/** The merchant's terms in force at `dealDate`: its points, returns and settlement lines follow them. */
+	terms?: DealTerms;
 	/** When the last of its amount was returned. */
 	cancelledAt?: string;
 	/** Its returns, oldest first, and their totals; absent until the first. */
@@ -65,8 +70,12 @@ export interface Deal extends WithOutbox {
 	returnRequestIds?: string[];
 }
 
-export interface DealView extends Omit<Deal, "_id" | "outbox" | "requestId" | "returnRequestIds"> {
+export interface DealView extends Omit<
+	Deal,
+	"_id" | "outbox" | "requestId" | "returnRequestIds" | "terms"
+> {
 	id: string;
+	terms?: TermsView;
 }
 
 interface CancelParams {
@@ -104,8 +113,18 @@ const shareOf = (points: number, amount: number, dealAmount: number) =>
 	Number((BigInt(points) * BigInt(amount)) / BigInt(dealAmount));
 
 const dealEvent = (deal: Deal): DealEvent => {
-	const { _id, memberId, merchantId, dealAmount, type, point, dealDate, cancelledAt, reason } =
-		deal;
+	const {
+		_id,
+		memberId,
+		merchantId,
+		dealAmount,
+		type,
+		point,
+		dealDate,
+		terms,
+		cancelledAt,
+		reason
+	} = deal;
 	return {
 		dealId: _id,
 		memberId,
@@ -114,16 +133,15 @@ const dealEvent = (deal: Deal): DealEvent => {
 		type,
 		point,
 		dealDate,
+		...(terms ? { terms } : {}),
 		...(cancelledAt ? { cancelledAt } : {}),
 		...(reason ? { reason } : {})
 	};
 };
 
 interface Settings extends PendingSettings {
-	/** How long a call to members may take (ms). */
+	/** How long a call to members or merchants may take (ms). */
 	callTimeoutMs: number;
-	/** What a save earns, in basis points of its amount. */
-	earnRateBp: number;
 }
 
 type This = Service<Settings> & DbThis<Deal> & OutboxMethods & PendingMethods<Deal> & Methods;
@@ -142,8 +160,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 		OutboxMixin,
 		PendingMixin<Deal>("dealDate"),
 		ConfiguredSettings<Settings>(config => ({
-			callTimeoutMs: config.callTimeoutMs,
-			earnRateBp: config.earnRateBp
+			callTimeoutMs: config.callTimeoutMs
 		}))
 	],
 
@@ -167,8 +184,6 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 				// A request run again (its gateway died before answering) answers the deal it made, as it stands.
 				const before = await createdBefore(this.store, ctx);
 				if (before) return answer(before);
-				await assertActiveMember(ctx, memberId, this.settings.callTimeoutMs);
-
 				if (type === "use" && ctx.params.point == null)
 					throw new Errors.ValidationError("A use deal needs 'point'", "VALIDATION_ERROR", [
 						{
@@ -178,6 +193,16 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 						}
 					]);
 
+				const dealDate = new Date().toISOString();
+				// The merchant may deal (registered, or MERCHANTS=open; not suspended), on the terms of now.
+				const [, terms] = await Promise.all([
+					assertActiveMember(ctx, memberId, this.settings.callTimeoutMs),
+					ctx.call<DealTerms, { merchantId: string; at: string }>(
+						"merchants.dealTerms",
+						{ merchantId, at: dealDate },
+						{ timeout: this.settings.callTimeoutMs }
+					)
+				]);
 				const deal: Deal = {
 					_id: sortableId(),
 					memberId,
@@ -186,10 +211,11 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 					type,
 					point:
 						type === "save"
-							? earnedPoints(dealAmount, this.settings.earnRateBp)
+							? earnedPoints(dealAmount, terms.earnRateBp)
 							: (ctx.params.point as number),
 					status: type === "save" ? "success" : "pending",
-					dealDate: new Date().toISOString(),
+					dealDate,
+					terms,
 					...requestIdOf(ctx)
 				};
 				if (
@@ -413,9 +439,10 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 				outbox: _outbox,
 				requestId: _request,
 				returnRequestIds: _returnRequests,
+				terms,
 				...rest
 			} = deal;
-			return { id: _id, ...rest };
+			return { id: _id, ...rest, ...(terms ? { terms: termsView(terms) } : {}) };
 		}
 	}
 };

@@ -136,7 +136,9 @@ export async function idempotentCall(
 
 /**
  * Records the answer before it is sent, so that a client who got it and retries gets it again.
- * A 2xx or 4xx is kept and replayed (a refusal stands: the same request would be refused again).
+ * A 2xx or 4xx is kept and replayed (a refusal stands: the same request would be refused again),
+ * except an answer marked `Cache-Control: no-store` (it holds a secret, such as a new key's token):
+ * its key is released, and a retry runs again under the same request id.
  * A 5xx is not kept: the key is released and the retry runs again — as a new request when a
  * service answered that it undid its work (its own 503), under the same request id otherwise
  * (a timeout: what ran may still take effect, and the action answers it on the re-run).
@@ -151,7 +153,7 @@ function recordAnswer(
 	res.end = ((chunk?: string | Buffer) => {
 		const ctx = req.$ctx;
 		const recording =
-			res.statusCode < 500
+			res.statusCode < 500 && res.getHeader("Cache-Control") !== "no-store"
 				? ctx.call("idempotency.complete", {
 						...running,
 						response: {

@@ -55,7 +55,7 @@ describe("a cluster over NATS", () => {
 		// lets the test start its load at once.
 		await Promise.all([
 			startNode("points", "points"),
-			startNode("members", "members"),
+			startNode("members", "members,merchants"),
 			startNode("deals", "deals"),
 			startNode("billing", "billing,dead-letters"),
 			startNode("orders", "orders,deliveries,my-points"),

@@ -45,7 +45,7 @@ describe("points and deals scaled out on MongoDB", () => {
 			await nodes[name].start();
 		};
 		await Promise.all([
-			start("members", "members"),
+			start("members", "members,merchants"),
 			start("points-1", "points"),
 			start("points-2", "points"),
 			start("deals-1", "deals"),

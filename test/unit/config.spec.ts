@@ -4,6 +4,7 @@ import ApiService from "../../services/api.service";
 import BillingService from "../../services/billing.service";
 import DashboardService from "../../services/dashboard.service";
 import DealsService from "../../services/deals.service";
+import MerchantsService from "../../services/merchants.service";
 import PaymentsService from "../../services/payments.service";
 import PointsService from "../../services/points.service";
 import { createTestBroker, withSettings, type AnyServiceSchema } from "../helpers/broker";
@@ -15,6 +16,8 @@ describe("configuration", () => {
 			port: 3000,
 			earnRateBp: 100,
 			settlementFeeBp: 200,
+			pointPriceBp: 10_000,
+			merchants: "open",
 			rateLimit: 6000,
 			apiKeys: []
 		});
@@ -55,6 +58,20 @@ describe("configuration", () => {
 			);
 	});
 
+	it("reads POINT_PRICE as a price of 0 to 100 in basis points, and MERCHANTS as open or registered", () => {
+		expect(loadConfig({ POINT_PRICE: "2.5", MERCHANTS: "registered" })).toMatchObject({
+			pointPriceBp: 25_000,
+			merchants: "registered"
+		});
+		expect(() => loadConfig({ POINT_PRICE: "100.5" })).toThrow(
+			/POINT_PRICE must be between 0 and 100, got '100.5'/
+		);
+		expect(() => loadConfig({ POINT_PRICE: "0.00001" })).toThrow(/at most 4 places/);
+		expect(() => loadConfig({ MERCHANTS: "closed" })).toThrow(
+			/MERCHANTS must be one of open, registered, got 'closed'/
+		);
+	});
+
 	it("refuses a number that is not one", () => {
 		expect(() => loadConfig({ PORT: "eighty" })).toThrow(/PORT must be a number/);
 	});
@@ -83,10 +100,19 @@ describe("services' settings", () => {
 
 	it("take their defaults from the configuration of the broker they run on", async () => {
 		const settings = await settingsOf(
-			[DealsService, PaymentsService, BillingService, PointsService, DashboardService],
+			[
+				DealsService,
+				MerchantsService,
+				PaymentsService,
+				BillingService,
+				PointsService,
+				DashboardService
+			],
 			{
 				CALL_TIMEOUT_MS: "300",
 				EARN_RATE: "0.05",
+				POINT_PRICE: "1.5",
+				MERCHANTS: "registered",
 				PAYMENT_LIMIT: "5",
 				MONTH_END_GRACE_MINUTES: "1",
 				POINTS_VALID_MONTHS: "24"
@@ -102,8 +128,11 @@ describe("services' settings", () => {
 		expect(settings.deals).toMatchObject({
 			callTimeoutMs: 300,
 			pendingTimeoutMs: 300,
-			pendingSweepMs: 300,
-			earnRateBp: 500
+			pendingSweepMs: 300
+		});
+		expect(settings.merchants).toMatchObject({
+			defaultTerms: { earnRateBp: 500, redemptionFeeBp: 200, pointPriceBp: 15_000 },
+			merchants: "registered"
 		});
 		expect(settings.payments).toMatchObject({ limit: 5, delayMs: 0 });
 		expect(settings.billing).toMatchObject({

@@ -1,6 +1,7 @@
 import type { Service, ServiceBroker } from "moleculer";
 import DealsService, { type DealView } from "../../services/deals.service";
 import MembersService from "../../services/members.service";
+import MerchantsService from "../../services/merchants.service";
 import PointsService from "../../services/points.service";
 import { createTestBroker, eventually } from "../helpers/broker";
 
@@ -12,7 +13,7 @@ describe("deals service", () => {
 		(await broker.call<{ balance: number }, object>("points.get", { memberId })).balance;
 
 	beforeAll(async () => {
-		broker = createTestBroker([MembersService, PointsService, DealsService], {
+		broker = createTestBroker([MembersService, MerchantsService, PointsService, DealsService], {
 			CALL_TIMEOUT_MS: "300"
 		});
 		await broker.start();

@@ -12,6 +12,7 @@ import IdempotencyService, {
 	type StoredResponse
 } from "../../services/idempotency.service";
 import MembersService, { type MemberView } from "../../services/members.service";
+import MerchantsService from "../../services/merchants.service";
 import OrdersService, { type OrderView } from "../../services/orders.service";
 import PaymentsService from "../../services/payments.service";
 import PointsService from "../../services/points.service";
@@ -220,6 +221,7 @@ describe("write actions run again under their request id", () => {
 	beforeAll(async () => {
 		broker = createTestBroker([
 			MembersService,
+			MerchantsService,
 			PointsService,
 			DealsService,
 			OrdersService,

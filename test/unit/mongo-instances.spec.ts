@@ -14,6 +14,7 @@ import type { ServiceBroker, ServiceSchema } from "moleculer";
 import DealsService, { type DealView } from "../../services/deals.service";
 import IdempotencyService, { type Begun } from "../../services/idempotency.service";
 import MembersService from "../../services/members.service";
+import MerchantsService from "../../services/merchants.service";
 import OrdersService, { type OrderView } from "../../services/orders.service";
 import PaymentsService from "../../services/payments.service";
 import PointsService, { type PostResult } from "../../services/points.service";
@@ -79,6 +80,7 @@ describe("two instances sharing MongoDB", () => {
 		createTestBroker(
 			[
 				MembersService,
+				MerchantsService,
 				withSettings(PointsService, { sweepIntervalMs: 200 }),
 				withSettings(DealsService, { pendingTimeoutMs: 300, pendingSweepMs: 200 }),
 				withSettings(OrdersService, { pendingTimeoutMs: 300, pendingSweepMs: 200 }),

@@ -9,6 +9,7 @@ import path from "node:path";
 import type { ServiceBroker } from "moleculer";
 import DealsService, { type DealView } from "../../services/deals.service";
 import MembersService from "../../services/members.service";
+import MerchantsService from "../../services/merchants.service";
 import PointsService from "../../services/points.service";
 import { createTestBroker, drained, eventually } from "../helpers/broker";
 
@@ -28,7 +29,7 @@ describe("partial returns racing on two instances sharing MongoDB", () => {
 			await a.call<{ rows: Entry[] }, object>("points.history", { memberId, pageSize: 100 })
 		).rows.filter(e => e.cause.startsWith(`deal-return:${dealId}:`));
 	const instance = () =>
-		createTestBroker([MembersService, PointsService, DealsService], {
+		createTestBroker([MembersService, MerchantsService, PointsService, DealsService], {
 			DATA_DIR: fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-instance-"))
 		});
 	/** Returns `amounts` of the deal all at once, alternating between the instances; the accepted amounts and the refusals' codes. */

@@ -9,6 +9,7 @@ import BillingService, { type SettlementView } from "../../services/billing.serv
 import DashboardService from "../../services/dashboard.service";
 import DealsService, { type DealView } from "../../services/deals.service";
 import MembersService from "../../services/members.service";
+import MerchantsService from "../../services/merchants.service";
 import PointsService from "../../services/points.service";
 import { createTestBroker, drained, eventually } from "../helpers/broker";
 import { clockFrom } from "../helpers/clock";
@@ -54,6 +55,7 @@ describe("partial returns", () => {
 	beforeAll(async () => {
 		broker = createTestBroker([
 			MembersService,
+			MerchantsService,
 			PointsService,
 			DealsService,
 			BillingService,
