@@ -1,39 +1,57 @@
 /**
- * Billing: each merchant's monthly settlement. It reads only its own CQRS view — one row per `use`
- * deal, fed by `deal.used`, `deal.cancelled` and `deal.returned`, never the deals store. Months are calendar months
- * in UTC; billingAmount = (points of the settlement's lines) × (1 − fee), toward zero, in basis points.
+ * Billing: each merchant's monthly settlement, both sides of it. The points redeemed at the
+ * merchant (its `use` deals) the coalition pays for, less its fee; the points the merchant's `save`
+ * deals issued the merchant pays for, at its point price. `net` is what is left: positive, the
+ * coalition pays the merchant; negative, the merchant pays the coalition. Billing reads only its
+ * own CQRS view — one row per deal, fed by `deal.saved`, `deal.used`, `deal.cancelled` and
+ * `deal.returned`, never the deals store. Months are calendar months in UTC.
+ *
+ * Each row keeps the rate its deal was made under, from the terms the deal recorded (a use's
+ * redemption fee, a save's point price; this node's defaults for a deal made before terms were
+ * recorded), and every line is priced at its own row's rate, toward zero in basis points: a use's
+ * points × (1 − fee), a save's points × price. Every figure of a settlement is a sum of its lines,
+ * so a statement's lines and totals agree to the unit whatever the terms of each deal.
  *
  * A month that has not closed is settled `provisional`: its figures are recomputed on every read and
  * request. A month closes — its settlements become `final` and never change — once its end plus
  * `MONTH_END_GRACE_MINUTES` has passed and this service has handled every deal event published
- * before then. Months close in order. A change that reaches a closed month (a late use, a
- * cancellation after the settlement) is carried into the merchant's next open settlement as an
- * adjustment line naming the deal and its month: never lost, and no final figure changes.
+ * before then. Months close in order. A change that reaches a closed month (a late deal, a
+ * cancellation or return after the settlement) is carried into the merchant's next open settlement
+ * as an adjustment line naming the deal and its month: never lost, and no final figure changes.
  *
  * How: every view row knows how many of its points final settlements have billed (`billed`, with the
  * settlements that did it, so applying one twice changes nothing). What a row should be billed is its
- * points less those given back by its returns, or 0 once cancelled; a difference is a line of the month's settlement, or an adjustment in
- * the first open month once the row's own month has closed. Rows are `open` until they agree.
+ * points less those given back by its returns, or 0 once cancelled; a difference is a line of the
+ * month's settlement, or an adjustment in the first open month once the row's own month has closed.
+ * Rows are `open` until they agree.
  *
  * The month-end job checks the clock soon after start and then once a minute, and closes every past
  * month that can close, so a node down through two month-ends, or a clock that jumped, still closes
- * each month. Closing is
- * idempotent: a rerun, or two billing nodes closing the same month, changes nothing.
+ * each month. Closing is idempotent: a rerun, or two billing nodes closing the same month, changes
+ * nothing.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import { stringify } from "csv-stringify/sync";
 import { ConfiguredSettings } from "../config/settings";
-import { consume } from "../contracts/channels";
+import { consume, type DealEvent } from "../contracts/channels";
 import { assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
 import { clientError, notFound } from "../lib/errors";
 import { KeyedLock } from "../lib/keyed-lock";
 import * as P from "../lib/params";
 import { addMonths, monthBounds, monthOf, previousMonth } from "../lib/months";
-import { rateOf, settlementAmounts } from "../lib/rates";
+import { applyRate, rateOf, settlementAmounts } from "../lib/rates";
 import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
+
+/** The side of a settlement a deal is on: points redeemed at the merchant, or issued by it. */
+export type DealSide = "use" | "save";
 
 export interface BillingAmountView {
 	/** The deal's id: the view row follows the deal. */
 	_id: string;
+	/** The deal's type; a row without one is a use (rows made before saves were billed). */
+	type?: DealSide;
+	/** The rate its lines are priced at (bp): a use's redemption fee, a save's point price. */
+	rateBp?: number;
 	merchantId?: string;
 	memberId?: string;
 	point?: number;
@@ -49,14 +67,41 @@ export interface BillingAmountView {
 }
 
 export interface SettlementLine {
-	kind: "use" | "adjustment";
+	/** The deal's own month (named after its type), or a change carried from a closed month. */
+	kind: DealSide | "adjustment";
+	/** The deal's type: the side of the settlement the line is on. */
+	type: DealSide;
 	dealId: string;
 	dealDate: string;
 	/** Points this line bills (negative: taken back). */
 	points: number;
+	/**
+	 * The points at the deal's own rate, toward zero: for a use, what the coalition pays the merchant
+	 * (the points less the fee); for a save, what the merchant pays.
+	 */
+	amount: number;
 	/** An adjustment's month: the final month the change reached. */
 	month?: string;
-	reason?: "LATE_USE" | "CANCELLED_AFTER_SETTLEMENT" | "RETURNED_AFTER_SETTLEMENT" | "CORRECTION";
+	reason?:
+		| "LATE_USE"
+		| "LATE_SAVE"
+		| "CANCELLED_AFTER_SETTLEMENT"
+		| "RETURNED_AFTER_SETTLEMENT"
+		| "CORRECTION";
+}
+
+/**
+ * One side's figures: the points of its lines and what they come to; `fee` is what the coalition
+ * keeps of the points redeemed.
+ */
+export interface Redeemed {
+	points: number;
+	fee: number;
+	amount: number;
+}
+export interface Issued {
+	points: number;
+	amount: number;
 }
 
 export interface Settlement {
@@ -67,11 +112,20 @@ export interface Settlement {
 	/** Points of the month's own uses, and how many. */
 	usedPoints: number;
 	dealCount: number;
-	/** Points carried from closed months. */
+	/** Points of uses carried from closed months. */
 	adjustmentPoints: number;
-	feeRate: number;
+	/**
+	 * The redemption fee every use-side line was priced at; null when there are none, or when they
+	 * were made under different terms.
+	 */
+	feeRate: number | null;
+	/** `redeemed.fee` and `redeemed.amount`, named as before settlements had two sides. */
 	fee: number;
 	billingAmount: number;
+	redeemed: Redeemed;
+	issued: Issued;
+	/** redeemed − issued amounts: positive, the coalition pays the merchant; negative, it is paid. */
+	net: number;
 	lines: SettlementLine[];
 	/** When a final settlement was made; when a provisional one was computed. */
 	settledAt?: string;
@@ -79,6 +133,14 @@ export interface Settlement {
 }
 
 export type SettlementView = Omit<Settlement, "_id"> & { id: string };
+
+/** Every merchant's settlement of a month (`GET /billings`), and the coalition's totals of them. */
+export interface MonthSettlements {
+	billingMonth: string;
+	status: Settlement["status"];
+	settlements: SettlementView[];
+	totals: Pick<Settlement, "redeemed" | "issued" | "net">;
+}
 
 interface ClosedMonth {
 	billingMonth: string;
@@ -91,25 +153,31 @@ interface ChannelLag {
 	addPrefixTopic(name: string): string;
 }
 
+/** What moleculer-web reads from a statement's `ctx.meta` to answer a file. */
+interface FileMeta extends CallerMeta {
+	$responseType?: string;
+	$responseHeaders?: Record<string, string>;
+}
+
 interface Methods {
 	settlementOf(
 		merchantId: string,
 		month: string
 	): Promise<{ settlement: Settlement; created: boolean }>;
+	/** A final settlement as it was made, or an open month's provisional one as of now. */
+	current(merchantId: string, month: string): Promise<Settlement>;
+	provisional(merchantId: string, month: string, closedThrough?: string): Promise<Settlement>;
 	compute(
-		merchantId: string,
 		month: string,
-		closedThrough: string | undefined,
-		status: Settlement["status"]
-	): Promise<Settlement>;
+		carry: boolean,
+		status: Settlement["status"],
+		merchantId?: string
+	): Promise<Map<string, Settlement>>;
 	closeMonths(upTo: string): Promise<ClosedMonth[]>;
 	closeMonth(month: string): Promise<ClosedMonth>;
-	finalize(
-		merchantId: string,
-		month: string,
-		closing: boolean
-	): Promise<{ settlement: Settlement; created: boolean }>;
+	finalize(made: Settlement): Promise<{ settlement: Settlement; created: boolean }>;
 	apply(settlement: Settlement): Promise<void>;
+	note(deal: DealEvent, change: Partial<BillingAmountView>, returnedPoints?: number): Promise<void>;
 	canClose(month: string): Promise<boolean>;
 	closedThrough(): Promise<string | undefined>;
 	monthEndCheck(): Promise<void>;
@@ -119,11 +187,17 @@ interface Methods {
 	toView(settlement: Settlement): SettlementView;
 }
 
-interface Settings extends ServiceSettingSchema {
+/** The rates of deals that recorded no terms, in basis points. */
+interface DefaultRates {
+	/** The share of used points a merchant pays as a fee (SETTLEMENT_FEE). */
+	settlementFeeBp: number;
+	/** What a merchant pays per point it issues (POINT_PRICE). */
+	pointPriceBp: number;
+}
+
+interface Settings extends ServiceSettingSchema, DefaultRates {
 	/** How long after a month's end it is closed (MONTH_END_GRACE_MINUTES), when the clock is first checked after start, and how often after (ms). */
 	monthEnd: { graceMs: number; firstCheckMs: number; checkEveryMs: number };
-	/** The share of used points a merchant pays as a fee, in basis points (SETTLEMENT_FEE). */
-	settlementFeeBp: number;
 }
 
 type This = Service<Settings> &
@@ -137,13 +211,195 @@ type This = Service<Settings> &
 	};
 
 /** The channels whose events make the view, for the "caught up" check. */
-const VIEW_CHANNELS = ["deal.used", "deal.cancelled", "deal.returned"];
+const VIEW_CHANNELS = ["deal.saved", "deal.used", "deal.cancelled", "deal.returned"];
 
-/** What a row should have billed: its points less those returned, or nothing once cancelled (or before its use is known). */
+/** The statement's columns: a line's fields, and the total rows' (`kind` total, `type` the figure). */
+const STATEMENT_COLUMNS = [
+	"kind",
+	"type",
+	"dealId",
+	"dealDate",
+	"points",
+	"amount",
+	"reason",
+	"month"
+] as const;
+
+const STATE_ID = "closed-through";
+
+const CSV = "text/csv; charset=utf-8";
+
+/**
+ * What a row should have billed: its points less those returned, or nothing once cancelled (or
+ * before its deal is known).
+ */
 const due = (row: BillingAmountView): number =>
 	row.cancelled || row.point == null ? 0 : Math.max(0, row.point - (row.returnedPoints ?? 0));
 
-const STATE_ID = "closed-through";
+const sideOf = (row: BillingAmountView): DealSide => row.type ?? "use";
+
+const defaultRate = (side: DealSide, rates: DefaultRates) =>
+	side === "save" ? rates.pointPriceBp : rates.settlementFeeBp;
+
+/** What `points` of a side come to at `rateBp`: a use's less the fee, a save's at the price. */
+const amountOf = (side: DealSide, points: number, rateBp: number) =>
+	side === "use" ? settlementAmounts(points, rateBp).billingAmount : applyRate(points, rateBp);
+
+/** Why a row of a closed month has a difference to carry. */
+function reasonOf(row: BillingAmountView): SettlementLine["reason"] {
+	if (!row.billed) return sideOf(row) === "save" ? "LATE_SAVE" : "LATE_USE";
+	if (row.cancelled) return "CANCELLED_AFTER_SETTLEMENT";
+	return due(row) < row.billed ? "RETURNED_AFTER_SETTLEMENT" : "CORRECTION";
+}
+
+const sum = <T>(items: readonly T[], of: (item: T) => number) =>
+	items.reduce((total, item) => total + of(item), 0);
+
+/** A merchant's lines of the month, and the redemption fees (bp) of its use-side lines. */
+interface MerchantLines {
+	lines: SettlementLine[];
+	feesBp: Set<number>;
+}
+
+/**
+ * The lines of `month` from the view's rows (sorted by deal date), by merchant: each row's
+ * difference in its own month and, when `carry` (the first open month), those of rows of closed
+ * months as adjustments. A merchant with a row of the month is there even without a line (its
+ * deal was cancelled): closing the month makes its settlement.
+ */
+export function linesByMerchant(
+	rows: readonly BillingAmountView[],
+	month: string,
+	carry: boolean,
+	rates: DefaultRates
+): Map<string, MerchantLines> {
+	const merchants = new Map<string, MerchantLines>();
+	for (const row of rows) {
+		if (!row.merchantId || !row.dealDate) continue;
+		const rowMonth = monthOf(row.dealDate);
+		const points = due(row) - (row.billed ?? 0);
+		if (rowMonth !== month && (!carry || points === 0)) continue;
+		const merchant = merchants.get(row.merchantId) ?? { lines: [], feesBp: new Set<number>() };
+		merchants.set(row.merchantId, merchant);
+		if (points === 0) continue;
+		const type = sideOf(row);
+		const rateBp = row.rateBp ?? defaultRate(type, rates);
+		if (type === "use") merchant.feesBp.add(rateBp);
+		const line = {
+			type,
+			dealId: row._id,
+			dealDate: row.dealDate,
+			points,
+			amount: amountOf(type, points, rateBp)
+		};
+		merchant.lines.push(
+			rowMonth === month
+				? { kind: type, ...line }
+				: { kind: "adjustment", ...line, month: rowMonth, reason: reasonOf(row) }
+		);
+	}
+	return merchants;
+}
+
+/** A merchant's settlement of its lines: every figure a sum of them. */
+export function settlementOfLines(
+	merchantId: string,
+	month: string,
+	{ lines, feesBp }: MerchantLines,
+	status: Settlement["status"],
+	at: string
+): Settlement {
+	const redeeming = lines.filter(line => line.type === "use");
+	const issuing = lines.filter(line => line.type === "save");
+	const uses = redeeming.filter(line => line.kind === "use");
+	const usedPoints = sum(uses, line => line.points);
+	const redeemedPoints = sum(redeeming, line => line.points);
+	const redeemedAmount = sum(redeeming, line => line.amount);
+	const redeemed = {
+		points: redeemedPoints,
+		fee: redeemedPoints - redeemedAmount,
+		amount: redeemedAmount
+	};
+	const issued = {
+		points: sum(issuing, line => line.points),
+		amount: sum(issuing, line => line.amount)
+	};
+	return {
+		_id: `${merchantId}:${month}`,
+		merchantId,
+		billingMonth: month,
+		status,
+		usedPoints,
+		dealCount: uses.length,
+		adjustmentPoints: redeemedPoints - usedPoints,
+		feeRate: feesBp.size === 1 ? rateOf([...feesBp][0]) : null,
+		fee: redeemed.fee,
+		billingAmount: redeemed.amount,
+		redeemed,
+		issued,
+		net: redeemed.amount - issued.amount,
+		lines,
+		...(status === "final" ? { settledAt: at } : { computedAt: at })
+	};
+}
+
+const noLines = (): MerchantLines => ({ lines: [], feesBp: new Set() });
+
+/**
+ * A stored final settlement as settlements now read. One made before they had two sides billed uses
+ * only, and recorded no amount per line (its billing amount was reckoned on its total).
+ */
+function upgraded(settlement: Settlement): Settlement {
+	if (settlement.issued) return settlement;
+	const { usedPoints, adjustmentPoints, fee, billingAmount } = settlement;
+	return {
+		...settlement,
+		redeemed: { points: usedPoints + adjustmentPoints, fee, amount: billingAmount },
+		issued: { points: 0, amount: 0 },
+		net: billingAmount,
+		lines: settlement.lines.map(line => ({ ...line, type: "use" }))
+	};
+}
+
+/** The coalition's totals of a month's settlements. */
+function totalsOf(settlements: readonly Settlement[]): MonthSettlements["totals"] {
+	const redeemed = {
+		points: sum(settlements, s => s.redeemed.points),
+		fee: sum(settlements, s => s.redeemed.fee),
+		amount: sum(settlements, s => s.redeemed.amount)
+	};
+	const issued = {
+		points: sum(settlements, s => s.issued.points),
+		amount: sum(settlements, s => s.issued.amount)
+	};
+	return { redeemed, issued, net: redeemed.amount - issued.amount };
+}
+
+/** A settlement as CSV: a header, one row per line, then its totals (`kind` total). */
+export function statementCsv(settlement: Settlement): string {
+	const { redeemed, issued, net } = settlement;
+	const total = (type: string, points: number | undefined, amount: number) => ({
+		kind: "total",
+		type,
+		points,
+		amount
+	});
+	return stringify(
+		[
+			...settlement.lines,
+			total("redeemed", redeemed.points, redeemed.amount),
+			total("fee", undefined, redeemed.fee),
+			total("issued", issued.points, issued.amount),
+			total("net", undefined, net)
+		],
+		// CRLF, as RFC 4180 has it.
+		{ header: true, columns: [...STATEMENT_COLUMNS], record_delimiter: "windows" }
+	);
+}
+
+/** Whether `month`'s settlements carry the changes of closed months: the first open one's do. */
+const carries = (month: string, closedThrough: string | undefined) =>
+	closedThrough !== undefined && month === addMonths(closedThrough, 1);
 
 const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "billing",
@@ -154,7 +410,8 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		]),
 		ConfiguredSettings<Settings>(config => ({
 			monthEnd: { graceMs: config.monthEndGraceMs, firstCheckMs: 10_000, checkEveryMs: 60_000 },
-			settlementFeeBp: config.settlementFeeBp
+			settlementFeeBp: config.settlementFeeBp,
+			pointPriceBp: config.pointPriceBp
 		}))
 	],
 
@@ -165,8 +422,9 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			params: { $$strict: true, dealId: P.id },
 			async handler(this: This, ctx: Context<{ dealId: string }, CallerMeta>) {
 				const row = await this.store.findById(ctx.params.dealId);
-				// A use returned whole, at once or in parts, bills nothing: it has no billing amount.
-				if (!row || due(row) === 0)
+				// A use returned whole, at once or in parts, bills nothing: it has no billing amount. A
+				// save is on the other side of the settlement: not a billing amount either.
+				if (!row || sideOf(row) !== "use" || due(row) === 0)
 					throw notFound(
 						"BILLING_VIEW_NOT_FOUND",
 						`No billing amount for deal '${ctx.params.dealId}'`,
@@ -192,7 +450,8 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		 */
 		settle: {
 			rest: "POST /billings",
-			summary: "Settle a merchant's month: points used there, less the fee",
+			summary:
+				"Settle a merchant's month: points redeemed there less the fee, and points it issued",
 			params: { $$strict: true, merchantId: P.id, billingMonth: P.month },
 			async handler(
 				this: This,
@@ -222,30 +481,33 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		/**
-		 * Every merchant's settlement of a month, as `get` answers each: what the dashboard previews.
-		 * Only merchants with something to bill in it (their uses, or changes carried into it).
+		 * Every merchant's settlement of a month, as `get` answers each, and the coalition's totals: a
+		 * closed month's final ones; an open month's provisional ones of the merchants with lines in it
+		 * (their deals, or changes carried into it).
 		 */
-		preview: {
-			visibility: "public",
+		list: {
+			rest: "GET /billings",
+			summary: "Every merchant's settlement of a month, with the coalition's totals",
 			params: { $$strict: true, billingMonth: P.month },
-			async handler(this: This, ctx: Context<{ billingMonth: string }>) {
+			async handler(this: This, ctx: Context<{ billingMonth: string }>): Promise<MonthSettlements> {
 				const month = ctx.params.billingMonth;
 				this.assertStarted(month);
 				const closedThrough = await this.closedThrough();
-				if (closedThrough && month <= closedThrough)
-					return (
-						await this.settlements.find({ query: { billingMonth: month }, sort: ["merchantId"] })
-					).map(s => this.toView(s));
-				const rows = await this.store.find({
-					query: { open: true, dealDate: { $lt: monthBounds(month)[1] } }
-				});
-				const merchants = [
-					...new Set(rows.flatMap(row => (row.merchantId ? [row.merchantId] : [])))
-				].sort();
-				const settlements = await Promise.all(
-					merchants.map(merchantId => this.compute(merchantId, month, closedThrough, "provisional"))
-				);
-				return settlements.filter(s => s.lines.length).map(s => this.toView(s));
+				const closed = closedThrough !== undefined && month <= closedThrough;
+				const settlements = closed
+					? (
+							await this.settlements.find({ query: { billingMonth: month }, sort: ["merchantId"] })
+						).map(upgraded)
+					: [...(await this.compute(month, carries(month, closedThrough), "provisional"))]
+							.sort(([a], [b]) => a.localeCompare(b))
+							.map(([, settlement]) => settlement)
+							.filter(settlement => settlement.lines.length);
+				return {
+					billingMonth: month,
+					status: closed ? "final" : "provisional",
+					settlements: settlements.map(s => this.toView(s)),
+					totals: totalsOf(settlements)
+				};
 			}
 		},
 
@@ -255,63 +517,84 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			summary: "A merchant's settlement for a month (provisional until the month is closed)",
 			params: { $$strict: true, merchantId: P.id, billingMonth: P.month },
 			async handler(this: This, ctx: Context<{ merchantId: string; billingMonth: string }>) {
-				const { merchantId, billingMonth: month } = ctx.params;
-				const closedThrough = await this.closedThrough();
-				if (closedThrough && month <= closedThrough) {
-					const settlement = await this.settlements.findById(`${merchantId}:${month}`);
-					if (!settlement)
-						throw notFound(
-							"SETTLEMENT_NOT_FOUND",
-							`Merchant '${merchantId}' has no settlement for ${month}`,
-							ctx.params
-						);
-					return this.toView(settlement);
-				}
-				this.assertStarted(month);
-				return this.toView(await this.compute(merchantId, month, closedThrough, "provisional"));
+				return this.toView(await this.current(ctx.params.merchantId, ctx.params.billingMonth));
+			}
+		},
+
+		/** The settlement `get` answers, as a file a partner's accounting loads. */
+		statement: {
+			rest: "GET /billings/:merchantId/:billingMonth/statement.csv",
+			summary: "A merchant's settlement for a month as CSV: a row per line, then the totals",
+			responseType: CSV,
+			params: { $$strict: true, merchantId: P.id, billingMonth: P.month },
+			async handler(
+				this: This,
+				ctx: Context<{ merchantId: string; billingMonth: string }, FileMeta>
+			) {
+				const { merchantId, billingMonth } = ctx.params;
+				const csv = statementCsv(await this.current(merchantId, billingMonth));
+				ctx.meta.$responseType = CSV;
+				ctx.meta.$responseHeaders = {
+					"Content-Disposition": `attachment; filename="${merchantId}-${billingMonth}.csv"`
+				};
+				return csv;
 			}
 		}
 	},
 
 	channels: consume<This>("billing", {
+		async "deal.saved"(deal) {
+			await this.note(deal, { memberId: deal.memberId, point: deal.point });
+		},
 		async "deal.used"(deal) {
-			const { dealId, merchantId, memberId, point, dealDate } = deal;
-			await this.store.upsert(
-				{ _id: dealId },
-				{ $set: { merchantId, memberId, point, dealDate, open: true } }
-			);
+			await this.note(deal, { memberId: deal.memberId, point: deal.point });
 		},
 		async "deal.cancelled"(deal) {
-			// Also when the cancellation overtakes the use: the row then never bills anything.
-			if (deal.type !== "use") return;
+			// Also when the cancellation overtakes the deal: the row then never bills anything.
+			await this.note(deal, { cancelled: true });
+		},
+		async "deal.returned"(deal) {
+			await this.note(deal, {}, deal.returnedPoints);
+		}
+	}),
+
+	methods: {
+		now: () => new Date(),
+
+		/**
+		 * Records a deal event on its row, with the deal's type and rate. A return carries the deal's
+		 * total after it, so `$max` keeps the latest whatever the order returns arrive in, and a
+		 * redelivery changes nothing.
+		 */
+		async note(
+			this: This,
+			deal: DealEvent,
+			change: Partial<BillingAmountView>,
+			returnedPoints?: number
+		) {
+			const { terms, type } = deal;
+			const rateBp = terms && (type === "save" ? terms.pointPriceBp : terms.redemptionFeeBp);
 			await this.store.upsert(
 				{ _id: deal.dealId },
 				{
 					$set: {
 						merchantId: deal.merchantId,
 						dealDate: deal.dealDate,
-						cancelled: true,
+						type,
+						...(rateBp === undefined ? {} : { rateBp }),
+						...change,
 						open: true
-					}
+					},
+					...(returnedPoints === undefined ? {} : { $max: { returnedPoints } })
 				}
 			);
+			// A deal made before terms were recorded: this node's default, kept from its first event on.
+			if (rateBp === undefined)
+				await this.store.update(
+					{ _id: deal.dealId, rateBp: { $exists: false } },
+					{ $set: { rateBp: defaultRate(type, this.settings) } }
+				);
 		},
-		async "deal.returned"(deal) {
-			if (deal.type !== "use") return;
-			// The event carries the deal's total after the return, so `$max` keeps the latest whatever the
-			// order returns arrive in, and a redelivery changes nothing.
-			await this.store.upsert(
-				{ _id: deal.dealId },
-				{
-					$set: { merchantId: deal.merchantId, dealDate: deal.dealDate, open: true },
-					$max: { returnedPoints: deal.returnedPoints }
-				}
-			);
-		}
-	}),
-
-	methods: {
-		now: () => new Date(),
 
 		async closedThrough(this: This) {
 			return (await this.state.findById(STATE_ID))?.month;
@@ -322,6 +605,36 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 				throw clientError(422, "BILLING_MONTH_NOT_STARTED", `${month} has not started yet`, {
 					billingMonth: month
 				});
+		},
+
+		async current(this: This, merchantId: string, month: string) {
+			const closedThrough = await this.closedThrough();
+			if (closedThrough && month <= closedThrough) {
+				const settlement = await this.settlements.findById(`${merchantId}:${month}`);
+				if (!settlement)
+					throw notFound(
+						"SETTLEMENT_NOT_FOUND",
+						`Merchant '${merchantId}' has no settlement for ${month}`,
+						{ merchantId, billingMonth: month }
+					);
+				return upgraded(settlement);
+			}
+			this.assertStarted(month);
+			return this.provisional(merchantId, month, closedThrough);
+		},
+
+		async provisional(this: This, merchantId: string, month: string, closedThrough?: string) {
+			const computed = await this.compute(
+				month,
+				carries(month, closedThrough),
+				"provisional",
+				merchantId
+			);
+			// Nothing in the month yet: an empty settlement, as of now.
+			return (
+				computed.get(merchantId) ??
+				settlementOfLines(merchantId, month, noLines(), "provisional", this.now().toISOString())
+			);
 		},
 
 		async settlementOf(this: This, merchantId: string, month: string) {
@@ -337,11 +650,23 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 				closedThrough = await this.closedThrough();
 			}
 			if (closedThrough && month <= closedThrough) {
-				const result = await this.lock.run("close", () => this.finalize(merchantId, month, false));
-				return madeNow ? { ...result, created: true } : result;
+				// Asked for after the month closed without one, it is empty: what arrives late for a
+				// closed month is carried into the first open one.
+				const empty = settlementOfLines(
+					merchantId,
+					month,
+					noLines(),
+					"final",
+					this.now().toISOString()
+				);
+				const result = await this.lock.run("close", () => this.finalize(empty));
+				return {
+					settlement: upgraded(result.settlement),
+					created: madeNow || result.created
+				};
 			}
 			return {
-				settlement: await this.compute(merchantId, month, closedThrough, "provisional"),
+				settlement: await this.provisional(merchantId, month, closedThrough),
 				created: false
 			};
 		},
@@ -360,66 +685,31 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			);
 		},
 
-		/** The lines of `month` for the merchant: its own uses, and — in the first open month — the adjustments. */
+		/**
+		 * The settlements of `month` of every merchant with a row in it or, when `carry`, a change to
+		 * carry into it (only `merchantId`'s when given), from one read of the view.
+		 */
 		async compute(
 			this: This,
-			merchantId: string,
 			month: string,
-			closedThrough: string | undefined,
-			status: Settlement["status"]
+			carry: boolean,
+			status: Settlement["status"],
+			merchantId?: string
 		) {
-			const firstOpen = closedThrough && month === addMonths(closedThrough, 1);
+			const [start, end] = monthBounds(month);
 			const rows = await this.store.find({
-				query: { merchantId, open: true, dealDate: { $lt: monthBounds(month)[1] } },
-				sort: ["dealDate"]
+				query: {
+					...(merchantId === undefined ? {} : { merchantId }),
+					open: true,
+					dealDate: carry ? { $lt: end } : { $gte: start, $lt: end }
+				},
+				sort: ["dealDate", "_id"]
 			});
-			const lines: SettlementLine[] = [];
-			for (const row of rows) {
-				const points = due(row) - (row.billed ?? 0);
-				const rowMonth = monthOf(row.dealDate as string);
-				if (points === 0 || (rowMonth !== month && !firstOpen)) continue;
-				if (rowMonth === month)
-					lines.push({ kind: "use", dealId: row._id, dealDate: row.dealDate as string, points });
-				else {
-					const reason = !row.billed
-						? "LATE_USE"
-						: row.cancelled
-							? "CANCELLED_AFTER_SETTLEMENT"
-							: due(row) < row.billed
-								? "RETURNED_AFTER_SETTLEMENT"
-								: "CORRECTION";
-					lines.push({
-						kind: "adjustment",
-						dealId: row._id,
-						dealDate: row.dealDate as string,
-						points,
-						month: rowMonth,
-						reason
-					});
-				}
-			}
-			const uses = lines.filter(line => line.kind === "use");
-			const usedPoints = uses.reduce((sum, line) => sum + line.points, 0);
-			const adjustmentPoints = lines.reduce((sum, line) => sum + line.points, 0) - usedPoints;
-			const { fee, billingAmount } = settlementAmounts(
-				usedPoints + adjustmentPoints,
-				this.settings.settlementFeeBp
-			);
 			const at = this.now().toISOString();
-			return {
-				_id: `${merchantId}:${month}`,
-				merchantId,
-				billingMonth: month,
-				status,
-				usedPoints,
-				dealCount: uses.length,
-				adjustmentPoints,
-				feeRate: rateOf(this.settings.settlementFeeBp),
-				fee,
-				billingAmount,
-				lines,
-				...(status === "final" ? { settledAt: at } : { computedAt: at })
-			};
+			const settlements = new Map<string, Settlement>();
+			for (const [id, lines] of linesByMerchant(rows, month, carry, this.settings))
+				settlements.set(id, settlementOfLines(id, month, lines, status, at));
+			return settlements;
 		},
 
 		/** Closes, in order, every month from the first open one up to `upTo` that can close. */
@@ -432,7 +722,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 					sort: ["dealDate"],
 					limit: 1
 				});
-				// Nothing ever closed: start at the oldest month with activity.
+				// Nothing ever closed: start at the oldest month with activity, on either side.
 				let month = closedThrough
 					? addMonths(closedThrough, 1)
 					: earliest?.dealDate && monthOf(earliest.dealDate);
@@ -444,25 +734,18 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			});
 		},
 
-		/** Makes final the settlement of every merchant with something to bill in `month`, then records it closed. */
+		/**
+		 * Makes final the settlement of every merchant active in `month` on either side (a cancelled
+		 * deal included), or with a change to carry into it, then records the month closed.
+		 */
 		async closeMonth(this: This, month: string) {
-			const rows = await this.store.find({
-				query: { open: true, dealDate: { $lt: monthBounds(month)[1] } }
-			});
-			// Merchants active in the month (a cancelled use included), or with a change to carry.
-			const merchants = new Set<string>();
-			for (const row of rows)
-				if (
-					row.merchantId &&
-					(monthOf(row.dealDate as string) === month || due(row) !== (row.billed ?? 0))
-				)
-					merchants.add(row.merchantId);
+			const made = await this.compute(month, true, "final");
 			const settlements: SettlementView[] = [];
 			let created = 0;
-			for (const merchantId of [...merchants].sort()) {
-				const result = await this.finalize(merchantId, month, true);
+			for (const merchantId of [...made.keys()].sort()) {
+				const result = await this.finalize(made.get(merchantId) as Settlement);
 				if (result.created) created++;
-				settlements.push(this.toView(result.settlement));
+				settlements.push(this.toView(upgraded(result.settlement)));
 			}
 			const previous = await this.closedThrough();
 			if (previous)
@@ -474,33 +757,16 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		/**
-		 * The merchant's final settlement of a month: made once, when the month closes, and applied to the
-		 * view. Asked for after the month closed without one, it is empty: what arrives late for a
-		 * closed month is carried into the first open one.
+		 * The merchant's final settlement of a month: `made` unless one was made before, applied to the
+		 * view either way (a rerun after a crash applies what is left).
 		 */
-		async finalize(this: This, merchantId: string, month: string, closing: boolean) {
-			const id = `${merchantId}:${month}`;
-			let settlement = await this.settlements.findById(id);
+		async finalize(this: This, made: Settlement) {
+			let settlement = await this.settlements.findById(made._id);
 			let created = false;
 			if (!settlement) {
-				const made = await this.compute(
-					merchantId,
-					month,
-					previousMonth(new Date(monthBounds(month)[0])),
-					"final"
-				);
-				if (!closing)
-					Object.assign(made, {
-						usedPoints: 0,
-						dealCount: 0,
-						adjustmentPoints: 0,
-						fee: 0,
-						billingAmount: 0,
-						lines: []
-					});
 				// Two nodes closing at once: the unique id lets one win, and both apply its lines.
 				created = await this.settlements.insertUnique(made);
-				settlement = created ? made : ((await this.settlements.findById(id)) as Settlement);
+				settlement = created ? made : ((await this.settlements.findById(made._id)) as Settlement);
 			}
 			await this.apply(settlement);
 			return { settlement, created };

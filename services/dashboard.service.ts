@@ -27,7 +27,7 @@ import { notFound } from "../lib/errors";
 import { expiringSoon, type Lots } from "../lib/expiry";
 import * as P from "../lib/params";
 import { monthOf } from "../lib/months";
-import type { SettlementView } from "./billing.service";
+import type { MonthSettlements } from "./billing.service";
 import {
 	DbMixin,
 	openCollection,
@@ -120,7 +120,7 @@ const newMember = (memberId: string): MemberRow => ({
 const noTotals = (): Totals => ({ earned: 0, used: 0, cancelled: 0, expired: 0, adjusted: 0 });
 
 interface Settings extends ServiceSettingSchema {
-	/** How long the overview waits for the dead-letter count and billing's preview (ms). */
+	/** How long the overview waits for the dead-letter count and billing's month (ms). */
 	callTimeoutMs: number;
 	/** Months earned points stay valid (POINTS_VALID_MONTHS); 0: never expire. */
 	pointsValidMonths: number;
@@ -244,11 +244,11 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 					}),
 					// Owned by other services: without their answer the overview still shows the rest.
 					answerOrNull("dead-letters.count", {}, (r: { waiting: number }) => r.waiting),
-					// Billing's own figures, with what it carries into this month from closed ones.
+					// Billing's own figures, both sides, with what it carries in from closed months.
 					answerOrNull(
-						"billing.preview",
+						"billing.list",
 						{ billingMonth: current },
-						(rows: SettlementView[]) => rows
+						(month: MonthSettlements) => month.settlements
 					)
 				]);
 				const perDay = new Map<string, number>();
@@ -306,15 +306,28 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 					topMerchants: [...merchants]
 						.sort((a, b) => b.deals - a.deals || b.usedPoints - a.usedPoints)
 						.slice(0, 5),
+					// Each merchant's month: points issued (it pays), redeemed (it is paid), the net.
 					settlementPreview:
 						settlements
 							?.map(
-								({ merchantId, billingMonth, usedPoints, adjustmentPoints, billingAmount }) => ({
+								({
 									merchantId,
 									billingMonth,
 									usedPoints,
 									adjustmentPoints,
-									billingAmount
+									billingAmount,
+									redeemed,
+									issued,
+									net
+								}) => ({
+									merchantId,
+									billingMonth,
+									usedPoints,
+									adjustmentPoints,
+									billingAmount,
+									redeemed,
+									issued,
+									net
 								})
 							)
 							.sort(

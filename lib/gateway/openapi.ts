@@ -8,6 +8,16 @@
  */
 import type { ActionSchema } from "moleculer";
 
+declare module "moleculer" {
+	interface ActionSchema {
+		/**
+		 * The media type of a successful answer that is not JSON (`text/csv; charset=utf-8`):
+		 * moleculer-web sends it as the Content-Type, and the contract documents it.
+		 */
+		responseType?: string;
+	}
+}
+
 type Method = "GET" | "POST" | "PUT" | "PATCH" | "DELETE";
 
 /** A fastest-validator rule: an object, or the shorthand `"string|optional"`. */
@@ -43,6 +53,8 @@ export interface PublishedRoute {
 	action: string;
 	summary?: string;
 	params: Rules;
+	/** A successful answer's media type, when not JSON. */
+	responseType?: string;
 }
 
 /** What is read of a service schema (any schema's `this` type fits). */
@@ -91,7 +103,8 @@ export function publishedRoutes(
 				path: match[2],
 				action: actionName,
 				summary: action.summary,
-				params: (action.params ?? {}) as Rules
+				params: (action.params ?? {}) as Rules,
+				...(action.responseType ? { responseType: action.responseType } : {})
 			});
 		}
 	}
@@ -303,6 +316,8 @@ function operationOf(
 			? objectSchema(Object.fromEntries(rest), route.params.$$strict === true)
 			: undefined;
 	const [service] = route.action.split(".");
+	// A media type without its parameters (`; charset=…`): the key OpenAPI's `content` expects.
+	const mediaType = route.responseType?.split(";")[0].trim();
 	return {
 		operationId: route.action,
 		tags: [service],
@@ -319,10 +334,15 @@ function operationOf(
 				}
 			: {}),
 		responses: {
-			"2XX": {
-				description: "Done: the resource or result as JSON",
-				content: { "application/json": { schema: {} } }
-			},
+			"2XX": mediaType
+				? {
+						description: `Done: the resource as ${mediaType}`,
+						content: { [mediaType]: { schema: { type: "string" } } }
+					}
+				: {
+						description: "Done: the resource or result as JSON",
+						content: { "application/json": { schema: {} } }
+					},
 			...(hasBody ? { "400": ref("BadRequest") } : {}),
 			...(access.public ? {} : { "401": ref("Unauthorized"), "403": ref("Forbidden") }),
 			...(pathParams.length ? { "404": ref("NotFound") } : {}),

@@ -8,7 +8,9 @@ import type { ServiceBroker } from "moleculer";
 import type { SettlementView as Settlement } from "../../services/billing.service";
 import type { DeadLetterView } from "../../services/dead-letters.service";
 import type { MemberView } from "../../services/members.service";
+import type { MerchantView } from "../../services/merchants.service";
 import type { AccountView, ExpiryRun } from "../../services/points.service";
+import { monthOf } from "../months";
 
 /** What moleculer-repl hands a custom command: its positional arguments by name. */
 type Args = Record<string, unknown>;
@@ -64,7 +66,24 @@ function guarded(
 }
 
 const settlementLine = (s: Settlement) =>
-	`${s.merchantId} ${s.billingMonth} ${s.status}: ${s.usedPoints} points used in ${s.dealCount} deal(s), adjustments ${s.adjustmentPoints}, fee ${s.fee}, billing amount ${s.billingAmount} (${s.status === "final" ? `settled ${s.settledAt}` : `as of ${s.computedAt}`})`;
+	`${s.merchantId} ${s.billingMonth} ${s.status}: ${s.usedPoints} points used in ${s.dealCount} deal(s), adjustments ${s.adjustmentPoints}, fee ${s.fee}, billing amount ${s.billingAmount}; issued ${s.issued.points} points for ${s.issued.amount}; net ${netLine(s.net)} (${s.status === "final" ? `settled ${s.settledAt}` : `as of ${s.computedAt}`})`;
+
+/** Who pays whom: positive, the coalition pays the merchant. */
+const netLine = (net: number) =>
+	net >= 0 ? `${net} (the coalition pays)` : `${-net} (the merchant pays)`;
+
+const termsLine = (t: MerchantView["terms"]) =>
+	`earn rate ${t.earnRate}, redemption fee ${t.redemptionFee}, point price ${t.pointPrice}`;
+
+/** The month the node's clock is in: "this month" of the commands. */
+const thisMonth = () => monthOf(new Date().toISOString());
+
+interface MonthList {
+	billingMonth: string;
+	status: Settlement["status"];
+	settlements: Settlement[];
+	totals: Pick<Settlement, "redeemed" | "issued" | "net">;
+}
 
 export const operatorCommands: OperatorCommand[] = [
 	{
@@ -97,6 +116,74 @@ export const operatorCommands: OperatorCommand[] = [
 					...(shortfall ? { shortfall } : {}),
 					...(by ? { by, reason } : {})
 				}))
+			);
+		})
+	},
+	{
+		command: "merchant <merchantId>",
+		description:
+			"A merchant: its status, the terms in force and those to come, its keys and this month's issued, redeemed and net figures",
+		action: guarded(async (broker, { merchantId }) => {
+			const merchant = await broker.call<MerchantView, object>("merchants.get", { merchantId });
+			console.log(
+				`Merchant ${merchant.merchantId} ${merchant.name}: ${merchant.status}${merchant.suspendedAt ? ` since ${merchant.suspendedAt}` : ""}, registered ${merchant.createdAt}`
+			);
+			console.log(`Terms: ${termsLine(merchant.terms)} (since ${merchant.terms.from})`);
+			for (const later of merchant.termsHistory.filter(t => t.from > merchant.terms.from))
+				console.log(`  from ${later.from}: ${termsLine(later)}`);
+			const keys = await broker.call<{ rows: { status: string }[]; total: number }, object>(
+				"merchants.keys",
+				{ merchantId, pageSize: 100 }
+			);
+			console.log(
+				`Keys: ${keys.rows.filter(k => k.status === "active").length} active of ${keys.total}`
+			);
+			const s = await broker.call<Settlement, object>("billing.get", {
+				merchantId,
+				billingMonth: thisMonth()
+			});
+			console.log(
+				`${s.billingMonth} (${s.status}): issued ${s.issued.points} points for ${s.issued.amount}, redeemed ${s.redeemed.points} points for ${s.redeemed.amount} (fee ${s.redeemed.fee}), net ${netLine(s.net)}`
+			);
+		})
+	},
+	{
+		command: "merchants",
+		description:
+			"Every registered merchant, and every other with deals this month, with its status and this month's issued, redeemed and net figures",
+		action: guarded(async broker => {
+			const billingMonth = thisMonth();
+			const [registered, month] = await Promise.all([
+				broker.call<{ rows: MerchantView[]; total: number }, object>("merchants.list", {
+					pageSize: 100
+				}),
+				broker.call<MonthList, object>("billing.list", { billingMonth })
+			]);
+			const figures = new Map(month.settlements.map(s => [s.merchantId, s]));
+			const ids = [
+				...new Set([...registered.rows.map(m => m.merchantId), ...figures.keys()])
+			].sort();
+			const byId = new Map(registered.rows.map(m => [m.merchantId, m]));
+			console.log(
+				`${registered.total} registered merchant(s)${registered.total > registered.rows.length ? ` (the first ${registered.rows.length} below)` : ""}; ${billingMonth} (${month.status}):`
+			);
+			console.table(
+				ids.map(merchantId => {
+					const m = byId.get(merchantId);
+					const s = figures.get(merchantId);
+					return {
+						merchantId,
+						name: m?.name ?? "(not registered)",
+						status: m?.status ?? "default terms",
+						issued: s?.issued.amount ?? 0,
+						redeemed: s?.redeemed.amount ?? 0,
+						net: s?.net ?? 0
+					};
+				})
+			);
+			const { issued, redeemed, net } = month.totals;
+			console.log(
+				`Coalition: issued ${issued.points} points for ${issued.amount}, redeemed ${redeemed.points} points for ${redeemed.amount}, net ${netLine(net)}`
 			);
 		})
 	},

@@ -71,12 +71,13 @@ async function loadOverview() {
 		[number(m.earnedPoints)],
 		[number(m.usedPoints)]
 	]);
-	// Null while billing does not answer.
+	// Null while billing does not answer. Each side's amount, with its points.
+	const points = side => `${number(side.amount)} (${number(side.points)} points)`;
 	rows($("#settlement-preview tbody"), o.settlementPreview ?? [], m => [
 		[m.merchantId],
-		[number(m.usedPoints)],
-		[number(m.adjustmentPoints)],
-		[number(m.billingAmount)]
+		[points(m.issued)],
+		[points(m.redeemed)],
+		[number(m.net), m.net < 0 ? "net-negative" : "net-positive"]
 	]);
 	// No months when points never expire (POINTS_VALID_MONTHS=0).
 	const expiring = o.expiringSoon.months;

@@ -19,6 +19,13 @@ describe("staff dashboard in Chromium", () => {
 	let page: Page;
 	const api = (method: string, urlPath: string, body?: unknown) =>
 		system.call(method, `/api${urlPath}`, body);
+	/** The overview's merchants this month: merchant, issued, redeemed, net. */
+	const merchantRows = async () =>
+		Promise.all(
+			(await page.locator("#settlement-preview tbody tr").all()).map(row =>
+				row.locator("td").allTextContents()
+			)
+		);
 
 	beforeAll(async () => {
 		// Points valid one month after the month earned: this month's expire at the end of the next.
@@ -113,8 +120,16 @@ describe("staff dashboard in Chromium", () => {
 		await expect(page.textContent("#overview-members")).resolves.toBe("2");
 		await expect(page.textContent("#overview-outstanding")).resolves.toBe("2,200");
 		await expect(page.textContent("#overview-dead-letters")).resolves.toBe("0");
+		// This month's merchants, both sides: 20 issued 1,000 points (at 1 a point) and was paid
+		// 300 × 0.98 = 294 for the use that stands; 21 issued 500. Net: what the coalition pays.
 		await page.waitForSelector("#settlement-preview tbody tr");
-		expect(await page.textContent("#settlement-preview tbody")).toContain("294");
+		expect(await merchantRows()).toEqual([
+			["20", "1,000 (1,000 points)", "294 (300 points)", "-706"],
+			["21", "500 (500 points)", "0 (0 points)", "-500"]
+		]);
+		expect(await page.getAttribute("#settlement-preview tbody tr td:last-child", "class")).toBe(
+			"net-negative"
+		);
 	});
 
 	it("finds a member and shows the scenario's numbers", async () => {
@@ -174,6 +189,15 @@ describe("staff dashboard in Chromium", () => {
 			""
 		]);
 		expect(await page.textContent("#cancelled")).toBe("500");
+		// Merchant 22 issued 700 − 300 = 400 points: its month follows the return.
+		await eventually(async () =>
+			expect(await merchantRows()).toContainEqual([
+				"22",
+				"400 (400 points)",
+				"0 (0 points)",
+				"-400"
+			])
+		);
 	});
 
 	it("shows a staff adjustment with its reason, and the points expiring soon per member and overall", async () => {

@@ -52,9 +52,10 @@ describe("operator commands in the Moleculer REPL", () => {
 
 	it("settle <merchantId> <YYYYMM> shows this month's provisional settlement and its lines: (100 + 200 + 200) × 0.98 = 490", async () => {
 		const out = await system.type(`settle 20 ${month}`, /Settlement [\s\S]*└/);
+		// The save earned 1,000 points, issued at the default price of 1: the merchant owes 1000 − 490.
 		expect(out).toMatch(
 			new RegExp(
-				`Settlement 20 ${month} provisional: 500 points used in 3 deal\\(s\\), adjustments 0, fee 10, billing amount 490 \\(as of `
+				`Settlement 20 ${month} provisional: 500 points used in 3 deal\\(s\\), adjustments 0, fee 10, billing amount 490; issued 1000 points for 1000; net 510 \\(the merchant pays\\) \\(as of `
 			)
 		);
 		expect(out.match(/│ +'use' +│/g)).toHaveLength(3);
@@ -149,5 +150,38 @@ describe("operator commands in the Moleculer REPL", () => {
 		expect(await system.type("dead-letters", /waiting.*\n/)).toContain("0 dead letter(s) waiting");
 		await new Promise(resolve => setTimeout(resolve, 200));
 		expect(await accruals()).toBe(1);
+	});
+
+	it("merchant <id> and merchants show the partners, their terms and this month's figures", async () => {
+		await api("POST", "/merchants", { merchantId: "cafe", name: "Repl Cafe", earnRate: 0.05 });
+		await api("POST", "/merchants/cafe/terms", { earnRate: 0.1, from: "2026-06-01T00:00:00Z" });
+		await api("POST", "/merchants/cafe/keys", { name: "till" });
+		await api("POST", "/deals", {
+			memberId: "r001",
+			merchantId: "cafe",
+			dealAmount: 1000,
+			type: "save"
+		});
+		const out = await system.type("merchant cafe", /\d{6} \(provisional\).*\n/);
+		expect(out).toContain("Merchant cafe Repl Cafe: active, registered 2026-05-14");
+		expect(out).toContain("Terms: earn rate 0.05, redemption fee 0.02, point price 1 (since ");
+		expect(out).toContain(
+			"from 2026-06-01T00:00:00.000Z: earn rate 0.1, redemption fee 0.02, point price 1"
+		);
+		expect(out).toContain("Keys: 1 active of 1");
+		expect(out).toContain(
+			`${month} (provisional): issued 50 points for 50, redeemed 0 points for 0 (fee 0), net 50 (the merchant pays)`
+		);
+		expect(await system.type("merchant nobody", /Error.*\n/)).toContain(
+			"Error [MERCHANT_NOT_FOUND]"
+		);
+
+		const table = await system.type("merchants", /Coalition: .*\n/);
+		expect(table).toContain(`1 registered merchant(s); ${month} (provisional):`);
+		expect(table).toMatch(/'cafe' +│ +'Repl Cafe' +│ +'active' +│ +50 +│ +0 +│ +-50 /);
+		expect(table).toMatch(/'20' +│ +'\(not registered\)' +│ +'default terms' +│ +\d+ +│ +490 +│/);
+		expect(table).toMatch(
+			/Coalition: issued \d+ points for \d+, redeemed 500 points for 490, net /
+		);
 	});
 });

@@ -190,13 +190,18 @@ describe("partial returns over HTTP", () => {
 			{ merchantId: "21", billingMonth: month },
 			{ authorization: `Bearer ${TOKENS.merchant21}` }
 		);
-		// 600 points less the 2 % fee.
+		// 600 points less the 2 % fee; on the other side, the 1000 points the save issued, at 1 each.
 		expect(settlement.body).toMatchObject({
 			status: "provisional",
 			usedPoints: 600,
 			dealCount: 1,
 			billingAmount: 588,
-			lines: [{ kind: "use", dealId: used.id, points: 600 }]
+			issued: { points: 1000, amount: 1000 },
+			net: 588 - 1000,
+			lines: [
+				{ kind: "save", type: "save", points: 1000, amount: 1000 },
+				{ kind: "use", type: "use", dealId: used.id, points: 600, amount: 588 }
+			]
 		});
 	});
 });

@@ -51,7 +51,7 @@ describe("billing service", () => {
 		});
 	});
 
-	it("settles a closed month once: floor(sum × 0.98), only that month and merchant; a late use goes to the next month", async () => {
+	it("settles a closed month once: each use's points × 0.98 toward zero, only that month and merchant; a late use goes to the next month", async () => {
 		await used("s1", 200, "2020-07-31T23:59:59.999Z");
 		await used("s2", 200, "2020-07-01T00:00:00.000Z");
 		await used("s3", 999, "2020-08-01T00:00:00.000Z");
@@ -112,15 +112,25 @@ describe("billing service", () => {
 			billingAmount: 1273
 		});
 		expect(august.lines).toEqual([
+			// Each line at its deal's fee, toward zero: 300 × 0.98 = 294, 999 × 0.98 = 979.02.
 			{
 				kind: "adjustment",
+				type: "use",
 				dealId: "s6",
 				dealDate: "2020-07-20T00:00:00.000Z",
 				points: 300,
+				amount: 294,
 				month: "202007",
 				reason: "LATE_USE"
 			},
-			{ kind: "use", dealId: "s3", dealDate: "2020-08-01T00:00:00.000Z", points: 999 }
+			{
+				kind: "use",
+				type: "use",
+				dealId: "s3",
+				dealDate: "2020-08-01T00:00:00.000Z",
+				points: 999,
+				amount: 979
+			}
 		]);
 	});
 

@@ -31,6 +31,17 @@ describe("dashboard read model", () => {
 		at: at(minute)
 	});
 	const member = () => broker.call<any, object>("dashboard.member", { memberId: "0001" });
+	/** A merchant's month in the overview with saves only: what it pays for `points` at 1 a point. */
+	const issuedOnly = (merchantId: string, points: number) => ({
+		merchantId,
+		billingMonth: "202611",
+		usedPoints: 0,
+		adjustmentPoints: 0,
+		billingAmount: 0,
+		redeemed: { points: 0, fee: 0, amount: 0 },
+		issued: { points, amount: points },
+		net: -points
+	});
 
 	beforeAll(async () => {
 		// Billing too: the overview's settlement preview is billing's own figures.
@@ -127,7 +138,7 @@ describe("dashboard read model", () => {
 		expect(page.rows.map((t: { id: string }) => t.id)).toEqual(["d1"]);
 	});
 
-	it("sums the overview, with the cancelled use kept out of the settlement preview", async () => {
+	it("sums the overview, with the cancelled use kept out of the settlement preview and the saves in it", async () => {
 		const overview = await broker.call<any, object>("dashboard.overview", { days: 92 });
 		expect(overview).toMatchObject({ members: 1, activeAccounts: 1, pointsOutstanding: 1500 });
 		expect(overview.dealsPerDay).toEqual([{ day: "2026-11-02", deals: 4 }]);
@@ -137,7 +148,7 @@ describe("dashboard read model", () => {
 			earnedPoints: 1000,
 			usedPoints: 0
 		});
-		expect(overview.settlementPreview).toEqual([]);
+		expect(overview.settlementPreview).toEqual([issuedOnly("20", 1000), issuedOnly("21", 500)]);
 	});
 
 	it("counts a withdrawal and its expiry", async () => {
@@ -227,6 +238,7 @@ describe("dashboard read model", () => {
 			earnedPoints: 0,
 			usedPoints: 50
 		});
+		// 50 × 0.98 = 49 to merchant 22; the saves of 20 and 21 as before.
 		await eventually(async () =>
 			expect((await broker.call<any, object>("dashboard.overview", {})).settlementPreview).toEqual([
 				{
@@ -234,8 +246,13 @@ describe("dashboard read model", () => {
 					billingMonth: "202611",
 					usedPoints: 50,
 					adjustmentPoints: 0,
-					billingAmount: 49
-				}
+					billingAmount: 49,
+					redeemed: { points: 50, fee: 1, amount: 49 },
+					issued: { points: 0, amount: 0 },
+					net: 49
+				},
+				issuedOnly("20", 1000),
+				issuedOnly("21", 500)
 			])
 		);
 	});

@@ -79,7 +79,7 @@ describe("services with EARN_RATE=0.29 and SETTLEMENT_FEE=0.07", () => {
 		jest.resetModules();
 		const { createTestBroker } = await import("../helpers/broker");
 		const services = await Promise.all(
-			["members", "points", "deals", "billing"].map(
+			["members", "merchants", "points", "deals", "billing"].map(
 				async name => (await import(`../../services/${name}.service`)).default
 			)
 		);
