@@ -53,6 +53,8 @@ export interface Config {
 	idempotencyRetentionHours: number;
 	/** Months earned points stay valid after the month they were earned in (`POINTS_VALID_MONTHS`); 0: they never expire. */
 	pointsValidMonths: number;
+	/** Days a save's points are held before they can be spent (`POINTS_HOLD_DAYS`, a merchant's default); 0: at once. */
+	pointsHoldDays: number;
 }
 
 /** A staff token may carry a name (`token=staff:alice`), recorded on what it does. */
@@ -99,6 +101,14 @@ function months(env: NodeJS.ProcessEnv, name: string): number {
 		throw new Error(
 			`${name} must be a whole number of months from 0 (never expire) to 1200, got '${raw}'`
 		);
+	return Number(raw);
+}
+
+/** A whole number of days, 0 to 365 (a return window). */
+function days(env: NodeJS.ProcessEnv, name: string): number {
+	const raw = text(env, name) ?? "0";
+	if (!/^\d{1,3}$/.test(raw) || Number(raw) > 365)
+		throw new Error(`${name} must be a whole number of days from 0 to 365, got '${raw}'`);
 	return Number(raw);
 }
 
@@ -155,7 +165,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 			"IDEMPOTENCY_RETENTION_HOURS",
 			number(env, "IDEMPOTENCY_RETENTION_HOURS", 24)
 		),
-		pointsValidMonths: months(env, "POINTS_VALID_MONTHS")
+		pointsValidMonths: months(env, "POINTS_VALID_MONTHS"),
+		pointsHoldDays: days(env, "POINTS_HOLD_DAYS")
 	};
 }
 

@@ -8,14 +8,16 @@ import type { ServiceSchema } from "moleculer";
 import { sortableId } from "../lib/ids";
 
 /**
- * The merchant's contract terms a deal was made under, recorded on the deal, in basis points
- * (1/10000): what a save earns per unit of its amount, the share of redeemed points the coalition
- * keeps as its fee, and what the merchant pays per point it issues.
+ * The merchant's contract terms a deal was made under, recorded on the deal: in basis points
+ * (1/10000), what a save earns per unit of its amount, the share of redeemed points the coalition
+ * keeps as its fee, and what the merchant pays per point it issues; and how many days a save's
+ * points are held before they can be spent (its return window; absent on deals from before it).
  */
 export interface DealTerms {
 	earnRateBp: number;
 	redemptionFeeBp: number;
 	pointPriceBp: number;
+	holdDays?: number;
 }
 
 /** A deal as its events carry it (`deal.*`). */
@@ -68,7 +70,8 @@ export interface OrderEvent {
 	cancelledAt?: string;
 }
 
-export type EntryKind = "earn" | "use" | "restore" | "revoke" | "expire" | "adjust" | "void";
+export type EntryKind =
+	"earn" | "use" | "restore" | "revoke" | "expire" | "adjust" | "void" | "release";
 
 /** One ledger entry as `points.posted` carries it, named by its cause. */
 export interface PostedEntry {
@@ -86,6 +89,14 @@ export interface PostedEntry {
 	shortfall?: number;
 	/** An expiry's month of earning (`YYYYMM`): the lot it took. */
 	lotMonth?: string;
+	/**
+	 * The part of `amount` that went to (positive) or left (negative) the points held for the deal
+	 * (`sourceId`): the balance changed by `amount − held`. A release moves its deal's held points
+	 * into the balance (`amount` 0, `held` negative).
+	 */
+	held?: number;
+	/** When a held earning's points become spendable. */
+	releaseAt?: string;
 	/** An adjustment's reason, and who made it (a staff name, `staff`, or `operator` from the REPL). */
 	reason?: string;
 	by?: string;
@@ -124,6 +135,8 @@ export interface Channels {
 		entries: PostedEntry[];
 		/** The account's earning lots after the posting (lib/expiry.ts), and the version that wrote them: the newest wins. */
 		lots: Record<string, number>;
+		/** The points held after the posting, not yet spendable (not in the balance nor the lots). */
+		held: number;
 		version: number;
 	};
 }

@@ -11,12 +11,14 @@ export const optionalId = { ...id, optional: true } as const;
 
 /** A positive whole number up to `max`: an amount of money or points, or a count. */
 export const amount = (max: number) => ({ type: "amount", max }) as const;
+/** A whole number from 0 to `max`: a count that may be none (days). */
+export const count = (max: number) => ({ type: "amount", max, zero: true }) as const;
 /** A non-zero whole number from `-max` to `max`: points given or taken. */
 export const signedAmount = (max: number) => ({ type: "amount", max, signed: true }) as const;
 
 /**
  * The `amount` rule (registered with the broker's validator): a positive safe integer up to
- * `schema.max` (with `signed`, a non-zero one from `-max`), sent as a number or as a string of digits
+ * `schema.max` (with `signed`, a non-zero one from `-max`; with `zero`, 0 too), sent as a number or as a string of digits
  * with stray spaces — and as nothing else. (fastest-validator's `number` with `convert` would also
  * read `true` as 1, `[100]` as 100 and `""` as 0.)
  */
@@ -24,9 +26,14 @@ export function amountRule(
 	this: { makeError(error: object): string },
 	{ schema, messages }: CompilationRule
 ): { sanitized: boolean; source: string } {
-	const { max = Number.MAX_SAFE_INTEGER, signed = false } = schema as {
+	const {
+		max = Number.MAX_SAFE_INTEGER,
+		signed = false,
+		zero = false
+	} = schema as {
 		max?: number;
 		signed?: boolean;
+		zero?: boolean;
 	};
 	const error = (type: string, expected?: number) =>
 		this.makeError({ type, actual: "origValue", expected, messages });
@@ -37,7 +44,7 @@ export function amountRule(
 			var origValue = value;
 			if (typeof value === "string" && ${digits}.test(value)) value = Number(value);
 			if (typeof value !== "number" || !Number.isSafeInteger(value)) { ${error("numberInteger")} return value; }
-			${signed ? `if (value === 0) { ${error("numberNotEqual", 0)} return value; }` : `if (value <= 0) { ${error("numberPositive")} return value; }`}
+			${signed ? `if (value === 0) { ${error("numberNotEqual", 0)} return value; }` : zero ? `if (value < 0) { ${error("numberMin", 0)} return value; }` : `if (value <= 0) { ${error("numberPositive")} return value; }`}
 			if (value > ${Number(max)}) { ${error("numberMax", Number(max))} }
 			${signed ? `if (value < ${-Number(max)}) { ${error("numberMin", -Number(max))} }` : ""}
 			return value;

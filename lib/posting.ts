@@ -12,18 +12,38 @@
  * - Applying drafts to an account (`applyDrafts`): the balance after each entry, the earning lots
  *   after all of them (lib/expiry.ts), and the entries as the ledger stores them.
  *
- * Invariants: the balance is the sum of the entries and never below 0 (a revocation takes no more
- * than the balance, the rest is its `shortfall`); the lots add up to the balance.
+ * Held points (a merchant's `holdDays`): a save's points may be held until its return window ends,
+ * counted in the account's `held`, not in its balance. A return inside the window takes them back
+ * from the hold; a release (`release:<dealId>`) moves them into the balance, as an earning of the
+ * month it is released in (their validity runs from then).
+ *
+ * Invariants: the balance plus the held points is the sum of the entries; the balance is never
+ * below 0 (a revocation takes no more than the hold and the balance, the rest is its `shortfall`);
+ * the lots add up to the balance, the holds to the held points.
  */
 import type { DealEvent, DealReturnedEvent, OrderEvent, PostedEntry } from "../contracts/channels";
 import { applyToLots, sumOf, type Lots } from "./expiry";
 import { monthOf } from "./months";
 
+/** Points held for a save until they can be spent. */
+export interface Hold {
+	points: number;
+	releaseAt: string;
+	merchantId?: string;
+}
+
+/** The held points of an account, by the id of the deal that earned them. */
+export type Holds = Record<string, Hold>;
+
 /** What the rules read of a member's account (the points service stores more: its unfinished posting, its version). */
 export interface AccountState {
 	/** The member's id. */
 	_id: string;
+	/** Spendable points. */
 	balance: number;
+	/** Points earned but held (absent: none), and for which deals. */
+	held?: number;
+	holds?: Holds;
 	status: "active" | "closed";
 	updatedAt: string;
 	/** What remains of each month's earnings; adds up to the balance. Absent on accounts from before it existed. */
@@ -82,6 +102,10 @@ export const Cause = {
 	withdrawal: (memberId: string) => `expiry:${memberId}`,
 	/** `expiry:<memberId>:<cause>`: points `cause` brings after the withdrawal, expiring on arrival. */
 	afterWithdrawal: (memberId: string, cause: string) => `expiry:${memberId}:${cause}`,
+	/** `expiry:<memberId>:held:<dealId>`: a deal's held points, forfeited by the withdrawal. */
+	heldAtWithdrawal: (memberId: string, dealId: string) => `expiry:${memberId}:held:${dealId}`,
+	/** `release:<dealId>`: a save's held points becoming spendable. */
+	release: (dealId: string) => `release:${dealId}`,
 	/** `expire:<memberId>:<YYYYMM>`: what was left of a month's earnings (a lot), expired. */
 	lotExpiry: (memberId: string, month: string) => `expire:${memberId}:${month}`,
 	/** `adjustment:<id>`: a staff adjustment. */
@@ -126,14 +150,53 @@ function arriving(account: AccountState, source: Source, draft: Draft): Draft[] 
 			_id: Cause.afterWithdrawal(source.memberId, draft._id),
 			kind: "expire",
 			amount: -draft.amount,
-			...source
+			...source,
+			...(draft.held ? { held: -draft.held } : {})
 		}
 	];
 }
 
-/** What earning `amount` for a source posts (cause `deal:<id>`, `order:<id>`). */
-export const earning = (account: AccountState, source: Source, amount: number): Draft[] =>
-	arriving(account, source, { _id: Cause.of(source), kind: "earn", amount, ...source });
+/** The points held for the deal a source is, if any. */
+export const holdOf = (account: AccountState, source: Source): Hold | undefined =>
+	source.sourceType === "deal" ? account.holds?.[source.sourceId] : undefined;
+
+/**
+ * What earning `amount` for a source posts (cause `deal:<id>`, `order:<id>`): held until
+ * `releaseAt` when given (a save inside its return window).
+ */
+export const earning = (
+	account: AccountState,
+	source: Source,
+	amount: number,
+	releaseAt?: string
+): Draft[] =>
+	arriving(account, source, {
+		_id: Cause.of(source),
+		kind: "earn",
+		amount,
+		...source,
+		...(releaseAt && amount > 0 ? { held: amount, releaseAt } : {})
+	});
+
+/** The releases of every hold due by `now` (ISO): each moves its deal's held points into the balance. */
+export function releases(account: AccountState, now: string): Draft[] {
+	return Object.entries(account.holds ?? {})
+		.filter(([, hold]) => hold.releaseAt <= now)
+		.sort(([, a], [, b]) => a.releaseAt.localeCompare(b.releaseAt))
+		.map(([dealId, hold]) => ({
+			_id: Cause.release(dealId),
+			kind: "release",
+			amount: 0,
+			held: -hold.points,
+			sourceType: "deal",
+			sourceId: dealId,
+			...(hold.merchantId ? { merchantId: hold.merchantId } : {})
+		}));
+}
+
+/** The points drafts move into the balance from holds (what releases make spendable). */
+const releasedBy = (drafts: Draft[]): number =>
+	drafts.reduce((sum, d) => sum + (d.kind === "release" ? -(d.held ?? 0) : 0), 0);
 
 /** What giving back `points` of a use posts, as `cause`: a fresh earning of this month, since the use's lots may be gone. */
 export const restoration = (
@@ -143,15 +206,26 @@ export const restoration = (
 	points: number
 ): Draft[] => arriving(account, source, { _id: cause, kind: "restore", amount: points, ...source });
 
-/** What revoking `points` of an earning takes from `balance`: never below 0; the rest, already spent, is the shortfall. */
-export function revocation(cause: string, source: Source, points: number, balance: number): Draft {
-	const revoked = Math.min(points, balance);
+/**
+ * What revoking `points` of an earning takes: first from the points still held for it (`held`),
+ * then from `balance`, never below 0; the rest, already spent, is the shortfall.
+ */
+export function revocation(
+	cause: string,
+	source: Source,
+	points: number,
+	balance: number,
+	held = 0
+): Draft {
+	const fromHold = Math.min(points, held);
+	const revoked = fromHold + Math.min(points - fromHold, balance);
 	const shortfall = points - revoked;
 	return {
 		_id: cause,
 		kind: "revoke",
 		amount: revoked ? -revoked : 0,
 		...source,
+		...(fromHold ? { held: -fromHold } : {}),
 		...(shortfall ? { shortfall } : {})
 	};
 }
@@ -165,21 +239,24 @@ export const voiding = (cause: string, source: Source): Draft => ({
 });
 
 /**
- * What a use of `amount` posts (cause `deal:<id>`): never beyond the balance, nor on a closed account.
- * Points past their validity are never spent, however late the expiry job runs: with `dueThrough`
- * (the latest month whose earnings have expired), the use first expires the lots due, with the
- * job's own entries (each lot's expiry is one cause).
+ * What a use of `amount` posts (cause `deal:<id>`): never beyond the balance, nor on a closed account;
+ * held points are not spent. However late the jobs run, points past their hold are spendable and
+ * points past their validity are not: with `now`, the use first releases the holds due, and with
+ * `dueThrough` (the latest month whose earnings have expired) it expires the lots due, each with
+ * the job's own entries (one cause each).
  */
 export function debiting(
 	account: AccountState,
 	source: Source,
 	amount: number,
-	dueThrough?: string
+	dueThrough?: string,
+	now?: string
 ): Draft[] | Refusal {
 	if (account.status === "closed") return "ACCOUNT_CLOSED";
+	const released = now ? releases(account, now) : [];
 	const due = dueThrough ? expiries(account, dueThrough) : [];
-	if (account.balance + totalOf(due) < amount) return "INSUFFICIENT_POINTS";
-	return [...due, { _id: Cause.of(source), kind: "use", amount: -amount, ...source }];
+	if (account.balance + releasedBy(released) + totalOf(due) < amount) return "INSUFFICIENT_POINTS";
+	return [...released, ...due, { _id: Cause.of(source), kind: "use", amount: -amount, ...source }];
 }
 
 /**
@@ -195,30 +272,43 @@ export function reversal(
 	const cancel = Cause.cancel(source);
 	if (!original) return [voiding(cancel, source)];
 	if (original.amount < 0) return restoration(account, cancel, source, -original.amount);
-	return [revocation(cancel, source, original.amount, account.balance)];
+	return [
+		revocation(cancel, source, original.amount, account.balance, holdOf(account, source)?.points)
+	];
 }
 
 /**
  * What one partial return of a deal posts (cause `deal-return:<id>:<n>`), given the deal's own entry
  * if any: the points the deals service reckoned for it are given back for a use (nothing to give
- * back, a void, when its debit is not there), or revoked for a save. A return that overtook its
- * save's earning posts the earning with it.
+ * back, a void, when its debit is not there), or revoked for a save — from its hold while it is
+ * held. A return that overtook its save's earning posts the earning with it (held until
+ * `releaseAt`, if given).
  */
 export function partialReturn(
 	account: AccountState,
 	deal: DealReturnedEvent,
-	original?: Pick<LedgerEntry, "amount"> | null
+	original?: Pick<LedgerEntry, "amount"> | null,
+	releaseAt?: string
 ): Draft[] {
 	const source = dealSource(deal);
 	const cause = Cause.dealReturn(deal.dealId, deal.return.n);
 	const { points } = deal.return;
 	if (deal.type === "use")
 		return original ? restoration(account, cause, source, points) : [voiding(cause, source)];
-	const earned = original ? [] : earning(account, source, deal.point);
-	return [...earned, revocation(cause, source, points, account.balance + totalOf(earned))];
+	if (original)
+		return [revocation(cause, source, points, account.balance, holdOf(account, source)?.points)];
+	const earned = earning(account, source, deal.point, releaseAt);
+	const held = earned.reduce((sum, d) => sum + (d.held ?? 0), 0);
+	return [
+		...earned,
+		revocation(cause, source, points, account.balance + totalOf(earned) - held, held)
+	];
 }
 
-/** A withdrawal (cause `expiry:<memberId>`): all that is left expires as one entry. */
+/**
+ * A withdrawal (cause `expiry:<memberId>`): all that is left of the balance expires as one entry,
+ * and the points held for each deal are forfeited, an entry each.
+ */
 export const withdrawal = (account: AccountState): Draft[] => [
 	{
 		_id: Cause.withdrawal(account._id),
@@ -226,7 +316,16 @@ export const withdrawal = (account: AccountState): Draft[] => [
 		amount: -account.balance,
 		sourceType: "member",
 		sourceId: account._id
-	}
+	},
+	...Object.entries(account.holds ?? {}).map(([dealId, hold]): Draft => ({
+		_id: Cause.heldAtWithdrawal(account._id, dealId),
+		kind: "expire",
+		amount: -hold.points,
+		held: -hold.points,
+		sourceType: "deal",
+		sourceId: dealId,
+		...(hold.merchantId ? { merchantId: hold.merchantId } : {})
+	}))
 ];
 
 /** A staff adjustment (cause `adjustment:<id>`) with its reason and who made it: refused on a closed account, or below 0. */
@@ -252,17 +351,20 @@ export function adjustment(
 	];
 }
 
-/** An account after a posting: its entries as the ledger stores them, its balance and its lots. */
+/** An account after a posting: its entries as the ledger stores them, its balance, lots and holds. */
 export interface Applied {
 	entries: LedgerEntry[];
 	balance: number;
 	lots: Lots;
+	held: number;
+	holds: Holds;
 }
 
 /**
  * Applies drafts to the account, posted `at` (ISO): each entry gets the balance after it and the next
- * `seq()`; an earning adds to the lot of `at`'s month, an expiry takes its own lot, and anything else
- * that takes points takes them from the oldest lots first.
+ * `seq()`; what an entry moves to or from a hold (`held`) is its deal's hold, the rest the balance.
+ * What the balance gains is an earning of `at`'s month's lot (a release too), an expiry takes its
+ * own lot, and anything else that takes points takes them from the oldest lots first.
  */
 export function applyDrafts(
 	account: AccountState,
@@ -272,10 +374,27 @@ export function applyDrafts(
 ): Applied {
 	const memberId = account._id;
 	let balance = account.balance;
+	let held = account.held ?? 0;
+	const holds: Holds = { ...account.holds };
 	let lots = lotsOf(account);
 	const entries: LedgerEntry[] = drafts.map(d => {
-		balance += d.amount;
-		lots = applyToLots(lots, d.amount, monthOf(at), d.lotMonth);
+		const toHold = d.held ?? 0;
+		if (toHold) {
+			if (d.sourceType !== "deal" || !d.sourceId)
+				throw new Error(`Entry '${d._id}' moves held points but names no deal`);
+			const hold = holds[d.sourceId];
+			const points = (hold?.points ?? 0) + toHold;
+			if (points > 0)
+				holds[d.sourceId] = {
+					points,
+					releaseAt: hold?.releaseAt ?? (d.releaseAt as string),
+					...(d.merchantId ? { merchantId: d.merchantId } : {})
+				};
+			else delete holds[d.sourceId];
+			held += toHold;
+		}
+		balance += d.amount - toHold;
+		lots = applyToLots(lots, d.amount - toHold, monthOf(at), d.lotMonth);
 		return {
 			memberId,
 			sourceType: "member",
@@ -286,7 +405,7 @@ export function applyDrafts(
 			seq: seq()
 		};
 	});
-	return { entries, balance, lots };
+	return { entries, balance, lots, held, holds };
 }
 
 /** An entry as events and the history show it: named by its cause. */

@@ -5,11 +5,12 @@
 import type { DealTerms } from "../contracts/channels";
 import { rateOf } from "./rates";
 
-/** Terms as clients see them: `{earnRate: 0.01, redemptionFee: 0.02, pointPrice: 1}`. */
+/** Terms as clients see them: `{earnRate: 0.01, redemptionFee: 0.02, pointPrice: 1, holdDays: 0}`. */
 export interface TermsView {
 	earnRate: number;
 	redemptionFee: number;
 	pointPrice: number;
+	holdDays: number;
 }
 
 /** Terms and the moment they take effect. */
@@ -19,10 +20,16 @@ export interface ScheduledTerms extends DealTerms {
 	requestId?: string;
 }
 
-export const termsView = ({ earnRateBp, redemptionFeeBp, pointPriceBp }: DealTerms): TermsView => ({
+export const termsView = ({
+	earnRateBp,
+	redemptionFeeBp,
+	pointPriceBp,
+	holdDays
+}: DealTerms): TermsView => ({
 	earnRate: rateOf(earnRateBp),
 	redemptionFee: rateOf(redemptionFeeBp),
-	pointPrice: rateOf(pointPriceBp)
+	pointPrice: rateOf(pointPriceBp),
+	holdDays: holdDays ?? 0
 });
 
 export const scheduledView = (terms: ScheduledTerms): TermsView & { from: string } => ({
@@ -34,11 +41,13 @@ export const scheduledView = (terms: ScheduledTerms): TermsView & { from: string
 export const dealTermsOf = ({
 	earnRateBp,
 	redemptionFeeBp,
-	pointPriceBp
+	pointPriceBp,
+	holdDays
 }: DealTerms): DealTerms => ({
 	earnRateBp,
 	redemptionFeeBp,
-	pointPriceBp
+	pointPriceBp,
+	holdDays: holdDays ?? 0
 });
 
 /**

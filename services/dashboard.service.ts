@@ -47,8 +47,9 @@ interface MemberRow {
 	status: "active" | "withdrawn";
 	joinedAt?: string;
 	withdrawnAt?: string;
-	/** The account's balance and earning lots as of account version `version`. */
+	/** The account's balance, held points and earning lots as of account version `version`. */
 	balance: number;
+	held?: number;
 	lots?: Lots;
 	version?: number;
 }
@@ -185,9 +186,9 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 						merchants.set(entry.merchantId, byMerchant);
 					}
 				}
-				const { name, status, joinedAt, withdrawnAt, balance, lots } = member;
+				const { name, status, joinedAt, withdrawnAt, balance, held = 0, lots } = member;
 				return {
-					member: { memberId, name, status, joinedAt, withdrawnAt, balance, ...totals },
+					member: { memberId, name, status, joinedAt, withdrawnAt, balance, held, ...totals },
 					expiring: expiringSoon(lots ?? {}, this.settings.pointsValidMonths, this.now()),
 					series: entries.map(e => ({ at: e.at, balance: e.balanceAfter })),
 					monthly: [...months.values()].sort((a, b) => a.month.localeCompare(b.month)),
@@ -385,6 +386,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			const state = {
 				$set: {
 					lots: posting.lots,
+					held: posting.held,
 					version: posting.version,
 					...(last ? { balance: last.balanceAfter } : {})
 				}

@@ -78,11 +78,12 @@ export interface MerchantKeyView {
 	revokedAt?: string;
 }
 
-/** Terms as a request gives them, each optional: decimals the `decimal` rule passed. */
+/** Terms as a request gives them, each optional: decimals the `decimal` rule passed, and days. */
 interface TermsParams {
 	earnRate?: number;
 	redemptionFee?: number;
 	pointPrice?: number;
+	holdDays?: number;
 }
 
 interface Methods {
@@ -122,7 +123,8 @@ const DATE_TIME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{
 const TERMS_PARAMS = {
 	earnRate: { ...P.decimal(1), optional: true },
 	redemptionFee: { ...P.decimal(1), optional: true },
-	pointPrice: { ...P.decimal(100), optional: true }
+	pointPrice: { ...P.decimal(100), optional: true },
+	holdDays: { ...P.count(365), optional: true }
 } as const;
 
 /** How often a change of terms that lost a race for its merchant reads it again. */
@@ -136,7 +138,8 @@ const MerchantsService: ServiceSchema<Settings, Methods, object, This> = {
 			defaultTerms: {
 				earnRateBp: config.earnRateBp,
 				redemptionFeeBp: config.settlementFeeBp,
-				pointPriceBp: config.pointPriceBp
+				pointPriceBp: config.pointPriceBp,
+				holdDays: config.pointsHoldDays
 			},
 			merchants: config.merchants,
 			retryAfterSeconds: config.retryAfterSeconds
@@ -233,12 +236,12 @@ const MerchantsService: ServiceSchema<Settings, Methods, object, This> = {
 				this: This,
 				ctx: Context<TermsParams & { merchantId: string; from?: string }, RequestMeta & AnswerMeta>
 			) {
-				const { merchantId, earnRate, redemptionFee, pointPrice } = ctx.params;
-				if (earnRate === undefined && redemptionFee === undefined && pointPrice === undefined)
+				const { merchantId, earnRate, redemptionFee, pointPrice, holdDays } = ctx.params;
+				if ([earnRate, redemptionFee, pointPrice, holdDays].every(term => term === undefined))
 					throw clientError(
 						422,
 						"TERMS_UNCHANGED",
-						"Give at least one of earnRate, redemptionFee and pointPrice",
+						"Give at least one of earnRate, redemptionFee, pointPrice and holdDays",
 						{ merchantId }
 					);
 				const now = this.now();
@@ -427,7 +430,8 @@ const MerchantsService: ServiceSchema<Settings, Methods, object, This> = {
 			return {
 				earnRateBp: bp(params.earnRate, base.earnRateBp),
 				redemptionFeeBp: bp(params.redemptionFee, base.redemptionFeeBp),
-				pointPriceBp: bp(params.pointPrice, base.pointPriceBp)
+				pointPriceBp: bp(params.pointPrice, base.pointPriceBp),
+				holdDays: params.holdDays ?? base.holdDays ?? 0
 			};
 		},
 

@@ -27,10 +27,22 @@
  *
  * Staff adjustments (`adjust`): one entry per adjustment (`adjustment:<id>`), with its reason and who
  * made it; a negative one never takes the balance below 0.
+ *
+ * Held points (a merchant's `holdDays`, recorded on the deal): a save's points are held until its
+ * `dealDate + holdDays`, in the account's `held` and not in its balance, so a return inside the
+ * window takes them back without a shortfall. The release job (`releaseDue`) runs at start and then
+ * every `releaseCheckMs` on every instance, finding the accounts due by `nextRelease`; each release
+ * is one `release:<dealId>` entry, planned from the account like any posting, so it happens once. A
+ * use releases what is due first, so a late job never keeps spendable points from a member.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
-import { consume, outboxEvent, type DealReturnedEvent } from "../contracts/channels";
+import {
+	consume,
+	outboxEvent,
+	type DealEvent,
+	type DealReturnedEvent
+} from "../contracts/channels";
 import { clientError, conflict, notFound } from "../lib/errors";
 import { expiredThrough, expiringSoon, oldestOf, sumOf, type Expiring } from "../lib/expiry";
 import type { CallerMeta } from "../lib/gateway/access";
@@ -43,6 +55,7 @@ import * as P from "../lib/params";
 import {
 	adjustment,
 	applyDrafts,
+	releases,
 	Cause,
 	dealSource,
 	debiting,
@@ -85,6 +98,8 @@ export interface Account extends AccountState {
 	pendingSince?: string;
 	/** The oldest month in `lots`: what the expiry job looks accounts up by (and those without `lots` with points). */
 	oldestLot?: string;
+	/** The soonest `releaseAt` of the holds: what the release job looks accounts up by. */
+	nextRelease?: string;
 }
 
 export interface PostResult {
@@ -105,6 +120,12 @@ export interface AdjustmentView {
 	balance: number;
 }
 
+/** What one run of the release job did: how many members' held points it released, and how many points. */
+export interface ReleaseRun {
+	members: number;
+	points: number;
+}
+
 /** What one run of the expiry job did: the months of earnings it expired through, and for whom. */
 export interface ExpiryRun {
 	through: string;
@@ -118,7 +139,7 @@ interface Methods {
 		plan: (account: Account) => Promise<Draft[] | Refusal>,
 		close?: boolean
 	): Promise<PostResult>;
-	credit(source: Source, amount: number): Promise<PostResult>;
+	credit(source: Source, amount: number, releaseAt?: string): Promise<PostResult>;
 	debit(source: Source, amount: number): Promise<PostResult>;
 	reverse(source: Source): Promise<PostResult>;
 	returnPart(deal: DealReturnedEvent): Promise<PostResult>;
@@ -126,6 +147,9 @@ interface Methods {
 	expireLots(memberId: string, through: string): Promise<number>;
 	expireDue(through?: string): Promise<ExpiryRun>;
 	scheduleExpiry(delayMs: number): void;
+	releaseDue(): Promise<ReleaseRun>;
+	scheduleRelease(delayMs: number): void;
+	releaseAtOf(deal: DealEvent): string | undefined;
 	now(): Date;
 	adjusted(ctx: Context<unknown, AnswerMeta>, view: AdjustmentView): AdjustmentView;
 	openAccount(memberId: string, at: string): Promise<void>;
@@ -142,6 +166,10 @@ export interface AccountView {
 	openedAt: string;
 	updatedAt: string;
 	closedAt?: string;
+	/** Points earned but held in their deal's return window, not in `balance`. */
+	held: number;
+	/** The held points by deal, soonest released first. */
+	releasing: { dealId: string; points: number; releaseAt: string }[];
 	/** What expires at the end of this month and of the next two; empty when points never expire. */
 	expiring: Expiring[];
 }
@@ -153,8 +181,10 @@ interface Settings extends ServiceSettingSchema {
 	pointsValidMonths: number;
 	/** How often the expiry job looks whether a new day has begun (ms): it runs at start and once a day, at most this late. */
 	expiryCheckMs: number;
-	/** How many accounts due the expiry job reads at a time. */
+	/** How many accounts due the expiry and release jobs read at a time. */
 	expiryBatch: number;
+	/** How often the release job looks for held points due (ms): a point is released at most this late. */
+	releaseCheckMs: number;
 	/** How long a call to the members service may take (ms). */
 	callTimeoutMs: number;
 }
@@ -167,6 +197,7 @@ type This = Service<Settings> &
 		lock: KeyedLock;
 		sweepTimer?: NodeJS.Timeout;
 		expiryTimer?: NodeJS.Timeout;
+		releaseTimer?: NodeJS.Timeout;
 		expiryStopped: boolean;
 		expiredOn?: string;
 	};
@@ -187,13 +218,19 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 	// No index on `oldestLot`: its values are few months, which NeDB indexes turn into O(N) writes;
 	// the daily job's query reads only the accounts due.
 	mixins: [
-		DbMixin("accounts", [{ fields: { pendingSince: 1 }, sparse: true }, OUTBOX_INDEX]),
+		DbMixin("accounts", [
+			{ fields: { pendingSince: 1 }, sparse: true },
+			{ fields: { nextRelease: 1 }, sparse: true },
+			OUTBOX_INDEX
+		]),
 		OutboxMixin,
 		ConfiguredSettings<Settings>(config => ({
 			sweepIntervalMs: 5000,
 			// A lot is gone at most a minute after its month ends.
 			expiryCheckMs: 60_000,
 			expiryBatch: 500,
+			// A held point is spendable at most half a minute after its window ends (a use does not wait).
+			releaseCheckMs: 30_000,
 			pointsValidMonths: config.pointsValidMonths,
 			callTimeoutMs: config.callTimeoutMs
 		}))
@@ -320,6 +357,15 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			}
 		},
 
+		/** The release job, run now: releases every hold due. Internal (REPL `release`). */
+		release: {
+			visibility: "public",
+			params: { $$strict: true },
+			handler(this: This): Promise<ReleaseRun> {
+				return this.releaseDue();
+			}
+		},
+
 		/** Takes points for a `use` deal: succeeds only with a confirmed ledger entry. Internal. */
 		debit: {
 			visibility: "public",
@@ -361,13 +407,20 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 					.map(a => ({
 						memberId: a._id,
 						balance: a.balance,
+						held: a.held ?? 0,
 						ledgerSum: sums.get(a._id) ?? 0,
 						lots: a.lots ? sumOf(a.lots) : a.balance,
+						holds: Object.values(a.holds ?? {}).reduce((sum, hold) => sum + hold.points, 0),
 						// The entries of an unfinished posting: there only while a posting runs, or after a crash.
 						pending: a.pending?.length ?? 0
 					}))
 					.filter(
-						a => a.balance !== a.ledgerSum || a.balance !== a.lots || a.balance < 0 || a.pending > 0
+						a =>
+							a.balance + a.held !== a.ledgerSum ||
+							a.balance !== a.lots ||
+							a.held !== a.holds ||
+							a.balance < 0 ||
+							a.pending > 0
 					);
 				return {
 					accounts: accounts.length,
@@ -388,7 +441,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			await this.withdraw(member.memberId);
 		},
 		async "deal.saved"(deal) {
-			await this.credit(dealSource(deal), deal.point);
+			await this.credit(dealSource(deal), deal.point, this.releaseAtOf(deal));
 		},
 		async "deal.cancelled"(deal) {
 			await this.reverse(dealSource(deal));
@@ -444,16 +497,25 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				if (typeof drafts === "string")
 					return { applied: false, balance: account.balance, reason: drafts };
 
-				const { entries, balance, lots } = applyDrafts(account, drafts, now, sortableId);
+				const { entries, balance, lots, held, holds } = applyDrafts(
+					account,
+					drafts,
+					now,
+					sortableId
+				);
 				const version = (account.version ?? 0) + 1;
 				const posted = outboxEvent("points.posted", {
 					memberId,
 					closed: close,
 					entries: entries.map(postedOf),
 					lots,
+					held,
 					version
 				});
 				const oldestLot = oldestOf(lots);
+				const nextRelease = Object.values(holds)
+					.map(hold => hold.releaseAt)
+					.sort()[0];
 				const update = {
 					$inc: { balance: balance - account.balance, version: 1 },
 					$set: {
@@ -461,10 +523,20 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 						pendingSince: now,
 						updatedAt: now,
 						lots,
+						held,
+						holds,
 						...(oldestLot ? { oldestLot } : {}),
+						...(nextRelease ? { nextRelease } : {}),
 						...(close ? { status: "closed", closedAt: now } : {})
 					},
-					...(oldestLot ? {} : { $unset: { oldestLot: true } })
+					...(oldestLot && nextRelease
+						? {}
+						: {
+								$unset: {
+									...(oldestLot ? {} : { oldestLot: true }),
+									...(nextRelease ? {} : { nextRelease: true })
+								}
+							})
 				};
 				// The entries go to the ledger before the event is sent; the clearing is written with its removal from the outbox.
 				const finish = {
@@ -497,13 +569,21 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			for (const entry of entries) await this.ledger.insertUnique(entry);
 		},
 
-		credit(this: This, source: Source, amount: number) {
+		credit(this: This, source: Source, amount: number, releaseAt?: string) {
 			return this.post(source.memberId, async account => {
 				if (await this.ledger.findById(Cause.of(source))) return "DUPLICATE";
 				// Cancelled before its accrual arrived: nothing to earn.
 				if (await this.ledger.findById(Cause.cancel(source))) return "CANCELLED";
-				return earning(account, source, amount);
+				return earning(account, source, amount, releaseAt);
 			});
+		},
+
+		/** When a save's points become spendable: the end of its return window, if that is still to come. */
+		releaseAtOf(this: This, deal: DealEvent) {
+			const days = deal.type === "save" ? (deal.terms?.holdDays ?? 0) : 0;
+			if (days <= 0) return undefined;
+			const releaseAt = new Date(new Date(deal.dealDate).getTime() + days * 86_400_000);
+			return releaseAt > this.now() ? releaseAt.toISOString() : undefined;
 		},
 
 		debit(this: This, source: Source, amount: number) {
@@ -511,12 +591,15 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			return this.post(source.memberId, async account => {
 				if (await this.ledger.findById(Cause.of(source))) return "DUPLICATE";
 				if (await this.ledger.findById(Cause.cancel(source))) return "CANCELLED";
-				// Points past their validity are never spent: the use expires the lots due first.
+				// Held points past their window are spent, points past their validity never: the use
+				// releases the holds and expires the lots due first.
+				const now = this.now();
 				return debiting(
 					account,
 					source,
 					amount,
-					pointsValidMonths > 0 ? expiredThrough(this.now(), pointsValidMonths) : undefined
+					pointsValidMonths > 0 ? expiredThrough(now, pointsValidMonths) : undefined,
+					now.toISOString()
 				);
 			}).then(result =>
 				result.reason === "DUPLICATE" ? { ...result, applied: true, reason: undefined } : result
@@ -548,7 +631,12 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			return this.post(source.memberId, async account => {
 				if (await this.ledger.findById(Cause.dealReturn(deal.dealId, deal.return.n)))
 					return "DUPLICATE";
-				return partialReturn(account, deal, await this.ledger.findById(Cause.of(source)));
+				return partialReturn(
+					account,
+					deal,
+					await this.ledger.findById(Cause.of(source)),
+					this.releaseAtOf(deal)
+				);
 			});
 		},
 
@@ -647,6 +735,48 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			}, delayMs);
 		},
 
+		/**
+		 * The release job: every account with held points due now. Safe to rerun, and to run on several
+		 * instances at once: each release is planned from the account under its version condition.
+		 */
+		async releaseDue(this: This) {
+			const run: ReleaseRun = { members: 0, points: 0 };
+			const now = this.now().toISOString();
+			for (let after = ""; ;) {
+				const batch = await this.store.find({
+					query: { _id: { $gt: after }, nextRelease: { $lte: now } },
+					sort: ["_id"],
+					limit: this.settings.expiryBatch
+				});
+				for (const account of batch) {
+					let points = 0;
+					const result = await this.post(account._id, async current => {
+						const due = releases(current, now);
+						points = due.reduce((sum, d) => sum - (d.held ?? 0), 0);
+						return due.length ? due : "DUPLICATE";
+					});
+					if (result.applied) {
+						run.members++;
+						run.points += points;
+					}
+				}
+				if (batch.length < this.settings.expiryBatch) break;
+				after = batch[batch.length - 1]._id;
+			}
+			return run;
+		},
+
+		scheduleRelease(this: This, delayMs: number) {
+			if (this.expiryStopped) return;
+			this.releaseTimer = setTimeout(() => {
+				this.releaseDue()
+					.catch(err =>
+						this.logger.error("The release job failed; retrying at the next check:", err)
+					)
+					.finally(() => this.scheduleRelease(this.settings.releaseCheckMs));
+			}, delayMs);
+		},
+
 		/** The clock postings and the expiry job go by (a test may set it). */
 		now: () => new Date(),
 
@@ -672,6 +802,9 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 
 		toView(this: This, account: Account): AccountView {
 			const { _id, balance, status, openedAt, updatedAt, closedAt } = account;
+			const releasing = Object.entries(account.holds ?? {})
+				.map(([dealId, hold]) => ({ dealId, points: hold.points, releaseAt: hold.releaseAt }))
+				.sort((a, b) => a.releaseAt.localeCompare(b.releaseAt));
 			const expiring = expiringSoon(lotsOf(account), this.settings.pointsValidMonths, this.now());
 			return {
 				memberId: _id,
@@ -680,6 +813,8 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				openedAt,
 				updatedAt,
 				...(closedAt ? { closedAt } : {}),
+				held: account.held ?? 0,
+				releasing,
 				expiring
 			};
 		}
@@ -705,6 +840,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		// A node that was down at midnight catches up as soon as it is back.
 		this.expiryStopped = false;
 		this.scheduleExpiry(0);
+		this.scheduleRelease(0);
 	},
 
 	async stopped(this: This) {
@@ -712,6 +848,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		// A run in flight schedules the next when it ends: tell it not to.
 		this.expiryStopped = true;
 		clearTimeout(this.expiryTimer);
+		clearTimeout(this.releaseTimer);
 		await this.ledger.disconnect();
 	}
 };

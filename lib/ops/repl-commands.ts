@@ -95,7 +95,11 @@ export const operatorCommands: OperatorCommand[] = [
 				`Member ${member.memberId} ${member.name}: ${member.status}, joined ${member.joinedAt}${member.withdrawnAt ? `, withdrawn ${member.withdrawnAt}` : ""}`
 			);
 			const account = await broker.call<AccountView, object>("points.get", { memberId });
-			console.log(`Balance: ${account.balance} points (account ${account.status})`);
+			console.log(
+				`Balance: ${account.balance} points, ${account.held} held (account ${account.status})`
+			);
+			for (const hold of account.releasing)
+				console.log(`  held: ${hold.points} of deal ${hold.dealId} until ${hold.releaseAt}`);
 			const expiring = account.expiring.filter(e => e.points > 0);
 			if (expiring.length)
 				console.log(

@@ -105,7 +105,7 @@ async function loadMember(options = {}) {
 		$("#member-name").textContent = `${m.member.name || ""} (${m.member.memberId})`;
 		$("#member-status").textContent = m.member.status;
 		$("#member-status").className = `badge ${m.member.status}`;
-		for (const key of ["balance", "earned", "used", "cancelled", "expired", "adjusted"])
+		for (const key of ["balance", "held", "earned", "used", "cancelled", "expired", "adjusted"])
 			$(`#${key}`).textContent = number(m.member[key]);
 		$("#member-expiring-soon").hidden = !m.expiring.length;
 		rows($("#member-expiring tbody"), m.expiring, e => [[e.month], [number(e.points)]]);

@@ -107,8 +107,10 @@ describe("merchants as partners", () => {
 			merchantId: "m-coffee",
 			name: "Coffee Roasters",
 			status: "active",
-			terms: { earnRate: 0.05, redemptionFee: 0.035, pointPrice: 1, from: createdAt },
-			termsHistory: [{ earnRate: 0.05, redemptionFee: 0.035, pointPrice: 1, from: createdAt }],
+			terms: { earnRate: 0.05, redemptionFee: 0.035, pointPrice: 1, holdDays: 0, from: createdAt },
+			termsHistory: [
+				{ earnRate: 0.05, redemptionFee: 0.035, pointPrice: 1, holdDays: 0, from: createdAt }
+			],
 			createdAt
 		});
 		const again = await call("POST", "/merchants", { merchantId: "m-coffee", name: "Other" });
