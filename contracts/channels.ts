@@ -107,6 +107,8 @@ export interface PostedEntry {
 export interface Channels {
 	"member.joined": { memberId: string; name: string; joinedAt: string };
 	"member.withdrawn": { memberId: string; withdrawnAt: string };
+	/** A member's personal data erased on request: read models drop it (the member stays, by id). */
+	"member.erased": { memberId: string; erasedAt: string };
 	/** A save deal: its points are earned. */
 	"deal.saved": DealEvent;
 	/** A use deal whose debit is confirmed. */

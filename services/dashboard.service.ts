@@ -44,7 +44,9 @@ export interface EntryRow extends Omit<PostedEntry, "cause"> {
 interface MemberRow {
 	_id: string;
 	name?: string;
-	status: "active" | "withdrawn";
+	status: "active" | "withdrawn" | "erased";
+	/** Set by the member's erasure: a late join or withdrawal changes neither name nor status. */
+	erased?: boolean;
 	joinedAt?: string;
 	withdrawnAt?: string;
 	/** The account's balance, held points and earning lots as of account version `version`. */
@@ -342,16 +344,30 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 
 	channels: consume<This>("dashboard", {
 		async "member.joined"(event) {
+			await this.changeMember({ _id: event.memberId }, { $set: { joinedAt: event.joinedAt } });
+			// A join redelivered after the erasure must not bring the name back.
+			await this.members.update(
+				{ _id: event.memberId, erased: { $exists: false } },
+				{ $set: { name: event.name } }
+			);
+			this.announce(event.memberId);
+		},
+		async "member.erased"(event) {
 			await this.changeMember(
 				{ _id: event.memberId },
-				{ $set: { name: event.name, joinedAt: event.joinedAt } }
+				{ $set: { erased: true, status: "erased" }, $unset: { name: true } }
 			);
 			this.announce(event.memberId);
 		},
 		async "member.withdrawn"(event) {
+			// An erased member stays erased, whichever event comes last.
 			await this.changeMember(
 				{ _id: event.memberId },
-				{ $set: { status: "withdrawn", withdrawnAt: event.withdrawnAt } }
+				{ $set: { withdrawnAt: event.withdrawnAt } }
+			);
+			await this.members.update(
+				{ _id: event.memberId, erased: { $exists: false } },
+				{ $set: { status: "withdrawn" } }
 			);
 			this.announce(event.memberId);
 		},

@@ -1,10 +1,16 @@
 /**
  * Members: who belongs to the membership. Joining and withdrawing are announced on durable
  * channels, so they keep working while the points service is down; its account follows later.
+ *
+ * Erasure (the right to be forgotten): name, phone and email are removed here and, by
+ * `member.erased`, from every read model; an active member is withdrawn in the same write (its
+ * points forfeited as at withdrawal). The member stays under its id, so deals, orders, the ledger
+ * and settlements keep adding up; the record says who erased it and when, not what was erased.
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { randomInt } from "node:crypto";
 import { outboxEvent } from "../contracts/channels";
+import type { CallerMeta } from "../lib/gateway/access";
 import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { conflict, notFound } from "../lib/errors";
 import * as P from "../lib/params";
@@ -18,24 +24,30 @@ import {
 } from "../mixins/outbox.mixin";
 
 export interface Member extends WithOutbox {
-	name: string;
+	/** Null once erased, with phone and email. */
+	name: string | null;
 	phone: string | null;
 	email: string | null;
-	status: "active" | "withdrawn";
+	status: "active" | "withdrawn" | "erased";
 	joinedAt: string;
 	withdrawnAt?: string;
+	erasedAt?: string;
+	/** Who erased it: a staff token's name, `staff`, or `operator` from the REPL. */
+	erasedBy?: string;
 	/** The request (Idempotency-Key) that joined the member, if it had one. */
 	requestId?: string;
 }
 
 export interface MemberView {
 	memberId: string;
-	name: string;
+	name: string | null;
 	phone: string | null;
 	email: string | null;
 	status: Member["status"];
 	joinedAt: string;
 	withdrawnAt?: string;
+	erasedAt?: string;
+	erasedBy?: string;
 }
 
 interface Methods {
@@ -114,6 +126,49 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 			}
 		},
 
+		/** Erases the member's personal data, withdrawing it first if active. Idempotent. */
+		erase: {
+			rest: "POST /members/:memberId/erasure",
+			summary:
+				"Erase a member's personal data (withdrawing it if active): name, phone and email go from every store and read model",
+			params: { $$strict: true, memberId: P.id },
+			async handler(this: This, ctx: Context<{ memberId: string }, CallerMeta>) {
+				const { memberId } = ctx.params;
+				const member = await this.findMember(memberId);
+				if (member.status === "erased") return this.toView(member);
+				const at = new Date().toISOString();
+				const user = ctx.meta.user;
+				// The gateway lets only staff here; a call without a user comes from inside (the REPL).
+				const erasedBy = user?.kind === "staff" ? (user.name ?? "staff") : "operator";
+				const withdrawing = member.status === "active";
+				const changed = await this.changeWithEvents(
+					{
+						filter: { _id: memberId, status: member.status },
+						update: {
+							$set: {
+								name: null,
+								phone: null,
+								email: null,
+								status: "erased",
+								erasedAt: at,
+								erasedBy,
+								...(withdrawing ? { withdrawnAt: at } : {})
+							}
+						}
+					},
+					[
+						...(withdrawing
+							? [outboxEvent("member.withdrawn", { memberId, withdrawnAt: at })]
+							: []),
+						outboxEvent("member.erased", { memberId, erasedAt: at })
+					]
+				);
+				// Withdrawn or erased meanwhile by another request: decide again on what it wrote.
+				if (!changed) return ctx.call("members.erase", { memberId }, { meta: ctx.meta });
+				return this.toView(await this.findMember(memberId));
+			}
+		},
+
 		withdraw: {
 			rest: "DELETE /members/:memberId",
 			summary: "Withdraw a member: their points expire (recorded in the ledger)",
@@ -131,7 +186,8 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 				const member = await this.findMember(memberId);
 				if (!changed)
 					throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has already withdrawn`, {
-						memberId
+						memberId,
+						status: member.status
 					});
 				return this.toView(member);
 			}
@@ -140,7 +196,7 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 
 	methods: {
 		toView(member: Member): MemberView {
-			const { _id, name, phone, email, status, joinedAt, withdrawnAt } = member;
+			const { _id, name, phone, email, status, joinedAt, withdrawnAt, erasedAt, erasedBy } = member;
 			return {
 				memberId: _id,
 				name,
@@ -148,7 +204,8 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 				email,
 				status,
 				joinedAt,
-				...(withdrawnAt ? { withdrawnAt } : {})
+				...(withdrawnAt ? { withdrawnAt } : {}),
+				...(erasedAt ? { erasedAt, erasedBy } : {})
 			};
 		},
 

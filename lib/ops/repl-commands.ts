@@ -92,7 +92,7 @@ export const operatorCommands: OperatorCommand[] = [
 		action: guarded(async (broker, { memberId }) => {
 			const member = await broker.call<MemberView, object>("members.get", { memberId });
 			console.log(
-				`Member ${member.memberId} ${member.name}: ${member.status}, joined ${member.joinedAt}${member.withdrawnAt ? `, withdrawn ${member.withdrawnAt}` : ""}`
+				`Member ${member.memberId} ${member.name ?? "(personal data erased)"}: ${member.status}, joined ${member.joinedAt}${member.withdrawnAt ? `, withdrawn ${member.withdrawnAt}` : ""}${member.erasedAt ? `, erased ${member.erasedAt} by ${member.erasedBy}` : ""}`
 			);
 			const account = await broker.call<AccountView, object>("points.get", { memberId });
 			console.log(
