@@ -52,6 +52,18 @@ export interface DealReturnedEvent extends DealEvent {
 	status: "partially_cancelled" | "cancelled";
 }
 
+/**
+ * The tier bonus a save keeps after its returns so far (`deal.bonus`): funded by the coalition, shown
+ * on the merchant's statement, never billed to it. Only shrinks, as returns take their shares.
+ */
+export interface DealBonusEvent {
+	dealId: string;
+	merchantId: string;
+	memberId: string;
+	dealDate: string;
+	bonusPoints: number;
+}
+
 /** An order as its events carry it (`order.*`). */
 export interface OrderEvent {
 	orderId: string;
@@ -68,7 +80,8 @@ export interface OrderEvent {
 	cancelledAt?: string;
 }
 
-export type EntryKind = "earn" | "use" | "restore" | "revoke" | "expire" | "adjust" | "void";
+export type EntryKind =
+	"earn" | "use" | "restore" | "revoke" | "expire" | "adjust" | "void" | "bonus" | "tier";
 
 /** One ledger entry as `points.posted` carries it, named by its cause. */
 export interface PostedEntry {
@@ -86,7 +99,9 @@ export interface PostedEntry {
 	shortfall?: number;
 	/** An expiry's month of earning (`YYYYMM`): the lot it took. */
 	lotMonth?: string;
-	/** An adjustment's reason, and who made it (a staff name, `staff`, or `operator` from the REPL). */
+	/** A revocation's month of the earning it takes back (`YYYYMM`): what the member's tier stops counting. */
+	earnedIn?: string;
+	/** An adjustment's reason, and who made it (a staff name, `staff`, or `operator` from the REPL); a tier change's `silver → gold`. */
 	reason?: string;
 	by?: string;
 	at: string;
@@ -108,6 +123,8 @@ export interface Channels {
 	"deal.cancelled": DealEvent;
 	/** Part of a deal returned (or the rest, after a partial return): its share of the points restored or revoked. */
 	"deal.returned": DealReturnedEvent;
+	/** A save's tier bonus, posted or changed by a return: what of it the coalition funds. */
+	"deal.bonus": DealBonusEvent;
 	/** A paid order: its points accrue and its delivery starts. */
 	"order.paid": OrderEvent;
 	/** An order whose payment is unconfirmed: a payment made anyway is cancelled, a late one refused. */
@@ -125,6 +142,8 @@ export interface Channels {
 		/** The account's earning lots after the posting (lib/expiry.ts), and the version that wrote them: the newest wins. */
 		lots: Record<string, number>;
 		version: number;
+		/** The member's tier after the posting, and since when (absent on postings from before tiers). */
+		tier?: { name: string; since: string };
 	};
 }
 

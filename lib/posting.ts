@@ -78,6 +78,12 @@ export const Cause = {
 		`${source.sourceType}-cancel:${source.sourceId}`,
 	/** `deal-return:<id>:<n>`: a deal's n-th partial return (n from 1). */
 	dealReturn: (dealId: string, n: number) => `deal-return:${dealId}:${n}`,
+	/** `deal-bonus:<id>`: a save's tier bonus; its revocation by the deal's cancellation or n-th return. */
+	bonus: (dealId: string) => `deal-bonus:${dealId}`,
+	bonusCancel: (dealId: string) => `deal-bonus-cancel:${dealId}`,
+	bonusReturn: (dealId: string, n: number) => `deal-bonus-return:${dealId}:${n}`,
+	/** `tier:<memberId>:<version>`: a change of tier, by the account's posting that made it. */
+	tier: (memberId: string, version: number) => `tier:${memberId}:${version}`,
 	/** `expiry:<memberId>`: the withdrawal, with which all that is left expires. */
 	withdrawal: (memberId: string) => `expiry:${memberId}`,
 	/** `expiry:<memberId>:<cause>`: points `cause` brings after the withdrawal, expiring on arrival. */
