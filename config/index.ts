@@ -3,7 +3,8 @@
  * `npm start` run on an empty machine; nothing else in the code reads `process.env`.
  */
 import path from "node:path";
-import { parseRate } from "../lib/rates";
+import { BASIS, parseRate } from "../lib/rates";
+import type { Tier } from "../lib/tiers";
 
 export interface Config {
 	nodeEnv: string;
@@ -55,6 +56,8 @@ export interface Config {
 	pointsValidMonths: number;
 	/** Days a save's points are held before they can be spent (`POINTS_HOLD_DAYS`, a merchant's default); 0: at once. */
 	pointsHoldDays: number;
+	/** The tiers a member's earnings of the last 12 months reach (`TIERS`), lowest first; one without it. */
+	tiers: Tier[];
 }
 
 /** A staff token may carry a name (`token=staff:alice`), recorded on what it does. */
@@ -84,6 +87,41 @@ export function parseApiKeys(raw: string | undefined): ApiKey[] {
 				: { kind: "staff" };
 		return { token: match[1], role };
 	});
+}
+
+/** One tier, no threshold and no multiplier: tiers change nothing. */
+const ONE_TIER: Tier[] = [{ name: "basic", threshold: 0, multiplierBp: BASIS }];
+
+/**
+ * `TIERS=basic:0:1,silver:5000:1.25,gold:20000:1.5`: each tier's name (`[a-z0-9_-]`, 1–32, unique),
+ * the points earned in 12 months that reach it (whole, strictly ascending, the first 0) and its
+ * earn multiplier (a decimal from 1 to 10 with at most 4 places).
+ */
+export function parseTiers(raw: string | undefined): Tier[] {
+	if (!raw) return ONE_TIER;
+	const tiers = raw.split(",").map(entry => {
+		const match = /^\s*([a-z0-9_-]{1,32}):(\d{1,15}):([^:\s]+)\s*$/.exec(entry);
+		if (!match)
+			throw new Error(
+				`TIERS entries must be 'name:threshold:multiplier' (a name of 1-32 [a-z0-9_-], a whole number of points, a decimal), got '${entry}'`
+			);
+		const [, name, threshold, multiplier] = match;
+		const multiplierBp = parseRate(`TIERS multiplier of '${name}'`, multiplier, 10);
+		if (multiplierBp < BASIS)
+			throw new Error(`TIERS multiplier of '${name}' must be from 1 to 10, got '${multiplier}'`);
+		return { name, threshold: Number(threshold), multiplierBp };
+	});
+	if (tiers[0].threshold !== 0)
+		throw new Error(`TIERS must begin with a tier of threshold 0, got '${tiers[0].threshold}'`);
+	tiers.forEach((tier, i) => {
+		if (i > 0 && tier.threshold <= tiers[i - 1].threshold)
+			throw new Error(
+				`TIERS thresholds must be strictly ascending, got ${tier.threshold} for '${tier.name}' after ${tiers[i - 1].threshold}`
+			);
+		if (tiers.findIndex(t => t.name === tier.name) !== i)
+			throw new Error(`TIERS names must be unique, got '${tier.name}' twice`);
+	});
+	return tiers;
 }
 
 function number(env: NodeJS.ProcessEnv, name: string, fallback: number): number {
@@ -166,7 +204,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 			number(env, "IDEMPOTENCY_RETENTION_HOURS", 24)
 		),
 		pointsValidMonths: months(env, "POINTS_VALID_MONTHS"),
-		pointsHoldDays: days(env, "POINTS_HOLD_DAYS")
+		pointsHoldDays: days(env, "POINTS_HOLD_DAYS"),
+		tiers: parseTiers(text(env, "TIERS"))
 	};
 }
 

@@ -54,6 +54,18 @@ export interface DealReturnedEvent extends DealEvent {
 	status: "partially_cancelled" | "cancelled";
 }
 
+/**
+ * The tier bonus a save keeps after its returns so far (`deal.bonus`): funded by the coalition, shown
+ * on the merchant's statement, never billed to it. Only shrinks, as returns take their shares.
+ */
+export interface DealBonusEvent {
+	dealId: string;
+	merchantId: string;
+	memberId: string;
+	dealDate: string;
+	bonusPoints: number;
+}
+
 /** An order as its events carry it (`order.*`). */
 export interface OrderEvent {
 	orderId: string;
@@ -71,7 +83,16 @@ export interface OrderEvent {
 }
 
 export type EntryKind =
-	"earn" | "use" | "restore" | "revoke" | "expire" | "adjust" | "void" | "release";
+	| "earn"
+	| "use"
+	| "restore"
+	| "revoke"
+	| "expire"
+	| "adjust"
+	| "void"
+	| "release"
+	| "bonus"
+	| "tier";
 
 /** One ledger entry as `points.posted` carries it, named by its cause. */
 export interface PostedEntry {
@@ -97,7 +118,9 @@ export interface PostedEntry {
 	held?: number;
 	/** When a held earning's points become spendable. */
 	releaseAt?: string;
-	/** An adjustment's reason, and who made it (a staff name, `staff`, or `operator` from the REPL). */
+	/** A revocation's month of the earning it takes back (`YYYYMM`): what the member's tier stops counting. */
+	earnedIn?: string;
+	/** An adjustment's reason, and who made it (a staff name, `staff`, or `operator` from the REPL); a tier change's `silver → gold`. */
 	reason?: string;
 	by?: string;
 	at: string;
@@ -121,6 +144,8 @@ export interface Channels {
 	"deal.cancelled": DealEvent;
 	/** Part of a deal returned (or the rest, after a partial return): its share of the points restored or revoked. */
 	"deal.returned": DealReturnedEvent;
+	/** A save's tier bonus, posted or changed by a return: what of it the coalition funds. */
+	"deal.bonus": DealBonusEvent;
 	/** A paid order: its points accrue and its delivery starts. */
 	"order.paid": OrderEvent;
 	/** An order whose payment is unconfirmed: a payment made anyway is cancelled, a late one refused. */
@@ -140,6 +165,8 @@ export interface Channels {
 		/** The points held after the posting, not yet spendable (not in the balance nor the lots). */
 		held: number;
 		version: number;
+		/** The member's tier after the posting, and since when (absent on postings from before tiers). */
+		tier?: { name: string; since: string };
 	};
 }
 

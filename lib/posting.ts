@@ -98,6 +98,12 @@ export const Cause = {
 		`${source.sourceType}-cancel:${source.sourceId}`,
 	/** `deal-return:<id>:<n>`: a deal's n-th partial return (n from 1). */
 	dealReturn: (dealId: string, n: number) => `deal-return:${dealId}:${n}`,
+	/** `deal-bonus:<id>`: a save's tier bonus; its revocation by the deal's cancellation or n-th return. */
+	bonus: (dealId: string) => `deal-bonus:${dealId}`,
+	bonusCancel: (dealId: string) => `deal-bonus-cancel:${dealId}`,
+	bonusReturn: (dealId: string, n: number) => `deal-bonus-return:${dealId}:${n}`,
+	/** `tier:<memberId>:<version>`: a change of tier, by the account's posting that made it. */
+	tier: (memberId: string, version: number) => `tier:${memberId}:${version}`,
 	/** `expiry:<memberId>`: the withdrawal, with which all that is left expires. */
 	withdrawal: (memberId: string) => `expiry:${memberId}`,
 	/** `expiry:<memberId>:<cause>`: points `cause` brings after the withdrawal, expiring on arrival. */
@@ -177,6 +183,22 @@ export const earning = (
 		...source,
 		...(releaseAt && amount > 0 ? { held: amount, releaseAt } : {})
 	});
+
+/**
+ * What the account's balance and the source's hold come to after `drafts` (about that source): what
+ * a further revocation in the same posting can take.
+ */
+export function standingAfter(
+	account: AccountState,
+	source: Source,
+	drafts: Draft[]
+): { balance: number; held: number } {
+	const toHold = drafts.reduce((sum, d) => sum + (d.held ?? 0), 0);
+	return {
+		balance: account.balance + totalOf(drafts) - toHold,
+		held: (holdOf(account, source)?.points ?? 0) + toHold
+	};
+}
 
 /** The releases of every hold due by `now` (ISO): each moves its deal's held points into the balance. */
 export function releases(account: AccountState, now: string): Draft[] {

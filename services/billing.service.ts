@@ -25,6 +25,10 @@
  * month's settlement, or an adjustment in the first open month once the row's own month has closed.
  * Rows are `open` until they agree.
  *
+ * A save's tier bonus (`deal.bonus`, from points) is the coalition's, not the merchant's: billed to
+ * no one, each settlement shows the bonus its month's saves keep (`bonus`), outside `net`. It is
+ * informational: what a return takes of it after the month closed changes no final settlement.
+ *
  * The month-end job checks the clock soon after start and then once a minute, and closes every past
  * month that can close, so a node down through two month-ends, or a clock that jumped, still closes
  * each month. Closing is idempotent: a rerun, or two billing nodes closing the same month, changes
@@ -33,7 +37,7 @@
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { stringify } from "csv-stringify/sync";
 import { ConfiguredSettings } from "../config/settings";
-import { consume, type DealEvent } from "../contracts/channels";
+import { consume, type DealBonusEvent, type DealEvent } from "../contracts/channels";
 import { assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
 import { clientError, notFound } from "../lib/errors";
 import { KeyedLock } from "../lib/keyed-lock";
@@ -59,6 +63,8 @@ export interface BillingAmountView {
 	cancelled?: boolean;
 	/** Points given back by the deal's partial returns, in total (the latest total known: totals only grow). */
 	returnedPoints?: number;
+	/** A save's tier bonus after its returns, funded by the coalition (the least known: it only shrinks). */
+	bonusPoints?: number;
 	/** Points billed by final settlements, and which settlements (`<merchantId>:<YYYYMM>`) billed them. */
 	billed?: number;
 	billedBy?: Record<string, true>;
@@ -126,6 +132,8 @@ export interface Settlement {
 	issued: Issued;
 	/** redeemed − issued amounts: positive, the coalition pays the merchant; negative, it is paid. */
 	net: number;
+	/** The tier bonus the month's saves keep: funded by the coalition, not in `net`. */
+	bonus: { points: number };
 	lines: SettlementLine[];
 	/** When a final settlement was made; when a provisional one was computed. */
 	settledAt?: string;
@@ -139,7 +147,7 @@ export interface MonthSettlements {
 	billingMonth: string;
 	status: Settlement["status"];
 	settlements: SettlementView[];
-	totals: Pick<Settlement, "redeemed" | "issued" | "net">;
+	totals: Pick<Settlement, "redeemed" | "issued" | "net" | "bonus">;
 }
 
 interface ClosedMonth {
@@ -178,6 +186,7 @@ interface Methods {
 	finalize(made: Settlement): Promise<{ settlement: Settlement; created: boolean }>;
 	apply(settlement: Settlement): Promise<void>;
 	note(deal: DealEvent, change: Partial<BillingAmountView>, returnedPoints?: number): Promise<void>;
+	noteBonus(bonus: DealBonusEvent): Promise<void>;
 	canClose(month: string): Promise<boolean>;
 	closedThrough(): Promise<string | undefined>;
 	monthEndCheck(): Promise<void>;
@@ -211,7 +220,7 @@ type This = Service<Settings> &
 	};
 
 /** The channels whose events make the view, for the "caught up" check. */
-const VIEW_CHANNELS = ["deal.saved", "deal.used", "deal.cancelled", "deal.returned"];
+const VIEW_CHANNELS = ["deal.saved", "deal.used", "deal.cancelled", "deal.returned", "deal.bonus"];
 
 /** The statement's columns: a line's fields, and the total rows' (`kind` total, `type` the figure). */
 const STATEMENT_COLUMNS = [
@@ -255,10 +264,11 @@ function reasonOf(row: BillingAmountView): SettlementLine["reason"] {
 const sum = <T>(items: readonly T[], of: (item: T) => number) =>
 	items.reduce((total, item) => total + of(item), 0);
 
-/** A merchant's lines of the month, and the redemption fees (bp) of its use-side lines. */
+/** A merchant's lines of the month, the redemption fees (bp) of its use-side lines, and its saves' bonus. */
 interface MerchantLines {
 	lines: SettlementLine[];
 	feesBp: Set<number>;
+	bonusPoints: number;
 }
 
 /**
@@ -279,8 +289,9 @@ export function linesByMerchant(
 		const rowMonth = monthOf(row.dealDate);
 		const points = due(row) - (row.billed ?? 0);
 		if (rowMonth !== month && (!carry || points === 0)) continue;
-		const merchant = merchants.get(row.merchantId) ?? { lines: [], feesBp: new Set<number>() };
+		const merchant = merchants.get(row.merchantId) ?? noLines();
 		merchants.set(row.merchantId, merchant);
+		if (rowMonth === month) merchant.bonusPoints += row.bonusPoints ?? 0;
 		if (points === 0) continue;
 		const type = sideOf(row);
 		const rateBp = row.rateBp ?? defaultRate(type, rates);
@@ -305,7 +316,7 @@ export function linesByMerchant(
 export function settlementOfLines(
 	merchantId: string,
 	month: string,
-	{ lines, feesBp }: MerchantLines,
+	{ lines, feesBp, bonusPoints }: MerchantLines,
 	status: Settlement["status"],
 	at: string
 ): Settlement {
@@ -338,25 +349,29 @@ export function settlementOfLines(
 		redeemed,
 		issued,
 		net: redeemed.amount - issued.amount,
+		bonus: { points: bonusPoints },
 		lines,
 		...(status === "final" ? { settledAt: at } : { computedAt: at })
 	};
 }
 
-const noLines = (): MerchantLines => ({ lines: [], feesBp: new Set() });
+const noLines = (): MerchantLines => ({ lines: [], feesBp: new Set(), bonusPoints: 0 });
 
 /**
  * A stored final settlement as settlements now read. One made before they had two sides billed uses
- * only, and recorded no amount per line (its billing amount was reckoned on its total).
+ * only, and recorded no amount per line (its billing amount was reckoned on its total); one made
+ * before tiers shows no bonus.
  */
 function upgraded(settlement: Settlement): Settlement {
-	if (settlement.issued) return settlement;
+	const bonus = settlement.bonus ?? { points: 0 };
+	if (settlement.issued) return { ...settlement, bonus };
 	const { usedPoints, adjustmentPoints, fee, billingAmount } = settlement;
 	return {
 		...settlement,
 		redeemed: { points: usedPoints + adjustmentPoints, fee, amount: billingAmount },
 		issued: { points: 0, amount: 0 },
 		net: billingAmount,
+		bonus,
 		lines: settlement.lines.map(line => ({ ...line, type: "use" }))
 	};
 }
@@ -372,13 +387,14 @@ function totalsOf(settlements: readonly Settlement[]): MonthSettlements["totals"
 		points: sum(settlements, s => s.issued.points),
 		amount: sum(settlements, s => s.issued.amount)
 	};
-	return { redeemed, issued, net: redeemed.amount - issued.amount };
+	const bonus = { points: sum(settlements, s => s.bonus.points) };
+	return { redeemed, issued, net: redeemed.amount - issued.amount, bonus };
 }
 
-/** A settlement as CSV: a header, one row per line, then its totals (`kind` total). */
+/** A settlement as CSV: a header, one row per line, then its totals (`kind` total), the bonus last. */
 export function statementCsv(settlement: Settlement): string {
-	const { redeemed, issued, net } = settlement;
-	const total = (type: string, points: number | undefined, amount: number) => ({
+	const { redeemed, issued, net, bonus } = settlement;
+	const total = (type: string, points: number | undefined, amount?: number) => ({
 		kind: "total",
 		type,
 		points,
@@ -390,7 +406,8 @@ export function statementCsv(settlement: Settlement): string {
 			total("redeemed", redeemed.points, redeemed.amount),
 			total("fee", undefined, redeemed.fee),
 			total("issued", issued.points, issued.amount),
-			total("net", undefined, net)
+			total("net", undefined, net),
+			total("bonus", bonus.points)
 		],
 		// CRLF, as RFC 4180 has it.
 		{ header: true, columns: [...STATEMENT_COLUMNS], record_delimiter: "windows" }
@@ -555,6 +572,9 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 		async "deal.returned"(deal) {
 			await this.note(deal, {}, deal.returnedPoints);
+		},
+		async "deal.bonus"(bonus) {
+			await this.noteBonus(bonus);
 		}
 	}),
 
@@ -594,6 +614,19 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 					{ _id: deal.dealId, rateBp: { $exists: false } },
 					{ $set: { rateBp: defaultRate(type, this.settings) } }
 				);
+		},
+
+		/**
+		 * Records what a save keeps of its bonus. Points post it with the save, then each return takes
+		 * a share, so it only shrinks: `$min` keeps the latest whatever the order the postings' events
+		 * arrive in, and a redelivery changes nothing. It leaves the row's `open` as it is: the bonus
+		 * is no line to bill.
+		 */
+		async noteBonus(this: This, { dealId, merchantId, memberId, dealDate, bonusPoints }) {
+			await this.store.upsert(
+				{ _id: dealId },
+				{ $set: { merchantId, memberId, dealDate, type: "save" }, $min: { bonusPoints } }
+			);
 		},
 
 		async closedThrough(this: This) {

@@ -12,7 +12,9 @@
  * asked, and the overview's figures from the members and transactions. A member row keeps only what
  * the newest posting states — the balance and the earning lots, with the account version that wrote
  * them — so postings may arrive in any order or twice, and a replay finishes what a crash cut short.
- * Staff adjustments count in the member's `adjusted` total (signed) and list among the transactions.
+ * Staff adjustments count in the member's `adjusted` total (signed) and list among the transactions;
+ * a tier bonus counts as earned; a change of tier lists among the transactions, and the member row
+ * keeps the tier the newest posting states.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
@@ -53,6 +55,7 @@ interface MemberRow {
 	balance: number;
 	held?: number;
 	lots?: Lots;
+	tier?: { name: string; since: string };
 	version?: number;
 }
 
@@ -65,10 +68,10 @@ interface Totals {
 	adjusted: number;
 }
 
-/** A deal, an order or a staff adjustment as the staff see it. */
+/** A deal, an order, a staff adjustment or a change of tier as the staff see it. */
 interface TransactionRow {
 	_id: string;
-	kind: "deal" | "order" | "adjustment";
+	kind: "deal" | "order" | "adjustment" | "tier";
 	id: string;
 	memberId: string;
 	type: string;
@@ -82,7 +85,7 @@ interface TransactionRow {
 	at: string;
 	day: string;
 	month: string;
-	/** An adjustment's reason and who made it. */
+	/** An adjustment's reason and who made it; a change of tier's `silver → gold`. */
 	reason?: string;
 	by?: string;
 }
@@ -90,6 +93,7 @@ interface TransactionRow {
 /** Which total of a member each kind of ledger entry adds to (its size; an adjustment's is signed). */
 const TOTAL_OF: Record<string, keyof Totals> = {
 	earn: "earned",
+	bonus: "earned",
 	use: "used",
 	restore: "cancelled",
 	revoke: "cancelled",
@@ -188,9 +192,10 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 						merchants.set(entry.merchantId, byMerchant);
 					}
 				}
-				const { name, status, joinedAt, withdrawnAt, balance, held = 0, lots } = member;
+				const { name, status, joinedAt, withdrawnAt, balance, held = 0, lots, tier } = member;
 				return {
 					member: { memberId, name, status, joinedAt, withdrawnAt, balance, held, ...totals },
+					tier: tier ?? null,
 					expiring: expiringSoon(lots ?? {}, this.settings.pointsValidMonths, this.now()),
 					series: entries.map(e => ({ at: e.at, balance: e.balanceAfter })),
 					monthly: [...months.values()].sort((a, b) => a.month.localeCompare(b.month)),
@@ -376,13 +381,16 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			for (const { cause, ...entry } of posting.entries) {
 				// Again on a replay: each entry is kept once, and a crash before the member's row changed is repaired below.
 				await this.store.insertUnique({ _id: cause, ...entry });
-				if (entry.kind === "adjust")
+				// Staff adjustments and changes of tier list among the member's transactions.
+				const listed =
+					entry.kind === "adjust" ? "adjustment" : entry.kind === "tier" ? "tier" : null;
+				if (listed)
 					await this.record({
 						_id: cause,
-						kind: "adjustment",
-						id: entry.sourceId,
+						kind: listed,
+						id: listed === "tier" ? cause : entry.sourceId,
 						memberId: entry.memberId,
-						type: "adjustment",
+						type: listed,
 						amount: entry.amount,
 						point: entry.amount,
 						status: "success",
@@ -404,6 +412,7 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 					lots: posting.lots,
 					held: posting.held,
 					version: posting.version,
+					...(posting.tier ? { tier: posting.tier } : {}),
 					...(last ? { balance: last.balanceAfter } : {})
 				}
 			};

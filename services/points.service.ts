@@ -34,6 +34,13 @@
  * every `releaseCheckMs` on every instance, finding the accounts due by `nextRelease`; each release
  * is one `release:<dealId>` entry, planned from the account like any posting, so it happens once. A
  * use releases what is due first, so a late job never keeps spendable points from a member.
+ *
+ * Tiers (TIERS, lib/tiers.ts): the same write keeps the member's earnings of the last 12 months by
+ * month and re-evaluates their tier from them; a change is a zero `tier:<memberId>:<version>` entry.
+ * A save earns its base (`deal:<id>`) and, at the tier the member is in, a bonus of its own
+ * (`deal-bonus:<id>`), which its cancellation and returns revoke in proportion; each posting that
+ * changes a bonus sends what is left of it (`deal.bonus`) for the merchant's statement. The daily
+ * tier review (`reviewTiers`) posts the falls that earnings leaving the window bring.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
@@ -41,7 +48,8 @@ import {
 	consume,
 	outboxEvent,
 	type DealEvent,
-	type DealReturnedEvent
+	type DealReturnedEvent,
+	type OutboxEvent
 } from "../contracts/channels";
 import { clientError, conflict, notFound } from "../lib/errors";
 import { expiredThrough, expiringSoon, oldestOf, sumOf, type Expiring } from "../lib/expiry";
@@ -66,6 +74,8 @@ import {
 	partialReturn,
 	postedOf,
 	reversal,
+	revocation,
+	standingAfter,
 	totalOf,
 	withdrawal,
 	type AccountState,
@@ -75,6 +85,19 @@ import {
 	type Source
 } from "../lib/posting";
 import { LOST, retryOnRace } from "../lib/retry-on-race";
+import { monthOf } from "../lib/months";
+import {
+	bonusLeft,
+	bonusReturn,
+	saveBonus,
+	takingBack,
+	tierAt,
+	tierStanding,
+	tierView,
+	type Tier,
+	type TierState,
+	type TierView
+} from "../lib/tiers";
 import {
 	DbMixin,
 	openCollection,
@@ -87,7 +110,7 @@ import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods } from "../mixins/outbox.
 export type { LedgerEntry, Refusal, Source };
 
 /** A member's account as stored: its state (lib/posting.ts), its unfinished posting, and what writes are conditioned on. */
-export interface Account extends AccountState {
+export interface Account extends AccountState, TierState {
 	openedAt: string;
 	closedAt?: string;
 	/** Incremented by every posting: what a write is conditioned on. Absent on accounts opened before it existed. */
@@ -133,15 +156,34 @@ export interface ExpiryRun {
 	points: number;
 }
 
+/** What the daily tier review did: the month it reviewed, and how many members' tiers fell. */
+export interface TierReview {
+	month: string;
+	members: number;
+}
+
+/** What a plan posts: its drafts, and any events the same write sends besides `points.posted`. */
+type Planned = Draft[] | { drafts: Draft[]; events: OutboxEvent[] };
+
+/** `drafts` with the `deal.bonus` that tells billing what is left of the deal's bonus after them. */
+function withBonus(deal: DealEvent, drafts: Draft[], bonusPoints: number): Planned {
+	const { dealId, merchantId, memberId, dealDate } = deal;
+	return {
+		drafts,
+		events: [outboxEvent("deal.bonus", { dealId, merchantId, memberId, dealDate, bonusPoints })]
+	};
+}
+
 interface Methods {
 	post(
 		memberId: string,
-		plan: (account: Account) => Promise<Draft[] | Refusal>,
+		plan: (account: Account, at: string) => Promise<Planned | Refusal>,
 		close?: boolean
 	): Promise<PostResult>;
 	credit(source: Source, amount: number, releaseAt?: string): Promise<PostResult>;
+	saveDeal(deal: DealEvent): Promise<PostResult>;
 	debit(source: Source, amount: number): Promise<PostResult>;
-	reverse(source: Source): Promise<PostResult>;
+	reverse(source: Source, deal?: DealEvent): Promise<PostResult>;
 	returnPart(deal: DealReturnedEvent): Promise<PostResult>;
 	withdraw(memberId: string): Promise<PostResult>;
 	expireLots(memberId: string, through: string): Promise<number>;
@@ -150,6 +192,8 @@ interface Methods {
 	releaseDue(): Promise<ReleaseRun>;
 	scheduleRelease(delayMs: number): void;
 	releaseAtOf(deal: DealEvent): string | undefined;
+	reviewTiers(): Promise<TierReview>;
+	scheduleTierReview(delayMs: number): void;
 	now(): Date;
 	adjusted(ctx: Context<unknown, AnswerMeta>, view: AdjustmentView): AdjustmentView;
 	openAccount(memberId: string, at: string): Promise<void>;
@@ -172,6 +216,7 @@ export interface AccountView {
 	releasing: { dealId: string; points: number; releaseAt: string }[];
 	/** What expires at the end of this month and of the next two; empty when points never expire. */
 	expiring: Expiring[];
+	tier: TierView;
 }
 
 interface Settings extends ServiceSettingSchema {
@@ -179,12 +224,14 @@ interface Settings extends ServiceSettingSchema {
 	sweepIntervalMs: number;
 	/** Months earned points stay valid after the month they were earned in; 0: never expire. */
 	pointsValidMonths: number;
-	/** How often the expiry job looks whether a new day has begun (ms): it runs at start and once a day, at most this late. */
+	/** How often the daily jobs (expiry, tier review) look whether a new day has begun (ms): each runs at start and once a day, at most this late. */
 	expiryCheckMs: number;
-	/** How many accounts due the expiry and release jobs read at a time. */
+	/** How many accounts due the daily jobs and the release job read at a time. */
 	expiryBatch: number;
 	/** How often the release job looks for held points due (ms): a point is released at most this late. */
 	releaseCheckMs: number;
+	/** The tiers (TIERS), lowest first. */
+	tiers: Tier[];
 	/** How long a call to the members service may take (ms). */
 	callTimeoutMs: number;
 }
@@ -200,6 +247,8 @@ type This = Service<Settings> &
 		releaseTimer?: NodeJS.Timeout;
 		expiryStopped: boolean;
 		expiredOn?: string;
+		tierReviewTimer?: NodeJS.Timeout;
+		tierReviewedOn?: string;
 	};
 
 /** How often a lost race for an account is re-planned before the posting gives up. */
@@ -232,7 +281,8 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			// A held point is spendable at most half a minute after its window ends (a use does not wait).
 			releaseCheckMs: 30_000,
 			pointsValidMonths: config.pointsValidMonths,
-			callTimeoutMs: config.callTimeoutMs
+			callTimeoutMs: config.callTimeoutMs,
+			tiers: config.tiers
 		}))
 	],
 
@@ -366,6 +416,18 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			}
 		},
 
+		/**
+		 * The daily tier review, run now: every account whose tier falls this month as its earnings
+		 * leave the window. Internal.
+		 */
+		reviewTiers: {
+			visibility: "public",
+			params: { $$strict: true },
+			handler(this: This): Promise<TierReview> {
+				return this.reviewTiers();
+			}
+		},
+
 		/** Takes points for a `use` deal: succeeds only with a confirmed ledger entry. Internal. */
 		debit: {
 			visibility: "public",
@@ -441,10 +503,10 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			await this.withdraw(member.memberId);
 		},
 		async "deal.saved"(deal) {
-			await this.credit(dealSource(deal), deal.point, this.releaseAtOf(deal));
+			await this.saveDeal(deal);
 		},
 		async "deal.cancelled"(deal) {
-			await this.reverse(dealSource(deal));
+			await this.reverse(dealSource(deal), deal);
 		},
 		async "deal.returned"(deal) {
 			await this.returnPart(deal);
@@ -474,7 +536,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		post(
 			this: This,
 			memberId: string,
-			plan: (account: Account) => Promise<Draft[] | Refusal>,
+			plan: (account: Account, at: string) => Promise<Planned | Refusal>,
 			close = false
 		) {
 			// The lock serialises one process. Another points instance sharing the store (MongoDB) is
@@ -493,29 +555,39 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 					await this.finishPosting(account);
 					return LOST;
 				}
-				const drafts = await plan(account);
-				if (typeof drafts === "string")
-					return { applied: false, balance: account.balance, reason: drafts };
+				const planned = await plan(account, now);
+				if (typeof planned === "string")
+					return { applied: false, balance: account.balance, reason: planned };
+				const { drafts, events = [] } = Array.isArray(planned) ? { drafts: planned } : planned;
 
+				const version = (account.version ?? 0) + 1;
+				// The tier follows the earnings the drafts leave in the window, in the same write.
+				const standing = tierStanding(this.settings.tiers, account, drafts, now, version, close);
 				const { entries, balance, lots, held, holds } = applyDrafts(
 					account,
-					drafts,
+					[...drafts, ...standing.drafts],
 					now,
 					sortableId
 				);
-				const version = (account.version ?? 0) + 1;
 				const posted = outboxEvent("points.posted", {
 					memberId,
 					closed: close,
 					entries: entries.map(postedOf),
 					lots,
 					held,
-					version
+					version,
+					tier: standing.tier
 				});
 				const oldestLot = oldestOf(lots);
 				const nextRelease = Object.values(holds)
 					.map(hold => hold.releaseAt)
 					.sort()[0];
+				const { earned, tier, tierReview } = standing;
+				const unset = {
+					...(oldestLot ? {} : { oldestLot: true }),
+					...(nextRelease ? {} : { nextRelease: true }),
+					...(tierReview ? {} : { tierReview: true })
+				};
 				const update = {
 					$inc: { balance: balance - account.balance, version: 1 },
 					$set: {
@@ -527,16 +599,12 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 						holds,
 						...(oldestLot ? { oldestLot } : {}),
 						...(nextRelease ? { nextRelease } : {}),
+						earned,
+						tier,
+						...(tierReview ? { tierReview } : {}),
 						...(close ? { status: "closed", closedAt: now } : {})
 					},
-					...(oldestLot && nextRelease
-						? {}
-						: {
-								$unset: {
-									...(oldestLot ? {} : { oldestLot: true }),
-									...(nextRelease ? {} : { nextRelease: true })
-								}
-							})
+					...(Object.keys(unset).length ? { $unset: unset } : {})
 				};
 				// The entries go to the ledger before the event is sent; the clearing is written with its removal from the outbox.
 				const finish = {
@@ -545,7 +613,11 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 					update: CLEAR_UNFINISHED
 				};
 				if (
-					!(await this.changeWithEvents({ filter: versionOf(account), update }, [posted], finish))
+					!(await this.changeWithEvents(
+						{ filter: versionOf(account), update },
+						[posted, ...events],
+						finish
+					))
 				)
 					return LOST;
 				return { applied: true, balance, at: now };
@@ -586,6 +658,24 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			return releaseAt > this.now() ? releaseAt.toISOString() : undefined;
 		},
 
+		/**
+		 * A save's earning, and its bonus at the tier the member is in before it counts, both held
+		 * until the end of its return window if its merchant holds points. A return that overtook the
+		 * save posted both already; a cancellation that did, neither.
+		 */
+		saveDeal(this: This, deal: DealEvent) {
+			const source = dealSource(deal);
+			const releaseAt = this.releaseAtOf(deal);
+			return this.post(source.memberId, async (account, at) => {
+				if (await this.ledger.findById(Cause.of(source))) return "DUPLICATE";
+				if (await this.ledger.findById(Cause.cancel(source))) return "CANCELLED";
+				const earned = earning(account, source, deal.point, releaseAt);
+				const tier = tierAt(this.settings.tiers, account, at);
+				const bonus = saveBonus(account, deal, tier, releaseAt);
+				return bonus.length ? withBonus(deal, [...earned, ...bonus], totalOf(bonus)) : earned;
+			});
+		},
+
 		debit(this: This, source: Source, amount: number) {
 			const { pointsValidMonths } = this.settings;
 			return this.post(source.memberId, async account => {
@@ -611,12 +701,25 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		 * if the member has withdrawn). An earning is revoked only as far as the balance allows: points
 		 * already spent cannot be taken back, so the rest is recorded as `shortfall` for staff to see.
 		 * If the source has not been applied yet, a zero entry records the cancellation, and the
-		 * source is refused when it arrives.
+		 * source is refused when it arrives. A cancelled save's bonus is revoked after its base
+		 * (`deal-bonus-cancel:<id>`), the same way.
 		 */
-		reverse(this: This, source: Source) {
-			return this.post(source.memberId, async account => {
+		reverse(this: This, source: Source, deal?: DealEvent) {
+			return this.post(source.memberId, async (account, at) => {
 				if (await this.ledger.findById(Cause.cancel(source))) return "DUPLICATE";
-				return reversal(account, source, await this.ledger.findById(Cause.of(source)));
+				const original = await this.ledger.findById(Cause.of(source));
+				const drafts = takingBack(reversal(account, source, original), monthOf(original?.at ?? at));
+				const bonus = deal && (await this.ledger.findById(Cause.bonus(deal.dealId)));
+				if (!deal || !bonus) return drafts;
+				const left = standingAfter(account, source, drafts);
+				const revoked = revocation(
+					Cause.bonusCancel(deal.dealId),
+					source,
+					bonus.amount,
+					left.balance,
+					left.held
+				);
+				return withBonus(deal, [...drafts, revoked], 0);
 			});
 		},
 
@@ -624,18 +727,36 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		 * One partial return of a deal (cause `deal-return:<id>:<n>`), once: the points the deals service
 		 * reckoned for it are given back for a use, or revoked for a save as `reverse` revokes. A return
 		 * may overtake its save's `deal.saved`: the earning is then posted with it (the event carries the
-		 * deal), and `deal.saved` finds it done.
+		 * deal), and `deal.saved` finds it done. A save's return also revokes its share of the bonus
+		 * (`deal-bonus-return:<id>:<n>`).
 		 */
 		returnPart(this: This, deal: DealReturnedEvent) {
 			const source = dealSource(deal);
-			return this.post(source.memberId, async account => {
+			return this.post(source.memberId, async (account, at) => {
 				if (await this.ledger.findById(Cause.dealReturn(deal.dealId, deal.return.n)))
 					return "DUPLICATE";
-				return partialReturn(
-					account,
+				const original = await this.ledger.findById(Cause.of(source));
+				const releaseAt = this.releaseAtOf(deal);
+				const drafts = takingBack(
+					partialReturn(account, deal, original, releaseAt),
+					monthOf(original?.at ?? at)
+				);
+				if (deal.type === "use") return drafts;
+				// Overtaken, the save's bonus is posted with its earning, at the tier the member is in now.
+				const bonus = original
+					? []
+					: saveBonus(account, deal, tierAt(this.settings.tiers, account, at), releaseAt);
+				const bonusPoints = original
+					? ((await this.ledger.findById(Cause.bonus(deal.dealId)))?.amount ?? 0)
+					: totalOf(bonus);
+				if (!bonusPoints) return drafts;
+				const before = [...drafts, ...bonus];
+				const left = standingAfter(account, source, before);
+				const share = bonusReturn(deal, bonusPoints, left.balance, left.held);
+				return withBonus(
 					deal,
-					await this.ledger.findById(Cause.of(source)),
-					this.releaseAtOf(deal)
+					[...before, share],
+					bonusLeft(bonusPoints, deal.point, deal.returnedPoints)
 				);
 			});
 		},
@@ -766,6 +887,52 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			return run;
 		},
 
+		/**
+		 * The daily tier review: every account whose tier falls this month (`tierReview`, which each
+		 * posting sets from the earnings it leaves in the window) posts the fall. Safe to rerun, and to
+		 * run on several instances at once: each account's review is a posting under its version, and
+		 * the second finds the account no longer due. No index on `tierReview`: its values are few
+		 * months (an O(N) write on NeDB), and the daily query reads only the accounts due.
+		 */
+		async reviewTiers(this: This) {
+			const run: TierReview = { month: monthOf(this.now().toISOString()), members: 0 };
+			for (let after = ""; ;) {
+				const batch = await this.store.find({
+					query: { _id: { $gt: after }, tierReview: { $lte: run.month } },
+					sort: ["_id"],
+					limit: this.settings.expiryBatch
+				});
+				for (const { _id } of batch) {
+					const result = await this.post(_id, async (account, at) =>
+						// Planned again after a lost race: only while the account is still due.
+						account.tierReview && account.tierReview <= monthOf(at) ? [] : "DUPLICATE"
+					);
+					if (result.applied) run.members++;
+				}
+				if (batch.length < this.settings.expiryBatch) break;
+				after = batch[batch.length - 1]._id;
+			}
+			if (run.members)
+				this.logger.info(`Tier review ${run.month}: ${run.members} member(s) fell a tier.`);
+			return run;
+		},
+
+		/** Runs the tier review once a day, as the expiry job runs; not at all with one tier. */
+		scheduleTierReview(this: This, delayMs: number) {
+			if (this.expiryStopped || this.settings.tiers.length < 2) return;
+			this.tierReviewTimer = setTimeout(() => {
+				const today = this.now().toISOString().slice(0, 10);
+				if (today === this.tierReviewedOn)
+					return this.scheduleTierReview(this.settings.expiryCheckMs);
+				this.reviewTiers()
+					.then(() => (this.tierReviewedOn = today))
+					.catch(err =>
+						this.logger.error("The tier review failed; retrying at the next check:", err)
+					)
+					.finally(() => this.scheduleTierReview(this.settings.expiryCheckMs));
+			}, delayMs);
+		},
+
 		scheduleRelease(this: This, delayMs: number) {
 			if (this.expiryStopped) return;
 			this.releaseTimer = setTimeout(() => {
@@ -777,7 +944,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			}, delayMs);
 		},
 
-		/** The clock postings and the expiry job go by (a test may set it). */
+		/** The clock postings and the daily jobs go by (a test may set it). */
 		now: () => new Date(),
 
 		async openAccount(this: This, memberId: string, at: string) {
@@ -802,10 +969,11 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 
 		toView(this: This, account: Account): AccountView {
 			const { _id, balance, status, openedAt, updatedAt, closedAt } = account;
+			const now = this.now();
 			const releasing = Object.entries(account.holds ?? {})
 				.map(([dealId, hold]) => ({ dealId, points: hold.points, releaseAt: hold.releaseAt }))
 				.sort((a, b) => a.releaseAt.localeCompare(b.releaseAt));
-			const expiring = expiringSoon(lotsOf(account), this.settings.pointsValidMonths, this.now());
+			const expiring = expiringSoon(lotsOf(account), this.settings.pointsValidMonths, now);
 			return {
 				memberId: _id,
 				balance,
@@ -815,7 +983,8 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				...(closedAt ? { closedAt } : {}),
 				held: account.held ?? 0,
 				releasing,
-				expiring
+				expiring,
+				tier: tierView(this.settings.tiers, account, now.toISOString())
 			};
 		}
 	},
@@ -841,6 +1010,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		this.expiryStopped = false;
 		this.scheduleExpiry(0);
 		this.scheduleRelease(0);
+		this.scheduleTierReview(0);
 	},
 
 	async stopped(this: This) {
@@ -849,6 +1019,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		this.expiryStopped = true;
 		clearTimeout(this.expiryTimer);
 		clearTimeout(this.releaseTimer);
+		clearTimeout(this.tierReviewTimer);
 		await this.ledger.disconnect();
 	}
 };

@@ -66,7 +66,7 @@ function guarded(
 }
 
 const settlementLine = (s: Settlement) =>
-	`${s.merchantId} ${s.billingMonth} ${s.status}: ${s.usedPoints} points used in ${s.dealCount} deal(s), adjustments ${s.adjustmentPoints}, fee ${s.fee}, billing amount ${s.billingAmount}; issued ${s.issued.points} points for ${s.issued.amount}; net ${netLine(s.net)} (${s.status === "final" ? `settled ${s.settledAt}` : `as of ${s.computedAt}`})`;
+	`${s.merchantId} ${s.billingMonth} ${s.status}: ${s.usedPoints} points used in ${s.dealCount} deal(s), adjustments ${s.adjustmentPoints}, fee ${s.fee}, billing amount ${s.billingAmount}; issued ${s.issued.points} points for ${s.issued.amount}; net ${netLine(s.net)}; bonus ${s.bonus.points} points, funded by the coalition (${s.status === "final" ? `settled ${s.settledAt}` : `as of ${s.computedAt}`})`;
 
 /** Who pays whom: positive, the coalition pays the merchant. */
 const netLine = (net: number) =>
@@ -88,7 +88,8 @@ interface MonthList {
 export const operatorCommands: OperatorCommand[] = [
 	{
 		command: "member <memberId>",
-		description: "A member, their balance, what expires soon and their last ledger entries",
+		description:
+			"A member, their balance and tier, what expires soon and their last ledger entries",
 		action: guarded(async (broker, { memberId }) => {
 			const member = await broker.call<MemberView, object>("members.get", { memberId });
 			console.log(
@@ -100,6 +101,10 @@ export const operatorCommands: OperatorCommand[] = [
 			);
 			for (const hold of account.releasing)
 				console.log(`  held: ${hold.points} of deal ${hold.dealId} until ${hold.releaseAt}`);
+			const { tier } = account;
+			console.log(
+				`Tier: ${tier.name} since ${tier.since}; earned ${tier.earned12m} points in 12 months${tier.next ? `, ${tier.next.needed} more to ${tier.next.name}` : ""}`
+			);
 			const expiring = account.expiring.filter(e => e.points > 0);
 			if (expiring.length)
 				console.log(

@@ -105,6 +105,12 @@ async function loadMember(options = {}) {
 		$("#member-name").textContent = `${m.member.name || ""} (${m.member.memberId})`;
 		$("#member-status").textContent = m.member.status;
 		$("#member-status").className = `badge ${m.member.status}`;
+		// Null until a posting has stated the member's tier.
+		$("#member-tier").hidden = !m.tier;
+		if (m.tier) {
+			$("#member-tier").textContent = m.tier.name;
+			$("#member-tier").title = `since ${new Date(m.tier.since).toLocaleString()}`;
+		}
 		for (const key of ["balance", "held", "earned", "used", "cancelled", "expired", "adjusted"])
 			$(`#${key}`).textContent = number(m.member[key]);
 		$("#member-expiring-soon").hidden = !m.expiring.length;
@@ -149,7 +155,7 @@ async function loadMember(options = {}) {
 			[number(t.point)],
 			[t.returnedAmount ? `${number(t.returnedAmount)} (${number(t.returnedPoints)} points)` : ""],
 			[t.status.replace("_", " "), `status-${t.status}`],
-			[t.reason ? `${t.reason} (${t.by})` : ""]
+			[t.by ? `${t.reason} (${t.by})` : t.reason || ""]
 		]);
 		[...$("#transactions tbody").children].forEach((tr, i) => {
 			tr.dataset.id = page.rows[i].id;

@@ -58,6 +58,35 @@ describe("configuration", () => {
 			);
 	});
 
+	it("reads TIERS as names, thresholds and multipliers in basis points: one tier without it", () => {
+		expect(loadConfig({}).tiers).toEqual([{ name: "basic", threshold: 0, multiplierBp: 10_000 }]);
+		expect(loadConfig({ TIERS: " basic:0:1, silver:5000:1.25,gold:20000:1.5 " }).tiers).toEqual([
+			{ name: "basic", threshold: 0, multiplierBp: 10_000 },
+			{ name: "silver", threshold: 5000, multiplierBp: 12_500 },
+			{ name: "gold", threshold: 20_000, multiplierBp: 15_000 }
+		]);
+		expect(loadConfig({ TIERS: "only:0:2.0001" }).tiers).toEqual([
+			{ name: "only", threshold: 0, multiplierBp: 20_001 }
+		]);
+		for (const [raw, message] of [
+			["basic:0", /TIERS entries must be 'name:threshold:multiplier'/],
+			["basic:0:1,", /TIERS entries must be/],
+			["Basic:0:1", /TIERS entries must be/],
+			[`${"n".repeat(33)}:0:1`, /TIERS entries must be/],
+			["basic:0:1,silver:-5:1.2", /TIERS entries must be/],
+			["basic:0:1,silver:5.5:1.2", /TIERS entries must be/],
+			["basic:0:1:2", /TIERS entries must be/],
+			["basic:0:1,silver:500:x", /TIERS multiplier of 'silver' must be a decimal/],
+			["basic:0:1,silver:500:1.00001", /TIERS multiplier of 'silver' must be a decimal/],
+			["basic:0:1,silver:500:10.5", /TIERS multiplier of 'silver' must be between 0 and 10/],
+			["basic:0:0.9", /TIERS multiplier of 'basic' must be from 1 to 10, got '0.9'/],
+			["silver:100:1", /TIERS must begin with a tier of threshold 0, got '100'/],
+			["basic:0:1,silver:500:1.2,gold:500:1.5", /TIERS thresholds must be strictly ascending/],
+			["basic:0:1,silver:500:1.2,silver:900:1.5", /TIERS names must be unique, got 'silver'/]
+		] as const)
+			expect(() => loadConfig({ TIERS: raw })).toThrow(message);
+	});
+
 	it("reads POINT_PRICE as a price of 0 to 100 in basis points, and MERCHANTS as open or registered", () => {
 		expect(loadConfig({ POINT_PRICE: "2.5", MERCHANTS: "registered" })).toMatchObject({
 			pointPriceBp: 25_000,
@@ -115,11 +144,16 @@ describe("services' settings", () => {
 				MERCHANTS: "registered",
 				PAYMENT_LIMIT: "5",
 				MONTH_END_GRACE_MINUTES: "1",
-				POINTS_VALID_MONTHS: "24"
+				POINTS_VALID_MONTHS: "24",
+				TIERS: "basic:0:1,gold:100:2"
 			}
 		);
 		expect(settings.points).toMatchObject({
 			pointsValidMonths: 24,
+			tiers: [
+				{ name: "basic", threshold: 0, multiplierBp: 10_000 },
+				{ name: "gold", threshold: 100, multiplierBp: 20_000 }
+			],
 			callTimeoutMs: 300,
 			expiryCheckMs: 60_000,
 			sweepIntervalMs: 5000

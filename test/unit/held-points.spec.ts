@@ -237,3 +237,63 @@ describe("held points", () => {
 		).toHaveLength(1);
 	});
 });
+
+describe("held points with tiers", () => {
+	clockFrom("2026-05-14T10:00:00.000Z");
+	let broker: ServiceBroker;
+	const points = (memberId: string) => broker.call<AccountView, object>("points.get", { memberId });
+	const deal = (params: object) => broker.call<DealView, object>("deals.create", params);
+
+	beforeAll(async () => {
+		broker = createTestBroker(
+			[
+				MembersService,
+				MerchantsService,
+				withSettings(PointsService, { releaseCheckMs: 100 }),
+				DealsService
+			],
+			{
+				TIERS: "basic:0:1,silver:100:1.5",
+				...(onMongo()
+					? { MONGO_URI: freshDatabaseUri() }
+					: { DATA_DIR: fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-held-tiers-")) })
+			}
+		);
+		await broker.start();
+		await broker.call("merchants.register", { merchantId: "shop", name: "Shop", holdDays: 14 });
+		await broker.call("members.join", { memberId: "t001", name: "t001" });
+	});
+	afterAll(() => broker.stop());
+
+	it("holds a save's bonus with its base, and a return inside the window takes both shares from the hold", async () => {
+		await deal({ memberId: "t001", merchantId: "20", dealAmount: 10_000, type: "save" });
+		await drained(broker);
+		expect((await points("t001")).tier.name).toBe("silver");
+		const saved = await deal({
+			memberId: "t001",
+			merchantId: "shop",
+			dealAmount: 10_000,
+			type: "save"
+		});
+		await drained(broker);
+		// Base 100 and a bonus of 50 at 1.5, both held.
+		expect(await points("t001")).toMatchObject({ balance: 100, held: 150 });
+		await broker.call("deals.cancel", { id: saved.id, amount: 5_000 });
+		await drained(broker);
+		expect(await points("t001")).toMatchObject({ balance: 100, held: 75 });
+		const history = await broker.call<{ rows: Entry[] }, object>("points.history", {
+			memberId: "t001"
+		});
+		expect(
+			history.rows.filter(e => e.kind === "revoke").map(e => [e.amount, e.held, e.shortfall])
+		).toEqual([
+			[-25, -25, undefined],
+			[-50, -50, undefined]
+		]);
+		jest.setSystemTime(new Date("2026-05-29T00:00:00.000Z"));
+		await eventually(async () =>
+			expect(await points("t001")).toMatchObject({ balance: 175, held: 0 })
+		);
+		expect((await broker.call<{ mismatches: unknown[] }>("points.audit")).mismatches).toEqual([]);
+	});
+});

@@ -3,8 +3,8 @@
  * and the points its saves issued (paid by it at its point price), each line at the rate its deal
  * recorded, netted to the unit; a change after the month closed carried into the next open month;
  * every merchant's month with the coalition's totals; the statement as CSV, through the gateway,
- * agreeing with the JSON line by line. Then the same on real deals whose merchant's terms changed
- * between them.
+ * agreeing with the JSON line by line; the tier bonus the coalition funded shown beside the figures,
+ * never in them. Then the same on real deals whose merchant's terms changed between them.
  */
 import { parse } from "csv-parse/sync";
 import type { ServiceBroker } from "moleculer";
@@ -64,7 +64,8 @@ function expectTotalsOfSettlements(month: MonthSettlements): void {
 			amount: of(s => s.redeemed.amount)
 		},
 		issued: { points: of(s => s.issued.points), amount: of(s => s.issued.amount) },
-		net: of(s => s.net)
+		net: of(s => s.net),
+		bonus: { points: of(s => s.bonus.points) }
 	});
 	expect(month.totals.net).toBe(month.totals.redeemed.amount - month.totals.issued.amount);
 	for (const s of month.settlements) expectSumsOfLines(s);
@@ -85,7 +86,8 @@ function statementRows(s: SettlementView): Record<string, string>[] {
 		row({ kind: "total", type: "redeemed", points: s.redeemed.points, amount: s.redeemed.amount }),
 		row({ kind: "total", type: "fee", amount: s.redeemed.fee }),
 		row({ kind: "total", type: "issued", points: s.issued.points, amount: s.issued.amount }),
-		row({ kind: "total", type: "net", amount: s.net })
+		row({ kind: "total", type: "net", amount: s.net }),
+		row({ kind: "total", type: "bonus", points: s.bonus.points })
 	];
 }
 
@@ -373,7 +375,8 @@ describe("settlements with both sides, on the terms each deal recorded", () => {
 		expect(may.totals).toEqual({
 			redeemed: { points: 700, fee: 53, amount: 647 },
 			issued: { points: 2100, amount: 1600 },
-			net: -953
+			net: -953,
+			bonus: { points: 0 }
 		});
 		expectTotalsOfSettlements(may);
 		// As `get` answers each (a provisional one says when it was computed: compare the rest).
@@ -467,6 +470,7 @@ describe("settlements with both sides, on the terms each deal recorded", () => {
 		expect(parse(await (await statement("old", "202102")).text(), { columns: true })).toEqual(
 			statementRows(old)
 		);
+		expect(old.bonus).toEqual({ points: 0 });
 	});
 
 	it("documents the statement as text/csv in the published contract", async () => {
@@ -478,6 +482,51 @@ describe("settlements with both sides, on the terms each deal recorded", () => {
 		expect(contract.paths["/api/billings"]?.get?.responses["2XX"].content).toHaveProperty(
 			"application/json"
 		);
+	});
+
+	it("shows the tier bonus its saves keep, funded by the coalition and outside net; the least a deal's bonus events state stands", async () => {
+		const b1 = terms(200, 10_000);
+		const S1 = deal("b1-S1", "b1", "save", 400, "2026-05-02T10:00:00.000Z", b1);
+		const S2 = deal("b1-S2", "b1", "save", 200, "2026-05-03T10:00:00.000Z", b1);
+		const S3 = deal("b1-S3", "b1", "save", 100, "2026-05-04T10:00:00.000Z", b1);
+		const bonus = (d: Deal, bonusPoints: number) =>
+			send("deal.bonus", {
+				dealId: d.dealId,
+				merchantId: d.merchantId,
+				memberId: d.memberId,
+				dealDate: d.dealDate,
+				bonusPoints
+			});
+		// S3's bonus arrives before its save: the save still bills, and the bonus still shows.
+		await bonus(S3, 50);
+		for (const d of [S1, S2, S3]) await made(d);
+		await bonus(S1, 100);
+		await bonus(S2, 100);
+		// S2 returned a third: its bonus keeps 67, and a stale redelivery of 100 does not win.
+		await returned(S2, 1, 66);
+		await bonus(S2, 67);
+		await bonus(S2, 100);
+		// S1 cancelled whole: no bonus left, whatever comes again.
+		await cancelled(S1);
+		await bonus(S1, 0);
+		await bonus(S1, 100);
+		await drained(broker);
+
+		const may = await get("b1", "202605");
+		// Issued at 1 a point: S2 200 − 66 = 134, S3 100; S1 cancelled. The bonus 67 + 50 is no line.
+		expect(lines(may)).toEqual(["save save b1-S2 134 134", "save save b1-S3 100 100"]);
+		expect(may).toMatchObject({
+			issued: { points: 234, amount: 234 },
+			net: -234,
+			bonus: { points: 117 }
+		});
+		expectSumsOfLines(may);
+		const csv = await (await statement("b1", "202605")).text();
+		expect(csv.split("\r\n")).toContain("total,bonus,,,117,,,");
+		expect(parse(csv, { columns: true })).toEqual(statementRows(may));
+		const month = await list("202605");
+		expect(month.totals.bonus).toEqual({ points: 117 });
+		expectTotalsOfSettlements(month);
 	});
 });
 
