@@ -3,6 +3,7 @@
  * `npm start` run on an empty machine; nothing else in the code reads `process.env`.
  */
 import path from "node:path";
+import { MAX_POINTS } from "../lib/params";
 import { parseRate } from "../lib/rates";
 
 export interface Config {
@@ -53,6 +54,8 @@ export interface Config {
 	idempotencyRetentionHours: number;
 	/** Months earned points stay valid after the month they were earned in (`POINTS_VALID_MONTHS`); 0: they never expire. */
 	pointsValidMonths: number;
+	/** The most points a member may send by transfer in one UTC day (`TRANSFER_DAILY_LIMIT`), at least 1. */
+	transferDailyLimit: number;
 }
 
 /** A staff token may carry a name (`token=staff:alice`), recorded on what it does. */
@@ -98,6 +101,16 @@ function months(env: NodeJS.ProcessEnv, name: string): number {
 	if (!/^\d{1,4}$/.test(raw) || Number(raw) > 1200)
 		throw new Error(
 			`${name} must be a whole number of months from 0 (never expire) to 1200, got '${raw}'`
+		);
+	return Number(raw);
+}
+
+/** A whole number of points, 1 to MAX_POINTS. */
+function wholePoints(env: NodeJS.ProcessEnv, name: string, fallback: number): number {
+	const raw = text(env, name) ?? String(fallback);
+	if (!/^\d{1,10}$/.test(raw) || Number(raw) < 1 || Number(raw) > MAX_POINTS)
+		throw new Error(
+			`${name} must be a whole number of points from 1 to ${MAX_POINTS}, got '${raw}'`
 		);
 	return Number(raw);
 }
@@ -155,7 +168,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 			"IDEMPOTENCY_RETENTION_HOURS",
 			number(env, "IDEMPOTENCY_RETENTION_HOURS", 24)
 		),
-		pointsValidMonths: months(env, "POINTS_VALID_MONTHS")
+		pointsValidMonths: months(env, "POINTS_VALID_MONTHS"),
+		transferDailyLimit: wholePoints(env, "TRANSFER_DAILY_LIMIT", 100_000)
 	};
 }
 

@@ -12,6 +12,14 @@ const state = {
 };
 const number = value => Number(value || 0).toLocaleString("en-US");
 
+/** A transaction's note: an adjustment's reason and who made it, a transfer's other member. */
+const note = t =>
+	t.reason
+		? `${t.reason} (${t.by})`
+		: t.counterpartId
+			? `${t.type === "in" ? "from" : "to"} ${t.counterpartId}`
+			: "";
+
 async function api(path) {
 	const res = await fetch(`/api${path}`, { headers: { Authorization: `Bearer ${state.token}` } });
 	const body = await res.json().catch(() => ({}));
@@ -149,7 +157,7 @@ async function loadMember(options = {}) {
 			[number(t.point)],
 			[t.returnedAmount ? `${number(t.returnedAmount)} (${number(t.returnedPoints)} points)` : ""],
 			[t.status.replace("_", " "), `status-${t.status}`],
-			[t.reason ? `${t.reason} (${t.by})` : ""]
+			[note(t)]
 		]);
 		[...$("#transactions tbody").children].forEach((tr, i) => {
 			tr.dataset.id = page.rows[i].id;
