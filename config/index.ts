@@ -3,6 +3,7 @@
  * `npm start` run on an empty machine; nothing else in the code reads `process.env`.
  */
 import path from "node:path";
+import { MAX_POINTS } from "../lib/params";
 import { BASIS, parseRate } from "../lib/rates";
 import type { Tier } from "../lib/tiers";
 
@@ -58,6 +59,8 @@ export interface Config {
 	pointsHoldDays: number;
 	/** The tiers a member's earnings of the last 12 months reach (`TIERS`), lowest first; one without it. */
 	tiers: Tier[];
+	/** The most points a member may send by transfer in one UTC day (`TRANSFER_DAILY_LIMIT`), at least 1. */
+	transferDailyLimit: number;
 }
 
 /** A staff token may carry a name (`token=staff:alice`), recorded on what it does. */
@@ -150,6 +153,16 @@ function days(env: NodeJS.ProcessEnv, name: string): number {
 	return Number(raw);
 }
 
+/** A whole number of points, 1 to MAX_POINTS. */
+function wholePoints(env: NodeJS.ProcessEnv, name: string, fallback: number): number {
+	const raw = text(env, name) ?? String(fallback);
+	if (!/^\d{1,10}$/.test(raw) || Number(raw) < 1 || Number(raw) > MAX_POINTS)
+		throw new Error(
+			`${name} must be a whole number of points from 1 to ${MAX_POINTS}, got '${raw}'`
+		);
+	return Number(raw);
+}
+
 function text(env: NodeJS.ProcessEnv, name: string): string | undefined {
 	const raw = env[name]?.trim();
 	return raw ? raw : undefined;
@@ -205,7 +218,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		),
 		pointsValidMonths: months(env, "POINTS_VALID_MONTHS"),
 		pointsHoldDays: days(env, "POINTS_HOLD_DAYS"),
-		tiers: parseTiers(text(env, "TIERS"))
+		tiers: parseTiers(text(env, "TIERS")),
+		transferDailyLimit: wholePoints(env, "TRANSFER_DAILY_LIMIT", 100_000)
 	};
 }
 

@@ -92,17 +92,18 @@ export type EntryKind =
 	| "void"
 	| "release"
 	| "bonus"
-	| "tier";
+	| "tier"
+	| "transfer";
 
 /** One ledger entry as `points.posted` carries it, named by its cause. */
 export interface PostedEntry {
-	/** `deal:<id>`, `deal-cancel:<id>`, `deal-return:<id>:<n>`, `order:<id>`, `expiry:<memberId>`, `expire:<memberId>:<YYYYMM>`, `adjustment:<id>`, …: also the idempotency key. */
+	/** `deal:<id>`, `deal-cancel:<id>`, `deal-return:<id>:<n>`, `order:<id>`, `expiry:<memberId>`, `expire:<memberId>:<YYYYMM>`, `adjustment:<id>`, `transfer-out:<id>`, …: also the idempotency key. */
 	cause: string;
 	memberId: string;
 	kind: EntryKind;
 	amount: number;
 	balanceAfter: number;
-	/** `deal` / `order` / `member` / `adjustment`, and its id: what the entry is about. */
+	/** `deal` / `order` / `member` / `adjustment` / `transfer`, and its id: what the entry is about. */
 	sourceType: string;
 	sourceId: string;
 	merchantId?: string;
@@ -123,6 +124,17 @@ export interface PostedEntry {
 	/** An adjustment's reason, and who made it (a staff name, `staff`, or `operator` from the REPL); a tier change's `silver → gold`. */
 	reason?: string;
 	by?: string;
+	/** A transfer's other member: the receiver on the sender's entries, the sender on the receiver's. */
+	counterpartId?: string;
+	at: string;
+}
+
+/** A transfer of points between two members, as the sender's posting recorded it (`at`). */
+export interface TransferSent {
+	transferId: string;
+	fromMemberId: string;
+	toMemberId: string;
+	points: number;
 	at: string;
 }
 
@@ -168,6 +180,8 @@ export interface Channels {
 		/** The member's tier after the posting, and since when (absent on postings from before tiers). */
 		tier?: { name: string; since: string };
 	};
+	/** Points taken from the sender for a transfer: the receiver is to be credited, or the sender refunded. */
+	"transfer.sent": TransferSent;
 }
 
 export type ChannelName = keyof Channels;

@@ -21,7 +21,13 @@
  * below 0 (a revocation takes no more than the hold and the balance, the rest is its `shortfall`);
  * the lots add up to the balance, the holds to the held points.
  */
-import type { DealEvent, DealReturnedEvent, OrderEvent, PostedEntry } from "../contracts/channels";
+import type {
+	DealEvent,
+	DealReturnedEvent,
+	OrderEvent,
+	PostedEntry,
+	TransferSent
+} from "../contracts/channels";
 import { applyToLots, sumOf, type Lots } from "./expiry";
 import { monthOf } from "./months";
 
@@ -65,7 +71,8 @@ export type Draft = Omit<
 	Partial<Pick<LedgerEntry, "sourceType" | "sourceId" | "merchantId">>;
 
 /** Why a posting writes nothing. */
-export type Refusal = "DUPLICATE" | "INSUFFICIENT_POINTS" | "CANCELLED" | "ACCOUNT_CLOSED";
+export type Refusal =
+	"DUPLICATE" | "INSUFFICIENT_POINTS" | "CANCELLED" | "ACCOUNT_CLOSED" | "TRANSFER_LIMIT_EXCEEDED";
 
 /** Who an event or request is about: the source of the entries it causes. */
 export interface Source {
@@ -117,7 +124,13 @@ export const Cause = {
 	/** `adjustment:<id>`: a staff adjustment. */
 	adjustment: (adjustmentId: string) => `adjustment:${adjustmentId}`,
 	/** The adjustment an `adjustment:<id>` cause names. */
-	adjustmentIdOf: (cause: string) => cause.slice("adjustment:".length)
+	adjustmentIdOf: (cause: string) => cause.slice("adjustment:".length),
+	/** `transfer-out:<id>`: the points a transfer took from its sender. */
+	transferOut: (transferId: string) => `transfer-out:${transferId}`,
+	/** `transfer-in:<id>`: the same points given to its receiver. */
+	transferIn: (transferId: string) => `transfer-in:${transferId}`,
+	/** `transfer-refund:<id>`: given back to the sender instead, the receiver having withdrawn. */
+	transferRefund: (transferId: string) => `transfer-refund:${transferId}`
 };
 
 /** What drafts add up to (negative when they take). */
@@ -148,7 +161,11 @@ export function expiries(account: AccountState, through: string): Draft[] {
 }
 
 /** Points that arrive on the account (`draft`): a withdrawn member's expire on arrival, recorded rather than dropped. */
-function arriving(account: AccountState, source: Source, draft: Draft): Draft[] {
+function arriving(
+	account: AccountState,
+	source: Pick<LedgerEntry, "memberId" | "sourceType" | "sourceId" | "merchantId">,
+	draft: Draft
+): Draft[] {
 	if (account.status !== "closed") return [draft];
 	return [
 		draft,
@@ -371,6 +388,86 @@ export function adjustment(
 			by
 		}
 	];
+}
+
+/** What a transfer's entries say of it: about the transfer, naming the other member. */
+const aboutTransfer = (transferId: string, counterpartId: string) => ({
+	sourceType: "transfer",
+	sourceId: transferId,
+	counterpartId
+});
+
+/**
+ * What sending a transfer posts on the sender's account (cause `transfer-out:<id>`). Refused on a
+ * closed account, when the points sent today (`sentToday`) and these would pass `dailyLimit`, and
+ * when they would take the balance below 0. Like a use, it takes from the oldest lots and never sends
+ * a point past its validity: with `dueThrough`, the lots due expire first.
+ */
+export function transferOut(
+	account: AccountState,
+	transfer: Omit<TransferSent, "at">,
+	sentToday: number,
+	dailyLimit: number,
+	dueThrough?: string
+): Draft[] | Refusal {
+	if (account.status === "closed") return "ACCOUNT_CLOSED";
+	if (sentToday + transfer.points > dailyLimit) return "TRANSFER_LIMIT_EXCEEDED";
+	const due = dueThrough ? expiries(account, dueThrough) : [];
+	if (account.balance + totalOf(due) < transfer.points) return "INSUFFICIENT_POINTS";
+	return [
+		...due,
+		{
+			_id: Cause.transferOut(transfer.transferId),
+			kind: "transfer",
+			amount: -transfer.points,
+			...aboutTransfer(transfer.transferId, transfer.toMemberId)
+		}
+	];
+}
+
+/**
+ * What receiving a transfer posts on the receiver's account (cause `transfer-in:<id>`): an earning
+ * of the month it arrives in. A closed account refuses it, for good: the sender is refunded instead.
+ */
+export const transferIn = (account: AccountState, transfer: TransferSent): Draft[] | Refusal =>
+	account.status === "closed"
+		? "ACCOUNT_CLOSED"
+		: [
+				{
+					_id: Cause.transferIn(transfer.transferId),
+					kind: "transfer",
+					amount: transfer.points,
+					...aboutTransfer(transfer.transferId, transfer.fromMemberId)
+				}
+			];
+
+/**
+ * What refunding a transfer that its receiver refused posts on the sender's account (cause
+ * `transfer-refund:<id>`): a restoration, of fresh validity (the lots it was taken from may be gone),
+ * which expires on arrival if the sender has withdrawn meanwhile.
+ */
+export const transferRefund = (account: AccountState, transfer: TransferSent): Draft[] =>
+	arriving(
+		account,
+		{ memberId: account._id, sourceType: "transfer", sourceId: transfer.transferId },
+		{
+			_id: Cause.transferRefund(transfer.transferId),
+			kind: "restore",
+			amount: transfer.points,
+			...aboutTransfer(transfer.transferId, transfer.toMemberId)
+		}
+	);
+
+/** The transfer a sender's `transfer-out:<id>` entry records. */
+export function transferOf(out: LedgerEntry): TransferSent {
+	if (!out.counterpartId) throw new Error(`Ledger entry '${out._id}' names no receiver`);
+	return {
+		transferId: out.sourceId,
+		fromMemberId: out.memberId,
+		toMemberId: out.counterpartId,
+		points: -out.amount,
+		at: out.at
+	};
 }
 
 /** An account after a posting: its entries as the ledger stores them, its balance, lots and holds. */

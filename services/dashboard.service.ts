@@ -15,6 +15,7 @@
  * Staff adjustments count in the member's `adjusted` total (signed) and list among the transactions;
  * a tier bonus counts as earned; a change of tier lists among the transactions, and the member row
  * keeps the tier the newest posting states.
+ * So do a transfer's entries (sent, received, refunded), each naming the other member.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
@@ -68,10 +69,10 @@ interface Totals {
 	adjusted: number;
 }
 
-/** A deal, an order, a staff adjustment or a change of tier as the staff see it. */
+/** A deal, an order, a staff adjustment, a change of tier or a transfer's entry as the staff see it. */
 interface TransactionRow {
 	_id: string;
-	kind: "deal" | "order" | "adjustment" | "tier";
+	kind: "deal" | "order" | "adjustment" | "tier" | "transfer";
 	id: string;
 	memberId: string;
 	type: string;
@@ -88,6 +89,8 @@ interface TransactionRow {
 	/** An adjustment's reason and who made it; a change of tier's `silver → gold`. */
 	reason?: string;
 	by?: string;
+	/** A transfer's other member. */
+	counterpartId?: string;
 }
 
 /** Which total of a member each kind of ledger entry adds to (its size; an adjustment's is signed). */
@@ -400,6 +403,9 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 						reason: entry.reason,
 						by: entry.by
 					});
+				// A transfer's entries (its refund is a restoration), not the expiry of a refund to a withdrawn sender.
+				if (entry.sourceType === "transfer" && entry.kind !== "expire")
+					await this.record(transferRow(cause, entry));
 			}
 			// Only a newer account version replaces what the row states: postings may arrive in any order.
 			const last = posting.entries.at(-1);
@@ -541,6 +547,26 @@ function dealRow(deal: DealEvent, status: string): TransactionRow {
 		at: deal.dealDate,
 		day: deal.dealDate.slice(0, 10),
 		month: monthOf(deal.dealDate)
+	};
+}
+
+/** A transfer's entry: `out` (sent) and `in` (received), or `refund` (the receiver had withdrawn). */
+function transferRow(cause: string, entry: Omit<PostedEntry, "cause">): TransactionRow {
+	const type = entry.kind === "restore" ? "refund" : entry.amount < 0 ? "out" : "in";
+	const status = { out: "sent", in: "received", refund: "refunded" }[type];
+	return {
+		_id: cause,
+		kind: "transfer",
+		id: entry.sourceId,
+		memberId: entry.memberId,
+		type,
+		amount: Math.abs(entry.amount),
+		point: entry.amount,
+		status,
+		at: entry.at,
+		day: entry.at.slice(0, 10),
+		month: monthOf(entry.at),
+		counterpartId: entry.counterpartId
 	};
 }
 

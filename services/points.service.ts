@@ -41,6 +41,11 @@
  * (`deal-bonus:<id>`), which its cancellation and returns revoke in proportion; each posting that
  * changes a bonus sends what is left of it (`deal.bonus`) for the merchant's statement. The daily
  * tier review (`reviewTiers`) posts the falls that earnings leaving the window bring.
+ *
+ * Transfers (`transfer`, docs/points.md): the sender's `transfer-out:<id>` is posted with a
+ * `transfer.sent` event in the same write; then the receiver's `transfer-in:<id>`, or, if the
+ * receiver's account has closed, the sender's `transfer-refund:<id>`. The action completes it at once
+ * and the event again after a crash; both are idempotent by cause.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
@@ -49,7 +54,8 @@ import {
 	outboxEvent,
 	type DealEvent,
 	type DealReturnedEvent,
-	type OutboxEvent
+	type OutboxEvent,
+	type TransferSent
 } from "../contracts/channels";
 import { clientError, conflict, notFound } from "../lib/errors";
 import { expiredThrough, expiringSoon, oldestOf, sumOf, type Expiring } from "../lib/expiry";
@@ -77,6 +83,10 @@ import {
 	revocation,
 	standingAfter,
 	totalOf,
+	transferIn,
+	transferOf,
+	transferOut,
+	transferRefund,
 	withdrawal,
 	type AccountState,
 	type Draft,
@@ -143,6 +153,24 @@ export interface AdjustmentView {
 	balance: number;
 }
 
+/** A transfer as its request is answered: `failed` when the receiver had withdrawn and the sender got the points back. */
+export interface TransferView {
+	transferId: string;
+	fromMemberId: string;
+	toMemberId: string;
+	points: number;
+	status: "completed" | "failed";
+	reason?: "MEMBER_WITHDRAWN";
+	/** When the points left the sender. */
+	at: string;
+}
+
+/** One of a member's transfers as the listing shows it: `pending` until the receiver's side is posted. */
+export interface TransferRow extends Omit<TransferView, "status"> {
+	direction: "sent" | "received";
+	status: TransferView["status"] | "pending";
+}
+
 /** What one run of the release job did: how many members' held points it released, and how many points. */
 export interface ReleaseRun {
 	members: number;
@@ -196,6 +224,9 @@ interface Methods {
 	scheduleTierReview(delayMs: number): void;
 	now(): Date;
 	adjusted(ctx: Context<unknown, AnswerMeta>, view: AdjustmentView): AdjustmentView;
+	completeTransfer(transfer: TransferSent): Promise<TransferView>;
+	sentOn(memberId: string, at: string): Promise<number>;
+	transferred(ctx: Context<unknown, AnswerMeta>, view: TransferView): TransferView;
 	openAccount(memberId: string, at: string): Promise<void>;
 	finishPosting(account: Account): Promise<void>;
 	copyToLedger(entries: LedgerEntry[]): Promise<void>;
@@ -234,6 +265,8 @@ interface Settings extends ServiceSettingSchema {
 	tiers: Tier[];
 	/** How long a call to the members service may take (ms). */
 	callTimeoutMs: number;
+	/** The most points a member may send by transfer in one UTC day. */
+	transferDailyLimit: number;
 }
 
 type This = Service<Settings> &
@@ -262,6 +295,35 @@ const versionOf = (account: Account) => ({
 /** Ends the unfinished posting once its entries are in the ledger. */
 const CLEAR_UNFINISHED = { $unset: { pending: true, pendingSince: true } };
 
+/** A member's transfer entry as the listing shows it, given which of the sent ones' outcomes exist. */
+function transferRow(entry: LedgerEntry, outcomes: Set<string>): TransferRow {
+	const transferId = entry.sourceId;
+	const counterpartId = entry.counterpartId as string;
+	const points = Math.abs(entry.amount);
+	if (entry.amount > 0)
+		return {
+			transferId,
+			direction: "received",
+			fromMemberId: counterpartId,
+			toMemberId: entry.memberId,
+			points,
+			status: "completed",
+			at: entry.at
+		};
+	const completed = outcomes.has(Cause.transferIn(transferId));
+	const failed = outcomes.has(Cause.transferRefund(transferId));
+	return {
+		transferId,
+		direction: "sent",
+		fromMemberId: entry.memberId,
+		toMemberId: counterpartId,
+		points,
+		status: completed ? "completed" : failed ? "failed" : "pending",
+		...(failed ? { reason: "MEMBER_WITHDRAWN" as const } : {}),
+		at: entry.at
+	};
+}
+
 const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "points",
 	// No index on `oldestLot`: its values are few months, which NeDB indexes turn into O(N) writes;
@@ -282,7 +344,8 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			releaseCheckMs: 30_000,
 			pointsValidMonths: config.pointsValidMonths,
 			callTimeoutMs: config.callTimeoutMs,
-			tiers: config.tiers
+			tiers: config.tiers,
+			transferDailyLimit: config.transferDailyLimit
 		}))
 	],
 
@@ -392,6 +455,122 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 					at: result.at as string,
 					balance: result.balance
 				});
+			}
+		},
+
+		/**
+		 * A staff transfer of points between two active members, within the sender's balance and daily
+		 * limit. Answered once the receiver is credited (`completed`), or, if the receiver's account has
+		 * closed meanwhile, once the sender is refunded (`failed`): 201 either way, the transfer exists.
+		 */
+		transfer: {
+			rest: "POST /points/:memberId/transfers",
+			summary:
+				"A staff transfer of points to another member: completed, or failed with the sender refunded if the receiver withdrew meanwhile",
+			params: {
+				$$strict: true,
+				memberId: P.id,
+				toMemberId: P.id,
+				points: P.amount(P.MAX_POINTS)
+			},
+			async handler(
+				this: This,
+				ctx: Context<
+					{ memberId: string; toMemberId: string; points: number },
+					RequestMeta & AnswerMeta
+				>
+			): Promise<TransferView> {
+				const { memberId, toMemberId, points } = ctx.params;
+				if (memberId === toMemberId)
+					throw clientError(
+						422,
+						"TRANSFER_TO_SELF",
+						`Member '${memberId}' cannot transfer points to themselves`,
+						{ memberId }
+					);
+				// As for adjustments: under an Idempotency-Key the request id names the transfer, so a run
+				// of the same request again answers (and finishes, if need be) the transfer it made.
+				const { requestId } = requestIdOf(ctx);
+				const transferId = requestId ?? sortableId();
+				const made = async () => {
+					const out = await this.ledger.findById(Cause.transferOut(transferId));
+					return out && this.transferred(ctx, await this.completeTransfer(transferOf(out)));
+				};
+				const before = requestId ? await made() : undefined;
+				if (before) return before;
+				// Both asked at once; the sender's refusal is reported first.
+				const checks = await Promise.allSettled(
+					[memberId, toMemberId].map(id => assertActiveMember(ctx, id, this.settings.callTimeoutMs))
+				);
+				const refused = checks.find((c): c is PromiseRejectedResult => c.status === "rejected");
+				if (refused) throw refused.reason;
+
+				const { pointsValidMonths, transferDailyLimit } = this.settings;
+				const transfer = { transferId, fromMemberId: memberId, toMemberId, points };
+				let sentToday = 0;
+				const result = await this.post(memberId, async (account, at) => {
+					if (await this.ledger.findById(Cause.transferOut(transferId))) return "DUPLICATE";
+					// Counted under the lock and the version condition: racing transfers cannot pass the limit.
+					sentToday = await this.sentOn(memberId, at);
+					const drafts = transferOut(
+						account,
+						transfer,
+						sentToday,
+						transferDailyLimit,
+						pointsValidMonths > 0 ? expiredThrough(new Date(at), pointsValidMonths) : undefined
+					);
+					// The receiver's side follows from this event, sent with the sender's write.
+					return typeof drafts === "string"
+						? drafts
+						: { drafts, events: [outboxEvent("transfer.sent", { ...transfer, at })] };
+				});
+				if (result.reason === "DUPLICATE") return (await made()) as TransferView;
+				if (result.reason === "ACCOUNT_CLOSED")
+					throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+				if (result.reason === "TRANSFER_LIMIT_EXCEEDED")
+					throw conflict(
+						"TRANSFER_LIMIT_EXCEEDED",
+						`Member '${memberId}' has sent ${sentToday} points today: ${points} more would pass the daily limit of ${transferDailyLimit}`,
+						{ limit: transferDailyLimit, sentToday, points }
+					);
+				if (result.reason === "INSUFFICIENT_POINTS")
+					throw conflict(
+						"INSUFFICIENT_POINTS",
+						`Member '${memberId}' has ${result.balance} points: ${points} cannot be sent`,
+						{ memberId, balance: result.balance, points }
+					);
+				return this.transferred(
+					ctx,
+					await this.completeTransfer({ ...transfer, at: result.at as string })
+				);
+			}
+		},
+
+		/** A member's transfers as sender and as receiver, each with its outcome as the ledger has it. */
+		transfers: {
+			rest: "GET /points/:memberId/transfers",
+			summary: "A member's transfers, sent and received, newest first, paged, with their status",
+			params: { $$strict: true, memberId: P.id, ...P.paging },
+			async handler(
+				this: This,
+				ctx: Context<{ memberId: string; page: number; pageSize: number }>
+			): Promise<Page<TransferRow>> {
+				const { memberId, page, pageSize } = ctx.params;
+				// The sender's and the receiver's entries are of kind `transfer`; a refund is a restoration.
+				const result = await this.ledger.page(
+					{ memberId, kind: "transfer" },
+					["-seq"],
+					page,
+					pageSize
+				);
+				const sent = result.rows.filter(e => e.amount < 0).map(e => e.sourceId);
+				const outcomes = await this.ledger.find({
+					query: {
+						_id: { $in: sent.flatMap(id => [Cause.transferIn(id), Cause.transferRefund(id)]) }
+					}
+				});
+				const found = new Set(outcomes.map(e => e._id));
+				return { ...result, rows: result.rows.map(entry => transferRow(entry, found)) };
 			}
 		},
 
@@ -520,6 +699,10 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		/** A `use` whose debit could not be confirmed: undo it if it happened, and refuse it if it comes late. */
 		async "deal.voided"(deal) {
 			await this.reverse(dealSource(deal));
+		},
+		/** The sender has been debited: finishes the transfer, should its request have died before it did. */
+		async "transfer.sent"(transfer) {
+			await this.completeTransfer(transfer);
 		}
 	}),
 
@@ -529,9 +712,15 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			return created(ctx, `/api/points/${view.memberId}/history`, view);
 		},
 
+		/** A transfer's answer: 201, located in the sender's transfers. */
+		transferred(this: This, ctx: Context<unknown, AnswerMeta>, view: TransferView): TransferView {
+			return created(ctx, `/api/points/${view.fromMemberId}/transfers`, view);
+		},
+
 		/**
 		 * Posts the entries `plan` drafts for the account, atomically and at most once per cause.
-		 * `plan` runs under the account's lock and may answer a reason instead, to post nothing.
+		 * `plan` runs under the account's lock, given the posting's time, and may answer a reason
+		 * instead, to post nothing. `events` are written with the entries, after `points.posted`.
 		 */
 		post(
 			this: This,
@@ -759,6 +948,42 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 					bonusLeft(bonusPoints, deal.point, deal.returnedPoints)
 				);
 			});
+		},
+
+		/**
+		 * Finishes a transfer whose sender has been debited: credits the receiver, or, if the receiver's
+		 * account has closed, refunds the sender. Decided under the receiver's posting: a closed account
+		 * stays closed, and a credit already there wins, so the receiver and a refund never both get the
+		 * points. Idempotent by cause: the request and the `transfer.sent` event may both run it.
+		 */
+		async completeTransfer(this: This, transfer: TransferSent): Promise<TransferView> {
+			const { transferId, fromMemberId, toMemberId, points, at } = transfer;
+			const view = { transferId, fromMemberId, toMemberId, points };
+			const credited = await this.post(toMemberId, async account => {
+				if (await this.ledger.findById(Cause.transferIn(transferId))) return "DUPLICATE";
+				return transferIn(account, transfer);
+			});
+			if (credited.reason !== "ACCOUNT_CLOSED") return { ...view, status: "completed", at };
+			await this.post(fromMemberId, async account => {
+				if (await this.ledger.findById(Cause.transferRefund(transferId))) return "DUPLICATE";
+				return transferRefund(account, transfer);
+			});
+			return { ...view, status: "failed", reason: "MEMBER_WITHDRAWN", at };
+		},
+
+		/**
+		 * The points the member sent by transfer on `at`'s UTC day, refunded ones included. Read from the
+		 * ledger rather than kept as a counter on the account: a posting plans on an account whose
+		 * entries are all in the ledger (an unfinished posting is finished first), so under the lock and
+		 * the version condition the sum is exact, and nothing more is written (index: memberId, kind, at).
+		 */
+		async sentOn(this: This, memberId: string, at: string) {
+			// Every instant of a day sorts at or after its date, `YYYY-MM-DD`.
+			const day = at.slice(0, 10);
+			const sent = await this.ledger.find({
+				query: { memberId, kind: "transfer", amount: { $lt: 0 }, at: { $gte: day } }
+			});
+			return -totalOf(sent);
 		},
 
 		/** A withdrawal: the remaining points expire as one entry and the account closes. */
@@ -992,7 +1217,9 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 	created(this: This) {
 		this.lock = new KeyedLock();
 		this.ledger = openCollection<LedgerEntry>(this, "ledger", [
-			{ fields: { memberId: 1, seq: -1 } }
+			{ fields: { memberId: 1, seq: -1 } },
+			// A member's transfers, and what they sent today (on NeDB, an index on `memberId` alone).
+			{ fields: { memberId: 1, kind: 1, at: 1 } }
 		]);
 	},
 

@@ -9,7 +9,7 @@ import type { SettlementView as Settlement } from "../../services/billing.servic
 import type { DeadLetterView } from "../../services/dead-letters.service";
 import type { MemberView } from "../../services/members.service";
 import type { MerchantView } from "../../services/merchants.service";
-import type { AccountView, ExpiryRun } from "../../services/points.service";
+import type { AccountView, ExpiryRun, TransferView } from "../../services/points.service";
 import { monthOf } from "../months";
 
 /** What moleculer-repl hands a custom command: its positional arguments by name. */
@@ -31,6 +31,7 @@ interface LedgerPage {
 		shortfall?: number;
 		reason?: string;
 		by?: string;
+		counterpartId?: string;
 	}[];
 	total: number;
 }
@@ -116,15 +117,18 @@ export const operatorCommands: OperatorCommand[] = [
 			});
 			console.log(`Last ${ledger.rows.length} of ${ledger.total} ledger entries:`);
 			console.table(
-				ledger.rows.map(({ at, cause, kind, amount, balanceAfter, shortfall, reason, by }) => ({
-					at,
-					cause,
-					kind,
-					amount,
-					balanceAfter,
-					...(shortfall ? { shortfall } : {}),
-					...(by ? { by, reason } : {})
-				}))
+				ledger.rows.map(
+					({ at, cause, kind, amount, balanceAfter, shortfall, reason, by, counterpartId }) => ({
+						at,
+						cause,
+						kind,
+						amount,
+						balanceAfter,
+						...(shortfall ? { shortfall } : {}),
+						...(by ? { by, reason } : {}),
+						...(counterpartId ? { counterpartId } : {})
+					})
+				)
 			);
 		})
 	},
@@ -231,6 +235,21 @@ export const operatorCommands: OperatorCommand[] = [
 				);
 				for (const settlement of month.settlements) console.log(`  ${settlementLine(settlement)}`);
 			}
+		})
+	},
+	{
+		command: "transfer <fromMemberId> <toMemberId> <points>",
+		description:
+			"Transfers points from one member to another: completed, or failed with the sender refunded if the receiver withdrew meanwhile",
+		action: guarded(async (broker, { fromMemberId, toMemberId, points }) => {
+			const transfer = await broker.call<TransferView, object>("points.transfer", {
+				memberId: fromMemberId,
+				toMemberId,
+				points
+			});
+			console.log(
+				`Transfer ${transfer.transferId}: ${transfer.points} points from ${transfer.fromMemberId} to ${transfer.toMemberId}, ${transfer.status}${transfer.reason ? ` (${transfer.reason}: refunded)` : ""} at ${transfer.at}`
+			);
 		})
 	},
 	{

@@ -12,6 +12,14 @@ const state = {
 };
 const number = value => Number(value || 0).toLocaleString("en-US");
 
+/** A transaction's note: a transfer's other member, an adjustment's reason and who made it, a tier's change. */
+const note = t =>
+	t.counterpartId
+		? `${t.type === "in" ? "from" : "to"} ${t.counterpartId}`
+		: t.by
+			? `${t.reason} (${t.by})`
+			: t.reason || "";
+
 async function api(path) {
 	const res = await fetch(`/api${path}`, { headers: { Authorization: `Bearer ${state.token}` } });
 	const body = await res.json().catch(() => ({}));
@@ -155,7 +163,7 @@ async function loadMember(options = {}) {
 			[number(t.point)],
 			[t.returnedAmount ? `${number(t.returnedAmount)} (${number(t.returnedPoints)} points)` : ""],
 			[t.status.replace("_", " "), `status-${t.status}`],
-			[t.by ? `${t.reason} (${t.by})` : t.reason || ""]
+			[note(t)]
 		]);
 		[...$("#transactions tbody").children].forEach((tr, i) => {
 			tr.dataset.id = page.rows[i].id;

@@ -184,4 +184,25 @@ describe("operator commands in the Moleculer REPL", () => {
 			/Coalition: issued \d+ points for \d+, redeemed 500 points for 490, net /
 		);
 	});
+
+	it("transfer <from> <to> <points> moves points, and member <id> lists them with the other member", async () => {
+		await api("POST", "/members", { memberId: "r002", name: "Kim Minji" });
+		await api("POST", "/members", { memberId: "r003", name: "Lee Jiho" });
+		await api("POST", "/deals", {
+			memberId: "r002",
+			merchantId: "20",
+			dealAmount: 50000,
+			type: "save"
+		});
+		await eventually(async () => expect((await api("GET", "/points/r002")).body.balance).toBe(500));
+		expect(await system.type("transfer r002 r003 120", /Transfer .*\n/)).toMatch(
+			/Transfer \w{26}: 120 points from r002 to r003, completed at 2026-05-14T/
+		);
+		const out = await system.type("member r003", /ledger entries:[\s\S]*└/);
+		expect(out).toContain("Balance: 120 points");
+		expect(out).toMatch(/transfer-in:\w+.*'transfer'.*120.*'r002'/);
+		expect(await system.type("transfer r003 r003 1", /Error.*\n/)).toContain(
+			"Error [TRANSFER_TO_SELF]"
+		);
+	});
 });

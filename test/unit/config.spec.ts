@@ -87,6 +87,15 @@ describe("configuration", () => {
 			expect(() => loadConfig({ TIERS: raw })).toThrow(message);
 	});
 
+	it("reads TRANSFER_DAILY_LIMIT: 100000 points by default, and refuses what is not a whole number of points from 1", () => {
+		expect(loadConfig({}).transferDailyLimit).toBe(100_000);
+		expect(loadConfig({ TRANSFER_DAILY_LIMIT: " 500 " }).transferDailyLimit).toBe(500);
+		for (const raw of ["0", "-1", "1.5", "lots", "1e3", "1000000001"])
+			expect(() => loadConfig({ TRANSFER_DAILY_LIMIT: raw })).toThrow(
+				/TRANSFER_DAILY_LIMIT must be a whole number of points from 1 to 1000000000, got/
+			);
+	});
+
 	it("reads POINT_PRICE as a price of 0 to 100 in basis points, and MERCHANTS as open or registered", () => {
 		expect(loadConfig({ POINT_PRICE: "2.5", MERCHANTS: "registered" })).toMatchObject({
 			pointPriceBp: 25_000,
@@ -145,7 +154,8 @@ describe("services' settings", () => {
 				PAYMENT_LIMIT: "5",
 				MONTH_END_GRACE_MINUTES: "1",
 				POINTS_VALID_MONTHS: "24",
-				TIERS: "basic:0:1,gold:100:2"
+				TIERS: "basic:0:1,gold:100:2",
+				TRANSFER_DAILY_LIMIT: "2500"
 			}
 		);
 		expect(settings.points).toMatchObject({
@@ -154,6 +164,7 @@ describe("services' settings", () => {
 				{ name: "basic", threshold: 0, multiplierBp: 10_000 },
 				{ name: "gold", threshold: 100, multiplierBp: 20_000 }
 			],
+			transferDailyLimit: 2500,
 			callTimeoutMs: 300,
 			expiryCheckMs: 60_000,
 			sweepIntervalMs: 5000

@@ -21,6 +21,10 @@ import {
 	reversal,
 	revocation,
 	totalOf,
+	transferIn,
+	transferOf,
+	transferOut,
+	transferRefund,
 	withdrawal,
 	type AccountState,
 	type Draft,
@@ -453,6 +457,82 @@ describe("applying drafts to an account (lib/posting.ts)", () => {
 		for (const entry of entries) expect(entry.balanceAfter).toBeGreaterThanOrEqual(0);
 		expect(entries.at(-1)?.balanceAfter ?? acc.balance).toBe(balance);
 		expect(Object.values(lots).every(points => points > 0)).toBe(true);
+	});
+});
+
+describe("a transfer's entries (lib/posting.ts)", () => {
+	const at = "2026-05-20T08:00:00.000Z";
+	const sent = { transferId: "t1", fromMemberId: "m1", toMemberId: "m2", points: 120 };
+	const about = (counterpartId: string) => ({
+		sourceType: "transfer",
+		sourceId: "t1",
+		counterpartId
+	});
+	const sender = account(300, { "202601": 100, "202604": 200 });
+	const receiver = { ...account(0), _id: "m2" };
+
+	it("names its three causes", () => {
+		expect([Cause.transferOut("t1"), Cause.transferIn("t1"), Cause.transferRefund("t1")]).toEqual([
+			"transfer-out:t1",
+			"transfer-in:t1",
+			"transfer-refund:t1"
+		]);
+	});
+
+	it("takes the points from the sender's oldest lots, and reads the transfer back from the entry", () => {
+		const drafts = transferOut(sender, sent, 0, 1000) as Draft[];
+		expect(drafts).toEqual([
+			{ _id: "transfer-out:t1", kind: "transfer", amount: -120, ...about("m2") }
+		]);
+		const { entries, lots } = applyDrafts(sender, drafts, at, counter());
+		expect(lots).toEqual({ "202604": 180 });
+		expect(transferOf(entries[0])).toEqual({ ...sent, at });
+	});
+
+	it.each<[string, AccountState, number, number, string]>([
+		["a closed account", account(300, {}, "closed"), 0, 1000, "ACCOUNT_CLOSED"],
+		["more than the day's limit leaves", sender, 881, 1000, "TRANSFER_LIMIT_EXCEEDED"],
+		["more than the balance", account(119), 0, 1000, "INSUFFICIENT_POINTS"]
+	])("refuses to send from %s", (_, acc, sentToday, limit, refusal) =>
+		expect(transferOut(acc, sent, sentToday, limit)).toBe(refusal)
+	);
+
+	it("sends up to the limit exactly, and never a point past its validity", () => {
+		expect(transferOut(sender, sent, 880, 1000)).toHaveLength(1);
+		// January's 100 points are due: only April's 200 can be sent, after January's expiry.
+		expect(transferOut(sender, { ...sent, points: 201 }, 0, 1000, "202601")).toBe(
+			"INSUFFICIENT_POINTS"
+		);
+		const drafts = transferOut(sender, { ...sent, points: 200 }, 0, 1000, "202601") as Draft[];
+		expect(drafts.map(d => [d._id, d.amount])).toEqual([
+			["expire:m1:202601", -100],
+			["transfer-out:t1", -200]
+		]);
+	});
+
+	it("gives the receiver an earning of this month, unless its account has closed", () => {
+		const drafts = transferIn(receiver, { ...sent, at }) as Draft[];
+		expect(drafts).toEqual([
+			{ _id: "transfer-in:t1", kind: "transfer", amount: 120, ...about("m1") }
+		]);
+		expect(applyDrafts(receiver, drafts, at, counter()).lots).toEqual({ "202605": 120 });
+		expect(transferIn({ ...receiver, status: "closed" }, { ...sent, at })).toBe("ACCOUNT_CLOSED");
+	});
+
+	it("refunds the sender as a restoration, expiring on arrival if the sender has withdrawn", () => {
+		const refund = { _id: "transfer-refund:t1", kind: "restore", amount: 120, ...about("m2") };
+		expect(transferRefund(account(180), { ...sent, at })).toEqual([refund]);
+		expect(transferRefund(account(0, {}, "closed"), { ...sent, at })).toEqual([
+			refund,
+			{
+				_id: "expiry:m1:transfer-refund:t1",
+				kind: "expire",
+				amount: -120,
+				memberId: "m1",
+				sourceType: "transfer",
+				sourceId: "t1"
+			}
+		]);
 	});
 });
 
