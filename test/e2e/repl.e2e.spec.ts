@@ -55,7 +55,7 @@ describe("operator commands in the Moleculer REPL", () => {
 		// The save earned 1,000 points, issued at the default price of 1: the merchant owes 1000 − 490.
 		expect(out).toMatch(
 			new RegExp(
-				`Settlement 20 ${month} provisional: 500 points used in 3 deal\\(s\\), adjustments 0, fee 10, billing amount 490; issued 1000 points for 1000; net 510 \\(the merchant pays\\) \\(as of `
+				`Settlement 20 ${month} provisional: 500 points used in 3 deal\\(s\\), adjustments 0, fee 10, billing amount 490; issued 1000 points for 1000; net 510 \\(the merchant pays\\); bonus 0 points, funded by the coalition \\(as of `
 			)
 		);
 		expect(out.match(/│ +'use' +│/g)).toHaveLength(3);
