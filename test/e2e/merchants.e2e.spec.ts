@@ -132,7 +132,8 @@ describe("merchants over a cluster", () => {
 		const totals = Object.fromEntries(
 			rows.filter(r => r.kind === "total").map(r => [r.type, Number(r.amount)])
 		);
-		expect(totals).toEqual({ redeemed: 180, fee: 20, issued: 499, net: -319 });
+		// The bonus row has points and no amount: the coalition funds it (none here: one tier).
+		expect(totals).toEqual({ redeemed: 180, fee: 20, issued: 499, net: -319, bonus: 0 });
 
 		// The month closes (its end passed, no grace); the rest of the big save returned in June is
 		// June's line: 250 points taken back at the recorded price, −300.
@@ -178,7 +179,53 @@ describe("merchants over a cluster", () => {
 			redeemed: { points: 200, fee: 20, amount: 180 },
 			// The bakery's save of 200 points at the default price of 1.
 			issued: { points: 616, amount: 699 },
-			net: -519
+			net: -519,
+			bonus: { points: 0 }
 		});
+	});
+
+	it("holds a save's points over the cluster until its window ends, then releases them once across a restart", async () => {
+		expect(
+			(
+				await edge.call("POST", "/api/merchants", {
+					merchantId: "holder",
+					name: "Holder",
+					holdDays: 1
+				})
+			).status
+		).toBe(201);
+		await edge.call("POST", "/api/members", { memberId: "k002", name: "Lee" });
+		await eventually(async () =>
+			expect((await edge.call("GET", "/api/points/k002")).status).toBe(200)
+		);
+		const saved = (
+			await edge.call("POST", "/api/deals", {
+				memberId: "k002",
+				merchantId: "holder",
+				dealAmount: 10_000,
+				type: "save"
+			})
+		).body as { id: string };
+		await eventually(async () =>
+			expect((await edge.call("GET", "/api/points/k002")).body).toMatchObject({
+				balance: 0,
+				held: 100,
+				releasing: [{ dealId: saved.id, points: 100 }]
+			})
+		);
+		// Two days on, past the one-day window: released at start, once.
+		await data.stop();
+		Object.assign(data.env, faketime("2026-06-04 09:00:00"));
+		await data.start();
+		await eventually(async () =>
+			expect((await edge.call("GET", "/api/points/k002")).body).toMatchObject({
+				balance: 100,
+				held: 0
+			})
+		);
+		const history = (await edge.call("GET", "/api/points/k002/history")).body as {
+			rows: { cause: string }[];
+		};
+		expect(history.rows.filter(e => e.cause === `release:${saved.id}`)).toHaveLength(1);
 	});
 });
