@@ -40,7 +40,9 @@ describe("the idempotency service", () => {
 	};
 
 	beforeAll(async () => {
-		broker = createTestBroker([withSettings(IdempotencyService, { leaseMs: 300 })]);
+		// Long enough that no stall of a loaded machine ends a lease a test counts on; the test of a
+		// lease running out waits for it.
+		broker = createTestBroker([withSettings(IdempotencyService, { leaseMs: 2_000 })]);
 		await broker.start();
 	});
 	afterAll(() => broker.stop());
@@ -51,7 +53,7 @@ describe("the idempotency service", () => {
 		await expect(begin("k-1")).rejects.toMatchObject({
 			code: 409,
 			type: "REQUEST_IN_PROGRESS",
-			data: { key: "k-1", retryAfter: 1 }
+			data: { key: "k-1", retryAfter: 2 }
 		});
 		expect(
 			await broker.call("idempotency.complete", {
