@@ -61,6 +61,12 @@ export interface Config {
 	tiers: Tier[];
 	/** The most points a member may send by transfer in one UTC day (`TRANSFER_DAILY_LIMIT`), at least 1. */
 	transferDailyLimit: number;
+	/** How long a webhook's endpoint may take to answer a delivery before the attempt counts as failed (ms). */
+	webhookTimeoutMs: number;
+	/** The waits before each retry of a failed webhook delivery (ms, before jitter); after the last, it has failed. */
+	webhookRetryScheduleMs: number[];
+	/** In production, webhooks may reach loopback, private, link-local and metadata addresses all the same. */
+	webhookAllowPrivate: boolean;
 }
 
 /** A staff token may carry a name (`token=staff:alice`), recorded on what it does. */
@@ -163,6 +169,32 @@ function wholePoints(env: NodeJS.ProcessEnv, name: string, fallback: number): nu
 	return Number(raw);
 }
 
+const DURATION_UNITS_MS: Record<string, number> = {
+	ms: 1,
+	s: 1000,
+	m: 60_000,
+	h: 3_600_000,
+	d: 86_400_000
+};
+
+const MAX_DURATION_MS = 30 * DURATION_UNITS_MS.d;
+
+/** `5s,5m,30m,2h,8h,24h`: 1 to 20 durations in milliseconds, each a whole number and a unit (ms, s, m, h, d), at most 30 days. */
+export function parseDurations(name: string, raw: string): number[] {
+	const durations = raw.split(",").map(entry => {
+		const match = /^\s*(\d{1,9})(ms|s|m|h|d)\s*$/.exec(entry);
+		const ms = match ? Number(match[1]) * DURATION_UNITS_MS[match[2]] : 0;
+		if (ms <= 0 || ms > MAX_DURATION_MS)
+			throw new Error(
+				`${name} must be a comma-separated list of durations such as 5s,5m,30m,2h (units ms, s, m, h, d; each above 0 and at most 30d), got '${raw}'`
+			);
+		return ms;
+	});
+	if (durations.length > 20)
+		throw new Error(`${name} takes at most 20 durations, got ${durations.length}`);
+	return durations;
+}
+
 function text(env: NodeJS.ProcessEnv, name: string): string | undefined {
 	const raw = env[name]?.trim();
 	return raw ? raw : undefined;
@@ -219,7 +251,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		pointsValidMonths: months(env, "POINTS_VALID_MONTHS"),
 		pointsHoldDays: days(env, "POINTS_HOLD_DAYS"),
 		tiers: parseTiers(text(env, "TIERS")),
-		transferDailyLimit: wholePoints(env, "TRANSFER_DAILY_LIMIT", 100_000)
+		transferDailyLimit: wholePoints(env, "TRANSFER_DAILY_LIMIT", 100_000),
+		webhookTimeoutMs: atLeast(100, "WEBHOOK_TIMEOUT_MS", number(env, "WEBHOOK_TIMEOUT_MS", 5000)),
+		webhookRetryScheduleMs: parseDurations(
+			"WEBHOOK_RETRY_SCHEDULE",
+			text(env, "WEBHOOK_RETRY_SCHEDULE") ?? "5s,5m,30m,2h,8h,24h"
+		),
+		webhookAllowPrivate: oneOf(env, "WEBHOOK_ALLOW_PRIVATE", ["false", "true"]) === "true"
 	};
 }
 

@@ -138,6 +138,18 @@ export interface TransferSent {
 	at: string;
 }
 
+/** A merchant's settlement of a month made final (`settlement.finalized`): its figures, which never change again. */
+export interface SettlementFinalizedEvent {
+	/** `<merchantId>:<YYYYMM>`: one per merchant and month. */
+	settlementId: string;
+	merchantId: string;
+	billingMonth: string;
+	redeemed: { points: number; fee: number; amount: number };
+	issued: { points: number; amount: number };
+	net: number;
+	settledAt: string;
+}
+
 /** Every channel and its payload. */
 export interface Channels {
 	"member.joined": { memberId: string; name: string; joinedAt: string };
@@ -182,6 +194,17 @@ export interface Channels {
 	};
 	/** Points taken from the sender for a transfer: the receiver is to be credited, or the sender refunded. */
 	"transfer.sent": TransferSent;
+	/** The points of a member that expire at the end of `month`, told once a month, when the month begins. */
+	"points.expiring": {
+		memberId: string;
+		month: string;
+		/** When they are gone: the first instant of the next month (UTC). */
+		expiresAt: string;
+		points: number;
+		at: string;
+	};
+	/** A merchant's settlement of a month made final: it never changes again. */
+	"settlement.finalized": SettlementFinalizedEvent;
 }
 
 export type ChannelName = keyof Channels;

@@ -47,6 +47,7 @@ import MyPoints from "./my-points.service";
 import Orders from "./orders.service";
 import Payments from "./payments.service";
 import Points from "./points.service";
+import Webhooks from "./webhooks.service";
 import { IDEMPOTENCY_KEY } from "./idempotency.service";
 
 /**
@@ -66,8 +67,18 @@ const MERCHANT_ACTIONS: Record<string, string | true> = {
 	"billing.statement": "merchantId",
 	"merchants.get": "merchantId",
 	"points.get": true,
+	"webhooks.create": "merchantId",
+	"webhooks.list": "merchantId",
+	"webhooks.get": true,
+	"webhooks.delete": true,
+	"webhooks.rotateSecret": true,
+	"webhooks.deliveries": true,
+	"webhooks.replay": true,
 	"api.me": true
 };
+
+/** Actions whose `merchantId`, left out by a merchant's token, is its own: its listing, its new webhook. */
+const OWN_MERCHANT_BY_DEFAULT = new Set(["deals.list", "webhooks.list", "webhooks.create"]);
 
 const PUBLIC_ACTIONS = new Set(["api.health", "api.openapi"]);
 
@@ -234,6 +245,7 @@ const ROUTES = publishedRoutes([
 	Deliveries,
 	MyPoints,
 	Dashboard,
+	Webhooks,
 	{ name: "api", actions: OWN_ACTIONS }
 ]);
 
@@ -414,8 +426,8 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			const rule = user?.kind === "merchant" ? MERCHANT_ACTIONS[action] : undefined;
 			if (!user || user.kind !== "merchant" || rule === undefined) throw forbidden();
 			if (rule === true) return;
-			// A merchant's listing is always its own: the filter is filled in, or must match.
-			if (action === "deals.list" && req.$params.merchantId === undefined)
+			// A merchant's listing (or webhook) is always its own: the merchant is filled in, or must match.
+			if (OWN_MERCHANT_BY_DEFAULT.has(action) && req.$params.merchantId === undefined)
 				req.$params.merchantId = user.merchantId;
 			if (req.$params[rule] !== user.merchantId)
 				throw forbidden("A merchant token reaches only its own merchant's data");

@@ -37,7 +37,14 @@
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { stringify } from "csv-stringify/sync";
 import { ConfiguredSettings } from "../config/settings";
-import { consume, type DealBonusEvent, type DealEvent } from "../contracts/channels";
+import {
+	consume,
+	outboxEvent,
+	type DealBonusEvent,
+	type DealEvent,
+	type OutboxEvent,
+	type SettlementFinalizedEvent
+} from "../contracts/channels";
 import { assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
 import { clientError, notFound } from "../lib/errors";
 import { KeyedLock } from "../lib/keyed-lock";
@@ -45,6 +52,7 @@ import * as P from "../lib/params";
 import { addMonths, monthBounds, monthOf, previousMonth } from "../lib/months";
 import { applyRate, rateOf, settlementAmounts } from "../lib/rates";
 import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
+import { OUTBOX_INDEX } from "../mixins/outbox.mixin";
 
 /** The side of a settlement a deal is on: points redeemed at the merchant, or issued by it. */
 export type DealSide = "use" | "save";
@@ -138,9 +146,22 @@ export interface Settlement {
 	/** When a final settlement was made; when a provisional one was computed. */
 	settledAt?: string;
 	computedAt?: string;
+	/** A final settlement's `settlement.finalized`, written with it and pulled once sent. */
+	outbox?: OutboxEvent[];
 }
 
-export type SettlementView = Omit<Settlement, "_id"> & { id: string };
+export type SettlementView = Omit<Settlement, "_id" | "outbox"> & { id: string };
+
+/** What `settlement.finalized` tells of a final settlement. */
+const finalizedOf = (settlement: Settlement): SettlementFinalizedEvent => ({
+	settlementId: settlement._id,
+	merchantId: settlement.merchantId,
+	billingMonth: settlement.billingMonth,
+	redeemed: settlement.redeemed,
+	issued: settlement.issued,
+	net: settlement.net,
+	settledAt: settlement.settledAt as string
+});
 
 /** Every merchant's settlement of a month (`GET /billings`), and the coalition's totals of them. */
 export interface MonthSettlements {
@@ -184,6 +205,7 @@ interface Methods {
 	closeMonths(upTo: string): Promise<ClosedMonth[]>;
 	closeMonth(month: string): Promise<ClosedMonth>;
 	finalize(made: Settlement): Promise<{ settlement: Settlement; created: boolean }>;
+	announceFinal(settlements?: Settlement[]): Promise<void>;
 	apply(settlement: Settlement): Promise<void>;
 	note(deal: DealEvent, change: Partial<BillingAmountView>, returnedPoints?: number): Promise<void>;
 	noteBonus(bonus: DealBonusEvent): Promise<void>;
@@ -791,18 +813,51 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 
 		/**
 		 * The merchant's final settlement of a month: `made` unless one was made before, applied to the
-		 * view either way (a rerun after a crash applies what is left).
+		 * view either way (a rerun after a crash applies what is left). A new one is stored with its
+		 * `settlement.finalized` in its outbox, then announced.
 		 */
 		async finalize(this: This, made: Settlement) {
 			let settlement = await this.settlements.findById(made._id);
 			let created = false;
 			if (!settlement) {
 				// Two nodes closing at once: the unique id lets one win, and both apply its lines.
-				created = await this.settlements.insertUnique(made);
-				settlement = created ? made : ((await this.settlements.findById(made._id)) as Settlement);
+				const stored = {
+					...made,
+					outbox: [outboxEvent("settlement.finalized", finalizedOf(made))]
+				};
+				created = await this.settlements.insertUnique(stored);
+				settlement = created ? stored : ((await this.settlements.findById(made._id)) as Settlement);
 			}
 			await this.apply(settlement);
+			if (created)
+				await this.announceFinal([settlement]).catch(err =>
+					this.logger.warn(
+						`Settlement ${made._id} not announced yet; at the next check:`,
+						(err as Error).message
+					)
+				);
 			return { settlement, created };
+		},
+
+		/**
+		 * Sends the `settlement.finalized` events still in final settlements' outboxes (all of them by
+		 * default: what a crash or a channel outage left), pulling each once sent. Consumers key them by
+		 * settlement, so one sent twice (a crash between the send and the pull) is told once.
+		 */
+		async announceFinal(this: This, settlements?: Settlement[]) {
+			const waiting =
+				settlements ?? (await this.settlements.find({ query: { "outbox.0": { $exists: true } } }));
+			const broker = this.broker as unknown as {
+				sendToChannel(channel: string, payload: unknown): Promise<void>;
+			};
+			for (const settlement of waiting)
+				for (const event of settlement.outbox ?? []) {
+					await broker.sendToChannel(event.channel, event.payload);
+					await this.settlements.update(
+						{ _id: settlement._id },
+						{ $pull: { outbox: { id: event.id } } }
+					);
+				}
 		},
 
 		/** Records each line's points on its row once (a rerun after a crash applies only the rest). */
@@ -832,18 +887,20 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		},
 
 		async monthEndCheck(this: This) {
+			await this.announceFinal();
 			await this.closeMonths(previousMonth(this.now()));
 		},
 
 		toView(settlement: Settlement) {
-			const { _id, ...rest } = settlement;
+			const { _id, outbox: _outbox, ...rest } = settlement;
 			return { id: _id, ...rest };
 		}
 	},
 
 	created(this: This) {
 		this.settlements = openCollection<Settlement>(this, "settlements", [
-			{ fields: { merchantId: 1 } }
+			{ fields: { merchantId: 1 } },
+			OUTBOX_INDEX
 		]);
 		this.state = openCollection(this, "billing-state");
 		this.lock = new KeyedLock();

@@ -24,6 +24,9 @@
  * negative adjustments take from the oldest lots first. The expiry job (`expireDue`) runs at start and
  * then daily on every instance: one `expire:<memberId>:<YYYYMM>` entry per member and month due,
  * planned from the account's lots like any posting, so a rerun or a second instance finds nothing left.
+ * After it, `announceExpiring` tells of each member's points that expire at the end of the month
+ * (`points.expiring`), once a month: the account records the month told of in the same write as the
+ * event (its outbox).
  *
  * Staff adjustments (`adjust`): one entry per adjustment (`adjustment:<id>`), with its reason and who
  * made it; a negative one never takes the balance below 0.
@@ -59,6 +62,7 @@ import {
 } from "../contracts/channels";
 import { clientError, conflict, notFound } from "../lib/errors";
 import { expiredThrough, expiringSoon, oldestOf, sumOf, type Expiring } from "../lib/expiry";
+import { addMonths, monthOf } from "../lib/months";
 import type { CallerMeta } from "../lib/gateway/access";
 import { sortableId } from "../lib/ids";
 import { requestIdOf, type RequestMeta } from "../lib/request-id";
@@ -95,7 +99,6 @@ import {
 	type Source
 } from "../lib/posting";
 import { LOST, retryOnRace } from "../lib/retry-on-race";
-import { monthOf } from "../lib/months";
 import {
 	bonusLeft,
 	bonusReturn,
@@ -133,6 +136,8 @@ export interface Account extends AccountState, TierState {
 	oldestLot?: string;
 	/** The soonest `releaseAt` of the holds: what the release job looks accounts up by. */
 	nextRelease?: string;
+	/** The latest month whose expiring points `points.expiring` told of (`YYYYMM`). */
+	expiringAnnounced?: string;
 }
 
 export interface PostResult {
@@ -216,6 +221,7 @@ interface Methods {
 	withdraw(memberId: string): Promise<PostResult>;
 	expireLots(memberId: string, through: string): Promise<number>;
 	expireDue(through?: string): Promise<ExpiryRun>;
+	announceExpiring(): Promise<void>;
 	scheduleExpiry(delayMs: number): void;
 	releaseDue(): Promise<ReleaseRun>;
 	scheduleRelease(delayMs: number): void;
@@ -1066,13 +1072,74 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			return run;
 		},
 
-		/** Runs the expiry job once a day: at the first check of each day (UTC), the first one soon after start. */
+		/**
+		 * Tells of each active member's points that expire at the end of this month (`points.expiring`),
+		 * once a month: the event is written into the account's outbox with the month it tells of, on
+		 * the condition that no run told of that month yet, so a rerun, a restart or a second instance
+		 * tells no one twice.
+		 */
+		async announceExpiring(this: This) {
+			const now = this.now();
+			const { pointsValidMonths: validMonths, expiryBatch } = this.settings;
+			const month = monthOf(now.toISOString());
+			const earnedIn = addMonths(month, -validMonths);
+			let told = 0;
+			for (let after = ""; ;) {
+				const batch = await this.store.find({
+					query: {
+						_id: { $gt: after },
+						status: "active",
+						expiringAnnounced: { $ne: month },
+						$or: [
+							{ oldestLot: { $lte: earnedIn } },
+							{ lots: { $exists: false }, balance: { $gt: 0 } }
+						]
+					},
+					sort: ["_id"],
+					limit: expiryBatch
+				});
+				for (const account of batch) {
+					const [{ expiresAt, points }] = expiringSoon(lotsOf(account), validMonths, now, 1);
+					if (points <= 0) continue;
+					const event = outboxEvent("points.expiring", {
+						memberId: account._id,
+						month,
+						expiresAt,
+						points,
+						at: now.toISOString()
+					});
+					const filter = {
+						_id: account._id,
+						expiringAnnounced: account.expiringAnnounced ?? { $exists: false }
+					};
+					if (
+						await this.changeWithEvents(
+							{ filter, update: { $set: { expiringAnnounced: month } } },
+							[event]
+						)
+					)
+						told++;
+				}
+				if (batch.length < expiryBatch) break;
+				after = batch[batch.length - 1]._id;
+			}
+			if (told)
+				this.logger.info(
+					`Told of the points of ${told} member(s) expiring at the end of ${month}.`
+				);
+		},
+
+		/**
+		 * Runs the expiry job once a day, then tells of the points that expire this month: at the first
+		 * check of each day (UTC), the first one soon after start.
+		 */
 		scheduleExpiry(this: This, delayMs: number) {
 			if (this.expiryStopped || this.settings.pointsValidMonths <= 0) return;
 			this.expiryTimer = setTimeout(() => {
 				const today = this.now().toISOString().slice(0, 10);
 				if (today === this.expiredOn) return this.scheduleExpiry(this.settings.expiryCheckMs);
 				this.expireDue()
+					.then(() => this.announceExpiring())
 					.then(() => (this.expiredOn = today))
 					.catch(err =>
 						this.logger.error("The expiry job failed; retrying at the next check:", err)

@@ -7,6 +7,7 @@ import DealsService from "../../services/deals.service";
 import MerchantsService from "../../services/merchants.service";
 import PaymentsService from "../../services/payments.service";
 import PointsService from "../../services/points.service";
+import WebhooksService from "../../services/webhooks.service";
 import { createTestBroker, withSettings, type AnyServiceSchema } from "../helpers/broker";
 
 describe("configuration", () => {
@@ -124,6 +125,38 @@ describe("configuration", () => {
 			/IDEMPOTENCY_RETENTION_HOURS must be at least 24, got 1/
 		);
 	});
+
+	it("reads the webhooks' timeout, retry schedule (durations in ms, s, m, h or d) and private addresses, and refuses what is not one", () => {
+		expect(loadConfig({})).toMatchObject({
+			webhookTimeoutMs: 5000,
+			webhookRetryScheduleMs: [5000, 300_000, 1_800_000, 7_200_000, 28_800_000, 86_400_000],
+			webhookAllowPrivate: false
+		});
+		expect(
+			loadConfig({
+				WEBHOOK_TIMEOUT_MS: "250",
+				WEBHOOK_RETRY_SCHEDULE: "100ms, 2s,1d",
+				WEBHOOK_ALLOW_PRIVATE: "true"
+			})
+		).toMatchObject({
+			webhookTimeoutMs: 250,
+			webhookRetryScheduleMs: [100, 2000, 86_400_000],
+			webhookAllowPrivate: true
+		});
+		for (const raw of ["5", "5x", "0s", "1.5s", "-1s", "5s,,5m", "5 s", "31d"])
+			expect(() => loadConfig({ WEBHOOK_RETRY_SCHEDULE: raw })).toThrow(
+				/WEBHOOK_RETRY_SCHEDULE must be a comma-separated list of durations/
+			);
+		expect(() => loadConfig({ WEBHOOK_RETRY_SCHEDULE: Array(21).fill("1s").join(",") })).toThrow(
+			/WEBHOOK_RETRY_SCHEDULE takes at most 20 durations, got 21/
+		);
+		expect(() => loadConfig({ WEBHOOK_TIMEOUT_MS: "50" })).toThrow(
+			/WEBHOOK_TIMEOUT_MS must be at least 100, got 50/
+		);
+		expect(() => loadConfig({ WEBHOOK_ALLOW_PRIVATE: "yes" })).toThrow(
+			/WEBHOOK_ALLOW_PRIVATE must be one of false, true, got 'yes'/
+		);
+	});
 });
 
 describe("services' settings", () => {
@@ -204,6 +237,24 @@ describe("services' settings", () => {
 		expect(settings.billing).toMatchObject({
 			monthEnd: { graceMs: 600_000, firstCheckMs: 10_000, checkEveryMs: 20 }
 		});
+	});
+
+	it("give webhooks their timeout and schedule, and https and public addresses only in production (unless WEBHOOK_ALLOW_PRIVATE)", async () => {
+		const settings = (env: NodeJS.ProcessEnv) =>
+			settingsOf([WebhooksService], env).then(all => all.webhooks);
+		expect(
+			await settings({ WEBHOOK_TIMEOUT_MS: "700", WEBHOOK_RETRY_SCHEDULE: "1s,2m" })
+		).toMatchObject({
+			timeoutMs: 700,
+			retryScheduleMs: [1000, 120_000],
+			addresses: { requireHttps: false, blockPrivate: false }
+		});
+		expect(await settings({ NODE_ENV: "production" })).toMatchObject({
+			addresses: { requireHttps: true, blockPrivate: true }
+		});
+		expect(await settings({ NODE_ENV: "production", WEBHOOK_ALLOW_PRIVATE: "true" })).toMatchObject(
+			{ addresses: { requireHttps: true, blockPrivate: false } }
+		);
 	});
 
 	it("keep the gateway's tokens to the node", async () => {
