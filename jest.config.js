@@ -9,7 +9,12 @@
 const common = {
 	testEnvironment: "node",
 	roots: ["<rootDir>/test"],
-	transform: { "^.+\\.ts$": "ts-jest" }
+	transform: {
+		"^.+\\.ts$": "ts-jest",
+		// jose ships ES modules only: Node 22 requires them as they are, jest's CommonJS runtime cannot.
+		"/node_modules/jose/.+\\.js$": ["ts-jest", { tsconfig: { allowJs: true }, diagnostics: false }]
+	},
+	transformIgnorePatterns: ["/node_modules/(?!jose/)"]
 };
 
 // Independent of the store, or about NeDB only: run once, in the NeDB project.

@@ -67,10 +67,27 @@ export interface Config {
 	webhookRetryScheduleMs: number[];
 	/** In production, webhooks may reach loopback, private, link-local and metadata addresses all the same. */
 	webhookAllowPrivate: boolean;
+	/** The operator's identity provider whose JWTs act as members (`MEMBER_JWKS_URL`); none: only OnePoint's own. */
+	memberJwksUrl?: string;
+	/** The `iss` its tokens must carry (`MEMBER_JWT_ISSUER`, required with the URL). */
+	memberJwtIssuer?: string;
+	/** The `aud` member tokens must carry, the provider's and OnePoint's own (`MEMBER_JWT_AUDIENCE`). */
+	memberJwtAudience: string;
+	/** The provider's claim that holds the memberId (`MEMBER_ID_CLAIM`). */
+	memberIdClaim: string;
+	/** How long a session OnePoint issues is valid (s, `MEMBER_TOKEN_TTL_S`). */
+	memberTokenTtlS: number;
+	/** OnePoint's session signing key, a PEM private key every gateway shares (`MEMBER_TOKEN_KEY`). */
+	memberTokenKey?: string;
+	/** Requests a minute allowed per member token's member (`MEMBER_RATE_LIMIT`). */
+	memberRateLimit: number;
 }
 
 /** A staff token may carry a name (`token=staff:alice`), recorded on what it does. */
-export type Role = { kind: "staff"; name?: string } | { kind: "merchant"; merchantId: string };
+export type Role =
+	| { kind: "staff"; name?: string }
+	| { kind: "merchant"; merchantId: string }
+	| { kind: "member"; memberId: string };
 
 export interface ApiKey {
 	token: string;
@@ -195,6 +212,27 @@ export function parseDurations(name: string, raw: string): number[] {
 	return durations;
 }
 
+/**
+ * The provider's JWKS address: https, or http to a loopback address (a provider on the same machine,
+ * or a test's) outside production.
+ */
+function jwksUrl(env: NodeJS.ProcessEnv, production: boolean): string | undefined {
+	const raw = text(env, "MEMBER_JWKS_URL");
+	if (!raw) return undefined;
+	let url: URL;
+	try {
+		url = new URL(raw);
+	} catch {
+		throw new Error(`MEMBER_JWKS_URL must be a URL, got '${raw}'`);
+	}
+	const loopback = ["localhost", "127.0.0.1", "[::1]"].includes(url.hostname);
+	if (url.protocol !== "https:" && !(url.protocol === "http:" && loopback && !production))
+		throw new Error(
+			`MEMBER_JWKS_URL must be https (or http to a loopback address outside production), got '${raw}'`
+		);
+	return url.href;
+}
+
 function text(env: NodeJS.ProcessEnv, name: string): string | undefined {
 	const raw = env[name]?.trim();
 	return raw ? raw : undefined;
@@ -214,8 +252,18 @@ function atLeast(min: number, name: string, value: number): number {
 }
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+	const nodeEnv = text(env, "NODE_ENV") ?? "development";
+	const memberJwksUrl = jwksUrl(env, nodeEnv === "production");
+	const memberJwtIssuer = text(env, "MEMBER_JWT_ISSUER");
+	if (memberJwksUrl && !memberJwtIssuer)
+		throw new Error("MEMBER_JWT_ISSUER must be set with MEMBER_JWKS_URL: the provider's 'iss'");
+	// OnePoint's own sessions carry `iss: onepoint` (lib/member-tokens.ts): the provider's must differ.
+	if (memberJwksUrl && memberJwtIssuer === "onepoint")
+		throw new Error(
+			"MEMBER_JWT_ISSUER must not be 'onepoint', the issuer of OnePoint's own sessions"
+		);
 	return {
-		nodeEnv: text(env, "NODE_ENV") ?? "development",
+		nodeEnv,
 		nodeID: text(env, "NODE_ID"),
 		namespace: text(env, "NAMESPACE") ?? "onepoint",
 		logLevel: text(env, "LOG_LEVEL") ?? "info",
@@ -257,7 +305,15 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 			"WEBHOOK_RETRY_SCHEDULE",
 			text(env, "WEBHOOK_RETRY_SCHEDULE") ?? "5s,5m,30m,2h,8h,24h"
 		),
-		webhookAllowPrivate: oneOf(env, "WEBHOOK_ALLOW_PRIVATE", ["false", "true"]) === "true"
+		webhookAllowPrivate: oneOf(env, "WEBHOOK_ALLOW_PRIVATE", ["false", "true"]) === "true",
+		memberJwksUrl,
+		memberJwtIssuer,
+		memberJwtAudience: text(env, "MEMBER_JWT_AUDIENCE") ?? "onepoint",
+		memberIdClaim: text(env, "MEMBER_ID_CLAIM") ?? "sub",
+		memberTokenTtlS: atLeast(60, "MEMBER_TOKEN_TTL_S", number(env, "MEMBER_TOKEN_TTL_S", 900)),
+		// A PEM in one line (`\n` escaped), as environment files often hold it.
+		memberTokenKey: text(env, "MEMBER_TOKEN_KEY")?.replace(/\\n/g, "\n"),
+		memberRateLimit: atLeast(1, "MEMBER_RATE_LIMIT", number(env, "MEMBER_RATE_LIMIT", 60))
 	};
 }
 

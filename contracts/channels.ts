@@ -156,6 +156,14 @@ export interface Channels {
 	"member.withdrawn": { memberId: string; withdrawnAt: string };
 	/** A member's personal data erased on request: read models drop it (the member stays, by id). */
 	"member.erased": { memberId: string; erasedAt: string };
+	/** A member's name or contact changed (only the fields given): read models that hold them follow. */
+	"member.updated": {
+		memberId: string;
+		name?: string;
+		phone?: string;
+		email?: string;
+		updatedAt: string;
+	};
 	/** A save deal: its points are earned. */
 	"deal.saved": DealEvent;
 	/** A use deal whose debit is confirmed. */

@@ -3,9 +3,11 @@
  * the alias table and the OpenAPI document (`GET /api/openapi.json`, read at `/docs`) are both built
  * from the published services' schemas (`lib/gateway/openapi.ts`). Nothing else is reachable
  * (`mappingPolicy: "restrict"`); internal actions such as `points.debit` have no `rest`.
- * Every request but `GET /api/health` needs `Authorization: Bearer <token>`: one of API_KEYS, or a
- * merchant's key issued through the API (services/merchants.service.ts); what a role may do is the
- * table `MERCHANT_ACTIONS` below, checked by moleculer-web's `authorize` hook.
+ * Every request but `GET /api/health` needs `Authorization: Bearer <token>`: one of API_KEYS, a
+ * merchant's key issued through the API (services/merchants.service.ts), or a member token — a JWT
+ * from the operator's identity provider or a session OnePoint issued (lib/member-tokens.ts); what a
+ * role may do is the tables `MERCHANT_ACTIONS` and `MEMBER_ACTIONS` below, checked by
+ * moleculer-web's `authorize` hook and written into the API contract by `accessOf`.
  * Every error leaves as one JSON shape, `{name, message, code, type, data?}`, without stack traces
  * (`lib/gateway/http-errors.ts`); keys that reach a prototype are refused before moleculer-web merges
  * the params (`lib/gateway/hostile-keys.ts`).
@@ -20,6 +22,7 @@ import type { Context, Service, ServiceSchema } from "moleculer";
 import ApiGateway, { Errors as WebErrors, type ApiSettingsSchema } from "moleculer-web";
 import type { ApiKey, Role } from "../config";
 import { ConfiguredSettings } from "../config/settings";
+import { clientError } from "../lib/errors";
 import { forbidden } from "../lib/gateway/access";
 import { refuseHostileKeys } from "../lib/gateway/hostile-keys";
 import { sendHttpError } from "../lib/gateway/http-errors";
@@ -36,6 +39,16 @@ import {
 	type Access,
 	type JsonSchema
 } from "../lib/gateway/openapi";
+import {
+	loadOwnKey,
+	looksLikeJwt,
+	memberTokenVerifier,
+	TokenRefused,
+	type IdentityProvider,
+	type OwnKey,
+	type OwnKeySource,
+	type Verifier
+} from "../lib/member-tokens";
 import { isReady } from "../lib/ops/reporter";
 import Billing from "./billing.service";
 import Dashboard from "./dashboard.service";
@@ -77,22 +90,60 @@ const MERCHANT_ACTIONS: Record<string, string | true> = {
 	"api.me": true
 };
 
-/** Actions whose `merchantId`, left out by a merchant's token, is its own: its listing, its new webhook. */
-const OWN_MERCHANT_BY_DEFAULT = new Set(["deals.list", "webhooks.list", "webhooks.create"]);
+/**
+ * What a `member:<id>` token may call, for its own member only: the parameter that must be its
+ * memberId, or `true` when the action checks the stored row's member itself (`assertOwnMember`).
+ */
+const MEMBER_ACTIONS: Record<string, string | true> = {
+	"api.me": true,
+	"members.get": "memberId",
+	"members.update": "memberId",
+	"members.withdraw": "memberId",
+	"members.data": "memberId",
+	"points.get": "memberId",
+	"points.history": "memberId",
+	"points.transfer": "memberId",
+	"points.transfers": "memberId",
+	"my-points.get": "memberId",
+	"deals.list": "memberId",
+	"deals.get": true,
+	"orders.create": "memberId",
+	"orders.list": "memberId",
+	"orders.get": true,
+	"orders.cancel": true
+};
 
-const PUBLIC_ACTIONS = new Set(["api.health", "api.openapi"]);
+/**
+ * Actions whose merchant or member, left out by a merchant's or member's token, is its own: its
+ * listings, a merchant's new webhook.
+ */
+const OWN_BY_DEFAULT = new Set(["deals.list", "orders.list", "webhooks.list", "webhooks.create"]);
+
+const PUBLIC_ACTIONS = new Set(["api.health", "api.openapi", "api.jwks"]);
 
 /** Who may call an action, in words, for the API contract; the same tables `authorize` applies. */
 function accessOf(action: string): Access {
-	if (PUBLIC_ACTIONS.has(action)) return { public: true, who: "Anyone, without a token" };
-	const rule = MERCHANT_ACTIONS[action];
-	if (rule === undefined) return { public: false, who: "Staff only" };
-	if (rule === true)
-		return {
-			public: false,
-			who: "Staff, or a merchant (only its own merchant's deals and rows, where the resource has a merchant)"
-		};
-	return { public: false, who: `Staff, or a merchant for its own \`${rule}\`` };
+	if (PUBLIC_ACTIONS.has(action))
+		return { public: true, who: "Anyone, without a token", roles: [] };
+	const merchant = MERCHANT_ACTIONS[action];
+	const member = MEMBER_ACTIONS[action];
+	const who = ["Staff"];
+	if (merchant === true)
+		who.push(
+			"a merchant (only its own merchant's deals and rows, where the resource has a merchant)"
+		);
+	else if (merchant) who.push(`a merchant for its own \`${merchant}\``);
+	if (member === true) who.push("a member token (only its own member's rows)");
+	else if (member) who.push(`a member token for its own \`${member}\``);
+	return {
+		public: false,
+		who: who.length === 1 ? "Staff only" : `${who.slice(0, -1).join(", ")} or ${who.at(-1)}`,
+		roles: [
+			"staff",
+			...(merchant === undefined ? [] : ["merchant" as const]),
+			...(member === undefined ? [] : ["member" as const])
+		]
+	};
 }
 
 const sha256 = (text: string) => createHash("sha256").update(text).digest();
@@ -138,6 +189,10 @@ interface Methods {
 		req: IncomingMessage & { $action?: { name: string } }
 	): Promise<Role | null>;
 	merchantOfKey(ctx: Context, tokenHash: string): Promise<string | null>;
+	memberOfToken(ctx: Context, token: string): Promise<Role>;
+	memberStatus(ctx: Context, memberId: string): Promise<string | null>;
+	countMemberRequest(memberId: string): void;
+	now(): Date;
 	authorize(
 		ctx: Context<unknown, { user?: Role | null }>,
 		route: unknown,
@@ -159,6 +214,14 @@ interface Settings extends ApiSettingsSchema {
 	 * every gateway within this, should the revocation's broadcast not reach one.
 	 */
 	keyCacheMs: number;
+	/** OnePoint's own session key (MEMBER_TOKEN_KEY, secure) or where to keep a generated one. */
+	ownKey: OwnKeySource;
+	/** The operator's identity provider, if any. */
+	identityProvider?: IdentityProvider;
+	/** The `aud` every member token must carry. */
+	memberAudience: string;
+	/** Requests a minute per member token's member. */
+	memberRateLimit: number;
 }
 
 type This = Service<Settings> &
@@ -166,6 +229,12 @@ type This = Service<Settings> &
 		keys: { digest: Buffer; role: Role }[];
 		/** Merchant keys issued through the API, by their token's hash: whose, and until when it is known. */
 		issuedKeys: Map<string, { merchantId: Promise<string | null>; until: number }>;
+		/** OnePoint's own key and the member tokens' verifier, from creation (the server may listen before `started`). */
+		memberKeys: Promise<{ own: OwnKey; verifier: Verifier }>;
+		/** A member's status (null: no such member), by memberId, and until when it is known. */
+		memberStatuses: Map<string, { status: Promise<string | null>; until: number }>;
+		/** Each member token's member's requests in its current minute. */
+		memberRequests: Map<string, { count: number; resetAt: number }>;
 		streams: Set<ServerResponse>;
 		heartbeat?: NodeJS.Timeout;
 		/** moleculer-web's own `callAction`, checked at creation. */
@@ -213,15 +282,27 @@ const OWN_ACTIONS = {
 		}
 	},
 
-	/** Who the token belongs to: `{role: "staff"}`, `{role: "staff", name}` or `{role: "merchant", merchantId}`. */
+	/** Who the token belongs to: `{role: "staff"}`, `{role: "staff", name}`, `{role: "merchant", merchantId}` or `{role: "member", memberId}`. */
 	me: {
 		rest: "GET /me",
-		summary: "Who the token belongs to: its role, and a merchant token's merchantId",
+		summary:
+			"Who the token belongs to: its role, and a merchant's merchantId or a member's memberId",
 		params: { $$strict: true },
 		handler(ctx: Context<object, { user?: Role | null }>) {
 			const user = ctx.meta.user as Role;
 			if (user.kind === "merchant") return { role: "merchant", merchantId: user.merchantId };
+			if (user.kind === "member") return { role: "member", memberId: user.memberId };
 			return user.name ? { role: "staff", name: user.name } : { role: "staff" };
+		}
+	},
+
+	/** OnePoint's public keys for the member sessions it signs. */
+	jwks: {
+		rest: "GET /.well-known/jwks.json",
+		summary: "The public keys of the member sessions OnePoint signs (a JWK Set)",
+		params: { $$strict: true },
+		async handler(this: This) {
+			return { keys: [(await this.memberKeys).own.jwk] };
 		}
 	},
 
@@ -306,7 +387,23 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			keyCacheMs: 2_000,
 			apiKeys: config.apiKeys,
 			production: config.nodeEnv === "production",
-			$secureSettings: ["apiKeys"]
+			ownKey: {
+				memberTokenKey: config.memberTokenKey,
+				dataDir: config.dataDir,
+				production: config.nodeEnv === "production"
+			},
+			...(config.memberJwksUrl && config.memberJwtIssuer
+				? {
+						identityProvider: {
+							jwksUrl: config.memberJwksUrl,
+							issuer: config.memberJwtIssuer,
+							claim: config.memberIdClaim
+						}
+					}
+				: {}),
+			memberAudience: config.memberJwtAudience,
+			memberRateLimit: config.memberRateLimit,
+			$secureSettings: ["apiKeys", "ownKey"]
 		}))
 	],
 
@@ -388,6 +485,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			let role: Role | null = null;
 			for (const key of this.keys) if (timingSafeEqual(key.digest, digest)) role = key.role;
 			if (role) return role;
+			if (looksLikeJwt(token)) return this.memberOfToken(ctx, token);
 			const merchantId = await this.merchantOfKey(ctx, hashedToken(token));
 			if (!merchantId) throw new WebErrors.UnAuthorizedError(WebErrors.ERR_INVALID_TOKEN, null);
 			return { kind: "merchant", merchantId };
@@ -414,6 +512,73 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			return merchantId;
 		},
 
+		/** The member a JWT acts as, verified, of a member who exists and has not withdrawn. */
+		async memberOfToken(this: This, ctx: Context, token: string): Promise<Role> {
+			let memberId: string;
+			try {
+				memberId = await (await this.memberKeys).verifier.verify(token, this.now());
+			} catch (err) {
+				if (!(err instanceof TokenRefused)) throw err;
+				// The reason and key id help the operator; the token itself is never logged.
+				this.logger.info(`Member token refused: ${err.reason}`, {
+					kid: err.kid?.slice(0, 100) ?? null
+				});
+				throw new WebErrors.UnAuthorizedError(WebErrors.ERR_INVALID_TOKEN, null);
+			}
+			const status = await this.memberStatus(ctx, memberId);
+			if (status === null) {
+				this.logger.info("Member token refused: no such member");
+				throw new WebErrors.UnAuthorizedError(WebErrors.ERR_INVALID_TOKEN, null);
+			}
+			if (status !== "active")
+				throw clientError(
+					403,
+					"MEMBER_WITHDRAWN",
+					"This member has withdrawn: its tokens are refused"
+				);
+			this.countMemberRequest(memberId);
+			return { kind: "member", memberId };
+		},
+
+		/** A member's status, asked of members once per `keyCacheMs` (withdrawal also ends it at once). */
+		memberStatus(this: This, ctx: Context, memberId: string): Promise<string | null> {
+			const now = performance.now();
+			const known = this.memberStatuses.get(memberId);
+			if (known && known.until > now) return known.status;
+			if (this.memberStatuses.size >= 10_000) this.memberStatuses.clear();
+			const status = ctx
+				.call<{ status: string } | null, { memberId: string }>(
+					"members.access",
+					{ memberId },
+					{ timeout: this.settings.callTimeoutMs }
+				)
+				.then(member => member?.status ?? null);
+			this.memberStatuses.set(memberId, { status, until: now + this.settings.keyCacheMs });
+			status.catch(() => this.memberStatuses.delete(memberId));
+			return status;
+		},
+
+		/** MEMBER_RATE_LIMIT requests a minute per member, whichever token or gateway route it uses. */
+		countMemberRequest(this: This, memberId: string) {
+			const now = performance.now();
+			let window = this.memberRequests.get(memberId);
+			if (!window || window.resetAt <= now) {
+				// Bounded: only windows still running are kept when it grows large.
+				if (this.memberRequests.size >= 10_000)
+					for (const [id, w] of this.memberRequests)
+						if (w.resetAt <= now) this.memberRequests.delete(id);
+				window = { count: 0, resetAt: now + 60_000 };
+				this.memberRequests.set(memberId, window);
+			}
+			window.count++;
+			if (window.count > this.settings.memberRateLimit)
+				throw clientError(429, "RATE_LIMIT_EXCEEDED", "Too many requests; try again later", {
+					retryAfter: Math.max(1, Math.ceil((window.resetAt - now) / 1000))
+				});
+		},
+
+		now: () => new Date(),
+
 		authorize(
 			this: This,
 			ctx: Context<unknown, { user?: Role | null }>,
@@ -423,14 +588,17 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			const action = req.$action?.name ?? "";
 			const user = ctx.meta.user;
 			if (PUBLIC_ACTIONS.has(action) || user?.kind === "staff") return;
-			const rule = user?.kind === "merchant" ? MERCHANT_ACTIONS[action] : undefined;
-			if (!user || user.kind !== "merchant" || rule === undefined) throw forbidden();
+			if (!user) throw forbidden();
+			const [rule, ownId, whose] =
+				user.kind === "merchant"
+					? [MERCHANT_ACTIONS[action], user.merchantId, "merchant"]
+					: [MEMBER_ACTIONS[action], user.memberId, "member"];
+			if (rule === undefined) throw forbidden();
 			if (rule === true) return;
-			// A merchant's listing (or webhook) is always its own: the merchant is filled in, or must match.
-			if (OWN_MERCHANT_BY_DEFAULT.has(action) && req.$params.merchantId === undefined)
-				req.$params.merchantId = user.merchantId;
-			if (req.$params[rule] !== user.merchantId)
-				throw forbidden("A merchant token reaches only its own merchant's data");
+			// A listing (or a merchant's webhook) is always the token's own: the filter is filled in, or must match.
+			if (OWN_BY_DEFAULT.has(action) && req.$params[rule] === undefined) req.$params[rule] = ownId;
+			if (req.$params[rule] !== ownId)
+				throw forbidden(`A ${whose} token reaches only its own ${whose}'s data`);
 		}
 	},
 
@@ -449,10 +617,24 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 		}
 		this.keys = keys.map(key => ({ digest: sha256(key.token), role: key.role }));
 		this.issuedKeys = new Map();
+		this.memberStatuses = new Map();
+		this.memberRequests = new Map();
+		this.memberKeys = loadOwnKey(this.settings.ownKey).then(own => ({
+			own,
+			verifier: memberTokenVerifier(
+				own,
+				this.settings.memberAudience,
+				this.settings.identityProvider,
+				this.settings.callTimeoutMs
+			)
+		}));
+		// Reported by `started`, which refuses to start without a key.
+		this.memberKeys.catch(() => undefined);
 		this.streams = new Set();
 	},
 
-	started(this: This) {
+	async started(this: This) {
+		await this.memberKeys;
 		// A comment line now and then keeps idle proxies from closing the dashboard's stream.
 		this.heartbeat = setInterval(
 			() => this.streams.forEach(res => res.write(": ping\n\n")),
@@ -470,6 +652,14 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 		/** A key revoked: refused here from now on, not only once the cache forgets it. */
 		"merchant.keyRevoked"(this: This, ctx: Context<{ tokenHash: string }>) {
 			this.issuedKeys.delete(ctx.params.tokenHash);
+		},
+
+		/** A member withdrawn or erased: its tokens are refused here from now on (403 MEMBER_WITHDRAWN). */
+		"member.accessEnded"(this: This, ctx: Context<{ memberId: string }>) {
+			this.memberStatuses.set(ctx.params.memberId, {
+				status: Promise.resolve("withdrawn"),
+				until: performance.now() + this.settings.keyCacheMs
+			});
 		},
 
 		"dashboard.updated"(this: This, ctx: Context<{ memberIds: string[] }>) {

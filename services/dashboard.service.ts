@@ -360,6 +360,15 @@ const DashboardService: ServiceSchema<Settings, Methods, object, This> = {
 			);
 			this.announce(event.memberId);
 		},
+		async "member.updated"(event) {
+			if (event.name === undefined) return;
+			// An erasure wins over a change that arrives after it.
+			await this.members.update(
+				{ _id: event.memberId, erased: { $exists: false } },
+				{ $set: { name: event.name } }
+			);
+			this.announce(event.memberId);
+		},
 		async "member.erased"(event) {
 			await this.changeMember(
 				{ _id: event.memberId },

@@ -19,7 +19,7 @@ import {
 	type DealReturn,
 	type OutboxEvent
 } from "../contracts/channels";
-import { assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
+import { assertOwnMember, assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
 import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
@@ -241,6 +241,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 			async handler(this: This, ctx: Context<{ id: string }, CallerMeta>) {
 				const deal = await this.findDeal(ctx.params.id);
 				assertOwnMerchant(ctx, deal.merchantId);
+				assertOwnMember(ctx, deal.memberId);
 				return this.toView(deal);
 			}
 		},

@@ -6,13 +6,19 @@
  * `member.erased`, from every read model; an active member is withdrawn in the same write (its
  * points forfeited as at withdrawal). The member stays under its id, so deals, orders, the ledger
  * and settlements keep adding up; the record says who erased it and when, not what was erased.
+ *
+ * Sessions: OnePoint signs member tokens (ES256, lib/member-tokens.ts) for operators without an
+ * identity provider. Gateways learn that a member's access ended by the `member.accessEnded`
+ * broadcast at withdrawal and erasure, and ask `access` for a member they do not know.
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { randomInt } from "node:crypto";
+import { ConfiguredSettings } from "../config/settings";
 import { outboxEvent } from "../contracts/channels";
 import type { CallerMeta } from "../lib/gateway/access";
 import { created, type AnswerMeta } from "../lib/gateway/answers";
-import { conflict, notFound } from "../lib/errors";
+import { clientError, conflict, notFound } from "../lib/errors";
+import { loadOwnKey, signSession, type OwnKey, type OwnKeySource } from "../lib/member-tokens";
 import * as P from "../lib/params";
 import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
@@ -53,13 +59,55 @@ export interface MemberView {
 interface Methods {
 	toView(member: Member): MemberView;
 	findMember(memberId: string): Promise<Member>;
+	/** Tells every gateway at once that a member's tokens are refused from now on. */
+	endAccess(ctx: Context, memberId: string): Promise<void>;
+	/** The clock; a test may run the service with another. */
+	now(): Date;
 }
 
-type This = Service & DbThis<Member> & OutboxMethods & Methods;
+interface Settings extends OwnKeySource {
+	/** The `aud` of the sessions issued here (MEMBER_JWT_AUDIENCE). */
+	audience: string;
+	/** How long a session is valid (s). */
+	sessionTtlS: number;
+}
 
-const MembersService: ServiceSchema<object, Methods, object, This> = {
+type This = Service<Settings> &
+	DbThis<Member> &
+	OutboxMethods &
+	Methods & {
+		ownKey: Promise<OwnKey>;
+	};
+
+/** The contact fields, as at joining and at a change. */
+const CONTACT = {
+	phone: { type: "string", trim: true, pattern: /^[0-9+() -]{3,20}$/, optional: true },
+	email: { type: "email", max: 200, optional: true }
+} as const;
+const NAME = { type: "string", trim: true, min: 1, max: 100 } as const;
+
+/** The most rows of one kind the data export gathers (pages of 100). */
+const EXPORT_MAX_PAGES = 100;
+
+interface Page<T> {
+	rows: T[];
+	total: number;
+}
+
+const MembersService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "members",
-	mixins: [DbMixin("members", [OUTBOX_INDEX, REQUEST_ID_INDEX]), OutboxMixin],
+	mixins: [
+		DbMixin("members", [OUTBOX_INDEX, REQUEST_ID_INDEX]),
+		OutboxMixin,
+		ConfiguredSettings<Settings>(config => ({
+			memberTokenKey: config.memberTokenKey,
+			dataDir: config.dataDir,
+			production: config.nodeEnv === "production",
+			audience: config.memberJwtAudience,
+			sessionTtlS: config.memberTokenTtlS,
+			$secureSettings: ["memberTokenKey"]
+		}))
+	],
 
 	actions: {
 		join: {
@@ -69,9 +117,8 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 			params: {
 				$$strict: true,
 				memberId: P.optionalId,
-				name: { type: "string", trim: true, min: 1, max: 100 },
-				phone: { type: "string", trim: true, pattern: /^[0-9+() -]{3,20}$/, optional: true },
-				email: { type: "email", max: 200, optional: true }
+				name: NAME,
+				...CONTACT
 			},
 			async handler(
 				this: This,
@@ -126,6 +173,141 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 			}
 		},
 
+		/** A change of name or contact: validated as at joining; read models follow by `member.updated`. */
+		update: {
+			rest: "PATCH /members/:memberId",
+			summary: "Change a member's name, phone or email",
+			params: { $$strict: true, memberId: P.id, name: { ...NAME, optional: true }, ...CONTACT },
+			async handler(
+				this: This,
+				ctx: Context<{ memberId: string; name?: string; phone?: string; email?: string }>
+			) {
+				const { memberId, ...change } = ctx.params;
+				if (Object.keys(change).length === 0)
+					throw clientError(422, "NOTHING_TO_CHANGE", "Give a name, phone or email to change");
+				const member = await this.findMember(memberId);
+				if (member.status !== "active")
+					throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+				const updatedAt = this.now().toISOString();
+				const changed = await this.changeWithEvents(
+					{ filter: { _id: memberId, status: "active" }, update: { $set: change } },
+					[outboxEvent("member.updated", { memberId, ...change, updatedAt })]
+				);
+				// Withdrawn meanwhile: refused as above, on what it wrote.
+				if (!changed) return ctx.call("members.update", ctx.params, { meta: ctx.meta });
+				return this.toView(await this.findMember(memberId));
+			}
+		},
+
+		/** For the gateway: whether a member's tokens may act (no rest). */
+		access: {
+			params: { $$strict: true, memberId: P.id },
+			async handler(this: This, ctx: Context<{ memberId: string }>) {
+				const member = await this.store.findById(ctx.params.memberId);
+				return member ? { status: member.status } : null;
+			}
+		},
+
+		/**
+		 * The operator's app, once it has identified the person its own way, gets a member token. The
+		 * answer is `Cache-Control: no-store`: the gateway never keeps the token for an
+		 * `Idempotency-Key`, and a retry gets a session of its own.
+		 */
+		startSession: {
+			rest: "POST /members/:memberId/sessions",
+			summary: `A member token (a JWT signed by OnePoint, ES256) for the member, valid MEMBER_TOKEN_TTL_S seconds; its keys at /api/.well-known/jwks.json`,
+			params: { $$strict: true, memberId: P.id },
+			async handler(
+				this: This,
+				ctx: Context<
+					{ memberId: string },
+					AnswerMeta & { $responseHeaders?: Record<string, string> }
+				>
+			) {
+				const { memberId } = ctx.params;
+				const member = await this.findMember(memberId);
+				if (member.status !== "active")
+					throw conflict("MEMBER_WITHDRAWN", `Member '${memberId}' has withdrawn`, { memberId });
+				const session = await signSession(
+					await this.ownKey,
+					memberId,
+					this.settings.audience,
+					this.settings.sessionTtlS,
+					this.now()
+				);
+				ctx.meta.$statusCode = 201;
+				ctx.meta.$responseHeaders = { "Cache-Control": "no-store" };
+				return session;
+			}
+		},
+
+		/**
+		 * Every record OnePoint holds about the member, as the right of access asks, gathered from
+		 * each owner. At most EXPORT_MAX_PAGES pages of each kind: `truncated` names those cut short.
+		 */
+		data: {
+			rest: "GET /members/:memberId/data",
+			summary:
+				"Every record held about a member as one document: profile, account and ledger, deals, orders, payments, deliveries, transfers and tier",
+			params: { $$strict: true, memberId: P.id },
+			async handler(this: This, ctx: Context<{ memberId: string }>) {
+				const { memberId } = ctx.params;
+				const profile = this.toView(await this.findMember(memberId));
+				const truncated: string[] = [];
+				const all = async <T>(kind: string, action: string): Promise<T[]> => {
+					const rows: T[] = [];
+					for (let page = 1; page <= EXPORT_MAX_PAGES; page++) {
+						const answer = await ctx.call<Page<T>, object>(action, {
+							memberId,
+							page,
+							pageSize: 100
+						});
+						rows.push(...answer.rows);
+						if (rows.length >= answer.total || answer.rows.length === 0) return rows;
+					}
+					truncated.push(kind);
+					return rows;
+				};
+				// An account is opened by an event: a member who just joined may not have one yet.
+				const account = await ctx
+					.call("points.get", { memberId })
+					.catch((err: { type?: string }) => {
+						if (err.type === "ACCOUNT_NOT_FOUND") return null;
+						throw err;
+					});
+				const [ledger, transfers, deals, orders, payments] = await Promise.all([
+					all("ledger", "points.history"),
+					all("transfers", "points.transfers"),
+					all("deals", "deals.list"),
+					all<{ id: string }>("orders", "orders.list"),
+					all("payments", "payments.list")
+				]);
+				const deliveries = [];
+				for (const order of orders) {
+					const delivery = await ctx
+						.call("deliveries.get", { orderId: order.id })
+						.catch((err: { type?: string }) => {
+							if (err.type === "DELIVERY_NOT_FOUND") return null;
+							throw err;
+						});
+					if (delivery) deliveries.push(delivery);
+				}
+				return {
+					memberId,
+					exportedAt: this.now().toISOString(),
+					profile,
+					account,
+					ledger,
+					transfers,
+					deals,
+					orders,
+					payments,
+					deliveries,
+					...(truncated.length > 0 ? { truncated } : {})
+				};
+			}
+		},
+
 		/** Erases the member's personal data, withdrawing it first if active. Idempotent. */
 		erase: {
 			rest: "POST /members/:memberId/erasure",
@@ -165,6 +347,7 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 				);
 				// Withdrawn or erased meanwhile by another request: decide again on what it wrote.
 				if (!changed) return ctx.call("members.erase", { memberId }, { meta: ctx.meta });
+				await this.endAccess(ctx, memberId);
 				return this.toView(await this.findMember(memberId));
 			}
 		},
@@ -189,6 +372,7 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 						memberId,
 						status: member.status
 					});
+				await this.endAccess(ctx, memberId);
 				return this.toView(member);
 			}
 		}
@@ -209,12 +393,25 @@ const MembersService: ServiceSchema<object, Methods, object, This> = {
 			};
 		},
 
+		async endAccess(this: This, ctx: Context, memberId: string) {
+			// Fire-and-forget: a gateway that misses it forgets the member within its cache's 2 s.
+			await ctx.broadcast("member.accessEnded", { memberId });
+		},
+
+		now: () => new Date(),
+
 		async findMember(this: This, memberId: string): Promise<Member> {
 			const member = await this.store.findById(memberId);
 			if (!member)
 				throw notFound("MEMBER_NOT_FOUND", `Member '${memberId}' not found`, { memberId });
 			return member;
 		}
+	},
+
+	async started(this: This) {
+		// Loaded (or, outside production, generated) before the first session is asked for.
+		this.ownKey = loadOwnKey(this.settings);
+		await this.ownKey;
 	}
 };
 

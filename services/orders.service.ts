@@ -16,6 +16,7 @@
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
 import { consume, outboxEvent, type OutboxEvent } from "../contracts/channels";
+import { assertOwnMember, type CallerMeta } from "../lib/gateway/access";
 import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { clientError, conflict, notFound } from "../lib/errors";
 import { sortableId } from "../lib/ids";
@@ -172,8 +173,10 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 			rest: "GET /orders/:id",
 			summary: "One order",
 			params: { $$strict: true, id: P.id },
-			async handler(this: This, ctx: Context<{ id: string }>) {
-				return this.toView(await this.findOrder(ctx.params.id));
+			async handler(this: This, ctx: Context<{ id: string }, CallerMeta>) {
+				const order = await this.findOrder(ctx.params.id);
+				assertOwnMember(ctx, order.memberId);
+				return this.toView(order);
 			}
 		},
 
@@ -204,8 +207,9 @@ const OrdersService: ServiceSchema<Settings, Methods, object, This> = {
 			rest: "POST /orders/:id/cancel",
 			summary: "Cancel a paid order: its payment is cancelled and its points revoked",
 			params: { $$strict: true, id: P.id },
-			async handler(this: This, ctx: Context<{ id: string }, RequestMeta>) {
+			async handler(this: This, ctx: Context<{ id: string }, RequestMeta & CallerMeta>) {
 				const order = await this.findOrder(ctx.params.id);
+				assertOwnMember(ctx, order.memberId);
 				const { requestId } = requestIdOf(ctx);
 				// A request run again (its gateway died before answering) answers its cancellation.
 				if (requestId && order.status === "cancelled" && order.cancelRequestId === requestId)

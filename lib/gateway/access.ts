@@ -1,7 +1,7 @@
 /**
  * Who is calling, as the gateway resolved it (`ctx.meta.user`), and the one rule services apply
- * themselves: a merchant sees and changes only what belongs to its own merchant id. Calls without a
- * user (between services, from the REPL) are trusted.
+ * themselves: a merchant, or a member, sees and changes only what belongs to its own id. Calls
+ * without a user (between services, from the REPL) are trusted.
  */
 import type { Context } from "moleculer";
 import type { Role } from "../../config";
@@ -23,4 +23,11 @@ export function assertOwnMerchant(
 	const user = ctx.meta.user;
 	if (user?.kind === "merchant" && user.merchantId !== merchantId)
 		throw forbidden("A merchant token reaches only its own merchant's data");
+}
+
+/** Refuses (403) a member token acting on another member's deal or order. */
+export function assertOwnMember(ctx: Context<unknown, CallerMeta>, memberId: string): void {
+	const user = ctx.meta.user;
+	if (user?.kind === "member" && user.memberId !== memberId)
+		throw forbidden("A member token reaches only its own member's data");
 }

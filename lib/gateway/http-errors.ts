@@ -77,7 +77,11 @@ export function toHttpError(err: unknown, retryAfter: number): HttpError {
 			name: "RateLimitExceeded",
 			message: "Too many requests; try again later",
 			code,
-			type: "RATE_LIMIT_EXCEEDED"
+			type: "RATE_LIMIT_EXCEEDED",
+			// A member's own limit says when its window ends; the route's limiter uses its header.
+			...(typeof (e?.data as { retryAfter?: unknown })?.retryAfter === "number"
+				? { data: { retryAfter: (e?.data as { retryAfter: number }).retryAfter } }
+				: {})
 		};
 	return {
 		name: e?.name ?? "Error",
@@ -102,7 +106,9 @@ export function sendHttpError(
 	const error = toHttpError(err, retryAfterSeconds);
 	if (error.code >= 500 && error.code !== 503)
 		logger.error("Request failed:", req.method, req.url, err);
-	if (error.code === 429) {
+	if (error.code === 429 && error.data)
+		res.setHeader("Retry-After", String((error.data as { retryAfter: number }).retryAfter));
+	else if (error.code === 429) {
 		// The limiter's window resets at X-Rate-Limit-Reset (ms since epoch).
 		const reset = Number(res.getHeader("X-Rate-Limit-Reset")) || Date.now() + 60_000;
 		res.setHeader("Retry-After", String(Math.max(1, Math.ceil((reset - Date.now()) / 1000))));

@@ -219,6 +219,8 @@ export interface Access {
 	public: boolean;
 	/** One sentence for the reader: "Staff only", "Staff, or a merchant for its own merchantId"… */
 	who: string;
+	/** The roles that may call it (`x-roles`): `staff`, `merchant`, `member`; none when public. */
+	roles: ("staff" | "merchant" | "member")[];
 }
 
 export interface DocumentOptions {
@@ -244,7 +246,15 @@ const COMPONENTS = {
 		bearer: {
 			type: "http",
 			scheme: "bearer",
-			description: "A token from API_KEYS: `<token>=staff` or `<token>=merchant:<merchantId>`."
+			description:
+				"A token from API_KEYS (`<token>=staff` or `<token>=merchant:<merchantId>`), or a merchant key issued through the API."
+		},
+		memberToken: {
+			type: "http",
+			scheme: "bearer",
+			bearerFormat: "JWT",
+			description:
+				"A member token: a JWT (ES256, RS256 or EdDSA) from the operator's identity provider (MEMBER_JWKS_URL, MEMBER_JWT_ISSUER, MEMBER_JWT_AUDIENCE, MEMBER_ID_CLAIM) or a session OnePoint issued (`POST /api/members/{memberId}/sessions`, keys at `/api/.well-known/jwks.json`). It acts as one member, on its own rows only."
 		}
 	},
 	schemas: {
@@ -323,7 +333,12 @@ function operationOf(
 		tags: [service],
 		summary: route.summary ?? route.action,
 		description: `${access.who}. Action \`${route.action}\`.`,
-		...(access.public ? { security: [] } : {}),
+		"x-roles": access.roles,
+		security: access.public
+			? []
+			: access.roles.includes("member")
+				? [{ bearer: [] }, { memberToken: [] }]
+				: [{ bearer: [] }],
 		...(parameters.length ? { parameters } : {}),
 		...(body
 			? {

@@ -253,6 +253,18 @@ export const operatorCommands: OperatorCommand[] = [
 		})
 	},
 	{
+		command: "member-token <memberId>",
+		description:
+			"Issues a member token (a session OnePoint signs, valid MEMBER_TOKEN_TTL_S seconds) for an active member, to try the member API",
+		action: guarded(async (broker, { memberId }) => {
+			const session = await broker.call<{ token: string; expiresAt: string }, object>(
+				"members.startSession",
+				{ memberId: String(memberId) }
+			);
+			console.log(`${session.token}\n(valid until ${session.expiresAt})`);
+		})
+	},
+	{
 		command: "expire [through]",
 		description:
 			"Runs the expiry job: expires the earnings left of every month due (or only through this month, YYYYMM, if it is due)",

@@ -50,6 +50,16 @@ describe("operator commands in the Moleculer REPL", () => {
 		expect(await system.type("member nobody", /Error/)).toContain("Error [MEMBER_NOT_FOUND]");
 	});
 
+	it("member-token <memberId> prints a member token that acts as that member", async () => {
+		const out = await system.type("member-token r001", /valid until .*\n/);
+		const token = /(eyJ[\w-]+\.[\w-]+\.[\w-]+)/.exec(out)?.[1];
+		expect(out).toMatch(/valid until 2026-05-14T10:/);
+		expect(
+			(await system.call("GET", "/api/me", undefined, { authorization: `Bearer ${token}` })).body
+		).toEqual({ role: "member", memberId: "r001" });
+		expect(await system.type("member-token nobody", /Error/)).toContain("Error [MEMBER_NOT_FOUND]");
+	});
+
 	it("settle <merchantId> <YYYYMM> shows this month's provisional settlement and its lines: (100 + 200 + 200) × 0.98 = 490", async () => {
 		const out = await system.type(`settle 20 ${month}`, /Settlement [\s\S]*└/);
 		// The save earned 1,000 points, issued at the default price of 1: the merchant owes 1000 − 490.

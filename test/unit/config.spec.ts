@@ -111,6 +111,58 @@ describe("configuration", () => {
 		);
 	});
 
+	it("reads member tokens' settings: the identity provider, the audience and claim, OnePoint's own key and limits", () => {
+		expect(loadConfig({})).toMatchObject({
+			memberJwtAudience: "onepoint",
+			memberIdClaim: "sub",
+			memberTokenTtlS: 900,
+			memberRateLimit: 60
+		});
+		expect(loadConfig({}).memberJwksUrl).toBeUndefined();
+		const provider = loadConfig({
+			MEMBER_JWKS_URL: "https://idp.example.com/realms/shop/protocol/openid-connect/certs",
+			MEMBER_JWT_ISSUER: "https://idp.example.com/realms/shop",
+			MEMBER_JWT_AUDIENCE: "loyalty",
+			MEMBER_ID_CLAIM: "member_id",
+			MEMBER_TOKEN_TTL_S: "600",
+			MEMBER_RATE_LIMIT: "30",
+			MEMBER_TOKEN_KEY: "-----BEGIN PRIVATE KEY-----\\nABC\\n-----END PRIVATE KEY-----"
+		});
+		expect(provider).toMatchObject({
+			memberJwksUrl: "https://idp.example.com/realms/shop/protocol/openid-connect/certs",
+			memberJwtIssuer: "https://idp.example.com/realms/shop",
+			memberJwtAudience: "loyalty",
+			memberIdClaim: "member_id",
+			memberTokenTtlS: 600,
+			memberRateLimit: 30,
+			memberTokenKey: "-----BEGIN PRIVATE KEY-----\nABC\n-----END PRIVATE KEY-----"
+		});
+		// http only to a loopback address, and not in production.
+		const local = { MEMBER_JWKS_URL: "http://127.0.0.1:8080/jwks", MEMBER_JWT_ISSUER: "local" };
+		expect(loadConfig(local).memberJwksUrl).toBe("http://127.0.0.1:8080/jwks");
+		expect(() => loadConfig({ ...local, NODE_ENV: "production" })).toThrow(
+			/MEMBER_JWKS_URL must be https/
+		);
+		expect(() =>
+			loadConfig({ MEMBER_JWKS_URL: "http://idp.example.com/jwks", MEMBER_JWT_ISSUER: "x" })
+		).toThrow(/MEMBER_JWKS_URL must be https/);
+		expect(() => loadConfig({ MEMBER_JWKS_URL: "not a url", MEMBER_JWT_ISSUER: "x" })).toThrow(
+			/MEMBER_JWKS_URL must be a URL/
+		);
+		expect(() => loadConfig({ MEMBER_JWKS_URL: "https://idp.example.com/jwks" })).toThrow(
+			/MEMBER_JWT_ISSUER must be set/
+		);
+		expect(() =>
+			loadConfig({ MEMBER_JWKS_URL: "https://idp.example.com/jwks", MEMBER_JWT_ISSUER: "onepoint" })
+		).toThrow(/MEMBER_JWT_ISSUER must not be 'onepoint'/);
+		expect(() => loadConfig({ MEMBER_RATE_LIMIT: "0" })).toThrow(
+			/MEMBER_RATE_LIMIT must be at least 1/
+		);
+		expect(() => loadConfig({ MEMBER_TOKEN_TTL_S: "10" })).toThrow(
+			/MEMBER_TOKEN_TTL_S must be at least 60/
+		);
+	});
+
 	it("refuses a number that is not one", () => {
 		expect(() => loadConfig({ PORT: "eighty" })).toThrow(/PORT must be a number/);
 	});
@@ -276,6 +328,7 @@ describe("services' settings", () => {
 			const shared = list.call(broker.registry, { withSettings: true }).find(s => s.name === "api");
 			expect(shared?.settings).toMatchObject({ retryAfterSeconds: 5 });
 			expect(shared?.settings).not.toHaveProperty("apiKeys");
+			expect(shared?.settings).not.toHaveProperty("ownKey");
 		} finally {
 			await broker.stop();
 		}

@@ -5,6 +5,7 @@
  * rotated, merchants' tokens kept to their own webhooks, every bad input refused with a code and
  * nothing changed; and in production, private addresses refused at creation and at delivery.
  */
+import { generateKeyPairSync } from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -538,6 +539,10 @@ describe("webhooks in production", () => {
 		// A node of its own: its own folder, or its own database.
 		({ broker, call } = await startNode([MembersService, webhooks], {
 			NODE_ENV: "production",
+			// Production asks for the member sessions' signing key too.
+			MEMBER_TOKEN_KEY: generateKeyPairSync("ec", { namedCurve: "P-256" })
+				.privateKey.export({ type: "pkcs8", format: "pem" })
+				.toString(),
 			WEBHOOK_RETRY_SCHEDULE: "100ms,10s",
 			DATA_DIR: fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-test-")),
 			MONGO_URI: onMongo() ? freshDatabaseUri() : ""
