@@ -102,6 +102,7 @@ const MEMBER_ACTIONS: Record<string, string | true> = {
 	"members.data": "memberId",
 	"points.get": "memberId",
 	"points.history": "memberId",
+	"points.historyCsv": "memberId",
 	"points.transfer": "memberId",
 	"points.transfers": "memberId",
 	"my-points.get": "memberId",

@@ -51,6 +51,7 @@
  * and the event again after a crash; both are idempotent by cause.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import { stringify } from "csv-stringify/sync";
 import { ConfiguredSettings } from "../config/settings";
 import {
 	consume,
@@ -290,6 +291,28 @@ type This = Service<Settings> &
 		tierReviewedOn?: string;
 	};
 
+const HISTORY_CSV = "text/csv; charset=utf-8";
+/** The history export's columns: every field a ledger entry may have. */
+const HISTORY_COLUMNS = [
+	"at",
+	"cause",
+	"kind",
+	"amount",
+	"balanceAfter",
+	"held",
+	"shortfall",
+	"sourceType",
+	"sourceId",
+	"merchantId",
+	"counterpartId",
+	"lotMonth",
+	"earnedIn",
+	"releaseAt",
+	"reason",
+	"by"
+];
+const HISTORY_PAGE = 1000;
+
 /** How often a lost race for an account is re-planned before the posting gives up. */
 const MAX_ATTEMPTS = 20;
 
@@ -383,6 +406,40 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				const { memberId, page, pageSize } = ctx.params;
 				const result = await this.ledger.page({ memberId }, ["-seq"], page, pageSize);
 				return { ...result, rows: result.rows.map(postedOf) };
+			}
+		},
+
+		/** The member's whole ledger as CSV, oldest first: what a member or an accountant downloads. */
+		historyCsv: {
+			rest: "GET /points/:memberId/history.csv",
+			summary: "A member's ledger entries as CSV, oldest first",
+			responseType: HISTORY_CSV,
+			params: { $$strict: true, memberId: P.id },
+			async handler(
+				this: This,
+				ctx: Context<
+					{ memberId: string },
+					{ $responseType?: string; $responseHeaders?: Record<string, string> }
+				>
+			) {
+				const { memberId } = ctx.params;
+				const rows: string[] = [stringify([], { header: true, columns: HISTORY_COLUMNS })];
+				// Page by page, so a long ledger is read in bounded steps.
+				for (let page = 1; ; page++) {
+					const entries = await this.ledger.find({
+						query: { memberId },
+						sort: ["seq"],
+						limit: HISTORY_PAGE,
+						offset: (page - 1) * HISTORY_PAGE
+					});
+					rows.push(stringify(entries.map(postedOf), { columns: HISTORY_COLUMNS }));
+					if (entries.length < HISTORY_PAGE) break;
+				}
+				ctx.meta.$responseType = HISTORY_CSV;
+				ctx.meta.$responseHeaders = {
+					"Content-Disposition": `attachment; filename="${memberId}-history.csv"`
+				};
+				return rows.join("");
 			}
 		},
 

@@ -300,6 +300,11 @@ describe("member tokens", () => {
 		});
 		expect((await call("GET", "/points/m1", undefined, m1)).body).toMatchObject({ balance: 1000 });
 		expect((await call("GET", "/points/m1/history", undefined, m1)).body.total).toBe(1);
+		const exported = await call("GET", "/points/m1/history.csv", undefined, m1);
+		expect([exported.status, exported.headers.get("content-type")]).toEqual([
+			200,
+			"text/csv; charset=utf-8"
+		]);
 		expect((await call("GET", "/my-points/m1", undefined, m1)).status).toBe(200);
 		expect((await call("GET", "/points/m1/transfers", undefined, m1)).status).toBe(200);
 
@@ -343,6 +348,7 @@ describe("member tokens", () => {
 			["GET", "/members/m2/data"],
 			["GET", "/points/m2"],
 			["GET", "/points/m2/history"],
+			["GET", "/points/m2/history.csv"],
 			["GET", "/points/m2/transfers"],
 			["POST", "/points/m2/transfers", { toMemberId: "m1", points: 10 }],
 			["GET", "/my-points/m2"],

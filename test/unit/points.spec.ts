@@ -1,3 +1,4 @@
+import { parse } from "csv-parse/sync";
 import type { ServiceBroker } from "moleculer";
 import PointsService, { type AccountView } from "../../services/points.service";
 import { createTestBroker, drained, eventually } from "../helpers/broker";
@@ -183,5 +184,30 @@ describe("points service", () => {
 		await expect(
 			broker.call("points.history", { memberId: "m1", $where: "1" })
 		).rejects.toMatchObject({ code: 422 });
+	});
+
+	it("exports a member's whole ledger as CSV, oldest first, the same entries as the history", async () => {
+		for (let i = 0; i < 3; i++)
+			await send("deal.saved", {
+				dealId: `csv-${i}`,
+				memberId: "csv1",
+				merchantId: "20",
+				dealAmount: 1000,
+				type: "save",
+				point: 10 + i,
+				dealDate: new Date().toISOString()
+			});
+		await drained(broker);
+		await debit("csv1", "csv-use", 15);
+		const csv = await broker.call<string, object>("points.historyCsv", { memberId: "csv1" });
+		const rows = parse(csv, { columns: true }) as Record<string, string>[];
+		const entries = (await history("csv1")).rows.reverse();
+		expect(rows.map(r => [r.cause, r.kind, Number(r.amount)])).toEqual(
+			entries.map(e => [e.cause, e.kind, e.amount])
+		);
+		expect(rows.at(-1)).toMatchObject({ cause: "deal:csv-use", balanceAfter: "18" });
+		await expect(broker.call("points.historyCsv", { memberId: "a b" })).rejects.toMatchObject({
+			code: 422
+		});
 	});
 });
