@@ -23,7 +23,7 @@ import ApiGateway, { Errors as WebErrors, type ApiSettingsSchema } from "molecul
 import type { ApiKey, Role } from "../config";
 import { ConfiguredSettings } from "../config/settings";
 import { clientError } from "../lib/errors";
-import { forbidden } from "../lib/gateway/access";
+import { forbidden, tokenHash } from "../lib/gateway/access";
 import { refuseHostileKeys } from "../lib/gateway/hostile-keys";
 import { sendHttpError } from "../lib/gateway/http-errors";
 import {
@@ -168,7 +168,7 @@ function memoized<T>(compute: (input: string) => T): (input: string) => T {
 }
 
 const tokenDigest = memoized(sha256);
-const hashedToken = memoized(token => tokenDigest(token).toString("base64url"));
+const hashedToken = memoized(tokenHash);
 
 /** Whose keys these are: the SHA-256 of the (authenticated) bearer token, never the token. */
 function scopeOf(req: IncomingMessage): string {

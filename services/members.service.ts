@@ -15,7 +15,7 @@ import type { Context, Service, ServiceSchema } from "moleculer";
 import { randomInt } from "node:crypto";
 import { ConfiguredSettings } from "../config/settings";
 import { outboxEvent } from "../contracts/channels";
-import type { CallerMeta } from "../lib/gateway/access";
+import { actorOf, type CallerMeta } from "../lib/gateway/access";
 import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { clientError, conflict, notFound } from "../lib/errors";
 import { loadOwnKey, signSession, type OwnKey, type OwnKeySource } from "../lib/member-tokens";
@@ -319,9 +319,8 @@ const MembersService: ServiceSchema<Settings, Methods, object, This> = {
 				const member = await this.findMember(memberId);
 				if (member.status === "erased") return this.toView(member);
 				const at = new Date().toISOString();
-				const user = ctx.meta.user;
-				// The gateway lets only staff here; a call without a user comes from inside (the REPL).
-				const erasedBy = user?.kind === "staff" ? (user.name ?? "staff") : "operator";
+				// The gateway lets only staff here.
+				const erasedBy = actorOf(ctx);
 				const withdrawing = member.status === "active";
 				const changed = await this.changeWithEvents(
 					{

@@ -11,10 +11,11 @@
  * a token they do not know through `authenticate` and keep the answer a short while
  * (`merchant.keyRevoked` tells them at once when a key is revoked).
  */
-import { createHash, randomBytes } from "node:crypto";
+import { randomBytes } from "node:crypto";
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
 import type { DealTerms } from "../contracts/channels";
+import { tokenHash } from "../lib/gateway/access";
 import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { clientError, conflict, notFound, unavailable } from "../lib/errors";
 import { sortableId } from "../lib/ids";
@@ -114,8 +115,6 @@ type This = Service<Settings> &
 	Methods & {
 		keys: Collection<MerchantKey>;
 	};
-
-const sha256 = (token: string) => createHash("sha256").update(token).digest("base64url");
 
 /** An ISO 8601 date-time with its offset, such as `2026-07-01T00:00:00Z` or `…T09:00:00+09:00`. */
 const DATE_TIME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:\d{2})$/;
@@ -353,7 +352,7 @@ const MerchantsService: ServiceSchema<Settings, Methods, object, This> = {
 					_id: sortableId(),
 					merchantId,
 					name: ctx.params.name ?? null,
-					tokenHash: sha256(token),
+					tokenHash: tokenHash(token),
 					createdAt: at,
 					...(requestId ? { requestId } : {})
 				};

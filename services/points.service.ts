@@ -64,7 +64,7 @@ import {
 import { clientError, conflict, notFound } from "../lib/errors";
 import { expiredThrough, expiringSoon, oldestOf, sumOf, type Expiring } from "../lib/expiry";
 import { addMonths, monthOf } from "../lib/months";
-import type { CallerMeta } from "../lib/gateway/access";
+import { actorOf, type CallerMeta } from "../lib/gateway/access";
 import { sortableId } from "../lib/ids";
 import { requestIdOf, type RequestMeta } from "../lib/request-id";
 import { created, type AnswerMeta } from "../lib/gateway/answers";
@@ -466,9 +466,8 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				>
 			): Promise<AdjustmentView> {
 				const { memberId, amount, reason } = ctx.params;
-				const user = ctx.meta.user;
-				// The gateway lets only staff here; a call without a user comes from inside (the REPL).
-				const by = user?.kind === "staff" ? (user.name ?? "staff") : "operator";
+				// The gateway lets only staff here.
+				const by = actorOf(ctx);
 				// Under an Idempotency-Key the request id names the adjustment, so a run of the same request
 				// again (its gateway died before answering) answers the adjustment it made, and never makes two.
 				const { requestId } = requestIdOf(ctx);

@@ -3,6 +3,7 @@
  * themselves: a merchant, or a member, sees and changes only what belongs to its own id. Calls
  * without a user (between services, from the REPL) are trusted.
  */
+import { createHash } from "node:crypto";
 import type { Context } from "moleculer";
 import type { Role } from "../../config";
 import { clientError } from "../errors";
@@ -31,3 +32,19 @@ export function assertOwnMember(ctx: Context<unknown, CallerMeta>, memberId: str
 	if (user?.kind === "member" && user.memberId !== memberId)
 		throw forbidden("A member token reaches only its own member's data");
 }
+
+/**
+ * Who a staff-only action records as having done it: the staff token's name, `staff`, or `operator`
+ * for a call from inside (the REPL), which has no user.
+ */
+export function actorOf(ctx: Context<unknown, CallerMeta>): string {
+	const user = ctx.meta.user;
+	return user?.kind === "staff" ? (user.name ?? "staff") : "operator";
+}
+
+/**
+ * What an issued key's token is stored and looked up by: its SHA-256, base64url. The merchants
+ * service stores it, the gateway looks a bearer token up by it: one definition for both.
+ */
+export const tokenHash = (token: string): string =>
+	createHash("sha256").update(token).digest("base64url");
