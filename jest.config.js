@@ -26,6 +26,7 @@ const storeless = [
 	"embedded-channel-adapter",
 	"nedb-file",
 	"nats-channel-adapter",
+	"nats-cluster",
 	"nodes.e2e",
 	"metric-rate-shape",
 	"patches",
@@ -33,7 +34,8 @@ const storeless = [
 	"channel-adapter-contract",
 	"gateway-patch",
 	"posting",
-	"docs-links"
+	"docs-links",
+	"service-wait"
 ].map(name => `/test/(unit|e2e)/${name}\\.spec\\.ts$`);
 
 /** @type {import('jest').Config} */

@@ -13,6 +13,7 @@ import { isDependencyUnavailable } from "../lib/errors";
 import { amountRule, DECIMAL_MESSAGES, decimalRule } from "../lib/params";
 import { DurableNatsAdapter } from "../lib/channels/nats-adapter";
 import { settleMetricRateShape } from "../lib/ops/metric-rate-shape";
+import { WaitForService } from "../lib/service-wait";
 import { OpsReporter } from "../lib/ops/reporter";
 import { operatorCommands } from "../lib/ops/repl-commands";
 import { NodeConfig } from "./settings";
@@ -67,7 +68,10 @@ const CHANNEL_OPTIONS = {
  */
 function channelAdapter(config: Config): EmbeddedAdapter | DurableNatsAdapter {
 	if (config.transporter?.startsWith("nats://"))
-		return new DurableNatsAdapter(config.transporter, CHANNEL_OPTIONS);
+		return new DurableNatsAdapter(config.transporter, {
+			...CHANNEL_OPTIONS,
+			streamReplicas: config.natsStreamReplicas
+		});
 	if (config.transporter)
 		throw new Error(
 			`TRANSPORTER must be a nats:// URL (durable channels use NATS JetStream), got '${config.transporter}'`
@@ -134,6 +138,7 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 		internalMiddlewares: false,
 		middlewares: [
 			NodeConfig(config),
+			...(config.serviceWaitMs > 0 ? [WaitForService(config.serviceWaitMs)] : []),
 			ChannelsMiddleware({ adapter: channelAdapter(config) }),
 			...INTERNAL_MIDDLEWARES
 		]

@@ -17,7 +17,19 @@ export interface Config {
 	host: string;
 	dataDir: string;
 	mongoUri?: string;
+	/**
+	 * The write concern of every MongoDB write (`MONGO_WRITE_CONCERN`): `majority` on a replica set, so
+	 * that an acknowledged change survives the loss of the primary; unset, the server's default.
+	 */
+	mongoWriteConcern?: "majority" | number;
 	transporter?: string;
+	/** Replicas of every JetStream stream OnePoint creates (`NATS_STREAM_REPLICAS`): 3 on a three-server cluster. */
+	natsStreamReplicas: number;
+	/**
+	 * How long a call to a service that no node serves right now (its node being replaced) waits for
+	 * one before it fails (ms, `SERVICE_WAIT_MS`); 0: it fails at once.
+	 */
+	serviceWaitMs: number;
 	/** The node's Prometheus `/metrics` and `/live`, `/ready` probes (`0`: any free port; `off`: none). */
 	metricsPort?: number;
 	/** Points earned per unit of a `save` deal's amount, in basis points (`EARN_RATE=0.01` is 100). */
@@ -233,6 +245,17 @@ function jwksUrl(env: NodeJS.ProcessEnv, production: boolean): string | undefine
 	return url.href;
 }
 
+/** `majority` or a number of members, 0 to 50; unset: the server's default. */
+function writeConcern(env: NodeJS.ProcessEnv): "majority" | number | undefined {
+	const raw = text(env, "MONGO_WRITE_CONCERN");
+	if (raw === undefined || raw === "majority") return raw;
+	if (!/^\d{1,2}$/.test(raw) || Number(raw) > 50)
+		throw new Error(
+			`MONGO_WRITE_CONCERN must be 'majority' or a number of members from 0 to 50, got '${raw}'`
+		);
+	return Number(raw);
+}
+
 function text(env: NodeJS.ProcessEnv, name: string): string | undefined {
 	const raw = env[name]?.trim();
 	return raw ? raw : undefined;
@@ -244,6 +267,14 @@ function oneOf<T extends string>(env: NodeJS.ProcessEnv, name: string, values: r
 	if (!values.includes(raw as T))
 		throw new Error(`${name} must be one of ${values.join(", ")}, got '${raw}'`);
 	return raw as T;
+}
+
+/** JetStream takes 1 to 5 replicas of a stream. */
+function streamReplicas(env: NodeJS.ProcessEnv): number {
+	const raw = text(env, "NATS_STREAM_REPLICAS") ?? "1";
+	if (!/^[1-5]$/.test(raw))
+		throw new Error(`NATS_STREAM_REPLICAS must be a whole number from 1 to 5, got '${raw}'`);
+	return Number(raw);
 }
 
 function atLeast(min: number, name: string, value: number): number {
@@ -272,7 +303,10 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		host: text(env, "HOST") ?? "0.0.0.0",
 		dataDir: path.resolve(text(env, "DATA_DIR") ?? "data"),
 		mongoUri: text(env, "MONGO_URI"),
+		mongoWriteConcern: writeConcern(env),
 		transporter: text(env, "TRANSPORTER"),
+		natsStreamReplicas: streamReplicas(env),
+		serviceWaitMs: atLeast(0, "SERVICE_WAIT_MS", number(env, "SERVICE_WAIT_MS", 0)),
 		metricsPort:
 			text(env, "METRICS_PORT") === "off" ? undefined : number(env, "METRICS_PORT", 3030),
 		earnRateBp: parseRate("EARN_RATE", text(env, "EARN_RATE") ?? "0.01"),

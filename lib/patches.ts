@@ -53,6 +53,13 @@ export const PATCHES = {
 		where: "lib/gateway/idempotent-call.ts",
 		members: ["callAction"]
 	},
+	/** The gateway's wait for a service being redeployed, a wrap of moleculer-web's `aliasHandler`. */
+	moleculerWebAliases: {
+		library: "moleculer-web",
+		checked: "0.11.0",
+		where: "lib/gateway/wait-for-service.ts",
+		members: ["aliasHandler"]
+	},
 	/** The metrics workaround: one MetricRate of a throwaway gauge, widened before any rate exists. */
 	metricRate: {
 		library: "moleculer",

@@ -168,9 +168,14 @@ class MongoBackend<T extends { _id: string }> implements Backend<T> {
 
 	constructor(
 		private readonly model: mongoose.Model<T>,
-		uri: string
+		uri: string,
+		writeConcern: Config["mongoWriteConcern"]
 	) {
-		this.adapter = new SharedMongooseAdapter(uri);
+		// Every write of the connection: the ledger's, the deals', the settlements' alike.
+		this.adapter = new SharedMongooseAdapter(
+			uri,
+			writeConcern === undefined ? undefined : { writeConcern: { w: writeConcern } }
+		);
 	}
 
 	connect() {
@@ -230,11 +235,11 @@ export class Collection<T extends { _id: string }> {
 	constructor(
 		readonly name: string,
 		private readonly indexes: IndexSpec[],
-		config: Pick<Config, "mongoUri" | "dataDir">
+		config: Pick<Config, "mongoUri" | "mongoWriteConcern" | "dataDir">
 	) {
 		if (config.mongoUri) {
 			this.model = mongoModel<T>(name, indexes);
-			this.backend = new MongoBackend(this.model, config.mongoUri);
+			this.backend = new MongoBackend(this.model, config.mongoUri, config.mongoWriteConcern);
 		} else {
 			fs.mkdirSync(config.dataDir, { recursive: true });
 			this.backend = new NedbBackend(openDatastore<T>(path.join(config.dataDir, `${name}.db`)));

@@ -26,6 +26,7 @@ import { clientError } from "../lib/errors";
 import { forbidden, tokenHash } from "../lib/gateway/access";
 import { refuseHostileKeys } from "../lib/gateway/hostile-keys";
 import { sendHttpError } from "../lib/gateway/http-errors";
+import { stockAliasHandler, type AliasHandler } from "../lib/gateway/wait-for-service";
 import {
 	idempotentCall,
 	stockCallAction,
@@ -50,6 +51,7 @@ import {
 	type Verifier
 } from "../lib/member-tokens";
 import { isReady } from "../lib/ops/reporter";
+import { untilServed } from "../lib/service-wait";
 import Billing from "./billing.service";
 import Dashboard from "./dashboard.service";
 import Deals from "./deals.service";
@@ -184,6 +186,7 @@ function rateLimitKey(req: IncomingMessage): string {
 
 interface Methods {
 	callAction(...args: CallActionArgs): Promise<unknown>;
+	aliasHandler(...args: Parameters<AliasHandler>): Promise<unknown>;
 	authenticate(
 		ctx: Context,
 		route: unknown,
@@ -210,6 +213,8 @@ interface Settings extends ApiSettingsSchema {
 	retryAfterSeconds: number;
 	/** How long a call to another service may take (ms). */
 	callTimeoutMs: number;
+	/** How long a request waits for a service no node serves right now (ms, SERVICE_WAIT_MS). */
+	serviceWaitMs: number;
 	/**
 	 * How long the gateway keeps what a merchant key's token is (ms): a revoked key is refused on
 	 * every gateway within this, should the revocation's broadcast not reach one.
@@ -240,6 +245,8 @@ type This = Service<Settings> &
 		heartbeat?: NodeJS.Timeout;
 		/** moleculer-web's own `callAction`, checked at creation. */
 		gatewayCallAction: CallAction;
+		/** moleculer-web's own `aliasHandler`, checked at creation. */
+		gatewayAliasHandler: AliasHandler;
 	};
 
 /** The dashboard's and the API reference's static pages, and the libraries they use, served from the
@@ -385,6 +392,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			rateLimit: { window: 60_000, limit: config.rateLimit, headers: true, key: rateLimitKey },
 			retryAfterSeconds: config.retryAfterSeconds,
 			callTimeoutMs: config.callTimeoutMs,
+			serviceWaitMs: config.serviceWaitMs,
 			keyCacheMs: 2_000,
 			apiKeys: config.apiKeys,
 			production: config.nodeEnv === "production",
@@ -463,6 +471,12 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 	},
 
 	methods: {
+		/** moleculer-web's handling of a route's alias, once a node serves its action (a redeploy's gap). */
+		async aliasHandler(this: This, req, res, alias) {
+			await untilServed(this.broker, alias.action, this.settings.serviceWaitMs);
+			return this.gatewayAliasHandler.call(this, req, res, alias);
+		},
+
 		/** moleculer-web's call of the action behind an alias, made safe to retry with an `Idempotency-Key`. */
 		callAction(this: This, ...args: CallActionArgs) {
 			return idempotentCall(this, this.gatewayCallAction, scopeOf, ...args);
@@ -604,8 +618,10 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 	},
 
 	created(this: This) {
-		// The patch above replaces moleculer-web's `callAction`: refuse to start if an upgrade moved it.
+		// The patches above replace moleculer-web's `callAction` and `aliasHandler`: refuse to start if an
+		// upgrade moved them.
 		this.gatewayCallAction = stockCallAction(ApiGateway);
+		this.gatewayAliasHandler = stockAliasHandler(ApiGateway);
 		let keys: ApiKey[] = this.settings.apiKeys;
 		if (keys.length === 0) {
 			if (this.settings.production)

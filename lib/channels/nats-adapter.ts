@@ -17,7 +17,9 @@
  *   asks what was published before a moment of that clock, which the server's own timestamp is not
  *   (another machine's clock, or a node run on another date under libfaketime);
  * - nodes of one group starting at once all subscribe (the stock adapter fails all but the first,
- *   with an ERROR in the log).
+ *   with an ERROR in the log);
+ * - every stream and durable consumer it creates has `streamReplicas` replicas (the stock adapter
+ *   takes the server's default, one: a stream lost with its server's disk).
  * It overrides and calls the stock adapter's internals: lib/patches.ts fences them.
  */
 import { Adapters } from "@moleculer/channels";
@@ -41,6 +43,8 @@ type Chan = Channel & {
 
 export interface DurableNatsOptions extends RetryOptions {
 	maxInFlight: number;
+	/** Replicas of each stream and consumer: 3 on a three-server cluster, 1 on a single server. */
+	streamReplicas: number;
 	deadLettering: { enabled: boolean; queueName: string };
 }
 
@@ -57,7 +61,14 @@ export class DurableNatsAdapter extends NatsAdapter {
 			nats: {
 				url,
 				connectionOptions: { maxReconnectAttempts: -1, reconnectTimeWait: 500 },
-				consumerOptions: { config: { deliver_policy: "all", ack_wait: 10_000_000_000 } }
+				streamConfig: { num_replicas: opts.streamReplicas },
+				consumerOptions: {
+					config: {
+						deliver_policy: "all",
+						ack_wait: 10_000_000_000,
+						num_replicas: opts.streamReplicas
+					}
+				}
 			}
 		} as never);
 	}

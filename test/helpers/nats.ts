@@ -1,4 +1,7 @@
-/** A real nats-server with JetStream on a free loopback port, for the cluster tests. */
+/**
+ * A real nats-server with JetStream on a free loopback port, for the cluster tests; or three of them
+ * clustered (`NatsCluster`), as production runs them.
+ */
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import net from "node:net";
@@ -16,7 +19,11 @@ export class NatsServer {
 	private child?: ChildProcess;
 	readonly storeDir = fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-nats-"));
 
-	private constructor(readonly port: number) {}
+	constructor(
+		readonly port: number,
+		/** More of the server's options: a clustered server's name and routes. */
+		private readonly options: string[] = []
+	) {}
 
 	static async start(): Promise<NatsServer> {
 		const server = new NatsServer(await freePort());
@@ -32,7 +39,7 @@ export class NatsServer {
 	async start(): Promise<void> {
 		this.child = spawn(
 			natsServerBinary(),
-			["-js", "-a", "127.0.0.1", "-p", String(this.port), "-sd", this.storeDir],
+			["-js", "-a", "127.0.0.1", "-p", String(this.port), "-sd", this.storeDir, ...this.options],
 			{ stdio: "ignore" }
 		);
 		const deadline = Date.now() + 10_000;
@@ -49,6 +56,42 @@ export class NatsServer {
 		const exited = new Promise(resolve => child.once("exit", resolve));
 		child.kill("SIGTERM");
 		await exited;
+	}
+}
+
+/** Three servers routed to each other, JetStream over all three: a stream may have 3 replicas. */
+export class NatsCluster {
+	private constructor(readonly servers: NatsServer[]) {}
+
+	static async start(): Promise<NatsCluster> {
+		const ports = await Promise.all(
+			[0, 1, 2].map(async () => [await freePort(), await freePort()])
+		);
+		const routes = ports.map(([, route]) => `nats://127.0.0.1:${route}`).join(",");
+		const servers = ports.map(
+			([port, route], i) =>
+				new NatsServer(port, [
+					"--name",
+					`n${i + 1}`,
+					"--cluster_name",
+					"onepoint-test",
+					"--cluster",
+					`nats://127.0.0.1:${route}`,
+					"--routes",
+					routes
+				])
+		);
+		await Promise.all(servers.map(server => server.start()));
+		return new NatsCluster(servers);
+	}
+
+	/** Every server, as the nodes' TRANSPORTER names them. */
+	get url(): string {
+		return this.servers.map(server => server.url).join(",");
+	}
+
+	async stop(): Promise<void> {
+		await Promise.all(this.servers.map(server => server.stop()));
 	}
 }
 

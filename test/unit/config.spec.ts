@@ -167,6 +167,30 @@ describe("configuration", () => {
 		expect(() => loadConfig({ PORT: "eighty" })).toThrow(/PORT must be a number/);
 	});
 
+	it("reads a production cluster's settings: stream replicas, the write concern, how long a call waits for a service", () => {
+		expect(loadConfig({})).toMatchObject({ natsStreamReplicas: 1, serviceWaitMs: 0 });
+		expect(loadConfig({}).mongoWriteConcern).toBeUndefined();
+		expect(
+			loadConfig({
+				NATS_STREAM_REPLICAS: "3",
+				MONGO_WRITE_CONCERN: "majority",
+				SERVICE_WAIT_MS: "5000"
+			})
+		).toMatchObject({ natsStreamReplicas: 3, mongoWriteConcern: "majority", serviceWaitMs: 5000 });
+		expect(loadConfig({ MONGO_WRITE_CONCERN: "2" }).mongoWriteConcern).toBe(2);
+		for (const replicas of ["0", "6", "three"])
+			expect(() => loadConfig({ NATS_STREAM_REPLICAS: replicas })).toThrow(
+				`NATS_STREAM_REPLICAS must be a whole number from 1 to 5, got '${replicas}'`
+			);
+		for (const concern of ["all", "-1", "51"])
+			expect(() => loadConfig({ MONGO_WRITE_CONCERN: concern })).toThrow(
+				`MONGO_WRITE_CONCERN must be 'majority' or a number of members from 0 to 50, got '${concern}'`
+			);
+		expect(() => loadConfig({ SERVICE_WAIT_MS: "-1" })).toThrow(
+			/SERVICE_WAIT_MS must be at least 0, got -1/
+		);
+	});
+
 	it("keeps idempotency keys at least 24 hours", () => {
 		expect(loadConfig({})).toMatchObject({
 			idempotencyRetentionHours: 24,

@@ -30,6 +30,7 @@ function targets(): Record<keyof typeof PATCHES, object> {
 		nedbPersistence: db.persistence,
 		natsChannels: Adapters.NATS.prototype,
 		moleculerWeb: ApiGateway.methods as object,
+		moleculerWebAliases: ApiGateway.methods as object,
 		metricRate: item.rate as object
 	};
 }
