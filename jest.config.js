@@ -33,7 +33,8 @@ const storeless = [
 	"channel-adapter-contract",
 	"gateway-patch",
 	"posting",
-	"docs-links"
+	"docs-links",
+	"monitoring"
 ].map(name => `/test/(unit|e2e)/${name}\\.spec\\.ts$`);
 
 /** @type {import('jest').Config} */
