@@ -35,7 +35,8 @@ const storeless = [
 	"gateway-patch",
 	"posting",
 	"docs-links",
-	"service-wait"
+	"service-wait",
+	"monitoring"
 ].map(name => `/test/(unit|e2e)/${name}\\.spec\\.ts$`);
 
 /** @type {import('jest').Config} */

@@ -3,9 +3,12 @@
  * gateway answering a trivial authenticated action (`GET /api/me`), itself beside stock moleculer-web
  * answering a trivial action: the floor HTTP and moleculer-web set. Meanwhile a member of staff reads
  * the dashboard: its member query at rest and under the deal load. Then the same deals, each under a
- * new `Idempotency-Key`, beside the deals without one: what taking and recording a key costs.
+ * new `Idempotency-Key`, beside the deals without one: what taking and recording a key costs. And the
+ * trivial route again on a node with tracing on (every request sampled, spans sent to a Zipkin
+ * stand-in that takes and drops them), beside the same route with tracing off.
  */
 import { fork } from "node:child_process";
+import http from "node:http";
 import path from "node:path";
 import { freePort, System } from "../test/helpers/system";
 import {
@@ -40,6 +43,37 @@ async function stockGatewayLoad(options: Options, metrics: boolean): Promise<Fig
 	}
 }
 
+/** A Zipkin collector that takes every batch of spans and keeps none (a benchmark sends millions). */
+async function spanSink(): Promise<{ url: string; close(): Promise<void> }> {
+	const port = await freePort();
+	const server = http.createServer((req, res) => {
+		req.resume();
+		req.on("end", () => res.writeHead(202).end());
+	});
+	await new Promise<void>(resolve => server.listen(port, "127.0.0.1", resolve));
+	return {
+		url: `http://127.0.0.1:${port}`,
+		close: () => new Promise(resolve => server.close(() => resolve()))
+	};
+}
+
+/** `GET /api/me` on a node of its own with every request traced. */
+async function tracedLoad(options: Options): Promise<Figures> {
+	const sink = await spanSink();
+	const system = await System.start({
+		RATE_LIMIT: "1000000000",
+		TRACING: "zipkin",
+		TRACING_SAMPLE: "1",
+		ZIPKIN_URL: sink.url
+	});
+	try {
+		return await httpLoad(`${system.url}/api/me`, options, { method: "GET", headers: AUTH });
+	} finally {
+		await system.stop();
+		await sink.close();
+	}
+}
+
 export interface DashboardReads {
 	atRest: { p50: number; p99: number };
 	underLoad: { p50: number; p99: number };
@@ -49,6 +83,7 @@ export async function httpBench(options: Options): Promise<{
 	row: Row;
 	gateway: Row;
 	gatewayMetrics: Row;
+	traced: Row;
 	keyed: Row;
 	dashboard: DashboardReads;
 	audit: { accounts: number; mismatches: number };
@@ -64,6 +99,7 @@ export async function httpBench(options: Options): Promise<{
 			method: "GET",
 			headers: AUTH
 		});
+		const traced = await tracedLoad(options);
 		const stock = await stockGatewayLoad(options, false);
 		const stockMetrics = await stockGatewayLoad(options, true);
 		let loading = true;
@@ -108,6 +144,12 @@ export async function httpBench(options: Options): Promise<{
 				figures: trivial,
 				baseline: "stock moleculer-web, Moleculer's metrics on",
 				baselineFigures: stockMetrics
+			},
+			traced: {
+				what: "GET /api/me (our gateway, tracing on, all sampled)",
+				figures: traced,
+				baseline: "GET /api/me (tracing off)",
+				baselineFigures: trivial
 			},
 			dashboard: { atRest, underLoad },
 			audit: await settledAudit(() => auditOverHttp(system, options.members))

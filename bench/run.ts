@@ -47,6 +47,7 @@ async function runBench(options: Options): Promise<void> {
 		"The gateway beside stock moleculer-web, without and with Moleculer's metrics (same run)",
 		[http.gateway, http.gatewayMetrics]
 	);
+	printRows("The trivial route with tracing off and on (same run)", [http.traced]);
 	const loads = rows.flatMap(r => [
 		{ what: r.what, figures: r.figures },
 		{ what: r.baseline, figures: r.baselineFigures }
@@ -59,7 +60,8 @@ async function runBench(options: Options): Promise<void> {
 			{
 				what: "stock moleculer-web GET /api/me, metrics on",
 				figures: http.gatewayMetrics.baselineFigures
-			}
+			},
+			{ what: "GET /api/me, tracing on", figures: http.traced.figures }
 		],
 		options.window
 	);

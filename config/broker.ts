@@ -14,6 +14,9 @@ import { amountRule, DECIMAL_MESSAGES, decimalRule } from "../lib/params";
 import { DurableNatsAdapter } from "../lib/channels/nats-adapter";
 import { settleMetricRateShape } from "../lib/ops/metric-rate-shape";
 import { WaitForService } from "../lib/service-wait";
+import { loggerOptions } from "../lib/ops/logs";
+import { OnePointMetrics } from "../lib/ops/metrics";
+import { TraceContext } from "../lib/ops/tracing";
 import { OpsReporter } from "../lib/ops/reporter";
 import { operatorCommands } from "../lib/ops/repl-commands";
 import { NodeConfig } from "./settings";
@@ -88,10 +91,7 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 	return {
 		namespace: config.namespace,
 		nodeID: config.nodeID,
-		logger: {
-			type: "Console",
-			options: { level: config.logLevel, formatter: "short", colors: config.logColors }
-		},
+		logger: loggerOptions(config),
 		transporter: config.transporter ? { type: "NATS", options: { url: config.transporter } } : null,
 		requestTimeout: 10_000,
 		// Params are checked by fastest-validator, with the project's own rules (lib/params.ts).
@@ -135,11 +135,21 @@ export function createBrokerOptions(config: Config = defaults): BrokerOptions {
 						// minute in arrays, two per gateway request: memory and GC that grow with the load.
 						defaultQuantiles: false as unknown as number[]
 					},
+		// Spans of actions and channel messages, sent to Zipkin; no params or meta in them (member data).
+		tracing: config.tracing && {
+			enabled: true,
+			exporter: { type: "Zipkin", options: { baseURL: config.tracing.zipkinUrl } },
+			sampling: { rate: config.tracing.sample },
+			errorFields: ["name", "message", "code", "type"],
+			tags: { action: { params: false, meta: false } }
+		},
 		internalMiddlewares: false,
 		middlewares: [
 			NodeConfig(config),
 			...(config.serviceWaitMs > 0 ? [WaitForService(config.serviceWaitMs)] : []),
 			ChannelsMiddleware({ adapter: channelAdapter(config) }),
+			OnePointMetrics(),
+			TraceContext(config.tracing !== undefined || config.logFormat === "json"),
 			...INTERNAL_MIDDLEWARES
 		]
 	};

@@ -13,6 +13,10 @@ export interface Config {
 	namespace: string;
 	logLevel: string;
 	logColors: boolean;
+	/** `text`: Moleculer's short coloured lines; `json`: one JSON object per line (pino), for a log collector. */
+	logFormat: "text" | "json";
+	/** Spans sent to a Zipkin collector (`TRACING=zipkin`); none by default. */
+	tracing?: TracingConfig;
 	port: number;
 	host: string;
 	dataDir: string;
@@ -93,6 +97,13 @@ export interface Config {
 	memberTokenKey?: string;
 	/** Requests a minute allowed per member token's member (`MEMBER_RATE_LIMIT`). */
 	memberRateLimit: number;
+}
+
+export interface TracingConfig {
+	/** The collector's base URL (`ZIPKIN_URL`): spans go to `<url>/api/v2/spans`. */
+	zipkinUrl: string;
+	/** The share of requests traced, 0 to 1 (`TRACING_SAMPLE`; 1 by default, 0.1 in production). */
+	sample: number;
 }
 
 /** A staff token may carry a name (`token=staff:alice`), recorded on what it does. */
@@ -256,6 +267,24 @@ function writeConcern(env: NodeJS.ProcessEnv): "majority" | number | undefined {
 	return Number(raw);
 }
 
+/** `TRACING=zipkin` with its collector and sampling, or nothing (`TRACING` unset or `off`). */
+function tracing(env: NodeJS.ProcessEnv, production: boolean): TracingConfig | undefined {
+	if (oneOf(env, "TRACING", ["off", "zipkin"]) === "off") return undefined;
+	const raw = text(env, "ZIPKIN_URL") ?? "http://127.0.0.1:9411";
+	let url: URL;
+	try {
+		url = new URL(raw);
+	} catch {
+		throw new Error(`ZIPKIN_URL must be a URL such as http://zipkin:9411, got '${raw}'`);
+	}
+	if (url.protocol !== "http:" && url.protocol !== "https:")
+		throw new Error(`ZIPKIN_URL must be an http or https URL, got '${raw}'`);
+	const sample = number(env, "TRACING_SAMPLE", production ? 0.1 : 1);
+	if (sample < 0 || sample > 1)
+		throw new Error(`TRACING_SAMPLE must be from 0 to 1, got ${sample}`);
+	return { zipkinUrl: url.href.replace(/\/$/, ""), sample };
+}
+
 function text(env: NodeJS.ProcessEnv, name: string): string | undefined {
 	const raw = env[name]?.trim();
 	return raw ? raw : undefined;
@@ -299,6 +328,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		namespace: text(env, "NAMESPACE") ?? "onepoint",
 		logLevel: text(env, "LOG_LEVEL") ?? "info",
 		logColors: !env.CI && !env.NO_COLOR,
+		logFormat: oneOf(env, "LOG_FORMAT", ["text", "json"]),
+		tracing: tracing(env, nodeEnv === "production"),
 		port: number(env, "PORT", 3000),
 		host: text(env, "HOST") ?? "0.0.0.0",
 		dataDir: path.resolve(text(env, "DATA_DIR") ?? "data"),

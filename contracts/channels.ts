@@ -222,6 +222,8 @@ export interface OutboxEvent<C extends ChannelName = ChannelName> {
 	id: string;
 	channel: C;
 	payload: Channels[C];
+	/** The trace context of what recorded it, sent as the message's headers (lib/ops/tracing.ts). */
+	headers?: Record<string, string>;
 }
 
 /** The event `payload` on `channel`, named for the outbox. */

@@ -60,6 +60,13 @@ export const PATCHES = {
 		where: "lib/gateway/wait-for-service.ts",
 		members: ["aliasHandler"]
 	},
+	/** The node's ops server: Moleculer's Prometheus reporter, answering the probes and writing OnePoint's series too. */
+	prometheusReporter: {
+		library: "moleculer",
+		checked: "0.15.2",
+		where: "lib/ops/reporter.ts",
+		members: ["init", "handler", "generatePrometheusResponse"]
+	},
 	/** The metrics workaround: one MetricRate of a throwaway gauge, widened before any rate exists. */
 	metricRate: {
 		library: "moleculer",

@@ -14,6 +14,8 @@
 import type { Service, ServiceSchema } from "moleculer";
 import type { OutboxEvent } from "../contracts/channels";
 import { encodeTime } from "ulid";
+import { onScrape, SERIES, type Sample } from "../lib/ops/metrics";
+import { traceHeaders } from "../lib/ops/tracing";
 import type { Collection, IndexSpec, Query } from "./db.mixin";
 
 /**
@@ -64,12 +66,23 @@ type OutboxThis = Service &
 		outboxTimer?: NodeJS.Timeout;
 		outboxSweep?: NodeJS.Timeout;
 		outboxStopped: boolean;
+		/** Takes back the outbox's gauge when the service stops. */
+		outboxScrape?: () => void;
 		sendOutbox(doc: WithOutbox, finish?: Finish): Promise<void>;
 		retryOutbox(query?: Query): Promise<void>;
 		scheduleOutboxRetry(delayMs: number): void;
 	};
 
 const RETRY_MS = 1000;
+/** The events documents of `store` hold in their outboxes, unpublished: a gauge's sample. */
+export async function outboxSample<T extends WithOutbox>(store: Collection<T>): Promise<Sample> {
+	const waiting = await store.find({ query: { "outbox.0": { $exists: true } } });
+	return {
+		name: SERIES.outboxPending,
+		value: waiting.reduce((sum, doc) => sum + (doc.outbox?.length ?? 0), 0)
+	};
+}
+
 /** How often, and after how long, events still in an outbox are sent again. */
 const SWEEP_MS = 5000;
 
@@ -82,7 +95,13 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 			events: OutboxEvent[],
 			finish?: Finish
 		) {
-			const outbox = events.length ? events : undefined;
+			// Traced, each event carries the trace of what recorded it, whenever it is sent.
+			const headers = traceHeaders();
+			const outbox = events.length
+				? headers
+					? events.map(event => ({ ...event, headers }))
+					: events
+				: undefined;
 			const written =
 				"insert" in change
 					? await this.store.insertUnique({ ...change.insert, ...(outbox ? { outbox } : {}) })
@@ -114,9 +133,18 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 		async sendOutbox(this: OutboxThis, doc: WithOutbox, finish?: Finish) {
 			const sent = doc.outbox ?? [];
 			const broker = this.broker as unknown as {
-				sendToChannel(channel: string, payload: unknown): Promise<void>;
+				sendToChannel(
+					channel: string,
+					payload: unknown,
+					opts?: { headers: Record<string, string> }
+				): Promise<void>;
 			};
-			for (const event of sent) await broker.sendToChannel(event.channel, event.payload);
+			for (const event of sent)
+				await broker.sendToChannel(
+					event.channel,
+					event.payload,
+					event.headers && { headers: event.headers }
+				);
 			const pull = sent.length
 				? { $pull: { outbox: { id: { $in: sent.map(e => e.id) } } } }
 				: undefined;
@@ -146,6 +174,7 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 
 	started(this: OutboxThis) {
 		this.outboxStopped = false;
+		this.outboxScrape = onScrape(this.broker, async () => [await outboxSample(this.store)]);
 		// The channel adapter connects after the services have started: send leftovers right after.
 		this.scheduleOutboxRetry(0);
 		// Ids below this prefix were minted more than SWEEP_MS ago (a ULID starts with its time).
@@ -157,6 +186,7 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 
 	stopped(this: OutboxThis) {
 		this.outboxStopped = true;
+		this.outboxScrape?.();
 		clearTimeout(this.outboxTimer);
 		clearInterval(this.outboxSweep);
 	}

@@ -63,6 +63,8 @@ type PendingThis<T extends Pending> = Service<PendingSettings> &
 		failed(record: T, reason: string): Outcome<T>;
 		/** The outcome of a record whose call was never answered; defined by the service. */
 		abandoned(record: T): Outcome<T>;
+		/** Told of a record this instance settled (not of one another settled first); optional. */
+		settled?(record: T): void;
 		pendingTimer?: NodeJS.Timeout;
 	};
 
@@ -105,8 +107,11 @@ export function PendingMixin<T extends Pending>(
 						{ filter: { _id: record._id, status: "pending" }, update: { $set: changes } },
 						events
 					)
-				)
-					return { ...record, ...changes };
+				) {
+					const settled = { ...record, ...changes };
+					this.settled?.(settled);
+					return settled;
+				}
 				return (await this.store.findById(record._id)) as T;
 			},
 

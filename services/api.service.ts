@@ -18,7 +18,7 @@ import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import fs from "node:fs";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import path from "node:path";
-import type { Context, Service, ServiceSchema } from "moleculer";
+import type { CallingOptions, Context, Service, ServiceSchema } from "moleculer";
 import ApiGateway, { Errors as WebErrors, type ApiSettingsSchema } from "moleculer-web";
 import type { ApiKey, Role } from "../config";
 import { ConfiguredSettings } from "../config/settings";
@@ -50,8 +50,10 @@ import {
 	type OwnKeySource,
 	type Verifier
 } from "../lib/member-tokens";
+import { timeHttpRequest } from "../lib/ops/metrics";
 import { isReady } from "../lib/ops/reporter";
 import { untilServed } from "../lib/service-wait";
+import { newTraceId } from "../lib/ops/tracing";
 import Billing from "./billing.service";
 import Dashboard from "./dashboard.service";
 import Deals from "./deals.service";
@@ -421,6 +423,8 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 		// Per-request info logging halves the gateway's throughput; errors are still logged.
 		logRequest: "debug",
 		logResponse: "debug",
+		// A request's params hold members' names and contacts: never logged, at any level.
+		logRequestParams: null,
 		log4XXResponses: false,
 		routes: [
 			{
@@ -464,6 +468,23 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 				}
 			}
 		],
+
+		/**
+		 * Every request is one trace, named by an id of ours (a client's `X-Request-Id` is not trusted
+		 * to name it), answered in `X-Trace-Id` whether tracing is on or not: a log line and a trace
+		 * both carry it. Its time and status are counted under the route's template. (moleculer-web
+		 * takes a function here; its typings name only the options object.)
+		 */
+		rootCallOptions: function (
+			this: This,
+			options: { requestID?: string },
+			req: IncomingMessage,
+			res: ServerResponse
+		) {
+			options.requestID = newTraceId();
+			res.setHeader("X-Trace-Id", options.requestID);
+			if (this.broker.isMetricsEnabled()) timeHttpRequest(this.broker, req, res);
+		} as unknown as CallingOptions,
 
 		onError(this: This, req: IncomingMessage, res: ServerResponse, err: unknown) {
 			sendHttpError(this.logger, req, res, err, this.settings.retryAfterSeconds);

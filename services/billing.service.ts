@@ -48,11 +48,12 @@ import {
 import { assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
 import { clientError, notFound } from "../lib/errors";
 import { KeyedLock } from "../lib/keyed-lock";
+import { onScrape, SERIES } from "../lib/ops/metrics";
 import * as P from "../lib/params";
 import { addMonths, monthBounds, monthOf, previousMonth } from "../lib/months";
 import { applyRate, rateOf, settlementAmounts } from "../lib/rates";
 import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
-import { OUTBOX_INDEX } from "../mixins/outbox.mixin";
+import { OUTBOX_INDEX, outboxSample } from "../mixins/outbox.mixin";
 
 /** The side of a settlement a deal is on: points redeemed at the merchant, or issued by it. */
 export type DealSide = "use" | "save";
@@ -211,6 +212,8 @@ interface Methods {
 	noteBonus(bonus: DealBonusEvent): Promise<void>;
 	canClose(month: string): Promise<boolean>;
 	closedThrough(): Promise<string | undefined>;
+	/** The months past their end and grace whose settlements are not final yet (none when all is well). */
+	overdueMonths(): Promise<string[]>;
 	monthEndCheck(): Promise<void>;
 	assertStarted(month: string): void;
 	/** The clock; a test may run the service with another. */
@@ -239,6 +242,8 @@ type This = Service<Settings> &
 		lock: KeyedLock;
 		monthEndTimer?: NodeJS.Timeout;
 		monthEndStopped?: boolean;
+		/** Takes back the gauges when the service stops. */
+		scrape?: () => void;
 	};
 
 /** The channels whose events make the view, for the "caught up" check. */
@@ -655,6 +660,30 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			return (await this.state.findById(STATE_ID))?.month;
 		},
 
+		async overdueMonths(this: This) {
+			const closedThrough = await this.closedThrough();
+			const [earliest] = closedThrough
+				? []
+				: await this.store.find({
+						query: { open: true, dealDate: { $exists: true } },
+						sort: ["dealDate"],
+						limit: 1
+					});
+			const overdue: string[] = [];
+			const graceEnded = (month: string) =>
+				new Date(monthBounds(month)[1]).getTime() + this.settings.monthEnd.graceMs <=
+				this.now().getTime();
+			let month = closedThrough
+				? addMonths(closedThrough, 1)
+				: earliest?.dealDate && monthOf(earliest.dealDate);
+			// Bounded: a store restored from years ago shows its first year of months, enough to alert.
+			while (month && overdue.length < 12 && graceEnded(month)) {
+				overdue.push(month);
+				month = addMonths(month, 1);
+			}
+			return overdue;
+		},
+
 		assertStarted(this: This, month: string) {
 			if (monthBounds(month)[0] > this.now().toISOString())
 				throw clientError(422, "BILLING_MONTH_NOT_STARTED", `${month} has not started yet`, {
@@ -921,12 +950,21 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			}, delayMs);
 		};
 		check(this.settings.monthEnd.firstCheckMs);
+		this.scrape = onScrape(this.broker, async () => [
+			...(await this.overdueMonths()).map(month => ({
+				name: SERIES.settlementsOpen,
+				labels: { month },
+				value: 1
+			})),
+			await outboxSample(this.settlements)
+		]);
 	},
 
 	async stopped(this: This) {
 		// A check in flight schedules the next when it ends: tell it not to.
 		this.monthEndStopped = true;
 		clearTimeout(this.monthEndTimer);
+		this.scrape?.();
 		await Promise.all([this.settlements, this.state].map(c => c.disconnect()));
 	}
 };

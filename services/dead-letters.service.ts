@@ -1,12 +1,13 @@
 /**
  * Dead letters: the messages a consumer group gave up on after its last retry, kept with their error
  * so that an operator can see them (`dead-letters` in the REPL, the dashboard's overview, the
- * `onepoint.dead_letters.waiting` metric) and replay them once the cause is fixed. A replay sends
+ * `onepoint_dead_letters_waiting` gauge) and replay them once the cause is fixed. A replay sends
  * the message again to the group that failed it, and to no other; consumers apply each event once by
  * its key, so a replay applies what never was, and repeats nothing that was.
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { conflict, notFound } from "../lib/errors";
+import { onScrape, SERIES } from "../lib/ops/metrics";
 import * as P from "../lib/params";
 import { DEAD_LETTER, REPLAY_GROUP } from "../lib/channels/redelivery";
 import { DbMixin, type DbThis } from "../mixins/db.mixin";
@@ -43,13 +44,11 @@ interface ChannelAdapter {
 interface Methods {
 	channels(): ChannelAdapter;
 	replayOne(letter: DeadLetter): Promise<boolean>;
-	report(): Promise<number>;
 	toView(letter: DeadLetter): DeadLetterView;
 }
 
-type This = Service & DbThis<DeadLetter> & Methods;
+type This = Service & DbThis<DeadLetter> & Methods & { scrape?: () => void };
 
-const WAITING_METRIC = "onepoint.dead_letters.waiting";
 const DEAD_LETTER_HEADERS = new Set<string>([...Object.values(DEAD_LETTER), REPLAY_GROUP]);
 
 const DeadLettersService: ServiceSchema<object, Methods, object, This> = {
@@ -111,7 +110,6 @@ const DeadLettersService: ServiceSchema<object, Methods, object, This> = {
 							{ id: letter._id }
 						);
 				}
-				await this.report();
 				return { replayed, count: replayed.length };
 			}
 		}
@@ -140,7 +138,6 @@ const DeadLettersService: ServiceSchema<object, Methods, object, This> = {
 					deadAt: new Date().toISOString(),
 					status: "dead"
 				});
-				await this.report();
 			}
 		}
 	},
@@ -174,32 +171,22 @@ const DeadLettersService: ServiceSchema<object, Methods, object, This> = {
 			return true;
 		},
 
-		/** Updates the gauge; returns the count. */
-		async report(this: This) {
-			const waiting = await this.store.count({ status: "dead" });
-			if (this.broker.isMetricsEnabled()) this.broker.metrics.set(WAITING_METRIC, waiting);
-			return waiting;
-		},
-
 		toView(letter: DeadLetter): DeadLetterView {
 			const { _id, headers: _headers, ...rest } = letter;
 			return { id: _id, ...rest };
 		}
 	},
 
-	created(this: This) {
-		if (this.broker.isMetricsEnabled())
-			this.broker.metrics.register({
-				type: "gauge",
-				name: WAITING_METRIC,
-				description: "Dead letters waiting for a replay"
-			});
-	},
-
 	async started(this: This) {
 		// A replay a crash interrupted may or may not have been sent: it waits again (a second send is harmless).
 		await this.store.update({ status: "replaying" }, { $set: { status: "dead" } });
-		await this.report();
+		this.scrape = onScrape(this.broker, async () => [
+			{ name: SERIES.deadLetters, value: await this.store.count({ status: "dead" }) }
+		]);
+	},
+
+	stopped(this: This) {
+		this.scrape?.();
 	}
 };
 

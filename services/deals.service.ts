@@ -26,6 +26,7 @@ import { sortableId } from "../lib/ids";
 import { earnedPoints } from "../lib/rates";
 import { termsView, type TermsView } from "../lib/terms";
 import { assertActiveMember } from "../lib/active-member";
+import { countDeal } from "../lib/ops/metrics";
 import * as P from "../lib/params";
 import type { Source } from "../lib/posting";
 import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
@@ -100,6 +101,7 @@ interface Methods {
 	confirmUse(ctx: Context, deal: Deal): Promise<Deal>;
 	failed(deal: Deal, reason: string): Outcome<Deal>;
 	abandoned(deal: Deal): Outcome<Deal>;
+	settled(deal: Deal): void;
 }
 
 /** The channels a deal's events go to (`deal.returned` has its own payload). */
@@ -230,6 +232,7 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 					// A ULID is never taken in practice; if it were, that must not pass for success.
 					throw new Error(`Could not store a new deal: id '${deal._id}' is taken`);
 				}
+				if (type === "save") countDeal(this.broker, type, deal.status);
 				return answer(type === "use" ? await this.confirmUse(ctx, deal) : deal);
 			}
 		},
@@ -326,6 +329,11 @@ const DealsService: ServiceSchema<Settings, Methods, object, This> = {
 				changes: { status: "fail", reason },
 				events: [this.eventOf("deal.voided", failed), this.eventOf("deal.failed", failed)]
 			};
+		},
+
+		/** A use reached its outcome: counted by type and status. */
+		settled(this: This, deal: Deal) {
+			countDeal(this.broker, deal.type, deal.status);
 		},
 
 		/** A use left pending by an instance that died waiting for its debit. */

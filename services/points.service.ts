@@ -69,6 +69,7 @@ import { sortableId } from "../lib/ids";
 import { requestIdOf, type RequestMeta } from "../lib/request-id";
 import { created, type AnswerMeta } from "../lib/gateway/answers";
 import { KeyedLock } from "../lib/keyed-lock";
+import { countPosted } from "../lib/ops/metrics";
 import { assertActiveMember } from "../lib/active-member";
 import * as P from "../lib/params";
 import {
@@ -871,6 +872,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 					))
 				)
 					return LOST;
+				countPosted(this.broker, entries);
 				return { applied: true, balance, at: now };
 			};
 			return this.lock.run(memberId, () =>

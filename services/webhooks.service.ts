@@ -29,6 +29,7 @@ import { assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
 import { sortableId } from "../lib/ids";
 import * as P from "../lib/params";
 import { createdBefore, REQUEST_ID_INDEX, requestIdOf, type RequestMeta } from "../lib/request-id";
+import { onScrape, SERIES } from "../lib/ops/metrics";
 import { LOST, retryOnRace } from "../lib/retry-on-race";
 import { termsView } from "../lib/terms";
 import { delivered, newSecret, retryDelay, send, type Outcome } from "../lib/webhooks/delivery";
@@ -171,6 +172,8 @@ type This = Service<Settings> &
 	DbThis<Webhook> &
 	Methods & {
 		deliveries: Collection<Delivery>;
+		/** Takes back the gauge when the service stops. */
+		scrape?: () => void;
 		/** Attempts under way here, in all and by webhook. */
 		sending: Set<Promise<void>>;
 		sendingTo: Map<string, number>;
@@ -769,11 +772,23 @@ const WebhooksService: ServiceSchema<Settings, Methods, object, This> = {
 		await this.deliveries.connect(this.logger);
 		this.pollTimer = setInterval(() => void this.dispatch(), this.settings.pollMs);
 		void this.dispatch();
+		// Pending: still to be sent (an attempt under way too); failed: given up after the last retry.
+		this.scrape = onScrape(this.broker, async () => {
+			const [pending, failed] = await Promise.all([
+				this.deliveries.count({ status: { $in: ["pending", "sending"] } }),
+				this.deliveries.count({ status: "failed" })
+			]);
+			return [
+				{ name: SERIES.webhookDeliveries, labels: { status: "pending" }, value: pending },
+				{ name: SERIES.webhookDeliveries, labels: { status: "failed" }, value: failed }
+			];
+		});
 	},
 
 	async stopped(this: This) {
 		this.stopping = true;
 		clearInterval(this.pollTimer);
+		this.scrape?.();
 		// Attempts under way end within their timeout; their outcomes are recorded before the store closes.
 		await this.dispatching;
 		await Promise.all(this.sending);

@@ -27,6 +27,7 @@ import { openDatastore, worthRewriting } from "../store/nedb";
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { Logger, ServiceBroker } from "moleculer";
+import type { Waiting } from "../ops/metrics";
 import { deadLetterHeaders, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
 
 const BaseAdapter = Adapters.Base;
@@ -199,6 +200,16 @@ export class EmbeddedAdapter extends BaseAdapter {
 		let waiting = 0;
 		for (const msg of this.stored.values()) if (msg.pending.length > 0) waiting++;
 		return waiting;
+	}
+
+	/** How many messages of `channel` `group` has still to handle (those in flight too), and since when. */
+	async waiting(channel: string, group: string): Promise<Waiting> {
+		const queue = this.queues.get(`${channel}|${group}`);
+		const [oldest] = queue?.keys() ?? [];
+		// Message ids begin with their publishing time: 9 base-36 digits of milliseconds.
+		return oldest === undefined
+			? { count: 0 }
+			: { count: queue?.size ?? 0, oldestAt: parseInt(oldest.slice(0, 9), 36) };
 	}
 
 	/** Has `group` handled every message of `channels` published before `before`? */

@@ -25,6 +25,7 @@
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { JetStreamClient, JetStreamManager, JsMsg, NatsError } from "nats";
+import type { Waiting } from "../ops/metrics";
 import { assertPatchable, PATCHES } from "../patches";
 import {
 	deadLetterHeaders,
@@ -120,17 +121,24 @@ export class DurableNatsAdapter extends NatsAdapter {
 	/** Has `group` acknowledged every message of `channels` published before `before`? */
 	async caughtUp(channels: string[], group: string, before: Date): Promise<boolean> {
 		for (const channel of channels) {
-			const stream = channel.split(".").join("_");
-			const info = await this.manager.consumers.info(stream, group.split(".").join("_"));
-			if (info.num_pending + info.num_ack_pending === 0) continue;
-			// Everything up to the ack floor is acknowledged: the next message is the oldest waiting one.
-			const oldest = await this.manager.streams.getMessage(stream, {
-				seq: info.ack_floor.stream_seq + 1
-			});
-			const publishedAt = oldest.header?.get(PUBLISHED_AT);
-			if ((publishedAt ? new Date(publishedAt) : oldest.time) < before) return false;
+			const { oldestAt } = await this.waiting(channel, group);
+			if (oldestAt !== undefined && oldestAt < before.getTime()) return false;
 		}
 		return true;
+	}
+
+	/** How many messages of `channel` `group` has not acknowledged, and when the oldest was published. */
+	async waiting(channel: string, group: string): Promise<Waiting> {
+		const stream = channel.split(".").join("_");
+		const info = await this.manager.consumers.info(stream, group.split(".").join("_"));
+		const count = info.num_pending + info.num_ack_pending;
+		if (count === 0) return { count };
+		// Everything up to the ack floor is acknowledged: the next message is the oldest waiting one.
+		const oldest = await this.manager.streams.getMessage(stream, {
+			seq: info.ack_floor.stream_seq + 1
+		});
+		const publishedAt = oldest.header?.get(PUBLISHED_AT);
+		return { count, oldestAt: (publishedAt ? new Date(publishedAt) : oldest.time).getTime() };
 	}
 
 	override createConsumerHandler(

@@ -3,9 +3,22 @@
  * the node's probes: `/live` (the process answers) and `/ready` (every local service has started and
  * its durable channels are connected, and the node is not stopping) — so an orchestrator can route
  * to, and drain, each node on its own.
+ *
+ * OnePoint's own series (`onepoint_*`, lib/ops/metrics.ts) are written here rather than by Moleculer's
+ * writer, which leaves a histogram without its `_sum` and `_count` and a registered series without
+ * values out altogether; every label is snake_case (`node_id`, not Moleculer's `nodeID`), as
+ * `promtool check metrics` asks. Moleculer's own series are written as Moleculer writes them. The
+ * reporter's methods this overrides are fenced in lib/patches.ts.
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { MetricReporters, type MetricRegistry, type ServiceBroker } from "moleculer";
+import { assertPatchable, PATCHES } from "../patches";
+import { collect, httpSnapshots, onScrape, SERIES, type MetricSnapshot } from "./metrics";
+
+const OWN = "onepoint_*";
+
+const escape = (value: string) =>
+	value.replace(/\\/g, "\\\\").replace(/\n/g, "\\n").replace(/"/g, '\\"');
 
 /** Every local service started, the channel adapter connected, and not stopping. */
 export function isReady(broker: ServiceBroker): boolean {
@@ -17,6 +30,19 @@ export function isReady(broker: ServiceBroker): boolean {
 export class OpsReporter extends MetricReporters.Prometheus {
 	declare server: import("node:http").Server;
 	declare opts: { port: number };
+	declare defaultLabels: Record<string, string>;
+
+	constructor(opts: { port: number }) {
+		assertPatchable(PATCHES.prometheusReporter, MetricReporters.Prometheus.prototype);
+		super({
+			...opts,
+			excludes: [OWN],
+			defaultLabels: (registry: MetricRegistry) => ({
+				namespace: registry.broker.namespace,
+				node_id: registry.broker.nodeID
+			})
+		});
+	}
 
 	/**
 	 * Moleculer's reporter listens without an error handler: a port taken by another node on the
@@ -24,6 +50,8 @@ export class OpsReporter extends MetricReporters.Prometheus {
 	 */
 	override init(registry: MetricRegistry): void {
 		super.init(registry);
+		const broker = registry.broker;
+		onScrape(broker, () => [{ name: SERIES.nodeReady, value: isReady(broker) ? 1 : 0 }]);
 		this.server.on("error", (err: NodeJS.ErrnoException) => {
 			const why =
 				err.code === "EADDRINUSE"
@@ -50,6 +78,48 @@ export class OpsReporter extends MetricReporters.Prometheus {
 			);
 			return;
 		}
-		super.handler(req, res);
+		if (req.url !== "/metrics") return super.handler(req, res);
+		const broker = this.registry.broker;
+		collect(broker)
+			.catch((err: Error) => broker.logger.warn("Metrics not collected:", err.message))
+			.finally(() => super.handler(req, res));
+	}
+
+	override generatePrometheusResponse(): string {
+		return `${super.generatePrometheusResponse()}\n${this.ownSeries()}`;
+	}
+
+	/** OnePoint's series: a HELP and TYPE for each, also before it has a value. */
+	private ownSeries(): string {
+		const lines: string[] = [];
+		const series = [
+			...(this.registry.list({ includes: OWN }) as unknown as MetricSnapshot[]),
+			...httpSnapshots(this.registry.broker)
+		];
+		for (const metric of series) {
+			lines.push(`# HELP ${metric.name} ${metric.description ?? metric.name}`);
+			lines.push(`# TYPE ${metric.name} ${metric.type}`);
+			for (const item of metric.values) {
+				if (metric.type !== "histogram") {
+					lines.push(`${metric.name}${this.labels(item.labels)} ${item.value ?? 0}`);
+					continue;
+				}
+				for (const [le, count] of Object.entries(item.buckets ?? {}))
+					lines.push(`${metric.name}_bucket${this.labels(item.labels, { le })} ${count}`);
+				lines.push(
+					`${metric.name}_bucket${this.labels(item.labels, { le: "+Inf" })} ${item.count ?? 0}`
+				);
+				lines.push(`${metric.name}_sum${this.labels(item.labels)} ${item.sum ?? 0}`);
+				lines.push(`${metric.name}_count${this.labels(item.labels)} ${item.count ?? 0}`);
+			}
+		}
+		return `${lines.join("\n")}\n`;
+	}
+
+	private labels(labels: Record<string, string>, extra: Record<string, string> = {}): string {
+		const all = { ...this.defaultLabels, ...labels, ...extra };
+		return `{${Object.entries(all)
+			.map(([key, value]) => `${key}="${escape(String(value))}"`)
+			.join(",")}}`;
 	}
 }

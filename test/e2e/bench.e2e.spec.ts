@@ -42,6 +42,10 @@ describe("npm run bench -- --smoke", () => {
 		expect(output).toMatch(
 			/'GET \/api\/me \(our gateway, metrics on\)'.*'\d[\d,]*'.*'stock moleculer-web, trivial action'.*'\d+%'/
 		);
+		// The trivial route with tracing on, beside it with tracing off.
+		expect(output).toMatch(
+			/'GET \/api\/me \(our gateway, tracing on, all sampled\)'.*'\d[\d,]*'.*'GET \/api\/me \(tracing off\)'.*'\d+%'/
+		);
 		// Each load's throughput per window, and whether it held flat.
 		expect(output).toMatch(/Throughput over each load: per second in each \d+-second window/);
 		expect(output).toMatch(/broker\.call\("deals\.create"\) +( +[\d,]+){2,} +(flat|NOT FLAT)/);

@@ -50,6 +50,36 @@ describe("configuration", () => {
 		expect(() => parseApiKeys(entry)).toThrow(/API_KEYS entries must be/);
 	});
 
+	it("traces to Zipkin only with TRACING=zipkin, every request outside production and a tenth in it", () => {
+		expect(loadConfig({}).tracing).toBeUndefined();
+		expect(
+			loadConfig({ TRACING: "off", ZIPKIN_URL: "http://zipkin:9411" }).tracing
+		).toBeUndefined();
+		expect(loadConfig({ TRACING: "zipkin" }).tracing).toEqual({
+			zipkinUrl: "http://127.0.0.1:9411",
+			sample: 1
+		});
+		expect(
+			loadConfig({ TRACING: "zipkin", NODE_ENV: "production", ZIPKIN_URL: "http://zipkin:9411/" })
+				.tracing
+		).toEqual({ zipkinUrl: "http://zipkin:9411", sample: 0.1 });
+		expect(loadConfig({ TRACING: "zipkin", TRACING_SAMPLE: "0.25" }).tracing?.sample).toBe(0.25);
+		expect(() => loadConfig({ TRACING: "jaeger" })).toThrow(/TRACING must be one of off, zipkin/);
+		expect(() => loadConfig({ TRACING: "zipkin", ZIPKIN_URL: "zipkin:9411" })).toThrow(
+			/ZIPKIN_URL must be/
+		);
+		for (const raw of ["-0.1", "1.5", "all"])
+			expect(() => loadConfig({ TRACING: "zipkin", TRACING_SAMPLE: raw })).toThrow(
+				/TRACING_SAMPLE must/
+			);
+	});
+
+	it("writes text logs by default, JSON lines with LOG_FORMAT=json", () => {
+		expect(loadConfig({}).logFormat).toBe("text");
+		expect(loadConfig({ LOG_FORMAT: "json" }).logFormat).toBe("json");
+		expect(() => loadConfig({ LOG_FORMAT: "xml" })).toThrow(/LOG_FORMAT must be one of text, json/);
+	});
+
 	it("reads POINTS_VALID_MONTHS: 0 (never expire) by default, and refuses what is not a whole number of months", () => {
 		expect(loadConfig({}).pointsValidMonths).toBe(0);
 		expect(loadConfig({ POINTS_VALID_MONTHS: "12" }).pointsValidMonths).toBe(12);

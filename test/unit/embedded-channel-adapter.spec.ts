@@ -2,6 +2,7 @@ import fs from "node:fs";
 import path from "node:path";
 import type { ServiceBroker, ServiceSchema } from "moleculer";
 import DeadLettersService from "../../services/dead-letters.service";
+import { collect, SERIES } from "../../lib/ops/metrics";
 import { createTestBroker, eventually, type AnyServiceSchema } from "../helpers/broker";
 
 type Send = (channel: string, payload: object) => Promise<void>;
@@ -236,7 +237,8 @@ describe("embedded channel adapter", () => {
 			return list.rows;
 		});
 		expect(await broker.call("dead-letters.count")).toEqual({ waiting: 1 });
-		expect(broker.metrics.getMetric("onepoint.dead_letters.waiting")?.get()?.value).toBe(1);
+		await collect(broker);
+		expect(broker.metrics.getMetric(SERIES.deadLetters)?.get()?.value).toBe(1);
 
 		broken = false;
 		expect(await broker.call("dead-letters.replay", { id: letters[0].id })).toMatchObject({
@@ -253,7 +255,8 @@ describe("embedded channel adapter", () => {
 			type: "DEAD_LETTER_NOT_FOUND"
 		});
 		expect(await broker.call("dead-letters.count")).toEqual({ waiting: 0 });
-		expect(broker.metrics.getMetric("onepoint.dead_letters.waiting")?.get()?.value).toBe(0);
+		await collect(broker);
+		expect(broker.metrics.getMetric(SERIES.deadLetters)?.get()?.value).toBe(0);
 		// The other group had it once, when it was first published; the replay was not for it.
 		await new Promise(resolve => setTimeout(resolve, 200));
 		expect(seen).toEqual([{ id: "dl1" }]);

@@ -7,7 +7,7 @@ import fs from "node:fs";
 import path from "node:path";
 import Datastore from "@seald-io/nedb";
 import { Adapters } from "@moleculer/channels";
-import { MetricTypes, type MetricRegistry } from "moleculer";
+import { MetricReporters, MetricTypes, type MetricRegistry } from "moleculer";
 import ApiGateway from "moleculer-web";
 import { assertPatchable, missingMembers, PATCHES, type Patch } from "../../lib/patches";
 
@@ -31,6 +31,7 @@ function targets(): Record<keyof typeof PATCHES, object> {
 		natsChannels: Adapters.NATS.prototype,
 		moleculerWeb: ApiGateway.methods as object,
 		moleculerWebAliases: ApiGateway.methods as object,
+		prometheusReporter: MetricReporters.Prometheus.prototype,
 		metricRate: item.rate as object
 	};
 }
