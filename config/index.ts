@@ -17,6 +17,11 @@ export interface Config {
 	host: string;
 	dataDir: string;
 	mongoUri?: string;
+	/**
+	 * How long a MongoDB call may wait for a server, and then for its answer, before it fails with
+	 * 503 `STORE_UNAVAILABLE` (ms): a hung or unreachable store fails calls instead of holding them.
+	 */
+	mongoTimeoutMs: number;
 	transporter?: string;
 	/** The node's Prometheus `/metrics` and `/live`, `/ready` probes (`0`: any free port; `off`: none). */
 	metricsPort?: number;
@@ -272,6 +277,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		host: text(env, "HOST") ?? "0.0.0.0",
 		dataDir: path.resolve(text(env, "DATA_DIR") ?? "data"),
 		mongoUri: text(env, "MONGO_URI"),
+		mongoTimeoutMs: atLeast(100, "MONGO_TIMEOUT_MS", number(env, "MONGO_TIMEOUT_MS", 5000)),
 		transporter: text(env, "TRANSPORTER"),
 		metricsPort:
 			text(env, "METRICS_PORT") === "off" ? undefined : number(env, "METRICS_PORT", 3030),
