@@ -54,11 +54,15 @@ const INTERNAL_MIDDLEWARES = [
 type MetricsReporter = MetricRegistry.MetricsReporter;
 
 /**
- * A failed message is retried 8 times, after 1, 2, 4 … 60 s (about 3 minutes in all), so a store
- * that is down for a minute loses nothing; then it goes to the DEAD_LETTERS channel.
+ * A message its handler fails is retried after 1, 2, 4 … 60 s. One that fails for itself (a poison
+ * message) goes to the DEAD_LETTERS channel after 8 retries (about 3 minutes); one that finds a
+ * store or a service unavailable is retried every minute at most, for as long as that lasts
+ * (lib/channels/redelivery.ts). On NATS, up to 1000 messages of a group may wait for their retry
+ * without holding back the others (its consumer's `max_ack_pending` is 16 + 1000).
  */
 const CHANNEL_OPTIONS = {
 	maxInFlight: 16,
+	maxWaiting: 1000,
 	maxRetries: 8,
 	retryDelayMs: 1000,
 	maxRetryDelayMs: 60_000,

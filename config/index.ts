@@ -26,6 +26,11 @@ export interface Config {
 	 * that an acknowledged change survives the loss of the primary; unset, the server's default.
 	 */
 	mongoWriteConcern?: "majority" | number;
+	/**
+	 * How long a MongoDB call may wait for a server, and then for its answer, before it fails with
+	 * 503 `STORE_UNAVAILABLE` (ms): a hung or unreachable store fails calls instead of holding them.
+	 */
+	mongoTimeoutMs: number;
 	transporter?: string;
 	/** Replicas of every JetStream stream OnePoint creates (`NATS_STREAM_REPLICAS`): 3 on a three-server cluster. */
 	natsStreamReplicas: number;
@@ -335,6 +340,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		dataDir: path.resolve(text(env, "DATA_DIR") ?? "data"),
 		mongoUri: text(env, "MONGO_URI"),
 		mongoWriteConcern: writeConcern(env),
+		mongoTimeoutMs: atLeast(100, "MONGO_TIMEOUT_MS", number(env, "MONGO_TIMEOUT_MS", 5000)),
 		transporter: text(env, "TRANSPORTER"),
 		natsStreamReplicas: streamReplicas(env),
 		serviceWaitMs: atLeast(0, "SERVICE_WAIT_MS", number(env, "SERVICE_WAIT_MS", 0)),

@@ -38,6 +38,7 @@ export const PATCHES = {
 		where: "lib/channels/nats-adapter.ts",
 		members: [
 			"connect",
+			"disconnect",
 			"publish",
 			"createStream",
 			"createConsumerHandler",

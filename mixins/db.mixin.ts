@@ -19,6 +19,7 @@ import MongooseAdapter from "moleculer-db-adapter-mongoose";
 import mongoose from "mongoose";
 import type { Config } from "../config";
 import { configOf } from "../config/settings";
+import { isStoreUnreachable, unavailable } from "../lib/errors";
 import { closeDatastore, openDatastore } from "../lib/store/nedb";
 
 export interface IndexSpec {
@@ -169,13 +170,19 @@ class MongoBackend<T extends { _id: string }> implements Backend<T> {
 	constructor(
 		private readonly model: mongoose.Model<T>,
 		uri: string,
+		timeoutMs: number,
 		writeConcern: Config["mongoWriteConcern"]
 	) {
-		// Every write of the connection: the ledger's, the deals', the settlements' alike.
-		this.adapter = new SharedMongooseAdapter(
-			uri,
-			writeConcern === undefined ? undefined : { writeConcern: { w: writeConcern } }
-		);
+		// A hung or unreachable server fails a call after `timeoutMs` instead of holding it: waiting
+		// for a server (selection), for a new connection's handshake, and for an answer on an open
+		// connection (the socket's idle time). The write concern covers every write of the
+		// connection: the ledger's, the deals', the settlements' alike.
+		this.adapter = new SharedMongooseAdapter(uri, {
+			serverSelectionTimeoutMS: timeoutMs,
+			connectTimeoutMS: timeoutMs,
+			socketTimeoutMS: timeoutMs,
+			...(writeConcern === undefined ? {} : { writeConcern: { w: writeConcern } })
+		});
 	}
 
 	connect() {
@@ -214,12 +221,20 @@ class MongoBackend<T extends { _id: string }> implements Backend<T> {
 	}
 }
 
-function mongoModel<T>(name: string, indexes: IndexSpec[]): mongoose.Model<T> {
+function mongoModel<T>(name: string, indexes: IndexSpec[], timeoutMs: number): mongoose.Model<T> {
 	const existing = mongoose.models[name] as mongoose.Model<T> | undefined;
 	if (existing) return existing;
 	const schema = new mongoose.Schema(
 		{ _id: String },
-		{ strict: false, strictQuery: false, versionKey: false, autoIndex: false, autoCreate: false }
+		{
+			strict: false,
+			strictQuery: false,
+			versionKey: false,
+			autoIndex: false,
+			autoCreate: false,
+			// How long a call waits for a lost connection to come back (mongoose's command buffer).
+			bufferTimeoutMS: timeoutMs
+		}
 	);
 	for (const { fields, unique, sparse } of indexes)
 		schema.index(fields, { unique: !!unique, sparse: !!sparse });
@@ -235,11 +250,19 @@ export class Collection<T extends { _id: string }> {
 	constructor(
 		readonly name: string,
 		private readonly indexes: IndexSpec[],
-		config: Pick<Config, "mongoUri" | "mongoWriteConcern" | "dataDir">
+		private readonly config: Pick<
+			Config,
+			"mongoUri" | "mongoWriteConcern" | "dataDir" | "mongoTimeoutMs" | "retryAfterSeconds"
+		>
 	) {
 		if (config.mongoUri) {
-			this.model = mongoModel<T>(name, indexes);
-			this.backend = new MongoBackend(this.model, config.mongoUri, config.mongoWriteConcern);
+			this.model = mongoModel<T>(name, indexes, config.mongoTimeoutMs);
+			this.backend = new MongoBackend(
+				this.model,
+				config.mongoUri,
+				config.mongoTimeoutMs,
+				config.mongoWriteConcern
+			);
 		} else {
 			fs.mkdirSync(config.dataDir, { recursive: true });
 			this.backend = new NedbBackend(openDatastore<T>(path.join(config.dataDir, `${name}.db`)));
@@ -284,10 +307,31 @@ export class Collection<T extends { _id: string }> {
 		return this.backend.ensureIndexes(this.indexes);
 	}
 
+	/**
+	 * Runs a call on the store; one that could not reach it or was not answered in time
+	 * (MONGO_TIMEOUT_MS) fails as 503 `STORE_UNAVAILABLE`, which asks a client to retry and a channel
+	 * to wait it out rather than dead-letter the message.
+	 */
+	private async reach<R>(call: () => Promise<R>): Promise<R> {
+		try {
+			return await call();
+		} catch (err) {
+			if (!isStoreUnreachable(err)) throw err;
+			// The driver's words stay out of the answer (a client sees the message); `cause` keeps them.
+			const storeUnavailable = unavailable(
+				"STORE_UNAVAILABLE",
+				`The store did not answer in time (collection '${this.name}'); try again later`,
+				this.config.retryAfterSeconds
+			);
+			Object.defineProperty(storeUnavailable, "cause", { value: err });
+			throw storeUnavailable;
+		}
+	}
+
 	/** Inserts `doc`; `false` when its `_id` or a unique field is taken. */
 	async insertUnique(doc: T): Promise<boolean> {
 		try {
-			await this.backend.insert(doc);
+			await this.reach(() => this.backend.insert(doc));
 			return true;
 		} catch (err) {
 			if (isUniqueViolation(err)) return false;
@@ -296,29 +340,29 @@ export class Collection<T extends { _id: string }> {
 	}
 
 	findById(id: string): Promise<T | null> {
-		return this.backend.findById(id);
+		return this.reach(() => this.backend.findById(id));
 	}
 
 	find(params: FindParams): Promise<T[]> {
-		return this.backend.find(params);
+		return this.reach(() => this.backend.find(params));
 	}
 
 	count(query: Query): Promise<number> {
-		return this.backend.count(query);
+		return this.reach(() => this.backend.count(query));
 	}
 
 	/** Applies `update` to the documents matching `query`, one atomic step per document; how many matched. */
 	update(query: Query, update: object): Promise<number> {
-		return this.backend.update(query, update);
+		return this.reach(() => this.backend.update(query, update));
 	}
 
 	upsert(query: Query, update: object): Promise<void> {
-		return this.backend.upsert(query, update);
+		return this.reach(() => this.backend.upsert(query, update));
 	}
 
 	/** Deletes the documents matching `query` (records past their retention); how many. */
 	remove(query: Query): Promise<number> {
-		return this.backend.remove(query);
+		return this.reach(() => this.backend.remove(query));
 	}
 
 	async page(query: Query, sort: string[], page: number, pageSize: number): Promise<Page<T>> {

@@ -14,6 +14,7 @@
 import type { Service, ServiceSchema } from "moleculer";
 import type { OutboxEvent } from "../contracts/channels";
 import { encodeTime } from "ulid";
+import { EVENT_ID } from "../lib/channels/redelivery";
 import { onScrape, SERIES, type Sample } from "../lib/ops/metrics";
 import { traceHeaders } from "../lib/ops/tracing";
 import type { Collection, IndexSpec, Query } from "./db.mixin";
@@ -57,7 +58,23 @@ export interface OutboxMethods {
 		events: OutboxEvent[],
 		finish?: Finish
 	): Promise<boolean>;
+	/**
+	 * `changeWithEvents` without the sending: the write and `finish.run`, answering how to send (and
+	 * then write `finish`'s update), for a writer that holds a lock to send after releasing it — a
+	 * channel that hangs then holds up no other writer. False when the change was refused.
+	 */
+	recordWithEvents<T extends WithOutbox>(
+		change: Change<T>,
+		events: OutboxEvent[],
+		finish?: Finish
+	): Promise<Send | false>;
 }
+
+/**
+ * Sends the events a change recorded, then writes `finish`'s update with their removal from the
+ * outbox; `finished`: a later change already did `finish`'s part, so only the removal is written.
+ */
+export type Send = (finished?: boolean) => Promise<void>;
 
 type OutboxThis = Service &
 	OutboxMethods & {
@@ -95,6 +112,18 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 			events: OutboxEvent[],
 			finish?: Finish
 		) {
+			const send = await this.recordWithEvents(change, events, finish);
+			if (!send) return false;
+			await send();
+			return true;
+		},
+
+		async recordWithEvents<T extends WithOutbox>(
+			this: OutboxThis,
+			change: Change<T>,
+			events: OutboxEvent[],
+			finish?: Finish
+		) {
 			// Traced, each event carries the trace of what recorded it, whenever it is sent.
 			const headers = traceHeaders();
 			const outbox = events.length
@@ -111,11 +140,8 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 						)) > 0;
 			if (!written) return false;
 			await finish?.run();
-			await this.flushOutbox(
-				{ _id: "insert" in change ? change.insert._id : change.filter._id, outbox },
-				finish
-			);
-			return true;
+			const doc = { _id: "insert" in change ? change.insert._id : change.filter._id, outbox };
+			return (finished = false) => this.flushOutbox(doc, finished ? undefined : finish);
 		},
 
 		/** Sends the events a just-written document carries; failures are left for the retry timer. */
@@ -136,20 +162,24 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 				sendToChannel(
 					channel: string,
 					payload: unknown,
-					opts?: { headers: Record<string, string> }
+					opts: { headers: Record<string, string> }
 				): Promise<void>;
 			};
+			// Every send of an event carries its id: the channel stores a repeat once (NATS' Nats-Msg-Id).
 			for (const event of sent)
-				await broker.sendToChannel(
-					event.channel,
-					event.payload,
-					event.headers && { headers: event.headers }
-				);
+				await broker.sendToChannel(event.channel, event.payload, {
+					headers: { ...event.headers, [EVENT_ID]: event.id }
+				});
 			const pull = sent.length
 				? { $pull: { outbox: { id: { $in: sent.map(e => e.id) } } } }
 				: undefined;
-			if (pull || finish)
-				await this.store.update(finish?.filter ?? { _id: doc._id }, { ...finish?.update, ...pull });
+			if (!pull && !finish) return;
+			const matched = await this.store.update(finish?.filter ?? { _id: doc._id }, {
+				...finish?.update,
+				...pull
+			});
+			// A later writer changed the document first (and did `finish`'s part): the events are still sent.
+			if (!matched && finish && pull) await this.store.update({ _id: doc._id }, pull);
 		},
 
 		async retryOutbox(this: OutboxThis, query: Query = { "outbox.0": { $exists: true } }) {

@@ -50,6 +50,7 @@ import { clientError, notFound } from "../lib/errors";
 import { KeyedLock } from "../lib/keyed-lock";
 import { onScrape, SERIES } from "../lib/ops/metrics";
 import * as P from "../lib/params";
+import { EVENT_ID } from "../lib/channels/redelivery";
 import { addMonths, monthBounds, monthOf, previousMonth } from "../lib/months";
 import { applyRate, rateOf, settlementAmounts } from "../lib/rates";
 import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
@@ -877,11 +878,17 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			const waiting =
 				settlements ?? (await this.settlements.find({ query: { "outbox.0": { $exists: true } } }));
 			const broker = this.broker as unknown as {
-				sendToChannel(channel: string, payload: unknown): Promise<void>;
+				sendToChannel(
+					channel: string,
+					payload: unknown,
+					opts: { headers: Record<string, string> }
+				): Promise<void>;
 			};
 			for (const settlement of waiting)
 				for (const event of settlement.outbox ?? []) {
-					await broker.sendToChannel(event.channel, event.payload);
+					await broker.sendToChannel(event.channel, event.payload, {
+						headers: { [EVENT_ID]: event.id }
+					});
 					await this.settlements.update(
 						{ _id: settlement._id },
 						{ $pull: { outbox: { id: event.id } } }

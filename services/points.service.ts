@@ -283,6 +283,11 @@ type This = Service<Settings> &
 	Methods & {
 		ledger: Collection<LedgerEntry>;
 		lock: KeyedLock;
+		/**
+		 * Per account, the version of this process's last posting whose entries are in the ledger while
+		 * its events are sent (after the lock): its `pending` is not left unfinished.
+		 */
+		ledgered: Map<string, number>;
 		sweepTimer?: NodeJS.Timeout;
 		expiryTimer?: NodeJS.Timeout;
 		releaseTimer?: NodeJS.Timeout;
@@ -785,7 +790,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		 * `plan` runs under the account's lock, given the posting's time, and may answer a reason
 		 * instead, to post nothing. `events` are written with the entries, after `points.posted`.
 		 */
-		post(
+		async post(
 			this: This,
 			memberId: string,
 			plan: (account: Account, at: string) => Promise<Planned | Refusal>,
@@ -795,14 +800,18 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			// kept out by conditioning the write on the account's version, which every change
 			// increments: a lost race re-plans on what the winner wrote. (A balance condition would
 			// miss a posting that leaves the balance as it was, or one that changes it and back.)
-			const attempt = async (): Promise<PostResult | typeof LOST> => {
+			const attempt = async (): Promise<
+				(PostResult & { send?: () => Promise<void> }) | typeof LOST
+			> => {
 				const now = this.now().toISOString();
 				let account = await this.store.findById(memberId);
 				if (!account) {
 					await this.openAccount(memberId, now);
 					account = (await this.store.findById(memberId)) as Account;
 				}
-				if (account.pending?.length) {
+				// A posting of this process whose entries are in the ledger, its events still being sent,
+				// is not unfinished: this write replaces its `pending`, and its clearing then matches nothing.
+				if (account.pending?.length && this.ledgered.get(memberId) !== account.version) {
 					// An unfinished posting (a crash, a store error): finish it, then plan again on what it wrote.
 					await this.finishPosting(account);
 					return LOST;
@@ -860,24 +869,42 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 				};
 				// The entries go to the ledger before the event is sent; the clearing is written with its removal from the outbox.
 				const finish = {
-					run: () => this.copyToLedger(entries),
+					run: async () => {
+						await this.copyToLedger(entries);
+						this.ledgered.set(memberId, version);
+					},
 					filter: versionOf({ ...account, version }),
 					update: CLEAR_UNFINISHED
 				};
-				if (
-					!(await this.changeWithEvents(
-						{ filter: versionOf(account), update },
-						[posted, ...events],
-						finish
-					))
-				)
-					return LOST;
+				const record = await this.recordWithEvents(
+					{ filter: versionOf(account), update },
+					[posted, ...events],
+					finish
+				);
+				if (!record) return LOST;
 				countPosted(this.broker, entries);
-				return { applied: true, balance, at: now };
+				const send = async () => {
+					// A later posting of the account wrote over this one's `pending`: nothing to clear.
+					const superseded = this.ledgered.get(memberId) !== version;
+					try {
+						await record(superseded);
+					} finally {
+						if (!superseded && this.ledgered.get(memberId) === version)
+							this.ledgered.delete(memberId);
+					}
+				};
+				return { applied: true, balance, at: now, send };
 			};
-			return this.lock.run(memberId, () =>
-				retryOnRace(attempt, { attempts: MAX_ATTEMPTS, what: `Account '${memberId}'` })
+			// The events are sent after the lock is released: a channel that hangs (NATS down) then holds
+			// up this posting only, not every later one of the account. They are in the account's outbox
+			// already, and its entries in the ledger: a posting that comes meanwhile goes ahead (`ledgered`).
+			const { send, ...result } = await this.lock.run(
+				memberId,
+				(): Promise<PostResult & { send?: () => Promise<void> }> =>
+					retryOnRace(attempt, { attempts: MAX_ATTEMPTS, what: `Account '${memberId}'` })
 			);
+			await send?.();
+			return result;
 		},
 
 		/**
@@ -1341,6 +1368,7 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 
 	created(this: This) {
 		this.lock = new KeyedLock();
+		this.ledgered = new Map();
 		this.ledger = openCollection<LedgerEntry>(this, "ledger", [
 			{ fields: { memberId: 1, seq: -1 } },
 			// A member's transfers, and what they sent today (on NeDB, an index on `memberId` alone).

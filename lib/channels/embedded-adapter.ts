@@ -5,7 +5,8 @@
  * built on Moleculer events, which drops what nobody is listening to. The embedded default needs the
  * guarantees of the real ones without a server: a message waits until every consumer group that
  * subscribed to its channel has handled it (at-least-once), failed handlers are retried with backoff,
- * and after `maxRetries` the message goes to the dead-letter channel instead of vanishing.
+ * and after `maxRetries` failures of its own (FailureCounts: an unavailable dependency does not count)
+ * the message goes to the dead-letter channel instead of vanishing.
  *
  * Publishing waits until `connect` has loaded the store and the consumer groups: the broker connects
  * the adapter only after its services have started, and a service may publish from `started`
@@ -28,7 +29,7 @@ import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { Logger, ServiceBroker } from "moleculer";
 import type { Waiting } from "../ops/metrics";
-import { deadLetterHeaders, REPLAY_GROUP, retryDelay, type RetryOptions } from "./redelivery";
+import { deadLetterHeaders, FailureCounts, REPLAY_GROUP, type RetryOptions } from "./redelivery";
 
 const BaseAdapter = Adapters.Base;
 
@@ -50,7 +51,7 @@ type Tombstone = { _id: string; $$deleted: true };
 interface Consumer {
 	chan: Channel;
 	inFlight: Map<string, Promise<void>>;
-	failures: Map<string, { tries: number; notBefore: number }>;
+	failures: FailureCounts;
 	stopped: boolean;
 	timer?: NodeJS.Timeout;
 }
@@ -158,7 +159,12 @@ export class EmbeddedAdapter extends BaseAdapter {
 		chan.maxRetries ??= this.opts.maxRetries;
 		chan.deadLettering = { ...this.opts.deadLettering, ...chan.deadLettering };
 		await this.registerGroup(chan.name, chan.group);
-		const consumer: Consumer = { chan, inFlight: new Map(), failures: new Map(), stopped: false };
+		const consumer: Consumer = {
+			chan,
+			inFlight: new Map(),
+			failures: new FailureCounts(this.opts),
+			stopped: false
+		};
 		this.consumers.set(chan.id, consumer);
 		this.initChannelActiveMessages(chan.id, false);
 		this.pump(consumer);
@@ -320,8 +326,9 @@ export class EmbeddedAdapter extends BaseAdapter {
 	}
 
 	/**
-	 * Hands waiting messages to the consumer's handler, up to its `maxInFlight`, oldest first. The
-	 * queue's head holds at most the messages in flight and those waiting to be retried.
+	 * Hands waiting messages to the consumer's handler, up to its `maxInFlight`, oldest first. A
+	 * message waiting for its retry holds no slot: the messages behind it keep flowing. The queue's
+	 * head holds at most the messages in flight and those waiting to be retried.
 	 */
 	private pump(consumer: Consumer): void {
 		let free = (consumer.chan.maxInFlight ?? 1) - consumer.inFlight.size;
@@ -331,9 +338,9 @@ export class EmbeddedAdapter extends BaseAdapter {
 		for (const msg of this.queueOf(consumer.chan.name, consumer.chan.group).values()) {
 			if (free <= 0) break;
 			if (consumer.inFlight.has(msg._id)) continue;
-			const failure = consumer.failures.get(msg._id);
-			if (failure && failure.notBefore > now) {
-				nextRetry = Math.min(nextRetry, failure.notBefore);
+			const notBefore = consumer.failures.notBefore(msg._id) ?? now;
+			if (notBefore > now) {
+				nextRetry = Math.min(nextRetry, notBefore);
 				continue;
 			}
 			free--;
@@ -353,7 +360,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 		const work = (async () => {
 			try {
 				await chan.handler(payload, { id: msg._id, payload, headers: msg.headers });
-				consumer.failures.delete(msg._id);
+				consumer.failures.forget(msg._id);
 				this.done(msg, chan.group);
 			} catch (err) {
 				await this.failed(consumer, msg, err as Error);
@@ -377,32 +384,31 @@ export class EmbeddedAdapter extends BaseAdapter {
 		this.compactIfWorthIt();
 	}
 
+	/** Tried again later, or, once the handler has failed it more than `maxRetries` times, dead-lettered. */
 	private async failed(consumer: Consumer, msg: StoredMessage, err: Error): Promise<void> {
 		const { chan } = consumer;
-		const tries = (consumer.failures.get(msg._id)?.tries ?? 0) + 1;
+		const verdict = consumer.failures.failed(msg._id, err, chan.maxRetries ?? 0);
 		this.metricsIncrement("moleculer.channels.messages.errors.total", chan);
-		if (tries <= (chan.maxRetries ?? 0)) {
-			this.logger.warn(`'${chan.name}' (${chan.group}) failed, retry ${tries}:`, err.message);
+		if (!verdict.giveUp) {
+			this.logger.warn(
+				`'${chan.name}' (${chan.group}) failed${verdict.transient ? " (unavailable)" : ` (${verdict.tries} of ${(chan.maxRetries ?? 0) + 1})`}, retrying in ${verdict.delayMs / 1000} s:`,
+				err.message
+			);
 			this.metricsIncrement("moleculer.channels.messages.retries.total", chan);
-			consumer.failures.set(msg._id, {
-				tries,
-				notBefore: Date.now() + retryDelay(tries, this.opts)
-			});
 			return;
 		}
-		consumer.failures.delete(msg._id);
 		if (chan.deadLettering?.enabled) {
 			this.logger.error(
-				`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dead-lettered:`,
+				`'${chan.name}' (${chan.group}) gave up after ${verdict.tries} tries; dead-lettered:`,
 				err.message
 			);
 			this.metricsIncrement("moleculer.channels.messages.deadLettering.total", chan);
 			await this.publish(this.addPrefixTopic(chan.deadLettering.queueName), msg.payload, {
-				headers: deadLetterHeaders(msg.headers ?? {}, chan, err, tries)
+				headers: deadLetterHeaders(msg.headers ?? {}, chan, err, verdict.tries)
 			});
 		} else {
 			this.logger.error(
-				`'${chan.name}' (${chan.group}) gave up after ${tries} tries; dropped:`,
+				`'${chan.name}' (${chan.group}) gave up after ${verdict.tries} tries; dropped:`,
 				err.message
 			);
 		}

@@ -429,7 +429,7 @@ export function channelDoc(table: ChannelTable = channelTable()): string {
 	];
 	if (table.deadLetters)
 		lines.push(
-			`- **${table.deadLetters.channel}** (the failed message, with its channel, group and error in headers) — from ${ADAPTERS}, once a consumer group has given up on a message (\`deadLettering\` in config/broker.ts); to ${groups(table.deadLetters.consumers)}, which can replay it to the group that failed it.`
+			`- **${table.deadLetters.channel}** (the failed message, with its channel, group and error in headers) — from ${ADAPTERS}, once a consumer group has given up on a message that failed for itself, after its retries (\`deadLettering\` in config/broker.ts; a store or a service unavailable is retried until it answers, never dead-lettered: lib/channels/redelivery.ts); to ${groups(table.deadLetters.consumers)}, which can replay it to the group that failed it.`
 		);
 	if (table.events.length)
 		lines.push(

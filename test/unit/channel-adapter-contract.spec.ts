@@ -17,7 +17,7 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import type { ServiceBroker } from "moleculer";
+import { Errors, type ServiceBroker } from "moleculer";
 import { DEAD_LETTER } from "../../lib/channels/redelivery";
 import { createTestBroker, eventually, type AnyServiceSchema } from "../helpers/broker";
 import { NatsServer } from "../helpers/nats";
@@ -110,6 +110,17 @@ function consumer(
 		}
 	};
 }
+
+/** A group of its own on DEAD_LETTERS, recording the dead letters of the payload with `id` (other cases' letters share the channel). */
+const deadLetterWatcher = (name: string, id: string, letters: string[]): AnyServiceSchema => ({
+	name,
+	channels: {
+		DEAD_LETTERS: {
+			group: name,
+			handler: async (payload: { id?: string }) => void (payload?.id === id && letters.push(id))
+		}
+	}
+});
 
 /** A consumer that records the `id` of each payload. */
 const recorder = (name: string, channel: string, seen: string[]): AnyServiceSchema =>
@@ -336,6 +347,92 @@ describe.each([embedded, jetStream])("channel adapter contract: $name", adapter 
 			await sleep(SETTLE_MS);
 			expect(tries).toEqual(["p1", "p1", "p1"]);
 			expect(letters).toHaveLength(1);
+		}
+	);
+
+	contract(
+		"retries a message whose handler finds a dependency unavailable for as long as that lasts, and never dead-letters it for that",
+		async ({ channel, start }) => {
+			const ch = channel("unavailable");
+			const tries: string[] = [];
+			const letters: string[] = [];
+			let applied = 0;
+			const broker = await start([
+				consumer(
+					"waiting",
+					ch,
+					({ id }) => {
+						tries.push(id);
+						// A store or a service down: more failures than maxRetries, none of them the message's fault.
+						if (tries.length <= 4)
+							throw new Errors.MoleculerRetryableError("store unavailable", 503);
+						applied++;
+					},
+					1
+				),
+				deadLetterWatcher(`watcher-${ch}`, "a1", letters)
+			]);
+			await broker.sendToChannel(ch, { id: "a1" });
+			await eventually(() => expect(applied).toBe(1));
+			await sleep(SETTLE_MS);
+			expect(tries).toEqual(["a1", "a1", "a1", "a1", "a1"]);
+			expect(letters).toEqual([]);
+		}
+	);
+
+	contract(
+		"counts only the handler's own failures toward maxRetries, not a dependency's unavailability between them",
+		async ({ channel, start }) => {
+			const ch = channel("mixed");
+			const tries: string[] = [];
+			const letters: string[] = [];
+			const broker = await start([
+				consumer(
+					"mixed",
+					ch,
+					({ id }) => {
+						tries.push(id);
+						// Unavailable, poison, unavailable, poison …: the second poison failure is its last.
+						if (tries.length % 2) throw new Errors.MoleculerRetryableError("timed out", 504);
+						throw new TypeError(`cannot read ${id}`);
+					},
+					1
+				),
+				deadLetterWatcher(`watcher-${ch}`, "x1", letters)
+			]);
+			await broker.sendToChannel(ch, { id: "x1" });
+			await eventually(() => expect(letters).toEqual(["x1"]));
+			await sleep(SETTLE_MS);
+			expect(tries).toHaveLength(4);
+		}
+	);
+
+	contract(
+		"keeps handling a group's other messages while more than maxInFlight of them fail again and again",
+		async ({ channel, start }) => {
+			const ch = channel("crowded");
+			const failing = ids("f", 24);
+			const healthy = ids("h", 10);
+			const handled: string[] = [];
+			let mended = false;
+			const broker = await start([
+				consumer(
+					"crowded",
+					ch,
+					({ id }) => {
+						if (id.startsWith("f") && !mended) throw new Error(`cannot apply ${id} yet`);
+						handled.push(id);
+					},
+					// Not dead-lettered while the case runs: they only keep failing.
+					1000
+				)
+			]);
+			// More failing messages than the group handles at once (maxInFlight 16), then healthy ones.
+			for (const id of failing) await broker.sendToChannel(ch, { id });
+			for (const id of healthy) await broker.sendToChannel(ch, { id });
+			await eventually(() => expect(sorted(handled)).toEqual(healthy));
+			mended = true;
+			await eventually(() => expect(sorted(handled)).toEqual(sorted([...failing, ...healthy])));
 		}
 	);
 

@@ -1,17 +1,31 @@
 /**
- * The NATS JetStream channel adapter against a real nats-server: a consumer that fails for 30 s
- * (a store outage) catches up through redeliveries with backoff, and nothing is dead-lettered; a
- * message that keeps failing is dead-lettered with its error and replayed once, to its group only;
- * nodes of one group starting at once all join its consumer.
+ * The NATS JetStream channel adapter against a real nats-server: a consumer whose store is down for
+ * 30 s catches up through redeliveries with backoff, and nothing is dead-lettered; a message that
+ * keeps failing is dead-lettered with its error and replayed once, to its group only; nodes of one
+ * group starting at once all join its consumer; a consumer stalled past several `ack_wait`s does not
+ * dead-letter what it had not finished; an event sent twice is stored once.
  */
 import type { ServiceBroker } from "moleculer";
+import { AckPolicy, type JetStreamManager, type JsMsg } from "nats";
+import { EVENT_ID } from "../../lib/channels/redelivery";
 import DeadLettersService from "../../services/dead-letters.service";
 import { createTestBroker, eventually, type AnyServiceSchema } from "../helpers/broker";
 import { NatsServer } from "../helpers/nats";
 
 jest.setTimeout(240_000);
 
-type Send = (channel: string, payload: object) => Promise<void>;
+type Send = (
+	channel: string,
+	payload: object,
+	opts?: { headers: Record<string, string> }
+) => Promise<void>;
+
+/** A consumer redelivered every 300 ms while unacknowledged: a stall of a few ack_waits, quickly. */
+const shortAckWait = { nats: { consumerOptions: { config: { ack_wait: 300_000_000 } } } };
+
+/** A store that refuses connections: what the handler sees while MongoDB is down. */
+const storeDown = () =>
+	Object.assign(new Error("connect ECONNREFUSED 127.0.0.1:27017"), { code: "ECONNREFUSED" });
 
 describe("NATS channel adapter: redelivery and dead letters", () => {
 	let nats: NatsServer;
@@ -30,8 +44,10 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 			channels: {
 				"thing.saved": {
 					group: "store-user",
+					// Far fewer than the failures of a 30 s outage: they are not the messages' fault.
+					maxRetries: 1,
 					async handler(payload: { id: string }) {
-						if (Date.now() < outageUntil) throw new Error("store unavailable");
+						if (Date.now() < outageUntil) throw storeDown();
 						applied.set(payload.id, (applied.get(payload.id) ?? 0) + 1);
 					}
 				},
@@ -82,7 +98,12 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 	});
 
 	it("dead-letters a message that keeps failing, with its error, and replays it once to its group only", async () => {
-		await send("thing.broke", { id: "b1" });
+		// An outbox event: its replay, within the stream's duplicate window, is not taken for a repeat.
+		await send(
+			"thing.broke",
+			{ id: "b1" },
+			{ headers: { [EVENT_ID]: "01JEVENT0000000000000000B1" } }
+		);
 		const letter = await eventually(async () => {
 			const { rows } = await broker.call<
 				{ rows: { id: string; channel: string; group: string; error: string }[] },
@@ -173,6 +194,107 @@ describe("NATS channel adapter: redelivery and dead letters", () => {
 		} finally {
 			errors.mockRestore();
 			await Promise.all(nodes.map(node => node.stop()));
+		}
+	});
+	it("dead-letters by the handler's own failures: a consumer stalled past several ack_waits keeps the messages it had not finished", async () => {
+		const deliveries: number[] = [];
+		const applied: string[] = [];
+		let resume = () => undefined as void;
+		const stalled = new Promise<void>(resolve => (resume = resolve));
+		let failedOnce = false;
+		const node = createTestBroker(
+			[
+				{
+					name: "stalled-user",
+					channels: {
+						"thing.stalled": {
+							group: "stalled-user",
+							maxRetries: 1,
+							...shortAckWait,
+							async handler(payload: { id: string }, raw: JsMsg) {
+								deliveries.push(raw.info.redeliveryCount);
+								// The first deliveries stall (a paused node) while JetStream redelivers the message.
+								if (raw.info.redeliveryCount < 4) return stalled;
+								// Then one failure of its own: one of maxRetries + 1, whatever JetStream counted.
+								if (!failedOnce) {
+									failedOnce = true;
+									throw new Error("one bad moment");
+								}
+								applied.push(payload.id);
+							}
+						}
+					}
+				}
+			],
+			{ TRANSPORTER: nats.url, NODE_ID: `stalled-${process.pid}` }
+		);
+		await node.start();
+		try {
+			await send("thing.stalled", { id: "t1" });
+			await eventually(() => expect(applied).toContain("t1"), 30_000);
+			expect(failedOnce).toBe(true);
+			expect(Math.max(...deliveries)).toBeGreaterThanOrEqual(4);
+			// Any dead letter would have been sent before the retry that applied it.
+			await new Promise(resolve => setTimeout(resolve, 500));
+			const { rows } = await broker.call<{ rows: { channel: string }[] }, object>(
+				"dead-letters.list",
+				{ status: "all" }
+			);
+			expect(rows.filter(row => row.channel === "onepoint.thing.stalled")).toEqual([]);
+		} finally {
+			resume();
+			await node.stop();
+		}
+	});
+
+	it("stores an event sent twice (a publish retried after its acknowledgement was lost) once: its outbox id is its Nats-Msg-Id", async () => {
+		const manager = (broker as unknown as { channelAdapter: { manager: JetStreamManager } })
+			.channelAdapter.manager;
+		const event = (id: string) => ({ headers: { [EVENT_ID]: id } });
+		await send("thing.sent", { id: "e1" }, event("01JEVENT0000000000000000E1"));
+		await send("thing.sent", { id: "e1" }, event("01JEVENT0000000000000000E1"));
+		await send("thing.sent", { id: "e2" }, event("01JEVENT0000000000000000E2"));
+		await send("thing.sent", { id: "no-id" });
+		await send("thing.sent", { id: "no-id" });
+		const { state } = await manager.streams.info("onepoint_thing_sent");
+		expect(state.messages).toBe(4);
+	});
+	it("lets a consumer made by an earlier version (max_ack_pending 16) hold the messages waiting for their retry too", async () => {
+		const manager = (broker as unknown as { channelAdapter: { manager: JetStreamManager } })
+			.channelAdapter.manager;
+		await manager.streams.add({ name: "onepoint_thing_older", subjects: ["onepoint.thing.older"] });
+		await manager.consumers.add("onepoint_thing_older", {
+			durable_name: "older-user",
+			deliver_subject: "older-deliveries",
+			deliver_group: "onepoint_thing_older",
+			ack_policy: AckPolicy.Explicit,
+			max_ack_pending: 16
+		});
+		const seen: string[] = [];
+		const node = createTestBroker(
+			[
+				{
+					name: "older-user",
+					channels: {
+						"thing.older": {
+							group: "older-user",
+							handler: async (payload: { id: string }) => void seen.push(payload.id)
+						}
+					}
+				}
+			],
+			{ TRANSPORTER: nats.url, NODE_ID: `older-${process.pid}` }
+		);
+		await node.start();
+		try {
+			await eventually(async () => {
+				const { config } = await manager.consumers.info("onepoint_thing_older", "older-user");
+				expect(config.max_ack_pending).toBe(16 + 1000);
+			});
+			await send("thing.older", { id: "o1" });
+			await eventually(() => expect(seen).toEqual(["o1"]));
+		} finally {
+			await node.stop();
 		}
 	});
 });

@@ -104,6 +104,48 @@ describe("points service", () => {
 		await eventually(async () => expect(await account("m9")).toMatchObject({ outbox: [] }));
 	});
 
+	it("sends a posting's events after releasing the account's lock: a send that hangs holds up no other posting of the account", async () => {
+		type SendWith = (channel: string, payload: object, opts?: object) => Promise<void>;
+		const channels = broker as unknown as { sendToChannel: SendWith };
+		const sendToChannel = channels.sendToChannel;
+		await send("deal.saved", { dealId: "h1", memberId: "m10", merchantId: "20", point: 300 });
+		await eventually(async () => expect(await balance("m10")).toBe(300));
+		let sendHangs = () => undefined as void;
+		const hanging = new Promise<void>(resolve => (sendHangs = resolve));
+		let channelFails = (_err: Error) => undefined as void;
+		const stuck = new Promise<void>((_resolve, reject) => (channelFails = reject));
+		let sends = 0;
+		// The first posting's send does not answer until the test says so (NATS down, a publish timeout).
+		channels.sendToChannel = (channel, payload, opts) => {
+			if (++sends > 1) return sendToChannel.call(broker, channel, payload, opts);
+			sendHangs();
+			return stuck;
+		};
+		try {
+			const first = debit("m10", "h2", 100);
+			await hanging;
+			expect(await debit("m10", "h3", 50)).toMatchObject({ applied: true, balance: 150 });
+			channelFails(new Error("channel down"));
+			expect(await first).toMatchObject({ applied: true, balance: 200 });
+		} finally {
+			channels.sendToChannel = sendToChannel;
+		}
+		expect((await history("m10")).rows.map(r => r.cause)).toEqual([
+			"deal:h3",
+			"deal:h2",
+			"deal:h1"
+		]);
+		// The events the hung send left in the outbox go with the retry.
+		const account = () =>
+			(
+				broker.getLocalService("points") as unknown as {
+					store: { findById(id: string): Promise<{ outbox?: unknown[]; pending?: unknown[] }> };
+				}
+			).store.findById("m10");
+		await eventually(async () => expect(await account()).toMatchObject({ outbox: [] }));
+		expect(await account()).not.toHaveProperty("pending");
+	});
+
 	it("lets exactly the affordable share of racing debits succeed", async () => {
 		await send("deal.saved", { dealId: "d3", memberId: "m4", merchantId: "20", point: 1000 });
 		await eventually(async () => expect(await balance("m4")).toBe(1000));
