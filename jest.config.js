@@ -36,7 +36,9 @@ const storeless = [
 	"posting",
 	"docs-links",
 	"service-wait",
-	"monitoring"
+	"monitoring",
+	// A million entries written into NeDB's file (the MongoDB side: test/unit/exports.spec.ts).
+	"ledger-export.e2e"
 ].map(name => `/test/(unit|e2e)/${name}\\.spec\\.ts$`);
 
 /** @type {import('jest').Config} */

@@ -16,6 +16,8 @@ export interface Options {
 	sizes: number[];
 	/** Throughput is also reported per window of this many seconds (whole seconds over HTTP). */
 	window: number;
+	/** Rows of the bulk import (and so entries of the ledger export). */
+	importRows: number;
 }
 
 export interface Figures {

@@ -1,6 +1,7 @@
 /**
  * `npm run bench`: every figure beside its baseline from the same run, then the targets, met or
  * not. `npm run bench -- --smoke` runs each part for a moment (the test suite does, so it cannot rot).
+ * `--import-rows=<n>` sets the bulk import's rows (100,000 by default), `--bulk` runs that part only.
  * Loopback only; each part stops by itself.
  */
 import fs from "node:fs";
@@ -18,15 +19,31 @@ const FULL: Options = {
 	window: 5,
 	connections: 20,
 	members: 500,
-	sizes: [10_000, 100_000, 1_000_000]
+	sizes: [10_000, 100_000, 1_000_000],
+	importRows: 100_000
 };
 const SMOKE: Options = {
 	seconds: 2,
 	window: 1,
 	connections: 4,
 	members: 20,
-	sizes: [1_000, 3_000]
+	sizes: [1_000, 3_000],
+	importRows: 500
 };
+
+/** `--import-rows=<n>`, if given. */
+const importRowsArg = process.argv.map(arg => /^--import-rows=(\d+)$/.exec(arg)?.[1]).find(Boolean);
+
+async function runBulk(options: Options): Promise<void> {
+	const { fmt } = await import("./lib");
+	const { bulkBench } = await import("./imports");
+	const bulk = await bulkBench(options.importRows);
+	console.log(
+		`\nBulk data: ${fmt(bulk.rows)} rows imported in ${fmt(bulk.importSeconds, 1)} s (${fmt(bulk.rowsPerSecond)} rows/s); the ledger's ${fmt(bulk.exported)} entries exported as NDJSON in ${fmt(bulk.exportSeconds, 1)} s (${fmt(bulk.entriesPerSecond)} entries/s), the node's RSS ${fmt(bulk.rssBeforeExportMb)} MB before, ${fmt(bulk.rssAfterExportMb)} MB after`
+	);
+	if (bulk.exported !== bulk.rows)
+		throw new Error(`The export had ${bulk.exported} lines for ${bulk.rows} entries`);
+}
 
 async function runBench(options: Options): Promise<void> {
 	const { fmt, isFlat, printRows, printWindows, target } = await import("./lib");
@@ -69,6 +86,8 @@ async function runBench(options: Options): Promise<void> {
 	console.log(
 		`\nThe dashboard's member query (p50 / p99 ms): ${fmt(atRest.p50, 1)} / ${fmt(atRest.p99, 1)} at rest, ${fmt(underLoad.p50, 1)} / ${fmt(underLoad.p99, 1)} under the HTTP deal load`
 	);
+
+	await runBulk(options);
 
 	const growth = await growthBench(options);
 	console.log(
@@ -154,7 +173,9 @@ async function runBench(options: Options): Promise<void> {
 	console.log(`\n${met.filter(Boolean).length} of ${met.length} targets met.`);
 }
 
-runBench(process.argv.includes("--smoke") ? SMOKE : FULL).then(
+const chosen = process.argv.includes("--smoke") ? SMOKE : FULL;
+const options = importRowsArg ? { ...chosen, importRows: Number(importRowsArg) } : chosen;
+(process.argv.includes("--bulk") ? runBulk(options) : runBench(options)).then(
 	() => process.exit(0),
 	err => {
 		console.error(err);

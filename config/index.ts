@@ -102,6 +102,8 @@ export interface Config {
 	memberTokenKey?: string;
 	/** Requests a minute allowed per member token's member (`MEMBER_RATE_LIMIT`). */
 	memberRateLimit: number;
+	/** The largest CSV `POST /api/imports` takes (bytes, `IMPORT_MAX_BYTES`); a larger one is 413. */
+	importMaxBytes: number;
 }
 
 export interface TracingConfig {
@@ -384,7 +386,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		memberTokenTtlS: atLeast(60, "MEMBER_TOKEN_TTL_S", number(env, "MEMBER_TOKEN_TTL_S", 900)),
 		// A PEM in one line (`\n` escaped), as environment files often hold it.
 		memberTokenKey: text(env, "MEMBER_TOKEN_KEY")?.replace(/\\n/g, "\n"),
-		memberRateLimit: atLeast(1, "MEMBER_RATE_LIMIT", number(env, "MEMBER_RATE_LIMIT", 60))
+		memberRateLimit: atLeast(1, "MEMBER_RATE_LIMIT", number(env, "MEMBER_RATE_LIMIT", 60)),
+		// 256 MiB: a million rows of members with their contact and opening balance fit about four times.
+		importMaxBytes: atLeast(
+			1024,
+			"IMPORT_MAX_BYTES",
+			number(env, "IMPORT_MAX_BYTES", 256 * 1024 * 1024)
+		)
 	};
 }
 

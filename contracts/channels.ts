@@ -93,7 +93,8 @@ export type EntryKind =
 	| "release"
 	| "bonus"
 	| "tier"
-	| "transfer";
+	| "transfer"
+	| "import";
 
 /** One ledger entry as `points.posted` carries it, named by its cause. */
 export interface PostedEntry {
@@ -109,7 +110,7 @@ export interface PostedEntry {
 	merchantId?: string;
 	/** Points a revocation could not take back because they had been spent already. */
 	shortfall?: number;
-	/** An expiry's month of earning (`YYYYMM`): the lot it took. */
+	/** An expiry's month of earning (`YYYYMM`): the lot it took; an opening balance's: the lot it gave to. */
 	lotMonth?: string;
 	/**
 	 * The part of `amount` that went to (positive) or left (negative) the points held for the deal

@@ -130,7 +130,9 @@ export const Cause = {
 	/** `transfer-in:<id>`: the same points given to its receiver. */
 	transferIn: (transferId: string) => `transfer-in:${transferId}`,
 	/** `transfer-refund:<id>`: given back to the sender instead, the receiver having withdrawn. */
-	transferRefund: (transferId: string) => `transfer-refund:${transferId}`
+	transferRefund: (transferId: string) => `transfer-refund:${transferId}`,
+	/** `import:<memberId>`: the opening balance a bulk import brought, one per member. */
+	opening: (memberId: string) => `import:${memberId}`
 };
 
 /** What drafts add up to (negative when they take). */
@@ -390,6 +392,25 @@ export function adjustment(
 	];
 }
 
+/**
+ * An opening balance brought by a bulk import (cause `import:<memberId>`): `points` earned in `month`
+ * (`YYYYMM`), the lot they expire from. Refused on a closed account: a withdrawn member opens nothing.
+ * Not an earning at OnePoint: it counts towards no tier.
+ */
+export function opening(account: AccountState, points: number, month: string): Draft[] | Refusal {
+	if (account.status === "closed") return "ACCOUNT_CLOSED";
+	return [
+		{
+			_id: Cause.opening(account._id),
+			kind: "import",
+			amount: points,
+			sourceType: "member",
+			sourceId: account._id,
+			lotMonth: month
+		}
+	];
+}
+
 /** What a transfer's entries say of it: about the transfer, naming the other member. */
 const aboutTransfer = (transferId: string, counterpartId: string) => ({
 	sourceType: "transfer",
@@ -482,8 +503,8 @@ export interface Applied {
 /**
  * Applies drafts to the account, posted `at` (ISO): each entry gets the balance after it and the next
  * `seq()`; what an entry moves to or from a hold (`held`) is its deal's hold, the rest the balance.
- * What the balance gains is an earning of `at`'s month's lot (a release too), an expiry takes its
- * own lot, and anything else that takes points takes them from the oldest lots first.
+ * What the balance gains is an earning of `at`'s month's lot (a release too) unless the entry names
+ * its lot (an opening balance), an expiry takes its own lot, and anything else that takes points takes them from the oldest lots first.
  */
 export function applyDrafts(
 	account: AccountState,
@@ -513,7 +534,8 @@ export function applyDrafts(
 			held += toHold;
 		}
 		balance += d.amount - toHold;
-		lots = applyToLots(lots, d.amount - toHold, monthOf(at), d.lotMonth);
+		// An entry that names its lot gives to it (an opening balance) or takes from it (an expiry).
+		lots = applyToLots(lots, d.amount - toHold, d.lotMonth ?? monthOf(at), d.lotMonth);
 		return {
 			memberId,
 			sourceType: "member",

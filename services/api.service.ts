@@ -65,6 +65,7 @@ import Orders from "./orders.service";
 import Payments from "./payments.service";
 import Points from "./points.service";
 import Webhooks from "./webhooks.service";
+import Imports, { type StreamMeta } from "./imports.service";
 import { IDEMPOTENCY_KEY } from "./idempotency.service";
 
 /**
@@ -337,8 +338,12 @@ const ROUTES = publishedRoutes([
 	MyPoints,
 	Dashboard,
 	Webhooks,
+	Imports,
 	{ name: "api", actions: OWN_ACTIONS }
 ]);
+
+/** The media type each route with a streamed body reads, by action (`imports.start`: text/csv). */
+const STREAMED = new Map(ROUTES.flatMap(r => (r.requestType ? [[r.action, r.requestType]] : [])));
 
 const DASHBOARD_STREAM: Record<string, JsonSchema> = {
 	get: {
@@ -498,8 +503,27 @@ const ApiService: ServiceSchema<ApiSettingsSchema, Methods, object, This> = {
 			return this.gatewayAliasHandler.call(this, req, res, alias);
 		},
 
-		/** moleculer-web's call of the action behind an alias, made safe to retry with an `Idempotency-Key`. */
+		/**
+		 * moleculer-web's call of the action behind an alias, made safe to retry with an
+		 * `Idempotency-Key`. A streamed body (a `stream:` alias) must be of its route's media type,
+		 * and its declared size goes to the action, which refuses a body over its limit before
+		 * reading it.
+		 */
 		callAction(this: This, ...args: CallActionArgs) {
+			const [, actionName, req, , , isStream] = args;
+			if (isStream) {
+				const expected = STREAMED.get(actionName);
+				const type = (req.headers["content-type"] ?? "").split(";")[0].trim().toLowerCase();
+				if (type !== expected)
+					throw clientError(
+						415,
+						"UNSUPPORTED_MEDIA_TYPE",
+						`Send the body as ${expected} (Content-Type), not '${type}'`,
+						{ expected, contentType: type }
+					);
+				const length = Number(req.headers["content-length"]);
+				if (Number.isFinite(length)) (req.$ctx.meta as StreamMeta).contentLength = length;
+			}
 			return idempotentCall(this, this.gatewayCallAction, scopeOf, ...args);
 		},
 

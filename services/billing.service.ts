@@ -35,7 +35,6 @@
  * nothing.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
-import { stringify } from "csv-stringify/sync";
 import { ConfiguredSettings } from "../config/settings";
 import {
 	consume,
@@ -46,6 +45,7 @@ import {
 	type SettlementFinalizedEvent
 } from "../contracts/channels";
 import { assertOwnMerchant, type CallerMeta } from "../lib/gateway/access";
+import { CSV, csvAnswer, type AnswerMeta } from "../lib/gateway/answers";
 import { clientError, notFound } from "../lib/errors";
 import { KeyedLock } from "../lib/keyed-lock";
 import { onScrape, SERIES } from "../lib/ops/metrics";
@@ -184,12 +184,6 @@ interface ChannelLag {
 	addPrefixTopic(name: string): string;
 }
 
-/** What moleculer-web reads from a statement's `ctx.meta` to answer a file. */
-interface FileMeta extends CallerMeta {
-	$responseType?: string;
-	$responseHeaders?: Record<string, string>;
-}
-
 interface Methods {
 	settlementOf(
 		merchantId: string,
@@ -263,8 +257,6 @@ const STATEMENT_COLUMNS = [
 ] as const;
 
 const STATE_ID = "closed-through";
-
-const CSV = "text/csv; charset=utf-8";
 
 /**
  * What a row should have billed: its points less those returned, or nothing once cancelled (or
@@ -419,8 +411,8 @@ function totalsOf(settlements: readonly Settlement[]): MonthSettlements["totals"
 	return { redeemed, issued, net: redeemed.amount - issued.amount, bonus };
 }
 
-/** A settlement as CSV: a header, one row per line, then its totals (`kind` total), the bonus last. */
-export function statementCsv(settlement: Settlement): string {
+/** A settlement's statement rows: one per line, then its totals (`kind` total), the bonus last. */
+export function statementRows(settlement: Settlement): object[] {
 	const { redeemed, issued, net, bonus } = settlement;
 	const total = (type: string, points: number | undefined, amount?: number) => ({
 		kind: "total",
@@ -428,18 +420,14 @@ export function statementCsv(settlement: Settlement): string {
 		points,
 		amount
 	});
-	return stringify(
-		[
-			...settlement.lines,
-			total("redeemed", redeemed.points, redeemed.amount),
-			total("fee", undefined, redeemed.fee),
-			total("issued", issued.points, issued.amount),
-			total("net", undefined, net),
-			total("bonus", bonus.points)
-		],
-		// CRLF, as RFC 4180 has it.
-		{ header: true, columns: [...STATEMENT_COLUMNS], record_delimiter: "windows" }
-	);
+	return [
+		...settlement.lines,
+		total("redeemed", redeemed.points, redeemed.amount),
+		total("fee", undefined, redeemed.fee),
+		total("issued", issued.points, issued.amount),
+		total("net", undefined, net),
+		total("bonus", bonus.points)
+	];
 }
 
 /** Whether `month`'s settlements carry the changes of closed months: the first open one's do. */
@@ -574,15 +562,14 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			params: { $$strict: true, merchantId: P.id, billingMonth: P.month },
 			async handler(
 				this: This,
-				ctx: Context<{ merchantId: string; billingMonth: string }, FileMeta>
+				ctx: Context<{ merchantId: string; billingMonth: string }, CallerMeta & AnswerMeta>
 			) {
 				const { merchantId, billingMonth } = ctx.params;
-				const csv = statementCsv(await this.current(merchantId, billingMonth));
-				ctx.meta.$responseType = CSV;
-				ctx.meta.$responseHeaders = {
-					"Content-Disposition": `attachment; filename="${merchantId}-${billingMonth}.csv"`
-				};
-				return csv;
+				return csvAnswer(
+					ctx,
+					{ filename: `${merchantId}-${billingMonth}.csv`, columns: STATEMENT_COLUMNS },
+					statementRows(await this.current(merchantId, billingMonth))
+				);
 			}
 		}
 	},

@@ -15,7 +15,8 @@
  * Staff adjustments count in the member's `adjusted` total (signed) and list among the transactions;
  * a tier bonus counts as earned; a change of tier lists among the transactions, and the member row
  * keeps the tier the newest posting states.
- * So do a transfer's entries (sent, received, refunded), each naming the other member.
+ * So do a transfer's entries (sent, received, refunded), each naming the other member. An opening
+ * balance a bulk import brought (kind `import`) counts in the member's `imported` total.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
@@ -60,13 +61,17 @@ interface MemberRow {
 	version?: number;
 }
 
-/** A member's totals by kind of entry; `adjusted` is points added less points taken by staff. */
+/**
+ * A member's totals by kind of entry; `adjusted` is points added less points taken by staff,
+ * `imported` the opening balance a bulk import brought.
+ */
 interface Totals {
 	earned: number;
 	used: number;
 	cancelled: number;
 	expired: number;
 	adjusted: number;
+	imported: number;
 }
 
 /** A deal, an order, a staff adjustment, a change of tier or a transfer's entry as the staff see it. */
@@ -101,7 +106,8 @@ const TOTAL_OF: Record<string, keyof Totals> = {
 	restore: "cancelled",
 	revoke: "cancelled",
 	expire: "expired",
-	adjust: "adjusted"
+	adjust: "adjusted",
+	import: "imported"
 };
 
 const totalAmount = (kind: string, amount: number) =>
@@ -127,7 +133,14 @@ const newMember = (memberId: string): MemberRow => ({
 	status: "active",
 	balance: 0
 });
-const noTotals = (): Totals => ({ earned: 0, used: 0, cancelled: 0, expired: 0, adjusted: 0 });
+const noTotals = (): Totals => ({
+	earned: 0,
+	used: 0,
+	cancelled: 0,
+	expired: 0,
+	adjusted: 0,
+	imported: 0
+});
 
 interface Settings extends ServiceSettingSchema {
 	/** How long the overview waits for the dead-letter count and billing's month (ms). */

@@ -13,10 +13,11 @@
  */
 import type { Context, Service, ServiceSchema } from "moleculer";
 import { randomInt } from "node:crypto";
+import Validator from "fastest-validator";
 import { ConfiguredSettings } from "../config/settings";
 import { outboxEvent } from "../contracts/channels";
 import { actorOf, type CallerMeta } from "../lib/gateway/access";
-import { created, type AnswerMeta } from "../lib/gateway/answers";
+import { created, CSV, csvAnswer, type AnswerMeta } from "../lib/gateway/answers";
 import { clientError, conflict, notFound } from "../lib/errors";
 import { loadOwnKey, signSession, type OwnKey, type OwnKeySource } from "../lib/member-tokens";
 import * as P from "../lib/params";
@@ -85,6 +86,49 @@ const CONTACT = {
 	email: { type: "email", max: 200, optional: true }
 } as const;
 const NAME = { type: "string", trim: true, min: 1, max: 100 } as const;
+
+/** A member as an import's row brings it: checked by the same rules as a join. */
+export interface ImportedMember {
+	/** The row's line in the file, given back with its outcome. */
+	row: number;
+	memberId: string;
+	name: string;
+	phone?: string;
+	email?: string;
+}
+
+/** What became of an imported member: joined now, there already (and its status), or refused. */
+export type ImportedOutcome =
+	| { row: number; outcome: "created" | "exists"; status: Member["status"] }
+	| { row: number; outcome: "invalid"; code: string; message: string };
+
+/** The code an import's row is refused with, by the field that failed the joining rules. */
+const IMPORT_CODES: Record<string, string> = {
+	memberId: "INVALID_MEMBER_ID",
+	name: "INVALID_NAME",
+	phone: "INVALID_PHONE",
+	email: "INVALID_EMAIL"
+};
+
+const checkImported = new Validator().compile({
+	$$strict: "remove",
+	memberId: P.id,
+	name: NAME,
+	...CONTACT
+});
+
+/** The columns of `GET /api/members.csv`. */
+const MEMBERS_COLUMNS = [
+	"memberId",
+	"name",
+	"phone",
+	"email",
+	"status",
+	"joinedAt",
+	"withdrawnAt",
+	"erasedAt"
+];
+const MEMBERS_PAGE = 1000;
 
 /** The most rows of one kind the data export gathers (pages of 100). */
 const EXPORT_MAX_PAGES = 100;
@@ -161,6 +205,94 @@ const MembersService: ServiceSchema<Settings, Methods, object, This> = {
 				throw conflict("MEMBER_EXISTS", `Member '${ctx.params.memberId}' already exists`, {
 					memberId: ctx.params.memberId
 				});
+			}
+		},
+
+		/**
+		 * Every member as CSV, by memberId, read a page at a time as the client takes them; an erased
+		 * member's name, phone and email are empty.
+		 */
+		exportCsv: {
+			rest: "GET /members.csv",
+			summary: "Every member as CSV (an erased member without personal data), streamed",
+			responseType: CSV,
+			params: { $$strict: true },
+			handler(this: This, ctx: Context<object, AnswerMeta>) {
+				const store = this.store;
+				const toView = this.toView.bind(this);
+				return csvAnswer(
+					ctx,
+					{ filename: "members.csv", columns: MEMBERS_COLUMNS },
+					(async function* () {
+						for (let after = ""; ;) {
+							const page = await store.find({
+								query: { _id: { $gt: after } },
+								sort: ["_id"],
+								limit: MEMBERS_PAGE
+							});
+							yield page.map(toView);
+							if (page.length < MEMBERS_PAGE) return;
+							after = page[page.length - 1]._id;
+						}
+					})()
+				);
+			}
+		},
+
+		/**
+		 * Members an import brings (`imports`): each row checked by the joining rules and joined, as
+		 * `join` would, unless its memberId is taken (then left as it is: `exists`, with its status).
+		 * Side by side, each its own write. Internal.
+		 */
+		importBatch: {
+			visibility: "public",
+			params: {
+				$$strict: true,
+				rows: { type: "array", max: 1000, items: { type: "object" } }
+			},
+			async handler(
+				this: This,
+				ctx: Context<{ rows: ImportedMember[] }>
+			): Promise<ImportedOutcome[]> {
+				// Those there already, in one read rather than one a row.
+				const ids = ctx.params.rows.map(row => String(row.memberId));
+				const known = new Map(
+					(await this.store.find({ query: { _id: { $in: ids } } })).map(m => [m._id, m.status])
+				);
+				return Promise.all(
+					ctx.params.rows.map(async (input): Promise<ImportedOutcome> => {
+						const { row, ...fields } = input;
+						const checked = checkImported(fields);
+						if (checked !== true) {
+							const [first] = checked as { field: string; message?: string }[];
+							return {
+								row,
+								outcome: "invalid",
+								code: IMPORT_CODES[first.field] ?? "INVALID_ROW",
+								message: first.message ?? `'${first.field}' is not valid`
+							};
+						}
+						const { memberId, name, phone, email } = fields;
+						const status = known.get(memberId);
+						if (status) return { row, outcome: "exists", status };
+						const joinedAt = this.now().toISOString();
+						const member: Member = {
+							_id: memberId,
+							name,
+							phone: phone ?? null,
+							email: email ?? null,
+							status: "active",
+							joinedAt
+						};
+						const joined = await this.changeWithEvents({ insert: member }, [
+							outboxEvent("member.joined", { memberId, name, joinedAt })
+						]);
+						if (joined) return { row, outcome: "created", status: "active" };
+						// Joined meanwhile (the same member twice in a batch, or a join at the same time).
+						const now = (await this.findMember(memberId)).status;
+						return { row, outcome: "exists", status: now };
+					})
+				);
 			}
 		},
 

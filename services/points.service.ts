@@ -45,13 +45,18 @@
  * changes a bonus sends what is left of it (`deal.bonus`) for the merchant's statement. The daily
  * tier review (`reviewTiers`) posts the falls that earnings leaving the window bring.
  *
+ * Opening balances (`open`, from a bulk import: services/imports.service.ts): one `import:<memberId>`
+ * entry per member, its points a lot of the month the programme they come from says they were earned
+ * in, posted like any posting; a second import finds it and skips. The ledger export
+ * (`exportLedger`) reads the whole ledger in posting order a page at a time (docs/imports-exports.md).
+ *
  * Transfers (`transfer`, docs/points.md): the sender's `transfer-out:<id>` is posted with a
  * `transfer.sent` event in the same write; then the receiver's `transfer-in:<id>`, or, if the
  * receiver's account has closed, the sender's `transfer-refund:<id>`. The action completes it at once
  * and the event again after a crash; both are idempotent by cause.
  */
 import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
-import { stringify } from "csv-stringify/sync";
+import { decodeTime, encodeTime } from "ulid";
 import { ConfiguredSettings } from "../config/settings";
 import {
 	consume,
@@ -59,6 +64,7 @@ import {
 	type DealEvent,
 	type DealReturnedEvent,
 	type OutboxEvent,
+	type PostedEntry,
 	type TransferSent
 } from "../contracts/channels";
 import { clientError, conflict, notFound } from "../lib/errors";
@@ -67,7 +73,14 @@ import { addMonths, monthOf } from "../lib/months";
 import { actorOf, type CallerMeta } from "../lib/gateway/access";
 import { sortableId } from "../lib/ids";
 import { requestIdOf, type RequestMeta } from "../lib/request-id";
-import { created, type AnswerMeta } from "../lib/gateway/answers";
+import {
+	created,
+	CSV,
+	csvAnswer,
+	NDJSON,
+	ndjsonAnswer,
+	type AnswerMeta
+} from "../lib/gateway/answers";
 import { KeyedLock } from "../lib/keyed-lock";
 import { countPosted } from "../lib/ops/metrics";
 import { assertActiveMember } from "../lib/active-member";
@@ -82,6 +95,7 @@ import {
 	earning,
 	expiries,
 	lotsOf,
+	opening,
 	orderSource,
 	partialReturn,
 	postedOf,
@@ -118,7 +132,8 @@ import {
 	openCollection,
 	type Collection,
 	type DbThis,
-	type Page
+	type Page,
+	type Query
 } from "../mixins/db.mixin";
 import { OutboxMixin, OUTBOX_INDEX, type OutboxMethods } from "../mixins/outbox.mixin";
 
@@ -176,6 +191,12 @@ export interface TransferView {
 export interface TransferRow extends Omit<TransferView, "status"> {
 	direction: "sent" | "received";
 	status: TransferView["status"] | "pending";
+}
+
+/** What an opening balance came to: posted now, there already, or refused on a closed account. */
+export interface OpeningResult {
+	memberId: string;
+	outcome: "created" | "skipped" | "withdrawn";
 }
 
 /** What one run of the release job did: how many members' held points it released, and how many points. */
@@ -240,6 +261,7 @@ interface Methods {
 	copyToLedger(entries: LedgerEntry[]): Promise<void>;
 	finishUnfinished(olderThanMs?: number): Promise<void>;
 	toView(account: Account): AccountView;
+	ledgerPages(afterSeq: string, filter: Query): AsyncGenerator<PostedEntry[]>;
 }
 
 export interface AccountView {
@@ -297,7 +319,6 @@ type This = Service<Settings> &
 		tierReviewedOn?: string;
 	};
 
-const HISTORY_CSV = "text/csv; charset=utf-8";
 /** The history export's columns: every field a ledger entry may have. */
 const HISTORY_COLUMNS = [
 	"at",
@@ -318,6 +339,10 @@ const HISTORY_COLUMNS = [
 	"by"
 ];
 const HISTORY_PAGE = 1000;
+/** How many ledger entries the ledger export reads at a time. */
+const EXPORT_PAGE = 1000;
+/** The ledger export's first window of posting time (ms); it adapts to about a page a step. */
+const EXPORT_WINDOW_MS = 60_000;
 
 /** How often a lost race for an account is re-planned before the posting gives up. */
 const MAX_ATTEMPTS = 20;
@@ -419,17 +444,11 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		historyCsv: {
 			rest: "GET /points/:memberId/history.csv",
 			summary: "A member's ledger entries as CSV, oldest first",
-			responseType: HISTORY_CSV,
+			responseType: CSV,
 			params: { $$strict: true, memberId: P.id },
-			async handler(
-				this: This,
-				ctx: Context<
-					{ memberId: string },
-					{ $responseType?: string; $responseHeaders?: Record<string, string> }
-				>
-			) {
+			async handler(this: This, ctx: Context<{ memberId: string }, AnswerMeta>) {
 				const { memberId } = ctx.params;
-				const rows: string[] = [stringify([], { header: true, columns: HISTORY_COLUMNS })];
+				const rows: PostedEntry[] = [];
 				// Page by page, so a long ledger is read in bounded steps.
 				for (let page = 1; ; page++) {
 					const entries = await this.ledger.find({
@@ -438,14 +457,108 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 						limit: HISTORY_PAGE,
 						offset: (page - 1) * HISTORY_PAGE
 					});
-					rows.push(stringify(entries.map(postedOf), { columns: HISTORY_COLUMNS }));
+					rows.push(...entries.map(postedOf));
 					if (entries.length < HISTORY_PAGE) break;
 				}
-				ctx.meta.$responseType = HISTORY_CSV;
-				ctx.meta.$responseHeaders = {
-					"Content-Disposition": `attachment; filename="${memberId}-history.csv"`
+				return csvAnswer(
+					ctx,
+					{ filename: `${memberId}-history.csv`, columns: HISTORY_COLUMNS },
+					rows
+				);
+			}
+		},
+
+		/**
+		 * Every ledger entry in posting order (`seq`) as NDJSON, read a page at a time as the client
+		 * takes them, so memory stays flat however long the ledger. `after` (an entry's `cause`, the
+		 * last line read) resumes an export; `from` and `to` keep the entries posted in between.
+		 */
+		exportLedger: {
+			rest: "GET /exports/ledger",
+			summary:
+				"Every ledger entry in posting order as NDJSON (a JSON entry a line), streamed; `after` (the last line's `cause`) resumes",
+			responseType: NDJSON,
+			params: {
+				$$strict: true,
+				from: { type: "date", convert: true, optional: true },
+				to: { type: "date", convert: true, optional: true },
+				after: { type: "string", min: 1, max: 300, optional: true }
+			},
+			async handler(
+				this: This,
+				ctx: Context<{ from?: Date; to?: Date; after?: string }, AnswerMeta>
+			) {
+				const { from, to, after } = ctx.params;
+				let afterSeq = "";
+				if (after !== undefined) {
+					const entry = await this.ledger.findById(after);
+					if (!entry)
+						throw clientError(
+							422,
+							"ENTRY_NOT_FOUND",
+							`'after' must be a ledger entry's cause (the last line read); '${after}' is none`,
+							{ after }
+						);
+					afterSeq = entry.seq;
+				}
+				const at = {
+					...(from ? { $gte: from.toISOString() } : {}),
+					...(to ? { $lte: to.toISOString() } : {})
 				};
-				return rows.join("");
+				const filter = Object.keys(at).length ? { at } : {};
+				return ndjsonAnswer(ctx, "ledger.ndjson", this.ledgerPages(afterSeq, filter));
+			}
+		},
+
+		/**
+		 * Opening balances brought by a bulk import (`imports`), one `import:<memberId>` entry per
+		 * member, each in its lot of `month`: `created` when posted now, `skipped` when it was there
+		 * already, `withdrawn` when the member's account has closed. Internal.
+		 */
+		open: {
+			visibility: "public",
+			params: {
+				$$strict: true,
+				openings: {
+					type: "array",
+					max: 1000,
+					items: {
+						type: "object",
+						strict: true,
+						props: { memberId: P.id, points: P.amount(P.MAX_POINTS), month: P.month }
+					}
+				}
+			},
+			async handler(
+				this: This,
+				ctx: Context<{ openings: { memberId: string; points: number; month: string }[] }>
+			): Promise<OpeningResult[]> {
+				const { openings } = ctx.params;
+				// Those posted already, in one read rather than one a row (each posting checks again).
+				const posted = new Set(
+					(
+						await this.ledger.find({
+							query: { _id: { $in: openings.map(o => Cause.opening(o.memberId)) } }
+						})
+					).map(entry => entry._id)
+				);
+				// Each on its own account, so they run side by side: the lock and version keep each apart.
+				return Promise.all(
+					openings.map(async ({ memberId, points, month }) => {
+						const cause = Cause.opening(memberId);
+						if (posted.has(cause)) return { memberId, outcome: "skipped" as const };
+						const result = await this.post(memberId, async account =>
+							(await this.ledger.findById(cause)) ? "DUPLICATE" : opening(account, points, month)
+						);
+						const outcome =
+							result.reason === "ACCOUNT_CLOSED"
+								? ("withdrawn" as const)
+								: result.applied
+									? ("created" as const)
+									: ("skipped" as const);
+						return { memberId, outcome };
+					})
+				);
 			}
 		},
 
@@ -1344,6 +1457,42 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 			}
 		},
 
+		/**
+		 * The ledger after the entry of posting order `afterSeq` ("" for all), a page at a time, in
+		 * windows of posting time (`seq` begins with its millisecond): NeDB sorts all that a query
+		 * matches before it limits, so each query keeps to about a page's worth of the ledger. The
+		 * windows run to the time the export began; what was posted after that follows, a page at a
+		 * time.
+		 */
+		async *ledgerPages(this: This, afterSeq: string, filter: Query) {
+			const began = Date.now();
+			let cursor = afterSeq;
+			let from = cursor ? decodeTime(cursor) : 0;
+			let width = EXPORT_WINDOW_MS;
+			for (;;) {
+				const open = from > began;
+				const seq = open ? { $gt: cursor } : { $gt: cursor, $lt: encodeTime(from + width, 10) };
+				const entries = await this.ledger.find({
+					query: { ...filter, seq },
+					sort: ["seq"],
+					limit: EXPORT_PAGE
+				});
+				if (entries.length) {
+					cursor = entries[entries.length - 1].seq;
+					yield entries.map(postedOf);
+				}
+				if (entries.length === EXPORT_PAGE) {
+					// A full page: the window goes on from the last entry read, narrower.
+					from = decodeTime(cursor);
+					width = Math.max(1, Math.floor(width / 2));
+				} else if (open) return;
+				else {
+					from += width;
+					if (entries.length < EXPORT_PAGE / 2) width *= 2;
+				}
+			}
+		},
+
 		toView(this: This, account: Account): AccountView {
 			const { _id, balance, status, openedAt, updatedAt, closedAt } = account;
 			const now = this.now();
@@ -1372,7 +1521,9 @@ const PointsService: ServiceSchema<Settings, Methods, object, This> = {
 		this.ledger = openCollection<LedgerEntry>(this, "ledger", [
 			{ fields: { memberId: 1, seq: -1 } },
 			// A member's transfers, and what they sent today (on NeDB, an index on `memberId` alone).
-			{ fields: { memberId: 1, kind: 1, at: 1 } }
+			{ fields: { memberId: 1, kind: 1, at: 1 } },
+			// The ledger export's posting order.
+			{ fields: { seq: 1 } }
 		]);
 	},
 

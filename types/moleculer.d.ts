@@ -13,6 +13,8 @@ declare module "moleculer" {
 	interface ActionSchema {
 		/** One line about a public action (one with `rest:`) in the published API contract (lib/gateway/openapi.ts). */
 		summary?: string;
+		/** The action's own request timeout (ms), which Moleculer's Timeout middleware reads; untyped in 0.15's typings. */
+		timeout?: number;
 	}
 
 	interface ServiceSchema {

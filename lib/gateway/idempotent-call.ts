@@ -96,9 +96,17 @@ export async function idempotentCall(
 	scopeOf: (req: IncomingMessage) => string,
 	...args: CallActionArgs
 ): Promise<unknown> {
-	const [, , req, res] = args;
+	const [, , req, res, , isStream] = args;
 	const key = req.headers["idempotency-key"];
 	if (req.method !== "POST" || key === undefined) return stock.apply(gateway, args);
+	// A streamed body is not kept, so a retry could not be told from another request: such a
+	// route is idempotent by what it does (an import, by its rows), and refuses the header.
+	if (isStream)
+		throw clientError(
+			400,
+			"IDEMPOTENCY_KEY_UNSUPPORTED",
+			"This route streams its body and takes no Idempotency-Key: sending it again is safe by itself"
+		);
 	if (typeof key !== "string" || !IDEMPOTENCY_KEY.test(key))
 		throw clientError(
 			400,

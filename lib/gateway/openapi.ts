@@ -15,6 +15,11 @@ declare module "moleculer" {
 		 * moleculer-web sends it as the Content-Type, and the contract documents it.
 		 */
 		responseType?: string;
+		/**
+		 * The media type of a request body the action reads as a stream (`text/csv`), not parsed by the
+		 * gateway: the alias passes the request itself (`ctx.stream`), and the contract documents it.
+		 */
+		requestType?: string;
 	}
 }
 
@@ -55,6 +60,8 @@ export interface PublishedRoute {
 	params: Rules;
 	/** A successful answer's media type, when not JSON. */
 	responseType?: string;
+	/** The media type of a body streamed to the action, when not JSON. */
+	requestType?: string;
 }
 
 /** What is read of a service schema (any schema's `this` type fits). */
@@ -104,16 +111,25 @@ export function publishedRoutes(
 				action: actionName,
 				summary: action.summary,
 				params: (action.params ?? {}) as Rules,
-				...(action.responseType ? { responseType: action.responseType } : {})
+				...(action.responseType ? { responseType: action.responseType } : {}),
+				...(action.requestType ? { requestType: action.requestType } : {})
 			});
 		}
 	}
 	return routes;
 }
 
-/** moleculer-web's alias table for the routes: `{"POST /deals": "deals.create"}`. */
+/**
+ * moleculer-web's alias table for the routes: `{"POST /deals": "deals.create"}`; a route whose body
+ * is streamed to its action, moleculer-web's `stream:` alias (`"POST /imports": "stream:imports.start"`).
+ */
 export function aliasesOf(routes: readonly PublishedRoute[]): Record<string, string> {
-	return Object.fromEntries(routes.map(route => [`${route.method} ${route.path}`, route.action]));
+	return Object.fromEntries(
+		routes.map(route => [
+			`${route.method} ${route.path}`,
+			route.requestType ? `stream:${route.action}` : route.action
+		])
+	);
 }
 
 function ruleObject(rule: Rule): RuleObject {
@@ -289,6 +305,12 @@ const COMPONENTS = {
 			"A parameter is missing, unknown or out of range (VALIDATION_ERROR, with the fields in `data`)"
 		),
 		TooManyRequests: errorResponse("Over the per-token rate limit; see Retry-After"),
+		PayloadTooLarge: errorResponse(
+			"The body is over its limit (e.g. IMPORT_TOO_LARGE); nothing changed"
+		),
+		UnsupportedMediaType: errorResponse(
+			"The body is not of the media type the route reads (UNSUPPORTED_MEDIA_TYPE)"
+		),
 		ServiceUnavailable: errorResponse(
 			"A service behind the gateway cannot answer now; see Retry-After"
 		)
@@ -319,7 +341,8 @@ function operationOf(
 					required: !isOptional(rule),
 					schema: schemaOf(rule)
 				}))),
-		...(route.method === "POST" ? postParameters : [])
+		// A streamed body is not kept: those routes take no Idempotency-Key.
+		...(route.method === "POST" && !route.requestType ? postParameters : [])
 	];
 	const body =
 		hasBody && rest.length
@@ -340,14 +363,21 @@ function operationOf(
 				? [{ bearer: [] }, { memberToken: [] }]
 				: [{ bearer: [] }],
 		...(parameters.length ? { parameters } : {}),
-		...(body
+		...(route.requestType
 			? {
 					requestBody: {
-						required: Array.isArray(body.required),
-						content: { "application/json": { schema: body } }
+						required: true,
+						content: { [route.requestType]: { schema: { type: "string" } } }
 					}
 				}
-			: {}),
+			: body
+				? {
+						requestBody: {
+							required: Array.isArray(body.required),
+							content: { "application/json": { schema: body } }
+						}
+					}
+				: {}),
 		responses: {
 			"2XX": mediaType
 				? {
@@ -359,6 +389,9 @@ function operationOf(
 						content: { "application/json": { schema: {} } }
 					},
 			...(hasBody ? { "400": ref("BadRequest") } : {}),
+			...(route.requestType
+				? { "413": ref("PayloadTooLarge"), "415": ref("UnsupportedMediaType") }
+				: {}),
 			...(access.public ? {} : { "401": ref("Unauthorized"), "403": ref("Forbidden") }),
 			...(pathParams.length ? { "404": ref("NotFound") } : {}),
 			...(route.method === "GET" ? {} : { "409": ref("Conflict") }),

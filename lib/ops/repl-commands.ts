@@ -4,9 +4,13 @@
  * whichever node of the cluster serves them, and prints a short readable answer; a failure prints
  * one line with the error's code, never a stack.
  */
+import fs from "node:fs";
+import path from "node:path";
+import { SingleBar } from "cli-progress";
 import type { ServiceBroker } from "moleculer";
 import type { SettlementView as Settlement } from "../../services/billing.service";
 import type { DeadLetterView } from "../../services/dead-letters.service";
+import type { ImportView } from "../../services/imports.service";
 import type { MemberView } from "../../services/members.service";
 import type { MerchantView } from "../../services/merchants.service";
 import type { AccountView, ExpiryRun, TransferView } from "../../services/points.service";
@@ -51,6 +55,10 @@ interface Audit {
 }
 
 const LAST_ENTRIES = 10;
+/** How often the import's progress is asked for (ms). */
+const PROGRESS_MS = 250;
+/** How many refused rows the import command prints. */
+const REFUSED_SHOWN = 20;
 
 /** Runs a command, printing a failure as one line (`Error [CODE]: message`). */
 function guarded(
@@ -250,6 +258,44 @@ export const operatorCommands: OperatorCommand[] = [
 			console.log(
 				`Transfer ${transfer.transferId}: ${transfer.points} points from ${transfer.fromMemberId} to ${transfer.toMemberId}, ${transfer.status}${transfer.reason ? ` (${transfer.reason}: refunded)` : ""} at ${transfer.at}`
 			);
+		})
+	},
+	{
+		command: "import <file>",
+		description:
+			"Imports members and opening balances from a CSV file on this node (memberId,name,phone,email,points,earnedAt), with a progress bar",
+		action: guarded(async (broker, { file }) => {
+			const csv = path.resolve(String(file));
+			const { size } = await fs.promises.stat(csv);
+			const started = await broker.call<{ importId: string; total: number }, object>(
+				"imports.start",
+				{},
+				{ stream: fs.createReadStream(csv), meta: { contentLength: size } }
+			);
+			console.log(`Import ${started.importId}: ${started.total} rows`);
+			// On a terminal the bar redraws in place; piped (a log), it prints a line every 2 s.
+			const bar = new SingleBar({
+				format:
+					"Import [{bar}] {percentage}% | {value}/{total} rows | {rate} rows/s | ETA {eta_formatted}",
+				noTTYOutput: !process.stdout.isTTY,
+				hideCursor: true
+			});
+			const began = performance.now();
+			bar.start(started.total, 0, { rate: 0 });
+			let job: ImportView;
+			for (;;) {
+				job = await broker.call<ImportView, object>("imports.get", { importId: started.importId });
+				const seconds = (performance.now() - began) / 1000;
+				bar.update(job.done, { rate: Math.round(job.done / Math.max(seconds, 0.001)) });
+				if (job.status !== "running") break;
+				await new Promise(resolve => setTimeout(resolve, PROGRESS_MS));
+			}
+			bar.stop();
+			console.log(
+				`Import ${job.importId} ${job.status}: ${job.done} of ${job.total} rows, ${job.created} created, ${job.skipped} skipped, ${job.failed} refused${job.reason ? ` (${job.reason})` : ""}`
+			);
+			for (const error of job.errors.slice(0, REFUSED_SHOWN))
+				console.log(`  row ${error.row}: ${error.code} ${error.message}`);
 		})
 	},
 	{

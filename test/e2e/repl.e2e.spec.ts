@@ -215,4 +215,38 @@ describe("operator commands in the Moleculer REPL", () => {
 			"Error [TRANSFER_TO_SELF]"
 		);
 	});
+
+	it("import <file> applies a CSV with a progress bar, reports refused rows, and skips every row the second time", async () => {
+		const file = path.join(system.dataDir, "members.csv");
+		fs.writeFileSync(
+			file,
+			[
+				"memberId,name,phone,email,points,earnedAt",
+				...Array.from(
+					{ length: 300 },
+					(_, i) => `imp${i + 1},Imported ${i + 1},,,${i + 1},2026-04-20`
+				),
+				"imp-bad,Bad,,,lots,2026-04-20"
+			].join("\n")
+		);
+		const out = await system.type(
+			`import ${file}`,
+			/Import \w+ completed.*\n[\s\S]*row 302/,
+			60_000
+		);
+		expect(out).toMatch(/Import \w+: 301 rows/);
+		// The bar: rows done of the total, the rate and the time left.
+		expect(out).toMatch(/Import \[=+\] 100% \| 301\/301 rows \| \d+ rows\/s \| ETA \d+s/);
+		expect(out).toMatch(/301 of 301 rows, 300 created, 0 skipped, 1 refused/);
+		expect(out).toContain("row 302: INVALID_POINTS");
+		await eventually(async () =>
+			expect((await api("GET", "/points/imp300")).body.balance).toBe(300)
+		);
+
+		const again = await system.type(`import ${file}`, /Import \w+ completed.*\n/, 60_000);
+		expect(again).toMatch(/301 of 301 rows, 0 created, 300 skipped, 1 refused/);
+		expect(await system.type("import /no/such/file.csv", /Error.*\n/)).toMatch(
+			/Error \[ERROR\]: ENOENT/
+		);
+	});
 });

@@ -127,6 +127,14 @@ describe("configuration", () => {
 			);
 	});
 
+	it("reads IMPORT_MAX_BYTES: 256 MiB by default, at least 1024", () => {
+		expect(loadConfig({}).importMaxBytes).toBe(268_435_456);
+		expect(loadConfig({ IMPORT_MAX_BYTES: "2048" }).importMaxBytes).toBe(2048);
+		expect(() => loadConfig({ IMPORT_MAX_BYTES: "10" })).toThrow(
+			/IMPORT_MAX_BYTES must be at least 1024, got 10/
+		);
+	});
+
 	it("reads POINT_PRICE as a price of 0 to 100 in basis points, and MERCHANTS as open or registered", () => {
 		expect(loadConfig({ POINT_PRICE: "2.5", MERCHANTS: "registered" })).toMatchObject({
 			pointPriceBp: 25_000,

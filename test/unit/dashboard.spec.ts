@@ -114,7 +114,15 @@ describe("dashboard read model", () => {
 		const view = await member();
 		expect(view.series.map((p: { balance: number }) => p.balance)).toEqual([1000, 900, 1400, 1500]);
 		expect(view.monthly).toEqual([
-			{ month: "202611", earned: 1500, used: 100, cancelled: 100, expired: 0, adjusted: 0 }
+			{
+				month: "202611",
+				earned: 1500,
+				used: 100,
+				cancelled: 100,
+				expired: 0,
+				adjusted: 0,
+				imported: 0
+			}
 		]);
 		expect(view.byMerchant).toEqual([
 			{ merchantId: "20", earned: 1000, used: 100 },

@@ -175,6 +175,34 @@ describe("the published API contract", () => {
 		]);
 	});
 
+	it("documents the bulk routes as staff's only: the import's CSV body, the exports' CSV and NDJSON answers", () => {
+		const raw = (route: string) => operations.get(route) as unknown as Record<string, any>;
+		for (const route of [
+			"POST /api/imports",
+			"GET /api/imports/{importId}",
+			"GET /api/exports/ledger",
+			"GET /api/members.csv"
+		])
+			expect([route, raw(route)["x-roles"]]).toEqual([route, ["staff"]]);
+		const start = raw("POST /api/imports");
+		expect(start.requestBody).toEqual({
+			required: true,
+			content: { "text/csv": { schema: { type: "string" } } }
+		});
+		// A streamed body is not kept: no Idempotency-Key there.
+		expect(start.parameters).toBeUndefined();
+		expect(Object.keys(start.responses)).toEqual(expect.arrayContaining(["413", "415"]));
+		expect(Object.keys(raw("GET /api/exports/ledger").responses["2XX"].content)).toEqual([
+			"application/x-ndjson"
+		]);
+		expect(raw("GET /api/exports/ledger").parameters.map((p: { name: string }) => p.name)).toEqual([
+			"from",
+			"to",
+			"after"
+		]);
+		expect(Object.keys(raw("GET /api/members.csv").responses["2XX"].content)).toEqual(["text/csv"]);
+	});
+
 	it("serves the reference page and its assets from the package", async () => {
 		const page = await fetch(`${url}/docs/`);
 		expect(page.status).toBe(200);

@@ -14,6 +14,7 @@ import {
 	earning,
 	expiries,
 	lotsOf,
+	opening,
 	orderSource,
 	partialReturn,
 	postedOf,
@@ -355,6 +356,33 @@ describe("drafting rules (lib/posting.ts)", () => {
 
 describe("applying drafts to an account (lib/posting.ts)", () => {
 	const at = "2026-05-20T08:00:00.000Z";
+
+	it("puts an opening balance in the lot of the month it names, once per member, and none on a closed account", () => {
+		const acc = account(100, { "202605": 100 });
+		const drafts = opening(acc, 250, "202603") as Draft[];
+		expect(drafts).toEqual([
+			{
+				_id: "import:m1",
+				kind: "import",
+				amount: 250,
+				sourceType: "member",
+				sourceId: "m1",
+				lotMonth: "202603"
+			}
+		]);
+		expect(Cause.opening("m1")).toBe("import:m1");
+		const { balance, lots } = applyDrafts(acc, drafts, at, counter());
+		expect([balance, lots]).toEqual([350, { "202603": 250, "202605": 100 }]);
+		// The oldest lot goes first: a later use takes the opening balance's points before May's.
+		const used = applyDrafts(
+			{ ...acc, balance, lots },
+			[{ _id: "order:o1", kind: "use", amount: -300, ...order }],
+			at,
+			counter()
+		);
+		expect(used.lots).toEqual({ "202605": 50 });
+		expect(opening(account(0, undefined, "closed"), 250, "202603")).toBe("ACCOUNT_CLOSED");
+	});
 
 	it("gives each entry the balance after it, the member, the time and the next seq", () => {
 		const acc = account(300, { "202601": 100, "202604": 200 });
