@@ -198,6 +198,7 @@ interface Methods {
 		status: Settlement["status"],
 		merchantId?: string
 	): Promise<Map<string, Settlement>>;
+	firstOpenMonth(): Promise<string | undefined>;
 	closeMonths(upTo: string): Promise<ClosedMonth[]>;
 	closeMonth(month: string): Promise<ClosedMonth>;
 	finalize(made: Settlement): Promise<{ settlement: Settlement; created: boolean }>;
@@ -648,22 +649,33 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 			return (await this.state.findById(STATE_ID))?.month;
 		},
 
-		async overdueMonths(this: This) {
+		/**
+		 * The month the next close starts at: the one after the last closed. Nothing ever closed: the
+		 * oldest month with activity on either side, or of a final settlement: a first close stopped
+		 * before it recorded its month has made some settlements final and their rows no longer open
+		 * (found by the simulation).
+		 */
+		async firstOpenMonth(this: This): Promise<string | undefined> {
 			const closedThrough = await this.closedThrough();
-			const [earliest] = closedThrough
-				? []
-				: await this.store.find({
-						query: { open: true, dealDate: { $exists: true } },
-						sort: ["dealDate"],
-						limit: 1
-					});
+			if (closedThrough) return addMonths(closedThrough, 1);
+			const [[earliest], [firstFinal]] = await Promise.all([
+				this.store.find({
+					query: { open: true, dealDate: { $exists: true } },
+					sort: ["dealDate"],
+					limit: 1
+				}),
+				this.settlements.find({ query: {}, sort: ["billingMonth"], limit: 1 })
+			]);
+			const starts = [earliest?.dealDate && monthOf(earliest.dealDate), firstFinal?.billingMonth];
+			return starts.filter((start): start is string => !!start).sort()[0];
+		},
+
+		async overdueMonths(this: This) {
 			const overdue: string[] = [];
 			const graceEnded = (month: string) =>
 				new Date(monthBounds(month)[1]).getTime() + this.settings.monthEnd.graceMs <=
 				this.now().getTime();
-			let month = closedThrough
-				? addMonths(closedThrough, 1)
-				: earliest?.dealDate && monthOf(earliest.dealDate);
+			let month = await this.firstOpenMonth();
 			// Bounded: a store restored from years ago shows its first year of months, enough to alert.
 			while (month && overdue.length < 12 && graceEnded(month)) {
 				overdue.push(month);
@@ -788,16 +800,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		closeMonths(this: This, upTo: string) {
 			return this.lock.run("close", async () => {
 				const closed: ClosedMonth[] = [];
-				const closedThrough = await this.closedThrough();
-				const [earliest] = await this.store.find({
-					query: { open: true, dealDate: { $exists: true } },
-					sort: ["dealDate"],
-					limit: 1
-				});
-				// Nothing ever closed: start at the oldest month with activity, on either side.
-				let month = closedThrough
-					? addMonths(closedThrough, 1)
-					: earliest?.dealDate && monthOf(earliest.dealDate);
+				let month = await this.firstOpenMonth();
 				while (month && month <= upTo && (await this.canClose(month))) {
 					closed.push(await this.closeMonth(month));
 					month = addMonths(month, 1);

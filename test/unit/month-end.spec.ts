@@ -195,4 +195,50 @@ describe("settlements across month ends (controlled clock)", () => {
 			type: "SETTLEMENT_NOT_FOUND"
 		});
 	});
+
+	describe("the first close stopped after its settlements, before it recorded its month", () => {
+		let fresh: ServiceBroker;
+		let freshClock = new Date("2030-04-01T10:00:00.000Z");
+		beforeAll(async () => {
+			fresh = createTestBroker([
+				{
+					name: "billing",
+					mixins: [BillingService as unknown as Partial<ServiceSchema>],
+					// No check of its own: the test closes the month.
+					settings: {
+						monthEnd: { graceMs: 10 * 60_000, firstCheckMs: 3_600_000, checkEveryMs: 3_600_000 }
+					},
+					methods: { now: () => freshClock }
+				}
+			]);
+			await fresh.start();
+		});
+		afterAll(() => fresh.stop());
+
+		it("closes that month at the next check, with the settlements made before the stop", async () => {
+			const sendTo = (fresh as unknown as { sendToChannel: Send }).sendToChannel.bind(fresh);
+			await sendTo("deal.used", deal("a1", "20", 182, "2030-04-01T09:00:00.000Z"));
+			await eventually(async () =>
+				expect(await fresh.call("billing.view", { dealId: "a1" })).toMatchObject({ point: 182 })
+			);
+			freshClock = new Date("2030-05-01T00:30:00.000Z");
+			// The first half of a close, as a node that died before recording the month leaves it.
+			const billing = fresh.getLocalService("billing") as unknown as {
+				compute(month: string, carry: boolean, status: string): Promise<Map<string, object>>;
+				finalize(made: object): Promise<unknown>;
+			};
+			for (const made of (await billing.compute("203004", true, "final")).values())
+				await billing.finalize(made);
+
+			const closed = await fresh.call<Closed, object>("billing.closeMonth", {});
+			expect(closed.closedThrough).toBe("203004");
+			expect(
+				await fresh.call("billing.get", { merchantId: "20", billingMonth: "203004" })
+			).toMatchObject({
+				status: "final",
+				usedPoints: 182,
+				lines: [expect.objectContaining({ dealId: "a1" })]
+			});
+		});
+	});
 });
