@@ -57,11 +57,16 @@ export interface MemberView {
 	erasedBy?: string;
 }
 
+/** A member as they join: every personal field still there. */
+type Joining = Member & { name: string };
+
 interface Methods {
 	toView(member: Member): MemberView;
 	findMember(memberId: string): Promise<Member>;
 	/** Tells every gateway at once that a member's tokens are refused from now on. */
 	endAccess(ctx: Context, memberId: string): Promise<void>;
+	/** Stores a member who joins and the `member.joined` that says so; false when the id is taken. */
+	insertJoined(member: Joining): Promise<boolean>;
 	/** The clock; a test may run the service with another. */
 	now(): Date;
 }
@@ -138,6 +143,22 @@ interface Page<T> {
 	total: number;
 }
 
+/** A member who joins at `at`, active, with what they gave. */
+function joining(
+	memberId: string,
+	{ name, phone, email }: { name: string; phone?: string; email?: string },
+	at: Date
+): Joining {
+	return {
+		_id: memberId,
+		name,
+		phone: phone ?? null,
+		email: email ?? null,
+		status: "active",
+		joinedAt: at.toISOString()
+	};
+}
+
 const MembersService: ServiceSchema<Settings, Methods, object, This> = {
 	name: "members",
 	mixins: [
@@ -181,22 +202,11 @@ const MembersService: ServiceSchema<Settings, Methods, object, This> = {
 				const generated = !ctx.params.memberId;
 				for (let attempt = 0; attempt < 5; attempt++) {
 					const memberId = ctx.params.memberId ?? String(randomInt(10_000_000, 100_000_000));
-					const joinedAt = new Date().toISOString();
-					const member: Member = {
-						_id: memberId,
-						name,
-						phone: phone ?? null,
-						email: email ?? null,
-						status: "active",
-						joinedAt,
+					const member: Joining = {
+						...joining(memberId, { name, phone, email }, this.now()),
 						...requestIdOf(ctx)
 					};
-					if (
-						await this.changeWithEvents({ insert: member }, [
-							outboxEvent("member.joined", { memberId, name, joinedAt })
-						])
-					)
-						return joined(member);
+					if (await this.insertJoined(member)) return joined(member);
 					// Refused for its request id: the same request, running at the same time, joined first.
 					const racing = await createdBefore(this.store, ctx);
 					if (racing) return joined(racing);
@@ -275,18 +285,9 @@ const MembersService: ServiceSchema<Settings, Methods, object, This> = {
 						const { memberId, name, phone, email } = fields;
 						const status = known.get(memberId);
 						if (status) return { row, outcome: "exists", status };
-						const joinedAt = this.now().toISOString();
-						const member: Member = {
-							_id: memberId,
-							name,
-							phone: phone ?? null,
-							email: email ?? null,
-							status: "active",
-							joinedAt
-						};
-						const joined = await this.changeWithEvents({ insert: member }, [
-							outboxEvent("member.joined", { memberId, name, joinedAt })
-						]);
+						const joined = await this.insertJoined(
+							joining(memberId, { name, phone, email }, this.now())
+						);
 						if (joined) return { row, outcome: "created", status: "active" };
 						// Joined meanwhile (the same member twice in a batch, or a join at the same time).
 						const now = (await this.findMember(memberId)).status;
@@ -510,6 +511,13 @@ const MembersService: ServiceSchema<Settings, Methods, object, This> = {
 	},
 
 	methods: {
+		insertJoined(this: This, member: Joining) {
+			const { _id: memberId, name, joinedAt } = member;
+			return this.changeWithEvents({ insert: member }, [
+				outboxEvent("member.joined", { memberId, name, joinedAt })
+			]);
+		},
+
 		toView(member: Member): MemberView {
 			const { _id, name, phone, email, status, joinedAt, withdrawnAt, erasedAt, erasedBy } = member;
 			return {

@@ -39,6 +39,7 @@ import Webhooks from "../services/webhooks.service";
 import { SimChannels } from "./channels";
 import type { SimClock } from "./clock";
 import { StoreFaults } from "./store";
+import { bodyOf } from "../test/helpers/system";
 
 type AnySchema = ServiceSchema<any, any, any, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
 
@@ -217,13 +218,7 @@ export class SimSystem {
 			},
 			body: body === undefined ? undefined : JSON.stringify(body)
 		});
-		const text = await res.text();
-		let parsed: unknown = text;
-		try {
-			parsed = text ? JSON.parse(text) : undefined;
-		} catch {
-			// not JSON: keep the text
-		}
+		const { text, parsed } = await bodyOf(res);
 		return {
 			status: res.status,
 			body: parsed,

@@ -4,7 +4,7 @@
  * them), and retries nothing: a request that fails behind it fails for the client.
  */
 import http from "node:http";
-import { freePort, TOKENS, type Reply, type System } from "./system";
+import { bodyOf, freePort, TOKENS, type Reply, type System } from "./system";
 
 export class Balancer {
 	private readonly pool = new Map<System, boolean>();
@@ -88,13 +88,7 @@ export class Balancer {
 			},
 			body: body === undefined ? undefined : JSON.stringify(body)
 		});
-		const text = await res.text();
-		let parsed: unknown = text;
-		try {
-			parsed = text ? JSON.parse(text) : undefined;
-		} catch {
-			// not JSON: keep the text
-		}
+		const { parsed } = await bodyOf(res);
 		return { status: res.status, body: parsed as T, headers: res.headers };
 	}
 

@@ -41,6 +41,16 @@ export const TOKENS = {
 };
 const API_KEYS = `${TOKENS.staff}=staff,${TOKENS.merchant20}=merchant:20,${TOKENS.merchant21}=merchant:21`;
 
+/** An answer's body as text, and parsed when it is JSON (an error page, a CSV: the text). */
+export async function bodyOf(res: Response): Promise<{ text: string; parsed: unknown }> {
+	const text = await res.text();
+	try {
+		return { text, parsed: text ? JSON.parse(text) : undefined };
+	} catch {
+		return { text, parsed: text };
+	}
+}
+
 export interface Reply<T = any> {
 	status: number;
 	body: T;
@@ -195,13 +205,7 @@ export class System {
 			),
 			body: body === undefined ? undefined : typeof body === "string" ? body : JSON.stringify(body)
 		});
-		const text = await res.text();
-		let parsed: unknown = text;
-		try {
-			parsed = text ? JSON.parse(text) : undefined;
-		} catch {
-			// not JSON: keep the text
-		}
+		const { parsed } = await bodyOf(res);
 		return { status: res.status, body: parsed as T, headers: res.headers };
 	}
 }
