@@ -166,6 +166,21 @@ export async function checkQuiet(system: SimSystem, model: Model, now: string): 
 			`${adjustments.length} adjustments in the ledger for ${model.attempts.adjustments} requests`
 		);
 
+	// A tier bonus: a save's, with its earning; its revocations never take back more than it gave.
+	for (const bonus of ledger.filter(e => e._id.startsWith("deal-bonus:"))) {
+		const id = bonus._id.slice("deal-bonus:".length);
+		if (dealById.get(id)?.type !== "save" || !byCause.has(`deal:${id}`))
+			fail(`tier bonus ${bonus._id} (${bonus.amount}) without a save's earning deal:${id}`);
+		const all = causesOf([bonus._id, `deal-bonus-cancel:${id}`, `deal-bonus-return:${id}:`]);
+		if (bonus.amount <= 0 || net(all) < 0)
+			fail(`tier bonus ${bonus._id} of ${bonus.amount} nets ${net(all)} with its revocations`);
+	}
+	for (const e of ledger.filter(e => e._id.startsWith("tier:")))
+		if (e.amount !== 0) fail(`tier change ${e._id} moves ${e.amount} points`);
+	for (const e of ledger.filter(e => /^deal-bonus-(cancel|return):/.test(e._id)))
+		if (!byCause.has(`deal-bonus:${e._id.split(":")[1]}`))
+			fail(`${e._id} revokes a tier bonus that was never given`);
+
 	// Every entry is explained by something that exists.
 	for (const e of ledger) {
 		const [kind, id] = e._id.split(":");

@@ -11,6 +11,7 @@ import { SimClock } from "./clock";
 import { Prng } from "./prng";
 import type { StoreFaultKind } from "./store";
 import { CRASHABLE, SimSystem, TIMED_OUT_CALLS, type Reply, type Store } from "./system";
+import { checkWebhooks, drainWebhooks, Receiver, type Subscription } from "./webhooks";
 
 export interface SeedOptions {
 	store: Store;
@@ -35,6 +36,8 @@ const DAY = 86_400_000;
 const LEASE_MS = 30_000;
 /** Twice the call timeout (CALL_TIMEOUT_MS default): pending records older than it are swept. */
 const SWEEP_AFTER_MS = 4_001;
+/** WEBHOOK_RETRY_SCHEDULE in the simulation (sim/system.ts): minutes, so that clock moves bring retries due. */
+const LONGEST_WEBHOOK_RETRY_MS = 10 * 60_000;
 
 interface Intensity {
 	/** Chance per step of arming a store fault, a call timeout; of a delivery going wrong. */
@@ -59,6 +62,8 @@ class Simulation {
 	private readonly dealIds: string[] = [];
 	private readonly orderIds: string[] = [];
 	readonly model: Model;
+	private readonly receiver: Receiver;
+	private readonly subscriptions: Subscription[] = [];
 
 	constructor(
 		readonly seed: number,
@@ -76,6 +81,11 @@ class Simulation {
 			delivery: calm ? 0 : this.rng.pick([0.1, 0.25]),
 			retry: this.rng.pick([0.1, 0.3])
 		};
+		// The endpoint answers in the order requests reach it: a generator of its own.
+		this.receiver = new Receiver(
+			new Prng(this.rng.int(0, 0x7fffffff)),
+			calm ? 0 : this.rng.pick([0, 0.1, 0.3])
+		);
 		this.system = new SimSystem(this.clock, options.store, seed, what =>
 			this.note(`  fault: ${what}`)
 		);
@@ -102,6 +112,7 @@ class Simulation {
 		try {
 			await this.system.start();
 			this.note(`start ${this.clock.iso()} ${JSON.stringify(this.intensity)}`);
+			await this.subscribe();
 			await this.post(
 				"POST",
 				"/merchants",
@@ -120,8 +131,37 @@ class Simulation {
 			try {
 				await this.system.stop();
 			} finally {
+				await this.receiver.stop();
 				this.clock.uninstall();
 			}
+		}
+	}
+
+	/** A staff webhook for deals and joins, and sometimes merchant h1's for its deals, at the simulator's endpoint. */
+	private async subscribe(): Promise<void> {
+		const port = await this.receiver.start();
+		const wanted: Omit<Subscription, "webhookId" | "secret">[] = [
+			{ path: "/staff", events: ["deal.created", "member.joined"] }
+		];
+		if (this.rng.chance(0.5))
+			wanted.push({ path: "/h1", events: ["deal.created"], merchantId: "h1" });
+		for (const { path, events, merchantId } of wanted) {
+			const reply = await this.post(
+				"POST",
+				"/webhooks",
+				{ url: `http://127.0.0.1:${port}${path}`, events, ...(merchantId ? { merchantId } : {}) },
+				false
+			);
+			const b = reply.body as { webhookId?: string; secret?: string };
+			if (reply.status !== 201 || !b.webhookId || !b.secret)
+				throw new Violation(`subscribing a webhook answered ${reply.status} ${reply.text}`);
+			this.subscriptions.push({
+				path,
+				events,
+				merchantId,
+				webhookId: b.webhookId,
+				secret: b.secret
+			});
 		}
 	}
 
@@ -270,8 +310,11 @@ class Simulation {
 			// A retry after a 5xx may be a new attempt (a 503 after the service undid its work is one).
 			if (!key || reply.status >= 500) this.countAttempt(path);
 			reply = await this.send(method, path, body, key, "retry");
-			if (key && first && reply.status < 500 && reply.status !== 409)
+			if (key && first && reply.status < 500 && reply.status !== 409) {
 				this.sameAnswer(path, first, reply);
+				// It ran again (the first run's answer was never recorded): a replay repeats this one.
+				if (!reply.replayed) first = reply;
+			}
 		}
 		return reply;
 	}
@@ -379,9 +422,14 @@ class Simulation {
 		await this.jobs();
 	}
 
-	/** The daily and month-end jobs, as their timers would run them (they wait real minutes). */
+	/** The daily jobs (holds, expiry, tier review) and the month-end one, as their timers would run them (they wait real minutes). */
 	private async jobs(): Promise<void> {
-		for (const action of ["points.release", "points.expire", "billing.closeMonth"])
+		for (const action of [
+			"points.release",
+			"points.expire",
+			"points.reviewTiers",
+			"billing.closeMonth"
+		])
 			try {
 				await this.system.broker.call(action, {});
 			} catch (err) {
@@ -396,6 +444,7 @@ class Simulation {
 	async quiet(): Promise<void> {
 		this.system.faults.disarm();
 		this.system.timeouts.clear();
+		this.receiver.calm = true;
 		this.note(`#${this.step} quiet`);
 		for (let round = 0; ; round++) {
 			await this.system.restartDead();
@@ -427,7 +476,14 @@ class Simulation {
 		}
 		await this.jobs();
 		await this.deliverSome(1000, false);
+		await drainWebhooks(this.system, ms => this.clock.advance(ms), LONGEST_WEBHOOK_RETRY_MS);
 		await checkQuiet(this.system, this.model, this.clock.iso());
+		await checkWebhooks(this.system, this.receiver, this.subscriptions);
+		const received = this.receiver.received;
+		this.note(
+			`#${this.step} webhooks: ${received.length} requests received, ${received.filter(r => r.status >= 500).length} answered 500`
+		);
+		this.receiver.calm = false;
 	}
 
 	private async pendingRecords(): Promise<boolean> {

@@ -138,9 +138,14 @@ export class SimSystem {
 			HOST: "127.0.0.1",
 			API_KEYS: `${STAFF_TOKEN}=staff:sim`,
 			POINTS_VALID_MONTHS: "2",
+			// Members cross tiers within a seed: a save earns up to 1,000 points.
+			TIERS: "base:0:1,silver:800:1.5,gold:3000:2",
 			// Orders of up to 30,000: the largest are declined.
 			PAYMENT_LIMIT: "20000",
-			RATE_LIMIT: "1000000"
+			RATE_LIMIT: "1000000",
+			// Minutes (LONGEST_WEBHOOK_RETRY_MS in sim/simulation.ts): the seed's clock moves bring retries due.
+			WEBHOOK_RETRY_SCHEDULE: "1m,5m,10m",
+			WEBHOOK_ALLOW_PRIVATE: "true"
 		});
 		this.channels = new SimChannels(clock);
 		const options = createBrokerOptions(config);
