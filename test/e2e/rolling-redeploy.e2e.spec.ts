@@ -92,9 +92,10 @@ describe("a rolling redeploy of every node under load", () => {
 		if (name.startsWith("gateway")) {
 			balancer.add(replacement);
 			await eventually(async () => expect(balancer.ready).toBe(3), 10_000, 50);
-			// The pod leaves the Service's endpoints, then its preStop waits before SIGTERM.
+			// The pod leaves the Service's endpoints, then its preStop waits before SIGTERM: long enough
+			// for the balancer to drain what it had sent there (a request cut by the exit fails).
 			balancer.remove(old);
-			await sleep(300);
+			await balancer.drained(old);
 		} else {
 			// The others route to it once its services are announced: as the registry sees it ready.
 			const services = () =>

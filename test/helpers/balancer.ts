@@ -8,6 +8,8 @@ import { bodyOf, freePort, TOKENS, type Reply, type System } from "./system";
 
 export class Balancer {
 	private readonly pool = new Map<System, boolean>();
+	/** Requests forwarded to each gateway and not yet answered in full. */
+	private readonly inFlight = new Map<System, number>();
 	private next = 0;
 	private probing = true;
 	private readonly probe: Promise<void>;
@@ -46,6 +48,15 @@ export class Balancer {
 		this.pool.delete(gateway);
 	}
 
+	/**
+	 * Resolves once every request forwarded to `gateway` has been answered: a balancer's connection
+	 * draining, which the pod's preStop gives time for before SIGTERM.
+	 */
+	async drained(gateway: System): Promise<void> {
+		while ((this.inFlight.get(gateway) ?? 0) > 0)
+			await new Promise(resolve => setTimeout(resolve, 20));
+	}
+
 	/** How many gateways it routes to now. */
 	get ready(): number {
 		return [...this.pool.values()].filter(Boolean).length;
@@ -58,6 +69,8 @@ export class Balancer {
 			return void res.end(JSON.stringify({ balancer: "no gateway is ready" }));
 		}
 		const gateway = ready[this.next++ % ready.length];
+		this.inFlight.set(gateway, (this.inFlight.get(gateway) ?? 0) + 1);
+		res.once("close", () => this.inFlight.set(gateway, (this.inFlight.get(gateway) ?? 1) - 1));
 		const upstream = http.request(
 			{
 				host: "127.0.0.1",
