@@ -20,6 +20,11 @@ export interface Config {
 	port: number;
 	host: string;
 	dataDir: string;
+	/**
+	 * When the embedded store syncs to disk (`SQLITE_SYNCHRONOUS`): `NORMAL` at checkpoints (a killed
+	 * process loses nothing it answered; an OS crash may lose the last commits), `FULL` at every commit.
+	 */
+	sqliteSynchronous: "NORMAL" | "FULL";
 	mongoUri?: string;
 	/**
 	 * The write concern of every MongoDB write (`MONGO_WRITE_CONCERN`): `majority` on a replica set, so
@@ -340,6 +345,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 		port: number(env, "PORT", 3000),
 		host: text(env, "HOST") ?? "0.0.0.0",
 		dataDir: path.resolve(text(env, "DATA_DIR") ?? "data"),
+		sqliteSynchronous: oneOf(env, "SQLITE_SYNCHRONOUS", ["NORMAL", "FULL"]),
 		mongoUri: text(env, "MONGO_URI"),
 		mongoWriteConcern: writeConcern(env),
 		mongoTimeoutMs: atLeast(100, "MONGO_TIMEOUT_MS", number(env, "MONGO_TIMEOUT_MS", 5000)),

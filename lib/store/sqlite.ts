@@ -19,6 +19,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { DatabaseSync } from "node:sqlite";
+import type { Config } from "../../config";
 
 export type Synchronous = "NORMAL" | "FULL";
 
@@ -126,4 +127,9 @@ export class Database {
 		}
 		for (const waiter of waiters) waiter.resolve();
 	}
+}
+
+/** The embedded store of a node: its collections and its channels share one file, and so their commits. */
+export function databaseOf(config: Pick<Config, "dataDir" | "sqliteSynchronous">): Database {
+	return Database.acquire(path.join(config.dataDir, "onepoint.sqlite"), config.sqliteSynchronous);
 }
