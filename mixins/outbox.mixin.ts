@@ -11,7 +11,7 @@
  * sharing the store (MongoDB) left. Consumers apply each event once by its key, so sending twice is
  * harmless.
  */
-import type { Service, ServiceSchema } from "moleculer";
+import type { Service, ServiceBroker, ServiceSchema } from "moleculer";
 import type { OutboxEvent } from "../contracts/channels";
 import { encodeTime } from "ulid";
 import { EVENT_ID } from "../lib/channels/redelivery";
@@ -91,6 +91,34 @@ type OutboxThis = Service &
 	};
 
 const RETRY_MS = 1000;
+
+/**
+ * `events` with the trace context of the handler running (lib/ops/tracing.ts), as they are recorded:
+ * each then carries the trace of what recorded it, whenever it is sent.
+ */
+export function traced<E extends OutboxEvent>(events: E[]): E[] {
+	const headers = traceHeaders();
+	return headers ? events.map(event => ({ ...event, headers })) : events;
+}
+
+/**
+ * Sends one recorded event to its channel, with its trace headers and its id: the channel stores a
+ * repeat once (NATS' Nats-Msg-Id), and a consumer applies it once by that id.
+ */
+export function sendEvent(broker: ServiceBroker, event: OutboxEvent): Promise<void> {
+	// @moleculer/channels adds `sendToChannel` to the broker; Moleculer's types do not know it.
+	const channels = broker as unknown as {
+		sendToChannel(
+			channel: string,
+			payload: unknown,
+			opts: { headers: Record<string, string> }
+		): Promise<void>;
+	};
+	return channels.sendToChannel(event.channel, event.payload, {
+		headers: { ...event.headers, [EVENT_ID]: event.id }
+	});
+}
+
 /** The events documents of `store` hold in their outboxes, unpublished: a gauge's sample. */
 export async function outboxSample<T extends WithOutbox>(store: Collection<T>): Promise<Sample> {
 	const waiting = await store.find({ query: { "outbox.0": { $exists: true } } });
@@ -124,13 +152,7 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 			events: OutboxEvent[],
 			finish?: Finish
 		) {
-			// Traced, each event carries the trace of what recorded it, whenever it is sent.
-			const headers = traceHeaders();
-			const outbox = events.length
-				? headers
-					? events.map(event => ({ ...event, headers }))
-					: events
-				: undefined;
+			const outbox = events.length ? traced(events) : undefined;
 			const written =
 				"insert" in change
 					? await this.store.insertUnique({ ...change.insert, ...(outbox ? { outbox } : {}) })
@@ -158,18 +180,7 @@ const schema: ServiceSchema<object, object, object, OutboxThis> = {
 		/** Sends the document's events, then removes them from its outbox (with `finish`'s update, when given). */
 		async sendOutbox(this: OutboxThis, doc: WithOutbox, finish?: Finish) {
 			const sent = doc.outbox ?? [];
-			const broker = this.broker as unknown as {
-				sendToChannel(
-					channel: string,
-					payload: unknown,
-					opts: { headers: Record<string, string> }
-				): Promise<void>;
-			};
-			// Every send of an event carries its id: the channel stores a repeat once (NATS' Nats-Msg-Id).
-			for (const event of sent)
-				await broker.sendToChannel(event.channel, event.payload, {
-					headers: { ...event.headers, [EVENT_ID]: event.id }
-				});
+			for (const event of sent) await sendEvent(this.broker, event);
 			const pull = sent.length
 				? { $pull: { outbox: { id: { $in: sent.map(e => e.id) } } } }
 				: undefined;

@@ -50,11 +50,10 @@ import { clientError, notFound } from "../lib/errors";
 import { KeyedLock } from "../lib/keyed-lock";
 import { onScrape, SERIES } from "../lib/ops/metrics";
 import * as P from "../lib/params";
-import { EVENT_ID } from "../lib/channels/redelivery";
 import { addMonths, monthBounds, monthOf, previousMonth } from "../lib/months";
 import { applyRate, rateOf, settlementAmounts } from "../lib/rates";
 import { DbMixin, openCollection, type Collection, type DbThis } from "../mixins/db.mixin";
-import { OUTBOX_INDEX, outboxSample } from "../mixins/outbox.mixin";
+import { OUTBOX_INDEX, outboxSample, sendEvent, traced } from "../mixins/outbox.mixin";
 
 /** The side of a settlement a deal is on: points redeemed at the merchant, or issued by it. */
 export type DealSide = "use" | "save";
@@ -843,7 +842,7 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 				// Two nodes closing at once: the unique id lets one win, and both apply its lines.
 				const stored = {
 					...made,
-					outbox: [outboxEvent("settlement.finalized", finalizedOf(made))]
+					outbox: traced([outboxEvent("settlement.finalized", finalizedOf(made))])
 				};
 				created = await this.settlements.insertUnique(stored);
 				settlement = created ? stored : ((await this.settlements.findById(made._id)) as Settlement);
@@ -867,18 +866,9 @@ const BillingService: ServiceSchema<Settings, Methods, object, This> = {
 		async announceFinal(this: This, settlements?: Settlement[]) {
 			const waiting =
 				settlements ?? (await this.settlements.find({ query: { "outbox.0": { $exists: true } } }));
-			const broker = this.broker as unknown as {
-				sendToChannel(
-					channel: string,
-					payload: unknown,
-					opts: { headers: Record<string, string> }
-				): Promise<void>;
-			};
 			for (const settlement of waiting)
 				for (const event of settlement.outbox ?? []) {
-					await broker.sendToChannel(event.channel, event.payload, {
-						headers: { [EVENT_ID]: event.id }
-					});
+					await sendEvent(this.broker, event);
 					await this.settlements.update(
 						{ _id: settlement._id },
 						{ $pull: { outbox: { id: event.id } } }

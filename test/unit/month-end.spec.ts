@@ -1,5 +1,7 @@
 import type { ServiceBroker, ServiceSchema } from "moleculer";
+import { EVENT_ID } from "../../lib/channels/redelivery";
 import { previousMonth } from "../../lib/months";
+import { B3 } from "../../lib/ops/tracing";
 import BillingService, { type SettlementView } from "../../services/billing.service";
 import { createTestBroker, eventually } from "../helpers/broker";
 
@@ -240,5 +242,78 @@ describe("settlements across month ends (controlled clock)", () => {
 				lines: [expect.objectContaining({ dealId: "a1" })]
 			});
 		});
+	});
+});
+
+/** Traced (logs with trace ids), a month's close as a request made it. */
+describe("a final settlement's event, traced", () => {
+	let broker: ServiceBroker;
+	const clock = new Date("2030-06-01T00:30:00.000Z");
+	/** The headers of each `settlement.finalized` message, by settlement. */
+	const received = new Map<string, Record<string, string>>();
+
+	beforeAll(async () => {
+		broker = createTestBroker(
+			[
+				{
+					name: "billing",
+					mixins: [BillingService as unknown as Partial<ServiceSchema>],
+					// No check of its own: the test's request closes the month.
+					settings: {
+						monthEnd: { graceMs: 10 * 60_000, firstCheckMs: 3_600_000, checkEveryMs: 3_600_000 }
+					},
+					methods: { now: () => clock }
+				},
+				{
+					name: "settlement-watcher",
+					channels: {
+						"settlement.finalized": {
+							group: "settlement-watcher",
+							async handler(payload: { settlementId: string }, raw: unknown) {
+								received.set(payload.settlementId, adapter().parseMessageHeaders(raw) ?? {});
+							}
+						}
+					}
+				}
+			],
+			{ LOG_FORMAT: "json" }
+		);
+		const adapter = () =>
+			(
+				broker as unknown as {
+					channelAdapter: { parseMessageHeaders(raw: unknown): Record<string, string> | null };
+				}
+			).channelAdapter;
+		await broker.start();
+	});
+	afterAll(() => broker.stop());
+
+	it("carries the trace of the request that closed the month and its event id, as every outbox event does", async () => {
+		const send = (broker as unknown as { sendToChannel: Send }).sendToChannel.bind(broker);
+		await send("deal.used", {
+			dealId: "t1",
+			memberId: "0001",
+			merchantId: "30",
+			point: 90,
+			dealDate: "2030-05-10T09:00:00.000Z",
+			type: "use"
+		});
+		await eventually(async () =>
+			expect(await broker.call("billing.view", { dealId: "t1" })).toMatchObject({ point: 90 })
+		);
+		await broker.call("billing.closeMonth", {}, { requestID: "close-203005" });
+		// The file's earlier closes left their own events in the channel: this close's is told by its id.
+		const headers = await eventually(() => {
+			expect(received.has("30:203005")).toBe(true);
+			return received.get("30:203005") as Record<string, string>;
+		});
+		expect(headers).toEqual(
+			expect.objectContaining({
+				[B3.traceId]: "close-203005",
+				[B3.sampled]: "0",
+				[EVENT_ID]: expect.stringMatching(/^[0-9A-Z]{26}$/)
+			})
+		);
+		expect(headers[B3.spanId]).toEqual(expect.any(String));
 	});
 });
