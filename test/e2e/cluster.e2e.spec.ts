@@ -9,9 +9,9 @@
 import { eventually } from "../helpers/broker";
 import {
 	all as allOf,
+	expectBalancesConverge,
 	expectDealLedger,
 	explained,
-	impliedBalance,
 	startLoad,
 	type Entry,
 	type Order
@@ -95,20 +95,7 @@ describe("a cluster over NATS", () => {
 			expect((await load.stop()).ok).toBeGreaterThan(100);
 
 			// Every account converges on what its deals and orders imply.
-			await eventually(
-				async () => {
-					for (const memberId of members)
-						expect({
-							memberId,
-							balance: (await api("GET", `/points/${memberId}`)).body.balance
-						}).toEqual({
-							memberId,
-							balance: await impliedBalance(api, memberId)
-						});
-				},
-				60_000,
-				500
-			);
+			await expectBalancesConverge(api, members);
 
 			// A cancelled order nets to nothing whether or not its events have landed: wait until a paid
 			// order has its accrual, and a cancelled one its accrual or a void (its cancellation reached

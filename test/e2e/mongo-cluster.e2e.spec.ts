@@ -8,9 +8,9 @@
 import { eventually } from "../helpers/broker";
 import {
 	all,
+	expectBalancesConverge,
 	expectDealLedger,
 	explained,
-	impliedBalance,
 	startLoad,
 	type Deal
 } from "../helpers/cluster";
@@ -87,20 +87,7 @@ describe("points and deals scaled out on MongoDB", () => {
 				500
 			);
 			// Events the dead points node had taken but not acknowledged come back to the survivor.
-			await eventually(
-				async () => {
-					for (const memberId of members)
-						expect({
-							memberId,
-							balance: (await api("GET", `/points/${memberId}`)).body.balance
-						}).toEqual({
-							memberId,
-							balance: await impliedBalance(api, memberId, false)
-						});
-				},
-				60_000,
-				500
-			);
+			await expectBalancesConverge(api, members, false);
 			for (const memberId of members) await expectDealLedger(api, memberId);
 		}));
 });

@@ -12,9 +12,9 @@ import { Balancer } from "../helpers/balancer";
 import { eventually } from "../helpers/broker";
 import {
 	all,
+	expectBalancesConverge,
 	expectDealLedger,
 	explained,
-	impliedBalance,
 	startLoad,
 	type Api,
 	type Deal
@@ -173,17 +173,7 @@ describe("a rolling redeploy of every node under load", () => {
 			expect([...accepted].filter(id => !stored.has(id))).toEqual([]);
 
 			// Every account converges on what its deals imply, and equals its ledger (points.audit).
-			await eventually(
-				async () => {
-					for (const memberId of members)
-						expect({
-							memberId,
-							balance: (await api("GET", `/points/${memberId}`)).body.balance
-						}).toEqual({ memberId, balance: await impliedBalance(api, memberId, false) });
-				},
-				60_000,
-				500
-			);
+			await expectBalancesConverge(api, members, false);
 			for (const memberId of members) await expectDealLedger(api, memberId);
 			const audit = await client.call<{ accounts: number; mismatches: unknown[] }>("points.audit");
 			expect(audit.mismatches).toEqual([]);

@@ -3,6 +3,7 @@
  * imply, and its ledger sums to its balance with each cause once and each deal's entries as its
  * outcome says. Read over HTTP, as an operator would.
  */
+import { eventually } from "./broker";
 import type { Reply, System } from "./system";
 
 /**
@@ -67,11 +68,7 @@ export async function all<T>(api: Api, urlPath: string): Promise<T[]> {
  * restored, failed and voided uses nothing; paid orders earned, and cancelled ones revoked — all but
  * what had been spent already (the revocation's shortfall). `withOrders: false` for a system without orders.
  */
-export async function impliedBalance(
-	api: Api,
-	memberId: string,
-	withOrders = true
-): Promise<number> {
+async function impliedBalance(api: Api, memberId: string, withOrders = true): Promise<number> {
 	const deals = await all<Deal>(api, `/deals?memberId=${memberId}`);
 	const ledger = await all<Entry>(api, `/points/${memberId}/history`);
 	// What no deal or order explains: staff adjustments, and earnings that expired (not a withdrawal's).
@@ -96,6 +93,28 @@ export async function impliedBalance(
 		(sum, o) =>
 			sum + (o.status === "paid" ? o.points : o.status === "cancelled" ? shortfall(o.id) : 0),
 		fromDeals
+	);
+}
+
+/**
+ * Waits (up to a minute) until every member's balance equals what its deals and orders imply: the
+ * events of the last requests, or those a dead node had taken, land a little later.
+ */
+export async function expectBalancesConverge(
+	api: Api,
+	members: string[],
+	withOrders = true
+): Promise<void> {
+	await eventually(
+		async () => {
+			for (const memberId of members)
+				expect({
+					memberId,
+					balance: (await api("GET", `/points/${memberId}`)).body.balance
+				}).toEqual({ memberId, balance: await impliedBalance(api, memberId, withOrders) });
+		},
+		60_000,
+		500
 	);
 }
 
