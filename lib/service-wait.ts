@@ -4,6 +4,10 @@
  * Only then: a service whose nodes are all there but unavailable (their circuit breaker open, their
  * heartbeats missed) still fails at once, so that shedding load stays fast. A call that waits was never
  * sent, so sending it later cannot apply it twice.
+ *
+ * Not Moleculer's `retryPolicy`: its middleware wraps an action's handler, which a call to a service no
+ * node serves never reaches (`broker.call` rejects with SERVICE_NOT_FOUND before), and for a call made
+ * inside another action it would run the calling action again from the start.
  */
 import type { Errors, Middleware, ServiceBroker } from "moleculer";
 
