@@ -71,7 +71,7 @@ const CHANNEL_OPTIONS = {
 
 /**
  * Durable channels: NATS JetStream when the nodes talk over NATS (they then share the streams),
- * otherwise the embedded store in DATA_DIR, which serves one process.
+ * otherwise the embedded store in DATA_DIR (its SQLite file), which serves one process.
  */
 function channelAdapter(config: Config): EmbeddedAdapter | DurableNatsAdapter {
 	if (config.transporter?.startsWith("nats://"))
@@ -83,7 +83,11 @@ function channelAdapter(config: Config): EmbeddedAdapter | DurableNatsAdapter {
 		throw new Error(
 			`TRANSPORTER must be a nats:// URL (durable channels use NATS JetStream), got '${config.transporter}'`
 		);
-	return new EmbeddedAdapter({ dataDir: config.dataDir, ...CHANNEL_OPTIONS });
+	return new EmbeddedAdapter({
+		dataDir: config.dataDir,
+		sqliteSynchronous: config.sqliteSynchronous,
+		...CHANNEL_OPTIONS
+	});
 }
 
 /**

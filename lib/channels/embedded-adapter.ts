@@ -1,5 +1,6 @@
 /**
- * A durable, single-process adapter for @moleculer/channels, persisted with NeDB under DATA_DIR.
+ * A durable, single-process adapter for @moleculer/channels, persisted in the node's SQLite file
+ * (lib/store/sqlite.ts) under DATA_DIR.
  *
  * @moleculer/channels ships adapters for brokers (NATS JetStream, Redis, AMQP, Kafka) and a Fake one
  * built on Moleculer events, which drops what nobody is listening to. The embedded default needs the
@@ -14,29 +15,29 @@
  * known (an orphan) is handed to the groups known at the next connect, or to the first to subscribe.
  *
  * The messages waiting live in memory, in one queue per channel and group in publishing order,
- * rebuilt from the store at connect; the store is an append-only file of lines in NeDB's format (a
- * message as published, a short line naming the message and a group as each group handles it, a
- * tombstone once all have), written before a publish or an acknowledgement completes, and compacted
- * at connect and disconnect, and while running once most of it is superseded. Publishing and
- * acknowledging cost one appended line each, however long the backlog (docs/performance.md).
+ * rebuilt at connect from the table `channel_messages`: a row per message, inserted when it is
+ * published, its pending groups updated as each group handles it, deleted once all have. A publish
+ * is answered once its row is committed; the writes of one turn of the event loop share a commit
+ * (group commit), and so a posting's writes and the events it publishes share one, as do the
+ * acknowledgements of the messages handled in one turn. A group consuming a channel is a row of
+ * `channel_groups`. An earlier version's NeDB-format files are imported once (./legacy-files.ts).
  */
-import fs from "node:fs";
-import path from "node:path";
-import type Datastore from "@seald-io/nedb";
-import { deserialize, serialize } from "@seald-io/nedb/lib/model";
-import { openDatastore, worthRewriting } from "../store/nedb";
+import type { DatabaseSync, StatementSync } from "node:sqlite";
 import { Adapters } from "@moleculer/channels";
 import type { Channel } from "@moleculer/channels/types/src";
 import type { Logger, ServiceBroker } from "moleculer";
 import type { Waiting } from "../ops/metrics";
+import { databaseOf, type Database, type Synchronous } from "../store/sqlite";
+import { readLegacyStore } from "./legacy-files";
 import { deadLetterHeaders, FailureCounts, REPLAY_GROUP, type RetryOptions } from "./redelivery";
 
 const BaseAdapter = Adapters.Base;
 
-interface StoredMessage {
-	_id: string;
+export interface StoredMessage {
+	id: string;
 	channel: string;
-	payload: unknown;
+	/** As JSON: each delivery parses its own copy, as from a broker. */
+	payload: string;
 	headers?: Record<string, string>;
 	/** Consumer groups that have not handled the message yet. */
 	pending: string[];
@@ -44,9 +45,63 @@ interface StoredMessage {
 	orphan?: boolean;
 }
 
-/** The lines of the file besides a message's: one group has handled it; every group has. */
-type Acknowledgement = { _id: string; handledBy: string };
-type Tombstone = { _id: string; $$deleted: true };
+/** A message's row: its payload, headers and pending groups as JSON. */
+interface MessageRow {
+	id: string;
+	channel: string;
+	payload: string;
+	headers: string | null;
+	pending: string;
+	orphan: number;
+}
+
+const SCHEMA = `
+	CREATE TABLE IF NOT EXISTS channel_messages (
+		id TEXT PRIMARY KEY,
+		channel TEXT NOT NULL,
+		payload TEXT NOT NULL,
+		headers TEXT,
+		pending TEXT NOT NULL,
+		orphan INTEGER NOT NULL DEFAULT 0
+	);
+	CREATE TABLE IF NOT EXISTS channel_groups (
+		channel TEXT NOT NULL,
+		group_name TEXT NOT NULL,
+		PRIMARY KEY (channel, group_name)
+	) WITHOUT ROWID;`;
+
+const INSERT_MESSAGE =
+	"INTO channel_messages (id, channel, payload, headers, pending, orphan) VALUES (?, ?, ?, ?, ?, ?)";
+
+const ADD_GROUP = "INSERT OR IGNORE INTO channel_groups (channel, group_name) VALUES (?, ?)";
+
+/** Writes a message's row with `into`, an `INSERT` (or `INSERT OR IGNORE`) of `INSERT_MESSAGE`. */
+function insertMessage(into: StatementSync, msg: StoredMessage): void {
+	into.run(
+		msg.id,
+		msg.channel,
+		msg.payload,
+		msg.headers ? JSON.stringify(msg.headers) : null,
+		JSON.stringify(msg.pending),
+		msg.orphan ? 1 : 0
+	);
+}
+
+/**
+ * Stores a message as the adapter does, into the node's database: for a test that leaves behind
+ * what a crash would (a message delivered twice, an orphan), with the node stopped.
+ */
+export function storeMessage(db: DatabaseSync, msg: StoredMessage): void {
+	db.exec(SCHEMA);
+	insertMessage(db.prepare(`INSERT ${INSERT_MESSAGE}`), msg);
+}
+
+interface Statements {
+	insert: StatementSync;
+	handled: StatementSync;
+	remove: StatementSync;
+	addGroup: StatementSync;
+}
 
 interface Consumer {
 	chan: Channel;
@@ -58,6 +113,7 @@ interface Consumer {
 
 export interface EmbeddedAdapterOptions extends RetryOptions {
 	dataDir: string;
+	sqliteSynchronous: Synchronous;
 	maxInFlight?: number;
 	deadLettering?: { enabled: boolean; queueName?: string };
 }
@@ -76,15 +132,13 @@ export class EmbeddedAdapter extends BaseAdapter {
 	declare opts: InstanceType<typeof BaseAdapter>["opts"] & EmbeddedAdapterOptions;
 	declare broker: ServiceBroker;
 	declare logger: Logger;
-	private file = "";
-	private fd?: number;
-	/** Lines in the file. */
-	private lines = 0;
+	/** The node's database: acquired by `connect`, released by `disconnect`. */
+	private database!: Database;
+	private sql!: Statements;
 	/** Every message some group has still to handle, and the orphans. */
-	private stored = new Map<string, StoredMessage>();
+	private readonly stored = new Map<string, StoredMessage>();
 	/** Per `channel|group`, the messages that group has still to handle, in publishing order. */
 	private readonly queues = new Map<string, Map<string, StoredMessage>>();
-	private groups!: Datastore<{ _id: string; channel: string; group: string }>;
 	private readonly knownGroups = new Map<string, Set<string>>();
 	private readonly consumers = new Map<string, Consumer>();
 	/** Settles when `connect` has loaded the store and the groups; publishing waits for it. After a
@@ -109,37 +163,75 @@ export class EmbeddedAdapter extends BaseAdapter {
 	override async connect(): Promise<void> {
 		if (this.stopped) this.resetOpened();
 		this.stopped = false;
+		this.database = databaseOf(this.opts);
 		try {
 			await this.load();
 			this.connected = true;
 			this.open();
 		} catch (err) {
+			await this.database.release();
 			this.open(err as Error);
 			throw err;
 		}
 	}
 
 	private async load(): Promise<void> {
-		const dir = path.join(this.opts.dataDir, "channels");
-		fs.mkdirSync(dir, { recursive: true });
-		this.file = path.join(dir, "messages.db");
-		this.groups = openDatastore(path.join(dir, "groups.db"));
-		await this.groups.loadDatabaseAsync();
-		this.readFile();
-		this.compact();
+		const { database } = this;
+		const legacy = readLegacyStore(this.opts.dataDir);
+		await database.write(db => {
+			db.exec(SCHEMA);
+			if (!legacy) return;
+			const importMessage = db.prepare(`INSERT OR IGNORE ${INSERT_MESSAGE}`);
+			for (const { _id, payload, ...msg } of legacy.messages)
+				insertMessage(importMessage, { ...msg, id: _id, payload: JSON.stringify(payload) });
+			const importGroup = db.prepare(ADD_GROUP);
+			for (const { channel, group } of legacy.groups) importGroup.run(channel, group);
+		});
+		if (legacy) {
+			// Imported again, harmlessly, if the process dies before the files are renamed.
+			legacy.retire();
+			this.logger.info(
+				`Imported ${legacy.messages.length} waiting message(s) and ${legacy.groups.length} consumer group(s) from the channel files of an earlier version`
+			);
+		}
+		this.sql = {
+			insert: database.db.prepare(`INSERT ${INSERT_MESSAGE}`),
+			handled: database.db.prepare(
+				"UPDATE channel_messages SET pending = ?, orphan = 0 WHERE id = ?"
+			),
+			remove: database.db.prepare("DELETE FROM channel_messages WHERE id = ?"),
+			addGroup: database.db.prepare(ADD_GROUP)
+		};
+		this.stored.clear();
 		this.queues.clear();
-		for (const msg of this.stored.values())
-			for (const group of msg.pending) this.queueOf(msg.channel, group).set(msg._id, msg);
-		for (const { channel, group } of await this.groups.findAsync({}))
-			this.groupsOf(channel).add(group);
+		this.knownGroups.clear();
+		const rows = database.db
+			.prepare("SELECT * FROM channel_messages ORDER BY id")
+			.all() as unknown as MessageRow[];
+		for (const row of rows) {
+			const msg: StoredMessage = {
+				id: row.id,
+				channel: row.channel,
+				payload: row.payload,
+				...(row.headers === null ? {} : { headers: JSON.parse(row.headers) }),
+				pending: JSON.parse(row.pending),
+				...(row.orphan ? { orphan: true } : {})
+			};
+			this.stored.set(msg.id, msg);
+			for (const group of msg.pending) this.queueOf(msg.channel, group).set(msg.id, msg);
+		}
+		const groups = database.db
+			.prepare("SELECT channel, group_name AS grp FROM channel_groups")
+			.all() as unknown as { channel: string; grp: string }[];
+		for (const { channel, grp } of groups) this.groupsOf(channel).add(grp);
 		// Orphans of channels whose groups are now known (published by an earlier run before its
 		// groups were loaded) go to those groups.
-		for (const [channel, groups] of this.knownGroups) this.adoptOrphans(channel, [...groups]);
+		for (const [channel, known] of this.knownGroups) this.adoptOrphans(channel, [...known]);
 		// Every local service's groups are known before anything is published, even on a fresh data
 		// folder: a message published before a consumer's first subscription still waits for it.
 		for (const service of this.broker.services)
 			for (const [name, def] of Object.entries(service.schema.channels ?? {}))
-				await this.registerGroup(this.addPrefixTopic(name), def.group ?? service.fullName);
+				this.registerGroup(this.addPrefixTopic(name), def.group ?? service.fullName);
 	}
 
 	override async disconnect(): Promise<void> {
@@ -147,7 +239,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 		// Handlers still in flight may dead-letter: the store stays open for them until they are done.
 		await Promise.all([...this.consumers.values()].map(c => this.stopConsumer(c)));
 		this.consumers.clear();
-		if (this.file) this.compact();
+		if (this.connected) await this.database.release();
 		this.connected = false;
 		this.stopped = true;
 		this.resetOpened();
@@ -158,7 +250,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 		chan.maxInFlight ??= this.opts.maxInFlight;
 		chan.maxRetries ??= this.opts.maxRetries;
 		chan.deadLettering = { ...this.opts.deadLettering, ...chan.deadLettering };
-		await this.registerGroup(chan.name, chan.group);
+		this.registerGroup(chan.name, chan.group);
 		const consumer: Consumer = {
 			chan,
 			inFlight: new Map(),
@@ -177,6 +269,12 @@ export class EmbeddedAdapter extends BaseAdapter {
 		await this.stopConsumer(consumer);
 	}
 
+	/**
+	 * Answers once the message's row is committed. It is handed to its consumers at once: a handler
+	 * that writes to the same database commits with it or after it. (Should the commit fail, the
+	 * publisher is told so and publishes again; a consumer that had the message meanwhile applies it
+	 * once by its key, as it does any message delivered twice.)
+	 */
 	override async publish(
 		channelName: string,
 		payload: unknown,
@@ -186,19 +284,21 @@ export class EmbeddedAdapter extends BaseAdapter {
 		const replayTo = opts.headers?.[REPLAY_GROUP];
 		const groups = replayTo ? [replayTo] : [...this.groupsOf(channelName)];
 		const msg: StoredMessage = {
-			_id: messageId(),
+			id: messageId(),
 			channel: channelName,
-			payload: structuredClone(payload),
+			payload: JSON.stringify(payload),
 			headers: opts.headers,
 			pending: groups,
 			...(groups.length === 0 ? { orphan: true } : {})
 		};
-		this.append(msg);
-		this.stored.set(msg._id, msg);
-		for (const group of groups) this.queueOf(channelName, group).set(msg._id, msg);
-		this.compactIfWorthIt();
+		const committed = this.database.write(() => {
+			insertMessage(this.sql.insert, msg);
+			this.stored.set(msg.id, msg);
+			for (const group of groups) this.queueOf(channelName, group).set(msg.id, msg);
+		});
 		for (const consumer of this.consumers.values())
 			if (consumer.chan.name === channelName) this.pump(consumer);
+		await committed;
 	}
 
 	/** Messages some subscribed group has still to handle: zero means every consumer has caught up. */
@@ -228,61 +328,6 @@ export class EmbeddedAdapter extends BaseAdapter {
 		);
 	}
 
-	/**
-	 * Rebuilds the messages from the file, in publishing order: a message's line sets it, an
-	 * acknowledgement takes its group off, a tombstone removes it. A torn last line (a process killed
-	 * while writing it) was never acknowledged to anyone and is skipped.
-	 */
-	private readFile(): void {
-		this.stored.clear();
-		const lines = fs.existsSync(this.file) ? fs.readFileSync(this.file, "utf8").split("\n") : [];
-		lines.forEach((line, i) => {
-			if (!line) return;
-			let record: StoredMessage | Acknowledgement | Tombstone;
-			try {
-				record = deserialize(line) as typeof record;
-			} catch (err) {
-				if (i === lines.length - 1) return;
-				throw new Error(`${this.file}, line ${i + 1}: ${(err as Error).message}`);
-			}
-			const msg = this.stored.get(record._id);
-			if ("$$deleted" in record) this.stored.delete(record._id);
-			else if ("handledBy" in record) {
-				if (msg) msg.pending = msg.pending.filter(group => group !== record.handledBy);
-			} else this.stored.set(record._id, record);
-		});
-		for (const [id, msg] of this.stored)
-			if (!msg.orphan && !msg.pending.length) this.stored.delete(id);
-		this.stored = new Map([...this.stored].sort(([a], [b]) => (a < b ? -1 : 1)));
-	}
-
-	/** Writes a line to the file before anything answers. */
-	private append(record: StoredMessage | Acknowledgement | Tombstone): void {
-		this.fd ??= fs.openSync(this.file, "a");
-		const bytes = Buffer.from(`${serialize(record)}\n`, "utf8");
-		for (let written = 0; written < bytes.length;) written += fs.writeSync(this.fd, bytes, written);
-		this.lines++;
-	}
-
-	/** Rewrites the file once most of it is superseded, so that a busy node's file does not grow until its next start. */
-	private compactIfWorthIt(): void {
-		if (worthRewriting(this.lines, this.stored.size)) this.compact();
-	}
-
-	/** Rewrites the file with the messages still waiting, as NeDB does: a new file renamed over the old. */
-	private compact(): void {
-		if (this.fd !== undefined) fs.closeSync(this.fd);
-		this.fd = undefined;
-		const temporary = `${this.file}~`;
-		fs.writeFileSync(
-			temporary,
-			[...this.stored.values()].map(msg => `${serialize(msg)}\n`).join(""),
-			"utf8"
-		);
-		fs.renameSync(temporary, this.file);
-		this.lines = this.stored.size;
-	}
-
 	private queueOf(channel: string, group: string): Map<string, StoredMessage> {
 		const key = `${channel}|${group}`;
 		let queue = this.queues.get(key);
@@ -290,25 +335,24 @@ export class EmbeddedAdapter extends BaseAdapter {
 		return queue;
 	}
 
-	/** Remembers (durably) that `group` consumes `channel`; the first group also takes the orphans. */
-	private async registerGroup(channel: string, group: string): Promise<void> {
+	/**
+	 * Remembers (durably) that `group` consumes `channel`; the first group also takes the orphans.
+	 * Not waited for: a message published for the group commits with it or after it.
+	 */
+	private registerGroup(channel: string, group: string): void {
 		if (this.groupsOf(channel).has(group)) return;
+		this.database.atomically(() => this.sql.addGroup.run(channel, group));
 		this.groupsOf(channel).add(group);
-		await this.groups.updateAsync(
-			{ _id: `${channel}|${group}` },
-			{ _id: `${channel}|${group}`, channel, group },
-			{ upsert: true }
-		);
 		this.adoptOrphans(channel, [group]);
 	}
 
 	private adoptOrphans(channel: string, groups: string[]): void {
 		for (const msg of this.stored.values()) {
 			if (!msg.orphan || msg.channel !== channel) continue;
+			this.database.atomically(() => this.sql.handled.run(JSON.stringify(groups), msg.id));
 			msg.pending = [...groups];
 			delete msg.orphan;
-			this.append(msg);
-			for (const group of groups) this.queueOf(channel, group).set(msg._id, msg);
+			for (const group of groups) this.queueOf(channel, group).set(msg.id, msg);
 		}
 	}
 
@@ -337,8 +381,8 @@ export class EmbeddedAdapter extends BaseAdapter {
 		let nextRetry = Infinity;
 		for (const msg of this.queueOf(consumer.chan.name, consumer.chan.group).values()) {
 			if (free <= 0) break;
-			if (consumer.inFlight.has(msg._id)) continue;
-			const notBefore = consumer.failures.notBefore(msg._id) ?? now;
+			if (consumer.inFlight.has(msg.id)) continue;
+			const notBefore = consumer.failures.notBefore(msg.id) ?? now;
 			if (notBefore > now) {
 				nextRetry = Math.min(nextRetry, notBefore);
 				continue;
@@ -354,40 +398,47 @@ export class EmbeddedAdapter extends BaseAdapter {
 
 	private deliver(consumer: Consumer, msg: StoredMessage): void {
 		const { chan } = consumer;
-		this.addChannelActiveMessages(chan.id, [msg._id]);
+		this.addChannelActiveMessages(chan.id, [msg.id]);
 		// Each delivery gets its own copy, as from a broker: a handler cannot change what another group receives.
-		const payload = structuredClone(msg.payload);
+		const payload: unknown = JSON.parse(msg.payload);
 		const work = (async () => {
 			try {
-				await chan.handler(payload, { id: msg._id, payload, headers: msg.headers });
-				consumer.failures.forget(msg._id);
+				await chan.handler(payload, { id: msg.id, payload, headers: msg.headers });
+				consumer.failures.forget(msg.id);
 				this.done(msg, chan.group);
 			} catch (err) {
 				await this.failed(consumer, msg, err as Error);
 			} finally {
-				this.removeChannelActiveMessages(chan.id, [msg._id]);
-				consumer.inFlight.delete(msg._id);
+				this.removeChannelActiveMessages(chan.id, [msg.id]);
+				consumer.inFlight.delete(msg.id);
 				if (!consumer.stopped) this.pump(consumer);
 			}
 		})();
-		consumer.inFlight.set(msg._id, work);
+		consumer.inFlight.set(msg.id, work);
 	}
 
+	/**
+	 * Records that `group` has handled the message, in the turn's transaction without waiting for its
+	 * commit: the acknowledgements of one turn share it. One lost with a crash only has the message
+	 * delivered again, which every consumer applies once by its key.
+	 */
 	private done(msg: StoredMessage, group: string): void {
 		if (!msg.pending.includes(group)) return;
-		msg.pending = msg.pending.filter(g => g !== group);
-		this.append(
-			msg.pending.length ? { _id: msg._id, handledBy: group } : { $$deleted: true, _id: msg._id }
+		const pending = msg.pending.filter(g => g !== group);
+		this.database.atomically(() =>
+			pending.length
+				? this.sql.handled.run(JSON.stringify(pending), msg.id)
+				: this.sql.remove.run(msg.id)
 		);
-		this.queues.get(`${msg.channel}|${group}`)?.delete(msg._id);
-		if (!msg.pending.length) this.stored.delete(msg._id);
-		this.compactIfWorthIt();
+		msg.pending = pending;
+		this.queues.get(`${msg.channel}|${group}`)?.delete(msg.id);
+		if (!pending.length) this.stored.delete(msg.id);
 	}
 
 	/** Tried again later, or, once the handler has failed it more than `maxRetries` times, dead-lettered. */
 	private async failed(consumer: Consumer, msg: StoredMessage, err: Error): Promise<void> {
 		const { chan } = consumer;
-		const verdict = consumer.failures.failed(msg._id, err, chan.maxRetries ?? 0);
+		const verdict = consumer.failures.failed(msg.id, err, chan.maxRetries ?? 0);
 		this.metricsIncrement("moleculer.channels.messages.errors.total", chan);
 		if (!verdict.giveUp) {
 			this.logger.warn(
@@ -403,9 +454,13 @@ export class EmbeddedAdapter extends BaseAdapter {
 				err.message
 			);
 			this.metricsIncrement("moleculer.channels.messages.deadLettering.total", chan);
-			await this.publish(this.addPrefixTopic(chan.deadLettering.queueName), msg.payload, {
-				headers: deadLetterHeaders(msg.headers ?? {}, chan, err, verdict.tries)
-			});
+			await this.publish(
+				this.addPrefixTopic(chan.deadLettering.queueName),
+				JSON.parse(msg.payload),
+				{
+					headers: deadLetterHeaders(msg.headers ?? {}, chan, err, verdict.tries)
+				}
+			);
 		} else {
 			this.logger.error(
 				`'${chan.name}' (${chan.group}) gave up after ${verdict.tries} tries; dropped:`,

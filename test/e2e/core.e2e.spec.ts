@@ -2,9 +2,8 @@
  * The system as `npm start` runs it, driven over real HTTP: the seed's scenario, a restart on the same
  * data, duplicate delivery, racing uses and hostile input.
  */
-import fs from "node:fs";
-import path from "node:path";
 import { eventually } from "../helpers/broker";
+import { isStored, storeChannelMessage } from "../helpers/channel-store";
 import { faketime } from "../helpers/clock";
 import { System } from "../helpers/system";
 
@@ -219,23 +218,16 @@ describe("OnePoint over HTTP", () => {
 			point: 500,
 			dealDate: saved.dealDate
 		};
-		const message = {
-			_id: `zz${Date.now()}`,
+		const id = `zz${Date.now()}`;
+		storeChannelMessage(system.dataDir, {
+			id,
 			channel: "onepoint.deal.saved",
-			payload,
+			payload: JSON.stringify(payload),
 			pending: ["points"]
-		};
-		fs.appendFileSync(
-			path.join(system.dataDir, "channels", "messages.db"),
-			`${JSON.stringify(message)}\n`
-		);
+		});
 		await system.start();
-		// Handled by every group, the message is deleted from the store (NeDB appends a tombstone).
-		await eventually(() =>
-			expect(
-				fs.readFileSync(path.join(system.dataDir, "channels", "messages.db"), "utf8")
-			).toContain(`{"$$deleted":true,"_id":"${message._id}"}`)
-		);
+		// Handled by every group, the message's row is deleted.
+		await eventually(() => expect(isStored(system.dataDir, id)).toBe(false));
 		expect(await balance("0300")).toBe(500);
 		const history = (await api("GET", "/points/0300/history")).body;
 		expect(history.total).toBe(1);

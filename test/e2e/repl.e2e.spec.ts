@@ -5,6 +5,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { eventually } from "../helpers/broker";
+import { storeChannelMessage } from "../helpers/channel-store";
 import { faketime } from "../helpers/clock";
 import { tamper } from "../helpers/store";
 import { System } from "../helpers/system";
@@ -120,17 +121,13 @@ describe("operator commands in the Moleculer REPL", () => {
 			"x-error-message": "store unavailable",
 			"x-tries": "9"
 		};
-		const message = {
-			_id: `zz${Date.now()}`,
+		storeChannelMessage(system.dataDir, {
+			id: `zz${Date.now()}`,
 			channel: "onepoint.DEAD_LETTERS",
-			payload,
+			payload: JSON.stringify(payload),
 			headers,
 			pending: ["dead-letters"]
-		};
-		fs.appendFileSync(
-			path.join(system.dataDir, "channels", "messages.db"),
-			`${JSON.stringify(message)}\n`
-		);
+		});
 		await system.start();
 		const accruals = async () =>
 			(await api("GET", "/points/r001/history?pageSize=100")).body.rows.filter(

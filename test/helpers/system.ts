@@ -101,6 +101,7 @@ export class System {
 			process.execPath,
 			[
 				"--disable-warning=DEP0174",
+				"--disable-warning=ExperimentalWarning",
 				path.join(ROOT, "node_modules/moleculer/bin/moleculer-runner.js"),
 				"--config",
 				"dist/moleculer.config.js",

@@ -11,7 +11,7 @@
  * here log errors on purpose). Each case has brokers and channels of its own, so the cases run
  * concurrently. What one adapter cannot do (one process per data folder) is skipped there, saying
  * why; what it gets wrong is listed in its `knownGaps` and runs as `it.failing`, so that a fix is
- * noticed. Adapter-specific behaviour (restarts, the file, replays, racing consumers) stays in
+ * noticed. Adapter-specific behaviour (restarts, the store, replays, racing consumers) stays in
  * embedded-channel-adapter.spec.ts and nats-channel-adapter.spec.ts.
  */
 import fs from "node:fs";
@@ -51,7 +51,7 @@ interface AdapterUnderTest {
 	/** Cases this adapter fails, and how: they run as `it.failing`, so that a fix is noticed. */
 	knownGaps: Partial<Record<GapCase, string>>;
 }
-type GapCase = "new group beside others" | "keys with dots and dollars";
+type GapCase = "new group beside others";
 
 const folders: string[] = [];
 function freshFolder(): string {
@@ -70,9 +70,7 @@ const embedded: AdapterUnderTest = {
 	noSharedGroup: "the embedded store serves one process: brokers cannot share its data folder",
 	knownGaps: {
 		"new group beside others":
-			"a message goes to the groups known when it is published; only one published before any group subscribed waits for the first",
-		"keys with dots and dollars":
-			"the store (NeDB's format) refuses field names with a '.' or a leading '$': the publish throws"
+			"a message goes to the groups known when it is published; only one published before any group subscribed waits for the first"
 	}
 };
 
@@ -548,7 +546,6 @@ describe.each([embedded, jetStream])("channel adapter contract: $name", adapter 
 			const broker = await start([consumer("reader", ch, p => seen.push(p))]);
 			await broker.sendToChannel(ch, payload);
 			await eventually(() => expect(seen).toEqual([payload]));
-		},
-		{ gap: "keys with dots and dollars" }
+		}
 	);
 });

@@ -1,9 +1,12 @@
 import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import type { ServiceBroker, ServiceSchema } from "moleculer";
 import DeadLettersService from "../../services/dead-letters.service";
 import { collect, SERIES } from "../../lib/ops/metrics";
+import { Database } from "../../lib/store/sqlite";
 import { createTestBroker, eventually, type AnyServiceSchema } from "../helpers/broker";
+import { openDatabase, storeChannelMessage, storedIds } from "../helpers/channel-store";
 
 type Send = (channel: string, payload: object) => Promise<void>;
 
@@ -27,10 +30,12 @@ function consumer(seen: unknown[], failFirst = 0, maxRetries?: number): ServiceS
 	};
 }
 
+const dataDir = process.env.DATA_DIR as string;
+
 describe("embedded channel adapter", () => {
 	const brokers: ServiceBroker[] = [];
-	const start = async (services: AnyServiceSchema[]) => {
-		const broker = createTestBroker(services);
+	const start = async (services: AnyServiceSchema[], env: NodeJS.ProcessEnv = {}) => {
+		const broker = createTestBroker(services, env);
 		brokers.push(broker);
 		await broker.start();
 		return {
@@ -89,7 +94,7 @@ describe("embedded channel adapter", () => {
 		await eventually(() => expect(seen).toEqual([{ id: "k1" }]));
 	});
 
-	it("after a restart, redelivers a message only to the groups that had not handled it, and skips a torn last line", async () => {
+	it("after a restart, redelivers a message only to the groups that had not handled it", async () => {
 		const other = (seen: unknown[], fail: boolean): ServiceSchema => ({
 			name: "other",
 			channels: {
@@ -108,11 +113,6 @@ describe("embedded channel adapter", () => {
 		await eventually(() => expect(handled).toEqual([{ id: "g1" }]));
 		await broker.stop();
 		brokers.splice(0);
-		// A process killed halfway through writing a line.
-		fs.appendFileSync(
-			path.join(process.env.DATA_DIR as string, "channels", "messages.db"),
-			'{"_id":"0torn","chan'
-		);
 		const [again, late]: unknown[][] = [[], []];
 		await start([consumer(again), other(late, false)]);
 		await eventually(() => expect(late).toEqual([{ id: "g1" }]));
@@ -120,7 +120,7 @@ describe("embedded channel adapter", () => {
 		expect(again).toEqual([]);
 	});
 
-	it("keeps its file short while running: rewritten once mostly superseded, the messages still waiting kept", async () => {
+	it("deletes a message's row once every group has handled it, and keeps the rows of the messages still waiting", async () => {
 		// Channels of their own: a group that earlier tests made known keeps their messages waiting for it.
 		const group = (name: string, seen: unknown[], fail = false): ServiceSchema => ({
 			name,
@@ -135,16 +135,13 @@ describe("embedded channel adapter", () => {
 				}
 			}
 		});
-		const file = path.join(process.env.DATA_DIR as string, "channels", "messages.db");
 		const handled: unknown[] = [];
 		const { broker, send } = await start([group("flood", handled), group("stuck", [], true)]);
 		await send("thing.stuck", { id: "waiting1" });
-		// A line as published and one as handled each: 12,000 lines without a rewrite.
-		for (let i = 0; i < 6000; i++) await send("thing.flood", { id: `h${i}` });
-		await eventually(() => expect(handled).toHaveLength(6000));
-		const lines = fs.readFileSync(file, "utf8").split("\n").filter(Boolean);
-		expect(lines.length).toBeLessThan(10_000);
-		expect(lines.some(line => line.includes("waiting1"))).toBe(true);
+		for (let i = 0; i < 1000; i++) await send("thing.flood", { id: `h${i}` });
+		await eventually(() => expect(handled).toHaveLength(1000));
+		await eventually(() => expect(storedIds(dataDir, "onepoint.thing.flood")).toEqual([]));
+		expect(storedIds(dataDir, "onepoint.thing.stuck")).toEqual(["waiting1"]);
 		await broker.stop();
 		brokers.splice(0);
 		const [again, late]: unknown[][] = [[], []];
@@ -152,6 +149,175 @@ describe("embedded channel adapter", () => {
 		await eventually(() => expect(late).toEqual([{ id: "waiting1" }]));
 		await new Promise(resolve => setTimeout(resolve, 100));
 		expect(again).toEqual([]);
+	});
+
+	it("answers a publish only once its row is committed", async () => {
+		// A handler held until the end: the message's row stays meanwhile.
+		let release = () => undefined as void;
+		const held = new Promise<void>(resolve => (release = resolve));
+		const { send } = await start([
+			{ name: "holder", channels: { "thing.held": { group: "holder", handler: () => held } } }
+		]);
+		let seenOnAnswer: string[] = [];
+		await send("thing.held", { id: "c1" }).then(() => {
+			seenOnAnswer = storedIds(dataDir, "onepoint.thing.held");
+		});
+		release();
+		expect(seenOnAnswer).toEqual(["c1"]);
+	});
+
+	it("hands a group up to maxInFlight of its waiting messages in one turn, and acknowledges those handled in one turn with one commit", async () => {
+		// Waiting since before the start, as a crash or a consumer's absence leaves them.
+		for (let i = 0; i < 40; i++)
+			storeChannelMessage(dataDir, {
+				id: `0batch${String(i).padStart(4, "0")}`,
+				channel: "onepoint.thing.batched",
+				payload: JSON.stringify({ id: `b${i}` }),
+				pending: ["batcher"]
+			});
+		const started: string[] = [];
+		let startedInFirstTurn = 0;
+		let release = () => undefined as void;
+		const gate = new Promise<void>(resolve => (release = resolve));
+		await start([
+			{
+				name: "batcher",
+				channels: {
+					"thing.batched": {
+						group: "batcher",
+						async handler({ id }: { id: string }) {
+							if (!started.length) setImmediate(() => (startedInFirstTurn = started.length));
+							started.push(id);
+							await gate;
+						}
+					}
+				}
+			}
+		]);
+		await eventually(() => expect(startedInFirstTurn).toBeGreaterThan(0));
+		// config/broker.ts: 16 at once.
+		expect(startedInFirstTurn).toBe(16);
+		const database = Database.acquire(path.join(dataDir, "onepoint.sqlite"));
+		try {
+			const exec = jest.spyOn(database.db, "exec");
+			// Each handler that finishes frees a slot for the next message, within the same turn.
+			release();
+			await eventually(() => expect(storedIds(dataDir, "onepoint.thing.batched")).toEqual([]));
+			expect(started).toHaveLength(40);
+			expect(exec.mock.calls.filter(([sql]) => sql === "COMMIT")).toHaveLength(1);
+		} finally {
+			await database.release();
+		}
+	});
+
+	it("imports the messages still waiting in an earlier version's files once, then renames them", async () => {
+		const oldDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "onepoint-channel-files-"));
+		const dir = path.join(oldDataDir, "channels");
+		fs.mkdirSync(dir);
+		// As the NeDB-format store left them: messages, acknowledgements, tombstones, a line torn by a kill.
+		const happened = "onepoint.thing.happened";
+		fs.writeFileSync(
+			path.join(dir, "messages.db"),
+			[
+				{
+					_id: "0aaaaaaaa0001",
+					channel: happened,
+					payload: { id: "m1" },
+					pending: ["consumer", "other"]
+				},
+				{ _id: "0aaaaaaaa0002", channel: happened, payload: { id: "m2" }, pending: ["consumer"] },
+				{ _id: "0aaaaaaaa0001", handledBy: "other" },
+				{
+					_id: "0aaaaaaaa0003",
+					channel: happened,
+					payload: { id: "m3", at: { $$date: Date.UTC(2026, 0, 1) } },
+					headers: { "x-trace": "t3" },
+					pending: ["consumer"]
+				},
+				{ $$deleted: true, _id: "0aaaaaaaa0002" },
+				{
+					_id: "0aaaaaaaa0004",
+					channel: "onepoint.thing.orphaned",
+					payload: { id: "o4" },
+					pending: [],
+					orphan: true
+				},
+				{ _id: "0aaaaaaaa0005", channel: happened, payload: { id: "m5" }, pending: ["consumer"] },
+				{ _id: "0aaaaaaaa0005", handledBy: "consumer" }
+			]
+				.map(line => `${JSON.stringify(line)}\n`)
+				.join("") + '{"_id":"0torn","chan'
+		);
+		// A NeDB datastore: an index declared, a group superseded by a later line, one removed.
+		fs.writeFileSync(
+			path.join(dir, "groups.db"),
+			[
+				{ _id: `${happened}|consumer`, channel: happened, group: "consumer" },
+				{ $$indexCreated: { fieldName: "channel", unique: false, sparse: false } },
+				{ _id: `${happened}|other`, channel: happened, group: "another" },
+				{ _id: "onepoint.thing.gone|old", channel: "onepoint.thing.gone", group: "old" },
+				{ _id: `${happened}|other`, channel: happened, group: "other" },
+				{ $$deleted: true, _id: "onepoint.thing.gone|old" }
+			]
+				.map(line => `${JSON.stringify(line)}\n`)
+				.join("")
+		);
+		const headersOf = new Map<string, Record<string, string>>();
+		const reader = (seen: unknown[]): ServiceSchema => ({
+			name: "consumer",
+			channels: {
+				"thing.happened": {
+					group: "consumer",
+					async handler(payload: { id: string }, raw: { headers?: Record<string, string> }) {
+						seen.push(payload);
+						if (raw.headers) headersOf.set(payload.id, raw.headers);
+					}
+				}
+			}
+		});
+		const orphans: unknown[] = [];
+		const adopter: ServiceSchema = {
+			name: "adopter",
+			channels: {
+				"thing.orphaned": { group: "adopter", handler: async (p: unknown) => void orphans.push(p) }
+			}
+		};
+		const seen: unknown[] = [];
+		const { broker, send } = await start([reader(seen), adopter], { DATA_DIR: oldDataDir });
+		await eventually(() => {
+			expect(seen).toEqual([{ id: "m1" }, { id: "m3", at: "2026-01-01T00:00:00.000Z" }]);
+			expect(orphans).toEqual([{ id: "o4" }]);
+		});
+		expect(headersOf.get("m3")).toEqual({ "x-trace": "t3" });
+		expect(fs.readdirSync(dir).sort()).toEqual(["groups.db.migrated", "messages.db.migrated"]);
+		// The groups came too: a message published now waits for `other` as well, not for `another` or `old`.
+		await send("thing.happened", { id: "m6" });
+		await eventually(() => expect(seen).toHaveLength(3));
+		await eventually(() => {
+			const db = openDatabase(oldDataDir);
+			try {
+				expect(
+					db.prepare("SELECT channel, group_name FROM channel_groups ORDER BY 1, 2").all()
+				).toEqual([
+					{ channel: happened, group_name: "consumer" },
+					{ channel: happened, group_name: "other" },
+					{ channel: "onepoint.thing.orphaned", group_name: "adopter" }
+				]);
+				expect(db.prepare("SELECT pending FROM channel_messages").all()).toEqual([
+					{ pending: '["other"]' }
+				]);
+			} finally {
+				db.close();
+			}
+		});
+		await broker.stop();
+		brokers.splice(0);
+		// Imported once: nothing handled comes again.
+		const again: unknown[] = [];
+		await start([reader(again), adopter], { DATA_DIR: oldDataDir });
+		await new Promise(resolve => setTimeout(resolve, 100));
+		expect(again).toEqual([]);
+		fs.rmSync(oldDataDir, { recursive: true, force: true });
 	});
 
 	it("holds a message published from a service's started() until the adapter has connected, and delivers it", async () => {
@@ -175,18 +341,14 @@ describe("embedded channel adapter", () => {
 		const first = await start([consumer([])]);
 		await first.broker.stop();
 		brokers.splice(0);
-		// What a publish before the groups were loaded left: an orphan, though groups.db knows the group.
-		const orphan = {
-			_id: `0orphan${Date.now()}`,
+		// What a publish before the groups were loaded left: an orphan, though the group is known.
+		storeChannelMessage(dataDir, {
+			id: `0orphan${Date.now()}`,
 			channel: "onepoint.thing.happened",
-			payload: { id: "orphan1" },
+			payload: JSON.stringify({ id: "orphan1" }),
 			pending: [],
 			orphan: true
-		};
-		fs.appendFileSync(
-			path.join(process.env.DATA_DIR as string, "channels", "messages.db"),
-			`${JSON.stringify(orphan)}\n`
-		);
+		});
 		const seen: unknown[] = [];
 		await start([consumer(seen)]);
 		await eventually(() => expect(seen).toEqual([{ id: "orphan1" }]));
