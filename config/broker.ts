@@ -15,7 +15,7 @@ import { DurableNatsAdapter } from "../lib/channels/nats-adapter";
 import { settleMetricRateShape } from "../lib/ops/metric-rate-shape";
 import { WaitForService } from "../lib/service-wait";
 import { loggerOptions } from "../lib/ops/logs";
-import { OnePointMetrics } from "../lib/ops/metrics";
+import { ActionMetrics, OnePointMetrics } from "../lib/ops/metrics";
 import { TraceContext } from "../lib/ops/tracing";
 import { OpsReporter } from "../lib/ops/reporter";
 import { operatorCommands } from "../lib/ops/repl-commands";
@@ -32,7 +32,8 @@ const ChannelsMiddleware = Middleware as unknown as (opts: {
 /**
  * Moleculer's internal middlewares in their stock order, except that `Timeout` sits inside
  * `CircuitBreaker`: stock order lets the breaker wrap the timeout, so a dependency that only hangs
- * never trips it. Here a timed-out call counts as a failure and a slow dependency is shed.
+ * never trips it. Here a timed-out call counts as a failure and a slow dependency is shed. `Metrics`
+ * leaves out the gateway's own actions, which `onepoint_http_*` measure (`ActionMetrics`).
  */
 const INTERNAL_MIDDLEWARES = [
 	"ActionHook",
@@ -46,7 +47,7 @@ const INTERNAL_MIDDLEWARES = [
 	"Fallback",
 	"ErrorHandler",
 	"Tracing",
-	"Metrics",
+	ActionMetrics("api"),
 	"Debounce",
 	"Throttle"
 ];

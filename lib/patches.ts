@@ -68,6 +68,13 @@ export const PATCHES = {
 		where: "lib/ops/reporter.ts",
 		members: ["init", "handler", "generatePrometheusResponse"]
 	},
+	/** Moleculer's per-action metrics middleware, whose `localAction` the gateway's own actions skip. */
+	moleculerMetrics: {
+		library: "moleculer",
+		checked: "0.15.2",
+		where: "lib/ops/metrics.ts",
+		members: ["localAction", "remoteAction", "created"]
+	},
 	/** The metrics workaround: one MetricRate of a throwaway gauge, widened before any rate exists. */
 	metricRate: {
 		library: "moleculer",

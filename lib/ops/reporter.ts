@@ -5,15 +5,15 @@
  * to, and drain, each node on its own.
  *
  * OnePoint's own series (`onepoint_*`, lib/ops/metrics.ts) are written here rather than by Moleculer's
- * writer, which leaves a histogram without its `_sum` and `_count` and a registered series without
- * values out altogether; every label is snake_case (`node_id`, not Moleculer's `nodeID`), as
+ * writer, which leaves a registered series without values out altogether, and the gateway's request
+ * series come from prom-client's registry; every label is snake_case (`node_id`, not Moleculer's `nodeID`), as
  * `promtool check metrics` asks. Moleculer's own series are written as Moleculer writes them. The
  * reporter's methods this overrides are fenced in lib/patches.ts.
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { MetricReporters, type MetricRegistry, type ServiceBroker } from "moleculer";
 import { assertPatchable, PATCHES } from "../patches";
-import { collect, httpSnapshots, onScrape, SERIES, type MetricSnapshot } from "./metrics";
+import { collect, httpSeriesText, onScrape, SERIES, type MetricSnapshot } from "./metrics";
 
 const OWN = "onepoint_*";
 
@@ -31,6 +31,8 @@ export class OpsReporter extends MetricReporters.Prometheus {
 	declare server: import("node:http").Server;
 	declare opts: { port: number };
 	declare defaultLabels: Record<string, string>;
+	/** The gateway's request series, read (prom-client reads asynchronously) just before a scrape is written. */
+	private httpSeries = "";
 
 	constructor(opts: { port: number }) {
 		assertPatchable(PATCHES.prometheusReporter, MetricReporters.Prometheus.prototype);
@@ -82,42 +84,32 @@ export class OpsReporter extends MetricReporters.Prometheus {
 		const broker = this.registry.broker;
 		collect(broker)
 			.catch((err: Error) => broker.logger.warn("Metrics not collected:", err.message))
+			.then(() => httpSeriesText(broker))
+			.then(
+				text => (this.httpSeries = text),
+				(err: Error) => broker.logger.warn("HTTP series not read:", err.message)
+			)
 			.finally(() => super.handler(req, res));
 	}
 
 	override generatePrometheusResponse(): string {
-		return `${super.generatePrometheusResponse()}\n${this.ownSeries()}`;
+		return `${super.generatePrometheusResponse()}\n${this.ownSeries()}${this.httpSeries}\n`;
 	}
 
 	/** OnePoint's series: a HELP and TYPE for each, also before it has a value. */
 	private ownSeries(): string {
 		const lines: string[] = [];
-		const series = [
-			...(this.registry.list({ includes: OWN }) as unknown as MetricSnapshot[]),
-			...httpSnapshots(this.registry.broker)
-		];
-		for (const metric of series) {
+		for (const metric of this.registry.list({ includes: OWN }) as unknown as MetricSnapshot[]) {
 			lines.push(`# HELP ${metric.name} ${metric.description ?? metric.name}`);
 			lines.push(`# TYPE ${metric.name} ${metric.type}`);
-			for (const item of metric.values) {
-				if (metric.type !== "histogram") {
-					lines.push(`${metric.name}${this.labels(item.labels)} ${item.value ?? 0}`);
-					continue;
-				}
-				for (const [le, count] of Object.entries(item.buckets ?? {}))
-					lines.push(`${metric.name}_bucket${this.labels(item.labels, { le })} ${count}`);
-				lines.push(
-					`${metric.name}_bucket${this.labels(item.labels, { le: "+Inf" })} ${item.count ?? 0}`
-				);
-				lines.push(`${metric.name}_sum${this.labels(item.labels)} ${item.sum ?? 0}`);
-				lines.push(`${metric.name}_count${this.labels(item.labels)} ${item.count ?? 0}`);
-			}
+			for (const item of metric.values)
+				lines.push(`${metric.name}${this.labels(item.labels)} ${item.value ?? 0}`);
 		}
 		return `${lines.join("\n")}\n`;
 	}
 
-	private labels(labels: Record<string, string>, extra: Record<string, string> = {}): string {
-		const all = { ...this.defaultLabels, ...labels, ...extra };
+	private labels(labels: Record<string, string>): string {
+		const all = { ...this.defaultLabels, ...labels };
 		return `{${Object.entries(all)
 			.map(([key, value]) => `${key}="${escape(String(value))}"`)
 			.join(",")}}`;

@@ -1,6 +1,7 @@
 /**
  * The gauges a scrape reads (lib/ops/metrics.ts): a consumer group's backlog and its oldest
- * message's age, the circuit breakers by action, and the months past their grace that are not final.
+ * message's age, the circuit breakers by action, and the months past their grace that are not final;
+ * and which actions Moleculer's own per-action series measure.
  */
 import type { ServiceBroker, ServiceSchema } from "moleculer";
 import { collect, SERIES } from "../../lib/ops/metrics";
@@ -107,5 +108,24 @@ describe("the gauges a scrape reads", () => {
 		expect(await open()).toEqual({});
 		clock = new Date("2027-01-01T01:00:00.000Z");
 		expect(await open()).toEqual({ "202611": 1, "202612": 1 });
+	});
+});
+
+describe("Moleculer's per-action series", () => {
+	let broker: ServiceBroker;
+	afterEach(() => broker.stop());
+
+	it("leave out the gateway's own actions, which the HTTP series measure, and keep every other", async () => {
+		broker = createTestBroker([
+			{ name: "api", actions: { me: () => ({ role: "staff" }) } },
+			{ name: "points", actions: { get: () => ({ balance: 0 }) } }
+		]);
+		await broker.start();
+		await broker.call("api.me");
+		await broker.call("points.get");
+		const measured = broker.metrics.getMetric("moleculer.request.total")?.snapshot() ?? [];
+		expect(measured.map(value => (value.labels as { action: string }).action)).toEqual([
+			"points.get"
+		]);
 	});
 });

@@ -7,7 +7,7 @@ import fs from "node:fs";
 import path from "node:path";
 import Datastore from "@seald-io/nedb";
 import { Adapters } from "@moleculer/channels";
-import { MetricReporters, MetricTypes, type MetricRegistry } from "moleculer";
+import Moleculer, { MetricReporters, MetricTypes, type MetricRegistry } from "moleculer";
 import ApiGateway from "moleculer-web";
 import { assertPatchable, missingMembers, PATCHES, type Patch } from "../../lib/patches";
 
@@ -32,6 +32,9 @@ function targets(): Record<keyof typeof PATCHES, object> {
 		moleculerWeb: ApiGateway.methods as object,
 		moleculerWebAliases: ApiGateway.methods as object,
 		prometheusReporter: MetricReporters.Prometheus.prototype,
+		moleculerMetrics: (
+			Moleculer as unknown as { Middlewares: { Metrics(broker: object): object } }
+		).Middlewares.Metrics({ metrics: {} }),
 		metricRate: item.rate as object
 	};
 }
