@@ -1,10 +1,10 @@
 /**
- * Two projects, one per store: every service and end-to-end suite runs on NeDB (the embedded
+ * Two projects, one per store: every service and end-to-end suite runs on SQLite (the embedded
  * default) and on MongoDB (the stand-in under test/mongo, or the server at MONGO_URI). Suites about
- * one store only (the stand-in itself, several instances sharing MongoDB: `mongo-*.spec.ts`; NeDB's
- * file: `nedb-file.spec.ts`) run in that store's project; suites about neither (configuration,
+ * one store only (the stand-in itself, several instances sharing MongoDB: `mongo-*.spec.ts`; the SQLite
+ * file: `sqlite-file.spec.ts`) run in that store's project; suites about neither (configuration,
  * deployment files, the channel adapters, the patches, the docs checks, pure rules, the benchmark's
- * smoke run) run once, in the NeDB project.
+ * smoke run) run once, in the SQLite project.
  */
 const common = {
 	testEnvironment: "node",
@@ -17,14 +17,15 @@ const common = {
 	transformIgnorePatterns: ["/node_modules/(?!jose/)"]
 };
 
-// Independent of the store, or about NeDB only: run once, in the NeDB project.
+// Independent of the store, or about SQLite only: run once, in the SQLite project.
 const storeless = [
 	"config",
 	"openapi",
 	"deployment",
 	"bench.e2e",
 	"embedded-channel-adapter",
-	"nedb-file",
+	"sqlite-file",
+	"sqlite-documents",
 	"nats-channel-adapter",
 	"nats-cluster",
 	"nodes.e2e",
@@ -37,7 +38,7 @@ const storeless = [
 	"docs-links",
 	"service-wait",
 	"monitoring",
-	// A million entries written into NeDB's file (the MongoDB side: test/unit/exports.spec.ts).
+	// A million entries imported from a NeDB file (the MongoDB side: test/unit/exports.spec.ts).
 	"ledger-export.e2e"
 ].map(name => `/test/(unit|e2e)/${name}\\.spec\\.ts$`);
 
@@ -47,11 +48,11 @@ module.exports = {
 	projects: [
 		{
 			...common,
-			displayName: "nedb",
+			displayName: "sqlite",
 			testMatch: ["**/test/unit/**/*.spec.ts", "**/test/e2e/**/*.spec.ts"],
 			// MongoDB only: the stand-in, and several instances sharing one store.
 			testPathIgnorePatterns: ["/test/(unit|e2e)/mongo-[^/]*\\.spec\\.ts$"],
-			setupFiles: ["<rootDir>/test/helpers/setup-nedb.ts"]
+			setupFiles: ["<rootDir>/test/helpers/setup-sqlite.ts"]
 		},
 		{
 			...common,

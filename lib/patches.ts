@@ -18,19 +18,6 @@ export interface Patch {
 }
 
 export const PATCHES = {
-	/** The embedded store's appends, loading and index upkeep (on a `Datastore` and its `persistence`). */
-	nedbDatastore: {
-		library: "@seald-io/nedb",
-		checked: "3.1.0",
-		where: "lib/store/nedb.ts",
-		members: ["_updateIndexes", "compactDatafileAsync", "getAllData"]
-	},
-	nedbPersistence: {
-		library: "@seald-io/nedb",
-		checked: "3.1.0",
-		where: "lib/store/nedb.ts",
-		members: ["persistNewStateAsync", "persistCachedDatabaseAsync", "treatRawStreamAsync"]
-	},
 	/** The durable NATS adapter, a subclass that overrides and calls the stock adapter's internals. */
 	natsChannels: {
 		library: "@moleculer/channels",

@@ -1,5 +1,6 @@
 /**
- * Storage owned by one service (moleculer-db): NeDB files under DATA_DIR by default, MongoDB through
+ * Storage owned by one service (moleculer-db): a table of the node's SQLite file in DATA_DIR by default
+ * (lib/store/sqlite-collection.ts), MongoDB through
  * mongoose (moleculer-db-adapter-mongoose) when MONGO_URI is set. `DbMixin(name)` gives the service
  * its main collection as `this.store`; `openCollection` adds further ones (points keeps accounts and
  * the ledger).
@@ -10,9 +11,6 @@
  * them one meaning on both stores: plain objects out, every filter field honoured, conditional
  * updates answering how many documents matched.
  */
-import fs from "node:fs";
-import path from "node:path";
-import type Datastore from "@seald-io/nedb";
 import type { Logger, Service, ServiceBroker, ServiceSchema } from "moleculer";
 import DbService from "moleculer-db";
 import MongooseAdapter from "moleculer-db-adapter-mongoose";
@@ -20,7 +18,7 @@ import mongoose from "mongoose";
 import type { Config } from "../config";
 import { configOf } from "../config/settings";
 import { isStoreUnreachable, unavailable } from "../lib/errors";
-import { closeDatastore, openDatastore } from "../lib/store/nedb";
+import { isUniqueConstraint, SqliteBackend } from "../lib/store/sqlite-collection";
 
 export interface IndexSpec {
 	fields: Record<string, 1 | -1>;
@@ -47,7 +45,7 @@ export interface FindParams {
 }
 
 /** What a collection needs of its store; one implementation per store. */
-interface Backend<T> {
+export interface Backend<T> {
 	connect(): Promise<void>;
 	disconnect(): Promise<void>;
 	insert(doc: T): Promise<void>;
@@ -68,65 +66,7 @@ const sortOf = (sort: string[] = []) =>
 	);
 
 function isUniqueViolation(err: unknown): boolean {
-	const e = err as { errorType?: string; code?: number };
-	return e?.errorType === "uniqueViolated" || e?.code === 11000;
-}
-
-/**
- * NeDB through its own promise API (moleculer-db's MemoryAdapter wraps `update` in a `promisify` of a
- * promise, which builds a deprecation warning with a stack trace on every call).
- */
-class NedbBackend<T extends { _id: string }> implements Backend<T> {
-	readonly adapter: InstanceType<typeof DbService.MemoryAdapter>;
-
-	constructor(private readonly db: Datastore<T>) {
-		this.adapter = new DbService.MemoryAdapter(db);
-		// moleculer-db disconnects a service's main adapter itself: that closes the collection's file.
-		this.adapter.disconnect = async () => closeDatastore(db);
-	}
-
-	async connect() {
-		await this.adapter.connect();
-	}
-	async disconnect() {
-		await this.adapter.disconnect();
-	}
-	async insert(doc: T) {
-		await this.db.insertAsync(doc);
-	}
-	findById(id: string) {
-		return this.db.findOneAsync({ _id: id } as never) as Promise<T | null>;
-	}
-	find({ query, sort, limit, offset }: FindParams) {
-		let cursor = this.db.findAsync(query as never).sort(sortOf(sort));
-		if (offset) cursor = cursor.skip(offset);
-		if (limit) cursor = cursor.limit(limit);
-		return cursor as unknown as Promise<T[]>;
-	}
-	count(query: Query) {
-		return this.db.countAsync(query as never) as unknown as Promise<number>;
-	}
-	async update(query: Query, update: object) {
-		return (await this.db.updateAsync(query as never, update as never, { multi: true }))
-			.numAffected;
-	}
-	async upsert(query: Query, update: object) {
-		await this.db.updateAsync(query as never, update as never, { upsert: true });
-	}
-	remove(query: Query) {
-		return this.db.removeAsync(query as never, { multi: true });
-	}
-	/** NeDB keeps indexes in memory, rebuilt at every load, on one field: a compound index becomes one on its leading field. */
-	async ensureIndexes(indexes: IndexSpec[]) {
-		for (const { fields, unique, sparse } of indexes) {
-			const names = Object.keys(fields);
-			await this.db.ensureIndexAsync({
-				fieldName: names[0],
-				unique: !!unique && names.length === 1,
-				sparse: !!sparse
-			});
-		}
-	}
+	return (err as { code?: number } | undefined)?.code === 11000 || isUniqueConstraint(err);
 }
 
 /**
@@ -241,18 +181,23 @@ function mongoModel<T>(name: string, indexes: IndexSpec[], timeoutMs: number): m
 	return mongoose.model<T>(name, schema as unknown as mongoose.Schema<T>, name);
 }
 
-/** One collection, with the same meaning on NeDB and on MongoDB. */
+/** One collection, with the same meaning on SQLite and on MongoDB. */
 export class Collection<T extends { _id: string }> {
 	private readonly backend: Backend<T> & { adapter: unknown };
 	private readonly model?: mongoose.Model<T>;
 
-	/** On MongoDB when the node's configuration names one (MONGO_URI), otherwise a NeDB file in its DATA_DIR. */
+	/** On MongoDB when the node's configuration names one (MONGO_URI), otherwise a table of the SQLite file in its DATA_DIR. */
 	constructor(
 		readonly name: string,
 		private readonly indexes: IndexSpec[],
 		private readonly config: Pick<
 			Config,
-			"mongoUri" | "mongoWriteConcern" | "dataDir" | "mongoTimeoutMs" | "retryAfterSeconds"
+			| "mongoUri"
+			| "mongoWriteConcern"
+			| "dataDir"
+			| "sqliteSynchronous"
+			| "mongoTimeoutMs"
+			| "retryAfterSeconds"
 		>
 	) {
 		if (config.mongoUri) {
@@ -263,10 +208,7 @@ export class Collection<T extends { _id: string }> {
 				config.mongoTimeoutMs,
 				config.mongoWriteConcern
 			);
-		} else {
-			fs.mkdirSync(config.dataDir, { recursive: true });
-			this.backend = new NedbBackend(openDatastore<T>(path.join(config.dataDir, `${name}.db`)));
-		}
+		} else this.backend = new SqliteBackend<T>(name, indexes, config);
 	}
 
 	/** The moleculer-db adapter behind the collection, for the service whose main store it is. */

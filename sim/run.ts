@@ -1,5 +1,5 @@
 /**
- * `npm run simulate [-- --seeds N | --seed S] [--store nedb|mongodb] [--from F]`: runs seeds of the
+ * `npm run simulate [-- --seeds N | --seed S] [--store sqlite|mongodb] [--from F]`: runs seeds of the
  * simulation (sim/simulation.ts) one after another, 10,000 by default, and stops at the first that
  * fails, printing its seed, what failed and the end of its trace. `--seed S` runs that one seed
  * again, printing its whole trace. MongoDB is the server at MONGO_URI, or else the stand-in of
@@ -29,9 +29,9 @@ function parse(argv: string[]): Args {
 		if (!/^\d{1,10}$/.test(raw)) throw new Error(`${name} takes a whole number, got '${raw}'`);
 		return Number(raw);
 	};
-	const kind = value("--store") ?? (process.env.MONGO_URI ? "mongodb" : "nedb");
-	if (kind !== "nedb" && kind !== "mongodb")
-		throw new Error(`--store is nedb or mongodb, got '${kind}'`);
+	const kind = value("--store") ?? (process.env.MONGO_URI ? "mongodb" : "sqlite");
+	if (kind !== "sqlite" && kind !== "mongodb")
+		throw new Error(`--store is sqlite or mongodb, got '${kind}'`);
 	const only = value("--seed");
 	return {
 		seeds: whole("--seeds", value("--seeds"), 10_000),

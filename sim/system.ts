@@ -1,6 +1,6 @@
 /**
  * The whole system in this process, as the simulator runs it: every service of services/ on one
- * broker with the production options (validator, breaker, timeouts, internal middlewares), on NeDB
+ * broker with the production options (validator, breaker, timeouts, internal middlewares), on SQLite
  * in a fresh folder or on a fresh MongoDB database, with two things swapped in: the channel adapter
  * is the simulator's (sim/channels.ts), and a middleware can make a synchronous call time out after
  * its effect happened. Clients talk to it over HTTP, through the real gateway.
@@ -85,7 +85,7 @@ export interface Reply {
 }
 
 export interface Store {
-	kind: "nedb" | "mongodb";
+	kind: "sqlite" | "mongodb";
 	/** MongoDB: the server's URI; each seed gets a database of its own on it. */
 	mongoUri?: string;
 }

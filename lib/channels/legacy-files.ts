@@ -8,6 +8,7 @@
  */
 import fs from "node:fs";
 import path from "node:path";
+import { nedbRecords } from "../store/nedb-import";
 
 export interface LegacyMessage {
 	_id: string;
@@ -34,29 +35,8 @@ export interface LegacyStore {
 	retire(): void;
 }
 
-/** NeDB's form of a date (`{$$date: ms}`), read back as a date as NeDB did. */
-function revive(_key: string, value: unknown): unknown {
-	return value !== null && typeof value === "object" && "$$date" in value
-		? new Date((value as { $$date: number }).$$date)
-		: value;
-}
-
-/**
- * The lines of `file`, parsed. A torn last line (a process killed while writing it) was never
- * acknowledged to anyone and is skipped; any other unreadable line stops the import.
- */
-function lines(file: string): Line[] {
-	const text = fs.readFileSync(file, "utf8").split("\n");
-	return text.flatMap((line, i) => {
-		if (!line) return [];
-		try {
-			return [JSON.parse(line, revive) as Line];
-		} catch (err) {
-			if (i === text.length - 1) return [];
-			throw new Error(`${file}, line ${i + 1}: ${(err as Error).message}`);
-		}
-	});
-}
+/** The lines of `file` (../store/nedb-import.ts reads NeDB's format, a torn last line skipped). */
+const lines = (file: string) => nedbRecords(file) as Iterable<Line>;
 
 /** What the earlier version's files in `dataDir` hold, or nothing when there are none. */
 export function readLegacyStore(dataDir: string): LegacyStore | undefined {

@@ -1,9 +1,10 @@
 /**
- * The ledger export at volume: a million entries, written straight into the embedded store's file
- * (as the points service would have written them, not by a million requests), streamed over HTTP as
- * NDJSON. Every line comes, in posting order, while the memory the export holds stays flat: the
- * heap, collected as the lines arrive, grows by a small fraction of what is sent.
- * NeDB only (in jest.config.js's list run once): on the MongoDB stand-in a million entries would take
+ * The ledger export at volume: a million entries, written straight into a NeDB file of the ledger
+ * (as the points service wrote them before issue 25, not by a million requests) that the node imports
+ * at start, streamed over HTTP as NDJSON. Every line comes, in posting order, while the memory the
+ * export holds stays flat: the heap, collected as the lines arrive, grows by a small fraction of what
+ * is sent.
+ * SQLite only (in jest.config.js's list run once): on the MongoDB stand-in a million entries would take
  * most of CI's budget to write; the export's order and resumption on MongoDB are in
  * test/unit/exports.spec.ts.
  */
@@ -33,7 +34,7 @@ const cause = (i: number) => `deal:e${String(i).padStart(7, "0")}`;
 /** A ULID as `sortableId` makes them: the millisecond, then (here) a counter in place of randomness. */
 const seqOf = (at: number, i: number) => encodeTime(at, 10) + encodeTime(i, 10).padStart(16, "0");
 
-/** The ledger's NeDB file, a line an entry, one every 10 ms from New Year, never whole in memory. */
+/** The ledger as a NeDB file, a line an entry, one every 10 ms from New Year, never whole in memory. */
 async function writeLedger(file: string): Promise<void> {
 	const start = Date.parse("2026-01-01T00:00:00.000Z");
 	const out = fs.createWriteStream(file);

@@ -3,8 +3,8 @@
  * through two gateways behind a balancer that routes only to ready gateways and retries nothing, while
  * each node in turn is replaced. What may run as several instances (the gateways; on MongoDB also deals
  * and points) is surged: the new node starts, the balancer or the registry finds it ready, the old one
- * is stopped with SIGTERM. The rest are recreated: SIGTERM, then a new node on the same store (NeDB:
- * the same files, which one process owns), while calls to it wait for the new one (SERVICE_WAIT_MS).
+ * is stopped with SIGTERM. The rest are recreated: SIGTERM, then a new node on the same store (SQLite:
+ * the same file, which one process owns), while calls to it wait for the new one (SERVICE_WAIT_MS).
  * No request fails, every accepted deal is there afterwards, and every balance equals its ledger.
  */
 import { ServiceBroker } from "moleculer";
@@ -51,7 +51,7 @@ describe("a rolling redeploy of every node under load", () => {
 		name.startsWith("gateway") || (onMongo() && ["deals", "points"].includes(name));
 
 	let started = 0;
-	/** A node of the group `name`, on the data folder of the one it replaces if any (NeDB: its files). */
+	/** A node of the group `name`, on the data folder of the one it replaces if any (SQLite: its file). */
 	async function newNode(name: string, dataDir?: string): Promise<System> {
 		const env = {
 			TRANSPORTER: nats.url,

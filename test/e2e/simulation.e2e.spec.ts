@@ -13,7 +13,7 @@ const BATCH = 20;
 
 const store: Store = process.env.MONGO_URI
 	? { kind: "mongodb", mongoUri: process.env.MONGO_URI }
-	: { kind: "nedb" };
+	: { kind: "sqlite" };
 
 describe(`simulation on ${store.kind}`, () => {
 	for (let from = 1; from <= SEEDS; from += BATCH)

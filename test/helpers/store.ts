@@ -1,10 +1,10 @@
 /**
  * Which store a suite runs on, and what a test needs of it from outside the services. The MongoDB
  * project of jest.config.js sets TEST_MONGO_URI (the stand-in, or a real server); each test file and
- * each spawned system then gets a database of its own, as each gets a data folder of its own on NeDB.
+ * each spawned system then gets a database of its own, as each gets a data folder of its own on SQLite.
  */
-import fs from "node:fs";
 import path from "node:path";
+import { DatabaseSync } from "node:sqlite";
 import { randomBytes } from "node:crypto";
 import { MongoClient } from "mongodb";
 
@@ -25,8 +25,8 @@ export function freshDatabaseUri(): string {
 
 /**
  * Overwrites fields of one stored document behind its owner's back, as a faulty write or an operator
- * would: for tests of what the system notices. NeDB's file is append-only and its last line for an
- * id wins; the node must be stopped meanwhile.
+ * would: for tests of what the system notices. On SQLite the node must be stopped meanwhile (its
+ * file is opened here by a connection of its own).
  */
 export async function tamper(
 	where: { dataDir: string; mongoUri?: string },
@@ -46,13 +46,15 @@ export async function tamper(
 		}
 		return;
 	}
-	const file = path.join(where.dataDir, `${collection}.db`);
-	const doc = fs
-		.readFileSync(file, "utf8")
-		.trim()
-		.split("\n")
-		.map(line => JSON.parse(line))
-		.filter(d => d._id === id)
-		.pop();
-	fs.appendFileSync(file, `${JSON.stringify({ ...doc, ...fields })}\n`);
+	const db = new DatabaseSync(path.join(where.dataDir, "onepoint.sqlite"));
+	try {
+		const table = `"${collection.replace(/"/g, '""')}"`;
+		const row = db.prepare(`SELECT doc FROM ${table} WHERE _id = ?`).get(id) as { doc: string };
+		db.prepare(`UPDATE ${table} SET doc = ? WHERE _id = ?`).run(
+			JSON.stringify({ ...JSON.parse(row.doc), ...fields }),
+			id
+		);
+	} finally {
+		db.close();
+	}
 }

@@ -3,7 +3,7 @@ import { EVENT_ID } from "../../lib/channels/redelivery";
 import { previousMonth } from "../../lib/months";
 import { B3 } from "../../lib/ops/tracing";
 import BillingService, { type SettlementView } from "../../services/billing.service";
-import { createTestBroker, eventually } from "../helpers/broker";
+import { createTestBroker, drained, eventually } from "../helpers/broker";
 
 type Send = (channel: string, payload: object) => Promise<void>;
 interface Closed {
@@ -301,6 +301,8 @@ describe("a final settlement's event, traced", () => {
 		await eventually(async () =>
 			expect(await broker.call("billing.view", { dealId: "t1" })).toMatchObject({ point: 90 })
 		);
+		// The view is readable before its handler is done; a month closes once billing has caught up.
+		await drained(broker);
 		await broker.call("billing.closeMonth", {}, { requestID: "close-203005" });
 		// The file's earlier closes left their own events in the channel: this close's is told by its id.
 		const headers = await eventually(() => {

@@ -5,7 +5,6 @@
  */
 import fs from "node:fs";
 import path from "node:path";
-import Datastore from "@seald-io/nedb";
 import { Adapters } from "@moleculer/channels";
 import Moleculer, { MetricReporters, MetricTypes, type MetricRegistry } from "moleculer";
 import ApiGateway from "moleculer-web";
@@ -16,7 +15,6 @@ const readJson = (file: string) => JSON.parse(fs.readFileSync(file, "utf8")) as 
 
 /** The objects each patch applies to, built from the installed libraries. */
 function targets(): Record<keyof typeof PATCHES, object> {
-	const db = new Datastore({ inMemoryOnly: true });
 	const registry = { opts: {}, changed() {} } as unknown as MetricRegistry;
 	const gauge = new MetricTypes.Gauge(
 		{ name: "test.patches", type: "gauge", rate: true },
@@ -26,8 +24,6 @@ function targets(): Record<keyof typeof PATCHES, object> {
 	const [item] = gauge.values.values();
 	clearInterval((item.rate as { timer: NodeJS.Timeout }).timer);
 	return {
-		nedbDatastore: db,
-		nedbPersistence: db.persistence,
 		natsChannels: Adapters.NATS.prototype,
 		moleculerWeb: ApiGateway.methods as object,
 		moleculerWebAliases: ApiGateway.methods as object,
@@ -60,9 +56,9 @@ describe("patches of libraries' internals", () => {
 	});
 
 	it("refuses to install on a library that lost a member, naming it and the checked version", () => {
-		const withoutIt = { compactDatafileAsync() {}, getAllData() {} };
-		expect(() => assertPatchable(PATCHES.nedbDatastore, withoutIt)).toThrow(
-			"lib/store/nedb.ts patches @seald-io/nedb internals checked against 3.1.0; the installed version lacks _updateIndexes: " +
+		const withoutIt = { localAction() {}, created() {} };
+		expect(() => assertPatchable(PATCHES.moleculerMetrics, withoutIt)).toThrow(
+			"lib/ops/metrics.ts patches moleculer internals checked against 0.15.2; the installed version lacks remoteAction: " +
 				"re-check the patch before upgrading"
 		);
 	});

@@ -37,6 +37,8 @@ describe("points service", () => {
 	afterAll(() => broker.stop());
 
 	afterEach(async () => {
+		// A consumer's writes are readable before its handler is done (group commit): audit once it is.
+		await drained(broker);
 		const audit = await broker.call<{ mismatches: unknown[] }>("points.audit");
 		expect(audit.mismatches).toEqual([]);
 	});

@@ -1,5 +1,5 @@
 /**
- * The store's contract, on whichever store the project runs (NeDB, or MongoDB through mongoose):
+ * The store's contract, on whichever store the project runs (SQLite, or MongoDB through mongoose):
  * every filter field counts, documents come back as plain objects, unique indexes hold, a new id
  * never lands on a taken one, and one collection closing leaves the others of the process working.
  */
@@ -117,6 +117,38 @@ describe("the store", () => {
 		});
 		expect((await orders.find({ query: { orderId: "x2" } })).map(d => d._id)).toEqual(["o2"]);
 		expect((await orders.find({ query: { status: "settled" } })).map(d => d._id)).toEqual(["o1"]);
+	});
+
+	it("matches and sorts as MongoDB does: null and missing, numbers apart from strings and booleans, arrays", async () => {
+		const mixed = await open("mixed-types", [{ fields: { status: 1 } }, { fields: { n: 1 } }]);
+		for (const doc of [
+			{ _id: "s1", status: "a", n: 1, flag: true },
+			{ _id: "s2", status: "b", n: "1", flag: false },
+			{ _id: "s3", status: null, n: 2 },
+			{ _id: "s4", n: true },
+			{ _id: "s5", status: "a", n: 1.5, tags: ["x", "y"] }
+		])
+			await mixed.insertUnique(doc as unknown as Doc);
+		const ids = async (query: Record<string, unknown>, sort = ["_id"], limit = 0, offset = 0) =>
+			(await mixed.find({ query, sort, limit, offset })).map(d => d._id);
+		expect(await ids({ status: null })).toEqual(["s3", "s4"]);
+		expect(await ids({ n: 1 })).toEqual(["s1"]);
+		expect(await ids({ n: { $gte: 1 } })).toEqual(["s1", "s3", "s5"]);
+		expect(await mixed.count({ n: { $gte: 1 } })).toBe(3);
+		expect(await ids({ n: { $lt: "2" } })).toEqual(["s2"]);
+		expect(await ids({ flag: true })).toEqual(["s1"]);
+		expect(await ids({ status: { $in: ["a", "b"] } })).toEqual(["s1", "s2", "s5"]);
+		expect(await ids({ status: { $ne: "a" } })).toEqual(["s2", "s3", "s4"]);
+		expect(await ids({ status: { $nin: ["a"] } })).toEqual(["s2", "s3", "s4"]);
+		expect(await ids({ $or: [{ status: "b" }, { n: 2 }] })).toEqual(["s2", "s3"]);
+		expect(await ids({ tags: "x" })).toEqual(["s5"]);
+		expect(await ids({ status: { $exists: false } })).toEqual(["s4"]);
+		expect(await ids({}, ["-status", "_id"])).toEqual(["s2", "s1", "s5", "s3", "s4"]);
+		// Numbers, then strings, then booleans.
+		expect(await ids({}, ["n"])).toEqual(["s1", "s5", "s3", "s2", "s4"]);
+		expect(await ids({}, ["n"], 2, 1)).toEqual(["s5", "s3"]);
+		expect(await mixed.update({ status: null }, { $set: { status: "c" } })).toBe(2);
+		expect(await ids({ status: "c" })).toEqual(["s3", "s4"]);
 	});
 
 	it("keeps every acknowledged write across reopening, also writes made after a reopening", async () => {
