@@ -278,6 +278,35 @@ function settleId(doc: Doc, modifier: Doc): Doc {
 	return rest;
 }
 
+/** Whether an update names a path through the positional `$`, which mingo resolves from the filter. */
+const positional = (modifier: Doc): boolean =>
+	Object.values(modifier).some(
+		args => isPlain(args) && Object.keys(args).some(path => path.split(".").includes("$"))
+	);
+
+/**
+ * Applies an update of `$set`, `$unset` and numeric `$inc` on top-level fields (most of what the
+ * services send) to `doc` itself, without mingo's set-up for each update (a copy of its operator
+ * tables, the stand-in's largest cost on writes); false, leaving `doc` as it is, for any other update.
+ */
+function updatedAtTopLevel(doc: Doc, modifier: Doc): boolean {
+	for (const [op, args] of Object.entries(modifier)) {
+		if (op !== "$set" && op !== "$unset" && op !== "$inc") return false;
+		for (const [field, value] of Object.entries(args as Doc)) {
+			if (field.includes(".") || field.startsWith("$")) return false;
+			// MongoDB refuses to increment a field that holds something other than a number, null included.
+			const current = doc[field];
+			const numeric = typeof current === "number" || !(field in doc);
+			if (op === "$inc" && (typeof value !== "number" || !numeric)) return false;
+		}
+	}
+	for (const [field, value] of Object.entries(modifier.$set ?? {})) doc[field] = copy(value);
+	for (const field of Object.keys(modifier.$unset ?? {})) delete doc[field];
+	for (const [field, by] of Object.entries(modifier.$inc ?? {}))
+		doc[field] = ((doc[field] as number | undefined) ?? 0) + (by as number);
+	return true;
+}
+
 /** The document `u` turns `doc` into, as a new object; `doc` itself is left as it is. */
 function nextVersion(
 	doc: Doc,
@@ -299,17 +328,22 @@ function nextVersion(
 					? { ...operators, $set: { ...operators.$set, ...$setOnInsert } }
 					: operators;
 		}
-		const box = [copy(doc)];
-		if (!Array.isArray(modifier)) modifier = settleId(box[0], modifier);
-		// The filter lets mingo resolve a positional `$`; a pipeline or an insert has none to resolve.
-		updateOne(
-			box,
-			Array.isArray(u) || inserting ? {} : condition,
-			modifier as Modifier,
-			{ arrayFilters, cloneMode: "deep" },
-			options
-		);
-		next = box[0];
+		// A shallow copy is enough where only top-level fields change: no version is modified in place.
+		next = { ...doc };
+		if (!Array.isArray(modifier)) modifier = settleId(next, modifier);
+		if (Array.isArray(modifier) || !updatedAtTopLevel(next, modifier)) {
+			const box = [copy(next)];
+			// The filter lets mingo resolve a positional `$`; without one it would only be compiled again
+			// to match the document it selected.
+			updateOne(
+				box,
+				Array.isArray(modifier) || inserting || !positional(modifier) ? {} : condition,
+				modifier as Modifier,
+				{ arrayFilters, cloneMode: "deep" },
+				options
+			);
+			next = box[0];
+		}
 	}
 	if (doc._id !== undefined) {
 		if (next._id === undefined && isReplacement(u)) next = { _id: doc._id, ...next };
@@ -416,7 +450,17 @@ class Collection {
 	constructor(readonly ns: string) {}
 
 	select(filter: Doc, { sort, skip, limit, projection }: Selection, options: QueryOptions): Doc[] {
-		const cursor = new Query(filter, options).find<Doc>(this.candidates(filter), projection);
+		const reached = this.byId(filter, options);
+		// A filter of `_id` alone is answered by the documents its values reach, without a query to
+		// compile: mingo copies its operator tables for each, the stand-in's largest cost on reads.
+		const plain =
+			!(projection && Object.keys(projection).length) && !(sort && Object.keys(sort).length);
+		if (reached?.whole && (plain || reached.docs.length === 0)) {
+			const from = skip ?? 0;
+			return reached.docs.slice(from, limit ? from + limit : undefined);
+		}
+		const candidates = reached?.docs ?? [...this.docs.values()];
+		const cursor = new Query(filter, options).find<Doc>(candidates, projection);
 		if (sort && Object.keys(sort).length) cursor.sort(sort);
 		if (skip) cursor.skip(skip);
 		if (limit) cursor.limit(limit);
@@ -462,13 +506,36 @@ class Collection {
 		this.indexes.push(index);
 	}
 
-	/** An equality on `_id` reaches its one document directly instead of through a scan. */
-	private candidates(filter: Doc): Doc[] {
+	/**
+	 * The documents an `_id` equality or `$in` of values reaches through the `_id` index, in natural
+	 * order, instead of a scan; `whole` when the filter asks nothing else, so that they are its answer.
+	 * Undefined when a scan is needed: no such condition, a regular expression, or a collation (which
+	 * compares strings its own way).
+	 */
+	private byId(filter: Doc, options: QueryOptions): { docs: Doc[]; whole: boolean } | undefined {
 		const id = filter._id;
-		if (id === undefined || id instanceof RegExp || isOperatorObject(id))
-			return [...this.docs.values()];
-		const doc = this.docs.get(keyOf(id));
-		return doc ? [doc] : [];
+		if (id === undefined || id instanceof RegExp || options?.collation) return undefined;
+		const whole = Object.keys(filter).length === 1;
+		if (!isOperatorObject(id)) {
+			const doc = this.docs.get(keyOf(id));
+			return { docs: doc ? [doc] : [], whole };
+		}
+		const values = id.$in;
+		if (
+			Object.keys(id).length !== 1 ||
+			!Array.isArray(values) ||
+			values.some(v => v instanceof RegExp || isOperatorObject(v))
+		)
+			return undefined;
+		const keys = new Set(values.map(keyOf));
+		const docs: Doc[] = [];
+		if (keys.size > 1) {
+			for (const [key, doc] of this.docs) if (keys.has(key)) docs.push(doc);
+		} else {
+			const doc = this.docs.get([...keys][0]);
+			if (doc) docs.push(doc);
+		}
+		return { docs, whole };
 	}
 
 	private checkUnique(doc: Doc, id: string): void {

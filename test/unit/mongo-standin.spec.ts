@@ -286,6 +286,43 @@ describe("through the driver", () => {
 		expect(await codeOf(members.updateOne({ _id: "m1" }, { $frobnicate: { balance: 1 } }))).toBe(9);
 	});
 
+	it("answers `_id` equalities and `$in`s from the `_id` index as a scan would, and updates top-level fields", async () => {
+		const things = freshDb().collection<Row>("things");
+		await things.insertMany([
+			{ _id: "b", n: 1, note: "x", profile: { tier: "base" } },
+			{ _id: "a", n: 2 },
+			{ _id: 5, n: 3 }
+		]);
+		const ids = async (filter: Document, sort?: Document) =>
+			(await things.find(filter, sort ? { sort } : {}).toArray()).map(d => d._id);
+
+		// In natural order; numbers of any type equal by value.
+		expect(await ids({ _id: { $in: [5.0, "a", "b", "zz"] } })).toEqual(["b", "a", 5]);
+		expect(await ids({ _id: { $in: ["a", "b"] } }, { _id: 1 })).toEqual(["a", "b"]);
+		expect(await ids({ _id: { $in: [/^[ab]$/] } })).toEqual(["b", "a"]);
+		expect(await ids({ _id: "a", n: 3 })).toEqual([]);
+		expect(await things.find({ _id: "a" }, { projection: { n: 0 } }).toArray()).toEqual([
+			{ _id: "a" }
+		]);
+		expect(await things.countDocuments({ _id: { $in: ["a", "b", "c"] } })).toBe(2);
+
+		const result = await things.updateOne(
+			{ _id: "b" },
+			{ $set: { n: 10, tags: ["t"] }, $inc: { visits: 2 }, $unset: { note: "" } }
+		);
+		expect(result).toMatchObject({ matchedCount: 1, modifiedCount: 1 });
+		expect(await things.findOne({ _id: "b" })).toEqual({
+			_id: "b",
+			n: 10,
+			profile: { tier: "base" },
+			tags: ["t"],
+			visits: 2
+		});
+		await expect(things.updateOne({ _id: "b" }, { $inc: { n: "1" } } as Document)).rejects.toThrow(
+			"non-numeric"
+		);
+	});
+
 	it("filters with the query operators the services use", async () => {
 		const deals = freshDb().collection<Row>("deals");
 		await deals.insertMany([
