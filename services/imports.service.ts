@@ -21,7 +21,13 @@ import fs from "node:fs";
 import path from "node:path";
 import type { Readable } from "node:stream";
 import { parse, type CsvError, type Info } from "csv-parse";
-import type { Context, Service, ServiceSchema, ServiceSettingSchema } from "moleculer";
+import type {
+	Context,
+	Service,
+	ServiceBroker,
+	ServiceSchema,
+	ServiceSettingSchema
+} from "moleculer";
 import { ConfiguredSettings } from "../config/settings";
 import { clientError, notFound } from "../lib/errors";
 import { actorOf, type CallerMeta } from "../lib/gateway/access";
@@ -95,6 +101,11 @@ interface Settings extends ServiceSettingSchema {
 	batchSize: number;
 	/** How long one batch's call to an owner may take (ms). */
 	batchTimeoutMs: number;
+	/**
+	 * Messages the node's embedded channel store may hold before the next batch waits for the
+	 * consumers: it keeps what is waiting in memory, and an import outruns the read models by far.
+	 */
+	maxBacklog: number;
 }
 
 interface Row {
@@ -115,6 +126,7 @@ interface Methods {
 	run(job: ImportJob): Promise<void>;
 	applyBatch(job: ImportJob, rows: (Row | Refused)[]): Promise<void>;
 	applyRetrying(job: ImportJob, rows: (Row | Refused)[]): Promise<void>;
+	untilConsumersKeepUp(): Promise<void>;
 	readRow(job: ImportJob, record: string[], row: number): Row | Refused;
 	finish(job: ImportJob, status: ImportJob["status"], reason?: string): Promise<void>;
 	toView(job: ImportJob, errors: RowReport[]): ImportView;
@@ -134,6 +146,14 @@ type This = Service<Settings> &
 
 /** The columns, in order; the last two may be left out. */
 const COLUMNS = ["memberId", "name", "phone", "email", "points", "earnedAt"];
+/** How often an import held up by its consumers looks at the backlog again (ms). */
+const BACKLOG_POLL_MS = 50;
+
+/** The embedded channel adapter's count of messages waiting for a consumer group. */
+interface Backlogged {
+	backlog?(): Promise<number>;
+}
+
 /** How long a batch waits before it is tried again, when an owner could not take it (ms). */
 const RETRY_MS = 1000;
 /** Thrown out of a job's run when the service stops: the job stays running, to be resumed. */
@@ -176,7 +196,8 @@ const ImportsService: ServiceSchema<Settings, Methods, object, This> = {
 			importMaxBytes: config.importMaxBytes,
 			spoolDir: path.join(config.dataDir, "imports"),
 			batchSize: 500,
-			batchTimeoutMs: 120_000
+			batchTimeoutMs: 120_000,
+			maxBacklog: 10_000
 		}))
 	],
 
@@ -356,6 +377,7 @@ const ImportsService: ServiceSchema<Settings, Methods, object, This> = {
 					if (batch.length >= this.settings.batchSize) {
 						await this.applyRetrying(job, batch);
 						batch = [];
+						await this.untilConsumersKeepUp();
 						if (this.stopping) return;
 					}
 				}
@@ -389,6 +411,19 @@ const ImportsService: ServiceSchema<Settings, Methods, object, This> = {
 					await new Promise(resolve => setTimeout(resolve, RETRY_MS));
 				}
 			}
+		},
+
+		/**
+		 * Waits while the embedded channel store holds more than `maxBacklog` messages (on NATS the
+		 * backlog is JetStream's, on its disk: no wait). Measured at a million rows, the import ran ten
+		 * times faster than the dashboard's consumer and the node's memory grew with the difference.
+		 */
+		async untilConsumersKeepUp(this: This) {
+			const channels = (this.broker as ServiceBroker & { channelAdapter?: Backlogged })
+				.channelAdapter;
+			if (!channels?.backlog) return;
+			while (!this.stopping && (await channels.backlog()) > this.settings.maxBacklog)
+				await new Promise(resolve => setTimeout(resolve, BACKLOG_POLL_MS));
 		},
 
 		/** One row of the file as the owners take it, or why it is refused. */

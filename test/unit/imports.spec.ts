@@ -14,7 +14,13 @@ import IdempotencyService from "../../services/idempotency.service";
 import ImportsService, { type ImportView } from "../../services/imports.service";
 import MembersService from "../../services/members.service";
 import PointsService, { type AccountView } from "../../services/points.service";
-import { createTestBroker, drained, eventually, withSettings } from "../helpers/broker";
+import {
+	createTestBroker,
+	drained,
+	eventually,
+	withSettings,
+	type AnyServiceSchema
+} from "../helpers/broker";
 import { clockFrom } from "../helpers/clock";
 import { freePort, TOKENS } from "../helpers/system";
 
@@ -34,7 +40,12 @@ describe("bulk import", () => {
 	let broker: ServiceBroker;
 	let port: number;
 
-	const start = async (batchSize = 500, points = true) => {
+	const start = async (
+		batchSize = 500,
+		points = true,
+		more: AnyServiceSchema[] = [],
+		maxBacklog = 10_000
+	) => {
 		broker = createTestBroker(
 			[
 				ApiService,
@@ -42,7 +53,8 @@ describe("bulk import", () => {
 				MembersService,
 				...(points ? [PointsService] : []),
 				DashboardService,
-				withSettings(ImportsService, { importMaxBytes: MAX_BYTES, batchSize })
+				withSettings(ImportsService, { importMaxBytes: MAX_BYTES, batchSize, maxBacklog }),
+				...more
 			],
 			{
 				PORT: String(port),
@@ -249,5 +261,35 @@ describe("bulk import", () => {
 			created: 20,
 			reason: expect.stringMatching(/file is gone/)
 		});
+	});
+
+	it("holds an import while its events' consumers are behind, so the messages waiting stay bounded", async () => {
+		await broker.stop();
+		let open = () => undefined as void;
+		const gate = new Promise<void>(resolve => (open = resolve));
+		// A read model that cannot keep up: it takes no member.joined until the gate opens.
+		const slowReader = {
+			name: "slow-reader",
+			channels: { "member.joined": { group: "slow-reader", handler: () => gate } }
+		};
+		await start(10, true, [slowReader], 5);
+		const backlog = () =>
+			(
+				broker as unknown as { channelAdapter: { backlog(): Promise<number> } }
+			).channelAdapter.backlog();
+		const importId = (await post([HEADER, ...goodRows("bp", 40)].join("\n"))).body
+			.importId as string;
+		try {
+			// One batch (10 joins and 10 postings), then it waits: without the wait all 40 rows go, 80 events.
+			await eventually(async () => expect((await job(importId)).body.done).toBe(10));
+			expect(await backlog()).toBeLessThanOrEqual(20);
+			expect((await job(importId)).body).toMatchObject({ status: "running", done: 10 });
+		} finally {
+			// Also on a failure: a handler still held would hold the broker's stop.
+			open();
+		}
+		expect(await finished(importId)).toMatchObject({ status: "completed", done: 40, created: 40 });
+		await drained(broker);
+		expect((await audit()).mismatches).toEqual([]);
 	});
 });
