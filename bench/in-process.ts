@@ -8,6 +8,7 @@ import { createBrokerOptions } from "../config/broker";
 import { loadConfig } from "../config";
 import DealsService from "../services/deals.service";
 import MembersService from "../services/members.service";
+import MerchantsService from "../services/merchants.service";
 import PointsService from "../services/points.service";
 import TrivialService from "./trivial.service";
 import { callLoad, dealBody, settledAudit, type Options, type Row } from "./lib";
@@ -19,7 +20,9 @@ export async function inProcessBench(
 		...createBrokerOptions(loadConfig({ ...process.env, LOG_LEVEL: "warn", METRICS_PORT: "off" })),
 		nodeID: "bench-in-process"
 	});
-	for (const schema of [MembersService, PointsService, DealsService]) broker.createService(schema);
+	// A deal asks merchants for its terms: without it every deal fails, and the load measures failures.
+	for (const schema of [MembersService, MerchantsService, PointsService, DealsService])
+		broker.createService(schema);
 	broker.createService(TrivialService);
 	await broker.start();
 	try {

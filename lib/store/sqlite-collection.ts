@@ -40,6 +40,10 @@ export function isUniqueConstraint(err: unknown): boolean {
 
 const quoted = (name: string) => `"${name.replace(/"/g, '""')}"`;
 
+/** The table of collection `name`: a row a document, keyed by `_id`. */
+export const createTableSql = (name: string) =>
+	`CREATE TABLE IF NOT EXISTS ${quoted(name)} (_id TEXT PRIMARY KEY, doc TEXT NOT NULL)`;
+
 /** A field's JSON path, as a quoted SQL literal's inside: `$.a.b`. */
 const jsonPath = (field: string) =>
 	`$${field
@@ -259,9 +263,7 @@ export class SqliteBackend<T extends { _id: string }> implements Backend<T> {
 		let imported: Imported | undefined;
 		try {
 			imported = await database.write(db => {
-				db.exec(
-					`CREATE TABLE IF NOT EXISTS ${this.table} (_id TEXT PRIMARY KEY, doc TEXT NOT NULL)`
-				);
+				db.exec(createTableSql(this.name));
 				return moving ? importNedbFile(db, this.table, nedbFile) : undefined;
 			});
 		} catch (err) {

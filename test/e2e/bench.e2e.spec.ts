@@ -70,5 +70,8 @@ describe("npm run bench -- --smoke", () => {
 		expect(output).toMatch(/'1,000'.*'3,000'|'1,000'[\s\S]*'3,000'/);
 		expect(output).toMatch(/(MET|MISSED) +HTTP deals ≥ 50%/);
 		expect(output).toContain("MET     every balance equals the sum of its ledger after every load");
+		// A load of failing calls would measure failures: every deal of every load was answered.
+		expect(output).toContain("MET     every deal load answered without errors");
+		expect(output).toMatch(/(MET|MISSED) +start-up at 3,000 entries ≤ 2 s and RSS ≤ 300 MB/);
 	});
 });
