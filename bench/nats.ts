@@ -1,5 +1,5 @@
 /**
- * 3. Over NATS: the deals node (with members) and the points node run as separate processes over a
+ * 3. Over NATS: the deals node (with members and merchants) and the points node run as separate processes over a
  * local nats-server; this process joins them as a client node, as the gateway does, and compares
  * `deals.create` (client → deals → points for a use) with a trivial request/reply to the deals node.
  * Run compiled (`npm run bench`): the deals node loads the trivial service's built file.
@@ -27,7 +27,7 @@ export async function natsBench(
 		for (const [name, services] of [
 			["points", "points"],
 			// The baseline's trivial service runs on the deals node too: moleculer-runner loads it by path.
-			["deals", `deals,members,${path.join(__dirname, "trivial.service.js")}`]
+			["deals", `deals,members,merchants,${path.join(__dirname, "trivial.service.js")}`]
 		]) {
 			const node = new System(
 				0,
