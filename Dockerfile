@@ -16,4 +16,5 @@ COPY --from=build /app/dist ./dist
 VOLUME /data
 # 3000: the gateway (nodes running `api`); 3030: Prometheus /metrics and the /live, /ready probes.
 EXPOSE 3000 3030
-CMD ["node", "--disable-warning=DEP0174", "--disable-warning=ExperimentalWarning", "node_modules/moleculer/bin/moleculer-runner.js", "--config", "dist/moleculer.config.js"]
+# node:sqlite (the embedded store) still prints an ExperimentalWarning on Node 22: not a log line.
+CMD ["node", "--disable-warning=ExperimentalWarning", "node_modules/moleculer/bin/moleculer-runner.js", "--config", "dist/moleculer.config.js"]

@@ -14,12 +14,7 @@ function runSmoke(): Promise<{ code: number | null; output: string }> {
 	return new Promise((resolve, reject) => {
 		const child = spawn(
 			process.execPath,
-			[
-				"--disable-warning=DEP0174",
-				"--disable-warning=ExperimentalWarning",
-				"dist/bench/run.js",
-				"--smoke"
-			],
+			["--disable-warning=ExperimentalWarning", "dist/bench/run.js", "--smoke"],
 			{ cwd: ROOT }
 		);
 		let output = "";

@@ -100,7 +100,6 @@ export class System {
 		this.child = spawn(
 			process.execPath,
 			[
-				"--disable-warning=DEP0174",
 				"--disable-warning=ExperimentalWarning",
 				path.join(ROOT, "node_modules/moleculer/bin/moleculer-runner.js"),
 				"--config",
