@@ -2,11 +2,13 @@
  * The deployment files cannot be run here (no Docker engine, no Kubernetes cluster): check what can be
  * checked without one. The compose files parse, every container is health-checked and waits for what it
  * depends on, NATS runs with JetStream (in production three servers, streams of 3 replicas fsynced
- * before they are acknowledged; MongoDB a three-member replica set with majority writes); every
- * OnePoint service runs on some node; the nodes set only configuration the code reads; the image runs
- * files that the build produces. The Kubernetes manifests are valid against the Kubernetes schemas, group
- * the services as compose does, probe the paths and ports the nodes serve, and give a pod longer to stop
- * than its drain takes.
+ * before they are acknowledged; MongoDB a three-member replica set with majority writes); every place
+ * that lists the nodes (the docs' many-node example, both compose files, the Kubernetes Deployments) runs
+ * every OnePoint service exactly once; the nodes set only configuration the code reads; the image runs
+ * files that the build produces. The Kubernetes manifests (the monitoring ones too) are valid against the
+ * Kubernetes and Prometheus Operator schemas, group the services as compose does, autoscale exactly the
+ * groups that docs/operations.md says may scale, probe the paths and ports the nodes serve, and give a pod
+ * longer to stop than its drain takes.
  */
 import { execFileSync } from "node:child_process";
 import { generateKeyPairSync } from "node:crypto";
@@ -19,6 +21,8 @@ import { createBrokerOptions } from "../../config/broker";
 import {
 	KUBERNETES,
 	kubectl,
+	kustomized,
+	modelsOf,
 	readManifests,
 	ROOT,
 	schemaErrors,
@@ -34,6 +38,7 @@ interface ComposeService {
 	command?: string[];
 	restart?: string;
 	environment?: Record<string, string>;
+	volumes?: string[];
 	healthcheck?: { test: string[] };
 	depends_on?: Record<string, { condition: string }>;
 }
@@ -46,7 +51,8 @@ const nodesOf = (compose: Compose) => Object.values(compose.services).filter(s =
 /** Every service in services/, by the name SERVICES takes. */
 const SERVICE_NAMES = fs
 	.readdirSync(path.join(ROOT, "services"))
-	.map(f => f.replace(".service.ts", ""))
+	.filter(f => f.endsWith(".service.ts"))
+	.map(f => f.replace(/\.service\.ts$/, ""))
 	.sort();
 
 /** The names the configuration reads (config/index.ts), and SERVICES (read by moleculer-runner). */
@@ -58,8 +64,58 @@ const groupsOf = (compose: Compose) =>
 	Object.fromEntries(
 		Object.entries(compose.services)
 			.filter(([, s]) => s.build)
-			.map(([name, s]) => [name, s.environment?.SERVICES])
+			.map(([name, s]) => [name, s.environment?.SERVICES ?? ""])
 	);
+
+/** The many-node example of docs/operations.md, from its `nats-server` on. */
+const manyNodeExample = () =>
+	/```sh\n(nats-server[\s\S]*?)```/.exec(read("docs/operations.md"))?.[1] ?? "";
+
+/** The Kubernetes base's manifests, and what its Deployments run. */
+const kubernetesBase = kustomized("base");
+const kubernetesDeployments = kubernetesBase.filter(m => m.kind === "Deployment");
+const container = (d: Manifest) => d.spec.template.spec.containers[0];
+const envOf = (d: Manifest): Record<string, string> =>
+	Object.fromEntries(
+		(container(d).env as { name: string; value: string }[]).map(e => [e.name, e.value])
+	);
+
+/**
+ * What docs/operations.md ("Which services scale out") says of each service, by its name: the first line of
+ * the item that names it.
+ */
+const scaleOut: Record<string, string> = Object.fromEntries(
+	[
+		...(
+			/### Which services scale out\n([\s\S]*?)\n## /.exec(read("docs/operations.md"))?.[1] ?? ""
+		).matchAll(/^- ((?:`[\w-]+`(?:, )?)+): (.*)$/gm)
+	].flatMap(([, names, says]) => [...names.matchAll(/`([\w-]+)`/g)].map(([, name]) => [name, says]))
+);
+/** Whether that page says `service` may run as several instances on MongoDB. */
+const scalesOnMongo = (service: string) =>
+	/several on (MongoDB|either store)/.test(scaleOut[service] ?? "");
+
+/** Every place that lists the nodes' services, as each node's SERVICES. */
+const NODE_LISTS: Record<string, () => string[]> = {
+	"docs/operations.md's many-node example": () =>
+		[...manyNodeExample().matchAll(/^SERVICES=(\S+)/gm)].map(([, services]) => services),
+	"docker-compose.yml": () => Object.values(groupsOf(composeFile("docker-compose.yml"))),
+	"docker-compose.prod.yml": () => Object.values(groupsOf(composeFile("docker-compose.prod.yml"))),
+	"deploy/kubernetes/base's Deployments": () => kubernetesDeployments.map(d => envOf(d).SERVICES)
+};
+
+describe.each(Object.keys(NODE_LISTS))("%s", place => {
+	it("runs every service of services/ on exactly one node", () => {
+		const placed = NODE_LISTS[place]().flatMap(services => services.split(","));
+		expect(placed.sort()).toEqual(SERVICE_NAMES);
+	});
+});
+
+describe("docs/operations.md, which services scale out", () => {
+	it("says of every service of services/ whether it scales out", () => {
+		expect(Object.keys(scaleOut).sort()).toEqual(SERVICE_NAMES);
+	});
+});
 
 describe.each(["docker-compose.yml", "docker-compose.prod.yml"])("%s", file => {
 	const compose = composeFile(file);
@@ -83,9 +139,7 @@ describe.each(["docker-compose.yml", "docker-compose.prod.yml"])("%s", file => {
 		}
 	});
 
-	it("runs every service of services/ on some node, over NATS and MongoDB", () => {
-		const placed = nodes.flatMap(n => (n.environment?.SERVICES ?? "").split(","));
-		expect(placed.sort()).toEqual(SERVICE_NAMES);
+	it("runs every node over NATS and MongoDB", () => {
 		for (const node of nodes)
 			expect(node.environment).toMatchObject({
 				TRANSPORTER: expect.stringMatching(/^nats:\/\//),
@@ -98,11 +152,39 @@ describe.each(["docker-compose.yml", "docker-compose.prod.yml"])("%s", file => {
 			for (const name of Object.keys(node.environment ?? {}))
 				expect({ name, read: readByNode(name) }).toEqual({ name, read: true });
 	});
+
+	it("gives the imports node a stable NODE_ID and a volume for DATA_DIR: a job resumes only with both", () => {
+		const [imports, ...others] = nodes.filter(n =>
+			n.environment?.SERVICES.split(",").includes("imports")
+		);
+		expect(others).toEqual([]);
+		expect(imports?.environment?.NODE_ID).toEqual(expect.stringMatching(/^[\w-]+$/));
+		// The image's DATA_DIR.
+		expect(read("Dockerfile")).toMatch(/\bDATA_DIR=\/data\b/);
+		expect(imports?.volumes).toContainEqual(expect.stringMatching(/^[\w-]+:\/data$/));
+	});
 });
 
 describe("docker-compose.yml (development)", () => {
-	it("runs one NATS server with JetStream", () => {
-		expect(composeFile("docker-compose.yml").services.nats.command).toContain("-js");
+	const compose = composeFile("docker-compose.yml");
+
+	it("runs one NATS server with JetStream, of the version production runs", () => {
+		expect(compose.services.nats.command).toContain("-js");
+		const natsImages = Object.values(composeFile("docker-compose.prod.yml").services)
+			.map(s => s.image)
+			.filter(image => image?.startsWith("nats:"));
+		expect(new Set(natsImages)).toEqual(new Set([compose.services.nats.image]));
+	});
+
+	it("suggests scaling out only nodes whose every service scales out on MongoDB", () => {
+		const scaled = [...read("docker-compose.yml").matchAll(/--scale ([\w-]+)=/g)].map(([, n]) => n);
+		expect(scaled.length).toBeGreaterThan(0);
+		const groups = groupsOf(compose);
+		for (const node of scaled)
+			expect({ node, scales: groups[node].split(",").every(scalesOnMongo) }).toEqual({
+				node,
+				scales: true
+			});
 	});
 });
 
@@ -186,7 +268,7 @@ describe("starting nodes", () => {
 	});
 
 	it("starts the many-node example of docs/operations.md from one build", () => {
-		const example = /```sh\n(nats-server[\s\S]*?)```/.exec(read("docs/operations.md"))?.[1] ?? "";
+		const example = manyNodeExample();
 		const starts = example.split("\n").filter(line => /SERVICES=/.test(line));
 		expect(starts.length).toBeGreaterThan(1);
 		for (const line of starts) expect(line).toMatch(/npm run start:node &$/);
@@ -196,17 +278,10 @@ describe("starting nodes", () => {
 
 describe("deploy/kubernetes", () => {
 	const base = readKustomization("base");
-	const manifests = (base.resources as string[]).flatMap(file =>
-		readManifests(path.join(KUBERNETES, "base", file))
-	);
+	const manifests = kubernetesBase;
 	const ofKind = (kind: string) => manifests.filter(m => m.kind === kind);
-	const deployments = ofKind("Deployment");
+	const deployments = kubernetesDeployments;
 	const configMap = ofKind("ConfigMap")[0];
-	const container = (d: Manifest) => d.spec.template.spec.containers[0];
-	const envOf = (d: Manifest) =>
-		Object.fromEntries(
-			(container(d).env as { name: string; value: string }[]).map(e => [e.name, e.value])
-		);
 	const component = (d: Manifest) => d.metadata.name.replace(/^onepoint-/, "");
 
 	function readKustomization(dir: string): Record<string, unknown> {
@@ -222,6 +297,15 @@ describe("deploy/kubernetes", () => {
 		expect(overlays.length).toBeGreaterThan(0);
 		// Patches are partial: checked as what they patch, merged into a whole manifest below.
 		expect(schemaErrors(manifests)).toEqual([]);
+		// What the production overlay adds for Prometheus: a Service, and the Prometheus Operator's kinds.
+		const monitoring = kustomized("monitoring");
+		expect(monitoring.map(m => m.kind).sort()).toEqual([
+			"PrometheusRule",
+			"Service",
+			"ServiceMonitor"
+		]);
+		expect(monitoring.filter(m => !modelsOf(m))).toEqual([]);
+		expect(schemaErrors(monitoring)).toEqual([]);
 		for (const patch of overlays) {
 			const target = manifests.find(m => m.kind === patch.kind) as Manifest;
 			const merged: Manifest = { ...target, ...patch, spec: { ...target.spec, ...patch.spec } };
@@ -312,6 +396,32 @@ describe("deploy/kubernetes", () => {
 			const stopMs = Number(preStop[1]) * 1000 + drainMs;
 			expect(d.spec.template.spec.terminationGracePeriodSeconds * 1000).toBeGreaterThan(stopMs);
 		}
+	});
+
+	it("autoscales a group exactly when every service in it scales out on MongoDB (docs/operations.md)", () => {
+		const autoscaled = ofKind("HorizontalPodAutoscaler").map(h => h.spec.scaleTargetRef.name);
+		for (const d of deployments)
+			expect({
+				group: envOf(d).SERVICES,
+				autoscaled: autoscaled.includes(d.metadata.name)
+			}).toEqual({
+				group: envOf(d).SERVICES,
+				autoscaled: envOf(d).SERVICES.split(",").every(scalesOnMongo)
+			});
+	});
+
+	it("gives the imports pod a stable NODE_ID and a persistent volume for DATA_DIR: a job resumes only with both", () => {
+		const imports = deployments.find(d => envOf(d).SERVICES === "imports") as Manifest;
+		expect(envOf(imports).NODE_ID).toEqual(expect.stringMatching(/^[\w-]+$/));
+		const spec = imports.spec.template.spec;
+		const mount = container(imports).volumeMounts.find(
+			(m: { mountPath: string }) => m.mountPath === "/data"
+		);
+		const volume = spec.volumes.find((v: { name: string }) => v.name === mount?.name);
+		const claim = ofKind("PersistentVolumeClaim").find(
+			c => c.metadata.name === volume?.persistentVolumeClaim?.claimName
+		);
+		expect(claim).toBeDefined();
 	});
 
 	it("scales out what may (the gateway; on MongoDB deals and points) and keeps one of the rest", () => {
