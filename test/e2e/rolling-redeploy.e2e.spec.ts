@@ -80,6 +80,10 @@ describe("a rolling redeploy of every node under load", () => {
 			SERVICES: GROUPS[name],
 			// Unique per process: a second node with the id of a running one is a conflict Moleculer stops.
 			NODE_ID: `${name}-${process.pid}-${++started}`,
+			// A starting node takes the CPU from the others for a moment; on a shared 2-core CI machine
+			// running eleven nodes the default 2 s of a `use` deal's debit can run out then. What is
+			// tested is the redeploy, with the ConfigMap's timing (which wins where it sets one).
+			CALL_TIMEOUT_MS: "5000",
 			...TIMING,
 			RATE_LIMIT: "1000000",
 			...(mongoUri ? { MONGO_URI: mongoUri, MONGO_WRITE_CONCERN: "majority" } : {})
