@@ -33,6 +33,7 @@ const storeless = [
 	"patches",
 	"channels-doc",
 	"channel-adapter-contract",
+	"transient-errors",
 	"gateway-patch",
 	"posting",
 	"docs-links",

@@ -61,7 +61,7 @@ type MetricsReporter = MetricRegistry.MetricsReporter;
  * (lib/channels/redelivery.ts). On NATS, up to 1000 messages of a group may wait for their retry
  * without holding back the others (its consumer's `max_ack_pending` is 16 + 1000).
  */
-const CHANNEL_OPTIONS = {
+export const CHANNEL_OPTIONS = {
 	maxInFlight: 16,
 	maxWaiting: 1000,
 	maxRetries: 8,

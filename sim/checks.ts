@@ -11,9 +11,16 @@ import type { Order } from "../services/orders.service";
 import type { Settlement } from "../services/billing.service";
 import type { LedgerEntry } from "../lib/posting";
 import type { Collection } from "../mixins/db.mixin";
+import type { DealTerms } from "../contracts/channels";
 import { addMonths, monthOf } from "../lib/months";
-import { applyRate, BASIS } from "../lib/rates";
 import type { SimSystem } from "./system";
+
+const BASIS = 10_000;
+const DAY = 86_400_000;
+const TERMS = ["earnRateBp", "redemptionFeeBp", "pointPriceBp", "holdDays"] as const;
+
+/** `amount` at `rateBp` basis points, rounded toward zero: the simulator's own arithmetic, not lib/rates.ts. */
+const atRate = (amount: number, rateBp: number) => Math.trunc((amount * rateBp) / BASIS);
 
 /** What the simulator knows from the answers its clients got. */
 export interface Model {
@@ -30,7 +37,10 @@ export interface Model {
 	attempts: { deals: number; orders: number; adjustments: number };
 	/** Final settlements as first read: they never change. */
 	finals: Map<string, string>;
-	merchants: string[];
+	/** Each merchant's terms, as the simulator registered them (or the node's defaults): they never change in a seed. */
+	terms: Record<string, DealTerms>;
+	/** When the release job last ran without failing (ISO): every hold due by then is released. */
+	releasedAt?: string;
 	startMonth: string;
 }
 
@@ -78,6 +88,19 @@ export async function checkQuiet(system: SimSystem, model: Model, now: string): 
 	const storedDeals = await deals.store.find({ query: {} });
 	const dealById = new Map(storedDeals.map(d => [d._id, d]));
 	for (const d of storedDeals) {
+		// The terms of its merchant on its day, and a save's points from its amount at their earn rate.
+		const terms =
+			model.terms[d.merchantId] ?? fail(`deal ${d._id} of unknown merchant ${d.merchantId}`);
+		const recorded = d.terms;
+		if (!recorded || TERMS.some(term => (recorded[term] ?? 0) !== (terms[term] ?? 0)))
+			fail(
+				`deal ${d._id} records its merchant's terms as ${JSON.stringify(d.terms)}; they are ${JSON.stringify(terms)}`
+			);
+		if (d.type === "save" && d.point !== atRate(d.dealAmount, terms.earnRateBp))
+			fail(
+				`save ${d._id} of ${d.dealAmount} at merchant ${d.merchantId} earned ${d.point} points; ` +
+					`${terms.earnRateBp / 100}% of it is ${atRate(d.dealAmount, terms.earnRateBp)}`
+			);
 		const entries = causesOf([`deal:${d._id}`, `deal-cancel:${d._id}`, `deal-return:${d._id}:`]);
 		const kept = d.status === "cancelled" ? 0 : d.point - (d.returnedPoints ?? 0);
 		const expected =
@@ -201,15 +224,70 @@ export async function checkQuiet(system: SimSystem, model: Model, now: string): 
 		if (holds !== (a.held ?? 0))
 			fail(`account ${a._id} holds ${holds} but says ${a.held ?? 0} held`);
 	}
+	checkHolds(model, storedDeals, ledger, accounts);
 
 	await checkSettlements(system, model, storedDeals, now);
+}
+
+/**
+ * A save of a merchant that holds points for `holdDays` is held until its deal's date plus those
+ * days, unless its points arrived later; once that moment has passed, it is released once, in full
+ * (what is still held of the earning and its bonus after returns), never before, and at the latest
+ * by the release job's next run. A merchant that holds nothing never holds a point.
+ */
+function checkHolds(model: Model, deals: Deal[], ledger: LedgerEntry[], accounts: Account[]) {
+	const about = new Map<string, LedgerEntry[]>();
+	for (const e of ledger) {
+		if (e.sourceType !== "deal") continue;
+		const entries = about.get(e.sourceId);
+		if (entries) entries.push(e);
+		else about.set(e.sourceId, [e]);
+	}
+	for (const d of deals.filter(d => d.type === "save")) {
+		const { holdDays = 0 } = model.terms[d.merchantId];
+		const entries = about.get(d._id) ?? [];
+		if (!holdDays) {
+			const held = entries.find(e => e.held);
+			if (held)
+				fail(`${held._id} moves ${held.held} held points; merchant ${d.merchantId} holds none`);
+			continue;
+		}
+		const releaseAt = new Date(Date.parse(d.dealDate) + holdDays * DAY).toISOString();
+		const earning = entries.find(e => e._id === `deal:${d._id}`);
+		if (earning) {
+			const due = earning.at < releaseAt && earning.amount > 0 ? earning.amount : 0;
+			if ((earning.held ?? 0) !== due || (due && earning.releaseAt !== releaseAt))
+				fail(
+					`save ${d._id} earned ${earning.amount} at ${earning.at} and held ${earning.held ?? 0} until ${earning.releaseAt}; ` +
+						`its merchant holds ${holdDays} days from ${d.dealDate}: ${due} until ${releaseAt}`
+				);
+		}
+		const release = entries.find(e => e._id === `release:${d._id}`);
+		const held = entries.filter(e => e !== release).reduce((sum, e) => sum + (e.held ?? 0), 0);
+		const hold = accounts.find(a => a._id === d.memberId)?.holds?.[d._id];
+		if (release) {
+			if (release.at < releaseAt)
+				fail(`${release._id} at ${release.at}, before its hold ends at ${releaseAt}`);
+			if (release.held !== -held || hold)
+				fail(
+					`${release._id} released ${-(release.held ?? 0)} points; the deal's entries held ${held}, and the account still holds ${JSON.stringify(hold)}`
+				);
+		} else if (held !== (hold?.points ?? 0) || (held && hold?.releaseAt !== releaseAt))
+			fail(
+				`save ${d._id}'s entries hold ${held} points until ${releaseAt}; the account holds ${JSON.stringify(hold)}`
+			);
+		else if (held && model.releasedAt && releaseAt <= model.releasedAt)
+			fail(
+				`save ${d._id}'s ${held} points, held until ${releaseAt}, were not released by the release job run at ${model.releasedAt}`
+			);
+	}
 }
 
 /** Every settlement is the sum of its lines; across months, they bill each deal's points once. */
 async function checkSettlements(system: SimSystem, model: Model, deals: Deal[], now: string) {
 	const months: string[] = [];
 	for (let m = model.startMonth; m <= monthOf(now); m = addMonths(m, 1)) months.push(m);
-	for (const merchantId of model.merchants) {
+	for (const [merchantId, terms] of Object.entries(model.terms)) {
 		let redeemed = 0;
 		let issued = 0;
 		for (const month of months) {
@@ -228,13 +306,12 @@ async function checkSettlements(system: SimSystem, model: Model, deals: Deal[], 
 			if (s.issued.points !== sum("save", "points") || s.issued.amount !== sum("save", "amount"))
 				fail(`settlement ${id}: issued ${JSON.stringify(s.issued)} is not the sum of its lines`);
 			for (const line of s.lines) {
-				const deal = deals.find(d => d._id === line.dealId);
-				if (!deal?.terms) fail(`settlement ${id} bills deal ${line.dealId}, which is not stored`);
-				const rate =
-					line.type === "use" ? BASIS - deal.terms.redemptionFeeBp : deal.terms.pointPriceBp;
-				if (line.amount !== applyRate(line.points, rate))
+				if (deals.find(d => d._id === line.dealId)?.merchantId !== merchantId)
+					fail(`settlement ${id} bills deal ${line.dealId}, which is not stored or not its`);
+				const rate = line.type === "use" ? BASIS - terms.redemptionFeeBp : terms.pointPriceBp;
+				if (line.amount !== atRate(line.points, rate))
 					fail(
-						`settlement ${id}: line of ${line.dealId} is ${line.amount}, its terms make ${applyRate(line.points, rate)}`
+						`settlement ${id}: line of ${line.dealId} is ${line.amount}, its merchant's terms make ${atRate(line.points, rate)}`
 					);
 			}
 			if (s.status === "final") {

@@ -6,7 +6,7 @@
  */
 import { monthOf } from "../lib/months";
 import { checkQuiet, Violation, type Model } from "./checks";
-import type { DeliveryMode } from "./channels";
+import { UNAVAILABLE, type DeliveryMode, type Outage, type PublishFault } from "./channels";
 import { SimClock } from "./clock";
 import { Prng } from "./prng";
 import type { StoreFaultKind } from "./store";
@@ -31,6 +31,8 @@ export interface SeedResult {
 const MEMBERS = ["m1", "m2", "m3", "m4", "m5"];
 /** The node's default terms (open merchant 20), and a registered one that holds points two days. */
 const MERCHANTS = ["20", "h1"];
+/** Merchant h1's terms as the seed registers it, in basis points (its point price is the node's). */
+const H1_TERMS = { earnRateBp: 500, redemptionFeeBp: 300, holdDays: 2 };
 const DAY = 86_400_000;
 /** A key's lease (IDEMPOTENCY_LEASE_MS default): a client that got 409 REQUEST_IN_PROGRESS waits it out. */
 const LEASE_MS = 30_000;
@@ -40,10 +42,13 @@ const SWEEP_AFTER_MS = 4_001;
 const LONGEST_WEBHOOK_RETRY_MS = 10 * 60_000;
 
 interface Intensity {
-	/** Chance per step of arming a store fault, a call timeout; of a delivery going wrong. */
+	/** Chance per step of arming a store fault, a call timeout, failing publishes; of a delivery going wrong. */
 	storeFault: number;
 	callTimeout: number;
+	publishFault: number;
 	delivery: number;
+	/** Chance per delivery of its group's dependency becoming unavailable (the handler fails before it runs). */
+	handlerFault: number;
 	/** Chance a client loses an answer and retries. */
 	retry: number;
 }
@@ -79,7 +84,9 @@ class Simulation {
 			storeFault: calm ? 0 : this.rng.pick([0.03, 0.06, 0.1]),
 			callTimeout: calm ? 0 : this.rng.pick([0.03, 0.08]),
 			delivery: calm ? 0 : this.rng.pick([0.1, 0.25]),
-			retry: this.rng.pick([0.1, 0.3])
+			retry: this.rng.pick([0.1, 0.3]),
+			publishFault: calm ? 0 : this.rng.pick([0.03, 0.08]),
+			handlerFault: calm ? 0 : this.rng.pick([0.03, 0.1])
 		};
 		// The endpoint answers in the order requests reach it: a generator of its own.
 		this.receiver = new Receiver(
@@ -89,6 +96,7 @@ class Simulation {
 		this.system = new SimSystem(this.clock, options.store, seed, what =>
 			this.note(`  fault: ${what}`)
 		);
+		const { config } = this.system;
 		this.model = {
 			deals: new Map(),
 			orders: new Set(),
@@ -98,7 +106,15 @@ class Simulation {
 			cancelledOrders: new Set(),
 			attempts: { deals: 0, orders: 0, adjustments: 0 },
 			finals: new Map(),
-			merchants: MERCHANTS,
+			terms: {
+				"20": {
+					earnRateBp: config.earnRateBp,
+					redemptionFeeBp: config.settlementFeeBp,
+					pointPriceBp: config.pointPriceBp,
+					holdDays: config.pointsHoldDays
+				},
+				h1: { ...H1_TERMS, pointPriceBp: config.pointPriceBp }
+			},
 			startMonth: monthOf(this.clock.iso())
 		};
 	}
@@ -181,6 +197,12 @@ class Simulation {
 			const call = this.rng.pick(TIMED_OUT_CALLS);
 			this.system.timeouts.add(call);
 			this.note(`#${this.step} arm timeout of ${call}`);
+		}
+		if (this.rng.chance(this.intensity.publishFault)) {
+			const kind = this.rng.pick<PublishFault>(["down", "unacknowledged"]);
+			const count = this.rng.int(1, 3);
+			this.system.channels.failPublishes(count, kind);
+			this.note(`#${this.step} arm the next ${count} publishes: ${kind}`);
 		}
 		const op = this.rng.weighted({
 			deliver: 30,
@@ -386,7 +408,11 @@ class Simulation {
 		else if (path.endsWith("/transfers")) this.model.transfers.add(String(b.transferId));
 	}
 
-	/** Hands up to `n` waiting messages to their consumers, in an order and a manner drawn from the seed. */
+	/**
+	 * Hands up to `n` waiting messages to their consumers, in an order and a manner drawn from the
+	 * seed; with faults, a delivery may find its group's dependency unavailable, for that delivery or
+	 * for a while.
+	 */
 	private async deliverSome(n: number, faults = true, rng = this.rng): Promise<void> {
 		for (let i = 0; i < n; i++) {
 			const ready = this.system.channels.deliverable();
@@ -396,16 +422,45 @@ class Simulation {
 				faults && rng.chance(this.intensity.delivery)
 					? rng.pick(["ack-lost", "duplicate"] as const)
 					: "normal";
-			if (
-				!faults &&
-				(this.system.channels.failures.get(`${delivery.msg.seq}|${delivery.group}`)?.count ?? 0) > 5
-			)
-				return;
+			const outage: Outage | undefined =
+				faults && rng.chance(this.intensity.handlerFault)
+					? {
+							kind: rng.pick(Object.keys(UNAVAILABLE) as Outage["kind"][]),
+							forMs: rng.pick([0, 0, 30_000, 5 * 60_000, 15 * 60_000])
+						}
+					: undefined;
+			const how = [
+				...(mode === "normal" ? [] : [mode]),
+				...(outage ? [`dependency unavailable (${outage.kind}) for ${outage.forMs / 1000} s`] : [])
+			];
 			this.note(
-				`#${this.step} deliver ${delivery.msg.channel}#${delivery.msg.seq} → ${delivery.group}${mode === "normal" ? "" : ` (${mode})`}`
+				`#${this.step} deliver ${delivery.msg.channel}#${delivery.msg.seq} → ${delivery.group}${how.length ? ` (${how.join(", ")})` : ""}`
 			);
-			await this.system.channels.deliver(delivery, mode);
+			const failed = await this.system.channels.deliver(delivery, mode, outage);
+			if (failed) this.note(`#${this.step}   ${failed}`);
 		}
+	}
+
+	/**
+	 * Hands over every waiting message, without new faults; those that fail wait out their retry
+	 * delays (the clock moves to the soonest), as long as a dependency stays unavailable.
+	 */
+	private async drainChannels(): Promise<void> {
+		const started = this.clock.now;
+		for (;;) {
+			await this.deliverSome(Infinity, false);
+			const next = this.system.channels.nextRetry();
+			if (next === undefined) return;
+			if (next - started > DAY)
+				throw new Violation(`messages still failing after a day of retries: ${this.stuck()}`);
+			this.clock.advance(next - this.clock.now);
+		}
+	}
+
+	private stuck(): string {
+		return [...this.system.channels.failures.entries()]
+			.map(([k, f]) => `${k} ×${f.count}: ${f.error}`)
+			.join("; ");
 	}
 
 	/** Time passes: minutes, days, or past a month's end (and its grace); the jobs that time starts run. */
@@ -422,7 +477,10 @@ class Simulation {
 		await this.jobs();
 	}
 
-	/** The daily jobs (holds, expiry, tier review) and the month-end one, as their timers would run them (they wait real minutes). */
+	/**
+	 * The daily jobs (holds, expiry, tier review) and the month-end one, as their timers would run
+	 * them (they wait real minutes). The model learns when the release job last ran through.
+	 */
 	private async jobs(): Promise<void> {
 		for (const action of [
 			"points.release",
@@ -432,18 +490,20 @@ class Simulation {
 		])
 			try {
 				await this.system.broker.call(action, {});
+				if (action === "points.release") this.model.releasedAt = this.clock.iso();
 			} catch (err) {
 				this.note(`#${this.step} ${action} failed: ${(err as Error).message}`);
 			}
 	}
 
 	/**
-	 * A quiet moment: faults off, crashed services back, every outbox sent, every pending record
-	 * swept, every message handled; then the checks.
+	 * A quiet moment: no new faults, crashed services back, every outbox sent, every pending record
+	 * swept, every message handled (an unavailable dependency waited out); then the checks.
 	 */
 	async quiet(): Promise<void> {
 		this.system.faults.disarm();
 		this.system.timeouts.clear();
+		this.system.channels.failPublishes(0);
 		this.receiver.calm = true;
 		this.note(`#${this.step} quiet`);
 		for (let round = 0; ; round++) {
@@ -457,7 +517,7 @@ class Simulation {
 				await s.retryOutbox?.();
 				await s.finishUnfinished?.();
 			}
-			await this.deliverSome(1000, false);
+			await this.drainChannels();
 			if (await this.pendingRecords()) {
 				this.clock.advance(SWEEP_AFTER_MS);
 				for (const service of this.system.broker.services)
@@ -465,17 +525,17 @@ class Simulation {
 				continue;
 			}
 			if (!this.system.channels.backlog()) break;
-			if (round > 20 || [...this.system.channels.failures.values()].some(f => f.count > 5)) {
-				const stuck = [...this.system.channels.failures.entries()].map(
-					([k, f]) => `${k} ×${f.count}: ${f.error}`
-				);
+			if (round > 20)
 				throw new Violation(
-					`messages never handled: ${this.system.channels.backlog()} waiting; failures: ${stuck.join("; ")}`
+					`messages never handled: ${this.system.channels.backlog()} waiting; failures: ${this.stuck()}`
 				);
-			}
 		}
 		await this.jobs();
-		await this.deliverSome(1000, false);
+		await this.drainChannels();
+		// Nothing in a seed is a poison message: each failure passes, and none may be given up on.
+		const { deadLettered } = this.system.channels;
+		if (deadLettered.length)
+			throw new Violation(`messages dead-lettered: ${deadLettered.join("; ")}`);
 		await drainWebhooks(this.system, ms => this.clock.advance(ms), LONGEST_WEBHOOK_RETRY_MS);
 		await checkQuiet(this.system, this.model, this.clock.iso());
 		await checkWebhooks(this.system, this.receiver, this.subscriptions);

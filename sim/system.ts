@@ -21,7 +21,7 @@ import {
 import { Middleware as ChannelsMiddleware } from "@moleculer/channels";
 import { MongoClient } from "mongodb";
 import mongoose from "mongoose";
-import { loadConfig } from "../config";
+import { loadConfig, type Config } from "../config";
 import { createBrokerOptions } from "../config/broker";
 import Api from "../services/api.service";
 import Billing from "../services/billing.service";
@@ -147,6 +147,8 @@ function callTimeouts(armed: Set<string>, onFault: (what: string) => void): Midd
 
 export class SimSystem {
 	readonly broker: ServiceBroker;
+	/** The node's configuration: the defaults the simulation did not set, such as the open merchants' terms. */
+	readonly config: Config;
 	readonly channels: SimChannels;
 	readonly faults = new StoreFaults();
 	readonly timeouts = new Set<string>();
@@ -184,7 +186,8 @@ export class SimSystem {
 			WEBHOOK_RETRY_SCHEDULE: "1m,5m,10m",
 			WEBHOOK_ALLOW_PRIVATE: "true"
 		});
-		this.channels = new SimChannels(clock);
+		this.config = config;
+		this.channels = new SimChannels(clock, onFault);
 		const options = createBrokerOptions(config);
 		reuseCheckers(options.validator as Validators.Base);
 		options.nodeID = `sim-${seed}`;
