@@ -16,7 +16,10 @@
  *
  * The messages waiting live in memory, in one queue per channel and group in publishing order,
  * rebuilt at connect from the table `channel_messages`: a row per message, inserted when it is
- * published, its pending groups updated as each group handles it, deleted once all have. A publish
+ * published, its pending groups updated as each group handles it, deleted once all have. Orphans
+ * stay on disk only, read back when a group of their channel appears: a channel no group of this
+ * node consumes (a node running some of the services) keeps its messages, as a stream would,
+ * without its memory growing with them. A publish
  * is answered once its row is committed; the writes of one turn of the event loop share a commit
  * (group commit), and so a posting's writes and the events it publishes share one, as do the
  * acknowledgements of the messages handled in one turn. A group consuming a channel is a row of
@@ -64,6 +67,7 @@ const SCHEMA = `
 		pending TEXT NOT NULL,
 		orphan INTEGER NOT NULL DEFAULT 0
 	);
+	CREATE INDEX IF NOT EXISTS channel_messages_orphans ON channel_messages (channel, id) WHERE orphan = 1;
 	CREATE TABLE IF NOT EXISTS channel_groups (
 		channel TEXT NOT NULL,
 		group_name TEXT NOT NULL,
@@ -96,8 +100,21 @@ export function storeMessage(db: DatabaseSync, msg: StoredMessage): void {
 	insertMessage(db.prepare(`INSERT ${INSERT_MESSAGE}`), msg);
 }
 
+/** The message a row stores. */
+function messageOf(row: MessageRow): StoredMessage {
+	return {
+		id: row.id,
+		channel: row.channel,
+		payload: row.payload,
+		...(row.headers === null ? {} : { headers: JSON.parse(row.headers) }),
+		pending: JSON.parse(row.pending),
+		...(row.orphan ? { orphan: true } : {})
+	};
+}
+
 interface Statements {
 	insert: StatementSync;
+	orphans: StatementSync;
 	handled: StatementSync;
 	remove: StatementSync;
 	addGroup: StatementSync;
@@ -135,7 +152,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 	/** The node's database: acquired by `connect`, released by `disconnect`. */
 	private database!: Database;
 	private sql!: Statements;
-	/** Every message some group has still to handle, and the orphans. */
+	/** Every message some group has still to handle (orphans are on disk only). */
 	private readonly stored = new Map<string, StoredMessage>();
 	/** Per `channel|group`, the messages that group has still to handle, in publishing order. */
 	private readonly queues = new Map<string, Map<string, StoredMessage>>();
@@ -196,6 +213,9 @@ export class EmbeddedAdapter extends BaseAdapter {
 		}
 		this.sql = {
 			insert: database.db.prepare(`INSERT ${INSERT_MESSAGE}`),
+			orphans: database.db.prepare(
+				"SELECT * FROM channel_messages WHERE orphan = 1 AND channel = ? ORDER BY id"
+			),
 			handled: database.db.prepare(
 				"UPDATE channel_messages SET pending = ?, orphan = 0 WHERE id = ?"
 			),
@@ -206,20 +226,9 @@ export class EmbeddedAdapter extends BaseAdapter {
 		this.queues.clear();
 		this.knownGroups.clear();
 		const rows = database.db
-			.prepare("SELECT * FROM channel_messages ORDER BY id")
+			.prepare("SELECT * FROM channel_messages WHERE orphan = 0 ORDER BY id")
 			.all() as unknown as MessageRow[];
-		for (const row of rows) {
-			const msg: StoredMessage = {
-				id: row.id,
-				channel: row.channel,
-				payload: row.payload,
-				...(row.headers === null ? {} : { headers: JSON.parse(row.headers) }),
-				pending: JSON.parse(row.pending),
-				...(row.orphan ? { orphan: true } : {})
-			};
-			this.stored.set(msg.id, msg);
-			for (const group of msg.pending) this.queueOf(msg.channel, group).set(msg.id, msg);
-		}
+		for (const msg of rows.map(messageOf)) this.hold(msg);
 		const groups = database.db
 			.prepare("SELECT channel, group_name AS grp FROM channel_groups")
 			.all() as unknown as { channel: string; grp: string }[];
@@ -293,8 +302,7 @@ export class EmbeddedAdapter extends BaseAdapter {
 		};
 		const committed = this.database.write(() => {
 			insertMessage(this.sql.insert, msg);
-			this.stored.set(msg.id, msg);
-			for (const group of groups) this.queueOf(channelName, group).set(msg.id, msg);
+			if (!msg.orphan) this.hold(msg);
 		});
 		for (const consumer of this.consumers.values())
 			if (consumer.chan.name === channelName) this.pump(consumer);
@@ -328,6 +336,12 @@ export class EmbeddedAdapter extends BaseAdapter {
 		);
 	}
 
+	/** Keeps `msg` in memory, in the queue of each group it waits for. */
+	private hold(msg: StoredMessage): void {
+		this.stored.set(msg.id, msg);
+		for (const group of msg.pending) this.queueOf(msg.channel, group).set(msg.id, msg);
+	}
+
 	private queueOf(channel: string, group: string): Map<string, StoredMessage> {
 		const key = `${channel}|${group}`;
 		let queue = this.queues.get(key);
@@ -347,13 +361,14 @@ export class EmbeddedAdapter extends BaseAdapter {
 	}
 
 	private adoptOrphans(channel: string, groups: string[]): void {
-		for (const msg of this.stored.values()) {
-			if (!msg.orphan || msg.channel !== channel) continue;
-			this.database.atomically(() => this.sql.handled.run(JSON.stringify(groups), msg.id));
-			msg.pending = [...groups];
-			delete msg.orphan;
-			for (const group of groups) this.queueOf(channel, group).set(msg.id, msg);
-		}
+		const pending = JSON.stringify(groups);
+		const adopted = this.database.atomically(() => {
+			const rows = this.sql.orphans.all(channel) as unknown as MessageRow[];
+			for (const row of rows) this.sql.handled.run(pending, row.id);
+			return rows;
+		});
+		for (const row of adopted)
+			this.hold({ ...messageOf({ ...row, orphan: 0 }), pending: [...groups] });
 	}
 
 	private groupsOf(channel: string): Set<string> {

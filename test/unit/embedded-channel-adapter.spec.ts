@@ -343,7 +343,7 @@ describe("embedded channel adapter", () => {
 		brokers.splice(0);
 		// What a publish before the groups were loaded left: an orphan, though the group is known.
 		storeChannelMessage(dataDir, {
-			id: `0orphan${Date.now()}`,
+			id: "0orphan1",
 			channel: "onepoint.thing.happened",
 			payload: JSON.stringify({ id: "orphan1" }),
 			pending: [],
@@ -352,6 +352,31 @@ describe("embedded channel adapter", () => {
 		const seen: unknown[] = [];
 		await start([consumer(seen)]);
 		await eventually(() => expect(seen).toEqual([{ id: "orphan1" }]));
+	});
+
+	it("keeps a message no group consumes on disk, not in memory, and hands it to the first group that subscribes", async () => {
+		const { broker, send } = await start([]);
+		for (const id of ["u1", "u2", "u3"]) await send("thing.unheard", { id });
+		expect(storedIds(dataDir, "onepoint.thing.unheard")).toEqual(["u1", "u2", "u3"]);
+		// A node running some of the services publishes to channels it does not consume: what it
+		// holds in memory must not grow with them (the adapter's private map, read for this only).
+		const { stored } = (
+			broker as unknown as { channelAdapter: { stored: Map<string, { channel: string }> } }
+		).channelAdapter;
+		const held = () => [...stored.values()].filter(m => m.channel === "onepoint.thing.unheard");
+		expect(held()).toEqual([]);
+		const seen: unknown[] = [];
+		await broker
+			.createService({
+				name: "late",
+				channels: {
+					"thing.unheard": { group: "late", handler: async (p: unknown) => void seen.push(p) }
+				}
+			})
+			._start();
+		await eventually(() => expect(seen).toEqual([{ id: "u1" }, { id: "u2" }, { id: "u3" }]));
+		await eventually(() => expect(storedIds(dataDir, "onepoint.thing.unheard")).toEqual([]));
+		expect(held()).toEqual([]);
 	});
 
 	it("keeps a dead letter with its error and replays it once, to the group that failed it only", async () => {
