@@ -2,9 +2,9 @@
  * 4. Growth: reads as the ledger grows — `GET /points/:id`, the history page and the dashboard's
  * member query — then writes (`POST /api/deals` for the grown members, a full load), with the
  * process's memory, at each ledger size; and the start-up time on that data.
- * The data folder is written directly as NeDB files (100 entries per member, as the points and
- * dashboard services would have written them), not by a million HTTP calls; the node imports them
- * into its SQLite file at its first start, so that start-up includes the import.
+ * The data folder's SQLite tables are written directly (100 entries per member, as the points and
+ * dashboard services would have written them), not by millions of HTTP calls. The node's first start
+ * builds the services' indexes on them; the start-up timed is the second, as after a restart.
  */
 import fs from "node:fs";
 import { DatabaseSync } from "node:sqlite";
