@@ -35,6 +35,7 @@ const storeless = [
 	"channel-adapter-contract",
 	"transient-errors",
 	"gateway-patch",
+	"gateway-breaker",
 	"posting",
 	"docs-links",
 	"service-wait",
