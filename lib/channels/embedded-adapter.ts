@@ -17,9 +17,9 @@
  * The messages waiting live in memory, in one queue per channel and group in publishing order,
  * rebuilt at connect from the table `channel_messages`: a row per message, inserted when it is
  * published, its pending groups updated as each group handles it, deleted once all have. Orphans
- * stay on disk only, read back when a group of their channel appears: a channel no group of this
- * node consumes (a node running some of the services) keeps its messages, as a stream would,
- * without its memory growing with them. A publish
+ * stay on disk only, read back when their channel's first groups appear: a channel no group has ever
+ * consumed on this data folder (a node running some of the services) keeps its messages without its
+ * memory growing with them. A group, once known, is waited for until it subscribes again. A publish
  * is answered once its row is committed; the writes of one turn of the event loop share a commit
  * (group commit), and so a posting's writes and the events it publishes share one, as do the
  * acknowledgements of the messages handled in one turn. A group consuming a channel is a row of
@@ -68,6 +68,7 @@ const SCHEMA = `
 		orphan INTEGER NOT NULL DEFAULT 0
 	);
 	CREATE INDEX IF NOT EXISTS channel_messages_orphans ON channel_messages (channel, id) WHERE orphan = 1;
+	CREATE INDEX IF NOT EXISTS channel_messages_waiting ON channel_messages (id) WHERE orphan = 0;
 	CREATE TABLE IF NOT EXISTS channel_groups (
 		channel TEXT NOT NULL,
 		group_name TEXT NOT NULL,
@@ -233,14 +234,14 @@ export class EmbeddedAdapter extends BaseAdapter {
 			.prepare("SELECT channel, group_name AS grp FROM channel_groups")
 			.all() as unknown as { channel: string; grp: string }[];
 		for (const { channel, grp } of groups) this.groupsOf(channel).add(grp);
-		// Orphans of channels whose groups are now known (published by an earlier run before its
-		// groups were loaded) go to those groups.
-		for (const [channel, known] of this.knownGroups) this.adoptOrphans(channel, [...known]);
 		// Every local service's groups are known before anything is published, even on a fresh data
 		// folder: a message published before a consumer's first subscription still waits for it.
 		for (const service of this.broker.services)
 			for (const [name, def] of Object.entries(service.schema.channels ?? {}))
-				this.registerGroup(this.addPrefixTopic(name), def.group ?? service.fullName);
+				this.registerGroup(this.addPrefixTopic(name), def.group ?? service.fullName, false);
+		// Orphans (published by an earlier run before any group of their channel was known) go to
+		// every group now known of their channel, not only to the first one registered.
+		for (const [channel, known] of this.knownGroups) this.adoptOrphans(channel, [...known]);
 	}
 
 	override async disconnect(): Promise<void> {
@@ -350,22 +351,28 @@ export class EmbeddedAdapter extends BaseAdapter {
 	}
 
 	/**
-	 * Remembers (durably) that `group` consumes `channel`; the first group also takes the orphans.
+	 * Remembers (durably) that `group` consumes `channel`; the first group also takes the orphans,
+	 * unless `adopt` is false (`load` hands them to all the groups it registers at once).
 	 * Not waited for: a message published for the group commits with it or after it.
 	 */
-	private registerGroup(channel: string, group: string): void {
+	private registerGroup(channel: string, group: string, adopt = true): void {
 		if (this.groupsOf(channel).has(group)) return;
 		this.database.atomically(() => this.sql.addGroup.run(channel, group));
 		this.groupsOf(channel).add(group);
-		this.adoptOrphans(channel, [group]);
+		if (adopt) this.adoptOrphans(channel, [group]);
 	}
 
 	private adoptOrphans(channel: string, groups: string[]): void {
 		const pending = JSON.stringify(groups);
 		const adopted = this.database.atomically(() => {
 			const rows = this.sql.orphans.all(channel) as unknown as MessageRow[];
-			for (const row of rows) this.sql.handled.run(pending, row.id);
-			return rows;
+			// One held already was adopted in a turn whose commit failed: its row is written again as
+			// it is held, and it is not held twice.
+			for (const row of rows) {
+				const held = this.stored.get(row.id);
+				this.sql.handled.run(held ? JSON.stringify(held.pending) : pending, row.id);
+			}
+			return rows.filter(row => !this.stored.has(row.id));
 		});
 		for (const row of adopted)
 			this.hold({ ...messageOf({ ...row, orphan: 0 }), pending: [...groups] });

@@ -354,6 +354,31 @@ describe("embedded channel adapter", () => {
 		await eventually(() => expect(seen).toEqual([{ id: "orphan1" }]));
 	});
 
+	it("hands a message stored before any group of its channel was known to every group starting with the node", async () => {
+		storeChannelMessage(dataDir, {
+			id: "0orphan2",
+			channel: "onepoint.thing.shared",
+			payload: JSON.stringify({ id: "orphan2" }),
+			pending: [],
+			orphan: true
+		});
+		const seen: Record<string, unknown[]> = { first: [], second: [] };
+		const group = (name: string): ServiceSchema => ({
+			name,
+			channels: {
+				"thing.shared": {
+					group: name,
+					handler: async (p: unknown) => void seen[name].push(p)
+				}
+			}
+		});
+		await start([group("first"), group("second")]);
+		await eventually(() =>
+			expect(seen).toEqual({ first: [{ id: "orphan2" }], second: [{ id: "orphan2" }] })
+		);
+		await eventually(() => expect(storedIds(dataDir, "onepoint.thing.shared")).toEqual([]));
+	});
+
 	it("keeps a message no group consumes on disk, not in memory, and hands it to the first group that subscribes", async () => {
 		const { broker, send } = await start([]);
 		for (const id of ["u1", "u2", "u3"]) await send("thing.unheard", { id });
